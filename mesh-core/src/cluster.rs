@@ -1,0 +1,222 @@
+//! CDS clusters, compiled: discovery type, load-balancing policy, the Istio auto-mTLS transport
+//! socket, and the upstream protocol.
+
+use std::time::Duration;
+
+/// How a cluster finds its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterDiscovery {
+    /// EDS, keyed by `service_name` (istiod uses the cluster name).
+    Eds {
+        /// The `ClusterLoadAssignment` name to subscribe to.
+        service_name: String,
+    },
+    /// Endpoints listed inline in the cluster (STATIC / STRICT_DNS with literal IPs).
+    Static,
+    /// `ORIGINAL_DST`: connect where the application asked (PassthroughCluster).
+    OriginalDestination,
+}
+
+/// `lb_policy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LbPolicy {
+    /// ROUND_ROBIN.
+    #[default]
+    RoundRobin,
+    /// LEAST_REQUEST (istiod's default); picked round-robin until issue 4 deepens it.
+    LeastRequest,
+    /// RANDOM.
+    Random,
+    /// RING_HASH.
+    RingHash,
+    /// MAGLEV.
+    Maglev,
+    /// CLUSTER_PROVIDED (ORIGINAL_DST).
+    ClusterProvided,
+}
+
+/// A SAN matcher from `match_subject_alt_names` / `match_typed_subject_alt_names`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SanMatcher {
+    /// Exact match.
+    Exact(String),
+    /// Prefix match.
+    Prefix(String),
+}
+
+impl SanMatcher {
+    /// Whether `san` satisfies this matcher.
+    pub fn matches(&self, san: &str) -> bool {
+        match self {
+            SanMatcher::Exact(e) => san == e,
+            SanMatcher::Prefix(p) => san.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// The upstream TLS settings of Istio's `tlsMode-istio` transport socket (ISTIO_MUTUAL): the
+/// workload certificate (SDS `default`), the mesh roots (SDS `ROOTCA`), SNI, ALPN and the
+/// peer SPIFFE IDs accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// SNI, `outbound_.<port>_.<subset>_.<fqdn>`.
+    pub sni: String,
+    /// ALPN offered, e.g. `["istio-peer-exchange", "istio"]`.
+    pub alpn: Vec<String>,
+    /// Peer URI SAN matchers; empty means any identity the mesh roots vouch for.
+    pub san_matchers: Vec<SanMatcher>,
+}
+
+impl UpstreamTls {
+    /// Whether a peer presenting these URI SANs is acceptable (fails closed: with matchers, at
+    /// least one SAN must match one of them).
+    pub fn accepts_peer(&self, uri_sans: &[&str]) -> bool {
+        self.san_matchers.is_empty()
+            || uri_sans
+                .iter()
+                .any(|san| self.san_matchers.iter().any(|m| m.matches(san)))
+    }
+}
+
+/// Istio service facts carried in cluster metadata (`filter_metadata.istio.services`), used
+/// for `destination_service*` labels.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ServiceMetadata {
+    /// `host`, e.g. `reviews.default.svc.cluster.local`.
+    pub host: String,
+    /// `name`.
+    pub name: String,
+    /// `namespace`.
+    pub namespace: String,
+}
+
+/// Upstream protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (Istio's default for `http` ports).
+    #[default]
+    Http1,
+    /// HTTP/2 (`http2_protocol_options`, or `h2UpgradePolicy: UPGRADE`).
+    Http2,
+    /// Use the downstream protocol (`use_downstream_protocol_config`).
+    UseDownstream,
+}
+
+/// One cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// Name, e.g. `outbound|9080|v1|reviews.default.svc.cluster.local`.
+    pub name: String,
+    /// Where endpoints come from.
+    pub discovery: ClusterDiscovery,
+    /// Load-balancing policy.
+    pub lb_policy: LbPolicy,
+    /// `connect_timeout` (Envoy default 5s; istiod sends 10s).
+    pub connect_timeout: Duration,
+    /// The `tlsMode-istio` transport socket (used for endpoints with `tlsMode: istio`).
+    pub istio_tls: Option<UpstreamTls>,
+    /// The cluster's default transport socket when it is TLS (applies to every endpoint);
+    /// `None` is plaintext.
+    pub tls: Option<UpstreamTls>,
+    /// Upstream HTTP protocol.
+    pub protocol: UpstreamProtocol,
+    /// Istio service metadata, if present.
+    pub service: Option<ServiceMetadata>,
+}
+
+impl Cluster {
+    /// A plaintext round-robin EDS cluster named `name` (EDS service name = cluster name).
+    pub fn eds(name: impl Into<String>) -> Self {
+        let name = name.into();
+        Cluster {
+            discovery: ClusterDiscovery::Eds {
+                service_name: name.clone(),
+            },
+            name,
+            lb_policy: LbPolicy::RoundRobin,
+            connect_timeout: Duration::from_secs(10),
+            istio_tls: None,
+            tls: None,
+            protocol: UpstreamProtocol::Http1,
+            service: None,
+        }
+    }
+
+    /// The TLS to use towards an endpoint with `tls_mode`: the auto-mTLS socket for
+    /// `tlsMode: istio` endpoints, else the cluster's default socket.
+    pub fn tls_for(&self, tls_mode: crate::endpoint::EndpointTlsMode) -> Option<&UpstreamTls> {
+        match tls_mode {
+            crate::endpoint::EndpointTlsMode::Istio => self.istio_tls.as_ref().or(self.tls.as_ref()),
+            crate::endpoint::EndpointTlsMode::Disabled => self.tls.as_ref(),
+        }
+    }
+
+    /// The EDS resource name for this cluster, if it uses EDS.
+    pub fn eds_service_name(&self) -> Option<&str> {
+        match &self.discovery {
+            ClusterDiscovery::Eds { service_name } => Some(service_name),
+            _ => None,
+        }
+    }
+}
+
+/// Parts of an Istio cluster name `direction|port|subset|host`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IstioClusterName<'a> {
+    /// `outbound` or `inbound`.
+    pub direction: &'a str,
+    /// Port.
+    pub port: u16,
+    /// Subset (may be empty).
+    pub subset: &'a str,
+    /// Service FQDN (may be empty for inbound).
+    pub host: &'a str,
+}
+
+impl<'a> IstioClusterName<'a> {
+    /// Splits `outbound|9080|v1|reviews.default.svc.cluster.local`.
+    pub fn parse(name: &'a str) -> Option<Self> {
+        let mut it = name.split('|');
+        let direction = it.next()?;
+        let port = it.next()?.parse().ok()?;
+        let subset = it.next()?;
+        let host = it.next()?;
+        if it.next().is_some() || !(direction == "outbound" || direction == "inbound") {
+            return None;
+        }
+        Some(IstioClusterName {
+            direction,
+            port,
+            subset,
+            host,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn san_matching_fails_closed() {
+        let tls = UpstreamTls {
+            sni: "outbound_.80_._.a.ns.svc.cluster.local".into(),
+            alpn: vec![],
+            san_matchers: vec![SanMatcher::Exact("spiffe://cluster.local/ns/ns/sa/a".into())],
+        };
+        assert!(tls.accepts_peer(&["spiffe://cluster.local/ns/ns/sa/a"]));
+        assert!(!tls.accepts_peer(&["spiffe://cluster.local/ns/ns/sa/b"]));
+        assert!(!tls.accepts_peer(&[]));
+        let prefix = SanMatcher::Prefix("spiffe://cluster.local/ns/ns/".into());
+        assert!(prefix.matches("spiffe://cluster.local/ns/ns/sa/x"));
+        assert!(!prefix.matches("spiffe://other/ns/ns/sa/x"));
+    }
+
+    #[test]
+    fn istio_cluster_names() {
+        let n = IstioClusterName::parse("outbound|9080|v1|reviews.default.svc.cluster.local").unwrap();
+        assert_eq!((n.port, n.subset), (9080, "v1"));
+        assert!(IstioClusterName::parse("PassthroughCluster").is_none());
+        assert!(IstioClusterName::parse("outbound|x||h").is_none());
+    }
+}

@@ -1,0 +1,402 @@
+//! Configuration from the environment Istio's sidecar injector sets, read through an
+//! injectable [`Strings`] source so tests never touch the process environment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::identity::NodeIdentity;
+
+/// Environment variable names, as Istio's injector and pilot-agent spell them.
+pub mod env {
+    /// Pod name (downward API).
+    pub const POD_NAME: &str = "POD_NAME";
+    /// Pod namespace (downward API).
+    pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+    /// Pod IP (downward API).
+    pub const INSTANCE_IP: &str = "INSTANCE_IP";
+    /// Pod service account (downward API).
+    pub const SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
+    /// Trust domain of the mesh.
+    pub const TRUST_DOMAIN: &str = "TRUST_DOMAIN";
+    /// Address of istiod's xDS server (pilot-agent reads it from ProxyConfig `discoveryAddress`).
+    pub const DISCOVERY_ADDRESS: &str = "DISCOVERY_ADDRESS";
+    /// ztunnel's spelling of the xDS address; accepted too.
+    pub const XDS_ADDRESS: &str = "XDS_ADDRESS";
+    /// Address of the CA (defaults to the discovery address).
+    pub const CA_ADDR: &str = "CA_ADDR";
+    /// Root certificate that verifies istiod's xDS server certificate.
+    pub const XDS_ROOT_CA: &str = "XDS_ROOT_CA";
+    /// Root certificate that verifies the CA's server certificate.
+    pub const CA_ROOT_CA: &str = "CA_ROOT_CA";
+    /// Path of the projected service-account token sent as `authorization: Bearer`.
+    pub const ISTIO_TOKEN_PATH: &str = "ISTIO_TOKEN_PATH";
+    /// Requested workload certificate lifetime (Go duration, e.g. `24h`).
+    pub const SECRET_TTL: &str = "SECRET_TTL";
+    /// Whether to use delta xDS (istiod's default: true).
+    pub const ISTIO_DELTA_XDS: &str = "ISTIO_DELTA_XDS";
+    /// Prefix of node metadata variables.
+    pub const ISTIO_META_PREFIX: &str = "ISTIO_META_";
+    /// Pod labels as JSON.
+    pub const ISTIO_METAJSON_LABELS: &str = "ISTIO_METAJSON_LABELS";
+    /// Cluster id metadata.
+    pub const ISTIO_META_CLUSTER_ID: &str = "ISTIO_META_CLUSTER_ID";
+    /// Workload name metadata.
+    pub const ISTIO_META_WORKLOAD_NAME: &str = "ISTIO_META_WORKLOAD_NAME";
+    /// Status port (pilot-agent's 15020).
+    pub const STATUS_PORT: &str = "STATUS_PORT";
+    /// Termination drain duration.
+    pub const TERMINATION_DRAIN_DURATION_SECONDS: &str = "TERMINATION_DRAIN_DURATION_SECONDS";
+}
+
+/// Default xDS/CA address in an injected pod.
+pub const DEFAULT_DISCOVERY_ADDRESS: &str = "istiod.istio-system.svc:15012";
+/// Default token path (FACTS.md b.3).
+pub const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/tokens/istio-token";
+/// Default root certificate for istiod (FACTS.md b.4).
+pub const DEFAULT_ROOT_CERT_PATH: &str = "/var/run/secrets/istio/root-cert.pem";
+/// Default workload certificate lifetime: 24h (`SECRET_TTL`).
+pub const DEFAULT_SECRET_TTL: Duration = Duration::from_secs(24 * 3600);
+/// pilot-agent's status port.
+pub const DEFAULT_STATUS_PORT: u16 = 15020;
+/// Envoy's readiness port.
+pub const DEFAULT_READINESS_PORT: u16 = 15021;
+/// Envoy's Prometheus port.
+pub const DEFAULT_PROMETHEUS_PORT: u16 = 15090;
+/// ProxyConfig `terminationDrainDuration` default.
+pub const DEFAULT_TERMINATION_DRAIN: Duration = Duration::from_secs(5);
+
+/// A source of configuration strings: the process environment, or a map in tests.
+pub trait Strings: Send + Sync {
+    /// The value of `key`, if set.
+    fn get(&self, key: &str) -> Option<String>;
+    /// Every `(key, value)` whose key starts with `prefix`.
+    fn with_prefix(&self, prefix: &str) -> Vec<(String, String)>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl Strings for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok().filter(|v| !v.is_empty())
+    }
+    fn with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        let mut v: Vec<_> = std::env::vars().filter(|(k, _)| k.starts_with(prefix)).collect();
+        v.sort();
+        v
+    }
+}
+
+impl Strings for HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).filter(|v| !v.is_empty()).cloned()
+    }
+    fn with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Strings for BTreeMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        BTreeMap::get(self, key).filter(|v| !v.is_empty()).cloned()
+    }
+    fn with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        self.range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// A configuration value that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required variable is not set.
+    #[error("{0} is not set (the Istio sidecar injector sets it from the downward API)")]
+    Missing(&'static str),
+    /// A variable is set but cannot be parsed.
+    #[error("{key}={value:?} is invalid: {reason}")]
+    Invalid {
+        /// Variable name.
+        key: String,
+        /// Its value.
+        value: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+}
+
+/// How mesh reaches istiod for xDS or the CA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlPlaneAddress {
+    /// `host:port`.
+    pub address: String,
+    /// Use TLS (verified against `root_cert`); plaintext when false (like :15010).
+    pub tls: bool,
+    /// PEM file with the roots that verify the server (TLS only).
+    pub root_cert: Option<PathBuf>,
+    /// Name the server certificate must carry; defaults to the host part, with `localhost*`
+    /// mapped to `istiod.istio-system.svc` as pilot-agent does.
+    pub server_name: Option<String>,
+}
+
+impl ControlPlaneAddress {
+    /// The TLS server name to verify: explicit, else the host part (`localhost` →
+    /// `istiod.istio-system.svc`).
+    pub fn tls_server_name(&self) -> String {
+        if let Some(n) = &self.server_name {
+            return n.clone();
+        }
+        let host = self
+            .address
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(&self.address)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if host.starts_with("localhost") {
+            "istiod.istio-system.svc".to_owned()
+        } else {
+            host.to_owned()
+        }
+    }
+}
+
+/// Everything mesh needs to start, as pilot-agent would read it.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    /// Who this workload is.
+    pub node: NodeIdentity,
+    /// istiod's xDS server.
+    pub discovery: ControlPlaneAddress,
+    /// istiod's CA (`None`: certificates come from elsewhere, e.g. a builder-supplied one).
+    pub ca: Option<ControlPlaneAddress>,
+    /// Token file sent as `authorization: Bearer` (re-read on every call).
+    pub token_path: Option<PathBuf>,
+    /// Requested workload certificate lifetime.
+    pub secret_ttl: Duration,
+    /// Delta xDS (default) or state-of-the-world.
+    pub delta_xds: bool,
+    /// 15020 (`None`: off).
+    pub status_port: Option<u16>,
+    /// 15021 (`None`: off).
+    pub readiness_port: Option<u16>,
+    /// 15090 (`None`: off).
+    pub prometheus_port: Option<u16>,
+    /// Address the pod-facing listeners bind (default 0.0.0.0 in a pod; tests use 127.0.0.1).
+    pub admin_bind: IpAddr,
+    /// `terminationDrainDuration`.
+    pub termination_drain: Duration,
+}
+
+impl MeshConfig {
+    /// Reads the configuration the injector sets. `POD_NAME`, `POD_NAMESPACE` and
+    /// `INSTANCE_IP` are required; everything else has pilot-agent's default.
+    pub fn from_strings(s: &dyn Strings) -> Result<MeshConfig, ConfigError> {
+        let pod = s.get(env::POD_NAME).ok_or(ConfigError::Missing(env::POD_NAME))?;
+        let ns = s
+            .get(env::POD_NAMESPACE)
+            .ok_or(ConfigError::Missing(env::POD_NAMESPACE))?;
+        let ip_s = s.get(env::INSTANCE_IP).ok_or(ConfigError::Missing(env::INSTANCE_IP))?;
+        let ip: IpAddr = ip_s.parse().map_err(|e| invalid(env::INSTANCE_IP, &ip_s, e))?;
+        let sa = s.get(env::SERVICE_ACCOUNT).unwrap_or_else(|| "default".into());
+        let mut node = NodeIdentity::new(&pod, &ns, ip, &sa);
+        if let Some(td) = s.get(env::TRUST_DOMAIN) {
+            node.trust_domain = td;
+        }
+        for (k, v) in s.with_prefix(env::ISTIO_META_PREFIX) {
+            let key = &k[env::ISTIO_META_PREFIX.len()..];
+            match key {
+                "CLUSTER_ID" => node.cluster_id = v.clone(),
+                "WORKLOAD_NAME" => node.workload_name = v.clone(),
+                "DNS_DOMAIN" => {}
+                _ => {}
+            }
+            node.metadata.insert(key.to_owned(), v);
+        }
+        if let Some(json) = s.get(env::ISTIO_METAJSON_LABELS) {
+            let labels: BTreeMap<String, String> = serde_json::from_str(&json)
+                .map_err(|e| invalid(env::ISTIO_METAJSON_LABELS, &json, e))?;
+            node.labels = labels;
+        }
+        let discovery_addr = s
+            .get(env::DISCOVERY_ADDRESS)
+            .or_else(|| s.get(env::XDS_ADDRESS))
+            .unwrap_or_else(|| DEFAULT_DISCOVERY_ADDRESS.into());
+        let discovery = parse_address(&discovery_addr, s.get(env::XDS_ROOT_CA));
+        let ca_addr = s.get(env::CA_ADDR).unwrap_or_else(|| discovery.address.clone());
+        let ca = parse_address(&ca_addr, s.get(env::CA_ROOT_CA).or(s.get(env::XDS_ROOT_CA)));
+        let secret_ttl = match s.get(env::SECRET_TTL) {
+            Some(v) => parse_duration(&v).map_err(|e| invalid(env::SECRET_TTL, &v, e))?,
+            None => DEFAULT_SECRET_TTL,
+        };
+        let delta_xds = match s.get(env::ISTIO_DELTA_XDS) {
+            Some(v) => parse_bool(&v).map_err(|e| invalid(env::ISTIO_DELTA_XDS, &v, e))?,
+            None => true,
+        };
+        let status_port = match s.get(env::STATUS_PORT) {
+            Some(v) => Some(v.parse().map_err(|e| invalid(env::STATUS_PORT, &v, e))?),
+            None => Some(DEFAULT_STATUS_PORT),
+        };
+        let termination_drain = match s.get(env::TERMINATION_DRAIN_DURATION_SECONDS) {
+            Some(v) => Duration::from_secs(
+                v.parse()
+                    .map_err(|e| invalid(env::TERMINATION_DRAIN_DURATION_SECONDS, &v, e))?,
+            ),
+            None => DEFAULT_TERMINATION_DRAIN,
+        };
+        let token_path = Some(
+            s.get(env::ISTIO_TOKEN_PATH)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_PATH)),
+        );
+        Ok(MeshConfig {
+            node,
+            discovery,
+            ca: Some(ca),
+            token_path,
+            secret_ttl,
+            delta_xds,
+            status_port: status_port.filter(|p: &u16| *p != 0),
+            readiness_port: Some(DEFAULT_READINESS_PORT),
+            prometheus_port: Some(DEFAULT_PROMETHEUS_PORT),
+            admin_bind: IpAddr::from([0, 0, 0, 0]),
+            termination_drain,
+        })
+    }
+}
+
+/// `host:15010` is istiod's plaintext port; everything else is TLS, as pilot-agent assumes.
+fn parse_address(addr: &str, root: Option<String>) -> ControlPlaneAddress {
+    let tls = !addr.ends_with(":15010");
+    ControlPlaneAddress {
+        address: addr.to_owned(),
+        tls,
+        root_cert: Some(root.map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT_CERT_PATH))),
+        server_name: None,
+    }
+}
+
+fn invalid(key: &str, value: &str, reason: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "t" | "true" => Ok(true),
+        "0" | "f" | "false" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+/// Parses a Go duration string (`24h`, `1h30m`, `90s`, `500ms`) as pilot-agent's env vars use.
+pub fn parse_duration(v: &str) -> Result<Duration, String> {
+    let mut total = Duration::ZERO;
+    let mut rest = v.trim();
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    if rest == "0" {
+        return Ok(Duration::ZERO);
+    }
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("missing unit in {v:?}"))?;
+        let (num, tail) = rest.split_at(num_end);
+        let n: f64 = num.parse().map_err(|_| format!("bad number in {v:?}"))?;
+        let unit_end = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let secs = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err(format!("unknown unit {unit:?} in {v:?}")),
+        };
+        total += Duration::from_secs_f64(n * secs);
+        rest = tail;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn reads_injected_environment() {
+        let s = strings(&[
+            ("POD_NAME", "reviews-v1-7f99c7d8b5-abcde"),
+            ("POD_NAMESPACE", "bookinfo"),
+            ("INSTANCE_IP", "10.0.0.7"),
+            ("SERVICE_ACCOUNT", "reviews"),
+            ("ISTIO_META_CLUSTER_ID", "east"),
+            ("ISTIO_META_MESH_ID", "m1"),
+            ("ISTIO_METAJSON_LABELS", r#"{"app":"reviews","version":"v1"}"#),
+            ("CA_ADDR", "istiod.istio-system.svc:15012"),
+            ("DISCOVERY_ADDRESS", "istiod.istio-system.svc:15010"),
+            ("SECRET_TTL", "12h"),
+        ]);
+        let c = MeshConfig::from_strings(&s).unwrap();
+        assert_eq!(c.node.cluster_id, "east");
+        assert_eq!(c.node.metadata.get("MESH_ID").map(String::as_str), Some("m1"));
+        assert_eq!(c.node.labels.get("app").map(String::as_str), Some("reviews"));
+        assert!(!c.discovery.tls, ":15010 is plaintext");
+        assert!(c.ca.as_ref().unwrap().tls);
+        assert_eq!(c.secret_ttl, Duration::from_secs(12 * 3600));
+        assert!(c.delta_xds);
+        assert_eq!(c.ca.unwrap().tls_server_name(), "istiod.istio-system.svc");
+    }
+
+    #[test]
+    fn missing_and_invalid_values_are_named() {
+        let e = MeshConfig::from_strings(&strings(&[("POD_NAME", "p")])).unwrap_err();
+        assert!(e.to_string().contains("POD_NAMESPACE"), "{e}");
+        let e = MeshConfig::from_strings(&strings(&[
+            ("POD_NAME", "p"),
+            ("POD_NAMESPACE", "n"),
+            ("INSTANCE_IP", "not-an-ip"),
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("INSTANCE_IP=\"not-an-ip\""), "{e}");
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn localhost_maps_to_istiod_san() {
+        let a = ControlPlaneAddress {
+            address: "localhost:15012".into(),
+            tls: true,
+            root_cert: None,
+            server_name: None,
+        };
+        assert_eq!(a.tls_server_name(), "istiod.istio-system.svc");
+    }
+}

@@ -1,0 +1,35 @@
+//! # mesh-core
+//!
+//! The data model every other mesh crate meets at, and every decision that needs no I/O.
+//!
+//! * [`snapshot`]: the immutable [`Snapshot`](snapshot::Snapshot) of listeners, route
+//!   configurations, clusters and endpoints that istiod's xDS translates into, and the
+//!   [`SnapshotCell`](snapshot::SnapshotCell) it is published through (lock-free reads).
+//! * [`route`], [`cluster`], [`listener`], [`endpoint`]: the compiled form of RDS, CDS, LDS and
+//!   EDS resources, with the route matcher and the load balancer.
+//! * [`identity`]: SPIFFE IDs and the workload's [`NodeIdentity`](identity::NodeIdentity).
+//! * [`config`]: reading the environment Istio's injector sets, through an injectable
+//!   [`Strings`](config::Strings) source.
+//! * [`cert`]: the [`CertStore`](cert::CertStore) that holds the workload certificate.
+//! * [`flags`]: Envoy's response flags. [`telemetry`]: Istio's standard metric names and labels.
+//! * [`name_table`]: the NDS name table. [`resolve`]: the resolver trait mesh-dns implements.
+//!
+//! Protobuf types never appear here: mesh-xds translates them into these types.
+
+pub mod cert;
+pub mod cluster;
+pub mod config;
+pub mod endpoint;
+pub mod flags;
+pub mod identity;
+pub mod listener;
+pub mod name_table;
+pub mod readiness;
+pub mod resolve;
+pub mod route;
+pub mod snapshot;
+pub mod telemetry;
+
+pub use cert::{CertStore, WorkloadCertificate};
+pub use identity::{NodeIdentity, SpiffeId};
+pub use snapshot::{Snapshot, SnapshotCell};

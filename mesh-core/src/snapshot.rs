@@ -1,0 +1,427 @@
+//! The immutable configuration snapshot and the cell it is published through.
+//!
+//! mesh-xds builds a whole [`Snapshot`] from accepted xDS resources and swaps it into the
+//! [`SnapshotCell`]. Requests load the current snapshot once (an atomic load, no lock) and
+//! finish on it even if a newer one arrives meanwhile.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::HeaderMap;
+use tokio::sync::watch;
+
+use crate::cluster::Cluster;
+use crate::endpoint::EndpointSet;
+use crate::flags::ResponseFlag;
+use crate::listener::{InboundPolicy, Listener, ListenerKind, OutboundProtocol};
+use crate::name_table::NameTable;
+use crate::route::{RouteAction, RouteConfig};
+
+/// What istiod's `outboundTrafficPolicy` says about destinations it does not know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OutboundTrafficPolicy {
+    /// `ALLOW_ANY`: pass through to the original destination (`PassthroughCluster`).
+    #[default]
+    AllowAny,
+    /// `REGISTRY_ONLY`: refuse (`BlackHoleCluster`).
+    RegistryOnly,
+}
+
+/// The name istiod gives the original-destination cluster.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+/// The name istiod gives the cluster that drops traffic.
+pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+
+/// Everything the request path needs, compiled and immutable.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Increases with every published snapshot.
+    pub version: u64,
+    /// Listeners by name.
+    pub listeners: HashMap<String, Arc<Listener>>,
+    /// Route configurations by name.
+    pub route_configs: HashMap<String, Arc<RouteConfig>>,
+    /// Clusters by name.
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    /// Endpoints by EDS service name.
+    pub endpoints: HashMap<String, Arc<EndpointSet>>,
+    /// The NDS name table.
+    pub name_table: Arc<NameTable>,
+    /// Unknown destinations policy.
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// Inbound PeerAuthentication modes (from `virtualInbound`), if any.
+    pub inbound: Option<InboundPolicy>,
+    /// Last accepted xDS version per type URL (for debugging and metrics).
+    pub xds_versions: BTreeMap<String, String>,
+    outbound_ports: HashMap<u16, OutboundProtocol>,
+}
+
+/// Where the outbound side should send a request, or the local answer Envoy would give.
+#[derive(Debug, Clone)]
+pub enum RouteDecision {
+    /// Forward to this cluster.
+    Forward {
+        /// The matched virtual host's name.
+        virtual_host: String,
+        /// The matched route's name.
+        route: String,
+        /// The cluster.
+        cluster: Arc<Cluster>,
+        /// Its endpoints (absent for original-destination clusters).
+        endpoints: Option<Arc<EndpointSet>>,
+        /// Route timeout (`None`: none).
+        timeout: Option<std::time::Duration>,
+    },
+    /// Answer locally.
+    Respond {
+        /// Status code.
+        status: u16,
+        /// Body.
+        body: Option<String>,
+        /// Response flag for telemetry.
+        flag: ResponseFlag,
+        /// Extra headers (e.g. `location` for redirects).
+        location: Option<String>,
+    },
+}
+
+impl Snapshot {
+    /// Builds a snapshot and its port index from the compiled parts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        version: u64,
+        listeners: HashMap<String, Arc<Listener>>,
+        route_configs: HashMap<String, Arc<RouteConfig>>,
+        clusters: HashMap<String, Arc<Cluster>>,
+        endpoints: HashMap<String, Arc<EndpointSet>>,
+        name_table: Arc<NameTable>,
+        outbound_traffic_policy: OutboundTrafficPolicy,
+        xds_versions: BTreeMap<String, String>,
+    ) -> Self {
+        let mut outbound_ports = HashMap::new();
+        let mut inbound = None;
+        // Prefer 0.0.0.0 HTTP listeners over per-VIP ones for the same port: the request path
+        // routes by port and Host, as Envoy's 0.0.0.0_<port> listener does.
+        let mut names: Vec<&String> = listeners.keys().collect();
+        names.sort();
+        for name in names {
+            let l = &listeners[name];
+            match &l.kind {
+                ListenerKind::Outbound(p) => {
+                    let port = l.address.port();
+                    let wildcard = l.address.ip().is_unspecified();
+                    let http = matches!(p, OutboundProtocol::Http { .. });
+                    match outbound_ports.get(&port) {
+                        Some(OutboundProtocol::Http { .. }) if !(wildcard && http) => {}
+                        _ => {
+                            outbound_ports.insert(port, p.clone());
+                        }
+                    }
+                }
+                ListenerKind::Inbound(policy) => inbound = Some(policy.clone()),
+                ListenerKind::Other => {}
+            }
+        }
+        Snapshot {
+            version,
+            listeners,
+            route_configs,
+            clusters,
+            endpoints,
+            name_table,
+            outbound_traffic_policy,
+            inbound,
+            xds_versions,
+            outbound_ports,
+        }
+    }
+
+    /// The outbound listener behaviour for a destination port.
+    pub fn outbound_port(&self, port: u16) -> Option<&OutboundProtocol> {
+        self.outbound_ports.get(&port)
+    }
+
+    /// A cluster and its endpoints.
+    pub fn cluster(&self, name: &str) -> Option<(Arc<Cluster>, Option<Arc<EndpointSet>>)> {
+        let c = self.clusters.get(name)?;
+        let eps = c.eds_service_name().and_then(|s| self.endpoints.get(s)).cloned();
+        Some((c.clone(), eps))
+    }
+
+    /// Decides where an outbound HTTP request goes, as Envoy's outbound listener on `port`
+    /// would: listener → route configuration → virtual host → route → cluster.
+    pub fn route_outbound(&self, authority: &str, port: u16, path: &str, headers: &HeaderMap) -> RouteDecision {
+        let rc_name = match self.outbound_port(port) {
+            Some(OutboundProtocol::Http { route_config }) => route_config,
+            Some(OutboundProtocol::Tcp { cluster }) => {
+                return self.forward_to(cluster, "", "", None);
+            }
+            None => return self.unknown_destination(),
+        };
+        let Some(rc) = self.route_configs.get(rc_name) else {
+            return not_found();
+        };
+        let Some(m) = rc.route(authority, path, headers) else {
+            return not_found();
+        };
+        let (vh, r) = (&m.virtual_host.name, &m.route.name);
+        match &m.route.action {
+            RouteAction::Cluster(c) => self.forward_to(c, vh, r, m.route.timeout),
+            RouteAction::Weighted(w) => match rc.pick_weighted(w) {
+                Some(c) => self.forward_to(c, vh, r, m.route.timeout),
+                None => respond(503, None, ResponseFlag::NoClusterFound),
+            },
+            RouteAction::DirectResponse { status, body } => RouteDecision::Respond {
+                status: *status,
+                body: body.clone(),
+                flag: ResponseFlag::None,
+                location: None,
+            },
+            RouteAction::Redirect { status, host, path: new_path } => {
+                let host = host.as_deref().unwrap_or(authority);
+                let p = new_path.as_deref().unwrap_or(path);
+                RouteDecision::Respond {
+                    status: *status,
+                    body: None,
+                    flag: ResponseFlag::None,
+                    location: Some(format!("http://{host}{p}")),
+                }
+            }
+        }
+    }
+
+    fn forward_to(&self, cluster: &str, vh: &str, route: &str, timeout: Option<std::time::Duration>) -> RouteDecision {
+        match self.cluster(cluster) {
+            Some((cluster, endpoints)) => RouteDecision::Forward {
+                virtual_host: vh.to_owned(),
+                route: route.to_owned(),
+                cluster,
+                endpoints,
+                timeout: timeout.filter(|t| !t.is_zero()),
+            },
+            None if cluster == PASSTHROUGH_CLUSTER => RouteDecision::Forward {
+                virtual_host: vh.to_owned(),
+                route: route.to_owned(),
+                cluster: Arc::new(passthrough_cluster()),
+                endpoints: None,
+                timeout: timeout.filter(|t| !t.is_zero()),
+            },
+            None => respond(503, None, ResponseFlag::NoClusterFound),
+        }
+    }
+
+    fn unknown_destination(&self) -> RouteDecision {
+        match self.outbound_traffic_policy {
+            OutboundTrafficPolicy::AllowAny => self.forward_to(PASSTHROUGH_CLUSTER, "", "", None),
+            // Envoy's virtualOutbound sends it to BlackHoleCluster: the connection is reset;
+            // an HTTP client sees 502.
+            OutboundTrafficPolicy::RegistryOnly => respond(502, None, ResponseFlag::NoClusterFound),
+        }
+    }
+}
+
+fn not_found() -> RouteDecision {
+    respond(404, None, ResponseFlag::NoRouteFound)
+}
+
+fn respond(status: u16, body: Option<String>, flag: ResponseFlag) -> RouteDecision {
+    RouteDecision::Respond {
+        status,
+        body,
+        flag,
+        location: None,
+    }
+}
+
+/// The `PassthroughCluster` istiod defines: original destination, plaintext.
+pub fn passthrough_cluster() -> Cluster {
+    Cluster {
+        discovery: crate::cluster::ClusterDiscovery::OriginalDestination,
+        lb_policy: crate::cluster::LbPolicy::ClusterProvided,
+        ..Cluster::eds(PASSTHROUGH_CLUSTER)
+    }
+}
+
+/// Holds the current [`Snapshot`]; readers never lock.
+#[derive(Debug, Clone)]
+pub struct SnapshotCell {
+    inner: Arc<CellInner>,
+}
+
+#[derive(Debug)]
+struct CellInner {
+    current: ArcSwap<Snapshot>,
+    /// Version of the last published snapshot; `synced` once the first full config arrived.
+    changed: watch::Sender<CellState>,
+}
+
+/// What watchers of a [`SnapshotCell`] see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CellState {
+    /// Version of the current snapshot.
+    pub version: u64,
+    /// Whether every subscribed xDS type has been received and accepted at least once.
+    pub synced: bool,
+}
+
+impl Default for SnapshotCell {
+    fn default() -> Self {
+        SnapshotCell::new()
+    }
+}
+
+impl SnapshotCell {
+    /// A cell holding an empty snapshot, not yet synced.
+    pub fn new() -> Self {
+        let (changed, _) = watch::channel(CellState::default());
+        SnapshotCell {
+            inner: Arc::new(CellInner {
+                current: ArcSwap::from_pointee(Snapshot::default()),
+                changed,
+            }),
+        }
+    }
+
+    /// The current snapshot (one atomic load).
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.inner.current.load_full()
+    }
+
+    /// A cheap guard over the current snapshot for the request path (no refcount traffic).
+    pub fn load_guard(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.inner.current.load()
+    }
+
+    /// Publishes a whole new snapshot; `synced` marks the first complete configuration.
+    pub fn publish(&self, snapshot: Snapshot, synced: bool) {
+        let version = snapshot.version;
+        self.inner.current.store(Arc::new(snapshot));
+        self.inner.changed.send_modify(|s| {
+            s.version = version;
+            s.synced |= synced;
+        });
+    }
+
+    /// Whether the first full configuration has arrived.
+    pub fn is_synced(&self) -> bool {
+        self.inner.changed.borrow().synced
+    }
+
+    /// Watch publications.
+    pub fn subscribe(&self) -> watch::Receiver<CellState> {
+        self.inner.changed.subscribe()
+    }
+
+    /// Waits until the first full configuration has arrived.
+    pub async fn synced(&self) {
+        let mut rx = self.subscribe();
+        let _ = rx.wait_for(|s| s.synced).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::Endpoint;
+    use crate::route::{Route, RouteMatch, VirtualHost};
+
+    fn snapshot(policy: OutboundTrafficPolicy) -> Snapshot {
+        let l = Listener {
+            name: "0.0.0.0_9080".into(),
+            address: "0.0.0.0:9080".parse().unwrap(),
+            kind: ListenerKind::Outbound(OutboundProtocol::Http {
+                route_config: "9080".into(),
+            }),
+        };
+        let vh = |name: &str, domains: &[&str], action: RouteAction| VirtualHost {
+            name: name.into(),
+            domains: domains.iter().map(|s| s.to_string()).collect(),
+            routes: vec![Route {
+                name: "default".into(),
+                matcher: RouteMatch::any(),
+                action,
+                timeout: None,
+                retry: None,
+            }],
+        };
+        let fallback = match policy {
+            OutboundTrafficPolicy::AllowAny => vh("allow_any", &["*"], RouteAction::Cluster(PASSTHROUGH_CLUSTER.into())),
+            OutboundTrafficPolicy::RegistryOnly => vh(
+                "block_all",
+                &["*"],
+                RouteAction::DirectResponse { status: 502, body: None },
+            ),
+        };
+        let c = "outbound|9080||reviews.default.svc.cluster.local";
+        let rc = RouteConfig::new(
+            "9080",
+            vec![
+                vh("reviews.default.svc.cluster.local:9080", &["reviews", "reviews:9080"], RouteAction::Cluster(c.into())),
+                vh("ghost:9080", &["ghost"], RouteAction::Cluster("outbound|9080||ghost".into())),
+                fallback,
+            ],
+        )
+        .unwrap();
+        Snapshot::new(
+            1,
+            HashMap::from([(l.name.clone(), Arc::new(l))]),
+            HashMap::from([("9080".to_string(), Arc::new(rc))]),
+            HashMap::from([(c.to_string(), Arc::new(Cluster::eds(c)))]),
+            HashMap::from([(
+                c.to_string(),
+                Arc::new(EndpointSet::new(c, vec![Endpoint::new("127.0.0.1:1".parse().unwrap())])),
+            )]),
+            Arc::default(),
+            policy,
+            BTreeMap::new(),
+        )
+    }
+
+    #[test]
+    fn known_host_goes_to_its_cluster() {
+        let s = snapshot(OutboundTrafficPolicy::AllowAny);
+        match s.route_outbound("reviews:9080", 9080, "/", &HeaderMap::new()) {
+            RouteDecision::Forward { cluster, endpoints, .. } => {
+                assert_eq!(cluster.name, "outbound|9080||reviews.default.svc.cluster.local");
+                assert_eq!(endpoints.unwrap().routable_len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_hosts_follow_the_outbound_policy() {
+        let s = snapshot(OutboundTrafficPolicy::AllowAny);
+        match s.route_outbound("example.com", 9080, "/", &HeaderMap::new()) {
+            RouteDecision::Forward { cluster, .. } => assert_eq!(cluster.name, PASSTHROUGH_CLUSTER),
+            other => panic!("{other:?}"),
+        }
+        match s.route_outbound("example.com", 1234, "/", &HeaderMap::new()) {
+            RouteDecision::Forward { cluster, .. } => assert_eq!(cluster.name, PASSTHROUGH_CLUSTER),
+            other => panic!("{other:?}"),
+        }
+        let s = snapshot(OutboundTrafficPolicy::RegistryOnly);
+        assert!(matches!(
+            s.route_outbound("example.com", 9080, "/", &HeaderMap::new()),
+            RouteDecision::Respond { status: 502, .. }
+        ));
+        assert!(matches!(
+            s.route_outbound("ghost", 9080, "/", &HeaderMap::new()),
+            RouteDecision::Respond { status: 503, flag: ResponseFlag::NoClusterFound, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn publish_is_seen_by_readers_and_watchers() {
+        let cell = SnapshotCell::new();
+        assert!(!cell.is_synced());
+        let mut rx = cell.subscribe();
+        cell.publish(snapshot(OutboundTrafficPolicy::AllowAny), true);
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow().version, 1);
+        assert!(cell.is_synced());
+        assert_eq!(cell.load().version, 1);
+        cell.synced().await;
+    }
+}
