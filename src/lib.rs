@@ -1,1 +1,40 @@
-//! mesh
+//! # mesh — the Istio sidecar, in-process
+//!
+//! Add one dependency, wrap your app in [`serve`], and your pod gets from istiod what Envoy
+//! and pilot-agent would have given it: xDS configuration, a SPIFFE workload certificate and
+//! mTLS, outbound routing, Istio's metrics, and the pod ports 15020/15021/15090.
+//!
+//! ```no_run
+//! # async fn app() -> Result<(), mesh::MeshError> {
+//! use http::{Request, Response};
+//! use hyper::body::Incoming;
+//! let app = tower::service_fn(|_req: Request<Incoming>| async {
+//!     Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(bytes::Bytes::from("hello"))))
+//! });
+//! // Reads POD_NAME, POD_NAMESPACE, INSTANCE_IP, ... as the Istio injector sets them.
+//! mesh::serve(app).await
+//! # }
+//! ```
+//!
+//! For outbound calls, [`Mesh::http_client`] returns a `tower::Service` that routes like the
+//! sidecar's outbound listener (route → cluster → endpoint, auto-mTLS).
+
+mod builder;
+mod error;
+mod runtime;
+
+pub use builder::{CertificateSource, MeshBuilder};
+pub use error::MeshError;
+pub use runtime::{Mesh, serve};
+
+pub use mesh_core::identity::{NodeIdentity, PeerIdentity, SpiffeId};
+pub use mesh_core::listener::InboundTlsMode;
+pub use mesh_tower::outbound::Outbound;
+
+/// Re-exports of the parts crates, for users who need the lower layers.
+pub mod parts {
+    pub use mesh_core as core;
+    pub use mesh_dns as dns;
+    pub use mesh_tower as tower;
+    pub use mesh_xds as xds;
+}

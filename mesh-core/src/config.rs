@@ -199,6 +199,26 @@ pub struct MeshConfig {
 }
 
 impl MeshConfig {
+    /// pilot-agent's defaults for `node`: istiod and its CA at
+    /// `istiod.istio-system.svc:15012` (TLS, root from the mounted `root-cert.pem`), the
+    /// projected token, 24h certificates, delta xDS, ports 15020/15021/15090 on 0.0.0.0.
+    pub fn for_node(node: NodeIdentity) -> MeshConfig {
+        let discovery = parse_address(DEFAULT_DISCOVERY_ADDRESS, None);
+        MeshConfig {
+            node,
+            ca: Some(discovery.clone()),
+            discovery,
+            token_path: Some(PathBuf::from(DEFAULT_TOKEN_PATH)),
+            secret_ttl: DEFAULT_SECRET_TTL,
+            delta_xds: true,
+            status_port: Some(DEFAULT_STATUS_PORT),
+            readiness_port: Some(DEFAULT_READINESS_PORT),
+            prometheus_port: Some(DEFAULT_PROMETHEUS_PORT),
+            admin_bind: IpAddr::from([0, 0, 0, 0]),
+            termination_drain: DEFAULT_TERMINATION_DRAIN,
+        }
+    }
+
     /// Reads the configuration the injector sets. `POD_NAME`, `POD_NAMESPACE` and
     /// `INSTANCE_IP` are required; everything else has pilot-agent's default.
     pub fn from_strings(s: &dyn Strings) -> Result<MeshConfig, ConfigError> {

@@ -1,0 +1,93 @@
+//! Istio's standard request metrics, recorded through the `metrics` facade into a Prometheus
+//! recorder whose histograms use Envoy's default buckets.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use mesh_core::telemetry::{
+    DEFAULT_BUCKETS, REQUEST_BYTES, REQUEST_DURATION_MS, REQUESTS_TOTAL, RESPONSE_BYTES,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs mesh's Prometheus recorder as the process-wide `metrics` recorder (once) and
+/// returns the handle that renders it. `None` when the application installed its own recorder
+/// first; mesh's metrics then go to that recorder.
+pub fn prometheus_handle() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Prefix("istio_".into()), &DEFAULT_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Prefix("envoy_".into()), &DEFAULT_BUCKETS)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => Some(handle),
+                Err(_) => {
+                    tracing::warn!(
+                        "a metrics recorder was already installed; mesh's metrics go to it and /stats/prometheus shows only what mesh renders itself"
+                    );
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// Records one finished HTTP request: `istio_requests_total`, and the duration, request-size
+/// and response-size histograms, with `labels` from
+/// [`mesh_core::telemetry::request_labels`].
+pub fn record_request(
+    labels: Vec<(&'static str, String)>,
+    duration: Duration,
+    request_bytes: u64,
+    response_bytes: u64,
+) {
+    RequestMetrics::register(labels).record(duration, request_bytes, response_bytes);
+}
+
+/// The four handles of Istio's request metrics for one label set, registered once and kept by
+/// the request path so that recording a request is four atomic updates and no label work.
+///
+/// Handles registered before a recorder is installed stay no-ops: install the recorder
+/// ([`prometheus_handle`]) before serving traffic.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+    request_bytes: metrics::Histogram,
+    response_bytes: metrics::Histogram,
+}
+
+impl std::fmt::Debug for RequestMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestMetrics").finish_non_exhaustive()
+    }
+}
+
+impl RequestMetrics {
+    /// Registers (or finds) the metrics for `labels` in the current recorder.
+    pub fn register(labels: Vec<(&'static str, String)>) -> Self {
+        let labels: Vec<metrics::Label> = labels
+            .into_iter()
+            .map(|(k, v)| metrics::Label::new(k, v))
+            .collect();
+        RequestMetrics {
+            requests: metrics::counter!(REQUESTS_TOTAL, labels.iter()),
+            duration: metrics::histogram!(REQUEST_DURATION_MS, labels.iter()),
+            request_bytes: metrics::histogram!(REQUEST_BYTES, labels.iter()),
+            response_bytes: metrics::histogram!(RESPONSE_BYTES, labels.iter()),
+        }
+    }
+
+    /// Records one finished request.
+    pub fn record(&self, duration: Duration, request_bytes: u64, response_bytes: u64) {
+        self.requests.increment(1);
+        self.duration.record(duration.as_secs_f64() * 1000.0);
+        self.request_bytes.record(request_bytes as f64);
+        self.response_bytes.record(response_bytes as f64);
+    }
+}

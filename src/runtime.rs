@@ -1,0 +1,351 @@
+//! [`Mesh`]: the running runtime — handles to the snapshot and certificate store, the xDS and
+//! certificate tasks, the pod-facing listeners, and the drain sequence.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_core::readiness::Readiness;
+use mesh_core::{CertStore, Snapshot, SnapshotCell};
+use mesh_tower::inbound::InboundConfig;
+use mesh_tower::outbound::Outbound;
+use mesh_tower::status::StatusPort;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::builder::{CertificateSource, MeshBuilder};
+use crate::error::MeshError;
+
+/// A running mesh: what pilot-agent and Envoy are for one workload. Cheap to clone; the
+/// background tasks stop when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    builder: MeshBuilder,
+    cell: SnapshotCell,
+    certs: CertStore,
+    readiness: Readiness,
+    outbound: Outbound,
+    /// `true` once listeners must stop accepting.
+    stop: watch::Sender<bool>,
+    status_addrs: Vec<(StatusPort, SocketAddr)>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let tasks = match self.tasks.get_mut() {
+            Ok(t) => std::mem::take(t),
+            Err(poisoned) => std::mem::take(poisoned.into_inner()),
+        };
+        for t in tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Mesh {
+    /// A builder with an explicit node identity and pilot-agent's defaults.
+    pub fn builder(node: mesh_core::NodeIdentity) -> MeshBuilder {
+        MeshBuilder::new(node)
+    }
+
+    /// A builder from the environment the Istio injector sets (`POD_NAME`, `POD_NAMESPACE`,
+    /// `INSTANCE_IP`, `SERVICE_ACCOUNT`, `ISTIO_META_*`, `CA_ADDR`, ...); SIGTERM drains.
+    pub fn from_env() -> Result<MeshBuilder, MeshError> {
+        MeshBuilder::from_env()
+    }
+
+    pub(crate) async fn start(builder: MeshBuilder) -> Result<Mesh, MeshError> {
+        let metrics = mesh_tower::telemetry::prometheus_handle();
+        let cell = SnapshotCell::new();
+        let certs = CertStore::new();
+        let config = &builder.config;
+        let mtls = !matches!(builder.certificate, CertificateSource::None);
+        let readiness = Readiness::new(cell.clone(), mtls.then(|| certs.clone()));
+        let (stop, _) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        match &builder.certificate {
+            CertificateSource::Static(cert) => certs.set((**cert).clone()),
+            CertificateSource::None => {}
+            CertificateSource::IstioCa => {
+                if let Some(ca) = config.ca.clone() {
+                    tasks.push(tokio::spawn(run_certificates(
+                        ca,
+                        config.token_path.clone(),
+                        config.node.clone(),
+                        config.secret_ttl,
+                        certs.clone(),
+                    )));
+                }
+            }
+        }
+
+        let ads = mesh_xds::ads::AdsClient::new(
+            mesh_xds::ads::AdsConfig {
+                address: config.discovery.clone(),
+                node: config.node.clone(),
+                token_path: config.token_path.clone(),
+                delta: config.delta_xds,
+                headers: Vec::new(),
+            },
+            cell.clone(),
+        );
+        tasks.push(tokio::spawn(ads.run()));
+
+        let mut status_addrs = Vec::new();
+        for (kind, port, what) in [
+            (StatusPort::Agent, config.status_port, "status port (15020)"),
+            (StatusPort::Readiness, config.readiness_port, "readiness port (15021)"),
+            (StatusPort::Prometheus, config.prometheus_port, "Prometheus port (15090)"),
+        ] {
+            let Some(port) = port else { continue };
+            let addr = SocketAddr::new(config.admin_bind, port);
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| MeshError::Bind { what, addr, source })?;
+            let bound = listener.local_addr().map_err(MeshError::Serve)?;
+            status_addrs.push((kind, bound));
+            let stop_rx = stop.subscribe();
+            let quit_tx = stop.clone();
+            let on_quit: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                let _ = quit_tx.send(true);
+            });
+            tasks.push(tokio::spawn({
+                let readiness = readiness.clone();
+                let metrics = metrics.clone();
+                async move {
+                    if let Err(e) = mesh_tower::status::serve_status(
+                        listener,
+                        kind,
+                        readiness,
+                        metrics,
+                        Some(on_quit),
+                        stopped(stop_rx),
+                    )
+                    .await
+                    {
+                        tracing::error!(error = %e, "status listener failed");
+                    }
+                }
+            }));
+        }
+
+        let outbound = Outbound::new(cell.clone(), certs.clone(), config.node.clone());
+        let mesh = Mesh {
+            inner: Arc::new(Inner {
+                builder,
+                cell,
+                certs,
+                readiness,
+                outbound,
+                stop,
+                status_addrs,
+                tasks: Mutex::new(tasks),
+            }),
+        };
+        if mesh.inner.builder.handle_signals {
+            let m = mesh.clone();
+            let t = tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("received SIGTERM: draining");
+                m.drain().await;
+            });
+            mesh.push_task(t);
+        }
+        Ok(mesh)
+    }
+
+    fn push_task(&self, t: JoinHandle<()>) {
+        match self.inner.tasks.lock() {
+            Ok(mut v) => v.push(t),
+            Err(p) => p.into_inner().push(t),
+        }
+    }
+
+    /// Waits until the first full xDS configuration and (with mTLS) a certificate are in: what
+    /// `/healthz/ready` reports.
+    pub async fn ready(&self) {
+        self.inner.readiness.ready().await;
+    }
+
+    /// Whether `/healthz/ready` would answer 200 now.
+    pub fn is_ready(&self) -> bool {
+        self.inner.readiness.check().is_ok()
+    }
+
+    /// The outbound client: a `tower::Service<http::Request<B>>` that routes like the sidecar's
+    /// outbound listener.
+    pub fn http_client(&self) -> Outbound {
+        self.inner.outbound.clone()
+    }
+
+    /// The current configuration snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.cell.load()
+    }
+
+    /// The snapshot cell (for lower-level wiring).
+    pub fn snapshot_cell(&self) -> &SnapshotCell {
+        &self.inner.cell
+    }
+
+    /// The workload certificate store.
+    pub fn certificates(&self) -> &CertStore {
+        &self.inner.certs
+    }
+
+    /// Where a pod-facing listener is bound, if it is on.
+    pub fn status_addr(&self, port: StatusPort) -> Option<SocketAddr> {
+        self.inner
+            .status_addrs
+            .iter()
+            .find(|(k, _)| *k == port)
+            .map(|(_, a)| *a)
+    }
+
+    /// Binds the application port and serves `app` behind mesh's inbound side until drained.
+    pub async fn serve<S, B>(&self, app: S) -> Result<(), MeshError>
+    where
+        S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let addr = SocketAddr::new(self.inner.builder.config.admin_bind, self.inner.builder.app_port);
+        let listener = TcpListener::bind(addr).await.map_err(|source| MeshError::Bind {
+            what: "application port",
+            addr,
+            source,
+        })?;
+        self.serve_on(listener, app).await
+    }
+
+    /// Serves `app` on an already bound listener until drained.
+    pub async fn serve_on<S, B>(&self, listener: TcpListener, app: S) -> Result<(), MeshError>
+    where
+        S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let port = listener.local_addr().map_err(MeshError::Serve)?.port();
+        let config = InboundConfig {
+            port,
+            mode: self.inner.builder.inbound_mode,
+            node: self.inner.builder.config.node.clone(),
+            header_read_timeout: None,
+        };
+        mesh_tower::inbound::serve(
+            listener,
+            app,
+            self.inner.cell.clone(),
+            self.inner.certs.clone(),
+            config,
+            stopped(self.inner.stop.subscribe()),
+        )
+        .await
+        .map_err(MeshError::Serve)
+    }
+
+    /// Graceful drain as pilot-agent does it on SIGTERM: readiness turns 503 at once,
+    /// listeners keep accepting for `terminationDrainDuration`, then stop accepting and let
+    /// in-flight requests finish.
+    pub async fn drain(&self) {
+        self.inner.readiness.start_draining();
+        tokio::time::sleep(self.inner.builder.config.termination_drain).await;
+        let _ = self.inner.stop.send(true);
+    }
+
+    /// Stops the listeners now (no drain period).
+    pub fn shutdown(&self) {
+        self.inner.readiness.start_draining();
+        let _ = self.inner.stop.send(true);
+    }
+}
+
+/// Runs an app behind mesh configured from the environment the Istio injector sets, until
+/// SIGTERM has drained it. The application port is `MESH_APP_PORT`, else the first container
+/// port in `ISTIO_META_POD_PORTS`, else 8080.
+pub async fn serve<S, B>(app: S) -> Result<(), MeshError>
+where
+    S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mesh = Mesh::from_env()?.start().await?;
+    mesh.serve(app).await
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Obtains and rotates the workload certificate from istiod's CA, reconnecting with backoff
+/// while the CA is unreachable; the store keeps the current certificate meanwhile.
+async fn run_certificates(
+    ca: mesh_core::config::ControlPlaneAddress,
+    token_path: Option<std::path::PathBuf>,
+    node: mesh_core::NodeIdentity,
+    ttl: Duration,
+    certs: CertStore,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match mesh_xds::ca::CaClient::connect(&ca, token_path.clone(), node.cluster_id.clone(), Vec::new()).await {
+            Ok(client) => {
+                mesh_xds::ca::SecretManager::new(client, node.spiffe_id(), ttl, certs.clone())
+                    .run()
+                    .await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ca = %ca.address, "cannot reach the CA; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
