@@ -1,0 +1,4 @@
+//! Shared helpers for mesh-tower's integration tests.
+#![allow(dead_code)]
+
+pub mod certs;
