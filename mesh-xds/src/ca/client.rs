@@ -1,0 +1,222 @@
+//! The Istio CA client: one unary `CreateCertificate` call per certificate (FACTS.md b.1–b.3).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::uri::PathAndQuery;
+use mesh_core::config::ControlPlaneAddress;
+use prost_types::{Struct, Value, value::Kind};
+use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic_prost::ProstCodec;
+
+use super::CaError;
+use crate::istio_proto::{
+    CREATE_CERTIFICATE_PATH, IstioCertificateRequest, IstioCertificateResponse,
+};
+
+/// How long one `CreateCertificate` call may take before it is abandoned.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// TCP/TLS connect timeout to the CA.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client of istiod's `IstioCertificateService`. Cheap to clone (the channel is shared and
+/// reconnects by itself).
+#[derive(Clone, Debug)]
+pub struct CaClient {
+    channel: Channel,
+    address: String,
+    token_path: Option<PathBuf>,
+    cluster_id: String,
+    headers: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
+}
+
+impl CaClient {
+    /// Prepares a client for the CA at `address`: TLS verified against `address.root_cert`
+    /// with server name [`ControlPlaneAddress::tls_server_name`], or plaintext when
+    /// `address.tls` is false. The connection itself is made lazily (and remade after
+    /// failures) by the first call, so istiod being down is reported by
+    /// [`CaClient::create_certificate`], not here.
+    ///
+    /// `token_path` is sent as `authorization: Bearer <token>` (re-read on every call),
+    /// `cluster_id` as `clusterid`, and `headers` (from `CA_HEADER_*`) as extra metadata.
+    pub async fn connect(
+        address: &ControlPlaneAddress,
+        token_path: Option<PathBuf>,
+        cluster_id: String,
+        headers: Vec<(String, String)>,
+    ) -> Result<CaClient, CaError> {
+        let invalid = |reason: String| CaError::InvalidAddress {
+            address: address.address.clone(),
+            reason,
+        };
+        let scheme = if address.tls { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", address.address))
+            .map_err(|e| invalid(e.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT);
+        if address.tls {
+            let path = address
+                .root_cert
+                .as_ref()
+                .ok_or_else(|| CaError::MissingRootCert {
+                    address: address.address.clone(),
+                })?;
+            let pem = tokio::fs::read(path).await.map_err(|e| CaError::RootCert {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(CaError::RootCert {
+                    path: path.clone(),
+                    reason: "no PEM certificate in the file".into(),
+                });
+            }
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(pem))
+                .domain_name(address.tls_server_name());
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| invalid(format!("TLS configuration: {e}")))?;
+        }
+        let mut parsed = Vec::with_capacity(headers.len());
+        for (name, value) in headers {
+            let key = AsciiMetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes()).map_err(
+                |e| CaError::InvalidHeader {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                },
+            )?;
+            let value = AsciiMetadataValue::try_from(value.as_str()).map_err(|e| {
+                CaError::InvalidHeader {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            parsed.push((key, value));
+        }
+        Ok(CaClient {
+            channel: endpoint.connect_lazy(),
+            address: address.address.clone(),
+            token_path,
+            cluster_id,
+            headers: parsed,
+        })
+    }
+
+    /// The CA address this client talks to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Sends `csr_pem` to the CA asking for a certificate valid for `ttl` and returns the PEM
+    /// chain as the CA sent it (leaf first, root last; at least two elements).
+    pub async fn create_certificate(
+        &self,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<Vec<String>, CaError> {
+        let message = IstioCertificateRequest {
+            csr: csr_pem.to_owned(),
+            validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            metadata: Some(Struct {
+                fields: [(
+                    "CertSigner".to_owned(),
+                    Value {
+                        kind: Some(Kind::StringValue(String::new())),
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            }),
+        };
+        let mut request = tonic::Request::new(message);
+        self.fill_metadata(request.metadata_mut()).await?;
+
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        grpc.ready().await.map_err(|e| CaError::Unavailable {
+            address: self.address.clone(),
+            message: e.to_string(),
+        })?;
+        let codec: ProstCodec<IstioCertificateRequest, IstioCertificateResponse> =
+            ProstCodec::default();
+        let response = grpc
+            .unary(
+                request,
+                PathAndQuery::from_static(CREATE_CERTIFICATE_PATH),
+                codec,
+            )
+            .await
+            .map_err(|status| self.status_error(status))?;
+        let chain = response.into_inner().cert_chain;
+        if chain.len() < 2 {
+            return Err(CaError::ShortChain(chain.len()));
+        }
+        Ok(chain)
+    }
+
+    async fn fill_metadata(&self, md: &mut MetadataMap) -> Result<(), CaError> {
+        if let Some(path) = &self.token_path {
+            let token = tokio::fs::read_to_string(path)
+                .await
+                .map_err(|source| CaError::Token {
+                    path: path.clone(),
+                    source,
+                })?;
+            let value =
+                AsciiMetadataValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| {
+                    CaError::Token {
+                        path: path.clone(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "the token holds characters not allowed in a header",
+                        ),
+                    }
+                })?;
+            md.insert("authorization", value);
+        }
+        if !self.cluster_id.is_empty() {
+            if let Ok(v) = AsciiMetadataValue::try_from(self.cluster_id.as_str()) {
+                md.insert("clusterid", v);
+            }
+        }
+        for (k, v) in &self.headers {
+            md.insert(k.clone(), v.clone());
+        }
+        Ok(())
+    }
+
+    fn status_error(&self, status: tonic::Status) -> CaError {
+        let message = status.message().to_owned();
+        match status.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                let token_hint = match &self.token_path {
+                    Some(p) => format!(
+                        "the token at {} is a current projected service-account token with audience istio-ca, and that the clusterid {:?} is known to istiod",
+                        p.display(),
+                        self.cluster_id
+                    ),
+                    None => "a token file is configured (no token was sent; istiod requires a projected service-account token at ./var/run/secrets/tokens/istio-token)".to_owned(),
+                };
+                CaError::Unauthenticated {
+                    address: self.address.clone(),
+                    message,
+                    token_hint,
+                }
+            }
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => CaError::Unavailable {
+                address: self.address.clone(),
+                message: if message.is_empty() {
+                    format!("{:?}", status.code())
+                } else {
+                    message
+                },
+            },
+            code => CaError::Rpc {
+                address: self.address.clone(),
+                code,
+                message,
+            },
+        }
+    }
+}
