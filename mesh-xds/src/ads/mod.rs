@@ -1,0 +1,524 @@
+//! The ADS client: one stream to istiod carrying CDS → EDS → LDS → RDS (+ NDS), delta
+//! (`DeltaAggregatedResources`, istiod's default) or state-of-the-world
+//! (`StreamAggregatedResources`), with per-resource validation, ACK/NACK, and reconnection
+//! with jittered exponential backoff.
+//!
+//! After every accepted response a whole [`mesh_core::Snapshot`] is rebuilt and published to
+//! the [`SnapshotCell`]; it is marked synced once CDS and LDS have each been ACKed and every
+//! EDS and RDS resource they reference has arrived (Envoy's warming).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use mesh_core::config::ControlPlaneAddress;
+use mesh_core::{NodeIdentity, SnapshotCell};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+mod state;
+pub mod types;
+
+use state::{Incoming, XdsState};
+pub use types::{CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ROUTE};
+
+/// gRPC code Envoy puts in a NACK's `error_detail` (INTERNAL).
+const NACK_CODE: i32 = 13;
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+/// How to reach istiod and who we are.
+#[derive(Clone, Debug)]
+pub struct AdsConfig {
+    /// istiod's xDS address (plaintext like :15010, or TLS like :15012).
+    pub address: ControlPlaneAddress,
+    /// The workload's identity; becomes the `Node`.
+    pub node: NodeIdentity,
+    /// JWT sent as `authorization: Bearer <token>`, re-read on every connect.
+    pub token_path: Option<PathBuf>,
+    /// Use delta xDS (istiod's default) rather than state-of-the-world.
+    pub delta: bool,
+    /// Extra gRPC metadata (`XDS_HEADER_*`).
+    pub headers: Vec<(String, String)>,
+}
+
+/// Why one stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum AdsError {
+    /// Could not build or open the channel.
+    #[error("connecting to {address}: {source}")]
+    Connect {
+        /// The address.
+        address: String,
+        /// The transport error.
+        source: tonic::transport::Error,
+    },
+    /// The configuration cannot work (bad root file, bad header, unreadable token).
+    #[error("xDS client configuration: {0}")]
+    Config(String),
+    /// The server ended the stream or refused it.
+    #[error("xDS stream: {0}")]
+    Stream(#[from] tonic::Status),
+    /// The server closed the stream without an error.
+    #[error("xDS stream closed by the server")]
+    Closed,
+}
+
+/// The ADS client. Build it with [`AdsClient::new`] and drive it with [`AdsClient::run`].
+#[derive(Debug)]
+pub struct AdsClient {
+    config: AdsConfig,
+    cell: SnapshotCell,
+    state: XdsState,
+    node: Node,
+}
+
+/// What the client has asked for on the current stream.
+#[derive(Default)]
+struct StreamSubs {
+    node_sent: bool,
+    requested: BTreeSet<&'static str>,
+    endpoints: BTreeSet<String>,
+    routes: BTreeSet<String>,
+    /// SotW: last nonce seen per type.
+    nonces: BTreeMap<&'static str, String>,
+    cds_answered: bool,
+    delivered: bool,
+}
+
+enum Sender {
+    Delta(mpsc::UnboundedSender<DeltaDiscoveryRequest>),
+    Sotw(mpsc::UnboundedSender<DiscoveryRequest>),
+}
+
+impl AdsClient {
+    /// A client that publishes into `cell`.
+    pub fn new(config: AdsConfig, cell: SnapshotCell) -> Self {
+        let node = crate::node::envoy_node(&config.node);
+        AdsClient {
+            config,
+            cell,
+            state: XdsState::default(),
+            node,
+        }
+    }
+
+    /// Runs forever: connect, subscribe, apply, and reconnect with jittered exponential
+    /// backoff (100ms doubling to 15s, reset after a stream that delivered configuration).
+    pub async fn run(mut self) {
+        let mut backoff = BACKOFF_START;
+        loop {
+            let mut subs = StreamSubs::default();
+            let result = self.run_stream(&mut subs).await;
+            metrics::gauge!("envoy_control_plane_connected_state").set(0.0);
+            match result {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, address = %self.config.address.address, "xDS stream ended")
+                }
+            }
+            if subs.delivered {
+                backoff = BACKOFF_START;
+            }
+            let jitter = rand::random_range(0.5..1.0);
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel, AdsError> {
+        let addr = &self.config.address;
+        let scheme = if addr.tls { "https" } else { "http" };
+        let connect_err = |source| AdsError::Connect {
+            address: addr.address.clone(),
+            source,
+        };
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{}", addr.address))
+            .map_err(connect_err)?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        if addr.tls {
+            let mut tls = ClientTlsConfig::new().domain_name(addr.tls_server_name());
+            if let Some(root) = &addr.root_cert {
+                let pem = std::fs::read(root).map_err(|e| {
+                    AdsError::Config(format!("reading root certificate {}: {e}", root.display()))
+                })?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            ep = ep.tls_config(tls).map_err(connect_err)?;
+        }
+        ep.connect().await.map_err(connect_err)
+    }
+
+    fn request<T>(&self, body: T) -> Result<tonic::Request<T>, AdsError> {
+        let mut req = tonic::Request::new(body);
+        let md = req.metadata_mut();
+        if let Some(path) = &self.config.token_path {
+            let token = std::fs::read_to_string(path)
+                .map_err(|e| AdsError::Config(format!("reading token {}: {e}", path.display())))?;
+            let v = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+                AdsError::Config(format!(
+                    "token in {} is not a valid header value",
+                    path.display()
+                ))
+            })?;
+            md.insert("authorization", v);
+        }
+        let cluster = self
+            .config
+            .node
+            .cluster_id
+            .parse()
+            .map_err(|_| AdsError::Config("cluster id is not a valid header value".into()))?;
+        md.insert("clusterid", cluster);
+        for (k, v) in &self.config.headers {
+            let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                .map_err(|_| AdsError::Config(format!("invalid header name {k:?}")))?;
+            let val = v
+                .parse()
+                .map_err(|_| AdsError::Config(format!("invalid value for header {k:?}")))?;
+            md.insert(key, val);
+        }
+        Ok(req)
+    }
+
+    async fn run_stream(&mut self, subs: &mut StreamSubs) -> Result<(), AdsError> {
+        let channel = self.channel().await?;
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(256 * 1024 * 1024);
+        if self.config.delta {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let sender = Sender::Delta(tx);
+            // Requests are queued before the call so the first one travels with the headers.
+            self.subscribe(&sender, subs);
+            let req = self.request(UnboundedReceiverStream::new(rx))?;
+            let mut stream = client.delta_aggregated_resources(req).await?.into_inner();
+            metrics::gauge!("envoy_control_plane_connected_state").set(1.0);
+            tracing::info!(address = %self.config.address.address, "delta xDS stream open");
+            while let Some(resp) = stream.message().await? {
+                self.on_delta(resp, &sender, subs);
+            }
+        } else {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let sender = Sender::Sotw(tx);
+            self.subscribe(&sender, subs);
+            let req = self.request(UnboundedReceiverStream::new(rx))?;
+            let mut stream = client.stream_aggregated_resources(req).await?.into_inner();
+            metrics::gauge!("envoy_control_plane_connected_state").set(1.0);
+            tracing::info!(address = %self.config.address.address, "SotW xDS stream open");
+            while let Some(resp) = stream.message().await? {
+                self.on_sotw(resp, &sender, subs);
+            }
+        }
+        Err(AdsError::Closed)
+    }
+
+    fn node_once(&self, subs: &mut StreamSubs) -> Option<Node> {
+        if subs.node_sent {
+            None
+        } else {
+            subs.node_sent = true;
+            Some(self.node.clone())
+        }
+    }
+
+    /// Sends whatever subscription is due, in Envoy's order: CDS, then (after CDS answered,
+    /// or at once when reconnecting with held config) EDS, LDS, NDS, RDS.
+    fn subscribe(&self, sender: &Sender, subs: &mut StreamSubs) {
+        if !subs.requested.contains(CLUSTER) {
+            self.send_initial(sender, subs, CLUSTER, Vec::new());
+        }
+        let resuming = self.state.cds_acked;
+        if !(subs.cds_answered || resuming) {
+            return;
+        }
+        let eps = self.state.wanted_endpoints();
+        self.send_named(sender, subs, ENDPOINT, eps);
+        if !subs.requested.contains(LISTENER) {
+            self.send_initial(sender, subs, LISTENER, Vec::new());
+            self.send_initial(sender, subs, NAME_TABLE, Vec::new());
+        }
+        let rts = self.state.wanted_routes();
+        self.send_named(sender, subs, ROUTE, rts);
+    }
+
+    fn send_initial(
+        &self,
+        sender: &Sender,
+        subs: &mut StreamSubs,
+        type_url: &'static str,
+        names: Vec<String>,
+    ) {
+        subs.requested.insert(type_url);
+        let node = self.node_once(subs);
+        match sender {
+            Sender::Delta(tx) => {
+                let _ = tx.send(DeltaDiscoveryRequest {
+                    node,
+                    type_url: type_url.to_owned(),
+                    resource_names_subscribe: names,
+                    initial_resource_versions: self.state.versions(type_url),
+                    ..Default::default()
+                });
+            }
+            Sender::Sotw(tx) => {
+                let _ = tx.send(DiscoveryRequest {
+                    node,
+                    version_info: self
+                        .state
+                        .type_versions
+                        .get(type_url)
+                        .cloned()
+                        .unwrap_or_default(),
+                    type_url: type_url.to_owned(),
+                    resource_names: names,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
+    /// Brings the EDS/RDS subscription of this stream to `wanted`.
+    fn send_named(
+        &self,
+        sender: &Sender,
+        subs: &mut StreamSubs,
+        type_url: &'static str,
+        wanted: BTreeSet<String>,
+    ) {
+        let current = if type_url == ENDPOINT {
+            &subs.endpoints
+        } else {
+            &subs.routes
+        };
+        if subs.requested.contains(type_url) && *current == wanted {
+            return;
+        }
+        if !subs.requested.contains(type_url) && wanted.is_empty() {
+            return;
+        }
+        let first = !subs.requested.contains(type_url);
+        let added: Vec<String> = wanted.difference(current).cloned().collect();
+        let removed: Vec<String> = current.difference(&wanted).cloned().collect();
+        if type_url == ENDPOINT {
+            subs.endpoints = wanted.clone();
+        } else {
+            subs.routes = wanted.clone();
+        }
+        if first {
+            self.send_initial(sender, subs, type_url, wanted.into_iter().collect());
+            return;
+        }
+        match sender {
+            Sender::Delta(tx) => {
+                let _ = tx.send(DeltaDiscoveryRequest {
+                    type_url: type_url.to_owned(),
+                    resource_names_subscribe: added,
+                    resource_names_unsubscribe: removed,
+                    ..Default::default()
+                });
+            }
+            Sender::Sotw(tx) => {
+                let _ = tx.send(DiscoveryRequest {
+                    version_info: self
+                        .state
+                        .type_versions
+                        .get(type_url)
+                        .cloned()
+                        .unwrap_or_default(),
+                    type_url: type_url.to_owned(),
+                    resource_names: wanted.into_iter().collect(),
+                    response_nonce: subs.nonces.get(type_url).cloned().unwrap_or_default(),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
+    fn on_delta(&mut self, resp: DeltaDiscoveryResponse, sender: &Sender, subs: &mut StreamSubs) {
+        let Some(type_url) = known_type(&resp.type_url) else {
+            tracing::warn!(type_url = %resp.type_url, "ignoring response of an unrequested type");
+            return;
+        };
+        let incoming: Vec<Incoming> = resp
+            .resources
+            .into_iter()
+            .map(|r| Incoming {
+                name: r.name,
+                version: r.version,
+                resource: r.resource,
+            })
+            .collect();
+        let errors = self.apply(
+            type_url,
+            &incoming,
+            &resp.removed_resources,
+            &resp.system_version_info,
+            subs,
+        );
+        if let Sender::Delta(tx) = sender {
+            let _ = tx.send(DeltaDiscoveryRequest {
+                type_url: type_url.to_owned(),
+                response_nonce: resp.nonce,
+                error_detail: nack_detail(&errors),
+                ..Default::default()
+            });
+        }
+        self.subscribe(sender, subs);
+    }
+
+    fn on_sotw(&mut self, resp: DiscoveryResponse, sender: &Sender, subs: &mut StreamSubs) {
+        let Some(type_url) = known_type(&resp.type_url) else {
+            tracing::warn!(type_url = %resp.type_url, "ignoring response of an unrequested type");
+            return;
+        };
+        let incoming: Vec<Incoming> = resp
+            .resources
+            .into_iter()
+            .map(|a| Incoming {
+                name: String::new(),
+                version: resp.version_info.clone(),
+                resource: Some(a),
+            })
+            .collect();
+        // CDS and LDS responses are the full set: whatever is absent is removed.
+        let removed: Vec<String> = if type_url == CLUSTER || type_url == LISTENER {
+            let names = sotw_names(type_url, &incoming);
+            self.state
+                .versions(type_url)
+                .into_keys()
+                .filter(|n| !names.contains(n))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let errors = self.apply(type_url, &incoming, &removed, &resp.version_info, subs);
+        subs.nonces.insert(type_url, resp.nonce.clone());
+        let names = match type_url {
+            ENDPOINT => subs.endpoints.iter().cloned().collect(),
+            ROUTE => subs.routes.iter().cloned().collect(),
+            _ => Vec::new(),
+        };
+        if let Sender::Sotw(tx) = sender {
+            let _ = tx.send(DiscoveryRequest {
+                // A NACK carries the last accepted version, an ACK the new one.
+                version_info: self
+                    .state
+                    .type_versions
+                    .get(type_url)
+                    .cloned()
+                    .unwrap_or_default(),
+                type_url: type_url.to_owned(),
+                resource_names: names,
+                response_nonce: resp.nonce,
+                error_detail: nack_detail(&errors),
+                ..Default::default()
+            });
+        }
+        self.subscribe(sender, subs);
+    }
+
+    /// Applies one response, publishes a snapshot if anything changed, and returns the
+    /// rejection reasons (empty = ACK).
+    fn apply(
+        &mut self,
+        type_url: &'static str,
+        incoming: &[Incoming],
+        removed: &[String],
+        version: &str,
+        subs: &mut StreamSubs,
+    ) -> Vec<String> {
+        let applied = self.state.apply(type_url, incoming, removed);
+        let mut changed = applied.changed;
+        if type_url == CLUSTER || type_url == LISTENER {
+            changed |= self.state.prune();
+        }
+        let short = types::short_name(type_url);
+        if applied.errors.is_empty() {
+            self.state
+                .type_versions
+                .insert(type_url.to_owned(), version.to_owned());
+            match type_url {
+                CLUSTER => {
+                    self.state.cds_acked = true;
+                    metrics::counter!("envoy_cluster_manager_cds_update_success").increment(1);
+                }
+                LISTENER => {
+                    self.state.lds_acked = true;
+                    metrics::counter!("envoy_listener_manager_lds_update_success").increment(1);
+                }
+                _ => {}
+            }
+        } else {
+            match type_url {
+                CLUSTER => {
+                    metrics::counter!("envoy_cluster_manager_cds_update_rejected").increment(1)
+                }
+                LISTENER => {
+                    metrics::counter!("envoy_listener_manager_lds_update_rejected").increment(1)
+                }
+                _ => {}
+            }
+            tracing::warn!(type_url = short, rejected = %applied.errors.join("; "), "NACK: rejecting xDS resources");
+        }
+        if type_url == CLUSTER {
+            subs.cds_answered = true;
+        }
+        if changed || applied.errors.is_empty() {
+            subs.delivered = true;
+            let synced = self.state.synced();
+            let snapshot = self.state.snapshot();
+            tracing::debug!(
+                type_url = short,
+                version = snapshot.version,
+                synced,
+                "publishing snapshot"
+            );
+            self.cell.publish(snapshot, synced);
+        }
+        applied.errors
+    }
+}
+
+fn sotw_names(type_url: &str, incoming: &[Incoming]) -> BTreeSet<String> {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    incoming
+        .iter()
+        .filter_map(|r| r.resource.as_ref())
+        .filter_map(|a| match type_url {
+            CLUSTER => crate::translate::from_any::<Cluster>(a)
+                .ok()
+                .map(|c| c.name),
+            _ => crate::translate::from_any::<Listener>(a)
+                .ok()
+                .map(|l| l.name),
+        })
+        .collect()
+}
+
+fn known_type(t: &str) -> Option<&'static str> {
+    [CLUSTER, ENDPOINT, LISTENER, ROUTE, NAME_TABLE]
+        .into_iter()
+        .find(|k| *k == t)
+}
+
+fn nack_detail(errors: &[String]) -> Option<RpcStatus> {
+    if errors.is_empty() {
+        return None;
+    }
+    Some(RpcStatus {
+        code: NACK_CODE,
+        message: errors.join("\n"),
+        details: Vec::new(),
+    })
+}

@@ -1,0 +1,136 @@
+//! EDS `ClusterLoadAssignment` → [`mesh_core::endpoint::EndpointSet`].
+
+use std::net::SocketAddr;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, HealthStatus as PbHealth, Metadata, address, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+use mesh_core::endpoint::{
+    Endpoint, EndpointSet, EndpointTlsMode, HealthStatus, Locality, WorkloadMetadata,
+};
+
+use super::{TranslateError, struct_string};
+
+const KIND: &str = "ClusterLoadAssignment";
+
+/// Translates one CLA: every `lb_endpoint` with its socket address, health, weight, priority,
+/// locality, auto-mTLS mode (`envoy.transport_socket_match.tlsMode == "istio"`) and
+/// `istio.workload` metadata.
+pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, TranslateError> {
+    let name = &cla.cluster_name;
+    if name.is_empty() {
+        return Err(TranslateError::new(KIND, "", "cluster_name is empty"));
+    }
+    let err = |reason: String| TranslateError::new(KIND, name.clone(), reason);
+    let mut out = Vec::new();
+    for (li, group) in cla.endpoints.iter().enumerate() {
+        let locality = group
+            .locality
+            .as_ref()
+            .map(|l| Locality {
+                region: l.region.clone(),
+                zone: l.zone.clone(),
+                sub_zone: l.sub_zone.clone(),
+            })
+            .unwrap_or_default();
+        for (ei, lb) in group.lb_endpoints.iter().enumerate() {
+            let field = format!("endpoints[{li}].lb_endpoints[{ei}]");
+            let ep = match &lb.host_identifier {
+                Some(lb_endpoint::HostIdentifier::Endpoint(e)) => e,
+                Some(lb_endpoint::HostIdentifier::EndpointName(n)) => {
+                    return Err(err(format!(
+                        "{field}.endpoint_name {n:?}: named endpoints are not supported"
+                    )));
+                }
+                None => return Err(err(format!("{field}.endpoint: missing"))),
+            };
+            let address = socket_addr(ep.address.as_ref())
+                .map_err(|r| err(format!("{field}.endpoint.address: {r}")))?;
+            let health = match PbHealth::try_from(lb.health_status) {
+                Ok(PbHealth::Unknown) => HealthStatus::Unknown,
+                Ok(PbHealth::Healthy) => HealthStatus::Healthy,
+                Ok(PbHealth::Unhealthy) => HealthStatus::Unhealthy,
+                Ok(PbHealth::Draining) => HealthStatus::Draining,
+                Ok(PbHealth::Timeout) => HealthStatus::Timeout,
+                Ok(PbHealth::Degraded) => HealthStatus::Degraded,
+                Err(_) => {
+                    return Err(err(format!(
+                        "{field}.health_status: unknown value {}",
+                        lb.health_status
+                    )));
+                }
+            };
+            let weight = match &lb.load_balancing_weight {
+                Some(w) if w.value == 0 => {
+                    return Err(err(format!(
+                        "{field}.load_balancing_weight: must be at least 1"
+                    )));
+                }
+                Some(w) => w.value,
+                None => 1,
+            };
+            let (tls_mode, workload) = endpoint_metadata(lb.metadata.as_ref());
+            out.push(Endpoint {
+                address,
+                weight,
+                health,
+                tls_mode,
+                locality: locality.clone(),
+                priority: group.priority,
+                workload,
+            });
+        }
+    }
+    Ok(EndpointSet::new(name.clone(), out))
+}
+
+/// A socket address with an IP literal and a numeric port.
+pub(crate) fn socket_addr(addr: Option<&Address>) -> Result<SocketAddr, String> {
+    let sa = match addr.and_then(|a| a.address.as_ref()) {
+        Some(address::Address::SocketAddress(sa)) => sa,
+        Some(address::Address::Pipe(_)) => return Err("pipe addresses are not supported".into()),
+        Some(address::Address::EnvoyInternalAddress(_)) => {
+            return Err("internal addresses are not supported".into());
+        }
+        None => return Err("missing socket_address".into()),
+    };
+    let ip = sa
+        .address
+        .parse()
+        .map_err(|_| format!("{:?} is not an IP address", sa.address))?;
+    let port = match &sa.port_specifier {
+        Some(socket_address::PortSpecifier::PortValue(p)) => {
+            u16::try_from(*p).map_err(|_| format!("port_value {p} out of range"))?
+        }
+        Some(socket_address::PortSpecifier::NamedPort(n)) => {
+            return Err(format!("named_port {n:?} is not supported"));
+        }
+        None => 0,
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn endpoint_metadata(md: Option<&Metadata>) -> (EndpointTlsMode, Option<WorkloadMetadata>) {
+    let Some(md) = md else {
+        return (EndpointTlsMode::Disabled, None);
+    };
+    let tls = md
+        .filter_metadata
+        .get("envoy.transport_socket_match")
+        .and_then(|s| struct_string(s, "tlsMode"))
+        .map(|m| {
+            if m == "istio" {
+                EndpointTlsMode::Istio
+            } else {
+                EndpointTlsMode::Disabled
+            }
+        })
+        .unwrap_or_default();
+    let workload = md
+        .filter_metadata
+        .get("istio")
+        .and_then(|s| struct_string(s, "workload"))
+        .and_then(WorkloadMetadata::parse);
+    (tls, workload)
+}
