@@ -28,6 +28,7 @@ pub struct CaClient {
     address: String,
     token_path: Option<PathBuf>,
     cluster_id: String,
+    cluster_id_header: Option<AsciiMetadataValue>,
     headers: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
 }
 
@@ -95,7 +96,20 @@ impl CaClient {
             })?;
             parsed.push((key, value));
         }
+        let cluster_id_header = if cluster_id.is_empty() {
+            None
+        } else {
+            Some(
+                AsciiMetadataValue::try_from(cluster_id.as_str()).map_err(|e| {
+                    CaError::InvalidHeader {
+                        name: "clusterid".into(),
+                        reason: e.to_string(),
+                    }
+                })?,
+            )
+        };
         Ok(CaClient {
+            cluster_id_header,
             channel: endpoint.connect_lazy(),
             address: address.address.clone(),
             token_path,
@@ -175,10 +189,8 @@ impl CaClient {
                 })?;
             md.insert("authorization", value);
         }
-        if !self.cluster_id.is_empty() {
-            if let Ok(v) = AsciiMetadataValue::try_from(self.cluster_id.as_str()) {
-                md.insert("clusterid", v);
-            }
+        if let Some(v) = &self.cluster_id_header {
+            md.insert("clusterid", v.clone());
         }
         for (k, v) in &self.headers {
             md.insert(k.clone(), v.clone());

@@ -272,3 +272,71 @@ pub fn parse_certificate_chain(
         not_after,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::config::ControlPlaneAddress;
+
+    fn cert(not_before: SystemTime, not_after: SystemTime) -> WorkloadCertificate {
+        WorkloadCertificate {
+            chain: vec![],
+            private_key: vec![],
+            roots: vec![],
+            identity: SpiffeId::new("cluster.local", "ns", "sa"),
+            not_before,
+            not_after,
+        }
+    }
+
+    async fn manager() -> SecretManager {
+        let addr = ControlPlaneAddress {
+            address: "127.0.0.1:1".into(),
+            tls: false,
+            root_cert: None,
+            server_name: None,
+        };
+        let client = CaClient::connect(&addr, None, String::new(), vec![])
+            .await
+            .unwrap();
+        SecretManager::new(
+            client,
+            SpiffeId::new("cluster.local", "ns", "sa"),
+            Duration::from_secs(100),
+            CertStore::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn rotation_time_uses_fetch_time_and_ratio() {
+        let sm = manager().await.with_grace_period_ratio(0.5, 0.0);
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        // istiod backdates notBefore by 2 minutes; pilot-agent measures from fetch time.
+        let c = cert(t0 - Duration::from_secs(120), t0 + Duration::from_secs(100));
+        *sm.fetched_at.lock().unwrap() = Some(t0);
+        assert_eq!(sm.rotation_time(&c), t0 + Duration::from_secs(50));
+        // Unknown fetch time: fall back to notBefore.
+        *sm.fetched_at.lock().unwrap() = None;
+        assert_eq!(sm.rotation_time(&c), t0 - Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn rotation_time_jitter_stays_within_bounds() {
+        let sm = manager().await;
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let c = cert(t0, t0 + Duration::from_secs(10_000));
+        for _ in 0..100 {
+            let at = sm.rotation_time(&c).duration_since(t0).unwrap();
+            assert!(
+                at >= Duration::from_secs(4900) && at <= Duration::from_secs(5100),
+                "{at:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn chain_must_have_leaf_and_root() {
+        let err = parse_certificate_chain(&["not pem".to_owned()], vec![]).unwrap_err();
+        assert!(matches!(err, CaError::InvalidCertificate(_)), "{err:?}");
+    }
+}

@@ -6,8 +6,8 @@
 //! `authorization: Bearer <token>` (missing or invalid → `Unauthenticated` "request
 //! authenticate failure"), the issued SAN is the token's identity (the CSR's SANs are ignored;
 //! its signature is checked), leaves get KeyUsage DigitalSignature|KeyEncipherment, EKU
-//! serverAuth+clientAuth, `notBefore = now − 2 min`, `notAfter = now + ttl` (ttl ≤ 0 → 24h,
-//! > 90d → error), a critical URI SAN and an empty subject, and the response is
+//! serverAuth+clientAuth, `notBefore = now − 2 min`, `notAfter = now + ttl` (ttl ≤ 0 → 24h;
+//! more than 90d → error), a critical URI SAN and an empty subject, and the response is
 //! `[leaf, root]`, each PEM ending in `"\n"`.
 
 use std::sync::atomic::{AtomicBool, Ordering};

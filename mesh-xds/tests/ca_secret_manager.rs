@@ -1,0 +1,182 @@
+//! SecretManager against a real tonic server serving the testkit CA.
+
+mod ca_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ca_support::{Scratch, serve_ca};
+use mesh_core::{CertStore, SpiffeId, WorkloadCertificate};
+use mesh_xds::ca::{CaClient, CaError, SecretManager};
+use mesh_xds::testkit::ca::TestCa;
+
+struct Fixture {
+    ca: TestCa,
+    _scratch: Scratch,
+    client: CaClient,
+    identity: SpiffeId,
+}
+
+async fn fixture(token_sa: &str) -> Fixture {
+    let ca = TestCa::new("cluster.local");
+    let scratch = Scratch::new();
+    let root = scratch.write("root-cert.pem", &ca.root_pem());
+    let addr = serve_ca(&ca, true, Some(root)).await;
+    let token = scratch.write("istio-token", &ca.token_for("prod", token_sa));
+    let client = CaClient::connect(&addr, Some(token), "Kubernetes".into(), vec![])
+        .await
+        .unwrap();
+    Fixture {
+        ca,
+        _scratch: scratch,
+        client,
+        identity: SpiffeId::new("cluster.local", "prod", "reviews"),
+    }
+}
+
+/// Waits (bounded) until the store holds a certificate whose leaf differs from `old`.
+async fn wait_for_new_leaf(
+    store: &CertStore,
+    old: &[u8],
+    limit: Duration,
+) -> Arc<WorkloadCertificate> {
+    let mut rx = store.subscribe();
+    tokio::time::timeout(limit, async {
+        loop {
+            if let Some(c) = store.current().filter(|c| c.chain[0] != old) {
+                return c;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("no new certificate in time")
+}
+
+#[tokio::test]
+async fn fetch_once_installs_a_verified_certificate() {
+    let f = fixture("reviews").await;
+    let store = CertStore::new();
+    let sm = SecretManager::new(
+        f.client.clone(),
+        f.identity.clone(),
+        Duration::from_secs(3600),
+        store.clone(),
+    );
+    let cert = tokio::time::timeout(Duration::from_secs(20), sm.fetch_once())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cert.identity, f.identity);
+    assert_eq!(cert.chain.len(), 1, "chain without the root");
+    assert_eq!(cert.roots, vec![f.ca.root_der()]);
+    let life = cert.not_after.duration_since(cert.not_before).unwrap();
+    assert_eq!(life, Duration::from_secs(3600 + 120));
+    let stored = store.current().expect("installed into the store");
+    assert_eq!(stored.chain, cert.chain);
+    // The private key belongs to the leaf.
+    let key = rustls::crypto::ring::sign::any_supported_type(
+        &rustls_pki_types::PrivateKeyDer::Pkcs8(cert.private_key.clone().into()),
+    )
+    .unwrap();
+    rustls::sign::CertifiedKey::new(vec![cert.chain[0].clone().into()], key)
+        .keys_match()
+        .unwrap();
+    // Each fetch uses a fresh key.
+    let again = sm.fetch_once().await.unwrap();
+    assert_ne!(again.private_key, cert.private_key);
+    assert_ne!(again.chain[0], cert.chain[0]);
+}
+
+#[tokio::test]
+async fn certificate_for_another_identity_is_refused() {
+    // The token authenticates sa "ratings", but this workload is "reviews".
+    let f = fixture("ratings").await;
+    let store = CertStore::new();
+    let sm = SecretManager::new(
+        f.client,
+        f.identity,
+        Duration::from_secs(600),
+        store.clone(),
+    );
+    let err = sm.fetch_once().await.unwrap_err();
+    match &err {
+        CaError::IdentityMismatch { requested, issued } => {
+            assert_eq!(requested, "spiffe://cluster.local/ns/prod/sa/reviews");
+            assert_eq!(issued, "spiffe://cluster.local/ns/prod/sa/ratings");
+        }
+        other => panic!("expected IdentityMismatch, got {other:?}"),
+    }
+    assert!(store.current().is_none());
+}
+
+#[tokio::test]
+async fn run_fetches_then_rotates_at_half_life() {
+    let f = fixture("reviews").await;
+    let store = CertStore::new();
+    let sm = SecretManager::new(
+        f.client.clone(),
+        f.identity.clone(),
+        Duration::from_secs(4),
+        store.clone(),
+    );
+    let task = tokio::spawn(sm.run());
+    tokio::time::timeout(Duration::from_secs(20), store.loaded())
+        .await
+        .unwrap();
+    let first = store.current().unwrap();
+    let second = wait_for_new_leaf(&store, &first.chain[0], Duration::from_secs(20)).await;
+    assert_eq!(second.identity, f.identity);
+    assert_ne!(second.private_key, first.private_key);
+    // It rotated before the first certificate expired (at about half its 4s lifetime).
+    assert!(
+        std::time::SystemTime::now() < first.not_after,
+        "rotation should happen before expiry"
+    );
+    let requests = f.ca.requests();
+    assert!(requests.len() >= 2);
+    assert!(requests.iter().all(|r| r.validity_duration == 4));
+    task.abort();
+}
+
+#[tokio::test]
+async fn ca_outage_keeps_the_current_certificate_then_recovers() {
+    let f = fixture("reviews").await;
+    let store = CertStore::new();
+    let sm = SecretManager::new(
+        f.client.clone(),
+        f.identity.clone(),
+        Duration::from_secs(6),
+        store.clone(),
+    )
+    .with_backoff(Duration::from_millis(50), Duration::from_millis(200));
+    let first = sm.fetch_once().await.unwrap();
+    f.ca.set_failing(true);
+    let task = tokio::spawn(sm.run());
+
+    // Wait (bounded) until the manager has tried and failed several times.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let failures =
+                f.ca.requests()
+                    .iter()
+                    .filter(|r| r.outcome == tonic::Code::Unavailable)
+                    .count();
+            if failures >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the manager should retry while the CA is down");
+    let kept = store
+        .current()
+        .expect("a CA failure never clears the store");
+    assert_eq!(kept.chain, first.chain, "the current certificate is kept");
+
+    f.ca.set_failing(false);
+    let renewed = wait_for_new_leaf(&store, &first.chain[0], Duration::from_secs(20)).await;
+    assert_eq!(renewed.identity, f.identity);
+    task.abort();
+}
