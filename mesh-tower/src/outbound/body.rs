@@ -1,0 +1,155 @@
+//! The response body the outbound service returns: the upstream's body, or a local reply.
+//! When it ends, the HTTP/1.1 connection goes back to its pool and the request's metrics are
+//! recorded.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::pool::{BoxError, Checkin};
+use super::telemetry::Record;
+
+/// The body of every response [`Outbound`](super::Outbound) returns.
+pub struct OutboundBody {
+    kind: Kind,
+    checkin: Option<Checkin>,
+    record: Option<Record>,
+    response_bytes: u64,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Incoming(Incoming),
+}
+
+impl std::fmt::Debug for OutboundBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.kind {
+            Kind::Full(_) => "local",
+            Kind::Incoming(_) => "upstream",
+        };
+        f.debug_struct("OutboundBody")
+            .field("kind", &kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OutboundBody {
+    /// A complete body (used for Envoy's local replies).
+    pub(crate) fn full(bytes: Bytes, record: Option<Record>) -> Self {
+        OutboundBody {
+            kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+            checkin: None,
+            record,
+            response_bytes: 0,
+        }
+    }
+
+    /// The upstream's body; `checkin` returns its connection to the pool when it ends.
+    pub(crate) fn upstream(
+        body: Incoming,
+        checkin: Option<Checkin>,
+        record: Option<Record>,
+    ) -> Self {
+        let mut b = OutboundBody {
+            kind: Kind::Incoming(body),
+            checkin,
+            record,
+            response_bytes: 0,
+        };
+        if Body::is_end_stream(&b) {
+            b.finish();
+        }
+        b
+    }
+
+    /// An empty body that records nothing.
+    pub fn empty() -> Self {
+        OutboundBody::full(Bytes::new(), None)
+    }
+
+    fn finish(&mut self) {
+        if let Some(c) = self.checkin.take() {
+            c.release();
+        }
+        if let Some(r) = self.record.take() {
+            r.finish(self.response_bytes);
+        }
+    }
+}
+
+impl Body for OutboundBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match &mut this.kind {
+            Kind::Full(b) => {
+                let out = b.take();
+                if let Some(b) = &out {
+                    this.response_bytes += b.len() as u64;
+                }
+                this.finish();
+                Poll::Ready(out.map(|b| Ok(Frame::data(b))))
+            }
+            Kind::Incoming(inc) => match ready!(Pin::new(&mut *inc).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(d) = frame.data_ref() {
+                        this.response_bytes += d.len() as u64;
+                    } else if let Some(t) = frame.trailers_ref()
+                        && let Some(r) = this.record.as_mut()
+                        && r.grpc
+                    {
+                        r.grpc_status = super::grpc_status(t);
+                    }
+                    if inc.is_end_stream() {
+                        this.finish();
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Some(Err(e)) => {
+                    // The connection is not reusable after a body error.
+                    this.checkin = None;
+                    this.finish();
+                    Poll::Ready(Some(Err(e.into())))
+                }
+                None => {
+                    this.finish();
+                    Poll::Ready(None)
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Incoming(i) => i.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Incoming(i) => i.size_hint(),
+        }
+    }
+}
+
+impl Drop for OutboundBody {
+    fn drop(&mut self) {
+        // A body dropped before its end leaves the HTTP/1.1 connection mid-response: do not
+        // reuse it. The request is still recorded.
+        self.checkin = None;
+        if let Some(r) = self.record.take() {
+            r.finish(self.response_bytes);
+        }
+    }
+}

@@ -1,0 +1,782 @@
+//! Outbound: route → cluster → endpoint → pooled connection, with Istio auto-mTLS.
+//!
+//! [`Outbound`] is what the application's HTTP client calls instead of going through Envoy's
+//! outbound listener. Per request it loads the current [`Snapshot`](mesh_core::Snapshot) once,
+//! routes on the authority and port, picks an endpoint round-robin, and sends the request over
+//! a pooled connection: plaintext, or Istio mTLS (`istio-http/1.1` / `istio-h2` ALPN, SNI
+//! `outbound_.<port>_.<subset>_.<fqdn>`) when the endpoint's `tlsMode` is `istio`.
+//!
+//! Like Envoy, it always answers: failures become Envoy's local replies (same status, body
+//! and [`ResponseFlag`] in the response extensions), e.g. `NR` 404, `UH` 503
+//! `no healthy upstream`, `UF` 503 `upstream connect error or disconnect/reset before
+//! headers. reset reason: connection failure`, `UT` 504 `upstream request timeout`.
+//!
+//! Retries and outlier detection are not applied yet: the seam is [`Outbound`]'s private
+//! `forward` step, which sends one attempt and maps its failure to a local reply.
+
+mod body;
+mod pool;
+mod telemetry;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use mesh_core::cluster::{Cluster, ClusterDiscovery, UpstreamProtocol, UpstreamTls};
+use mesh_core::endpoint::{EndpointSet, EndpointTlsMode, WorkloadMetadata};
+use mesh_core::flags::ResponseFlag;
+use mesh_core::resolve::Resolve;
+use mesh_core::snapshot::RouteDecision;
+use mesh_core::telemetry::{DestinationService, WorkloadLabels};
+use mesh_core::{CertStore, NodeIdentity, SnapshotCell};
+use rustls_pki_types::ServerName;
+use tokio::sync::watch;
+
+pub use body::OutboundBody;
+pub use pool::BoxError;
+
+use pool::{ConnectError, ConnectParams, HostPool, Proto, ReqBody, SendError, TlsTarget};
+use telemetry::{LabelBase, Record};
+
+/// Envoy's local reply body for `UH`.
+pub const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
+/// Envoy's local reply body for `UT`.
+pub const UPSTREAM_REQUEST_TIMEOUT: &str = "upstream request timeout";
+/// Envoy's local reply body prefix for `UF` / `UC`.
+pub const UPSTREAM_RESET_PREFIX: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: ";
+
+/// ALPN Envoy's `istio.alpn` filter offers for HTTP/1.1 over Istio mTLS.
+const ALPN_ISTIO_HTTP11: &[&[u8]] = &[b"istio-http/1.1", b"istio", b"http/1.1"];
+/// ALPN Envoy's `istio.alpn` filter offers for HTTP/2 over Istio mTLS.
+const ALPN_ISTIO_H2: &[&[u8]] = &[b"istio-h2", b"istio", b"h2"];
+
+/// A convenience call ([`Outbound::get`], [`Outbound::post`]) failed. Routing failures are
+/// not errors: they are Envoy's local replies.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    /// The request could not be built (bad URI).
+    #[error("invalid request: {0}")]
+    Request(#[from] http::Error),
+    /// The response body failed while being read.
+    #[error("reading the response body: {0}")]
+    Body(#[source] BoxError),
+}
+
+/// The outbound request path as a Tower service. Cheap to clone; clones share pools.
+#[derive(Clone)]
+pub struct Outbound {
+    inner: Arc<Inner>,
+    resolver: Option<Arc<dyn Resolve>>,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("clusters", &self.inner.clusters.load().len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    cell: SnapshotCell,
+    certs: CertStore,
+    cert_version: watch::Receiver<u64>,
+    source: Arc<WorkloadLabels>,
+    clusters: ArcSwap<HashMap<String, Arc<ClusterState>>>,
+    clusters_write: Mutex<()>,
+    /// Labels of local replies given before an upstream host was chosen.
+    no_host: Arc<LabelBase>,
+}
+
+/// Per-cluster state that outlives snapshots while the cluster is unchanged: host pools and
+/// the cached TLS configurations.
+struct ClusterState {
+    cluster: Arc<Cluster>,
+    service: Option<DestinationService>,
+    hosts: ArcSwap<HashMap<(SocketAddr, bool), Arc<HostPool>>>,
+    hosts_write: Mutex<()>,
+    tls: Mutex<Vec<TlsCacheEntry>>,
+}
+
+struct TlsCacheEntry {
+    istio: bool,
+    proto: Proto,
+    cert_version: u64,
+    target: Arc<TlsTarget>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Outbound {
+    /// The outbound path over the snapshots published in `cell`, presenting the workload
+    /// certificate from `certs`, reporting metrics as `node`.
+    pub fn new(cell: SnapshotCell, certs: CertStore, node: NodeIdentity) -> Self {
+        let source = Arc::new(WorkloadLabels::from_node(&node));
+        let cert_version = certs.subscribe();
+        Outbound {
+            inner: Arc::new(Inner {
+                cell,
+                certs,
+                cert_version,
+                no_host: Arc::new(LabelBase::new(
+                    source.clone(),
+                    WorkloadLabels::default(),
+                    None,
+                )),
+                source,
+                clusters: ArcSwap::from_pointee(HashMap::new()),
+                clusters_write: Mutex::new(()),
+            }),
+            resolver: None,
+        }
+    }
+
+    /// Resolves hosts of `PassthroughCluster` requests with `resolver` (e.g. mesh-dns) instead
+    /// of the system resolver.
+    pub fn with_resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
+        self.resolver = Some(resolver);
+        self
+    }
+
+    /// `GET uri`, with the whole response body collected.
+    pub async fn get(&self, uri: impl AsRef<str>) -> Result<Response<Bytes>, OutboundError> {
+        let req = Request::get(uri.as_ref()).body(http_body_util::Empty::<Bytes>::new())?;
+        collect(self.request(req).await).await
+    }
+
+    /// `POST uri` with `body`, with the whole response body collected.
+    pub async fn post(
+        &self,
+        uri: impl AsRef<str>,
+        body: Bytes,
+    ) -> Result<Response<Bytes>, OutboundError> {
+        let req = Request::post(uri.as_ref()).body(http_body_util::Full::new(body))?;
+        collect(self.request(req).await).await
+    }
+
+    /// Sends one request and returns the upstream's response or Envoy's local reply.
+    pub async fn request<B>(&self, req: Request<B>) -> Response<OutboundBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = req.into_parts();
+        let body: ReqBody = body.map_err(Into::into).boxed_unsync();
+        self.handle(parts, body).await
+    }
+
+    async fn handle(
+        &self,
+        mut parts: http::request::Parts,
+        body: ReqBody,
+    ) -> Response<OutboundBody> {
+        let start = Instant::now();
+        let authority = AuthorityBuf::of(&parts);
+        let host = authority.as_str();
+        let port = authority_port(host)
+            .or_else(|| parts.uri.port_u16())
+            .unwrap_or(80);
+        let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let grpc = is_grpc(&parts.headers);
+
+        let decision = {
+            let snapshot = self.inner.cell.load_guard();
+            snapshot.route_outbound(host, port, path, &parts.headers)
+        };
+        let (cluster, endpoints, timeout) = match decision {
+            RouteDecision::Respond {
+                status,
+                body: text,
+                flag,
+                location,
+            } => {
+                let record = self.record(
+                    &self.inner.no_host,
+                    start,
+                    host,
+                    grpc,
+                    &parts.headers,
+                    &body,
+                );
+                return local_reply(status, text.map(Bytes::from), flag, location, record);
+            }
+            RouteDecision::Forward {
+                cluster,
+                endpoints,
+                timeout,
+                ..
+            } => (cluster, endpoints, timeout),
+        };
+        let state = self.inner.cluster_state(&cluster);
+
+        // Pick the upstream host.
+        let picked = match (&cluster.discovery, &endpoints) {
+            (ClusterDiscovery::OriginalDestination, _) => self
+                .original_destination(host, port)
+                .await
+                .map(|addr| (addr, EndpointTlsMode::Disabled, None)),
+            (_, Some(set)) => set
+                .pick_round_robin()
+                .map(|ep| (ep.address, ep.tls_mode, Some((ep.workload.as_ref(), set)))),
+            (_, None) => None,
+        };
+        let Some((addr, tls_mode, ep_info)) = picked else {
+            let record = self.record(
+                &self.inner.no_host,
+                start,
+                host,
+                grpc,
+                &parts.headers,
+                &body,
+            );
+            return local_reply(
+                503,
+                Some(Bytes::from_static(NO_HEALTHY_UPSTREAM.as_bytes())),
+                ResponseFlag::NoHealthyUpstream,
+                None,
+                record,
+            );
+        };
+        let upstream_tls = match cluster.discovery {
+            ClusterDiscovery::OriginalDestination => None,
+            _ => cluster.tls_for(tls_mode),
+        };
+        let (workload, set) = match ep_info {
+            Some((w, set)) => (w, Some(set.as_ref())),
+            None => (None, None),
+        };
+        let host_pool = self
+            .inner
+            .host_pool(&state, addr, upstream_tls.is_some(), workload, set);
+
+        let proto = match cluster.protocol {
+            UpstreamProtocol::Http1 => Proto::Http1,
+            UpstreamProtocol::Http2 => Proto::Http2,
+            UpstreamProtocol::UseDownstream if parts.version == Version::HTTP_2 => Proto::Http2,
+            UpstreamProtocol::UseDownstream => Proto::Http1,
+        };
+
+        let mut record = self.record(&host_pool.labels, start, host, grpc, &parts.headers, &body);
+        if let Err(e) = prepare(&mut parts, &authority, proto) {
+            tracing::debug!(error = %e, "cannot forward request");
+            return local_reply(404, None, ResponseFlag::NoRouteFound, None, record);
+        }
+        drop(authority);
+        let req = Request::from_parts(parts, body);
+
+        let tls_source = |tls: &UpstreamTls| {
+            let inner = self.inner.clone();
+            let state = state.clone();
+            let tls = tls.clone();
+            move || {
+                inner.tls_target(
+                    &state,
+                    &tls,
+                    tls_mode == EndpointTlsMode::Istio,
+                    proto,
+                    addr,
+                )
+            }
+        };
+        let tls_fn = upstream_tls.map(tls_source);
+        let params = ConnectParams {
+            tls: tls_fn
+                .as_ref()
+                .map(|f| f as &(dyn Fn() -> Result<Arc<TlsTarget>, ConnectError> + Send + Sync)),
+            timeout: cluster.connect_timeout,
+        };
+
+        // The seam for retries and outlier detection: one attempt today.
+        let send = host_pool.send(req, proto, &params);
+        let result = match timeout {
+            Some(t) => match tokio::time::timeout(t, send).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return local_reply(
+                        504,
+                        Some(Bytes::from_static(UPSTREAM_REQUEST_TIMEOUT.as_bytes())),
+                        ResponseFlag::UpstreamRequestTimeout,
+                        None,
+                        record,
+                    );
+                }
+            },
+            None => send.await,
+        };
+        match result {
+            Ok((resp, peer, checkin)) => {
+                let (mut parts, incoming) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                if let Some(r) = record.as_mut() {
+                    r.code = parts.status.as_u16();
+                    r.principal = peer;
+                    if r.grpc {
+                        r.grpc_status = grpc_status(&parts.headers);
+                    }
+                }
+                parts.extensions.insert(ResponseFlag::None);
+                let body = OutboundBody::upstream(incoming, checkin, record);
+                Response::from_parts(parts, body)
+            }
+            Err(SendError::Connect(e)) => {
+                tracing::debug!(cluster = %cluster.name, error = %e, "upstream connection failure");
+                let mut text = String::from(UPSTREAM_RESET_PREFIX);
+                text.push_str("connection failure");
+                if let Some(reason) = e.transport_failure_reason() {
+                    text.push_str(", transport failure reason: ");
+                    text.push_str(&reason);
+                }
+                local_reply(
+                    503,
+                    Some(Bytes::from(text)),
+                    ResponseFlag::UpstreamConnectionFailure,
+                    None,
+                    record,
+                )
+            }
+            Err(SendError::Reset(e)) => {
+                tracing::debug!(cluster = %cluster.name, error = %e, "upstream reset before response headers");
+                let text = format!("{UPSTREAM_RESET_PREFIX}connection termination");
+                local_reply(
+                    503,
+                    Some(Bytes::from(text)),
+                    ResponseFlag::UpstreamConnectionTermination,
+                    None,
+                    record,
+                )
+            }
+        }
+    }
+
+    fn record(
+        &self,
+        labels: &Arc<LabelBase>,
+        start: Instant,
+        host: &str,
+        grpc: bool,
+        headers: &HeaderMap,
+        body: &impl http_body::Body,
+    ) -> Option<Record> {
+        Some(Record {
+            start,
+            labels: labels.clone(),
+            host: labels.needs_host().then(|| Box::from(host)),
+            principal: None,
+            code: 0,
+            flag: ResponseFlag::None,
+            grpc,
+            grpc_status: None,
+            request_bytes: headers_size(headers) + body.size_hint().exact().unwrap_or(0),
+        })
+    }
+
+    /// `PassthroughCluster`: where the application asked to go.
+    async fn original_destination(&self, host: &str, port: u16) -> Option<SocketAddr> {
+        let name = telemetry::strip_port(host);
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            return Some(SocketAddr::new(ip, port));
+        }
+        match &self.resolver {
+            Some(r) => match r.resolve(name).await {
+                Ok(ips) => ips.first().map(|ip| SocketAddr::new(*ip, port)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "passthrough destination not resolvable");
+                    None
+                }
+            },
+            None => match tokio::net::lookup_host((name, port)).await {
+                Ok(mut addrs) => addrs.next(),
+                Err(e) => {
+                    tracing::debug!(host = name, error = %e, "passthrough destination not resolvable");
+                    None
+                }
+            },
+        }
+    }
+}
+
+impl Inner {
+    fn cluster_state(&self, cluster: &Arc<Cluster>) -> Arc<ClusterState> {
+        if let Some(s) = self.clusters.load().get(cluster.name.as_str())
+            && (Arc::ptr_eq(&s.cluster, cluster) || *s.cluster == **cluster)
+        {
+            return s.clone();
+        }
+        let _w = lock(&self.clusters_write);
+        let current = self.clusters.load();
+        if let Some(s) = current.get(cluster.name.as_str())
+            && (Arc::ptr_eq(&s.cluster, cluster) || *s.cluster == **cluster)
+        {
+            return s.clone();
+        }
+        let state = Arc::new(ClusterState {
+            cluster: cluster.clone(),
+            service: cluster.service.as_ref().map(|s| DestinationService {
+                host: s.host.clone(),
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+            }),
+            hosts: ArcSwap::from_pointee(HashMap::new()),
+            hosts_write: Mutex::new(()),
+            tls: Mutex::new(Vec::new()),
+        });
+        // Drop the state of clusters the current snapshot no longer has.
+        let snapshot = self.cell.load();
+        let mut next: HashMap<String, Arc<ClusterState>> = current
+            .iter()
+            .filter(|(name, _)| snapshot.clusters.contains_key(name.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        next.insert(cluster.name.clone(), state.clone());
+        self.clusters.store(Arc::new(next));
+        state
+    }
+
+    fn host_pool(
+        &self,
+        state: &ClusterState,
+        addr: SocketAddr,
+        tls: bool,
+        workload: Option<&WorkloadMetadata>,
+        set: Option<&EndpointSet>,
+    ) -> Arc<HostPool> {
+        let key = (addr, tls);
+        if let Some(h) = state.hosts.load().get(&key)
+            && h.workload.as_ref() == workload
+        {
+            return h.clone();
+        }
+        let _w = lock(&state.hosts_write);
+        let current = state.hosts.load();
+        if let Some(h) = current.get(&key)
+            && h.workload.as_ref() == workload
+        {
+            return h.clone();
+        }
+        let labels = Arc::new(LabelBase::new(
+            self.source.clone(),
+            telemetry::destination_labels(workload),
+            state.service.clone(),
+        ));
+        let pool = Arc::new(HostPool::new(addr, workload.cloned(), labels));
+        let mut next: HashMap<(SocketAddr, bool), Arc<HostPool>> = match set {
+            // Drop hosts the endpoint set no longer has.
+            Some(set) => current
+                .iter()
+                .filter(|((a, _), _)| set.endpoints.iter().any(|e| e.address == *a))
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
+            // Original destination: keep a bounded number of hosts.
+            None if current.len() >= 256 => HashMap::new(),
+            None => (**current).clone(),
+        };
+        next.insert(key, pool.clone());
+        state.hosts.store(Arc::new(next));
+        pool
+    }
+
+    /// The TLS configuration for new connections of this cluster, rebuilt only when the
+    /// workload certificate changed.
+    fn tls_target(
+        &self,
+        state: &ClusterState,
+        tls: &UpstreamTls,
+        istio: bool,
+        proto: Proto,
+        addr: SocketAddr,
+    ) -> Result<Arc<TlsTarget>, ConnectError> {
+        let version = *self.cert_version.borrow();
+        let mut cache = lock(&state.tls);
+        if let Some(e) = cache
+            .iter()
+            .find(|e| e.istio == istio && e.proto == proto && e.cert_version == version)
+        {
+            return Ok(e.target.clone());
+        }
+        // Envoy's istio.alpn filter overrides the ALPN of HTTP traffic over Istio mTLS.
+        let istio_alpn = istio
+            || tls
+                .alpn
+                .iter()
+                .any(|a| a == "istio" || a == "istio-peer-exchange");
+        let alpn = match (istio_alpn, proto) {
+            (false, _) => None,
+            (true, Proto::Http1) => Some(ALPN_ISTIO_HTTP11),
+            (true, Proto::Http2) => Some(ALPN_ISTIO_H2),
+        };
+        let config = crate::tls::client_config(&self.certs, tls, alpn)
+            .map_err(|source| ConnectError::TlsConfig { addr, source })?;
+        let server_name = if tls.sni.is_empty() {
+            ServerName::IpAddress(addr.ip().into())
+        } else {
+            ServerName::try_from(tls.sni.clone()).map_err(|e| ConnectError::TlsConfig {
+                addr,
+                source: crate::tls::TlsError::Rustls(rustls::Error::General(format!(
+                    "invalid SNI {:?}: {e}",
+                    tls.sni
+                ))),
+            })?
+        };
+        let target = Arc::new(TlsTarget {
+            config,
+            server_name,
+            tls: tls.clone(),
+        });
+        cache.retain(|e| !(e.istio == istio && e.proto == proto));
+        cache.push(TlsCacheEntry {
+            istio,
+            proto,
+            cert_version: version,
+            target: target.clone(),
+        });
+        Ok(target)
+    }
+}
+
+impl<B> tower::Service<Request<B>> for Outbound
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<OutboundBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<OutboundBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.request(req).await) })
+    }
+}
+
+async fn collect(resp: Response<OutboundBody>) -> Result<Response<Bytes>, OutboundError> {
+    let (parts, body) = resp.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(OutboundError::Body)?
+        .to_bytes();
+    Ok(Response::from_parts(parts, bytes))
+}
+
+/// The request's authority: the `Host` header as the application sent it, else the URI's.
+enum AuthorityBuf {
+    Header(HeaderValue),
+    Uri(Authority),
+    None,
+}
+
+impl AuthorityBuf {
+    fn of(parts: &http::request::Parts) -> Self {
+        if let Some(h) = parts.headers.get(header::HOST)
+            && h.to_str().is_ok()
+        {
+            return AuthorityBuf::Header(h.clone());
+        }
+        match parts.uri.authority() {
+            Some(a) => AuthorityBuf::Uri(a.clone()),
+            None => AuthorityBuf::None,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            AuthorityBuf::Header(h) => h.to_str().unwrap_or(""),
+            AuthorityBuf::Uri(a) => a.as_str(),
+            AuthorityBuf::None => "",
+        }
+    }
+}
+
+/// The port in `host:port`, if any.
+fn authority_port(authority: &str) -> Option<u16> {
+    let (h, p) = authority.rsplit_once(':')?;
+    if h.contains(':') && !h.ends_with(']') {
+        return None;
+    }
+    p.parse().ok()
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Approximate wire size of a header block (what Istio's byte histograms count on top of
+/// the body).
+fn headers_size(headers: &HeaderMap) -> u64 {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+        .sum()
+}
+
+/// Headers that only concern one hop (RFC 9110 §7.6.1) and that Envoy removes.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.is_empty() {
+        return;
+    }
+    if let Some(c) = headers.get(header::CONNECTION) {
+        let named: Vec<HeaderName> = c
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for h in &HOP_BY_HOP {
+        if h == header::TE {
+            // `te: trailers` is end-to-end in gRPC and Envoy keeps it.
+            let keep = headers
+                .get(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+            if keep {
+                continue;
+            }
+        }
+        headers.remove(h);
+    }
+}
+
+/// Shapes the request for the upstream protocol: hop-by-hop headers removed; HTTP/1.1 gets
+/// origin-form and a `Host` header (kept as the application sent it), HTTP/2 an absolute URI
+/// whose authority becomes `:authority`.
+fn prepare(
+    parts: &mut http::request::Parts,
+    authority: &AuthorityBuf,
+    proto: Proto,
+) -> Result<(), http::Error> {
+    strip_hop_by_hop(&mut parts.headers);
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    match proto {
+        Proto::Http1 => {
+            parts.version = Version::HTTP_11;
+            if !parts.headers.contains_key(header::HOST) {
+                let v = HeaderValue::from_str(authority.as_str()).map_err(http::Error::from)?;
+                parts.headers.insert(header::HOST, v);
+            }
+            if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+                parts.uri = Uri::from(pq);
+            }
+        }
+        Proto::Http2 => {
+            parts.version = Version::HTTP_2;
+            let a = match authority {
+                AuthorityBuf::Uri(a) => a.clone(),
+                AuthorityBuf::Header(h) => Authority::try_from(h.as_bytes())?,
+                AuthorityBuf::None => Authority::from_static("localhost"),
+            };
+            parts.uri = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(a)
+                .path_and_query(pq)
+                .build()?;
+            parts.headers.remove(header::HOST);
+        }
+    }
+    Ok(())
+}
+
+/// Envoy's local reply: status, optional `text/plain` body, the flag in the extensions.
+fn local_reply(
+    status: u16,
+    body: Option<Bytes>,
+    flag: ResponseFlag,
+    location: Option<String>,
+    mut record: Option<Record>,
+) -> Response<OutboundBody> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if let Some(r) = record.as_mut() {
+        r.code = status.as_u16();
+        r.flag = flag;
+    }
+    let body = body.unwrap_or_default();
+    let mut resp = Response::new(OutboundBody::full(body.clone(), record));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if !body.is_empty() {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    if let Some(l) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        h.insert(header::LOCATION, l);
+    }
+    resp.extensions_mut().insert(flag);
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_ports() {
+        assert_eq!(authority_port("a:9080"), Some(9080));
+        assert_eq!(authority_port("a"), None);
+        assert_eq!(authority_port("[::1]:80"), Some(80));
+        assert_eq!(authority_port("[::1]"), None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-private").is_none() && h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get("x-app").unwrap(), "kept");
+    }
+}

@@ -1,0 +1,479 @@
+//! Upstream connections: TCP (+ Istio mTLS) connect, and the per-host pools.
+//!
+//! One [`HostPool`] per (cluster, endpoint address, TLS mode). HTTP/1.1 connections are
+//! checked out of a bounded idle list and checked back in when the response body ends; HTTP/2
+//! shares one multiplexed connection per host, replaced when it closes.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_core::cluster::UpstreamTls;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::telemetry::LabelBase;
+
+/// Boxed error type of request and response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body every pooled connection carries.
+pub(crate) type ReqBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Idle HTTP/1.1 connections kept per host.
+const MAX_IDLE_PER_HOST: usize = 128;
+
+/// The protocol spoken to the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Proto {
+    Http1,
+    Http2,
+}
+
+/// What TLS to originate towards a host.
+#[derive(Clone, Debug)]
+pub(crate) struct TlsTarget {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: ServerName<'static>,
+    pub tls: UpstreamTls,
+}
+
+/// Why a connection could not be made. Every variant is Envoy's `UF`.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    /// TCP connect failed.
+    #[error("connect to {addr}: {source}")]
+    Tcp {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    /// Connect (TCP + TLS) took longer than the cluster's connect timeout.
+    #[error("connect to {addr}: timed out after {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    /// The TLS configuration could not be built.
+    #[error("TLS configuration for {addr}: {source}")]
+    TlsConfig {
+        addr: SocketAddr,
+        #[source]
+        source: crate::tls::TlsError,
+    },
+    /// The TLS handshake failed.
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+        verify_failed: bool,
+    },
+    /// The peer's identity is not one the cluster accepts.
+    #[error(
+        "peer {addr} presented {presented:?}, which matches none of the cluster's subject alt names"
+    )]
+    PeerRejected {
+        addr: SocketAddr,
+        presented: Vec<String>,
+    },
+    /// The HTTP handshake (h2 preface / settings) failed.
+    #[error("HTTP handshake with {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+impl ConnectError {
+    /// Envoy's transport failure reason for the local reply body, if it gives one.
+    pub(crate) fn transport_failure_reason(&self) -> Option<String> {
+        match self {
+            ConnectError::Tls {
+                verify_failed: true, ..
+            }
+            | ConnectError::PeerRejected { .. } => Some(
+                "TLS_error:|268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:TLS_error_end"
+                    .to_owned(),
+            ),
+            ConnectError::Tls { source, .. } => {
+                Some(format!("TLS_error:|{source}:TLS_error_end"))
+            }
+            ConnectError::TlsConfig { source, .. } => {
+                Some(format!("TLS_error:|{source}:TLS_error_end"))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A connection's byte stream: plain TCP or TLS over TCP.
+pub(crate) enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Opens TCP (and TLS when `tls` is set) to `addr` within `timeout`. Returns the stream and
+/// the peer's principal (its SPIFFE ID, or first URI SAN) for mTLS connections.
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    tls: Option<&TlsTarget>,
+    timeout: Duration,
+) -> Result<(Io, Option<Arc<str>>), ConnectError> {
+    let fut = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ConnectError::Tcp { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let Some(t) = tls else {
+            return Ok((Io::Plain(tcp), None));
+        };
+        let connector = tokio_rustls::TlsConnector::from(t.config.clone());
+        let stream = connector
+            .connect(t.server_name.clone(), tcp)
+            .await
+            .map_err(|source| {
+                let verify_failed = source
+                    .get_ref()
+                    .and_then(|e| e.downcast_ref::<rustls::Error>())
+                    .is_some_and(|e| {
+                        matches!(
+                            e,
+                            rustls::Error::InvalidCertificate(_)
+                                | rustls::Error::NoCertificatesPresented
+                        )
+                    });
+                ConnectError::Tls {
+                    addr,
+                    source,
+                    verify_failed,
+                }
+            })?;
+        let peer = match stream.get_ref().1.peer_certificates() {
+            Some(chain) if !chain.is_empty() => {
+                let id = crate::tls::peer_identity(chain);
+                let sans: Vec<&str> = id.uri_sans.iter().map(String::as_str).collect();
+                if !t.tls.accepts_peer(&sans) {
+                    return Err(ConnectError::PeerRejected {
+                        addr,
+                        presented: id.uri_sans.clone(),
+                    });
+                }
+                match id.spiffe_id {
+                    Some(s) => Some(Arc::from(s.to_string())),
+                    None => id.uri_sans.first().map(|s| Arc::from(s.as_str())),
+                }
+            }
+            _ => {
+                if !t.tls.accepts_peer(&[]) {
+                    return Err(ConnectError::PeerRejected {
+                        addr,
+                        presented: Vec::new(),
+                    });
+                }
+                None
+            }
+        };
+        Ok((Io::Tls(Box::new(stream)), peer))
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::Timeout { addr, timeout }),
+    }
+}
+
+/// An HTTP/1.1 connection and who is on the other end.
+pub(crate) struct H1Conn {
+    sender: http1::SendRequest<ReqBody>,
+    pub peer: Option<Arc<str>>,
+}
+
+#[derive(Clone)]
+struct H2Conn {
+    sender: http2::SendRequest<ReqBody>,
+    peer: Option<Arc<str>>,
+}
+
+/// Why a request got no response headers.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    /// No connection could be made (`UF`).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The connection was reset or closed before response headers (`UC`).
+    #[error("upstream reset before response headers: {0}")]
+    Reset(#[source] hyper::Error),
+}
+
+/// Returns an HTTP/1.1 connection to its pool once its response has been read.
+pub(crate) struct Checkin {
+    pool: Arc<HostPool>,
+    conn: H1Conn,
+}
+
+impl Checkin {
+    /// The connection can carry the next request.
+    pub(crate) fn release(self) {
+        self.pool.put_idle(self.conn);
+    }
+}
+
+/// Connections to one upstream host, and the telemetry labels of requests sent to it.
+pub(crate) struct HostPool {
+    pub addr: SocketAddr,
+    pub workload: Option<mesh_core::endpoint::WorkloadMetadata>,
+    pub labels: Arc<LabelBase>,
+    idle: Mutex<Vec<H1Conn>>,
+    h2: Mutex<Option<H2Conn>>,
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for HostPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostPool")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Builds (or returns the cached) TLS target for a new connection; called only when a
+/// connection is opened.
+pub(crate) type TlsSource<'a> =
+    &'a (dyn Fn() -> Result<Arc<TlsTarget>, ConnectError> + Send + Sync);
+
+/// Everything a host needs to open a connection.
+pub(crate) struct ConnectParams<'a> {
+    pub tls: Option<TlsSource<'a>>,
+    pub timeout: Duration,
+}
+
+impl ConnectParams<'_> {
+    async fn open(&self, addr: SocketAddr) -> Result<(Io, Option<Arc<str>>), ConnectError> {
+        let target = self.tls.map(|f| f()).transpose()?;
+        connect(addr, target.as_deref(), self.timeout).await
+    }
+}
+
+impl HostPool {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        workload: Option<mesh_core::endpoint::WorkloadMetadata>,
+        labels: Arc<LabelBase>,
+    ) -> Self {
+        HostPool {
+            addr,
+            workload,
+            labels,
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn take_idle(&self) -> Option<H1Conn> {
+        let mut idle = lock(&self.idle);
+        while let Some(c) = idle.pop() {
+            if !c.sender.is_closed() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, conn: H1Conn) {
+        if conn.sender.is_closed() {
+            return;
+        }
+        let mut idle = lock(&self.idle);
+        if idle.len() < MAX_IDLE_PER_HOST {
+            idle.push(conn);
+        }
+    }
+
+    /// Number of idle HTTP/1.1 connections (for tests and debugging).
+    #[allow(dead_code)]
+    pub(crate) fn idle_len(&self) -> usize {
+        lock(&self.idle).len()
+    }
+
+    async fn connect_h1(&self, p: &ConnectParams<'_>) -> Result<H1Conn, ConnectError> {
+        let (io, peer) = p.open(self.addr).await?;
+        let (sender, conn) =
+            http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(|source| ConnectError::Http {
+                    addr: self.addr,
+                    source,
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+            }
+        });
+        Ok(H1Conn { sender, peer })
+    }
+
+    async fn h2_conn(&self, p: &ConnectParams<'_>) -> Result<(H2Conn, bool), ConnectError> {
+        if let Some(c) = lock(&self.h2).as_ref().filter(|c| !c.sender.is_closed()) {
+            return Ok((c.clone(), true));
+        }
+        let _gate = self.h2_connecting.lock().await;
+        if let Some(c) = lock(&self.h2).as_ref().filter(|c| !c.sender.is_closed()) {
+            return Ok((c.clone(), true));
+        }
+        let (io, peer) = p.open(self.addr).await?;
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .map_err(|source| ConnectError::Http {
+                addr: self.addr,
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        let c = H2Conn { sender, peer };
+        *lock(&self.h2) = Some(c.clone());
+        Ok((c, false))
+    }
+
+    /// Sends `req` over a pooled (or new) connection. For HTTP/1.1 the returned [`Checkin`]
+    /// must be released when the response body has ended.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        mut req: http::Request<ReqBody>,
+        proto: Proto,
+        p: &ConnectParams<'_>,
+    ) -> Result<(http::Response<Incoming>, Option<Arc<str>>, Option<Checkin>), SendError> {
+        match proto {
+            Proto::Http1 => loop {
+                let (mut conn, reused) = match self.take_idle() {
+                    Some(c) => (c, true),
+                    None => (self.connect_h1(p).await?, false),
+                };
+                if reused && conn.sender.ready().await.is_err() {
+                    continue;
+                }
+                match conn.sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        let peer = conn.peer.clone();
+                        let checkin = Checkin {
+                            pool: self.clone(),
+                            conn,
+                        };
+                        return Ok((resp, peer, Some(checkin)));
+                    }
+                    Err(mut e) => match e.take_message() {
+                        // A pooled connection closed under us before the request went out:
+                        // send it on another one.
+                        Some(r) if reused => req = r,
+                        _ => return Err(SendError::Reset(e.into_error())),
+                    },
+                }
+            },
+            Proto::Http2 => {
+                let mut retried = false;
+                loop {
+                    let (mut conn, reused) = self.h2_conn(p).await?;
+                    let ready = conn.sender.ready().await;
+                    let result = match ready {
+                        Ok(()) => conn.sender.try_send_request(req).await,
+                        Err(e) => {
+                            if reused && !retried {
+                                retried = true;
+                                self.forget_h2();
+                                continue;
+                            }
+                            return Err(SendError::Reset(e));
+                        }
+                    };
+                    match result {
+                        Ok(resp) => return Ok((resp, conn.peer, None)),
+                        Err(mut e) => match e.take_message() {
+                            Some(r) if reused && !retried => {
+                                retried = true;
+                                self.forget_h2();
+                                req = r;
+                            }
+                            _ => return Err(SendError::Reset(e.into_error())),
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    fn forget_h2(&self) {
+        *lock(&self.h2) = None;
+    }
+}
