@@ -1,0 +1,209 @@
+//! The testkit control plane: a real tonic gRPC server on 127.0.0.1 serving ADS (delta and
+//! SotW) and the Istio CA, fed from a declarative model of services.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use mesh_xds::testkit::{ControlPlane, EndpointSpec, MeshModel, Protocol, ServiceSpec};
+//! let backend = ServiceSpec::new("backend", "default", "10.96.0.10".parse()?)
+//!     .port(80, Protocol::Http)
+//!     .endpoint(EndpointSpec::new("127.0.0.1:8081".parse()?).label("version", "v1"))
+//!     .endpoint(EndpointSpec::new("127.0.0.1:8082".parse()?).label("version", "v2"))
+//!     .subset("v1", "version", "v1")
+//!     .subset("v2", "version", "v2")
+//!     .weighted(80, &[("v1", 90), ("v2", 10)]);
+//! let cp = ControlPlane::builder().model(MeshModel::default().service(backend)).start().await?;
+//! println!("xDS at {}", cp.addr());
+//! # Ok(()) }
+//! ```
+
+pub mod ca;
+mod model;
+mod server;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use envoy_types::pb::google::protobuf::Any;
+use tokio::sync::{broadcast, oneshot, watch};
+
+pub use model::{
+    EndpointSpec, MeshModel, Protocol, ResourceSet, ServiceSpec, SubsetSpec, WeightedRouteSpec,
+};
+pub use server::XdsEvent;
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneError {
+    /// Binding or TLS setup failed.
+    #[error("testkit control plane: {0}")]
+    Io(#[from] std::io::Error),
+    /// TLS was asked for without a CA to issue the server certificate.
+    #[error("testkit control plane: TLS needs a TestCa (builder.ca(...))")]
+    TlsWithoutCa,
+}
+
+/// Builds a [`ControlPlane`].
+#[derive(Debug, Default)]
+pub struct ControlPlaneBuilder {
+    tls: bool,
+    ca: Option<ca::TestCa>,
+    require_token: bool,
+    model: MeshModel,
+}
+
+impl ControlPlaneBuilder {
+    /// Serve TLS with a certificate for `istiod.istio-system.svc` issued by the CA.
+    pub fn tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Serve the Istio CA too (and use it for TLS and token checks).
+    pub fn ca(mut self, ca: ca::TestCa) -> Self {
+        self.ca = Some(ca);
+        self
+    }
+
+    /// Refuse xDS streams without a valid `authorization: Bearer` token from the CA.
+    pub fn require_token(mut self, require: bool) -> Self {
+        self.require_token = require;
+        self
+    }
+
+    /// The initial model.
+    pub fn model(mut self, model: MeshModel) -> Self {
+        self.model = model;
+        self
+    }
+
+    /// Binds 127.0.0.1:0 and starts serving.
+    pub async fn start(self) -> Result<ControlPlane, ControlPlaneError> {
+        let tls = if self.tls {
+            let ca = self.ca.as_ref().ok_or(ControlPlaneError::TlsWithoutCa)?;
+            Some(ca.server_identity(&["istiod.istio-system.svc"]))
+        } else {
+            None
+        };
+        let (events, _) = broadcast::channel(1024);
+        let shared = Arc::new(server::Shared {
+            model: Mutex::new(self.model),
+            raw: Mutex::new(BTreeMap::new()),
+            generation: watch::channel(1).0,
+            cut: watch::channel(0).0,
+            events,
+            nonce: AtomicU64::new(1),
+            ca: self.ca,
+            require_token: self.require_token,
+        });
+        let (addr, stop) = server::serve(shared.clone(), tls).await?;
+        Ok(ControlPlane {
+            addr,
+            shared,
+            _stop: stop,
+        })
+    }
+}
+
+/// A running control plane; stops when dropped.
+pub struct ControlPlane {
+    addr: SocketAddr,
+    shared: Arc<server::Shared>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlPlane {
+    /// A builder (plaintext, no CA, empty model).
+    pub fn builder() -> ControlPlaneBuilder {
+        ControlPlaneBuilder::default()
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The address as mesh's config wants it: plaintext, or TLS verified against `root_cert`
+    /// with server name `istiod.istio-system.svc`.
+    pub fn control_plane_address(
+        &self,
+        root_cert: Option<std::path::PathBuf>,
+    ) -> mesh_core::config::ControlPlaneAddress {
+        mesh_core::config::ControlPlaneAddress {
+            address: self.addr.to_string(),
+            tls: root_cert.is_some(),
+            root_cert,
+            server_name: Some("istiod.istio-system.svc".into()),
+        }
+    }
+
+    /// The CA, if one was given.
+    pub fn ca(&self) -> Option<&ca::TestCa> {
+        self.shared.ca.as_ref()
+    }
+
+    /// Replaces the model and pushes to every stream.
+    pub fn set_model(&self, model: MeshModel) {
+        self.update(|m| *m = model);
+    }
+
+    /// Edits the model and pushes to every stream (delta: changed + removed; SotW: full sets).
+    pub fn update(&self, f: impl FnOnce(&mut MeshModel)) {
+        if let Ok(mut m) = self.shared.model.lock() {
+            f(&mut m);
+        }
+        self.bump();
+    }
+
+    /// The current model.
+    pub fn model(&self) -> MeshModel {
+        self.shared
+            .model
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
+    /// Overlays raw resources (same name replaces the generated one) and pushes; use it to send
+    /// invalid resources.
+    pub fn push_raw(&self, type_url: &str, resources: Vec<(String, Any)>) {
+        if let Ok(mut raw) = self.shared.raw.lock() {
+            let e = raw.entry(type_url.to_owned()).or_default();
+            for (n, a) in resources {
+                e.insert(n, a);
+            }
+        }
+        self.bump();
+    }
+
+    /// Drops every raw overlay and pushes.
+    pub fn clear_raw(&self) {
+        if let Ok(mut raw) = self.shared.raw.lock() {
+            raw.clear();
+        }
+        self.bump();
+    }
+
+    /// Stream events.
+    pub fn events(&self) -> broadcast::Receiver<XdsEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Aborts every open stream with UNAVAILABLE.
+    pub fn cut_streams(&self) {
+        self.shared.cut.send_modify(|g| *g += 1);
+    }
+
+    fn bump(&self) {
+        self.shared.generation.send_modify(|g| *g += 1);
+    }
+}

@@ -1,0 +1,880 @@
+//! The declarative mesh the testkit control plane serves, and the istiod-shaped xDS resources
+//! generated from it for one client namespace (FACTS.md c.5).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ConfigSource, Metadata, SocketAddress, TransportSocket,
+    address, config_source, socket_address, transport_socket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, FilterChainMatch, Listener, filter,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    DirectResponseAction, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
+    VirtualHost, WeightedCluster, route, route_action, route_match, weighted_cluster,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, Rds, http_connection_manager,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig,
+    UpstreamTlsContext, common_tls_context,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options, http_protocol_options::explicit_http_config,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::{
+    Any, BoolValue, Duration, ListValue, Struct, UInt32Value, Value, value::Kind,
+};
+use mesh_core::listener::InboundTlsMode;
+use mesh_core::snapshot::OutboundTrafficPolicy;
+
+use crate::ads::{CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ROUTE};
+use crate::istio_proto;
+use crate::translate::to_any;
+
+/// A port's protocol, as the Kubernetes Service port name/appProtocol declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// `http`: HTTP/1.1 upstream.
+    Http,
+    /// `http2`: HTTP/2 upstream.
+    Http2,
+    /// `grpc`: HTTP/2 upstream.
+    Grpc,
+    /// `tcp`: TCP proxy.
+    Tcp,
+}
+
+impl Protocol {
+    fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+}
+
+/// One backend instance of a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// Where it listens (used for every service port).
+    pub addr: SocketAddr,
+    /// Pod labels (subsets select on them).
+    pub labels: BTreeMap<String, String>,
+    /// Its Kubernetes service account.
+    pub service_account: String,
+    /// Whether it runs a sidecar/mesh (endpoint metadata `tlsMode: istio`).
+    pub tls_mode_istio: bool,
+}
+
+impl EndpointSpec {
+    /// A meshed endpoint (`tlsMode: istio`) with service account `default`.
+    pub fn new(addr: SocketAddr) -> Self {
+        EndpointSpec {
+            addr,
+            labels: BTreeMap::new(),
+            service_account: "default".into(),
+            tls_mode_istio: true,
+        }
+    }
+
+    /// Adds a label.
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.insert(k.into(), v.into());
+        self
+    }
+
+    /// Sets the service account.
+    pub fn service_account(mut self, sa: &str) -> Self {
+        self.service_account = sa.into();
+        self
+    }
+
+    /// Marks the endpoint as not meshed (plaintext).
+    pub fn plaintext(mut self) -> Self {
+        self.tls_mode_istio = false;
+        self
+    }
+}
+
+/// A DestinationRule subset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubsetSpec {
+    /// Subset name (`v1`).
+    pub name: String,
+    /// Label selector.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A VirtualService-style weighted split of one port across subsets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightedRouteSpec {
+    /// Service port the route applies to.
+    pub port: u16,
+    /// `(subset, weight)`; an empty subset name means the whole service.
+    pub split: Vec<(String, u32)>,
+}
+
+/// A Kubernetes Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Service name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// ClusterIP.
+    pub vip: IpAddr,
+    /// Ports and protocols.
+    pub ports: Vec<(u16, Protocol)>,
+    /// Endpoints.
+    pub endpoints: Vec<EndpointSpec>,
+    /// DestinationRule subsets.
+    pub subsets: Vec<SubsetSpec>,
+    /// Weighted routes.
+    pub routes: Vec<WeightedRouteSpec>,
+}
+
+impl ServiceSpec {
+    /// A service without ports or endpoints.
+    pub fn new(name: &str, namespace: &str, vip: IpAddr) -> Self {
+        ServiceSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            vip,
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+            subsets: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+
+    /// Adds a port.
+    pub fn port(mut self, port: u16, protocol: Protocol) -> Self {
+        self.ports.push((port, protocol));
+        self
+    }
+
+    /// Adds an endpoint.
+    pub fn endpoint(mut self, e: EndpointSpec) -> Self {
+        self.endpoints.push(e);
+        self
+    }
+
+    /// Adds a subset selecting `label=value`.
+    pub fn subset(mut self, name: &str, label: &str, value: &str) -> Self {
+        self.subsets.push(SubsetSpec {
+            name: name.into(),
+            labels: BTreeMap::from([(label.into(), value.into())]),
+        });
+        self
+    }
+
+    /// Splits `port` across subsets by weight.
+    pub fn weighted(mut self, port: u16, split: &[(&str, u32)]) -> Self {
+        self.routes.push(WeightedRouteSpec {
+            port,
+            split: split.iter().map(|(s, w)| (s.to_string(), *w)).collect(),
+        });
+        self
+    }
+
+    /// `<name>.<ns>.svc.<domain>`.
+    pub fn fqdn(&self, domain: &str) -> String {
+        format!("{}.{}.svc.{domain}", self.name, self.namespace)
+    }
+}
+
+/// The whole mesh as the testkit control plane sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshModel {
+    /// Services.
+    pub services: Vec<ServiceSpec>,
+    /// `outboundTrafficPolicy`.
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// Mesh-wide PeerAuthentication mode (rendered into `virtualInbound`).
+    pub peer_authentication: InboundTlsMode,
+    /// Per-port PeerAuthentication overrides.
+    pub port_peer_authentication: BTreeMap<u16, InboundTlsMode>,
+    /// Trust domain (SPIFFE IDs in SAN matchers).
+    pub trust_domain: String,
+    /// Cluster DNS domain (`cluster.local`).
+    pub cluster_domain: String,
+}
+
+impl Default for MeshModel {
+    fn default() -> Self {
+        MeshModel {
+            services: Vec::new(),
+            outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
+            peer_authentication: InboundTlsMode::Permissive,
+            port_peer_authentication: BTreeMap::new(),
+            trust_domain: "cluster.local".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+}
+
+impl MeshModel {
+    /// Adds a service.
+    pub fn service(mut self, s: ServiceSpec) -> Self {
+        self.services.push(s);
+        self
+    }
+}
+
+/// Generated resources: type URL → name → resource.
+pub type ResourceSet = BTreeMap<&'static str, BTreeMap<String, Any>>;
+
+fn sock(ip: IpAddr, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        initial_fetch_timeout: Some(Duration {
+            seconds: 0,
+            nanos: 0,
+        }),
+        resource_api_version: 2,
+        ..Default::default()
+    }
+}
+
+fn s(v: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(v.into())),
+    }
+}
+
+fn strukt(fields: &[(&str, Value)]) -> Struct {
+    Struct {
+        fields: fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    }
+}
+
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.into(),
+        sds_config: Some(ads()),
+    }
+}
+
+fn network_filter(name: &str, any: Any) -> Filter {
+    Filter {
+        name: name.into(),
+        config_type: Some(filter::ConfigType::TypedConfig(any)),
+    }
+}
+
+fn tcp_proxy_filter(cluster: &str) -> Filter {
+    network_filter(
+        "envoy.filters.network.tcp_proxy",
+        to_any(&TcpProxy {
+            stat_prefix: cluster.into(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        }),
+    )
+}
+
+fn default_retry() -> RetryPolicy {
+    RetryPolicy {
+        retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+            .into(),
+        num_retries: Some(UInt32Value { value: 2 }),
+        host_selection_retry_max_attempts: 5,
+        retriable_status_codes: vec![503],
+        ..Default::default()
+    }
+}
+
+fn cluster_name(port: u16, subset: &str, fqdn: &str) -> String {
+    format!("outbound|{port}|{subset}|{fqdn}")
+}
+
+fn selects(sel: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    sel.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+impl MeshModel {
+    /// Every resource istiod would send a sidecar in `client_namespace`.
+    pub fn generate(&self, client_namespace: &str) -> ResourceSet {
+        let mut out: ResourceSet = BTreeMap::new();
+        for t in [CLUSTER, ENDPOINT, LISTENER, ROUTE, NAME_TABLE] {
+            out.insert(t, BTreeMap::new());
+        }
+        let domain = &self.cluster_domain;
+        let mut http_ports: BTreeMap<u16, Vec<VirtualHost>> = BTreeMap::new();
+        let mut name_table = istio_proto::NameTable::default();
+        for svc in &self.services {
+            let fqdn = svc.fqdn(domain);
+            name_table.table.insert(
+                fqdn.clone(),
+                istio_proto::NameInfo {
+                    ips: vec![svc.vip.to_string()],
+                    registry: "Kubernetes".into(),
+                    shortname: svc.name.clone(),
+                    namespace: svc.namespace.clone(),
+                    alt_hosts: Vec::new(),
+                },
+            );
+            let sans: BTreeSet<String> = svc
+                .endpoints
+                .iter()
+                .map(|e| {
+                    format!(
+                        "spiffe://{}/ns/{}/sa/{}",
+                        self.trust_domain, svc.namespace, e.service_account
+                    )
+                })
+                .collect();
+            for &(port, proto) in &svc.ports {
+                let mut subsets: Vec<(String, Option<&BTreeMap<String, String>>)> =
+                    vec![(String::new(), None)];
+                subsets.extend(
+                    svc.subsets
+                        .iter()
+                        .map(|s| (s.name.clone(), Some(&s.labels))),
+                );
+                for (subset, sel) in subsets {
+                    let name = cluster_name(port, &subset, &fqdn);
+                    let c = self.cluster(&name, port, &subset, &fqdn, proto, &sans, svc);
+                    out.entry(CLUSTER)
+                        .or_default()
+                        .insert(name.clone(), to_any(&c));
+                    let eps: Vec<&EndpointSpec> = svc
+                        .endpoints
+                        .iter()
+                        .filter(|e| sel.is_none_or(|sel| selects(sel, &e.labels)))
+                        .collect();
+                    let cla = cla(&name, &eps, svc);
+                    out.entry(ENDPOINT).or_default().insert(name, to_any(&cla));
+                }
+                if proto.is_http() {
+                    http_ports.entry(port).or_default().push(virtual_host(
+                        svc,
+                        port,
+                        &fqdn,
+                        client_namespace,
+                    ));
+                } else {
+                    let name = format!("{}_{port}", svc.vip);
+                    let l = Listener {
+                        name: name.clone(),
+                        address: Some(sock(svc.vip, port)),
+                        filter_chains: vec![FilterChain {
+                            filters: vec![tcp_proxy_filter(&cluster_name(port, "", &fqdn))],
+                            ..Default::default()
+                        }],
+                        traffic_direction: 2,
+                        ..Default::default()
+                    };
+                    out.entry(LISTENER).or_default().insert(name, to_any(&l));
+                }
+            }
+        }
+        for (port, mut vhosts) in http_ports {
+            vhosts.push(self.fallback_vhost());
+            let rc = RouteConfiguration {
+                name: port.to_string(),
+                virtual_hosts: vhosts,
+                validate_clusters: Some(BoolValue { value: false }),
+                ..Default::default()
+            };
+            out.entry(ROUTE)
+                .or_default()
+                .insert(rc.name.clone(), to_any(&rc));
+            let name = format!("0.0.0.0_{port}");
+            let hcm = HttpConnectionManager {
+                stat_prefix: format!("outbound_0.0.0.0_{port}"),
+                route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+                    config_source: Some(ads()),
+                    route_config_name: port.to_string(),
+                })),
+                ..Default::default()
+            };
+            let l = Listener {
+                name: name.clone(),
+                address: Some(sock(IpAddr::from([0, 0, 0, 0]), port)),
+                filter_chains: vec![FilterChain {
+                    filter_chain_match: Some(FilterChainMatch {
+                        transport_protocol: "raw_buffer".into(),
+                        application_protocols: vec!["http/1.1".into(), "h2c".into()],
+                        ..Default::default()
+                    }),
+                    filters: vec![network_filter(
+                        "envoy.filters.network.http_connection_manager",
+                        to_any(&hcm),
+                    )],
+                    ..Default::default()
+                }],
+                traffic_direction: 2,
+                ..Default::default()
+            };
+            out.entry(LISTENER).or_default().insert(name, to_any(&l));
+        }
+        for c in [passthrough_cluster(), blackhole_cluster()] {
+            out.entry(CLUSTER)
+                .or_default()
+                .insert(c.name.clone(), to_any(&c));
+        }
+        let vo = self.virtual_outbound();
+        out.entry(LISTENER)
+            .or_default()
+            .insert(vo.name.clone(), to_any(&vo));
+        let vi = self.virtual_inbound();
+        out.entry(LISTENER)
+            .or_default()
+            .insert(vi.name.clone(), to_any(&vi));
+        out.entry(NAME_TABLE)
+            .or_default()
+            .insert(String::new(), to_any(&name_table));
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cluster(
+        &self,
+        name: &str,
+        port: u16,
+        subset: &str,
+        fqdn: &str,
+        proto: Protocol,
+        sans: &BTreeSet<String>,
+        svc: &ServiceSpec,
+    ) -> Cluster {
+        let h2 = matches!(proto, Protocol::Http2 | Protocol::Grpc);
+        let mut alpn = vec!["istio-peer-exchange".to_string(), "istio".to_string()];
+        if h2 {
+            alpn.push("h2".into());
+        }
+        let tls = UpstreamTlsContext {
+            common_tls_context: Some(CommonTlsContext {
+                alpn_protocols: alpn,
+                tls_certificate_sds_secret_configs: vec![sds("default")],
+                validation_context_type: Some(
+                    common_tls_context::ValidationContextType::CombinedValidationContext(
+                        common_tls_context::CombinedCertificateValidationContext {
+                            default_validation_context: Some(CertificateValidationContext {
+                                #[allow(deprecated)]
+                                match_subject_alt_names: sans
+                                    .iter()
+                                    .map(|s| StringMatcher {
+                                        match_pattern: Some(string_matcher::MatchPattern::Exact(
+                                            s.clone(),
+                                        )),
+                                        ignore_case: false,
+                                    })
+                                    .collect(),
+                                ..Default::default()
+                            }),
+                            validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                ..Default::default()
+            }),
+            sni: format!("outbound_.{port}_.{subset}_.{fqdn}"),
+            ..Default::default()
+        };
+        let mut c = Cluster {
+            name: name.into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Eds as i32,
+            )),
+            eds_cluster_config: Some(cluster::EdsClusterConfig {
+                eds_config: Some(ads()),
+                service_name: name.into(),
+            }),
+            connect_timeout: Some(Duration {
+                seconds: 10,
+                nanos: 0,
+            }),
+            lb_policy: cluster::LbPolicy::LeastRequest as i32,
+            metadata: Some(Metadata {
+                filter_metadata: [(
+                    "istio".to_string(),
+                    strukt(&[(
+                        "services",
+                        Value {
+                            kind: Some(Kind::ListValue(ListValue {
+                                values: vec![Value {
+                                    kind: Some(Kind::StructValue(strukt(&[
+                                        ("host", s(fqdn)),
+                                        ("name", s(&svc.name)),
+                                        ("namespace", s(&svc.namespace)),
+                                    ]))),
+                                }],
+                            })),
+                        },
+                    )]),
+                )]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            }),
+            transport_socket_matches: vec![
+                cluster::TransportSocketMatch {
+                    name: "tlsMode-istio".into(),
+                    r#match: Some(strukt(&[("tlsMode", s("istio"))])),
+                    transport_socket: Some(TransportSocket {
+                        name: "envoy.transport_sockets.tls".into(),
+                        config_type: Some(transport_socket::ConfigType::TypedConfig(to_any(&tls))),
+                    }),
+                },
+                cluster::TransportSocketMatch {
+                    name: "tlsMode-disabled".into(),
+                    r#match: Some(Struct::default()),
+                    transport_socket: Some(TransportSocket {
+                        name: "envoy.transport_sockets.raw_buffer".into(),
+                        config_type: Some(transport_socket::ConfigType::TypedConfig(to_any(
+                            &RawBuffer {},
+                        ))),
+                    }),
+                },
+            ],
+            ..Default::default()
+        };
+        if proto.is_http() {
+            let protocol_config = if h2 {
+                explicit_http_config::ProtocolConfig::Http2ProtocolOptions(Default::default())
+            } else {
+                explicit_http_config::ProtocolConfig::HttpProtocolOptions(Default::default())
+            };
+            let opts = HttpProtocolOptions {
+                upstream_protocol_options: Some(
+                    http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                        http_protocol_options::ExplicitHttpConfig {
+                            protocol_config: Some(protocol_config),
+                        },
+                    ),
+                ),
+                ..Default::default()
+            };
+            c.typed_extension_protocol_options.insert(
+                crate::translate::cluster::HTTP_PROTOCOL_OPTIONS_KEY.into(),
+                to_any(&opts),
+            );
+        }
+        c
+    }
+
+    fn fallback_vhost(&self) -> VirtualHost {
+        let (name, action) = match self.outbound_traffic_policy {
+            OutboundTrafficPolicy::AllowAny => (
+                "allow_any",
+                route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                        mesh_core::snapshot::PASSTHROUGH_CLUSTER.into(),
+                    )),
+                    timeout: Some(Duration {
+                        seconds: 0,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                }),
+            ),
+            OutboundTrafficPolicy::RegistryOnly => (
+                "block_all",
+                route::Action::DirectResponse(DirectResponseAction {
+                    status: 502,
+                    ..Default::default()
+                }),
+            ),
+        };
+        VirtualHost {
+            name: name.into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                name: name.into(),
+                r#match: Some(prefix_match()),
+                action: Some(action),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn virtual_outbound(&self) -> Listener {
+        let catchall = match self.outbound_traffic_policy {
+            OutboundTrafficPolicy::AllowAny => mesh_core::snapshot::PASSTHROUGH_CLUSTER,
+            OutboundTrafficPolicy::RegistryOnly => mesh_core::snapshot::BLACKHOLE_CLUSTER,
+        };
+        Listener {
+            name: "virtualOutbound".into(),
+            address: Some(sock(IpAddr::from([0, 0, 0, 0]), 15001)),
+            filter_chains: vec![
+                FilterChain {
+                    name: "virtualOutbound-blackhole".into(),
+                    filter_chain_match: Some(FilterChainMatch {
+                        destination_port: Some(UInt32Value { value: 15001 }),
+                        ..Default::default()
+                    }),
+                    filters: vec![tcp_proxy_filter(mesh_core::snapshot::BLACKHOLE_CLUSTER)],
+                    ..Default::default()
+                },
+                FilterChain {
+                    name: "virtualOutbound-catchall-tcp".into(),
+                    filters: vec![tcp_proxy_filter(catchall)],
+                    ..Default::default()
+                },
+            ],
+            use_original_dst: Some(BoolValue { value: true }),
+            traffic_direction: 2,
+            ..Default::default()
+        }
+    }
+
+    fn virtual_inbound(&self) -> Listener {
+        let mut chains = vec![FilterChain {
+            name: "virtualInbound-blackhole".into(),
+            filter_chain_match: Some(FilterChainMatch {
+                destination_port: Some(UInt32Value { value: 15006 }),
+                ..Default::default()
+            }),
+            filters: vec![tcp_proxy_filter(mesh_core::snapshot::BLACKHOLE_CLUSTER)],
+            ..Default::default()
+        }];
+        let mut modes: Vec<(Option<u16>, InboundTlsMode)> = self
+            .port_peer_authentication
+            .iter()
+            .map(|(p, m)| (Some(*p), *m))
+            .collect();
+        modes.push((None, self.peer_authentication));
+        for (port, mode) in modes {
+            let dest = port.map(|p| UInt32Value {
+                value: u32::from(p),
+            });
+            let name = port
+                .map(|p| format!("0.0.0.0_{p}"))
+                .unwrap_or_else(|| "virtualInbound".into());
+            if mode != InboundTlsMode::Disable {
+                let tls = DownstreamTlsContext {
+                    common_tls_context: Some(CommonTlsContext {
+                        alpn_protocols: vec![
+                            "istio-peer-exchange".into(),
+                            "h2".into(),
+                            "http/1.1".into(),
+                        ],
+                        tls_certificate_sds_secret_configs: vec![sds("default")],
+                        validation_context_type: Some(
+                            common_tls_context::ValidationContextType::CombinedValidationContext(
+                                common_tls_context::CombinedCertificateValidationContext {
+                                    default_validation_context: Some(Default::default()),
+                                    validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                                    ..Default::default()
+                                },
+                            ),
+                        ),
+                        ..Default::default()
+                    }),
+                    require_client_certificate: Some(BoolValue { value: true }),
+                    ..Default::default()
+                };
+                chains.push(FilterChain {
+                    name: name.clone(),
+                    filter_chain_match: Some(FilterChainMatch {
+                        destination_port: dest,
+                        transport_protocol: "tls".into(),
+                        ..Default::default()
+                    }),
+                    filters: vec![tcp_proxy_filter("InboundPassthroughClusterIpv4")],
+                    transport_socket: Some(TransportSocket {
+                        name: "envoy.transport_sockets.tls".into(),
+                        config_type: Some(transport_socket::ConfigType::TypedConfig(to_any(&tls))),
+                    }),
+                    ..Default::default()
+                });
+            }
+            if mode != InboundTlsMode::Strict {
+                chains.push(FilterChain {
+                    name,
+                    filter_chain_match: Some(FilterChainMatch {
+                        destination_port: dest,
+                        transport_protocol: "raw_buffer".into(),
+                        ..Default::default()
+                    }),
+                    filters: vec![tcp_proxy_filter("InboundPassthroughClusterIpv4")],
+                    ..Default::default()
+                });
+            }
+        }
+        Listener {
+            name: "virtualInbound".into(),
+            address: Some(sock(IpAddr::from([0, 0, 0, 0]), 15006)),
+            filter_chains: chains,
+            traffic_direction: 1,
+            ..Default::default()
+        }
+    }
+}
+
+fn prefix_match() -> RouteMatch {
+    RouteMatch {
+        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+        ..Default::default()
+    }
+}
+
+fn virtual_host(svc: &ServiceSpec, port: u16, fqdn: &str, client_ns: &str) -> VirtualHost {
+    let (n, ns) = (&svc.name, &svc.namespace);
+    let mut hosts = vec![fqdn.to_string()];
+    if ns == client_ns {
+        hosts.push(n.clone());
+    }
+    hosts.extend([
+        format!("{n}.{ns}"),
+        format!("{n}.{ns}.svc"),
+        svc.vip.to_string(),
+    ]);
+    let mut domains = Vec::with_capacity(hosts.len() * 2);
+    for h in hosts {
+        domains.push(format!("{h}:{port}"));
+        domains.push(h);
+    }
+    let action = match svc.routes.iter().find(|r| r.port == port) {
+        Some(w) => {
+            let clusters: Vec<weighted_cluster::ClusterWeight> = w
+                .split
+                .iter()
+                .filter(|(_, weight)| *weight > 0)
+                .map(|(subset, weight)| weighted_cluster::ClusterWeight {
+                    name: cluster_name(port, subset, fqdn),
+                    weight: Some(UInt32Value { value: *weight }),
+                    ..Default::default()
+                })
+                .collect();
+            if clusters.len() == 1 {
+                route_action::ClusterSpecifier::Cluster(clusters[0].name.clone())
+            } else {
+                route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+                    clusters,
+                    ..Default::default()
+                })
+            }
+        }
+        None => route_action::ClusterSpecifier::Cluster(cluster_name(port, "", fqdn)),
+    };
+    VirtualHost {
+        name: format!("{fqdn}:{port}"),
+        domains,
+        routes: vec![Route {
+            name: "default".into(),
+            r#match: Some(prefix_match()),
+            action: Some(route::Action::Route(RouteAction {
+                cluster_specifier: Some(action),
+                timeout: Some(Duration {
+                    seconds: 0,
+                    nanos: 0,
+                }),
+                retry_policy: Some(default_retry()),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn cla(name: &str, eps: &[&EndpointSpec], svc: &ServiceSpec) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: eps
+                .iter()
+                .map(|e| {
+                    let canonical = e
+                        .labels
+                        .get("app")
+                        .cloned()
+                        .unwrap_or_else(|| svc.name.clone());
+                    let revision = e
+                        .labels
+                        .get("version")
+                        .cloned()
+                        .unwrap_or_else(|| "latest".into());
+                    let mut md = vec![(
+                        "istio".to_string(),
+                        strukt(&[(
+                            "workload",
+                            s(&format!(
+                                "{};{};{canonical};{revision};Kubernetes",
+                                svc.name, svc.namespace
+                            )),
+                        )]),
+                    )];
+                    if e.tls_mode_istio {
+                        md.push((
+                            "envoy.transport_socket_match".into(),
+                            strukt(&[("tlsMode", s("istio"))]),
+                        ));
+                    }
+                    LbEndpoint {
+                        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                            address: Some(sock(e.addr.ip(), e.addr.port())),
+                            ..Default::default()
+                        })),
+                        health_status: 1,
+                        metadata: Some(Metadata {
+                            filter_metadata: md.into_iter().collect(),
+                            ..Default::default()
+                        }),
+                        load_balancing_weight: Some(UInt32Value { value: 1 }),
+                    }
+                })
+                .collect(),
+            load_balancing_weight: Some(UInt32Value { value: 1 }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn passthrough_cluster() -> Cluster {
+    Cluster {
+        name: mesh_core::snapshot::PASSTHROUGH_CLUSTER.into(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        connect_timeout: Some(Duration {
+            seconds: 10,
+            nanos: 0,
+        }),
+        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+        ..Default::default()
+    }
+}
+
+fn blackhole_cluster() -> Cluster {
+    Cluster {
+        name: mesh_core::snapshot::BLACKHOLE_CLUSTER.into(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        )),
+        connect_timeout: Some(Duration {
+            seconds: 10,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}

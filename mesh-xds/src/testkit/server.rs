@@ -1,0 +1,494 @@
+//! The testkit ADS server: per-stream delta and SotW engines over the model's resources.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use envoy_types::pb::google::protobuf::Any;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::ca::TestCa;
+use super::model::{MeshModel, ResourceSet};
+use crate::ads::types::is_wildcard;
+
+/// What happened on the control plane's streams.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum XdsEvent {
+    /// A stream's first request arrived.
+    StreamOpened {
+        /// `node.id`.
+        node_id: String,
+        /// Delta or SotW.
+        delta: bool,
+        /// `initial_resource_versions` sizes per type in the first request of each type
+        /// (delta only; reported in [`XdsEvent::Subscribed`]).
+        authorization: Option<String>,
+    },
+    /// A client subscribed to a type for the first time on a stream.
+    Subscribed {
+        /// Type URL.
+        type_url: String,
+        /// Names in the delta `initial_resource_versions`.
+        initial_resource_versions: BTreeMap<String, String>,
+    },
+    /// ACK.
+    Ack {
+        /// Type URL.
+        type_url: String,
+        /// SotW version (empty for delta).
+        version: String,
+        /// Nonce.
+        nonce: String,
+    },
+    /// NACK.
+    Nack {
+        /// Type URL.
+        type_url: String,
+        /// Nonce.
+        nonce: String,
+        /// `error_detail.message`.
+        message: String,
+    },
+    /// A stream ended.
+    StreamClosed,
+}
+
+pub(crate) struct Shared {
+    pub model: Mutex<MeshModel>,
+    pub raw: Mutex<BTreeMap<String, BTreeMap<String, Any>>>,
+    pub generation: watch::Sender<u64>,
+    pub cut: watch::Sender<u64>,
+    pub events: broadcast::Sender<XdsEvent>,
+    pub nonce: AtomicU64,
+    pub ca: Option<TestCa>,
+    pub require_token: bool,
+}
+
+impl Shared {
+    fn resources(&self, ns: &str) -> ResourceSet {
+        let mut set = self
+            .model
+            .lock()
+            .map(|m| m.generate(ns))
+            .unwrap_or_default();
+        if let Ok(raw) = self.raw.lock() {
+            for (t, items) in raw.iter() {
+                if let Some(k) = set.keys().find(|k| **k == t.as_str()).copied() {
+                    let entry = set.entry(k).or_default();
+                    for (n, a) in items {
+                        entry.insert(n.clone(), a.clone());
+                    }
+                }
+            }
+        }
+        set
+    }
+
+    fn nonce(&self) -> String {
+        format!("n{}", self.nonce.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn emit(&self, e: XdsEvent) {
+        let _ = self.events.send(e);
+    }
+
+    fn check_auth<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+        let auth = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if self.require_token {
+            let ca = self
+                .ca
+                .as_ref()
+                .ok_or_else(|| Status::internal("no CA to check tokens"))?;
+            let token = auth
+                .as_deref()
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+            ca.authenticate(token).map_err(Status::unauthenticated)?;
+        }
+        Ok(auth)
+    }
+}
+
+fn version_of(a: &Any) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    a.value.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+fn namespace_of(node: &envoy_types::pb::envoy::config::core::v3::Node) -> String {
+    crate::node::metadata_string(node, "NAMESPACE")
+        .map(str::to_owned)
+        .or_else(|| {
+            node.id
+                .split('~')
+                .nth(2)
+                .and_then(|p| p.split('.').nth(1))
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
+pub(crate) struct Ads(pub Arc<Shared>);
+
+type RespStream<T> = ReceiverStream<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = RespStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = RespStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let auth = self.0.check_auth(&req)?;
+        let (tx, rx) = mpsc::channel(64);
+        let shared = self.0.clone();
+        tokio::spawn(async move {
+            let r = sotw_stream(shared.clone(), req.into_inner(), tx.clone(), auth).await;
+            if let Err(s) = r {
+                let _ = tx.send(Err(s)).await;
+            }
+            shared.emit(XdsEvent::StreamClosed);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let auth = self.0.check_auth(&req)?;
+        let (tx, rx) = mpsc::channel(64);
+        let shared = self.0.clone();
+        tokio::spawn(async move {
+            let r = delta_stream(shared.clone(), req.into_inner(), tx.clone(), auth).await;
+            if let Err(s) = r {
+                let _ = tx.send(Err(s)).await;
+            }
+            shared.emit(XdsEvent::StreamClosed);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[derive(Default)]
+struct DeltaType {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    sent: HashMap<String, String>,
+}
+
+async fn delta_stream(
+    shared: Arc<Shared>,
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    authorization: Option<String>,
+) -> Result<(), Status> {
+    let mut gen_rx = shared.generation.subscribe();
+    let mut cut_rx = shared.cut.subscribe();
+    let Some(first) = inbound.message().await? else {
+        return Ok(());
+    };
+    let node = first
+        .node
+        .clone()
+        .filter(|n| !n.id.is_empty())
+        .ok_or_else(|| Status::invalid_argument("missing node information"))?;
+    let ns = namespace_of(&node);
+    shared.emit(XdsEvent::StreamOpened {
+        node_id: node.id.clone(),
+        delta: true,
+        authorization,
+    });
+    let mut types: BTreeMap<String, DeltaType> = BTreeMap::new();
+    let mut next = Some(first);
+    loop {
+        if let Some(req) = next.take() {
+            let t = req.type_url.clone();
+            if let Some(e) = &req.error_detail {
+                shared.emit(XdsEvent::Nack {
+                    type_url: t.clone(),
+                    nonce: req.response_nonce.clone(),
+                    message: e.message.clone(),
+                });
+            } else if !req.response_nonce.is_empty() {
+                shared.emit(XdsEvent::Ack {
+                    type_url: t.clone(),
+                    version: String::new(),
+                    nonce: req.response_nonce.clone(),
+                });
+            }
+            let initial = !types.contains_key(&t);
+            let st = types.entry(t.clone()).or_default();
+            if initial {
+                st.wildcard = is_wildcard(&t) && req.resource_names_subscribe.is_empty();
+                st.sent = req.initial_resource_versions.clone();
+                shared.emit(XdsEvent::Subscribed {
+                    type_url: t.clone(),
+                    initial_resource_versions: req
+                        .initial_resource_versions
+                        .clone()
+                        .into_iter()
+                        .collect(),
+                });
+            }
+            let subscribing = !req.resource_names_subscribe.is_empty();
+            st.names
+                .extend(req.resource_names_subscribe.iter().cloned());
+            for n in &req.resource_names_unsubscribe {
+                st.names.remove(n);
+                st.sent.remove(n);
+            }
+            if initial || subscribing {
+                let set = shared.resources(&ns);
+                if let Some(r) = delta_response(&shared, &t, st, &set, initial) {
+                    tx.send(Ok(r))
+                        .await
+                        .map_err(|_| Status::cancelled("client gone"))?;
+                }
+            }
+        }
+        tokio::select! {
+            m = inbound.message() => match m? {
+                Some(r) => next = Some(r),
+                None => return Ok(()),
+            },
+            c = gen_rx.changed() => {
+                if c.is_err() { return Ok(()) }
+                let set = shared.resources(&ns);
+                for (t, st) in types.iter_mut() {
+                    if let Some(r) = delta_response(&shared, t, st, &set, false) {
+                        tx.send(Ok(r)).await.map_err(|_| Status::cancelled("client gone"))?;
+                    }
+                }
+            }
+            _ = cut_rx.changed() => return Err(Status::unavailable("stream cut by the test control plane")),
+        }
+    }
+}
+
+fn delta_response(
+    shared: &Shared,
+    t: &str,
+    st: &mut DeltaType,
+    set: &ResourceSet,
+    force: bool,
+) -> Option<DeltaDiscoveryResponse> {
+    let empty = BTreeMap::new();
+    let all = set
+        .iter()
+        .find(|(k, _)| **k == t)
+        .map(|(_, v)| v)
+        .unwrap_or(&empty);
+    let mut resources = Vec::new();
+    let mut current = BTreeSet::new();
+    for (name, any) in all {
+        if !(st.wildcard || st.names.contains(name)) {
+            continue;
+        }
+        current.insert(name.clone());
+        let v = version_of(any);
+        if st.sent.get(name) != Some(&v) {
+            st.sent.insert(name.clone(), v.clone());
+            resources.push(Resource {
+                name: name.clone(),
+                version: v,
+                resource: Some(any.clone()),
+                ..Default::default()
+            });
+        }
+    }
+    let removed: Vec<String> = st
+        .sent
+        .keys()
+        .filter(|n| !current.contains(*n))
+        .cloned()
+        .collect();
+    for n in &removed {
+        st.sent.remove(n);
+    }
+    if resources.is_empty() && removed.is_empty() && !force {
+        return None;
+    }
+    Some(DeltaDiscoveryResponse {
+        system_version_info: shared.generation.borrow().to_string(),
+        resources,
+        type_url: t.to_owned(),
+        removed_resources: removed,
+        nonce: shared.nonce(),
+        ..Default::default()
+    })
+}
+
+#[derive(Default)]
+struct SotwType {
+    names: Vec<String>,
+    last_nonce: String,
+    last_sent: Option<Vec<(String, String)>>,
+}
+
+async fn sotw_stream(
+    shared: Arc<Shared>,
+    mut inbound: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    authorization: Option<String>,
+) -> Result<(), Status> {
+    let mut gen_rx = shared.generation.subscribe();
+    let mut cut_rx = shared.cut.subscribe();
+    let Some(first) = inbound.message().await? else {
+        return Ok(());
+    };
+    let node = first
+        .node
+        .clone()
+        .filter(|n| !n.id.is_empty())
+        .ok_or_else(|| Status::invalid_argument("missing node information"))?;
+    let ns = namespace_of(&node);
+    shared.emit(XdsEvent::StreamOpened {
+        node_id: node.id.clone(),
+        delta: false,
+        authorization,
+    });
+    let mut types: BTreeMap<String, SotwType> = BTreeMap::new();
+    let mut next = Some(first);
+    loop {
+        if let Some(req) = next.take() {
+            let t = req.type_url.clone();
+            let initial = !types.contains_key(&t);
+            let st = types.entry(t.clone()).or_default();
+            if let Some(e) = &req.error_detail {
+                shared.emit(XdsEvent::Nack {
+                    type_url: t.clone(),
+                    nonce: req.response_nonce.clone(),
+                    message: e.message.clone(),
+                });
+            } else if !req.response_nonce.is_empty() && req.response_nonce == st.last_nonce {
+                shared.emit(XdsEvent::Ack {
+                    type_url: t.clone(),
+                    version: req.version_info.clone(),
+                    nonce: req.response_nonce.clone(),
+                });
+            }
+            if initial {
+                shared.emit(XdsEvent::Subscribed {
+                    type_url: t.clone(),
+                    initial_resource_versions: BTreeMap::new(),
+                });
+            }
+            let names_changed = st.names != req.resource_names;
+            st.names = req.resource_names.clone();
+            if req.error_detail.is_none()
+                && (initial || req.response_nonce.is_empty() || names_changed)
+            {
+                let set = shared.resources(&ns);
+                if let Some(r) = sotw_response(&shared, &t, st, &set, true) {
+                    tx.send(Ok(r))
+                        .await
+                        .map_err(|_| Status::cancelled("client gone"))?;
+                }
+            }
+        }
+        tokio::select! {
+            m = inbound.message() => match m? {
+                Some(r) => next = Some(r),
+                None => return Ok(()),
+            },
+            c = gen_rx.changed() => {
+                if c.is_err() { return Ok(()) }
+                let set = shared.resources(&ns);
+                for (t, st) in types.iter_mut() {
+                    if let Some(r) = sotw_response(&shared, t, st, &set, false) {
+                        tx.send(Ok(r)).await.map_err(|_| Status::cancelled("client gone"))?;
+                    }
+                }
+            }
+            _ = cut_rx.changed() => return Err(Status::unavailable("stream cut by the test control plane")),
+        }
+    }
+}
+
+fn sotw_response(
+    shared: &Shared,
+    t: &str,
+    st: &mut SotwType,
+    set: &ResourceSet,
+    force: bool,
+) -> Option<DiscoveryResponse> {
+    let empty = BTreeMap::new();
+    let all = set
+        .iter()
+        .find(|(k, _)| **k == t)
+        .map(|(_, v)| v)
+        .unwrap_or(&empty);
+    let wildcard = is_wildcard(t);
+    let chosen: Vec<(&String, &Any)> = all
+        .iter()
+        .filter(|(n, _)| wildcard || st.names.contains(n))
+        .collect();
+    let fingerprint: Vec<(String, String)> = chosen
+        .iter()
+        .map(|(n, a)| ((*n).clone(), version_of(a)))
+        .collect();
+    if !force && st.last_sent.as_ref() == Some(&fingerprint) {
+        return None;
+    }
+    st.last_sent = Some(fingerprint);
+    st.last_nonce = shared.nonce();
+    Some(DiscoveryResponse {
+        version_info: shared.generation.borrow().to_string(),
+        resources: chosen.into_iter().map(|(_, a)| a.clone()).collect(),
+        type_url: t.to_owned(),
+        nonce: st.last_nonce.clone(),
+        ..Default::default()
+    })
+}
+
+/// Starts serving on 127.0.0.1:0; returns the address and a shutdown handle.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    tls: Option<(String, String)>,
+) -> Result<(SocketAddr, oneshot::Sender<()>), std::io::Error> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((chain, key)) = tls {
+        let identity = tonic::transport::Identity::from_pem(chain, key);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(std::io::Error::other)?;
+    }
+    let ca = shared.ca.as_ref().map(|c| c.service());
+    let router = builder
+        .add_service(
+            AggregatedDiscoveryServiceServer::new(Ads(shared))
+                .max_decoding_message_size(256 * 1024 * 1024),
+        )
+        .add_optional_service(ca);
+    tokio::spawn(async move {
+        let r = router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "testkit control plane stopped");
+        }
+    });
+    Ok((addr, stop_tx))
+}
