@@ -216,7 +216,7 @@ async fn client_refuses_bad_server_certificates() {
         ),
         (
             "other root",
-            ca.from_other_root("default", "reviews"),
+            ca.signed_by_other_root("default", "reviews"),
             vec![],
             CertificateError::UnknownIssuer,
         ),
@@ -368,7 +368,7 @@ async fn server_refuses_bad_client_certificates_even_when_optional() {
         ),
         (
             "other root",
-            ca.from_other_root("default", "sleep"),
+            ca.signed_by_other_root("default", "sleep"),
             CertificateError::UnknownIssuer,
         ),
         (

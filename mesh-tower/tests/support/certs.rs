@@ -145,7 +145,7 @@ impl TestCa {
 
     /// A leaf signed by another root, but trusting this CA's root (so it can still verify
     /// peers of this mesh).
-    pub fn from_other_root(&self, ns: &str, sa: &str) -> WorkloadCertificate {
+    pub fn signed_by_other_root(&self, ns: &str, sa: &str) -> WorkloadCertificate {
         let other = TestCa::new("other.local");
         let mut cert = other.workload(ns, sa);
         cert.roots = vec![self.root_der()];

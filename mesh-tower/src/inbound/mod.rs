@@ -1,0 +1,361 @@
+//! Inbound: TLS detection, mTLS termination, peer identity, HTTP/1.1 and h2 — the engine
+//! behind `mesh::serve(app)`, doing what Envoy's `virtualInbound` listener (15006) does for a
+//! sidecar.
+//!
+//! Per accepted connection:
+//!
+//! 1. **Detect TLS** on the first bytes without consuming them, like Envoy's `tls_inspector`:
+//!    a TLS handshake record starts `0x16 0x03`. A client that sends nothing within
+//!    [`DETECT_TIMEOUT`] is treated as plaintext (Istio's
+//!    `continue_on_listener_filters_timeout`).
+//! 2. **Apply the PeerAuthentication mode** of the port ([`InboundConfig::mode`], else the
+//!    snapshot's inbound policy, else PERMISSIVE): STRICT closes plaintext connections,
+//!    DISABLE closes TLS connections (no filter chain matches; counted in
+//!    `envoy_listener_no_filter_chain_match`).
+//! 3. **Terminate TLS** with [`tls::server_config`]: client certificate required in STRICT,
+//!    requested but optional in PERMISSIVE. The verified peer's [`PeerIdentity`] goes into
+//!    every request's extensions; plaintext requests carry none.
+//! 4. **Serve HTTP/1.1 and h2** (ALPN `h2`/`istio-h2` and prior-knowledge h2c) with hyper.
+//! 5. **Record** `istio_requests_total` & co. with `reporter="destination"` when each response
+//!    ends.
+//!
+//! When `shutdown` resolves the listener stops accepting, idle connections close, and requests
+//! in flight finish (HTTP/1.1 connections close after their response, h2 connections get a
+//! GOAWAY); [`serve`] returns once every connection is done.
+
+mod service;
+mod stats;
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use mesh_core::identity::{NodeIdentity, PeerIdentity};
+use mesh_core::listener::InboundTlsMode;
+use mesh_core::telemetry::{DestinationService, UNKNOWN, WorkloadLabels};
+use mesh_core::{CertStore, SnapshotCell};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::tls;
+use service::InboundService;
+pub use service::MeteredBody;
+use stats::ConnectionLabels;
+
+/// How long a connection may stay silent before TLS detection gives up and treats it as
+/// plaintext (Envoy's `listener_filters_timeout`, 15 s by default).
+pub const DETECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a TLS handshake may take before the connection is closed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Configuration of one inbound listener.
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    /// The application port (the destination port whose PeerAuthentication mode applies and
+    /// whose `inbound|<port>||` cluster names the destination service in metrics).
+    pub port: u16,
+    /// Overrides the mTLS mode; `None` reads `snapshot.inbound.mode_for(port)` per connection
+    /// (PERMISSIVE while istiod has sent no inbound policy).
+    pub mode: Option<InboundTlsMode>,
+    /// This workload (the `destination_*` labels).
+    pub node: NodeIdentity,
+    /// HTTP/1.1 header read timeout; `None` keeps hyper's default (30 s).
+    pub header_read_timeout: Option<Duration>,
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains gracefully.
+///
+/// `app` is any Tower service over `http::Request<hyper::body::Incoming>`: an axum `Router`,
+/// a tonic server, `tower::service_fn`. It is cloned per request. The peer's
+/// [`PeerIdentity`] is in `req.extensions()` for mTLS requests.
+///
+/// Returns when every connection has finished after `shutdown`; accept errors (for example
+/// running out of file descriptors) are logged and retried, never returned.
+pub async fn serve<S, B>(
+    listener: TcpListener,
+    app: S,
+    cell: SnapshotCell,
+    certs: CertStore,
+    config: InboundConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let shared = Arc::new(Shared::new(cell, certs, config)?);
+    // Dropped senders tell `serve` that every connection task has ended.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let local = listener.local_addr().ok();
+    tracing::debug!(
+        ?local,
+        port = shared.config.port,
+        "inbound listener serving"
+    );
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, remote)) => {
+                    let app = app.clone();
+                    let shared = Arc::clone(&shared);
+                    let alive = alive_tx.clone();
+                    let drain = drain_rx.clone();
+                    tokio::spawn(async move {
+                        handle_connection(tcp, remote, app, shared, drain).await;
+                        drop(alive);
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "inbound accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+
+    drop(listener);
+    tracing::debug!(?local, "inbound listener draining");
+    let _ = drain_tx.send(true);
+    drop(alive_tx);
+    // `recv` returns `None` once every connection task dropped its sender.
+    let _ = alive_rx.recv().await;
+    tracing::debug!(?local, "inbound listener drained");
+    Ok(())
+}
+
+/// Per-listener state shared by its connections.
+#[derive(Debug)]
+struct Shared {
+    cell: SnapshotCell,
+    config: InboundConfig,
+    strict_tls: Arc<rustls::ServerConfig>,
+    permissive_tls: Arc<rustls::ServerConfig>,
+    destination_tls: Arc<WorkloadLabels>,
+    destination_plain: Arc<WorkloadLabels>,
+    builder: auto::Builder<TokioExecutor>,
+    inbound_cluster: String,
+}
+
+impl Shared {
+    fn new(cell: SnapshotCell, certs: CertStore, config: InboundConfig) -> std::io::Result<Self> {
+        let tls_err = |e: tls::TlsError| std::io::Error::other(e);
+        let destination_tls = WorkloadLabels::from_node(&config.node);
+        let destination_plain = WorkloadLabels {
+            principal: UNKNOWN.to_owned(),
+            ..destination_tls.clone()
+        };
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new());
+        if let Some(timeout) = config.header_read_timeout {
+            builder.http1().header_read_timeout(timeout);
+        }
+        builder.http2().timer(TokioTimer::new());
+        Ok(Shared {
+            strict_tls: tls::server_config(&certs, true).map_err(tls_err)?,
+            permissive_tls: tls::server_config(&certs, false).map_err(tls_err)?,
+            destination_tls: Arc::new(destination_tls),
+            destination_plain: Arc::new(destination_plain),
+            builder,
+            inbound_cluster: format!("inbound|{}||", config.port),
+            cell,
+            config,
+        })
+    }
+
+    fn mode(&self) -> InboundTlsMode {
+        self.config.mode.unwrap_or_else(|| {
+            self.cell
+                .load_guard()
+                .inbound
+                .as_ref()
+                .map(|policy| policy.mode_for(self.config.port))
+                .unwrap_or_default()
+        })
+    }
+
+    /// `destination_service*` from the `inbound|<port>||` cluster's Istio metadata.
+    fn destination_service(&self) -> DestinationService {
+        let snapshot = self.cell.load_guard();
+        snapshot
+            .clusters
+            .get(&self.inbound_cluster)
+            .and_then(|cluster| cluster.service.as_ref())
+            .map(|service| DestinationService {
+                host: service.host.clone(),
+                name: service.name.clone(),
+                namespace: service.namespace.clone(),
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// What the first bytes of a connection say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Detected {
+    Tls,
+    Plaintext,
+    Closed,
+}
+
+/// Peeks at the first bytes without consuming them.
+async fn detect(tcp: &TcpStream) -> Detected {
+    let mut buf = [0u8; 3];
+    match tokio::time::timeout(DETECT_TIMEOUT, tcp.peek(&mut buf)).await {
+        Err(_) => Detected::Plaintext,
+        Ok(Err(_)) | Ok(Ok(0)) => Detected::Closed,
+        // A TLS record of type handshake (22), protocol major version 3. HTTP/1 methods and
+        // the h2 preface start with an ASCII letter.
+        Ok(Ok(n)) if buf[0] == 0x16 && (n < 2 || buf[1] == 0x03) => Detected::Tls,
+        Ok(Ok(_)) => Detected::Plaintext,
+    }
+}
+
+async fn handle_connection<S, B>(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    app: S,
+    shared: Arc<Shared>,
+    mut drain: watch::Receiver<bool>,
+) where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let _ = tcp.set_nodelay(true);
+    let detected = tokio::select! {
+        detected = detect(&tcp) => detected,
+        () = drained(&mut drain) => return,
+    };
+    let mode = shared.mode();
+    match (detected, mode) {
+        (Detected::Closed, _) => {}
+        (Detected::Plaintext, InboundTlsMode::Strict) => {
+            no_filter_chain(remote, "plaintext connection refused: mTLS mode is STRICT");
+        }
+        (Detected::Tls, InboundTlsMode::Disable) => {
+            no_filter_chain(remote, "TLS connection refused: mTLS mode is DISABLE");
+        }
+        (Detected::Plaintext, _) => {
+            let labels = ConnectionLabels::new(
+                None,
+                &shared.destination_tls,
+                &shared.destination_plain,
+                Arc::new(shared.destination_service()),
+            );
+            serve_http(TokioIo::new(tcp), app, None, labels, &shared, drain).await;
+        }
+        (Detected::Tls, mode) => {
+            let config = if mode == InboundTlsMode::Strict {
+                &shared.strict_tls
+            } else {
+                &shared.permissive_tls
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+            let accepted = tokio::select! {
+                accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => accepted,
+                () = drained(&mut drain) => return,
+            };
+            let stream = match accepted {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    handshake_failed(remote, &error);
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%remote, "inbound TLS handshake timed out");
+                    return;
+                }
+            };
+            let peer = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(tls::peer_identity);
+            let labels = ConnectionLabels::new(
+                peer.as_ref(),
+                &shared.destination_tls,
+                &shared.destination_plain,
+                Arc::new(shared.destination_service()),
+            );
+            serve_http(TokioIo::new(stream), app, peer, labels, &shared, drain).await;
+        }
+    }
+}
+
+fn no_filter_chain(remote: SocketAddr, why: &str) {
+    metrics::counter!("envoy_listener_no_filter_chain_match").increment(1);
+    tracing::debug!(%remote, "{why}");
+}
+
+fn handshake_failed(remote: SocketAddr, error: &std::io::Error) {
+    let rustls_error = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>());
+    match rustls_error {
+        Some(rustls::Error::NoCertificatesPresented) => {
+            tls::count_no_client_cert();
+            tracing::warn!(
+                %remote,
+                "refusing mTLS client: it presented no certificate and the mode is STRICT"
+            );
+        }
+        // Certificate refusals were logged and counted by the verifier.
+        Some(rustls::Error::InvalidCertificate(_)) => {}
+        _ => tracing::debug!(%remote, %error, "inbound TLS handshake failed"),
+    }
+}
+
+async fn serve_http<I, S, B>(
+    io: I,
+    app: S,
+    peer: Option<PeerIdentity>,
+    labels: ConnectionLabels,
+    shared: &Shared,
+    mut drain: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let service = InboundService::new(app, peer, Arc::new(labels));
+    let conn = shared.builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = drained(&mut drain) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "inbound connection ended with an error");
+    }
+}
+
+/// Resolves once the listener drains (or `serve` was dropped).
+async fn drained(drain: &mut watch::Receiver<bool>) {
+    let _ = drain.wait_for(|draining| *draining).await;
+}

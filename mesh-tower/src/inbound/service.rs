@@ -1,0 +1,257 @@
+//! The per-connection hyper service in front of the application: puts the peer identity into
+//! request extensions and meters every request until its response body ends.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use mesh_core::identity::PeerIdentity;
+use pin_project::pin_project;
+use tower::ServiceExt;
+use tower::util::Oneshot;
+
+use super::stats::{ConnectionLabels, Finished};
+
+/// Wraps the application for one connection.
+#[derive(Debug)]
+pub(crate) struct InboundService<S> {
+    app: S,
+    peer: Option<PeerIdentity>,
+    labels: Arc<ConnectionLabels>,
+}
+
+impl<S> InboundService<S> {
+    pub(crate) fn new(app: S, peer: Option<PeerIdentity>, labels: Arc<ConnectionLabels>) -> Self {
+        InboundService { app, peer, labels }
+    }
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for InboundService<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone,
+    B: Body,
+{
+    type Response = Response<MeteredBody<B>>;
+    type Error = S::Error;
+    type Future = InboundFuture<S, B>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        let started = Instant::now();
+        let grpc = is_grpc(req.headers());
+        let head = req.method() == Method::HEAD;
+        let request_bytes = req.body().size_hint().exact().unwrap_or(0);
+        if let Some(peer) = &self.peer {
+            req.extensions_mut().insert(peer.clone());
+        }
+        InboundFuture {
+            inner: self.app.clone().oneshot(req),
+            meter: Some(Meter {
+                labels: Arc::clone(&self.labels),
+                grpc,
+                head,
+                started,
+                request_bytes,
+            }),
+        }
+    }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<u16> {
+    std::str::from_utf8(headers.get("grpc-status")?.as_bytes())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[derive(Debug)]
+struct Meter {
+    labels: Arc<ConnectionLabels>,
+    grpc: bool,
+    head: bool,
+    started: Instant,
+    request_bytes: u64,
+}
+
+/// The application's response future, wrapping the body in a [`MeteredBody`].
+#[pin_project]
+#[derive(Debug)]
+pub(crate) struct InboundFuture<S, B>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>>,
+{
+    #[pin]
+    inner: Oneshot<S, Request<Incoming>>,
+    meter: Option<Meter>,
+}
+
+impl<S, B> Future for InboundFuture<S, B>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>>,
+    B: Body,
+{
+    type Output = Result<Response<MeteredBody<B>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let Some(meter) = this.meter.take() else {
+            // Polled after completion: hyper never does this.
+            return Poll::Pending;
+        };
+        match result {
+            Ok(response) => {
+                let status = response.status();
+                let mut pending = Pending {
+                    labels: meter.labels,
+                    finished: Finished {
+                        grpc: meter.grpc,
+                        response_code: status.as_u16(),
+                        grpc_status: if meter.grpc {
+                            grpc_status(response.headers())
+                        } else {
+                            None
+                        },
+                        response_flags: "-",
+                        started: meter.started,
+                        request_bytes: meter.request_bytes,
+                        response_bytes: 0,
+                    },
+                };
+                let (parts, body) = response.into_parts();
+                // Bodies hyper will not poll: record at once.
+                let bodiless = meter.head
+                    || status == StatusCode::NO_CONTENT
+                    || status == StatusCode::NOT_MODIFIED
+                    || body.is_end_stream();
+                let recorder = if bodiless {
+                    pending.finish("-");
+                    None
+                } else {
+                    Some(pending)
+                };
+                Poll::Ready(Ok(Response::from_parts(
+                    parts,
+                    MeteredBody {
+                        inner: body,
+                        recorder: Recorder(recorder),
+                    },
+                )))
+            }
+            Err(error) => {
+                // hyper resets the stream / closes the connection: nothing was sent.
+                let mut pending = Pending {
+                    labels: meter.labels,
+                    finished: Finished {
+                        grpc: meter.grpc,
+                        response_code: 0,
+                        grpc_status: None,
+                        response_flags: "-",
+                        started: meter.started,
+                        request_bytes: meter.request_bytes,
+                        response_bytes: 0,
+                    },
+                };
+                pending.finish("-");
+                Poll::Ready(Err(error))
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    labels: Arc<ConnectionLabels>,
+    finished: Finished,
+}
+
+impl Pending {
+    fn finish(&mut self, flags: &'static str) {
+        self.finished.response_flags = flags;
+        self.labels.record(&self.finished);
+    }
+}
+
+/// Records the request once: at the end of the body, or (as Envoy's `DC`, downstream
+/// connection termination) when the body is dropped before its end.
+#[derive(Debug)]
+struct Recorder(Option<Pending>);
+
+impl Recorder {
+    fn finish(&mut self) {
+        if let Some(mut pending) = self.0.take() {
+            pending.finish("-");
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if let Some(mut pending) = self.0.take() {
+            pending.finish("DC");
+        }
+    }
+}
+
+/// The application's response body, counting bytes and reading `grpc-status` trailers.
+#[pin_project]
+#[derive(Debug)]
+pub struct MeteredBody<B> {
+    #[pin]
+    inner: B,
+    recorder: Recorder,
+}
+
+impl<B: Body> Body for MeteredBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if let Some(pending) = this.recorder.0.as_mut() {
+            match &frame {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        pending.finished.response_bytes += bytes::Buf::remaining(data) as u64;
+                    } else if let Some(status) = frame
+                        .trailers_ref()
+                        .filter(|_| pending.finished.grpc)
+                        .and_then(grpc_status)
+                    {
+                        pending.finished.grpc_status = Some(status);
+                    }
+                    if this.inner.is_end_stream() {
+                        this.recorder.finish();
+                    }
+                }
+                None => this.recorder.finish(),
+                // The body failed: hyper resets the stream; Drop records it.
+                Some(Err(_)) => {}
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,154 @@
+//! Istio's request metrics on the inbound side (`reporter="destination"`), recorded when the
+//! response body ends.
+//!
+//! Every label but the outcome (protocol, response code, gRPC status, response flags) is fixed
+//! for a connection, so a connection keeps the metric handles of its last outcome: the steady
+//! state records a request with four atomic updates and no allocation or lock. A new outcome
+//! builds the labels with [`mesh_core::telemetry::request_labels`] (Istio's exact order) and
+//! registers its handles once.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwapOption;
+use mesh_core::identity::PeerIdentity;
+use mesh_core::telemetry::{
+    DestinationService, REQUEST_BYTES, REQUEST_DURATION_MS, REQUESTS_TOTAL, RESPONSE_BYTES,
+    Reporter, RequestOutcome, UNKNOWN, WorkloadLabels, request_labels,
+};
+use metrics::{Counter, Histogram, Label};
+
+/// Labels that are the same for every request on one connection.
+#[derive(Debug)]
+pub(crate) struct ConnectionLabels {
+    source: WorkloadLabels,
+    destination: Arc<WorkloadLabels>,
+    service: Arc<DestinationService>,
+    security_policy: &'static str,
+    last: ArcSwapOption<Handles>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct OutcomeKey {
+    protocol: &'static str,
+    response_code: u16,
+    grpc_status: Option<u16>,
+    response_flags: &'static str,
+}
+
+#[derive(Debug)]
+struct Handles {
+    key: OutcomeKey,
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// What is known about a request when its response ends.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub(crate) grpc: bool,
+    pub(crate) response_code: u16,
+    pub(crate) grpc_status: Option<u16>,
+    pub(crate) response_flags: &'static str,
+    pub(crate) started: Instant,
+    pub(crate) request_bytes: u64,
+    pub(crate) response_bytes: u64,
+}
+
+impl ConnectionLabels {
+    /// Labels for a connection from `peer` (`None` for plaintext or a TLS client without a
+    /// certificate). `destination_tls` / `destination_plain` are this workload's labels with
+    /// and without its principal (Envoy reports the local URI SAN only on mTLS connections).
+    pub(crate) fn new(
+        peer: Option<&PeerIdentity>,
+        destination_tls: &Arc<WorkloadLabels>,
+        destination_plain: &Arc<WorkloadLabels>,
+        service: Arc<DestinationService>,
+    ) -> Self {
+        let mut source = WorkloadLabels::default();
+        let principal = peer.and_then(|p| p.uri_sans.first());
+        let mutual = principal.is_some();
+        if let Some(principal) = principal {
+            source.principal = principal.clone();
+            // Istio takes the peer namespace from the SAN's `/ns/<x>/` segment.
+            source.namespace = peer
+                .and_then(|p| p.spiffe_id.as_ref())
+                .map(|id| id.namespace().to_owned())
+                .or_else(|| namespace_from_san(principal))
+                .unwrap_or_else(|| UNKNOWN.to_owned());
+        }
+        ConnectionLabels {
+            source,
+            destination: Arc::clone(if mutual {
+                destination_tls
+            } else {
+                destination_plain
+            }),
+            service,
+            security_policy: if mutual { "mutual_tls" } else { "none" },
+            last: ArcSwapOption::empty(),
+        }
+    }
+
+    /// Records one finished request.
+    pub(crate) fn record(&self, finished: &Finished) {
+        let key = OutcomeKey {
+            protocol: if finished.grpc { "grpc" } else { "http" },
+            response_code: finished.response_code,
+            grpc_status: finished.grpc_status,
+            response_flags: finished.response_flags,
+        };
+        let guard = self.last.load();
+        let handles = match guard.as_ref() {
+            Some(h) if h.key == key => Arc::clone(h),
+            _ => {
+                let fresh = Arc::new(self.register(key));
+                self.last.store(Some(Arc::clone(&fresh)));
+                fresh
+            }
+        };
+        handles.requests.increment(1);
+        handles
+            .duration
+            .record(finished.started.elapsed().as_secs_f64() * 1000.0);
+        handles.request_bytes.record(finished.request_bytes as f64);
+        handles
+            .response_bytes
+            .record(finished.response_bytes as f64);
+    }
+
+    fn register(&self, key: OutcomeKey) -> Handles {
+        let outcome = RequestOutcome {
+            protocol: key.protocol,
+            response_code: key.response_code,
+            grpc_status: key.grpc_status.map(|s| s.to_string()).unwrap_or_default(),
+            response_flags: key.response_flags,
+            connection_security_policy: self.security_policy,
+        };
+        let labels: Vec<Label> = request_labels(
+            Reporter::Destination,
+            &self.source,
+            &self.destination,
+            &self.service,
+            &outcome,
+        )
+        .into_iter()
+        .map(|(k, v)| Label::new(k, v))
+        .collect();
+        Handles {
+            requests: metrics::counter!(REQUESTS_TOTAL, labels.iter()),
+            duration: metrics::histogram!(REQUEST_DURATION_MS, labels.iter()),
+            request_bytes: metrics::histogram!(REQUEST_BYTES, labels.iter()),
+            response_bytes: metrics::histogram!(RESPONSE_BYTES, labels.iter()),
+            key,
+        }
+    }
+}
+
+fn namespace_from_san(san: &str) -> Option<String> {
+    let rest = san.split("/ns/").nth(1)?;
+    let ns = rest.split('/').next()?;
+    (!ns.is_empty()).then(|| ns.to_owned())
+}
