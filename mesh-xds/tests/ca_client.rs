@@ -147,6 +147,9 @@ async fn tls_rejects_a_server_from_another_root() {
     .unwrap()
     .unwrap_err();
     assert!(matches!(err, CaError::Unavailable { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("invalid peer certificate"), "{text}");
+    assert!(text.contains("root-cert.pem"), "{text}");
     assert!(
         ca.requests().is_empty(),
         "the request must not reach the CA"
@@ -329,6 +332,7 @@ async fn unreachable_ca_is_unavailable() {
     .unwrap()
     .unwrap_err();
     assert!(matches!(err, CaError::Unavailable { .. }), "{err:?}");
+    assert!(err.to_string().contains("Connection refused"), "{err}");
     assert!(err.to_string().contains(&addr.address), "{err}");
 }
 

@@ -29,6 +29,8 @@ pub struct CaClient {
     token_path: Option<PathBuf>,
     cluster_id: String,
     cluster_id_header: Option<AsciiMetadataValue>,
+    /// What to check when the TLS handshake fails (root file and server name).
+    tls_hint: Option<String>,
     headers: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
 }
 
@@ -52,6 +54,7 @@ impl CaClient {
             reason,
         };
         let scheme = if address.tls { "https" } else { "http" };
+        let mut tls_hint = None;
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", address.address))
             .map_err(|e| invalid(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
@@ -73,6 +76,11 @@ impl CaClient {
                     reason: "no PEM certificate in the file".into(),
                 });
             }
+            tls_hint = Some(format!(
+                "check that {} holds the root that signed istiod's certificate and that the certificate is valid for {:?}",
+                path.display(),
+                address.tls_server_name()
+            ));
             let tls = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(pem))
                 .domain_name(address.tls_server_name());
@@ -110,6 +118,7 @@ impl CaClient {
         };
         Ok(CaClient {
             cluster_id_header,
+            tls_hint,
             channel: endpoint.connect_lazy(),
             address: address.address.clone(),
             token_path,
@@ -199,7 +208,7 @@ impl CaClient {
     }
 
     fn status_error(&self, status: tonic::Status) -> CaError {
-        let message = status.message().to_owned();
+        let message = status_detail(&status);
         match status.code() {
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
                 let token_hint = match &self.token_path {
@@ -218,10 +227,9 @@ impl CaClient {
             }
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => CaError::Unavailable {
                 address: self.address.clone(),
-                message: if message.is_empty() {
-                    format!("{:?}", status.code())
-                } else {
-                    message
+                message: match &self.tls_hint {
+                    Some(hint) if message.contains("certificate") => format!("{message} ({hint})"),
+                    _ => message,
                 },
             },
             code => CaError::Rpc {
@@ -230,5 +238,28 @@ impl CaClient {
                 message,
             },
         }
+    }
+}
+
+/// The status message followed by its error sources (transport and TLS failures keep their
+/// reason there, e.g. "invalid peer certificate: UnknownIssuer").
+fn status_detail(status: &tonic::Status) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    if !status.message().is_empty() {
+        parts.push(status.message().to_owned());
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let text = e.to_string();
+        // Skip tonic's generic wrapper and repeats of what was already said.
+        if text != "transport error" && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    if parts.is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        parts.join(": ")
     }
 }
