@@ -583,3 +583,143 @@ async fn grpc_status_from_trailers_is_recorded() {
     );
     assert_eq!(lines.len(), 1, "{lines:?}");
 }
+
+/// Trusts any server: plays a TLS client that has no workload certificate.
+#[derive(Debug)]
+struct TrustAnything;
+
+impl rustls::client::danger::ServerCertVerifier for TrustAnything {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+async fn tls_without_client_cert(
+    addr: SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(TrustAnything))
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("reviews.default.svc".try_into().unwrap(), tcp)
+        .await
+}
+
+#[tokio::test]
+async fn tls_without_client_certificate_is_served_in_permissive_only() {
+    let ca = TestCa::new("cluster.local");
+    let certs = CertStore::new();
+    certs.set(ca.workload("default", "reviews"));
+    let server = start(
+        tower::service_fn(app_handler),
+        SnapshotCell::new(),
+        certs,
+        None,
+        node("tlsnocert-v1"),
+    )
+    .await;
+    let stream = timed(tls_without_client_cert(server.addr)).await.unwrap();
+    let (status, body) = timed(request(stream, Proto::H1, "/")).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "peer=none version=HTTP/1.1");
+    server.shutdown().await;
+    // TLS without a client certificate is not mutual TLS, but the local SAN is known.
+    let lines = metric_lines(
+        "istio_requests_total",
+        &[
+            r#"destination_workload="tlsnocert-v1""#,
+            r#"source_principal="unknown""#,
+            r#"destination_principal="spiffe://cluster.local/ns/default/sa/reviews""#,
+            r#"connection_security_policy="none""#,
+        ],
+    );
+    assert_eq!(lines.len(), 1, "{lines:?}");
+
+    let server = start_default(&ca, Some(InboundTlsMode::Strict)).await;
+    let refused = timed(async {
+        match tls_without_client_cert(server.addr).await {
+            Err(_) => true,
+            Ok(stream) => request(stream, Proto::H1, "/").await.is_err(),
+        }
+    })
+    .await;
+    assert!(refused, "STRICT requires a client certificate");
+    server.shutdown().await;
+    assert!(
+        !metric_lines(
+            "mesh_tls_handshake_failures_total",
+            &[r#"reason="no_client_certificate""#]
+        )
+        .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn header_read_timeout_closes_slow_clients() {
+    let ca = TestCa::new("cluster.local");
+    let certs = CertStore::new();
+    certs.set(ca.workload("default", "reviews"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = InboundConfig {
+        port: 9080,
+        mode: None,
+        node: node("slowloris-v1"),
+        header_read_timeout: Some(Duration::from_millis(200)),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let done = tokio::spawn(inbound::serve(
+        listener,
+        tower::service_fn(app_handler),
+        SnapshotCell::new(),
+        certs,
+        config,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    // Half a request line, then silence: hyper gives up on the headers and closes.
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: rev").await.unwrap();
+    let mut out = Vec::new();
+    let _ = timed(tcp.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(!text.contains("200 OK"), "{text}");
+    stop.send(()).unwrap();
+    timed(done).await.unwrap().unwrap();
+}

@@ -256,6 +256,7 @@ async fn handle_connection<S, B>(
         }
         (Detected::Plaintext, _) => {
             let labels = ConnectionLabels::new(
+                false,
                 None,
                 &shared.destination_tls,
                 &shared.destination_plain,
@@ -291,6 +292,7 @@ async fn handle_connection<S, B>(
                 .peer_certificates()
                 .map(tls::peer_identity);
             let labels = ConnectionLabels::new(
+                true,
                 peer.as_ref(),
                 &shared.destination_tls,
                 &shared.destination_plain,

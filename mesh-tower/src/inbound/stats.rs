@@ -60,8 +60,10 @@ pub(crate) struct Finished {
 impl ConnectionLabels {
     /// Labels for a connection from `peer` (`None` for plaintext or a TLS client without a
     /// certificate). `destination_tls` / `destination_plain` are this workload's labels with
-    /// and without its principal (Envoy reports the local URI SAN only on mTLS connections).
+    /// and without its principal: Envoy reports the local certificate's URI SAN whenever the
+    /// connection is TLS (`tls`), and `unknown` on plaintext.
     pub(crate) fn new(
+        tls: bool,
         peer: Option<&PeerIdentity>,
         destination_tls: &Arc<WorkloadLabels>,
         destination_plain: &Arc<WorkloadLabels>,
@@ -81,7 +83,7 @@ impl ConnectionLabels {
         }
         ConnectionLabels {
             source,
-            destination: Arc::clone(if mutual {
+            destination: Arc::clone(if tls {
                 destination_tls
             } else {
                 destination_plain
