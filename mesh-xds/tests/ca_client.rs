@@ -354,3 +354,29 @@ async fn invalid_header_is_rejected_at_connect() {
     .unwrap_err();
     assert!(matches!(err, CaError::InvalidHeader { .. }), "{err:?}");
 }
+
+#[tokio::test]
+async fn ca_headers_and_cluster_id_are_sent() {
+    let ca = TestCa::new("cluster.local");
+    let scratch = Scratch::new();
+    let addr = serve_ca(&ca, false, None).await;
+    let token = scratch.write("istio-token", &ca.token_for("prod", "reviews"));
+    let client = CaClient::connect(
+        &addr,
+        Some(token),
+        "east".into(),
+        vec![("X-Tenant".into(), "blue".into())],
+    )
+    .await
+    .unwrap();
+    let csr = generate_csr(&SpiffeId::new("cluster.local", "prod", "reviews")).unwrap();
+    client
+        .create_certificate(&csr.csr_pem, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let r = &ca.requests()[0];
+    assert_eq!(r.cluster_id.as_deref(), Some("east"));
+    assert_eq!(r.headers.get("x-tenant").map(String::as_str), Some("blue"));
+    assert_eq!(r.headers.get("clusterid").map(String::as_str), Some("east"));
+    assert!(!r.headers.contains_key("authorization"));
+}

@@ -180,3 +180,35 @@ async fn ca_outage_keeps_the_current_certificate_then_recovers() {
     assert_eq!(renewed.identity, f.identity);
     task.abort();
 }
+
+#[tokio::test]
+async fn run_replaces_an_expired_certificate_at_once() {
+    let f = fixture("reviews").await;
+    let store = CertStore::new();
+    let now = std::time::SystemTime::now();
+    let expired = f.ca.issue_with_validity(
+        &f.identity,
+        now - Duration::from_secs(7200),
+        now - Duration::from_secs(3600),
+    );
+    assert!(expired.not_after < now);
+    store.set(WorkloadCertificate {
+        chain: vec![expired.leaf_der.clone()],
+        private_key: expired.key_der.clone(),
+        roots: vec![expired.root_der.clone()],
+        identity: expired.identity.clone(),
+        not_before: expired.not_before,
+        not_after: expired.not_after,
+    });
+    let sm = SecretManager::new(
+        f.client.clone(),
+        f.identity.clone(),
+        Duration::from_secs(3600),
+        store.clone(),
+    );
+    let task = tokio::spawn(sm.run());
+    let fresh = wait_for_new_leaf(&store, &expired.leaf_der, Duration::from_secs(20)).await;
+    assert!(!fresh.is_expired(std::time::SystemTime::now()));
+    assert_eq!(f.ca.requests().len(), 1);
+    task.abort();
+}

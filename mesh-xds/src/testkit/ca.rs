@@ -52,6 +52,9 @@ pub struct CaRequestRecord {
     pub cert_signer: Option<String>,
     /// The URI SANs the CSR asked for (ignored for issuing, as istiod does).
     pub csr_uri_sans: Vec<String>,
+    /// Every other ASCII request header (lower-case name → value), e.g. `CA_HEADER_*`
+    /// extras; `authorization` is left out.
+    pub headers: std::collections::BTreeMap<String, String>,
     /// The gRPC outcome: `Ok` or the error code.
     pub outcome: tonic::Code,
 }
@@ -494,6 +497,19 @@ impl CertificateAuthority for TestCa {
             cluster_id,
             cert_signer,
             csr_uri_sans: csr.as_ref().map(csr_uri_sans).unwrap_or_default(),
+            headers: md
+                .iter()
+                .filter_map(|kv| match kv {
+                    tonic::metadata::KeyAndValueRef::Ascii(k, v)
+                        if k.as_str() != "authorization" =>
+                    {
+                        v.to_str()
+                            .ok()
+                            .map(|v| (k.as_str().to_owned(), v.to_owned()))
+                    }
+                    _ => None,
+                })
+                .collect(),
             outcome: tonic::Code::Ok,
         };
         let result = (|| {
