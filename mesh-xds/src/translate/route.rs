@@ -251,7 +251,7 @@ fn string_match(sm: &StringMatcher) -> Result<HeaderValueMatch, String> {
     if sm.ignore_case {
         // Case-insensitive literal forms become case-insensitive anchored regexes.
         let re = match pattern {
-            string_matcher::MatchPattern::Exact(s) => format!("{}", regex::escape(s)),
+            string_matcher::MatchPattern::Exact(s) => regex::escape(s).to_string(),
             string_matcher::MatchPattern::Prefix(s) => format!("{}.*", regex::escape(s)),
             string_matcher::MatchPattern::Suffix(s) => format!(".*{}", regex::escape(s)),
             string_matcher::MatchPattern::Contains(s) => format!(".*{}.*", regex::escape(s)),
