@@ -154,3 +154,42 @@ fn namespace_from_san(san: &str) -> Option<String> {
     let ns = rest.split('/').next()?;
     (!ns.is_empty()).then(|| ns.to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_namespace_comes_from_the_san() {
+        assert_eq!(
+            namespace_from_san("spiffe://td/ns/frontend/sa/web").as_deref(),
+            Some("frontend")
+        );
+        assert_eq!(namespace_from_san("spiffe://td/sa/web"), None);
+        assert_eq!(namespace_from_san("spiffe://td/ns//sa/web"), None);
+    }
+
+    #[test]
+    fn labels_follow_the_connection_security() {
+        let dest_tls = Arc::new(WorkloadLabels {
+            principal: "spiffe://cluster.local/ns/default/sa/reviews".into(),
+            ..WorkloadLabels::default()
+        });
+        let dest_plain = Arc::new(WorkloadLabels::default());
+        let service = Arc::new(DestinationService::default());
+        let peer = PeerIdentity {
+            spiffe_id: "spiffe://cluster.local/ns/frontend/sa/web".parse().ok(),
+            uri_sans: vec!["spiffe://cluster.local/ns/frontend/sa/web".into()],
+        };
+        let mtls =
+            ConnectionLabels::new(true, Some(&peer), &dest_tls, &dest_plain, service.clone());
+        assert_eq!(mtls.security_policy, "mutual_tls");
+        assert_eq!(mtls.source.namespace, "frontend");
+        assert_eq!(mtls.source.canonical_revision, "latest");
+        assert!(Arc::ptr_eq(&mtls.destination, &dest_tls));
+        let plain = ConnectionLabels::new(false, None, &dest_tls, &dest_plain, service);
+        assert_eq!(plain.security_policy, "none");
+        assert_eq!(plain.source.principal, UNKNOWN);
+        assert!(Arc::ptr_eq(&plain.destination, &dest_plain));
+    }
+}
