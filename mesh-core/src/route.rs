@@ -324,8 +324,8 @@ impl RouteConfig {
             }
         }
         // Longest wildcard wins; stable sort keeps configuration order among equals.
-        suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         Ok(RouteConfig {
             name,
             virtual_hosts,
