@@ -255,6 +255,7 @@ pub struct RouteConfig {
     suffixes: Vec<(String, usize)>,
     prefixes: Vec<(String, usize)>,
     any: Option<usize>,
+    ignore_port_in_host_matching: bool,
     weighted_draws: AtomicU64,
 }
 
@@ -333,12 +334,25 @@ impl RouteConfig {
             suffixes,
             prefixes,
             any,
+            ignore_port_in_host_matching: false,
             weighted_draws: AtomicU64::new(0),
         })
     }
 
+    /// `ignore_port_in_host_matching`: match the authority without its port (istiod sets it
+    /// and lists domains without ports).
+    pub fn with_ignore_port_in_host_matching(mut self, ignore: bool) -> Self {
+        self.ignore_port_in_host_matching = ignore;
+        self
+    }
+
     /// The virtual host for an authority (`host` or `host:port`).
     pub fn virtual_host(&self, authority: &str) -> Option<&VirtualHost> {
+        let authority = if self.ignore_port_in_host_matching {
+            strip_port(authority)
+        } else {
+            authority
+        };
         let idx = if authority.bytes().any(|b| b.is_ascii_uppercase()) {
             self.lookup(&authority.to_ascii_lowercase())
         } else {
@@ -387,6 +401,20 @@ impl RouteConfig {
         let stride = ((total as f64) * 0.618_033_988_75).round() as u64;
         let stride = if stride == 0 || gcd(stride, total) != 1 { coprime_near(stride.max(1), total) } else { stride };
         w.pick(n.wrapping_mul(stride) % total)
+    }
+}
+
+/// `host:port` → `host`; `[v6]:port` → `[v6]`; anything else unchanged.
+fn strip_port(authority: &str) -> &str {
+    match authority.rfind(':') {
+        Some(i)
+            if authority[i + 1..].bytes().all(|b| b.is_ascii_digit())
+                && (!authority.contains('[') || authority[..i].ends_with(']'))
+                && (authority.contains('[') || authority.matches(':').count() == 1) =>
+        {
+            &authority[..i]
+        }
+        _ => authority,
     }
 }
 
@@ -450,6 +478,17 @@ mod tests {
         assert_eq!(cluster_of(&rc, "bar.org").unwrap(), "any");
         // A wildcard must cover at least one character.
         assert_eq!(cluster_of(&rc, ".foo.com").unwrap(), "short");
+    }
+
+    #[test]
+    fn port_can_be_ignored_in_host_matching() {
+        let rc = RouteConfig::new("80", vec![vh("r", &["reviews", "[::1]"], "r")]).unwrap();
+        assert!(cluster_of(&rc, "reviews:9080").is_none());
+        let rc = rc.with_ignore_port_in_host_matching(true);
+        assert_eq!(cluster_of(&rc, "reviews:9080").unwrap(), "r");
+        assert_eq!(cluster_of(&rc, "reviews").unwrap(), "r");
+        assert_eq!(cluster_of(&rc, "[::1]:80").unwrap(), "r");
+        assert_eq!(strip_port("::1"), "::1");
     }
 
     #[test]

@@ -40,7 +40,9 @@ pub fn translate_route(rc: &RouteConfiguration) -> Result<RouteConfig, Translate
             routes,
         });
     }
-    RouteConfig::new(name.clone(), vhosts).map_err(|e| err(e.to_string()))
+    RouteConfig::new(name.clone(), vhosts)
+        .map(|c| c.with_ignore_port_in_host_matching(rc.ignore_port_in_host_matching))
+        .map_err(|e| err(e.to_string()))
 }
 
 fn translate_one(r: &PbRoute, vh_retry: Option<&PbRetryPolicy>) -> Result<Route, String> {
