@@ -525,3 +525,95 @@ async fn requests_are_recorded_with_source_reporter_labels() {
     })
     .await;
 }
+
+/// An h2c upstream that answers one request per connection and then closes it with GOAWAY.
+async fn one_request_h2_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::sync::watch::Receiver<usize>,
+    AbortOnDrop,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let c = connections.clone();
+    let (closed_tx, closed_rx) = tokio::sync::watch::channel(0usize);
+    let closed_tx = Arc::new(closed_tx);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+                let svc = hyper::service::service_fn(
+                    move |_req: http::Request<hyper::body::Incoming>| {
+                        let done = done_tx.clone();
+                        async move {
+                            let _ = done.try_send(());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(Bytes::from(format!("conn {n}"))),
+                            ))
+                        }
+                    },
+                );
+                let conn =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = done_rx.recv() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+                closed.send_modify(|c| *c += 1);
+            });
+        }
+    });
+    (addr, connections, closed_rx, AbortOnDrop(task))
+}
+
+#[tokio::test]
+async fn http2_connection_is_replaced_after_the_upstream_closes_it() {
+    bounded(async {
+        let (addr, connections, mut closed, _guard) = one_request_h2_upstream().await;
+        let cell = SnapshotCell::new();
+        let mut c = Cluster::eds(A);
+        c.protocol = UpstreamProtocol::Http2;
+        cell.publish(
+            snapshot(
+                1,
+                9080,
+                vec![vhost(
+                    "a",
+                    &["a:9080"],
+                    RouteAction::Cluster(A.into()),
+                    None,
+                )],
+                vec![(c, vec![Endpoint::new(addr)])],
+                OutboundTrafficPolicy::RegistryOnly,
+            ),
+            true,
+        );
+        let out = outbound(&cell);
+        let mut bodies = Vec::new();
+        for i in 1..=3 {
+            let r = out.get("http://a:9080/").await.unwrap();
+            assert_eq!(r.status(), 200, "{:?}", r.body());
+            bodies.push(r.body().clone());
+            // The server has closed this connection; give the client's connection task a
+            // moment to read the EOF before the next request.
+            closed.wait_for(|c| *c >= i).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(bodies, vec!["conn 1", "conn 2", "conn 3"]);
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 3);
+    })
+    .await;
+}

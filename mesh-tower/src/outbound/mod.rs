@@ -278,21 +278,11 @@ impl Outbound {
         drop(authority);
         let req = Request::from_parts(parts, body);
 
-        let tls_source = |tls: &UpstreamTls| {
-            let inner = self.inner.clone();
-            let state = state.clone();
-            let tls = tls.clone();
-            move || {
-                inner.tls_target(
-                    &state,
-                    &tls,
-                    tls_mode == EndpointTlsMode::Istio,
-                    proto,
-                    addr,
-                )
-            }
-        };
-        let tls_fn = upstream_tls.map(tls_source);
+        let istio = tls_mode == EndpointTlsMode::Istio;
+        let inner = &*self.inner;
+        let state_ref = &*state;
+        let tls_fn =
+            upstream_tls.map(|tls| move || inner.tls_target(state_ref, tls, istio, proto, addr));
         let params = ConnectParams {
             tls: tls_fn
                 .as_ref()
