@@ -1,0 +1,3 @@
+//! Shared helpers for the root crate's integration tests.
+
+pub mod envoy;
