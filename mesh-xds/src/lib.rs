@@ -14,6 +14,7 @@
 //! Protobuf types stay inside this crate.
 
 pub mod ads;
+pub mod auth;
 pub mod ca;
 pub mod istio_proto;
 pub mod node;

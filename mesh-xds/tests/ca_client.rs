@@ -241,9 +241,11 @@ async fn token_is_reread_on_every_call() {
     let chain = call().await.unwrap().unwrap();
     assert_eq!(chain.len(), 2);
     std::fs::remove_file(scratch.0.join("istio-token")).unwrap();
+    // A missing token file sends no credential; the CA's refusal names the missing file.
     let err = call().await.unwrap().unwrap_err();
-    assert!(matches!(err, CaError::Token { .. }), "{err:?}");
+    assert!(matches!(err, CaError::Unauthenticated { .. }), "{err:?}");
     assert!(err.to_string().contains("istio-token"), "{err}");
+    assert!(err.to_string().contains("does not"), "{err}");
 }
 
 #[tokio::test]

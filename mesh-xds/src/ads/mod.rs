@@ -162,15 +162,9 @@ impl AdsClient {
     fn request<T>(&self, body: T) -> Result<tonic::Request<T>, AdsError> {
         let mut req = tonic::Request::new(body);
         let md = req.metadata_mut();
-        if let Some(path) = &self.config.token_path {
-            let token = std::fs::read_to_string(path)
-                .map_err(|e| AdsError::Config(format!("reading token {}: {e}", path.display())))?;
-            let v = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-                AdsError::Config(format!(
-                    "token in {} is not a valid header value",
-                    path.display()
-                ))
-            })?;
+        if let Some(v) = crate::auth::bearer(self.config.token_path.as_deref())
+            .map_err(|e| AdsError::Config(e.to_string()))?
+        {
             md.insert("authorization", v);
         }
         let cluster = self

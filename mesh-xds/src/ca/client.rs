@@ -179,23 +179,11 @@ impl CaClient {
     }
 
     async fn fill_metadata(&self, md: &mut MetadataMap) -> Result<(), CaError> {
-        if let Some(path) = &self.token_path {
-            let token = tokio::fs::read_to_string(path)
-                .await
-                .map_err(|source| CaError::Token {
-                    path: path.clone(),
-                    source,
-                })?;
-            let value =
-                AsciiMetadataValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| {
-                    CaError::Token {
-                        path: path.clone(),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            "the token holds characters not allowed in a header",
-                        ),
-                    }
-                })?;
+        let token = crate::auth::bearer(self.token_path.as_deref()).map_err(|e| CaError::Token {
+            path: e.path,
+            source: e.source,
+        })?;
+        if let Some(value) = token {
             md.insert("authorization", value);
         }
         if let Some(v) = &self.cluster_id_header {
@@ -212,6 +200,10 @@ impl CaClient {
         match status.code() {
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
                 let token_hint = match &self.token_path {
+                    Some(p) if !p.exists() => format!(
+                        "the token file {} exists (it does not, so no token was sent; istiod requires a projected service-account token with audience istio-ca)",
+                        p.display()
+                    ),
                     Some(p) => format!(
                         "the token at {} is a current projected service-account token with audience istio-ca, and that the clusterid {:?} is known to istiod",
                         p.display(),
