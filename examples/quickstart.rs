@@ -17,6 +17,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use mesh::parts::tower::outbound::UpstreamPrincipal;
 use mesh::parts::tower::status::StatusPort;
 use mesh::parts::xds::testkit::ca::TestCa;
 use mesh::parts::xds::testkit::{ControlPlane, EndpointSpec, MeshModel, Protocol, ServiceSpec};
@@ -99,10 +100,8 @@ async fn main() -> Result<(), Error> {
         let resp = client
             .get(format!("http://backend.{NS}.svc.cluster.local:{BACKEND_PORT}/"))
             .await?;
-        if let Some(peer) = resp.extensions().get::<PeerIdentity>() {
-            if let Some(id) = &peer.spiffe_id {
-                *seen_by_frontend.entry(id.to_string()).or_insert(0u32) += 1;
-            }
+        if let Some(UpstreamPrincipal(id)) = resp.extensions().get::<UpstreamPrincipal>() {
+            *seen_by_frontend.entry(id.to_string()).or_insert(0u32) += 1;
         }
         let body = String::from_utf8_lossy(resp.body()).to_string();
         let (version, peer) = body.split_once(' ').unwrap_or((&body, ""));

@@ -311,6 +311,9 @@ impl Outbound {
             Ok((resp, peer, checkin)) => {
                 let (mut parts, incoming) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                if let Some(p) = &peer {
+                    parts.extensions.insert(UpstreamPrincipal(p.clone()));
+                }
                 if let Some(r) = record.as_mut() {
                     r.code = parts.status.as_u16();
                     r.principal = peer;
@@ -739,6 +742,11 @@ fn local_reply(
     resp.extensions_mut().insert(flag);
     resp
 }
+
+/// The upstream's verified SPIFFE URI SAN, in the response extensions of every response that
+/// came over Istio mTLS: who actually answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamPrincipal(pub Arc<str>);
 
 #[cfg(test)]
 mod tests {
