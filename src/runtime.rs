@@ -137,7 +137,23 @@ impl Mesh {
             }));
         }
 
-        let outbound = Outbound::new(cell.clone(), certs.clone(), config.node.clone());
+        // PassthroughCluster hosts resolve through the NDS table first, then the pod's DNS,
+        // as pilot-agent's DNS proxy answers them.
+        let resolver = mesh_dns::MeshResolver::new(
+            cell.clone(),
+            config.node.namespace.clone(),
+            config.node.cluster_domain.clone(),
+        );
+        let resolver = match resolver.clone().with_system_upstream() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "no upstream DNS from /etc/resolv.conf; only the NDS table resolves");
+                resolver
+            }
+        };
+        tasks.push(resolver.spawn_refresh());
+        let outbound = Outbound::new(cell.clone(), certs.clone(), config.node.clone())
+            .with_resolver(Arc::new(resolver));
         let mesh = Mesh {
             inner: Arc::new(Inner {
                 builder,
