@@ -1,3 +1,4 @@
 //! Shared helpers for the root crate's integration tests.
 
 pub mod envoy;
+pub mod mesh;
