@@ -27,26 +27,22 @@ fn route_config(n: usize) -> RouteConfig {
                     format!("10.0.{}.{}", i / 250, i % 250),
                     format!("10.0.{}.{}:8080", i / 250, i % 250),
                 ],
-                routes: vec![Route {
-                    name: "default".into(),
-                    matcher: RouteMatch::any(),
-                    action: RouteAction::Cluster(format!("outbound|8080||{fqdn}")),
-                    timeout: None,
-                    retry: None,
-                }],
+                routes: vec![Route::new(
+                    "default",
+                    RouteMatch::any(),
+                    RouteAction::Cluster(format!("outbound|8080||{fqdn}")),
+                )],
             }
         })
         .collect();
     vhs.push(VirtualHost {
         name: "allow_any".into(),
         domains: vec!["*".into()],
-        routes: vec![Route {
-            name: "allow_any".into(),
-            matcher: RouteMatch::any(),
-            action: RouteAction::Cluster(PASSTHROUGH_CLUSTER.into()),
-            timeout: None,
-            retry: None,
-        }],
+        routes: vec![Route::new(
+            "allow_any",
+            RouteMatch::any(),
+            RouteAction::Cluster(PASSTHROUGH_CLUSTER.into()),
+        )],
     });
     RouteConfig::new("8080", vhs).expect("valid route config")
 }
@@ -58,10 +54,16 @@ fn bench_lookup(c: &mut Criterion) {
         let rc = route_config(n);
         let hit = format!("svc-{}.ns-{}.svc.cluster.local:8080", n / 2, (n / 2) % 50);
         g.bench_with_input(BenchmarkId::new("exact_hit", n), &rc, |b, rc| {
-            b.iter(|| rc.route(black_box(&hit), black_box("/api/v1"), &headers).is_some())
+            b.iter(|| {
+                rc.route(black_box(&hit), black_box("/api/v1"), &headers)
+                    .is_some()
+            })
         });
         g.bench_with_input(BenchmarkId::new("fallthrough_to_any", n), &rc, |b, rc| {
-            b.iter(|| rc.route(black_box("example.com"), black_box("/"), &headers).is_some())
+            b.iter(|| {
+                rc.route(black_box("example.com"), black_box("/"), &headers)
+                    .is_some()
+            })
         });
         let listener = Listener {
             name: "0.0.0.0_8080".into(),
@@ -86,9 +88,13 @@ fn bench_lookup(c: &mut Criterion) {
             OutboundTrafficPolicy::AllowAny,
             BTreeMap::new(),
         );
-        g.bench_with_input(BenchmarkId::new("snapshot_route_outbound", n), &snap, |b, s| {
-            b.iter(|| s.route_outbound(black_box(&hit), 8080, black_box("/api/v1"), &headers))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("snapshot_route_outbound", n),
+            &snap,
+            |b, s| {
+                b.iter(|| s.route_outbound(black_box(&hit), 8080, black_box("/api/v1"), &headers))
+            },
+        );
     }
     g.finish();
 }

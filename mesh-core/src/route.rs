@@ -1,12 +1,74 @@
 //! RDS route configurations, compiled for lookup: virtual hosts indexed by domain (exact hash
 //! lookup, then the longest `*.suffix`, the longest `prefix*`, then `*`, as Envoy orders
 //! them) and routes matched first-wins.
+//!
+//! Matching follows Envoy 1.40 as observed against the real binary (see the root crate's
+//! `tests/routing_oracle.rs`):
+//! - the path is matched without its query (and fragment); `safe_regex` must match the whole
+//!   path and ignores `case_sensitive`; `path_separated_prefix` matches the prefix itself or
+//!   the prefix followed by `/`;
+//! - a header matcher looks at every value of a repeated header separately and matches if any
+//!   value does (values are *not* joined); `invert_match` negates that; a missing header never
+//!   matches a value matcher, even inverted, unless `treat_missing_header_as_empty`;
+//!   `present_match: false` matches only a missing header;
+//! - `host`/`:authority`, `:path`, `:method` and `:scheme` can be matched as headers (the
+//!   authority as sent, not lower-cased);
+//! - query parameters are compared raw (not percent-decoded), first occurrence only;
+//! - `grpc` matches a `content-type` of exactly `application/grpc` or `application/grpc+…`.
+//!
+//! Matching allocates nothing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
+
+/// The parts of a request that route matching reads.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestView<'a> {
+    /// `:authority` / `Host` as sent (may carry a port).
+    pub authority: &'a str,
+    /// `:path`, query included.
+    pub path: &'a str,
+    /// `:method`.
+    pub method: &'a str,
+    /// `:scheme` (`http` for plaintext application traffic).
+    pub scheme: &'a str,
+    /// The other headers.
+    pub headers: &'a HeaderMap,
+}
+
+impl<'a> RequestView<'a> {
+    /// A `GET` over `http` for `authority` and `path` with `headers`.
+    pub fn new(authority: &'a str, path: &'a str, headers: &'a HeaderMap) -> Self {
+        RequestView {
+            authority,
+            path,
+            method: "GET",
+            scheme: "http",
+            headers,
+        }
+    }
+
+    /// The same request with another method.
+    pub fn with_method(mut self, method: &'a str) -> Self {
+        self.method = method;
+        self
+    }
+
+    /// The path without query and fragment.
+    pub fn path_only(&self) -> &'a str {
+        let end = self.path.find(['?', '#']).unwrap_or(self.path.len());
+        &self.path[..end]
+    }
+
+    /// The query string (after `?`, before `#`), if any.
+    pub fn query(&self) -> Option<&'a str> {
+        let q = &self.path[self.path.find('?')? + 1..];
+        Some(&q[..q.find('#').unwrap_or(q.len())])
+    }
+}
 
 /// How a route matches the path.
 #[derive(Clone, Debug)]
@@ -17,67 +79,251 @@ pub enum PathMatch {
     Exact(String),
     /// `safe_regex`, anchored to match the whole path (RE2 semantics, linear time).
     Regex(regex::Regex),
+    /// `path_separated_prefix`: the prefix itself, or the prefix followed by `/`.
+    SeparatedPrefix(String),
+}
+
+/// A literal or regex comparison of a string, Envoy's `StringMatcher`.
+#[derive(Clone, Debug)]
+pub enum StringPattern {
+    /// `exact`.
+    Exact(String),
+    /// `prefix`.
+    Prefix(String),
+    /// `suffix`.
+    Suffix(String),
+    /// `contains`.
+    Contains(String),
+    /// `safe_regex`, anchored to the whole value.
+    Regex(regex::Regex),
+}
+
+/// Envoy's `StringMatcher`: a pattern and `ignore_case` (ASCII, literal patterns only).
+#[derive(Clone, Debug)]
+pub struct StringMatch {
+    /// The pattern.
+    pub pattern: StringPattern,
+    /// `ignore_case` (Envoy refuses it for `safe_regex`).
+    pub ignore_case: bool,
+}
+
+impl StringMatch {
+    /// A case-sensitive match.
+    pub fn new(pattern: StringPattern) -> Self {
+        StringMatch {
+            pattern,
+            ignore_case: false,
+        }
+    }
+
+    /// Whether `v` matches.
+    pub fn matches(&self, v: &str) -> bool {
+        let ic = self.ignore_case;
+        match &self.pattern {
+            StringPattern::Exact(p) => {
+                if ic {
+                    v.eq_ignore_ascii_case(p)
+                } else {
+                    v == p
+                }
+            }
+            StringPattern::Prefix(p) => starts_with(v, p, ic),
+            StringPattern::Suffix(p) => {
+                v.len() >= p.len() && {
+                    let tail = &v.as_bytes()[v.len() - p.len()..];
+                    if ic {
+                        tail.eq_ignore_ascii_case(p.as_bytes())
+                    } else {
+                        tail == p.as_bytes()
+                    }
+                }
+            }
+            StringPattern::Contains(p) => {
+                if ic {
+                    let (v, p) = (v.as_bytes(), p.as_bytes());
+                    p.is_empty() || v.windows(p.len()).any(|w| w.eq_ignore_ascii_case(p))
+                } else {
+                    v.contains(p.as_str())
+                }
+            }
+            StringPattern::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+fn starts_with(v: &str, p: &str, ignore_case: bool) -> bool {
+    v.len() >= p.len() && {
+        let head = &v.as_bytes()[..p.len()];
+        if ignore_case {
+            head.eq_ignore_ascii_case(p.as_bytes())
+        } else {
+            head == p.as_bytes()
+        }
+    }
 }
 
 /// How a header matcher compares a value.
 #[derive(Clone, Debug)]
 pub enum HeaderValueMatch {
-    /// `present_match: true`.
-    Present,
-    /// `string_match.exact`.
-    Exact(String),
-    /// `string_match.prefix`.
-    Prefix(String),
-    /// `string_match.suffix`.
-    Suffix(String),
-    /// `string_match.contains`.
-    Contains(String),
-    /// `string_match.safe_regex` (whole value).
-    Regex(regex::Regex),
+    /// `present_match` (`true`: the header is there; `false`: it is missing).
+    Present(bool),
+    /// `string_match` (and the deprecated `exact_match`, `prefix_match`, … forms).
+    String(StringMatch),
+    /// `range_match`: the value parses as a signed 64-bit integer in `start..end`.
+    Range {
+        /// Inclusive start.
+        start: i64,
+        /// Exclusive end.
+        end: i64,
+    },
+}
+
+/// Where a header matcher reads its value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeaderSource {
+    /// `:authority` or `host`.
+    Authority,
+    /// `:path`.
+    Path,
+    /// `:method`.
+    Method,
+    /// `:scheme`.
+    Scheme,
+    /// A regular header.
+    Header(HeaderName),
+}
+
+impl HeaderSource {
+    /// The source for a header name as RDS spells it; `None` for a name that is no valid
+    /// header name.
+    pub fn for_name(name: &str) -> Option<HeaderSource> {
+        let lower = name.to_ascii_lowercase();
+        Some(match lower.as_str() {
+            ":authority" | "host" => HeaderSource::Authority,
+            ":path" => HeaderSource::Path,
+            ":method" => HeaderSource::Method,
+            ":scheme" => HeaderSource::Scheme,
+            _ => HeaderSource::Header(HeaderName::from_bytes(lower.as_bytes()).ok()?),
+        })
+    }
 }
 
 /// A header matcher of a route.
 #[derive(Clone, Debug)]
 pub struct HeaderMatcher {
-    /// Header name, lower case.
+    /// Header name as configured, lower case.
     pub name: String,
+    /// Where the value comes from.
+    pub source: HeaderSource,
     /// Comparison.
     pub value: HeaderValueMatch,
     /// `invert_match`.
     pub invert: bool,
+    /// `treat_missing_header_as_empty`.
+    pub treat_missing_as_empty: bool,
 }
 
 impl HeaderMatcher {
-    /// Envoy joins repeated headers with `,` before comparing.
-    fn matches(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(self.name.as_str()).iter();
-        let hit = match values.next() {
-            None => false,
-            Some(first) => {
-                let joined;
-                let v: &str = match values.next() {
-                    None => first.to_str().unwrap_or(""),
-                    Some(second) => {
-                        let mut s = String::from(first.to_str().unwrap_or(""));
-                        for x in std::iter::once(second).chain(values) {
-                            s.push(',');
-                            s.push_str(x.to_str().unwrap_or(""));
-                        }
-                        joined = s;
-                        &joined
-                    }
-                };
-                match &self.value {
-                    HeaderValueMatch::Present => true,
-                    HeaderValueMatch::Exact(e) => v == e,
-                    HeaderValueMatch::Prefix(p) => v.starts_with(p.as_str()),
-                    HeaderValueMatch::Suffix(p) => v.ends_with(p.as_str()),
-                    HeaderValueMatch::Contains(p) => v.contains(p.as_str()),
-                    HeaderValueMatch::Regex(r) => r.is_match(v),
+    /// A matcher on `name` (lower-cased; `None` if it is no valid header name).
+    pub fn new(name: &str, value: HeaderValueMatch) -> Option<Self> {
+        Some(HeaderMatcher {
+            name: name.to_ascii_lowercase(),
+            source: HeaderSource::for_name(name)?,
+            value,
+            invert: false,
+            treat_missing_as_empty: false,
+        })
+    }
+
+    /// The same matcher with `invert_match` set.
+    pub fn inverted(mut self) -> Self {
+        self.invert = !self.invert;
+        self
+    }
+
+    fn value_matches(&self, v: &str) -> bool {
+        match &self.value {
+            HeaderValueMatch::Present(p) => *p,
+            HeaderValueMatch::String(s) => s.matches(v),
+            HeaderValueMatch::Range { start, end } => v
+                .trim()
+                .parse::<i64>()
+                .is_ok_and(|n| *start <= n && n < *end),
+        }
+    }
+
+    /// Envoy's `HeaderUtility::matchHeaders` for one matcher.
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        let single = match &self.source {
+            HeaderSource::Authority => Some(req.authority),
+            HeaderSource::Path => Some(req.path),
+            HeaderSource::Method => Some(req.method),
+            HeaderSource::Scheme => Some(req.scheme),
+            HeaderSource::Header(name) => {
+                let mut values = req.headers.get_all(name).iter().peekable();
+                if values.peek().is_none() {
+                    None
+                } else {
+                    let any = values.any(|v| self.value_matches(header_str(v)));
+                    return any != self.invert;
                 }
             }
         };
-        hit != self.invert
+        match single {
+            Some(v) => self.value_matches(v) != self.invert,
+            None if self.treat_missing_as_empty => self.value_matches("") != self.invert,
+            None => matches!(self.value, HeaderValueMatch::Present(p) if p == self.invert),
+        }
+    }
+}
+
+fn header_str(v: &http::HeaderValue) -> &str {
+    // Non-UTF-8 bytes cannot equal a configured (UTF-8) pattern; compare the valid prefix.
+    match std::str::from_utf8(v.as_bytes()) {
+        Ok(s) => s,
+        Err(e) => std::str::from_utf8(&v.as_bytes()[..e.valid_up_to()]).unwrap_or(""),
+    }
+}
+
+/// A `query_parameters` matcher: the first occurrence of `name`, compared raw.
+#[derive(Clone, Debug)]
+pub struct QueryParameterMatcher {
+    /// Parameter name (compared raw, case-sensitive).
+    pub name: String,
+    /// `string_match`, or `None` for `present_match`.
+    pub value: Option<StringMatch>,
+}
+
+impl QueryParameterMatcher {
+    /// Whether the query (without `?`) satisfies this matcher.
+    pub fn matches(&self, query: Option<&str>) -> bool {
+        let Some(q) = query else {
+            return false;
+        };
+        for pair in q.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if k == self.name {
+                return self.value.as_ref().is_none_or(|m| m.matches(v));
+            }
+        }
+        false
+    }
+}
+
+/// `runtime_fraction`'s default value: `numerator` out of `denominator` requests match
+/// (mesh has no runtime layer, so the key is ignored).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fraction {
+    /// Numerator.
+    pub numerator: u32,
+    /// 100, 10 000 or 1 000 000.
+    pub denominator: u32,
+}
+
+impl Fraction {
+    /// Whether a draw of `random` falls inside the fraction (Envoy: `random % d < n`).
+    pub fn hit(&self, random: u64) -> bool {
+        self.denominator != 0 && random % u64::from(self.denominator) < u64::from(self.numerator)
     }
 }
 
@@ -86,45 +332,81 @@ impl HeaderMatcher {
 pub struct RouteMatch {
     /// Path condition.
     pub path: PathMatch,
-    /// `case_sensitive` (default true).
+    /// `case_sensitive` (default true; not applied to `safe_regex`).
     pub case_sensitive: bool,
     /// Header conditions (all must hold).
     pub headers: Vec<HeaderMatcher>,
+    /// Query parameter conditions (all must hold).
+    pub query_parameters: Vec<QueryParameterMatcher>,
+    /// `grpc`: only gRPC requests.
+    pub grpc: bool,
+    /// `runtime_fraction`: only this share of requests.
+    pub runtime_fraction: Option<Fraction>,
 }
 
 impl RouteMatch {
     /// `prefix: "/"`: matches everything.
     pub fn any() -> Self {
+        RouteMatch::path(PathMatch::Prefix("/".into()))
+    }
+
+    /// A match on the path only.
+    pub fn path(path: PathMatch) -> Self {
         RouteMatch {
-            path: PathMatch::Prefix("/".into()),
+            path,
             case_sensitive: true,
             headers: Vec::new(),
+            query_parameters: Vec::new(),
+            grpc: false,
+            runtime_fraction: None,
         }
     }
 
-    /// Whether a request with this path (query excluded) and headers matches.
+    /// Whether a request with this path (query excluded) and headers matches (a `GET` over
+    /// `http`).
     pub fn matches(&self, path: &str, headers: &HeaderMap) -> bool {
+        self.matches_request(&RequestView::new("", path, headers))
+    }
+
+    /// Whether the request matches, in Envoy's order: path, headers, query, gRPC, fraction.
+    pub fn matches_request(&self, req: &RequestView<'_>) -> bool {
+        let path = req.path_only();
+        let cs = self.case_sensitive;
         let path_ok = match &self.path {
-            PathMatch::Prefix(p) => {
-                if self.case_sensitive {
-                    path.starts_with(p.as_str())
-                } else {
-                    path.len() >= p.len()
-                        && path.is_char_boundary(p.len())
-                        && path[..p.len()].eq_ignore_ascii_case(p)
-                }
-            }
+            PathMatch::Prefix(p) => starts_with(path, p, !cs),
             PathMatch::Exact(p) => {
-                if self.case_sensitive {
+                if cs {
                     path == p
                 } else {
                     path.eq_ignore_ascii_case(p)
                 }
             }
             PathMatch::Regex(r) => r.is_match(path),
+            PathMatch::SeparatedPrefix(p) => {
+                starts_with(path, p, !cs)
+                    && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/')
+            }
         };
-        path_ok && self.headers.iter().all(|h| h.matches(headers))
+        path_ok
+            && self.headers.iter().all(|h| h.matches(req))
+            && (self.query_parameters.is_empty() || {
+                let q = req.query();
+                self.query_parameters.iter().all(|m| m.matches(q))
+            })
+            && (!self.grpc || is_grpc(req.headers))
+            && self
+                .runtime_fraction
+                .is_none_or(|f| f.hit(rand::random::<u64>()))
     }
+}
+
+/// Envoy's `Grpc::Common::hasGrpcContentType`.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.starts_with(GRPC) && (v.len() == GRPC.len() || v[GRPC.len()] == b'+')
+    })
 }
 
 /// One weighted destination.
@@ -138,21 +420,12 @@ pub struct WeightedCluster {
 
 /// `weighted_clusters`: weights and their running total, picked by a per-route counter spread
 /// over the total.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct WeightedClusters {
     /// Destinations with non-zero weight.
     pub clusters: Vec<WeightedCluster>,
     /// Sum of weights (or `total_weight` when given).
     pub total: u64,
-}
-
-impl Clone for WeightedClusters {
-    fn clone(&self) -> Self {
-        WeightedClusters {
-            clusters: self.clusters.clone(),
-            total: self.total,
-        }
-    }
 }
 
 impl WeightedClusters {
@@ -180,6 +453,51 @@ impl WeightedClusters {
     }
 }
 
+/// How a redirect rewrites the path.
+#[derive(Clone, Debug, Default)]
+pub enum RedirectPath {
+    /// Keep the request's path.
+    #[default]
+    Keep,
+    /// `path_redirect`: replace the path (a query in it replaces the request's query).
+    Path(String),
+    /// `prefix_rewrite`: replace the matched prefix.
+    Prefix(String),
+    /// `regex_rewrite`: substitute on the path (query excluded).
+    Regex(regex::Regex, String),
+}
+
+/// A `redirect` action.
+#[derive(Clone, Debug)]
+pub struct Redirect {
+    /// Status code (301 by default).
+    pub status: u16,
+    /// `scheme_redirect` / `https_redirect`.
+    pub scheme: Option<String>,
+    /// `host_redirect`.
+    pub host: Option<String>,
+    /// `port_redirect`.
+    pub port: Option<u16>,
+    /// Path rewrite.
+    pub path: RedirectPath,
+    /// `strip_query`.
+    pub strip_query: bool,
+}
+
+impl Redirect {
+    /// A redirect to `host` (or the same host) with `status`.
+    pub fn to_host(status: u16, host: Option<String>) -> Self {
+        Redirect {
+            status,
+            scheme: None,
+            host,
+            port: None,
+            path: RedirectPath::Keep,
+            strip_query: false,
+        }
+    }
+}
+
 /// What a matched route does.
 #[derive(Clone, Debug)]
 pub enum RouteAction {
@@ -187,6 +505,9 @@ pub enum RouteAction {
     Cluster(String),
     /// Split across clusters by weight.
     Weighted(WeightedClusters),
+    /// `cluster_header`: the cluster named by this request header (503 `NC` if it is missing
+    /// or unknown).
+    ClusterHeader(HeaderName),
     /// Answer directly (`direct_response`), e.g. istiod's `block_all` 502.
     DirectResponse {
         /// Status code.
@@ -195,14 +516,7 @@ pub enum RouteAction {
         body: Option<String>,
     },
     /// Redirect (`redirect`).
-    Redirect {
-        /// Status code (301 by default).
-        status: u16,
-        /// New host, if replaced.
-        host: Option<String>,
-        /// New path, if replaced.
-        path: Option<String>,
-    },
+    Redirect(Redirect),
 }
 
 /// A retry policy (issue 4 deepens it: only the count and the conditions are carried now).
@@ -233,6 +547,25 @@ pub struct Route {
     pub retry: Option<RetryPolicy>,
 }
 
+impl Route {
+    /// A route without timeout or retry policy.
+    pub fn new(name: impl Into<String>, matcher: RouteMatch, action: RouteAction) -> Self {
+        Route {
+            name: name.into(),
+            matcher,
+            action,
+            timeout: None,
+            retry: None,
+        }
+    }
+
+    /// The same route with a timeout.
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
 /// A virtual host.
 #[derive(Clone, Debug)]
 pub struct VirtualHost {
@@ -242,6 +575,17 @@ pub struct VirtualHost {
     pub domains: Vec<String>,
     /// Routes, first match wins.
     pub routes: Vec<Route>,
+}
+
+impl VirtualHost {
+    /// A virtual host for `domains` with `routes`.
+    pub fn new(name: impl Into<String>, domains: &[&str], routes: Vec<Route>) -> Self {
+        VirtualHost {
+            name: name.into(),
+            domains: domains.iter().map(|d| (*d).to_owned()).collect(),
+            routes,
+        }
+    }
 }
 
 /// A route configuration with its domain index.
@@ -291,7 +635,10 @@ pub struct RouteMatchResult<'a> {
 
 impl RouteConfig {
     /// Indexes the virtual hosts' domains. Domains are compared lower-case, as Envoy does.
-    pub fn new(name: impl Into<String>, virtual_hosts: Vec<VirtualHost>) -> Result<Self, RouteConfigError> {
+    pub fn new(
+        name: impl Into<String>,
+        virtual_hosts: Vec<VirtualHost>,
+    ) -> Result<Self, RouteConfigError> {
         let name = name.into();
         let mut exact = HashMap::new();
         let mut suffixes = Vec::new();
@@ -379,12 +726,21 @@ impl RouteConfig {
         self.any
     }
 
-    /// Selects virtual host and first matching route. `path` may include a query, which is
-    /// ignored for matching.
-    pub fn route(&self, authority: &str, path: &str, headers: &HeaderMap) -> Option<RouteMatchResult<'_>> {
-        let vh = self.virtual_host(authority)?;
-        let path = path.split_once('?').map(|(p, _)| p).unwrap_or(path);
-        let route = vh.routes.iter().find(|r| r.matcher.matches(path, headers))?;
+    /// Selects virtual host and first matching route for a `GET` over `http`. `path` may
+    /// include a query, which is ignored for path matching.
+    pub fn route(
+        &self,
+        authority: &str,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<RouteMatchResult<'_>> {
+        self.route_request(&RequestView::new(authority, path, headers))
+    }
+
+    /// Selects virtual host and first matching route.
+    pub fn route_request(&self, req: &RequestView<'_>) -> Option<RouteMatchResult<'_>> {
+        let vh = self.virtual_host(req.authority)?;
+        let route = vh.routes.iter().find(|r| r.matcher.matches_request(req))?;
         Some(RouteMatchResult {
             virtual_host: vh,
             route,
@@ -399,13 +755,17 @@ impl RouteConfig {
         let n = self.weighted_draws.fetch_add(1, Ordering::Relaxed);
         let total = w.total.max(1);
         let stride = ((total as f64) * 0.618_033_988_75).round() as u64;
-        let stride = if stride == 0 || gcd(stride, total) != 1 { coprime_near(stride.max(1), total) } else { stride };
+        let stride = if stride == 0 || gcd(stride, total) != 1 {
+            coprime_near(stride.max(1), total)
+        } else {
+            stride
+        };
         w.pick(n.wrapping_mul(stride) % total)
     }
 }
 
 /// `host:port` → `host`; `[v6]:port` → `[v6]`; anything else unchanged.
-fn strip_port(authority: &str) -> &str {
+pub fn strip_port(authority: &str) -> &str {
     match authority.rfind(':') {
         Some(i)
             if authority[i + 1..].bytes().all(|b| b.is_ascii_digit())
@@ -437,24 +797,23 @@ mod tests {
     use super::*;
 
     fn vh(name: &str, domains: &[&str], cluster: &str) -> VirtualHost {
-        VirtualHost {
-            name: name.into(),
-            domains: domains.iter().map(|d| d.to_string()).collect(),
-            routes: vec![Route {
-                name: "default".into(),
-                matcher: RouteMatch::any(),
-                action: RouteAction::Cluster(cluster.into()),
-                timeout: None,
-                retry: None,
-            }],
-        }
+        VirtualHost::new(
+            name,
+            domains,
+            vec![Route::new(
+                "default",
+                RouteMatch::any(),
+                RouteAction::Cluster(cluster.into()),
+            )],
+        )
     }
 
     fn cluster_of(rc: &RouteConfig, authority: &str) -> Option<String> {
-        rc.route(authority, "/", &HeaderMap::new()).map(|m| match &m.route.action {
-            RouteAction::Cluster(c) => c.clone(),
-            _ => unreachable!(),
-        })
+        rc.route(authority, "/", &HeaderMap::new())
+            .map(|m| match &m.route.action {
+                RouteAction::Cluster(c) => c.clone(),
+                _ => unreachable!(),
+            })
     }
 
     #[test]
@@ -493,36 +852,35 @@ mod tests {
 
     #[test]
     fn duplicate_domains_are_rejected() {
-        let e = RouteConfig::new("80", vec![vh("a", &["x"], "a"), vh("b", &["X"], "b")]).unwrap_err();
+        let e =
+            RouteConfig::new("80", vec![vh("a", &["x"], "a"), vh("b", &["X"], "b")]).unwrap_err();
         assert!(matches!(e, RouteConfigError::DuplicateDomain { .. }));
         let e = RouteConfig::new("80", vec![vh("a", &["a*b"], "a")]).unwrap_err();
         assert!(matches!(e, RouteConfigError::InvalidWildcard { .. }));
     }
 
+    fn exact(name: &str, v: &str) -> HeaderMatcher {
+        HeaderMatcher::new(
+            name,
+            HeaderValueMatch::String(StringMatch::new(StringPattern::Exact(v.into()))),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn first_matching_route_wins() {
         let mut v = vh("h", &["h"], "fallback");
-        v.routes.insert(
-            0,
-            Route {
-                name: "api".into(),
-                matcher: RouteMatch {
-                    path: PathMatch::Prefix("/API".into()),
-                    case_sensitive: false,
-                    headers: vec![HeaderMatcher {
-                        name: "x-user".into(),
-                        value: HeaderValueMatch::Exact("a,b".into()),
-                        invert: false,
-                    }],
-                },
-                action: RouteAction::Cluster("api".into()),
-                timeout: None,
-                retry: None,
-            },
-        );
+        let mut m = RouteMatch::path(PathMatch::Prefix("/API".into()));
+        m.case_sensitive = false;
+        m.headers.push(exact("x-user", "b"));
+        v.routes
+            .insert(0, Route::new("api", m, RouteAction::Cluster("api".into())));
         let rc = RouteConfig::new("80", vec![v]).unwrap();
         let mut h = HeaderMap::new();
-        assert_eq!(rc.route("h", "/api/x?q=1", &h).unwrap().route.name, "default");
+        assert_eq!(
+            rc.route("h", "/api/x?q=1", &h).unwrap().route.name,
+            "default"
+        );
         h.append("x-user", "a".parse().unwrap());
         h.append("x-user", "b".parse().unwrap());
         assert_eq!(rc.route("h", "/api/x?q=1", &h).unwrap().route.name, "api");
@@ -530,12 +888,128 @@ mod tests {
     }
 
     #[test]
+    fn repeated_header_values_match_one_by_one() {
+        let mut h = HeaderMap::new();
+        h.append("x-a", "1".parse().unwrap());
+        h.append("x-a", "2".parse().unwrap());
+        let req = RequestView::new("h", "/", &h);
+        assert!(exact("x-a", "1").matches(&req));
+        assert!(exact("x-a", "2").matches(&req));
+        assert!(!exact("x-a", "1,2").matches(&req));
+        assert!(!exact("x-a", "1").inverted().matches(&req));
+        assert!(exact("x-a", "3").inverted().matches(&req));
+    }
+
+    #[test]
+    fn missing_headers_follow_envoy() {
+        let h = HeaderMap::new();
+        let req = RequestView::new("h", "/", &h);
+        // An inverted value matcher does not match a missing header.
+        assert!(!exact("x-b", "z").inverted().matches(&req));
+        let absent = HeaderMatcher::new("x-b", HeaderValueMatch::Present(false)).unwrap();
+        assert!(absent.matches(&req));
+        assert!(!absent.clone().inverted().matches(&req));
+        let mut empty = exact("x-b", "");
+        assert!(!empty.matches(&req));
+        empty.treat_missing_as_empty = true;
+        assert!(empty.matches(&req));
+    }
+
+    #[test]
+    fn pseudo_headers_and_ranges() {
+        let mut h = HeaderMap::new();
+        h.insert("x-n", "+3".parse().unwrap());
+        let req = RequestView::new("Foo.com", "/p?x", &h).with_method("POST");
+        assert!(exact(":method", "POST").matches(&req));
+        assert!(exact("host", "Foo.com").matches(&req));
+        assert!(!exact(":authority", "foo.com").matches(&req));
+        assert!(exact(":path", "/p?x").matches(&req));
+        let range =
+            |start, end| HeaderMatcher::new("x-n", HeaderValueMatch::Range { start, end }).unwrap();
+        assert!(range(-5, 10).matches(&req));
+        assert!(!range(-5, 3).matches(&req));
+        assert!(range(3, 4).matches(&req));
+    }
+
+    #[test]
+    fn string_match_ignore_case() {
+        let m = |p: StringPattern| StringMatch {
+            pattern: p,
+            ignore_case: true,
+        };
+        assert!(m(StringPattern::Suffix("Bc".into())).matches("aBC"));
+        assert!(m(StringPattern::Contains("XY".into())).matches("axyb"));
+        assert!(m(StringPattern::Prefix("AB".into())).matches("abc"));
+        assert!(!m(StringPattern::Prefix("AB".into())).matches("a"));
+        assert!(m(StringPattern::Exact("AB".into())).matches("ab"));
+    }
+
+    #[test]
+    fn paths_queries_and_grpc() {
+        let h = HeaderMap::new();
+        let sep = RouteMatch::path(PathMatch::SeparatedPrefix("/api/v1".into()));
+        for (p, want) in [
+            ("/api/v1", true),
+            ("/api/v1/", true),
+            ("/api/v1?x", true),
+            ("/api/v1x", false),
+            ("/api/V1", false),
+        ] {
+            assert_eq!(sep.matches(p, &h), want, "{p}");
+        }
+        let mut q = RouteMatch::any();
+        q.query_parameters.push(QueryParameterMatcher {
+            name: "k".into(),
+            value: Some(StringMatch::new(StringPattern::Exact("v".into()))),
+        });
+        assert!(q.matches("/?k=v&k=w", &h));
+        assert!(!q.matches("/?k=w&k=v", &h));
+        assert!(!q.matches("/?k=%76", &h));
+        assert!(!q.matches("/", &h));
+        q.query_parameters[0].value = None;
+        assert!(q.matches("/?x=1&k", &h));
+        let mut g = RouteMatch::any();
+        g.grpc = true;
+        let mut h = HeaderMap::new();
+        assert!(!g.matches("/", &h));
+        for (ct, want) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("application/grpc-web", false),
+            ("application/grpc;x", false),
+        ] {
+            h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+            assert_eq!(g.matches("/", &h), want, "{ct}");
+        }
+        let mut f = RouteMatch::any();
+        f.runtime_fraction = Some(Fraction {
+            numerator: 0,
+            denominator: 100,
+        });
+        assert!(!f.matches("/", &h));
+        f.runtime_fraction = Some(Fraction {
+            numerator: 100,
+            denominator: 100,
+        });
+        assert!(f.matches("/", &h));
+    }
+
+    #[test]
     fn weighted_split_follows_weights() {
         let rc = RouteConfig::new("80", vec![]).unwrap();
         let w = WeightedClusters::new(vec![
-            WeightedCluster { name: "v1".into(), weight: 90 },
-            WeightedCluster { name: "v2".into(), weight: 10 },
-            WeightedCluster { name: "v3".into(), weight: 0 },
+            WeightedCluster {
+                name: "v1".into(),
+                weight: 90,
+            },
+            WeightedCluster {
+                name: "v2".into(),
+                weight: 10,
+            },
+            WeightedCluster {
+                name: "v3".into(),
+                weight: 0,
+            },
         ]);
         let mut v1 = 0;
         for _ in 0..100 {

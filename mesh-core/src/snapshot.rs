@@ -16,7 +16,9 @@ use crate::endpoint::EndpointSet;
 use crate::flags::ResponseFlag;
 use crate::listener::{InboundPolicy, Listener, ListenerKind, OutboundProtocol};
 use crate::name_table::NameTable;
-use crate::route::{RouteAction, RouteConfig};
+use crate::route::{
+    PathMatch, Redirect, RedirectPath, RequestView, RouteAction, RouteConfig, RouteMatch,
+};
 
 /// What istiod's `outboundTrafficPolicy` says about destinations it does not know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -145,13 +147,28 @@ impl Snapshot {
     /// A cluster and its endpoints.
     pub fn cluster(&self, name: &str) -> Option<(Arc<Cluster>, Option<Arc<EndpointSet>>)> {
         let c = self.clusters.get(name)?;
-        let eps = c.eds_service_name().and_then(|s| self.endpoints.get(s)).cloned();
+        let eps = c
+            .eds_service_name()
+            .and_then(|s| self.endpoints.get(s))
+            .cloned();
         Some((c.clone(), eps))
     }
 
     /// Decides where an outbound HTTP request goes, as Envoy's outbound listener on `port`
-    /// would: listener → route configuration → virtual host → route → cluster.
-    pub fn route_outbound(&self, authority: &str, port: u16, path: &str, headers: &HeaderMap) -> RouteDecision {
+    /// would: listener → route configuration → virtual host → route → cluster. A `GET` over
+    /// `http`; see [`route_outbound_request`](Self::route_outbound_request).
+    pub fn route_outbound(
+        &self,
+        authority: &str,
+        port: u16,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> RouteDecision {
+        self.route_outbound_request(port, &RequestView::new(authority, path, headers))
+    }
+
+    /// [`route_outbound`](Self::route_outbound) for any method and scheme.
+    pub fn route_outbound_request(&self, port: u16, req: &RequestView<'_>) -> RouteDecision {
         let rc_name = match self.outbound_port(port) {
             Some(OutboundProtocol::Http { route_config }) => route_config,
             Some(OutboundProtocol::Tcp { cluster }) => {
@@ -162,7 +179,7 @@ impl Snapshot {
         let Some(rc) = self.route_configs.get(rc_name) else {
             return not_found();
         };
-        let Some(m) = rc.route(authority, path, headers) else {
+        let Some(m) = rc.route_request(req) else {
             return not_found();
         };
         let (vh, r) = (&m.virtual_host.name, &m.route.name);
@@ -172,26 +189,34 @@ impl Snapshot {
                 Some(c) => self.forward_to(c, vh, r, m.route.timeout),
                 None => respond(503, None, ResponseFlag::NoClusterFound),
             },
+            RouteAction::ClusterHeader(name) => {
+                match req.headers.get(name).and_then(|v| v.to_str().ok()) {
+                    Some(c) if !c.is_empty() => self.forward_to(c, vh, r, m.route.timeout),
+                    _ => respond(503, None, ResponseFlag::NoClusterFound),
+                }
+            }
             RouteAction::DirectResponse { status, body } => RouteDecision::Respond {
                 status: *status,
                 body: body.clone(),
                 flag: ResponseFlag::None,
                 location: None,
             },
-            RouteAction::Redirect { status, host, path: new_path } => {
-                let host = host.as_deref().unwrap_or(authority);
-                let p = new_path.as_deref().unwrap_or(path);
-                RouteDecision::Respond {
-                    status: *status,
-                    body: None,
-                    flag: ResponseFlag::None,
-                    location: Some(format!("http://{host}{p}")),
-                }
-            }
+            RouteAction::Redirect(redirect) => RouteDecision::Respond {
+                status: redirect.status,
+                body: None,
+                flag: ResponseFlag::None,
+                location: Some(redirect_location(redirect, &m.route.matcher, req)),
+            },
         }
     }
 
-    fn forward_to(&self, cluster: &str, vh: &str, route: &str, timeout: Option<std::time::Duration>) -> RouteDecision {
+    fn forward_to(
+        &self,
+        cluster: &str,
+        vh: &str,
+        route: &str,
+        timeout: Option<std::time::Duration>,
+    ) -> RouteDecision {
         match self.cluster(cluster) {
             Some((cluster, endpoints)) => RouteDecision::Forward {
                 virtual_host: vh.to_owned(),
@@ -219,6 +244,51 @@ impl Snapshot {
             OutboundTrafficPolicy::RegistryOnly => respond(502, None, ResponseFlag::NoClusterFound),
         }
     }
+}
+
+/// The `location` Envoy's redirect action sends for `req`.
+pub fn redirect_location(
+    redirect: &Redirect,
+    matcher: &RouteMatch,
+    req: &RequestView<'_>,
+) -> String {
+    let scheme = redirect.scheme.as_deref().unwrap_or(req.scheme);
+    let mut host = redirect.host.as_deref().unwrap_or(req.authority).to_owned();
+    if let Some(port) = redirect.port {
+        host = format!("{}:{port}", crate::route::strip_port(&host));
+    } else if redirect.scheme.is_some() && redirect.scheme.as_deref() != Some(req.scheme) {
+        // A scheme change drops the port that was the old scheme's default.
+        let bare = crate::route::strip_port(&host);
+        if bare.len() != host.len() {
+            let port = &host[bare.len() + 1..];
+            if (req.scheme == "http" && port == "80") || (req.scheme == "https" && port == "443") {
+                host = bare.to_owned();
+            }
+        }
+    }
+    let path = req.path_only();
+    let query = req.query();
+    let (new_path, new_query) = match &redirect.path {
+        RedirectPath::Keep => (path.to_owned(), query),
+        RedirectPath::Path(p) => match p.split_once('?') {
+            Some((p, q)) => (p.to_owned(), Some(q)),
+            None => (p.clone(), query),
+        },
+        RedirectPath::Prefix(prefix) => {
+            let matched = match &matcher.path {
+                PathMatch::Prefix(m) | PathMatch::SeparatedPrefix(m) => m.len().min(path.len()),
+                _ => 0,
+            };
+            (format!("{prefix}{}", &path[matched..]), query)
+        }
+        RedirectPath::Regex(re, sub) => (re.replace_all(path, sub.as_str()).into_owned(), query),
+    };
+    let mut location = format!("{scheme}://{host}{new_path}");
+    if let Some(q) = new_query.filter(|_| !redirect.strip_query) {
+        location.push('?');
+        location.push_str(q);
+    }
+    location
 }
 
 fn not_found() -> RouteDecision {
@@ -337,28 +407,37 @@ mod tests {
         let vh = |name: &str, domains: &[&str], action: RouteAction| VirtualHost {
             name: name.into(),
             domains: domains.iter().map(|s| s.to_string()).collect(),
-            routes: vec![Route {
-                name: "default".into(),
-                matcher: RouteMatch::any(),
-                action,
-                timeout: None,
-                retry: None,
-            }],
+            routes: vec![Route::new("default", RouteMatch::any(), action)],
         };
         let fallback = match policy {
-            OutboundTrafficPolicy::AllowAny => vh("allow_any", &["*"], RouteAction::Cluster(PASSTHROUGH_CLUSTER.into())),
+            OutboundTrafficPolicy::AllowAny => vh(
+                "allow_any",
+                &["*"],
+                RouteAction::Cluster(PASSTHROUGH_CLUSTER.into()),
+            ),
             OutboundTrafficPolicy::RegistryOnly => vh(
                 "block_all",
                 &["*"],
-                RouteAction::DirectResponse { status: 502, body: None },
+                RouteAction::DirectResponse {
+                    status: 502,
+                    body: None,
+                },
             ),
         };
         let c = "outbound|9080||reviews.default.svc.cluster.local";
         let rc = RouteConfig::new(
             "9080",
             vec![
-                vh("reviews.default.svc.cluster.local:9080", &["reviews", "reviews:9080"], RouteAction::Cluster(c.into())),
-                vh("ghost:9080", &["ghost"], RouteAction::Cluster("outbound|9080||ghost".into())),
+                vh(
+                    "reviews.default.svc.cluster.local:9080",
+                    &["reviews", "reviews:9080"],
+                    RouteAction::Cluster(c.into()),
+                ),
+                vh(
+                    "ghost:9080",
+                    &["ghost"],
+                    RouteAction::Cluster("outbound|9080||ghost".into()),
+                ),
                 fallback,
             ],
         )
@@ -370,7 +449,10 @@ mod tests {
             HashMap::from([(c.to_string(), Arc::new(Cluster::eds(c)))]),
             HashMap::from([(
                 c.to_string(),
-                Arc::new(EndpointSet::new(c, vec![Endpoint::new("127.0.0.1:1".parse().unwrap())])),
+                Arc::new(EndpointSet::new(
+                    c,
+                    vec![Endpoint::new("127.0.0.1:1".parse().unwrap())],
+                )),
             )]),
             Arc::default(),
             policy,
@@ -382,8 +464,13 @@ mod tests {
     fn known_host_goes_to_its_cluster() {
         let s = snapshot(OutboundTrafficPolicy::AllowAny);
         match s.route_outbound("reviews:9080", 9080, "/", &HeaderMap::new()) {
-            RouteDecision::Forward { cluster, endpoints, .. } => {
-                assert_eq!(cluster.name, "outbound|9080||reviews.default.svc.cluster.local");
+            RouteDecision::Forward {
+                cluster, endpoints, ..
+            } => {
+                assert_eq!(
+                    cluster.name,
+                    "outbound|9080||reviews.default.svc.cluster.local"
+                );
                 assert_eq!(endpoints.unwrap().routable_len(), 1);
             }
             other => panic!("{other:?}"),
@@ -408,7 +495,11 @@ mod tests {
         ));
         assert!(matches!(
             s.route_outbound("ghost", 9080, "/", &HeaderMap::new()),
-            RouteDecision::Respond { status: 503, flag: ResponseFlag::NoClusterFound, .. }
+            RouteDecision::Respond {
+                status: 503,
+                flag: ResponseFlag::NoClusterFound,
+                ..
+            }
         ));
     }
 

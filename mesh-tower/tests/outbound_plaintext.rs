@@ -365,11 +365,10 @@ async fn direct_response_and_redirect_come_from_the_route() {
                     vhost(
                         "r",
                         &["r:9080"],
-                        RouteAction::Redirect {
-                            status: 301,
-                            host: Some("elsewhere".into()),
-                            path: None,
-                        },
+                        RouteAction::Redirect(mesh_core::route::Redirect::to_host(
+                            301,
+                            Some("elsewhere".into()),
+                        )),
                         None,
                     ),
                 ],

@@ -126,13 +126,7 @@ pub fn vhost(
     VirtualHost {
         name: name.into(),
         domains: domains.iter().map(|d| d.to_string()).collect(),
-        routes: vec![Route {
-            name: "default".into(),
-            matcher: RouteMatch::any(),
-            action,
-            timeout,
-            retry: None,
-        }],
+        routes: vec![Route::new("default", RouteMatch::any(), action).with_timeout(timeout)],
     }
 }
 

@@ -2,13 +2,16 @@
 
 use envoy_types::pb::envoy::config::core::v3::data_source;
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher as PbHeaderMatcher, RetryPolicy as PbRetryPolicy, Route as PbRoute,
-    RouteConfiguration, header_matcher, redirect_action, route, route_action, route_match,
+    HeaderMatcher as PbHeaderMatcher, QueryParameterMatcher as PbQueryParameterMatcher,
+    RetryPolicy as PbRetryPolicy, Route as PbRoute, RouteConfiguration, header_matcher,
+    query_parameter_matcher, redirect_action, route, route_action, route_match,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
 use mesh_core::route::{
-    HeaderMatcher, HeaderValueMatch, PathMatch, RetryPolicy, Route, RouteAction, RouteConfig,
-    RouteMatch, VirtualHost, WeightedCluster, WeightedClusters,
+    Fraction, HeaderMatcher, HeaderSource, HeaderValueMatch, PathMatch, QueryParameterMatcher,
+    Redirect, RedirectPath, RetryPolicy, Route, RouteAction, RouteConfig, RouteMatch, StringMatch,
+    StringPattern, VirtualHost, WeightedCluster, WeightedClusters,
 };
 
 use super::{TranslateError, duration};
@@ -47,33 +50,7 @@ pub fn translate_route(rc: &RouteConfiguration) -> Result<RouteConfig, Translate
 
 fn translate_one(r: &PbRoute, vh_retry: Option<&PbRetryPolicy>) -> Result<Route, String> {
     let m = r.r#match.as_ref().ok_or("match: missing")?;
-    let case_sensitive = m.case_sensitive.as_ref().is_none_or(|b| b.value);
-    let path = match &m.path_specifier {
-        Some(route_match::PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
-        Some(route_match::PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
-        Some(route_match::PathSpecifier::SafeRegex(re)) => PathMatch::Regex(
-            anchored(&re.regex, !case_sensitive).map_err(|e| format!("match.safe_regex: {e}"))?,
-        ),
-        Some(route_match::PathSpecifier::PathSeparatedPrefix(_)) => {
-            return Err("match.path_separated_prefix is not supported".into());
-        }
-        Some(_) => return Err("match: unsupported path specifier".into()),
-        None => return Err("match: no path specifier".into()),
-    };
-    if !m.query_parameters.is_empty() {
-        return Err("match.query_parameters is not supported".into());
-    }
-    let mut headers = Vec::with_capacity(m.headers.len());
-    for (i, h) in m.headers.iter().enumerate() {
-        headers.push(
-            header_matcher(h).map_err(|e| format!("match.headers[{i}] ({:?}): {e}", h.name))?,
-        );
-    }
-    let matcher = RouteMatch {
-        path,
-        case_sensitive,
-        headers,
-    };
+    let matcher = route_match(m)?;
     let (action, timeout, retry) = match &r.action {
         Some(route::Action::Route(ra)) => {
             let action = match &ra.cluster_specifier {
@@ -109,6 +86,11 @@ fn translate_one(r: &PbRoute, vh_retry: Option<&PbRetryPolicy>) -> Result<Route,
                 Some(route_action::ClusterSpecifier::Cluster(_)) => {
                     return Err("route.cluster: empty".into());
                 }
+                Some(route_action::ClusterSpecifier::ClusterHeader(h)) => {
+                    let name = http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                        .map_err(|_| format!("route.cluster_header: {h:?} is not a header name"))?;
+                    RouteAction::ClusterHeader(name)
+                }
                 Some(_) => return Err("route: unsupported cluster specifier".into()),
                 None => return Err("route: no cluster specifier".into()),
             };
@@ -137,12 +119,52 @@ fn translate_one(r: &PbRoute, vh_retry: Option<&PbRetryPolicy>) -> Result<Route,
                 }
             };
             let path = match &rd.path_rewrite_specifier {
-                Some(redirect_action::PathRewriteSpecifier::PathRedirect(p)) => Some(p.clone()),
-                Some(_) => return Err("redirect: only path_redirect is supported".into()),
-                None => None,
+                Some(redirect_action::PathRewriteSpecifier::PathRedirect(p)) => {
+                    RedirectPath::Path(p.clone())
+                }
+                Some(redirect_action::PathRewriteSpecifier::PrefixRewrite(p)) => {
+                    RedirectPath::Prefix(p.clone())
+                }
+                Some(redirect_action::PathRewriteSpecifier::RegexRewrite(rw)) => {
+                    let re = rw
+                        .pattern
+                        .as_ref()
+                        .ok_or("redirect.regex_rewrite.pattern: missing")?;
+                    let re = regex::Regex::new(&re.regex)
+                        .map_err(|e| format!("redirect.regex_rewrite.pattern: {e}"))?;
+                    RedirectPath::Regex(re, substitution(&rw.substitution))
+                }
+                Some(_) => return Err("redirect: unsupported path rewrite".into()),
+                None => RedirectPath::Keep,
+            };
+            let scheme = match &rd.scheme_rewrite_specifier {
+                Some(redirect_action::SchemeRewriteSpecifier::HttpsRedirect(true)) => {
+                    Some("https".to_owned())
+                }
+                Some(redirect_action::SchemeRewriteSpecifier::SchemeRedirect(s))
+                    if !s.is_empty() =>
+                {
+                    Some(s.to_ascii_lowercase())
+                }
+                _ => None,
+            };
+            let port = match rd.port_redirect {
+                0 => None,
+                p => Some(
+                    u16::try_from(p)
+                        .map_err(|_| format!("redirect.port_redirect: {p} out of range"))?,
+                ),
             };
             let host = Some(rd.host_redirect.clone()).filter(|h| !h.is_empty());
-            (RouteAction::Redirect { status, host, path }, None, None)
+            let redirect = Redirect {
+                status,
+                scheme,
+                host,
+                port,
+                path,
+                strip_query: rd.strip_query,
+            };
+            (RouteAction::Redirect(redirect), None, None)
         }
         Some(route::Action::DirectResponse(d)) => {
             let status = u16::try_from(d.status)
@@ -201,79 +223,194 @@ fn retry_policy(p: &PbRetryPolicy) -> Result<RetryPolicy, String> {
     })
 }
 
+/// RE2 `\\1` back-references in a substitution become the regex crate's `${1}`.
+fn substitution(sub: &str) -> String {
+    let mut out = String::with_capacity(sub.len());
+    let mut chars = sub.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            ('\\', Some(d)) if d.is_ascii_digit() => {
+                out.push_str("${");
+                out.push(*d);
+                out.push('}');
+                chars.next();
+            }
+            ('\\', Some('\\')) => {
+                out.push('\\');
+                chars.next();
+            }
+            ('$', _) => out.push_str("$$"),
+            (c, _) => out.push(c),
+        }
+    }
+    out
+}
+
+fn route_match(
+    m: &envoy_types::pb::envoy::config::route::v3::RouteMatch,
+) -> Result<RouteMatch, String> {
+    let case_sensitive = m.case_sensitive.as_ref().is_none_or(|b| b.value);
+    let path = match &m.path_specifier {
+        Some(route_match::PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
+        Some(route_match::PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
+        // Envoy ignores case_sensitive for regexes.
+        Some(route_match::PathSpecifier::SafeRegex(re)) => {
+            PathMatch::Regex(anchored(&re.regex).map_err(|e| format!("match.safe_regex: {e}"))?)
+        }
+        Some(route_match::PathSpecifier::PathSeparatedPrefix(p)) => {
+            if p.is_empty() || !p.starts_with('/') || p.ends_with('/') || p.contains(['?', '#']) {
+                return Err(format!(
+                    "match.path_separated_prefix: {p:?} must start with '/', not end with '/' \
+                     and contain no '?' or '#'"
+                ));
+            }
+            PathMatch::SeparatedPrefix(p.clone())
+        }
+        Some(_) => return Err("match: unsupported path specifier".into()),
+        None => return Err("match: no path specifier".into()),
+    };
+    let mut headers = Vec::with_capacity(m.headers.len());
+    for (i, h) in m.headers.iter().enumerate() {
+        headers.push(
+            header_matcher(h).map_err(|e| format!("match.headers[{i}] ({:?}): {e}", h.name))?,
+        );
+    }
+    let mut query_parameters = Vec::with_capacity(m.query_parameters.len());
+    for (i, q) in m.query_parameters.iter().enumerate() {
+        query_parameters.push(
+            query_matcher(q)
+                .map_err(|e| format!("match.query_parameters[{i}] ({:?}): {e}", q.name))?,
+        );
+    }
+    if !m.cookies.is_empty() {
+        return Err("match.cookies is not supported".into());
+    }
+    if m.tls_context.is_some() {
+        return Err("match.tls_context is not supported".into());
+    }
+    if !m.dynamic_metadata.is_empty() {
+        return Err("match.dynamic_metadata is not supported".into());
+    }
+    if m.filter_state.iter().next().is_some() {
+        return Err("match.filter_state is not supported".into());
+    }
+    let runtime_fraction = match m
+        .runtime_fraction
+        .as_ref()
+        .and_then(|r| r.default_value.as_ref())
+    {
+        None => None,
+        Some(f) => Some(Fraction {
+            numerator: f.numerator,
+            denominator: match DenominatorType::try_from(f.denominator) {
+                Ok(DenominatorType::Hundred) => 100,
+                Ok(DenominatorType::TenThousand) => 10_000,
+                Ok(DenominatorType::Million) => 1_000_000,
+                Err(_) => {
+                    return Err(format!(
+                        "match.runtime_fraction.default_value.denominator: unknown value {}",
+                        f.denominator
+                    ));
+                }
+            },
+        }),
+    };
+    Ok(RouteMatch {
+        path,
+        case_sensitive,
+        headers,
+        query_parameters,
+        grpc: m.grpc.is_some(),
+        runtime_fraction,
+    })
+}
+
 /// Compiles `re` so it must match the whole input, as Envoy's safe_regex does.
-fn anchored(re: &str, ignore_case: bool) -> Result<regex::Regex, String> {
-    let flags = if ignore_case { "(?i)" } else { "" };
-    regex::Regex::new(&format!("{flags}^(?:{re})$"))
-        .map_err(|e| format!("invalid regex {re:?}: {e}"))
+fn anchored(re: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(&format!("^(?:{re})$")).map_err(|e| format!("invalid regex {re:?}: {e}"))
 }
 
 fn header_matcher(h: &PbHeaderMatcher) -> Result<HeaderMatcher, String> {
     #[allow(deprecated)]
     let value = match &h.header_match_specifier {
-        None => HeaderValueMatch::Present,
-        Some(header_matcher::HeaderMatchSpecifier::PresentMatch(true)) => HeaderValueMatch::Present,
-        Some(header_matcher::HeaderMatchSpecifier::PresentMatch(false)) => {
-            // present_match: false matches when the header is absent.
-            return Ok(HeaderMatcher {
-                name: h.name.to_ascii_lowercase(),
-                value: HeaderValueMatch::Present,
-                invert: !h.invert_match,
-            });
+        None => HeaderValueMatch::Present(true),
+        Some(header_matcher::HeaderMatchSpecifier::PresentMatch(p)) => {
+            HeaderValueMatch::Present(*p)
         }
         Some(header_matcher::HeaderMatchSpecifier::ExactMatch(s)) => {
-            HeaderValueMatch::Exact(s.clone())
+            literal(StringPattern::Exact(s.clone()))
         }
         Some(header_matcher::HeaderMatchSpecifier::PrefixMatch(s)) => {
-            HeaderValueMatch::Prefix(s.clone())
+            literal(StringPattern::Prefix(s.clone()))
         }
         Some(header_matcher::HeaderMatchSpecifier::SuffixMatch(s)) => {
-            HeaderValueMatch::Suffix(s.clone())
+            literal(StringPattern::Suffix(s.clone()))
         }
         Some(header_matcher::HeaderMatchSpecifier::ContainsMatch(s)) => {
-            HeaderValueMatch::Contains(s.clone())
+            literal(StringPattern::Contains(s.clone()))
         }
         Some(header_matcher::HeaderMatchSpecifier::SafeRegexMatch(re)) => {
-            HeaderValueMatch::Regex(anchored(&re.regex, false)?)
+            literal(StringPattern::Regex(anchored(&re.regex)?))
         }
-        Some(header_matcher::HeaderMatchSpecifier::StringMatch(sm)) => string_match(sm)?,
-        Some(header_matcher::HeaderMatchSpecifier::RangeMatch(_)) => {
-            return Err("range_match is not supported".into());
+        Some(header_matcher::HeaderMatchSpecifier::StringMatch(sm)) => {
+            HeaderValueMatch::String(string_match(sm)?)
         }
+        Some(header_matcher::HeaderMatchSpecifier::RangeMatch(r)) => HeaderValueMatch::Range {
+            start: r.start,
+            end: r.end,
+        },
     };
+    let source = HeaderSource::for_name(&h.name)
+        .ok_or_else(|| format!("name {:?} is not a header name", h.name))?;
     Ok(HeaderMatcher {
         name: h.name.to_ascii_lowercase(),
+        source,
         value,
         invert: h.invert_match,
+        treat_missing_as_empty: h.treat_missing_header_as_empty,
     })
 }
 
-fn string_match(sm: &StringMatcher) -> Result<HeaderValueMatch, String> {
-    let pattern = sm.match_pattern.as_ref().ok_or("string_match: empty")?;
-    if sm.ignore_case {
-        // Case-insensitive literal forms become case-insensitive anchored regexes.
-        let re = match pattern {
-            string_matcher::MatchPattern::Exact(s) => regex::escape(s).to_string(),
-            string_matcher::MatchPattern::Prefix(s) => format!("{}.*", regex::escape(s)),
-            string_matcher::MatchPattern::Suffix(s) => format!(".*{}", regex::escape(s)),
-            string_matcher::MatchPattern::Contains(s) => format!(".*{}.*", regex::escape(s)),
-            string_matcher::MatchPattern::SafeRegex(r) => r.regex.clone(),
-            string_matcher::MatchPattern::Custom(_) => {
-                return Err("string_match.custom is not supported".into());
-            }
-        };
-        return Ok(HeaderValueMatch::Regex(anchored(&re, true)?));
+fn literal(p: StringPattern) -> HeaderValueMatch {
+    HeaderValueMatch::String(StringMatch::new(p))
+}
+
+fn query_matcher(q: &PbQueryParameterMatcher) -> Result<QueryParameterMatcher, String> {
+    if q.name.is_empty() {
+        return Err("name: empty".into());
     }
-    Ok(match pattern {
-        string_matcher::MatchPattern::Exact(s) => HeaderValueMatch::Exact(s.clone()),
-        string_matcher::MatchPattern::Prefix(s) => HeaderValueMatch::Prefix(s.clone()),
-        string_matcher::MatchPattern::Suffix(s) => HeaderValueMatch::Suffix(s.clone()),
-        string_matcher::MatchPattern::Contains(s) => HeaderValueMatch::Contains(s.clone()),
+    let value = match &q.query_parameter_match_specifier {
+        Some(query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(sm)) => {
+            Some(string_match(sm)?)
+        }
+        Some(query_parameter_matcher::QueryParameterMatchSpecifier::PresentMatch(_)) | None => None,
+    };
+    Ok(QueryParameterMatcher {
+        name: q.name.clone(),
+        value,
+    })
+}
+
+fn string_match(sm: &StringMatcher) -> Result<StringMatch, String> {
+    let pattern = sm.match_pattern.as_ref().ok_or("string_match: empty")?;
+    let pattern = match pattern {
+        string_matcher::MatchPattern::Exact(s) => StringPattern::Exact(s.clone()),
+        string_matcher::MatchPattern::Prefix(s) => StringPattern::Prefix(s.clone()),
+        string_matcher::MatchPattern::Suffix(s) => StringPattern::Suffix(s.clone()),
+        string_matcher::MatchPattern::Contains(s) => StringPattern::Contains(s.clone()),
         string_matcher::MatchPattern::SafeRegex(r) => {
-            HeaderValueMatch::Regex(anchored(&r.regex, false)?)
+            if sm.ignore_case {
+                // Envoy refuses the config: "ignore_case has no effect for safe_regex."
+                return Err("string_match: ignore_case has no effect for safe_regex".into());
+            }
+            StringPattern::Regex(anchored(&r.regex)?)
         }
         string_matcher::MatchPattern::Custom(_) => {
             return Err("string_match.custom is not supported".into());
         }
+    };
+    Ok(StringMatch {
+        pattern,
+        ignore_case: sm.ignore_case,
     })
 }
