@@ -505,8 +505,7 @@ mod tests {
         }
         node.metadata.insert(
             "OWNER".into(),
-            "kubernetes://apis/apps/v1/namespaces/components/deployments/demo-a-prodcatapi"
-                .into(),
+            "kubernetes://apis/apps/v1/namespaces/components/deployments/demo-a-prodcatapi".into(),
         );
         node
     }

@@ -23,8 +23,10 @@
 //! in flight finish (HTTP/1.1 connections close after their response, h2 connections get a
 //! GOAWAY); [`serve`] returns once every connection is done.
 
+pub mod access_log;
 mod service;
 mod stats;
+pub mod tracing_headers;
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -44,9 +46,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::tls;
-use service::InboundService;
+use access_log::ConnectionInfo;
+use mesh_core::peer_metadata::PeerMetadataHeaders;
 pub use service::MeteredBody;
-use stats::ConnectionLabels;
+use service::{InboundService, LocalPeerHeaders};
+pub use stats::INBOUND_LISTENER_ADDRESS;
+use stats::{ConnectionLabels, ListenerStats};
 
 /// How long a connection may stay silent before TLS detection gives up and treats it as
 /// plaintext (Envoy's `listener_filters_timeout`, 15 s by default).
@@ -149,7 +154,9 @@ struct Shared {
     destination_tls: Arc<WorkloadLabels>,
     destination_plain: Arc<WorkloadLabels>,
     builder: auto::Builder<TokioExecutor>,
-    inbound_cluster: String,
+    inbound_cluster: Arc<str>,
+    local_headers: Option<Arc<LocalPeerHeaders>>,
+    stats: Arc<ListenerStats>,
 }
 
 impl Shared {
@@ -166,13 +173,26 @@ impl Shared {
             builder.http1().header_read_timeout(timeout);
         }
         builder.http2().timer(TokioTimer::new());
+        let encoded = PeerMetadataHeaders::for_node(&config.node);
+        let local_headers = match (
+            http::HeaderValue::from_str(&encoded.id),
+            http::HeaderValue::from_str(&encoded.metadata),
+        ) {
+            (Ok(id), Ok(metadata)) => Some(Arc::new(LocalPeerHeaders { id, metadata })),
+            _ => {
+                tracing::warn!(node_id = %encoded.id, "node id is not a valid header value; peer metadata is not sent");
+                None
+            }
+        };
         Ok(Shared {
+            local_headers,
+            stats: Arc::new(ListenerStats::new(config.port)),
             strict_tls: tls::server_config(&certs, true).map_err(tls_err)?,
             permissive_tls: tls::server_config(&certs, false).map_err(tls_err)?,
             destination_tls: Arc::new(destination_tls),
             destination_plain: Arc::new(destination_plain),
             builder,
-            inbound_cluster: format!("inbound|{}||", config.port),
+            inbound_cluster: Arc::from(format!("inbound|{}||", config.port)),
             cell,
             config,
         })
@@ -194,7 +214,7 @@ impl Shared {
         let snapshot = self.cell.load_guard();
         snapshot
             .clusters
-            .get(&self.inbound_cluster)
+            .get(&*self.inbound_cluster)
             .and_then(|cluster| cluster.service.as_ref())
             .map(|service| DestinationService {
                 host: service.host.clone(),
@@ -241,6 +261,8 @@ async fn handle_connection<S, B>(
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     let _ = tcp.set_nodelay(true);
+    let mut active = shared.stats.connection_opened();
+    let local = tcp.local_addr().ok();
     let detected = tokio::select! {
         detected = detect(&tcp) => detected,
         () = drained(&mut drain) => return,
@@ -262,7 +284,9 @@ async fn handle_connection<S, B>(
                 &shared.destination_plain,
                 Arc::new(shared.destination_service()),
             );
-            serve_http(TokioIo::new(tcp), app, None, labels, &shared, drain).await;
+            let info = connection_info(&shared, local, remote, None, None);
+            active.serving_http();
+            serve_http(TokioIo::new(tcp), app, None, labels, info, &shared, drain).await;
         }
         (Detected::Tls, mode) => {
             let config = if mode == InboundTlsMode::Strict {
@@ -298,7 +322,20 @@ async fn handle_connection<S, B>(
                 &shared.destination_plain,
                 Arc::new(shared.destination_service()),
             );
-            serve_http(TokioIo::new(stream), app, peer, labels, &shared, drain).await;
+            let sni = stream.get_ref().1.server_name().map(str::to_owned);
+            let principal = peer.as_ref().and_then(|p| p.uri_sans.first().cloned());
+            let info = connection_info(&shared, local, remote, sni, principal);
+            active.serving_http();
+            serve_http(
+                TokioIo::new(stream),
+                app,
+                peer,
+                labels,
+                info,
+                &shared,
+                drain,
+            )
+            .await;
         }
     }
 }
@@ -331,6 +368,7 @@ async fn serve_http<I, S, B>(
     app: S,
     peer: Option<PeerIdentity>,
     labels: ConnectionLabels,
+    info: Option<Arc<ConnectionInfo>>,
     shared: &Shared,
     mut drain: watch::Receiver<bool>,
 ) where
@@ -342,7 +380,14 @@ async fn serve_http<I, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let service = InboundService::new(app, peer, Arc::new(labels));
+    let service = InboundService::new(
+        app,
+        peer,
+        Arc::new(labels),
+        shared.local_headers.clone(),
+        Arc::clone(&shared.stats),
+        info,
+    );
     let conn = shared.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -355,6 +400,25 @@ async fn serve_http<I, S, B>(
     if let Err(error) = result {
         tracing::debug!(%error, "inbound connection ended with an error");
     }
+}
+
+/// The access log's per-connection fields, only when access logs are enabled.
+fn connection_info(
+    shared: &Shared,
+    local: Option<SocketAddr>,
+    remote: SocketAddr,
+    sni: Option<String>,
+    principal: Option<String>,
+) -> Option<Arc<ConnectionInfo>> {
+    access_log::enabled().then(|| {
+        Arc::new(ConnectionInfo {
+            downstream_local: local,
+            downstream_remote: remote,
+            requested_server_name: sni,
+            upstream_cluster: Arc::clone(&shared.inbound_cluster),
+            source_principal: principal,
+        })
+    })
 }
 
 /// Resolves once the listener drains (or `serve` was dropped).

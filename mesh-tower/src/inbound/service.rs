@@ -7,15 +7,36 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
+use arc_swap::ArcSwapOption;
+use http::header::HeaderValue;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use mesh_core::identity::PeerIdentity;
+use mesh_core::peer_metadata::{PEER_METADATA_HEADER, PEER_METADATA_ID_HEADER, PeerMetadata};
+use mesh_core::telemetry::WorkloadLabels;
 use pin_project::pin_project;
 use tower::ServiceExt;
 use tower::util::Oneshot;
 
-use super::stats::{ConnectionLabels, Finished};
+use super::access_log::AccessLog;
+use super::stats::{ConnectionLabels, Finished, ListenerStats};
+
+/// This workload's `x-envoy-peer-metadata-id` / `x-envoy-peer-metadata` values, encoded once
+/// per listener.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalPeerHeaders {
+    pub(crate) id: HeaderValue,
+    pub(crate) metadata: HeaderValue,
+}
+
+/// The last peer metadata seen on a connection and the source labels it decoded to: a
+/// sidecar sends the same value on every request, so decoding happens once per connection.
+#[derive(Debug)]
+struct CachedPeer {
+    raw: HeaderValue,
+    labels: Option<Arc<WorkloadLabels>>,
+}
 
 /// Wraps the application for one connection.
 #[derive(Debug)]
@@ -23,11 +44,58 @@ pub(crate) struct InboundService<S> {
     app: S,
     peer: Option<PeerIdentity>,
     labels: Arc<ConnectionLabels>,
+    local_headers: Option<Arc<LocalPeerHeaders>>,
+    stats: Arc<ListenerStats>,
+    access: Option<Arc<super::access_log::ConnectionInfo>>,
+    cached_peer: ArcSwapOption<CachedPeer>,
 }
 
 impl<S> InboundService<S> {
-    pub(crate) fn new(app: S, peer: Option<PeerIdentity>, labels: Arc<ConnectionLabels>) -> Self {
-        InboundService { app, peer, labels }
+    pub(crate) fn new(
+        app: S,
+        peer: Option<PeerIdentity>,
+        labels: Arc<ConnectionLabels>,
+        local_headers: Option<Arc<LocalPeerHeaders>>,
+        stats: Arc<ListenerStats>,
+        access: Option<Arc<super::access_log::ConnectionInfo>>,
+    ) -> Self {
+        InboundService {
+            app,
+            peer,
+            labels,
+            local_headers,
+            stats,
+            access,
+            cached_peer: ArcSwapOption::empty(),
+        }
+    }
+
+    /// Reads and removes the peer metadata headers (Istio's `downstream_discovery`), returning
+    /// the source labels they describe (`None` when absent or unreadable) and whether the
+    /// request carried them (which decides `downstream_propagation`).
+    fn discover_peer(&self, headers: &mut HeaderMap) -> (Option<Arc<WorkloadLabels>>, bool) {
+        let id = headers.remove(PEER_METADATA_ID_HEADER);
+        let Some(raw) = headers.remove(PEER_METADATA_HEADER) else {
+            return (None, id.is_some());
+        };
+        let cached = self.cached_peer.load();
+        if let Some(c) = cached.as_ref()
+            && c.raw == raw
+        {
+            return (c.labels.clone(), true);
+        }
+        let labels = match PeerMetadata::decode_header(raw.as_bytes()) {
+            Ok(m) => Some(Arc::new(self.labels.merge_peer(m.workload_labels()))),
+            Err(error) => {
+                tracing::debug!(%error, "ignoring unreadable peer metadata");
+                None
+            }
+        };
+        self.cached_peer.store(Some(Arc::new(CachedPeer {
+            raw,
+            labels: labels.clone(),
+        })));
+        (labels, true)
     }
 }
 
@@ -45,13 +113,29 @@ where
         let grpc = is_grpc(req.headers());
         let head = req.method() == Method::HEAD;
         let request_bytes = req.body().size_hint().exact().unwrap_or(0);
+        let (source, exchanged) = self.discover_peer(req.headers_mut());
+        super::tracing_headers::on_request(req.headers_mut());
+        let access = self
+            .access
+            .as_ref()
+            .filter(|_| super::access_log::enabled())
+            .map(|conn| Box::new(AccessLog::from_request(&req, Arc::clone(conn))));
         if let Some(peer) = &self.peer {
             req.extensions_mut().insert(peer.clone());
         }
+        self.stats.request_started();
         InboundFuture {
             inner: self.app.clone().oneshot(req),
             meter: Some(Meter {
                 labels: Arc::clone(&self.labels),
+                source,
+                propagate: if exchanged {
+                    self.local_headers.clone()
+                } else {
+                    None
+                },
+                stats: Arc::clone(&self.stats),
+                access,
                 grpc,
                 head,
                 started,
@@ -78,6 +162,10 @@ fn grpc_status(headers: &HeaderMap) -> Option<u16> {
 #[derive(Debug)]
 struct Meter {
     labels: Arc<ConnectionLabels>,
+    source: Option<Arc<WorkloadLabels>>,
+    propagate: Option<Arc<LocalPeerHeaders>>,
+    stats: Arc<ListenerStats>,
+    access: Option<Box<AccessLog>>,
     grpc: bool,
     head: bool,
     started: Instant,
@@ -111,10 +199,18 @@ where
             return Poll::Pending;
         };
         match result {
-            Ok(response) => {
+            Ok(mut response) => {
+                if let Some(local) = &meter.propagate {
+                    let h = response.headers_mut();
+                    h.insert(PEER_METADATA_ID_HEADER, local.id.clone());
+                    h.insert(PEER_METADATA_HEADER, local.metadata.clone());
+                }
                 let status = response.status();
                 let mut pending = Pending {
                     labels: meter.labels,
+                    source: meter.source,
+                    stats: meter.stats,
+                    access: meter.access,
                     finished: Finished {
                         grpc: meter.grpc,
                         response_code: status.as_u16(),
@@ -153,6 +249,9 @@ where
                 // hyper resets the stream / closes the connection: nothing was sent.
                 let mut pending = Pending {
                     labels: meter.labels,
+                    source: meter.source,
+                    stats: meter.stats,
+                    access: meter.access,
                     finished: Finished {
                         grpc: meter.grpc,
                         response_code: 0,
@@ -173,13 +272,20 @@ where
 #[derive(Debug)]
 struct Pending {
     labels: Arc<ConnectionLabels>,
+    source: Option<Arc<WorkloadLabels>>,
+    stats: Arc<ListenerStats>,
+    access: Option<Box<AccessLog>>,
     finished: Finished,
 }
 
 impl Pending {
     fn finish(&mut self, flags: &'static str) {
         self.finished.response_flags = flags;
-        self.labels.record(&self.finished);
+        self.labels.record(&self.finished, self.source.as_ref());
+        self.stats.request_finished(self.finished.response_code);
+        if let Some(access) = self.access.take() {
+            access.emit(&self.finished);
+        }
     }
 }
 

@@ -16,7 +16,112 @@ use mesh_core::telemetry::{
     DestinationService, REQUEST_BYTES, REQUEST_DURATION_MS, REQUESTS_TOTAL, RESPONSE_BYTES,
     Reporter, RequestOutcome, UNKNOWN, WorkloadLabels, request_labels,
 };
-use metrics::{Counter, Histogram, Label};
+use metrics::{Counter, Gauge, Histogram, Label};
+
+/// Envoy's stat prefix of Istio's inbound capture listener (`virtualInbound`, 15006): the
+/// `envoy_listener_address` label of listener stats.
+pub const INBOUND_LISTENER_ADDRESS: &str = "0.0.0.0_15006";
+
+/// Envoy's listener and HTTP connection manager stats for one inbound port, registered once
+/// (names and labels as Envoy's Prometheus output has them): recording is atomic updates.
+#[derive(Debug)]
+pub(crate) struct ListenerStats {
+    cx_total: Counter,
+    cx_active: Gauge,
+    http_cx_total: Counter,
+    http_cx_active: Gauge,
+    rq_total: Counter,
+    rq_active: Gauge,
+    /// `envoy_http_downstream_rq_xx` for classes 1..=5.
+    rq_xx: [Counter; 5],
+}
+
+impl ListenerStats {
+    /// Stats for the inbound HTTP connection manager of `port` (Istio's stat prefix
+    /// `inbound_0.0.0.0_<port>`).
+    pub(crate) fn new(port: u16) -> Self {
+        let listener = [Label::new(
+            "envoy_listener_address",
+            INBOUND_LISTENER_ADDRESS,
+        )];
+        let hcm_prefix = format!("inbound_0.0.0.0_{port}");
+        let hcm = [Label::new(
+            "envoy_http_conn_manager_prefix",
+            hcm_prefix.clone(),
+        )];
+        let class = |c: &'static str| {
+            metrics::counter!(
+                "envoy_http_downstream_rq_xx",
+                [
+                    Label::new("envoy_response_code_class", c),
+                    Label::new("envoy_http_conn_manager_prefix", hcm_prefix.clone()),
+                ]
+                .iter()
+            )
+        };
+        ListenerStats {
+            cx_total: metrics::counter!("envoy_listener_downstream_cx_total", listener.iter()),
+            cx_active: metrics::gauge!("envoy_listener_downstream_cx_active", listener.iter()),
+            http_cx_total: metrics::counter!("envoy_http_downstream_cx_total", hcm.iter()),
+            http_cx_active: metrics::gauge!("envoy_http_downstream_cx_active", hcm.iter()),
+            rq_total: metrics::counter!("envoy_http_downstream_rq_total", hcm.iter()),
+            rq_active: metrics::gauge!("envoy_http_downstream_rq_active", hcm.iter()),
+            rq_xx: [class("1"), class("2"), class("3"), class("4"), class("5")],
+        }
+    }
+
+    /// A connection was accepted; the guard counts it active until dropped.
+    pub(crate) fn connection_opened(self: &Arc<Self>) -> ActiveConnection {
+        self.cx_total.increment(1);
+        self.cx_active.increment(1.0);
+        ActiveConnection {
+            stats: Arc::clone(self),
+            http: false,
+        }
+    }
+
+    /// A request arrived.
+    pub(crate) fn request_started(&self) {
+        self.rq_total.increment(1);
+        self.rq_active.increment(1.0);
+    }
+
+    /// A request ended with `code` (`0`: no response).
+    pub(crate) fn request_finished(&self, code: u16) {
+        self.rq_active.decrement(1.0);
+        if let Some(c) = self.rq_xx.get(usize::from(code / 100).wrapping_sub(1)) {
+            c.increment(1);
+        }
+    }
+}
+
+/// Keeps `envoy_listener_downstream_cx_active` (and the HTTP one, once HTTP is served) up for
+/// one connection.
+#[derive(Debug)]
+pub(crate) struct ActiveConnection {
+    stats: Arc<ListenerStats>,
+    http: bool,
+}
+
+impl ActiveConnection {
+    /// The connection reached the HTTP connection manager.
+    pub(crate) fn serving_http(&mut self) {
+        if !self.http {
+            self.http = true;
+            self.stats.http_cx_total.increment(1);
+            self.stats.http_cx_active.increment(1.0);
+        }
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.stats.cx_active.decrement(1.0);
+        if self.http {
+            self.stats.http_cx_active.decrement(1.0);
+        }
+    }
+}
 
 /// Labels that are the same for every request on one connection.
 #[derive(Debug)]
@@ -39,6 +144,9 @@ struct OutcomeKey {
 #[derive(Debug)]
 struct Handles {
     key: OutcomeKey,
+    /// The peer-metadata source labels these handles were registered with (`None`: the
+    /// connection's own).
+    source: Option<Arc<WorkloadLabels>>,
     requests: Counter,
     duration: Histogram,
     request_bytes: Histogram,
@@ -94,8 +202,21 @@ impl ConnectionLabels {
         }
     }
 
-    /// Records one finished request.
-    pub(crate) fn record(&self, finished: &Finished) {
+    /// The source labels for a request that carried the peer's `x-envoy-peer-metadata`:
+    /// workload, app, version, canonical service/revision and cluster from the metadata; the
+    /// principal from the peer certificate (Istio reads it from the connection); the namespace
+    /// from the certificate's SAN when there is one, else from the metadata.
+    pub(crate) fn merge_peer(&self, mut peer: WorkloadLabels) -> WorkloadLabels {
+        peer.principal = self.source.principal.clone();
+        if self.source.namespace != UNKNOWN {
+            peer.namespace = self.source.namespace.clone();
+        }
+        peer
+    }
+
+    /// Records one finished request. `peer` is the source as the request's peer metadata
+    /// described it (see [`merge_peer`](Self::merge_peer)), `None` for the connection's own.
+    pub(crate) fn record(&self, finished: &Finished, peer: Option<&Arc<WorkloadLabels>>) {
         let key = OutcomeKey {
             protocol: if finished.grpc { "grpc" } else { "http" },
             response_code: finished.response_code,
@@ -103,10 +224,15 @@ impl ConnectionLabels {
             response_flags: finished.response_flags,
         };
         let guard = self.last.load();
+        let same_source = |h: &Handles| match (&h.source, peer) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || **a == **b,
+            _ => false,
+        };
         let handles = match guard.as_ref() {
-            Some(h) if h.key == key => Arc::clone(h),
+            Some(h) if h.key == key && same_source(h) => Arc::clone(h),
             _ => {
-                let fresh = Arc::new(self.register(key));
+                let fresh = Arc::new(self.register(key, peer.cloned()));
                 self.last.store(Some(Arc::clone(&fresh)));
                 fresh
             }
@@ -121,7 +247,7 @@ impl ConnectionLabels {
             .record(finished.response_bytes as f64);
     }
 
-    fn register(&self, key: OutcomeKey) -> Handles {
+    fn register(&self, key: OutcomeKey, peer: Option<Arc<WorkloadLabels>>) -> Handles {
         let outcome = RequestOutcome {
             protocol: key.protocol,
             response_code: key.response_code,
@@ -131,7 +257,7 @@ impl ConnectionLabels {
         };
         let labels: Vec<Label> = request_labels(
             Reporter::Destination,
-            &self.source,
+            peer.as_deref().unwrap_or(&self.source),
             &self.destination,
             &self.service,
             &outcome,
@@ -145,6 +271,7 @@ impl ConnectionLabels {
             request_bytes: metrics::histogram!(REQUEST_BYTES, labels.iter()),
             response_bytes: metrics::histogram!(RESPONSE_BYTES, labels.iter()),
             key,
+            source: peer,
         }
     }
 }
