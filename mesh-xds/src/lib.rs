@@ -18,6 +18,7 @@ pub mod auth;
 pub mod ca;
 pub mod istio_proto;
 pub mod node;
+pub mod secrets;
 pub mod translate;
 
 #[cfg(feature = "testkit")]
