@@ -16,6 +16,9 @@
 pub mod ads;
 pub mod auth;
 pub mod ca;
+pub mod check;
+pub mod dump;
+pub mod extensions;
 pub mod istio_proto;
 pub mod node;
 pub mod secrets;

@@ -106,6 +106,11 @@ fn apply_typed<P, T>(
         }
         match translate(&proto) {
             Ok(value) => {
+                if kind != "ClusterLoadAssignment" {
+                    // Extensions mesh does not act on are accepted; each is logged once.
+                    let ignored = crate::extensions::ignored_extensions(any);
+                    crate::extensions::report_ignored(ignored.keys());
+                }
                 map.insert(
                     name,
                     Held {

@@ -51,6 +51,8 @@ pub struct ControlPlaneBuilder {
     ca: Option<ca::TestCa>,
     require_token: bool,
     model: MeshModel,
+    fixed: Option<ResourceSet>,
+    listen: Option<SocketAddr>,
 }
 
 impl ControlPlaneBuilder {
@@ -78,7 +80,21 @@ impl ControlPlaneBuilder {
         self
     }
 
-    /// Binds 127.0.0.1:0 and starts serving.
+    /// Serve exactly these resources (a replayed config dump, for instance) instead of what
+    /// the model generates; raw overlays still apply.
+    pub fn resources(mut self, set: ResourceSet) -> Self {
+        self.fixed = Some(set);
+        self
+    }
+
+    /// Listen on `addr` instead of 127.0.0.1:0.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+
+    /// Binds (127.0.0.1:0 unless [`ControlPlaneBuilder::listen`] says otherwise) and starts
+    /// serving.
     pub async fn start(self) -> Result<ControlPlane, ControlPlaneError> {
         let tls = if self.tls {
             let ca = self.ca.as_ref().ok_or(ControlPlaneError::TlsWithoutCa)?;
@@ -89,6 +105,7 @@ impl ControlPlaneBuilder {
         let (events, _) = broadcast::channel(1024);
         let shared = Arc::new(server::Shared {
             model: Mutex::new(self.model),
+            fixed: Mutex::new(self.fixed),
             raw: Mutex::new(BTreeMap::new()),
             generation: watch::channel(1).0,
             cut: watch::channel(0).0,
@@ -97,7 +114,10 @@ impl ControlPlaneBuilder {
             ca: self.ca,
             require_token: self.require_token,
         });
-        let (addr, stop) = server::serve(shared.clone(), tls).await?;
+        let listen = self
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let (addr, stop) = server::serve(shared.clone(), tls, listen).await?;
         Ok(ControlPlane {
             addr,
             shared,
@@ -160,6 +180,15 @@ impl ControlPlane {
     pub fn update(&self, f: impl FnOnce(&mut MeshModel)) {
         if let Ok(mut m) = self.shared.model.lock() {
             f(&mut m);
+        }
+        self.bump();
+    }
+
+    /// Serves exactly `set` from now on (instead of the model) and pushes to every stream;
+    /// `None` goes back to the model.
+    pub fn set_resources(&self, set: Option<ResourceSet>) {
+        if let Ok(mut f) = self.shared.fixed.lock() {
+            *f = set;
         }
         self.bump();
     }

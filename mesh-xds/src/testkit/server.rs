@@ -65,6 +65,7 @@ pub enum XdsEvent {
 
 pub(crate) struct Shared {
     pub model: Mutex<MeshModel>,
+    pub fixed: Mutex<Option<ResourceSet>>,
     pub raw: Mutex<BTreeMap<String, BTreeMap<String, Any>>>,
     pub generation: watch::Sender<u64>,
     pub cut: watch::Sender<u64>,
@@ -76,11 +77,15 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn resources(&self, ns: &str) -> ResourceSet {
-        let mut set = self
-            .model
-            .lock()
-            .map(|m| m.generate(ns))
-            .unwrap_or_default();
+        let fixed = self.fixed.lock().ok().and_then(|f| f.clone());
+        let mut set = match fixed {
+            Some(set) => set,
+            None => self
+                .model
+                .lock()
+                .map(|m| m.generate(ns))
+                .unwrap_or_default(),
+        };
         if let Ok(raw) = self.raw.lock() {
             for (t, items) in raw.iter() {
                 if let Some(k) = set.keys().find(|k| **k == t.as_str()).copied() {
@@ -458,12 +463,13 @@ fn sotw_response(
     })
 }
 
-/// Starts serving on 127.0.0.1:0; returns the address and a shutdown handle.
+/// Starts serving on `listen`; returns the address and a shutdown handle.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     tls: Option<(String, String)>,
+    listen: SocketAddr,
 ) -> Result<(SocketAddr, oneshot::Sender<()>), std::io::Error> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let mut builder = tonic::transport::Server::builder();

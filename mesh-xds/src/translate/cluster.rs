@@ -168,6 +168,16 @@ fn upstream_tls(ts: Option<&TransportSocket>) -> Result<Option<UpstreamTls>, Str
     if any.type_url.ends_with("raw_buffer.v3.RawBuffer") {
         return Ok(None);
     }
+    if any
+        .type_url
+        .ends_with("internal_upstream.v3.InternalUpstreamTransport")
+    {
+        // A wrapper that passes metadata to an internal listener; the wrapped socket decides.
+        let w: envoy_types::pb::envoy::extensions::transport_sockets::internal_upstream::v3::InternalUpstreamTransport =
+            from_any(any)?;
+        return upstream_tls(w.transport_socket.as_ref())
+            .map_err(|r| format!("internal_upstream.transport_socket: {r}"));
+    }
     if !any.type_url.ends_with("tls.v3.UpstreamTlsContext") {
         return Err(format!(
             "unsupported transport socket {:?} ({})",

@@ -45,6 +45,16 @@ pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Tr
                 }
                 None => return Err(err(format!("{field}.endpoint: missing"))),
             };
+            // Unix sockets and Envoy internal addresses (bootstrap's xds-grpc/sds-grpc, HBONE
+            // internal listeners) are valid for Envoy but nothing mesh can dial: accepted and
+            // skipped.
+            if matches!(
+                ep.address.as_ref().and_then(|a| a.address.as_ref()),
+                Some(address::Address::Pipe(_) | address::Address::EnvoyInternalAddress(_))
+            ) {
+                tracing::debug!(cluster = %name, endpoint = %field, "skipping a pipe/internal endpoint mesh cannot dial");
+                continue;
+            }
             let address = socket_addr(ep.address.as_ref())
                 .map_err(|r| err(format!("{field}.endpoint.address: {r}")))?;
             let health = match PbHealth::try_from(lb.health_status) {

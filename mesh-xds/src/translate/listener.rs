@@ -56,6 +56,9 @@ pub fn translate_listener(l: &PbListener) -> Result<TranslatedListener, Translat
         }
         // Internal listeners and pipes: nothing mesh binds or routes by.
         Some(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        // Internal listeners (`internal_listener`, HBONE's connect_originate/main_internal)
+        // have no address.
+        None if l.listener_specifier.is_some() => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         None => return Err(err("address: missing".into())),
     };
     // Decode every chain first: a malformed filter config rejects the listener, as in Envoy.

@@ -1,0 +1,181 @@
+//! Extension configs inside xDS resources (filters, listener filters, transport sockets, access
+//! loggers, protocol options, matcher inputs, …): which ones mesh acts on, and which it accepts
+//! without acting on them (Istio's stats and metadata-exchange filters, Wasm, tracing, CORS,
+//! fault, …).
+//!
+//! An extension mesh does not act on never causes a NACK: it is recorded, counted, and logged
+//! once per process per type URL ([`report_ignored`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use envoy_types::pb::google::protobuf::Any;
+use prost_reflect::{DynamicMessage, ReflectMessage, Value};
+
+/// Extension config types whose settings mesh reads and honours.
+pub const ACTED_ON: &[&str] = &[
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+    "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+    "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
+    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+];
+
+/// Whether mesh acts on extension configs of this type URL.
+pub fn is_acted_on(type_url: &str) -> bool {
+    ACTED_ON.contains(&type_url)
+}
+
+/// Every extension type URL nested anywhere in `resource` (not the resource's own type), with
+/// counts; a `TypedStruct` counts as the type it wraps. Well-known `google.protobuf.*` payloads
+/// are not extensions and are skipped. A resource the descriptors cannot decode yields nothing.
+pub fn extension_types(resource: &Any) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    if let Some(msg) = decode(resource) {
+        walk(&msg, &mut out, 0);
+    }
+    out
+}
+
+/// The extension types in `resource` that mesh accepts without acting on, with counts.
+pub fn ignored_extensions(resource: &Any) -> BTreeMap<String, usize> {
+    let mut all = extension_types(resource);
+    all.retain(|t, _| !is_acted_on(t));
+    all
+}
+
+static REPORTED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// Logs each type URL the first time this process meets it; returns the ones that were new.
+pub fn report_ignored<'a>(types: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    let Ok(mut seen) = REPORTED.lock() else {
+        return Vec::new();
+    };
+    let mut new = Vec::new();
+    for t in types {
+        if seen.insert(t.clone()) {
+            tracing::info!(
+                extension = %t,
+                "accepting an xDS extension mesh does not act on (reported once)"
+            );
+            new.push(t.clone());
+        }
+    }
+    new
+}
+
+const MAX_DEPTH: usize = 64;
+
+fn decode(any: &Any) -> Option<DynamicMessage> {
+    let pool = crate::dump::descriptor_pool().ok()?;
+    let name = any.type_url.rsplit('/').next()?;
+    let desc = pool.get_message_by_name(name)?;
+    DynamicMessage::decode(desc, any.value.as_slice()).ok()
+}
+
+fn walk(msg: &DynamicMessage, out: &mut BTreeMap<String, usize>, depth: usize) {
+    if depth > MAX_DEPTH {
+        return;
+    }
+    for (_, v) in msg.fields() {
+        walk_value(v, out, depth + 1);
+    }
+}
+
+fn walk_value(v: &Value, out: &mut BTreeMap<String, usize>, depth: usize) {
+    match v {
+        Value::Message(m) => {
+            if m.descriptor().full_name() == "google.protobuf.Any" {
+                let type_url = m
+                    .get_field_by_name("type_url")
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let value = m
+                    .get_field_by_name("value")
+                    .and_then(|v| v.as_bytes().cloned())
+                    .unwrap_or_default();
+                let any = Any {
+                    type_url,
+                    value: value.to_vec(),
+                };
+                on_any(&any, out, depth);
+            } else {
+                walk(m, out, depth);
+            }
+        }
+        Value::List(items) => items.iter().for_each(|i| walk_value(i, out, depth)),
+        Value::Map(m) => m.values().for_each(|i| walk_value(i, out, depth)),
+        _ => {}
+    }
+}
+
+fn on_any(any: &Any, out: &mut BTreeMap<String, usize>, depth: usize) {
+    let short = any.type_url.rsplit('/').next().unwrap_or_default();
+    if short.starts_with("google.protobuf.") {
+        return;
+    }
+    let Some(msg) = decode(any) else {
+        *out.entry(any.type_url.clone()).or_default() += 1;
+        return;
+    };
+    if short == "udpa.type.v1.TypedStruct" || short == "xds.type.v3.TypedStruct" {
+        let inner = msg
+            .get_field_by_name("type_url")
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let inner = if inner.is_empty() {
+            any.type_url.clone()
+        } else {
+            inner
+        };
+        *out.entry(inner).or_default() += 1;
+        return;
+    }
+    *out.entry(any.type_url.clone()).or_default() += 1;
+    walk(&msg, out, depth);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_nested_filters_and_unwraps_typed_struct() {
+        let dump = serde_json::json!({"configs": [{
+            "@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
+            "static_listeners": [{"listener": {
+                "@type": crate::dump::LISTENER,
+                "name": "l",
+                "address": {"socket_address": {"address": "0.0.0.0", "port_value": 80}},
+                "filter_chains": [{"filters": [
+                    {"name": "mx", "typed_config": {"@type": "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange", "protocol": "istio-peer-exchange"}},
+                    {"name": "hcm", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "x",
+                        "rds": {"route_config_name": "80", "config_source": {"ads": {}}},
+                        "http_filters": [
+                            {"name": "envoy.filters.http.fault", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}},
+                            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                        ]
+                    }}
+                ]}]
+            }}]
+        }]});
+        let d = crate::dump::ConfigDump::from_value(dump).unwrap();
+        let all = extension_types(&d.resources[0].resource);
+        assert_eq!(all.len(), 4, "{all:?}");
+        let ignored = ignored_extensions(&d.resources[0].resource);
+        assert_eq!(
+            ignored.keys().cloned().collect::<Vec<_>>(),
+            vec![
+                "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault".to_owned(),
+                "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange".to_owned(),
+            ]
+        );
+        let t = "type.googleapis.com/test.only.Reported".to_owned();
+        assert_eq!(report_ignored([&t]), vec![t.clone()]);
+        assert!(report_ignored([&t]).is_empty(), "reported twice");
+    }
+}
