@@ -1,0 +1,239 @@
+//! Whole-library certificate behaviour: workload certificates come from the testkit CA for
+//! the service account in the token; a CA outage after the first certificate leaves mTLS
+//! serving; a STRICT mesh server refuses expired, not-yet-valid and wrongly signed peers;
+//! a mesh client refuses a server whose SPIFFE ID is not in the cluster's SAN list (`UF`).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use mesh::parts::core::flags::ResponseFlag;
+use mesh::parts::xds::testkit::ca::{CaRequestRecord, TestCa};
+use mesh::parts::xds::testkit::{EndpointSpec, MeshModel, Protocol, ServiceSpec};
+use mesh::{CertificateSource, InboundTlsMode};
+use support::mesh::{
+    ClientCert, Echo, NS, Plane, WAIT, assert_refused, eventually, field, node, ready, spiffe,
+    tls_request,
+};
+use tokio::time::timeout;
+
+const URL: &str = "http://backend.default.svc.cluster.local:9080/";
+
+fn model(endpoint: SocketAddr, sa: &str) -> MeshModel {
+    let mut m = MeshModel::default().service(
+        ServiceSpec::new("backend", NS, "10.96.0.30".parse().unwrap())
+            .port(9080, Protocol::Http)
+            .endpoint(EndpointSpec::new(endpoint).service_account(sa)),
+    );
+    m.peer_authentication = InboundTlsMode::Strict;
+    m
+}
+
+fn strict() -> MeshModel {
+    let mut m = MeshModel::default();
+    m.peer_authentication = InboundTlsMode::Strict;
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workload_certificate_comes_from_the_ca_for_the_tokens_service_account() {
+    let plane = Plane::start(MeshModel::default()).await;
+    let mesh = plane.ready_mesh("reviews").await;
+    let cert = mesh
+        .certificates()
+        .current()
+        .expect("a certificate is loaded");
+    assert_eq!(cert.identity, spiffe("reviews"));
+    assert_eq!(
+        cert.roots,
+        vec![plane.ca.root_der()],
+        "the mesh trusts the CA's root"
+    );
+    assert!(cert.not_after > SystemTime::now());
+
+    let requests = plane.ca.requests();
+    let ok: Vec<_> = requests.iter().filter(|r| answered(r)).collect();
+    assert_eq!(ok.len(), 1, "{requests:?}");
+    assert_eq!(
+        ok[0].identity,
+        Some(spiffe("reviews")),
+        "authenticated from the token"
+    );
+    assert_eq!(ok[0].csr_uri_sans, vec![spiffe("reviews").to_string()]);
+    assert_eq!(ok[0].cluster_id.as_deref(), Some("Kubernetes"));
+}
+
+/// Whether the CA answered the request (`tonic::Code::Ok`; the root crate does not depend on
+/// tonic, so compare by name).
+fn answered(r: &CaRequestRecord) -> bool {
+    format!("{:?}", r.outcome) == "Ok"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_outage_after_the_first_certificate_keeps_mtls_serving() {
+    let plane = Plane::start(strict()).await;
+    // A short lifetime, so that the server tries to rotate while the CA is down.
+    let server = plane
+        .builder(node("backend-0", "backend"))
+        .secret_ttl(Duration::from_secs(20))
+        .start()
+        .await
+        .expect("mesh starts");
+    ready(&server).await;
+    let first = server.certificates().current().expect("certificate");
+    let app = Echo::new("backend");
+    let (addr, _serving) = app.serve_meshed(&server).await;
+    plane.cp.set_model(model(addr, "backend"));
+    let client = plane.ready_mesh("client").await;
+
+    plane.ca.set_failing(true);
+    let before = plane.ca.requests().len();
+    eventually("the server's rotation attempt to fail", || async {
+        plane.ca.requests()[before..]
+            .iter()
+            .any(|r| !answered(r))
+            .then_some(())
+    })
+    .await;
+
+    // Still the first certificate, still ready, and still serving mTLS: through the mesh
+    // client, and on a brand-new handshake.
+    let current = server.certificates().current().expect("certificate kept");
+    assert_eq!(current.not_after, first.not_after);
+    assert!(server.is_ready());
+    let resp = timeout(WAIT, client.http_client().get(URL))
+        .await
+        .unwrap()
+        .unwrap();
+    let body = String::from_utf8_lossy(resp.body()).into_owned();
+    assert_eq!(resp.status(), 200, "{body}");
+    assert_eq!(field(&body, "peer"), spiffe("client").to_string());
+    let issued = plane.ca.issue(&spiffe("other"), Duration::from_secs(600));
+    let text = tls_request(
+        addr,
+        Some(ClientCert {
+            chain: vec![issued.leaf_der],
+            key: issued.key_der,
+        }),
+    )
+    .await
+    .expect("a new handshake succeeds during the outage");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains(&format!("peer={}", spiffe("other"))),
+        "{text}"
+    );
+
+    // When the CA is back, the server rotates.
+    plane.ca.set_failing(false);
+    eventually("rotation after the outage", || async {
+        let c = server.certificates().current()?;
+        (c.not_after != first.not_after).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_server_refuses_expired_not_yet_valid_and_wrongly_signed_peers() {
+    let plane = Plane::start(strict()).await;
+    let server = plane.ready_mesh("backend").await;
+    let app = Echo::new("backend");
+    let (addr, _serving) = app.serve_meshed(&server).await;
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+
+    let expired = plane
+        .ca
+        .issue_with_validity(&spiffe("client"), now - 2 * hour, now - hour);
+    let early = plane
+        .ca
+        .issue_with_validity(&spiffe("client"), now + hour, now + 2 * hour);
+    // Same issuer name (`O=cluster.local`), another key: the signature does not verify.
+    let forged = TestCa::new("cluster.local").issue(&spiffe("client"), hour);
+    for (what, c) in [
+        ("expired", expired),
+        ("not yet valid", early),
+        ("wrongly signed", forged.clone()),
+    ] {
+        let outcome = tls_request(
+            addr,
+            Some(ClientCert {
+                chain: vec![c.leaf_der],
+                key: c.key_der,
+            }),
+        )
+        .await;
+        assert_refused(&outcome, what);
+    }
+    assert_eq!(app.hits(), 0);
+
+    // A meshed client presenting the wrongly signed certificate gets no answer from the app.
+    plane.cp.set_model(model(addr, "backend"));
+    let client = plane
+        .builder(node("client-0", "client"))
+        .certificate(CertificateSource::Static(Box::new(
+            mesh::parts::core::WorkloadCertificate {
+                chain: vec![forged.leaf_der.clone()],
+                private_key: forged.key_der.clone(),
+                roots: vec![plane.ca.root_der()],
+                identity: spiffe("client"),
+                not_before: forged.not_before,
+                not_after: forged.not_after,
+            },
+        )))
+        .start()
+        .await
+        .unwrap();
+    ready(&client).await;
+    let resp = timeout(WAIT, client.http_client().get(URL))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 503, "{:?}", resp.body());
+    assert_eq!(app.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_client_refuses_a_server_outside_the_clusters_san_list() {
+    let plane = Plane::start(MeshModel::default()).await;
+    // The pod behind the endpoint runs as `impostor`, but istiod says `backend`.
+    let server = plane.ready_mesh("impostor").await;
+    let app = Echo::new("impostor");
+    let (addr, _serving) = app.serve_meshed(&server).await;
+    plane.cp.set_model(model(addr, "backend"));
+    let client = plane.ready_mesh("client").await;
+    eventually("the backend cluster to arrive", || async {
+        client
+            .snapshot()
+            .cluster("outbound|9080||backend.default.svc.cluster.local")
+            .map(|_| ())
+    })
+    .await;
+
+    let resp = timeout(WAIT, client.http_client().get(URL))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 503, "{:?}", resp.body());
+    assert_eq!(
+        resp.extensions().get::<ResponseFlag>(),
+        Some(&ResponseFlag::UpstreamConnectionFailure)
+    );
+    let body = String::from_utf8_lossy(resp.body()).into_owned();
+    assert!(
+        body.starts_with("upstream connect error or disconnect/reset before headers"),
+        "{body}"
+    );
+    assert_eq!(app.hits(), 0);
+
+    // Once istiod names the right service account, the same server is accepted.
+    plane.cp.set_model(model(addr, "impostor"));
+    let body = eventually("the corrected SAN list", || async {
+        let resp = client.http_client().get(URL).await.ok()?;
+        (resp.status() == 200).then(|| String::from_utf8_lossy(resp.body()).into_owned())
+    })
+    .await;
+    assert_eq!(field(&body, "server"), "impostor");
+    assert_eq!(field(&body, "peer"), spiffe("client").to_string());
+}
