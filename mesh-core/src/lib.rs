@@ -17,6 +17,7 @@
 //!
 //! Protobuf types never appear here: mesh-xds translates them into these types.
 
+pub mod authz;
 pub mod cert;
 pub mod cluster;
 pub mod config;
