@@ -1,0 +1,756 @@
+//! Differential routing test: the same `RouteConfiguration` goes into a real Envoy 1.40 (as
+//! static config, rendered to JSON) and into mesh (as the proto, through mesh-xds'
+//! translator into mesh-core's matcher); a table of requests (authority, method, path,
+//! query, headers, repeated headers, near-misses) goes to both, and the chosen route (or
+//! Envoy's `NR` 404) must be identical.
+//!
+//! Each route answers with a `direct_response` carrying its name in `x-route`, so Envoy
+//! tells which route it chose without upstreams.
+//!
+//! Skips (with the reason printed) when Envoy is not installed and `CI` is not set.
+
+#[path = "support/envoy.rs"]
+#[allow(dead_code)]
+mod envoy;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use envoy::{EnvoyProcess, envoy_binary, free_port};
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::config::route::v3 as pb;
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::BoolValue;
+use http::HeaderMap;
+use mesh_core::route::RequestView;
+use serde_json::{Value, json};
+
+// ---------- one description, rendered both ways ----------
+
+#[derive(Clone, Copy)]
+enum PathM {
+    Prefix(&'static str),
+    Exact(&'static str),
+    Regex(&'static str),
+    Sep(&'static str),
+}
+
+#[derive(Clone, Copy)]
+enum Val {
+    Exact(&'static str),
+    Prefix(&'static str),
+    Suffix(&'static str),
+    Contains(&'static str),
+    Regex(&'static str),
+    Present(bool),
+    Range(i64, i64),
+}
+
+#[derive(Clone, Copy)]
+struct Hm {
+    name: &'static str,
+    val: Val,
+    invert: bool,
+    ignore_case: bool,
+    missing_empty: bool,
+}
+
+fn h(name: &'static str, val: Val) -> Hm {
+    Hm {
+        name,
+        val,
+        invert: false,
+        ignore_case: false,
+        missing_empty: false,
+    }
+}
+
+#[derive(Clone)]
+struct R {
+    name: &'static str,
+    path: PathM,
+    case_sensitive: Option<bool>,
+    headers: Vec<Hm>,
+    /// (name, value matcher; `None` = present)
+    query: Vec<(&'static str, Option<Val>)>,
+    grpc: bool,
+}
+
+fn r(name: &'static str, path: PathM) -> R {
+    R {
+        name,
+        path,
+        case_sensitive: None,
+        headers: vec![],
+        query: vec![],
+        grpc: false,
+    }
+}
+
+struct Vh {
+    name: &'static str,
+    domains: Vec<&'static str>,
+    routes: Vec<R>,
+}
+
+fn string_json(v: Val, ignore_case: bool) -> Value {
+    let mut m = match v {
+        Val::Exact(s) => json!({"exact": s}),
+        Val::Prefix(s) => json!({"prefix": s}),
+        Val::Suffix(s) => json!({"suffix": s}),
+        Val::Contains(s) => json!({"contains": s}),
+        Val::Regex(s) => json!({"safe_regex": {"regex": s}}),
+        Val::Present(_) | Val::Range(..) => unreachable!("not a string matcher"),
+    };
+    if ignore_case {
+        m["ignore_case"] = json!(true);
+    }
+    m
+}
+
+fn string_pb(v: Val, ignore_case: bool) -> StringMatcher {
+    use string_matcher::MatchPattern as P;
+    let p = match v {
+        Val::Exact(s) => P::Exact(s.into()),
+        Val::Prefix(s) => P::Prefix(s.into()),
+        Val::Suffix(s) => P::Suffix(s.into()),
+        Val::Contains(s) => P::Contains(s.into()),
+        Val::Regex(s) => P::SafeRegex(RegexMatcher {
+            regex: s.into(),
+            ..Default::default()
+        }),
+        Val::Present(_) | Val::Range(..) => unreachable!("not a string matcher"),
+    };
+    StringMatcher {
+        match_pattern: Some(p),
+        ignore_case,
+    }
+}
+
+fn route_json(r: &R) -> Value {
+    let mut m = match r.path {
+        PathM::Prefix(p) => json!({"prefix": p}),
+        PathM::Exact(p) => json!({"path": p}),
+        PathM::Regex(p) => json!({"safe_regex": {"regex": p}}),
+        PathM::Sep(p) => json!({"path_separated_prefix": p}),
+    };
+    if let Some(cs) = r.case_sensitive {
+        m["case_sensitive"] = json!(cs);
+    }
+    if !r.headers.is_empty() {
+        let hs: Vec<Value> = r
+            .headers
+            .iter()
+            .map(|hm| {
+                let mut o = json!({"name": hm.name});
+                match hm.val {
+                    Val::Present(p) => o["present_match"] = json!(p),
+                    Val::Range(s, e) => o["range_match"] = json!({"start": s, "end": e}),
+                    v => o["string_match"] = string_json(v, hm.ignore_case),
+                }
+                if hm.invert {
+                    o["invert_match"] = json!(true);
+                }
+                if hm.missing_empty {
+                    o["treat_missing_header_as_empty"] = json!(true);
+                }
+                o
+            })
+            .collect();
+        m["headers"] = json!(hs);
+    }
+    if !r.query.is_empty() {
+        let qs: Vec<Value> = r
+            .query
+            .iter()
+            .map(|(n, v)| match v {
+                Some(v) => json!({"name": n, "string_match": string_json(*v, false)}),
+                None => json!({"name": n, "present_match": true}),
+            })
+            .collect();
+        m["query_parameters"] = json!(qs);
+    }
+    if r.grpc {
+        m["grpc"] = json!({});
+    }
+    json!({
+        "name": r.name,
+        "match": m,
+        "direct_response": {"status": 200},
+        "response_headers_to_add": [{"header": {"key": "x-route", "value": r.name}}],
+    })
+}
+
+fn route_pb(r: &R) -> pb::Route {
+    use pb::route_match::PathSpecifier as Ps;
+    let path = match r.path {
+        PathM::Prefix(p) => Ps::Prefix(p.into()),
+        PathM::Exact(p) => Ps::Path(p.into()),
+        PathM::Regex(p) => Ps::SafeRegex(RegexMatcher {
+            regex: p.into(),
+            ..Default::default()
+        }),
+        PathM::Sep(p) => Ps::PathSeparatedPrefix(p.into()),
+    };
+    let headers = r
+        .headers
+        .iter()
+        .map(|hm| {
+            use pb::header_matcher::HeaderMatchSpecifier as S;
+            let spec = match hm.val {
+                Val::Present(p) => S::PresentMatch(p),
+                Val::Range(start, end) => {
+                    S::RangeMatch(envoy_types::pb::envoy::r#type::v3::Int64Range { start, end })
+                }
+                v => S::StringMatch(string_pb(v, hm.ignore_case)),
+            };
+            pb::HeaderMatcher {
+                name: hm.name.into(),
+                header_match_specifier: Some(spec),
+                invert_match: hm.invert,
+                treat_missing_header_as_empty: hm.missing_empty,
+            }
+        })
+        .collect();
+    let query_parameters = r
+        .query
+        .iter()
+        .map(|(n, v)| {
+            use pb::query_parameter_matcher::QueryParameterMatchSpecifier as S;
+            pb::QueryParameterMatcher {
+                name: (*n).into(),
+                query_parameter_match_specifier: Some(match v {
+                    Some(v) => S::StringMatch(string_pb(*v, false)),
+                    None => S::PresentMatch(true),
+                }),
+            }
+        })
+        .collect();
+    pb::Route {
+        name: r.name.into(),
+        r#match: Some(pb::RouteMatch {
+            path_specifier: Some(path),
+            case_sensitive: r.case_sensitive.map(|value| BoolValue { value }),
+            headers,
+            query_parameters,
+            grpc: r.grpc.then(pb::route_match::GrpcRouteMatchOptions::default),
+            ..Default::default()
+        }),
+        action: Some(pb::route::Action::DirectResponse(
+            pb::DirectResponseAction {
+                status: 200,
+                ..Default::default()
+            },
+        )),
+        response_headers_to_add: vec![HeaderValueOption {
+            header: Some(HeaderValue {
+                key: "x-route".into(),
+                value: r.name.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn config_json(vhs: &[Vh]) -> Value {
+    json!({
+        "name": "oracle",
+        "virtual_hosts": vhs.iter().map(|v| json!({
+            "name": v.name,
+            "domains": v.domains,
+            "routes": v.routes.iter().map(route_json).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn config_pb(vhs: &[Vh]) -> pb::RouteConfiguration {
+    pb::RouteConfiguration {
+        name: "oracle".into(),
+        virtual_hosts: vhs
+            .iter()
+            .map(|v| pb::VirtualHost {
+                name: v.name.into(),
+                domains: v.domains.iter().map(|d| (*d).into()).collect(),
+                routes: v.routes.iter().map(route_pb).collect(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn bootstrap(port: u16, route_config: Value) -> String {
+    json!({
+        "static_resources": {"listeners": [{
+            "name": "oracle",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "oracle",
+                    "route_config": route_config,
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                },
+            }]}],
+        }]},
+    })
+    .to_string()
+}
+
+// ---------- requests ----------
+
+#[derive(Clone, Debug)]
+struct Req {
+    host: String,
+    method: &'static str,
+    path: String,
+    headers: Vec<(&'static str, &'static str)>,
+}
+
+/// Envoy's answer: the `x-route` of a 200, or `None` for 404 (`NR`); any other status fails.
+fn ask_envoy(port: u16, req: &Req) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to envoy");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut text = format!(
+        "{} {} HTTP/1.1\r\nHost: {}\r\n",
+        req.method, req.path, req.host
+    );
+    for (k, v) in &req.headers {
+        text.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if req.method == "POST" {
+        text.push_str("content-length: 0\r\n");
+    }
+    text.push_str("connection: close\r\n\r\n");
+    s.write_all(text.as_bytes()).unwrap();
+    // Read exactly one response (Envoy delays the close of a `connection: close` stream).
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).expect("read envoy response");
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out);
+        if n == 0 {
+            break;
+        }
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if out.len() >= end + 4 + len {
+                break;
+            }
+        }
+    }
+    let out = String::from_utf8_lossy(&out);
+    let head = out.split("\r\n\r\n").next().unwrap_or("");
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad response to {req:?}: {out}"));
+    match status {
+        404 => None,
+        200 => Some(
+            head.lines()
+                .find_map(|l| l.strip_prefix("x-route: "))
+                .unwrap_or_else(|| panic!("200 without x-route for {req:?}: {out}"))
+                .to_owned(),
+        ),
+        s => panic!("unexpected status {s} for {req:?}: {out}"),
+    }
+}
+
+fn ask_mesh(rc: &mesh_core::route::RouteConfig, req: &Req) -> Option<String> {
+    let mut headers = HeaderMap::new();
+    for (k, v) in &req.headers {
+        headers.append(*k, v.parse().unwrap());
+    }
+    let view = RequestView::new(&req.host, &req.path, &headers).with_method(req.method);
+    rc.route_request(&view).map(|m| m.route.name.clone())
+}
+
+fn vhosts() -> Vec<Vh> {
+    let hdr = |name, hm: Hm| {
+        let mut x = r(name, PathM::Prefix("/h/"));
+        x.headers.push(hm);
+        x
+    };
+    let header_routes = vec![
+        hdr("h_exact", h("x-a", Val::Exact("one"))),
+        hdr(
+            "h_exact_ic",
+            Hm {
+                ignore_case: true,
+                ..h("x-b", Val::Exact("MiXed"))
+            },
+        ),
+        hdr("h_prefix", h("x-c", Val::Prefix("pre"))),
+        hdr(
+            "h_suffix_ic",
+            Hm {
+                ignore_case: true,
+                ..h("x-d", Val::Suffix("Fix"))
+            },
+        ),
+        hdr("h_contains", h("x-e", Val::Contains("mid"))),
+        hdr("h_regex", h("x-f", Val::Regex("v[0-9]+"))),
+        hdr("h_present", h("x-g", Val::Present(true))),
+        hdr("h_range", h("x-n", Val::Range(-5, 10))),
+        hdr(
+            "h_invert",
+            Hm {
+                invert: true,
+                ..h("x-i", Val::Exact("no"))
+            },
+        ),
+        hdr("h_absent", h("x-absent", Val::Present(false))),
+        hdr("h_method", h(":method", Val::Exact("POST"))),
+        hdr(
+            "h_authority",
+            h(":authority", Val::Exact("Api.Example.com")),
+        ),
+        hdr(
+            "h_empty",
+            Hm {
+                missing_empty: true,
+                ..h("x-m", Val::Exact(""))
+            },
+        ),
+        hdr("h_path", h(":path", Val::Contains("debug=1"))),
+    ];
+    let mut multi = r("h_multi", PathM::Prefix("/multi"));
+    multi.headers = vec![h("x-a", Val::Exact("1")), h("x-b", Val::Prefix("2"))];
+    let mut q1 = r("q_exact", PathM::Prefix("/q"));
+    q1.query.push(("k", Some(Val::Exact("v"))));
+    let mut q2 = r("q_present", PathM::Prefix("/q"));
+    q2.query.push(("flag", None));
+    let mut q3 = r("q_encoded", PathM::Prefix("/q"));
+    q3.query.push(("a%20b", Some(Val::Prefix("x%2F"))));
+    let mut g = r("grpc", PathM::Prefix("/pkg.Svc/"));
+    g.grpc = true;
+    let mut ci = r("prefix_ci", PathM::Prefix("/CI/"));
+    ci.case_sensitive = Some(false);
+    let mut exact_ci = r("exact_ci", PathM::Exact("/Exact"));
+    exact_ci.case_sensitive = Some(false);
+    let mut regex_ci = r("regex_ci_ignored", PathM::Regex("/RX/[a-z]+"));
+    regex_ci.case_sensitive = Some(false);
+    let mut paths = vec![
+        r("exact", PathM::Exact("/exact")),
+        exact_ci,
+        r("sep", PathM::Sep("/api/v1")),
+        r("regex", PathM::Regex("/items/[0-9]+")),
+        regex_ci,
+        ci,
+        g,
+        q1,
+        q2,
+        q3,
+        multi,
+    ];
+    paths.extend(header_routes);
+    paths.push(r("api_prefix", PathM::Prefix("/api")));
+    paths.push(r("catch_all", PathM::Prefix("/")));
+    vec![
+        Vh {
+            name: "main",
+            domains: vec!["api.example.com", "api.example.com:8080", "10.0.0.1"],
+            routes: paths,
+        },
+        Vh {
+            name: "suffix_long",
+            domains: vec!["*.foo.example.com"],
+            routes: vec![r("suffix_long", PathM::Prefix("/"))],
+        },
+        Vh {
+            name: "suffix_short",
+            domains: vec!["*.example.com", "*-bar.example.org"],
+            routes: vec![r("suffix_short", PathM::Prefix("/"))],
+        },
+        Vh {
+            name: "prefix",
+            domains: vec!["api.*", "svc*"],
+            routes: vec![r("prefix_host", PathM::Prefix("/"))],
+        },
+        Vh {
+            name: "only_some",
+            domains: vec!["narrow.test"],
+            routes: vec![r("narrow", PathM::Exact("/only"))],
+        },
+        Vh {
+            name: "any",
+            domains: vec!["*"],
+            routes: vec![r("any", PathM::Prefix("/any"))],
+        },
+    ]
+}
+
+fn requests() -> Vec<Req> {
+    let mut out = Vec::new();
+    let hosts = [
+        "api.example.com",
+        "API.Example.com",
+        "api.example.com:8080",
+        "api.example.com:9090",
+        "10.0.0.1",
+        "a.foo.example.com",
+        "foo.example.com",
+        ".foo.example.com",
+        "x.example.com",
+        "x-bar.example.org",
+        "-bar.example.org",
+        "api.other",
+        "api.",
+        "svc1",
+        "svc",
+        "narrow.test",
+        "narrow.test:80",
+        "unknown.host",
+    ];
+    for host in hosts {
+        for path in ["/", "/any/x", "/only", "/exact", "/api/v1"] {
+            out.push(Req {
+                host: host.into(),
+                method: "GET",
+                path: path.into(),
+                headers: vec![],
+            });
+        }
+    }
+    let paths = [
+        "/exact",
+        "/exact/",
+        "/exact?x=1",
+        "/EXACT",
+        "/Exact",
+        "/api/v1",
+        "/api/v1/",
+        "/api/v1/users",
+        "/api/v1x",
+        "/api/V1",
+        "/api/v1?x=1",
+        "/items/42",
+        "/items/42/",
+        "/items/x",
+        "/items/42?q=1",
+        "/RX/abc",
+        "/rx/abc",
+        "/RX/ABC",
+        "/CI/x",
+        "/ci/x",
+        "/Ci/",
+        "/CI",
+        "/pkg.Svc/Method",
+        "/q?k=v",
+        "/q?k=w&k=v",
+        "/q?k=v&k=w",
+        "/q?flag",
+        "/q?flag=",
+        "/q?x=flag",
+        "/q?a%20b=x%2Fy",
+        "/q?K=v",
+        "/q",
+        "/h/",
+        "/multi",
+        "/apix",
+        "/other",
+    ];
+    for path in paths {
+        out.push(Req {
+            host: "api.example.com".into(),
+            method: "GET",
+            path: path.into(),
+            headers: vec![],
+        });
+    }
+    for ct in [
+        "application/grpc",
+        "application/grpc+proto",
+        "application/grpc-web",
+        "application/grpc;charset=x",
+        "text/plain",
+    ] {
+        out.push(Req {
+            host: "api.example.com".into(),
+            method: "POST",
+            path: "/pkg.Svc/Method".into(),
+            headers: vec![("content-type", ct)],
+        });
+    }
+    let header_sets: Vec<Vec<(&'static str, &'static str)>> = vec![
+        vec![("x-a", "one")],
+        vec![("x-a", "One")],
+        vec![("x-a", "one"), ("x-a", "two")],
+        vec![("x-a", "two"), ("x-a", "one")],
+        vec![("x-a", "one,two")],
+        vec![("x-b", "mixed")],
+        vec![("x-b", "MIXED")],
+        vec![("x-b", "mixe")],
+        vec![("x-c", "prefix")],
+        vec![("x-c", "pr")],
+        vec![("x-c", "Prefix")],
+        vec![("x-d", "suffix")],
+        vec![("x-d", "SUFFIX")],
+        vec![("x-d", "fi")],
+        vec![("x-e", "amidst")],
+        vec![("x-e", "MID")],
+        vec![("x-f", "v12")],
+        vec![("x-f", "v12x")],
+        vec![("x-f", "xv1")],
+        vec![("x-f", "a"), ("x-f", "v3")],
+        vec![("x-g", "")],
+        vec![("x-g", "1")],
+        vec![("x-n", "5")],
+        vec![("x-n", "-5")],
+        vec![("x-n", "10")],
+        vec![("x-n", "9")],
+        vec![("x-n", "+3")],
+        vec![("x-n", "3x")],
+        vec![("x-n", "0x3")],
+        vec![("x-n", "")],
+        vec![("x-n", "99999999999999999999")],
+        vec![("x-n", "20"), ("x-n", "3")],
+        vec![("x-i", "no")],
+        vec![("x-i", "yes")],
+        vec![("x-i", "no"), ("x-i", "yes")],
+        vec![("x-i", "yes"), ("x-i", "yes")],
+        vec![("x-absent", "here")],
+        vec![("x-absent", "")],
+        vec![("x-m", "")],
+        vec![("x-m", "something")],
+        vec![("x-absent", "1"), ("x-m", "x")],
+    ];
+    for hs in &header_sets {
+        for path in ["/h/", "/h/x", "/h/?debug=1", "/h/x?k=v&debug=1"] {
+            out.push(Req {
+                host: "api.example.com".into(),
+                method: "GET",
+                path: path.into(),
+                headers: hs.clone(),
+            });
+        }
+    }
+    for (host, method) in [
+        ("api.example.com", "POST"),
+        ("Api.Example.com", "GET"),
+        ("api.example.com:8080", "PUT"),
+    ] {
+        for path in ["/h/", "/h/?debug=1"] {
+            out.push(Req {
+                host: host.into(),
+                method,
+                path: path.into(),
+                headers: vec![("x-absent", "1")],
+            });
+        }
+    }
+    for hs in [
+        vec![("x-a", "1"), ("x-b", "2x")],
+        vec![("x-a", "1")],
+        vec![("x-b", "2")],
+        vec![("x-a", "1"), ("x-a", "0"), ("x-b", "x"), ("x-b", "23")],
+        vec![("x-a", "1,2"), ("x-b", "2")],
+    ] {
+        out.push(Req {
+            host: "api.example.com".into(),
+            method: "GET",
+            path: "/multi".into(),
+            headers: hs,
+        });
+    }
+    out
+}
+
+#[test]
+fn route_choice_matches_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    let vhs = vhosts();
+    let rc =
+        mesh_xds::translate::translate_route(&config_pb(&vhs)).expect("mesh accepts the config");
+    let port = free_port();
+    let _envoy = EnvoyProcess::start(&bootstrap(port, config_json(&vhs)));
+    let reqs = requests();
+    assert!(reqs.len() >= 300, "only {} requests", reqs.len());
+    let mut disagreements = Vec::new();
+    let mut chosen = std::collections::BTreeSet::new();
+    for req in &reqs {
+        let want = ask_envoy(port, req);
+        chosen.insert(want.clone().unwrap_or_else(|| "<404>".into()));
+        let got = ask_mesh(&rc, req);
+        if want != got {
+            disagreements.push(format!("{req:?}: envoy {want:?}, mesh {got:?}"));
+        }
+    }
+    assert!(
+        disagreements.is_empty(),
+        "{} of {} requests routed differently:\n{}",
+        disagreements.len(),
+        reqs.len(),
+        disagreements.join("\n")
+    );
+    // Every route (and the 404) is chosen by some request: the table exercises each matcher.
+    let all: Vec<&str> = vhs
+        .iter()
+        .flat_map(|v| v.routes.iter().map(|r| r.name))
+        .chain(["<404>"])
+        .collect();
+    let missed: Vec<&&str> = all.iter().filter(|n| !chosen.contains(**n)).collect();
+    assert!(missed.is_empty(), "routes no request reached: {missed:?}");
+}
+
+/// Configs Envoy refuses, mesh must refuse too (a NACK instead of a silently different
+/// route).
+#[test]
+fn refused_configs_match_envoy() {
+    let Some(bin) = envoy_binary() else {
+        return;
+    };
+    let mut rx_ic = r("rx_ic", PathM::Prefix("/"));
+    rx_ic.headers.push(Hm {
+        ignore_case: true,
+        ..h("x-a", Val::Regex("a+"))
+    });
+    let cases = vec![
+        ("ignore_case on safe_regex", rx_ic),
+        (
+            "path_separated_prefix ending in /",
+            r("sep_slash", PathM::Sep("/api/")),
+        ),
+    ];
+    for (what, route) in cases {
+        let vhs = vec![Vh {
+            name: "v",
+            domains: vec!["*"],
+            routes: vec![route],
+        }];
+        let mesh = mesh_xds::translate::translate_route(&config_pb(&vhs));
+        assert!(mesh.is_err(), "{what}: mesh accepted it");
+        let dir = std::env::temp_dir().join(format!("mesh-oracle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("refused.json");
+        std::fs::write(&file, bootstrap(free_port(), config_json(&vhs))).unwrap();
+        let out = std::process::Command::new(&bin)
+            .args(["--mode", "validate", "-c"])
+            .arg(&file)
+            .output()
+            .expect("run envoy --mode validate");
+        assert!(
+            !out.status.success(),
+            "{what}: envoy accepted it:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
