@@ -195,7 +195,14 @@ impl Outbound {
 
         let decision = {
             let snapshot = self.inner.cell.load_guard();
-            snapshot.route_outbound(host, port, path, &parts.headers)
+            let req = mesh_core::route::RequestView {
+                authority: host,
+                path,
+                method: parts.method.as_str(),
+                scheme: "http",
+                headers: &parts.headers,
+            };
+            snapshot.route_outbound_request(port, &req)
         };
         let (cluster, endpoints, timeout) = match decision {
             RouteDecision::Respond {
