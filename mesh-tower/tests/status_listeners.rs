@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use mesh_core::readiness::Readiness;
 use mesh_core::{Snapshot, SnapshotCell};
-use mesh_tower::status::{PROMETHEUS_CONTENT_TYPE, StatusPort, serve_status};
+use mesh_tower::status::{PROMETHEUS_CONTENT_TYPE, StatusContext, StatusPort, serve_status};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
@@ -32,17 +32,12 @@ async fn start(port: StatusPort, readiness: Readiness) -> Server {
     let on_quit: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
         q.fetch_add(1, Ordering::SeqCst);
     });
-    let metrics = mesh_tower::telemetry::prometheus_handle();
-    let task = tokio::spawn(serve_status(
-        listener,
-        port,
-        readiness,
-        metrics,
-        Some(on_quit),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let mut ctx = StatusContext::new(readiness);
+    ctx.metrics = mesh_tower::telemetry::prometheus_handle();
+    ctx.on_quit = Some(on_quit);
+    let task = tokio::spawn(serve_status(listener, port, Arc::new(ctx), async {
+        let _ = stopped.await;
+    }));
     Server {
         addr,
         stop: Some(stop),
@@ -198,11 +193,19 @@ async fn readiness_port_only_serves_healthz_ready() {
 async fn prometheus_port_only_serves_stats_prometheus() {
     bounded(async {
         let s = start(StatusPort::Prometheus, ready_readiness()).await;
-        metrics::counter!("mesh_status_prom_port_total").increment(3);
+        metrics::counter!("envoy_mesh_status_prom_port_total").increment(3);
+        metrics::counter!("app_only_on_15020_total").increment(1);
         let a = call(s.addr, Method::GET, "/stats/prometheus?usedonly").await;
         assert_eq!(a.status, 200);
         assert_eq!(a.headers["content-type"], PROMETHEUS_CONTENT_TYPE);
-        assert!(String::from_utf8_lossy(&a.body).contains("mesh_status_prom_port_total 3"));
+        let body = String::from_utf8_lossy(&a.body);
+        assert!(
+            body.contains("envoy_mesh_status_prom_port_total 3"),
+            "{body}"
+        );
+        assert!(body.contains("envoy_server_live 1"), "{body}");
+        // Envoy's port shows the proxy's families only, not the application's.
+        assert!(!body.contains("app_only_on_15020_total"), "{body}");
         for path in ["/metrics", "/healthz/ready", "/"] {
             let a = call(s.addr, Method::GET, path).await;
             assert_eq!(a.status, 404, "{path}");

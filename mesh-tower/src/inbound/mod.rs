@@ -50,8 +50,8 @@ use access_log::ConnectionInfo;
 use mesh_core::peer_metadata::PeerMetadataHeaders;
 pub use service::MeteredBody;
 use service::{InboundService, LocalPeerHeaders};
-pub use stats::INBOUND_LISTENER_ADDRESS;
 use stats::{ConnectionLabels, ListenerStats};
+pub use stats::{INBOUND_LISTENER_ADDRESS, active_connections};
 
 /// How long a connection may stay silent before TLS detection gives up and treats it as
 /// plaintext (Envoy's `listener_filters_timeout`, 15 s by default).

@@ -18,6 +18,16 @@ use mesh_core::telemetry::{
 };
 use metrics::{Counter, Gauge, Histogram, Label};
 
+/// Inbound connections open right now, over every inbound listener of the process (what
+/// pilot-agent sums from `listener.*.downstream_cx_active` for
+/// `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`).
+static ACTIVE_CONNECTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Inbound connections open right now in this process.
+pub fn active_connections() -> usize {
+    ACTIVE_CONNECTIONS.load(std::sync::atomic::Ordering::Acquire)
+}
+
 /// Envoy's stat prefix of Istio's inbound capture listener (`virtualInbound`, 15006): the
 /// `envoy_listener_address` label of listener stats.
 pub const INBOUND_LISTENER_ADDRESS: &str = "0.0.0.0_15006";
@@ -74,6 +84,7 @@ impl ListenerStats {
     pub(crate) fn connection_opened(self: &Arc<Self>) -> ActiveConnection {
         self.cx_total.increment(1);
         self.cx_active.increment(1.0);
+        ACTIVE_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         ActiveConnection {
             stats: Arc::clone(self),
             http: false,
@@ -116,6 +127,7 @@ impl ActiveConnection {
 
 impl Drop for ActiveConnection {
     fn drop(&mut self) {
+        ACTIVE_CONNECTIONS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         self.stats.cx_active.decrement(1.0);
         if self.http {
             self.stats.http_cx_active.decrement(1.0);

@@ -1,34 +1,48 @@
-//! Pod-facing status listeners: 15020, 15021, 15090.
+//! Pod-facing status listeners: 15020, 15021, 15090 and the optional 15000 admin.
 //!
-//! * 15020 is pilot-agent's status server: `/healthz/ready`, `/stats/prometheus` and
-//!   `/metrics`, `/quitquitquit` (POST, loopback only). Unknown paths get Go's
-//!   `404 page not found`.
+//! * 15020 is pilot-agent's status server: `/healthz/ready`; `/stats/prometheus` and
+//!   `/metrics` merged as pilot-agent merges them ([`merge`]); `/app-health/<container>/...`
+//!   rewritten probes from `ISTIO_KUBE_APP_PROBERS` ([`probers`]); `/quitquitquit` and
+//!   `/drain` (POST, loopback only); `/debug/ndsz`, `/debug/syncz`, `/debug/config_dump`
+//!   (loopback only). Unknown paths get Go's `404 page not found`.
 //! * 15021 is Envoy's readiness listener: only paths starting with `/healthz/ready` (which
 //!   Envoy proxies to the agent); everything else is Envoy's empty 404.
-//! * 15090 is Envoy's Prometheus listener: only paths starting with `/stats/prometheus`;
-//!   everything else is Envoy's empty 404.
+//! * 15090 is Envoy's Prometheus listener: only paths starting with `/stats/prometheus`, and
+//!   only the proxy's families (`envoy_*`, `istio_*` but not `istio_agent_*`).
+//! * 15000 is Envoy's admin (loopback peers only): `/config_dump`, `/clusters`, `/stats`,
+//!   `/stats/prometheus`, `/ready`, `/server_info`.
 //!
-//! Not served yet: `/drain`, `/app-health/...` probe rewriting, `/debug/*`, gzip.
+//! Not served: gzip, `/debug/pprof`, `/app-lifecycle` hooks other than as probes, HTTPS app
+//! probes.
+
+pub mod debug;
+pub mod merge;
+pub mod probers;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use mesh_core::SnapshotCell;
+use mesh_core::identity::NodeIdentity;
 use mesh_core::readiness::Readiness;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
+pub use merge::AppScrape;
+pub use probers::AppProbers;
+
 /// Prometheus text exposition format, as pilot-agent labels it.
-pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub const PROMETHEUS_CONTENT_TYPE: &str = merge::FMT_TEXT;
 
 /// Which pod port a status listener plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +53,8 @@ pub enum StatusPort {
     Readiness,
     /// Envoy's Prometheus port, 15090.
     Prometheus,
+    /// Envoy's admin port, 15000 (answers loopback peers only).
+    Admin,
 }
 
 impl StatusPort {
@@ -48,37 +64,104 @@ impl StatusPort {
             StatusPort::Agent => 15020,
             StatusPort::Readiness => 15021,
             StatusPort::Prometheus => 15090,
+            StatusPort::Admin => 15000,
         }
     }
 }
 
-/// What a status listener answers from.
-struct State {
-    port: StatusPort,
-    readiness: Readiness,
-    metrics: Option<PrometheusHandle>,
-    on_quit: Option<Arc<dyn Fn() + Send + Sync>>,
+/// A callback the status server runs (quit, drain).
+pub type StatusHook = Arc<dyn Fn() + Send + Sync>;
+
+/// Everything the status listeners answer from. Build with [`StatusContext::new`], then set
+/// the optional parts; share one `Arc` between the listeners.
+pub struct StatusContext {
+    /// Answers `/healthz/ready`.
+    pub readiness: Readiness,
+    /// Renders the metrics (`None`: empty bodies).
+    pub metrics: Option<PrometheusHandle>,
+    /// Run by a loopback `POST /quitquitquit`: exit now, without a drain period.
+    pub on_quit: Option<StatusHook>,
+    /// Run by a loopback `POST /drain`: start the graceful drain.
+    pub on_drain: Option<StatusHook>,
+    /// The configuration for `/debug/*`, `/config_dump`, `/clusters`.
+    pub snapshot: Option<SnapshotCell>,
+    /// This workload, for `/config_dump` and `/server_info`.
+    pub node: Option<NodeIdentity>,
+    /// `ISTIO_KUBE_APP_PROBERS`.
+    pub app_probers: AppProbers,
+    /// `ISTIO_PROMETHEUS_ANNOTATIONS`.
+    pub app_scrape: AppScrape,
+    /// Where HTTP/TCP/gRPC app probes connect when the probe names no host (pilot-agent uses
+    /// the pod IP; mesh's application shares the process, so loopback by default).
+    pub probe_host: IpAddr,
+    /// `METRICS_LOCALHOST_ACCESS_ONLY`: metrics only for loopback peers.
+    pub metrics_localhost_only: bool,
+    /// Process start, for `envoy_server_uptime` and `/server_info`.
+    pub started: Instant,
 }
+
+impl std::fmt::Debug for StatusContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusContext")
+            .field("readiness", &self.readiness)
+            .field("app_probers", &self.app_probers)
+            .field("app_scrape", &self.app_scrape)
+            .field("probe_host", &self.probe_host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StatusContext {
+    /// A context answering readiness only; everything else off or empty.
+    pub fn new(readiness: Readiness) -> Self {
+        StatusContext {
+            readiness,
+            metrics: None,
+            on_quit: None,
+            on_drain: None,
+            snapshot: None,
+            node: None,
+            app_probers: AppProbers::default(),
+            app_scrape: AppScrape::default(),
+            probe_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            metrics_localhost_only: false,
+            started: Instant::now(),
+        }
+    }
+
+    /// Reads `ISTIO_KUBE_APP_PROBERS`, `ISTIO_PROMETHEUS_ANNOTATIONS` and
+    /// `METRICS_LOCALHOST_ACCESS_ONLY` through `get` (e.g. `|k| std::env::var(k).ok()`).
+    /// Unreadable values are logged and ignored, as pilot-agent logs and carries on.
+    pub fn with_env(mut self, get: impl Fn(&str) -> Option<String>) -> Self {
+        if let Some(json) = get("ISTIO_KUBE_APP_PROBERS").filter(|v| !v.is_empty()) {
+            match AppProbers::from_json(&json) {
+                Ok(p) => self.app_probers = p,
+                Err(e) => tracing::error!(error = %e, "ignoring ISTIO_KUBE_APP_PROBERS"),
+            }
+        }
+        if let Some(json) = get("ISTIO_PROMETHEUS_ANNOTATIONS").filter(|v| !v.is_empty()) {
+            match AppScrape::from_json(&json) {
+                Ok(a) => self.app_scrape = a,
+                Err(e) => tracing::error!(error = %e, "ignoring ISTIO_PROMETHEUS_ANNOTATIONS"),
+            }
+        }
+        if let Some(v) = get("METRICS_LOCALHOST_ACCESS_ONLY") {
+            self.metrics_localhost_only = v.eq_ignore_ascii_case("true") || v == "1";
+        }
+        self
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
 
 /// Serves one status listener on `listener` (HTTP/1.1) until `shutdown` completes; requests in
 /// flight then get up to one second to finish.
-///
-/// `readiness` answers `/healthz/ready`, `metrics` renders `/stats/prometheus` (an empty body
-/// when `None`), and `on_quit` is called by a loopback `POST /quitquitquit` (port 15020).
 pub async fn serve_status(
     listener: TcpListener,
     port: StatusPort,
-    readiness: Readiness,
-    metrics: Option<PrometheusHandle>,
-    on_quit: Option<Arc<dyn Fn() + Send + Sync>>,
+    ctx: Arc<StatusContext>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
-    let state = Arc::new(State {
-        port,
-        readiness,
-        metrics,
-        on_quit,
-    });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -94,10 +177,10 @@ pub async fn serve_status(
             },
             () = &mut shutdown => break,
         };
-        let state = state.clone();
+        let ctx = ctx.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let resp = respond(&state, req.method(), req.uri().path(), remote);
-            async move { Ok::<_, Infallible>(resp) }
+            let ctx = ctx.clone();
+            async move { Ok::<_, Infallible>(respond(&ctx, port, &req, remote).await) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(stream), service);
@@ -121,33 +204,198 @@ pub async fn serve_status(
     Ok(())
 }
 
-fn respond(
-    state: &State,
-    method: &Method,
-    path: &str,
+async fn respond<B>(
+    ctx: &StatusContext,
+    port: StatusPort,
+    req: &Request<B>,
     remote: SocketAddr,
-) -> Response<Full<Bytes>> {
-    match state.port {
+) -> Reply {
+    let path = req.uri().path();
+    let method = req.method();
+    let local = is_loopback(remote.ip());
+    match port {
         StatusPort::Agent => match path {
-            "/healthz/ready" => ready(state),
+            "/healthz/ready" => ready(ctx),
             "/stats/prometheus" | "/metrics" => {
-                if method == Method::GET || method == Method::HEAD {
-                    prometheus(state)
-                } else {
-                    go_error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+                if ctx.metrics_localhost_only && !local {
+                    return forbidden();
+                }
+                if method != Method::GET && method != Method::HEAD {
+                    return go_error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
+                }
+                merged_metrics(ctx, req.headers()).await
+            }
+            "/quitquitquit" => hook(ctx.on_quit.as_ref(), method, local, "/quitquitquit"),
+            "/drain" => hook(ctx.on_drain.as_ref(), method, local, "/drain"),
+            "/debug/ndsz" | "/debug/syncz" | "/debug/config_dump" if !local => forbidden(),
+            "/debug/ndsz" => match ctx.snapshot.as_ref().and_then(|c| debug::ndsz(&c.load())) {
+                Some(v) => json(StatusCode::OK, &v),
+                None => json(StatusCode::NOT_FOUND, &serde_json::json!({})),
+            },
+            "/debug/syncz" => match &ctx.snapshot {
+                Some(c) => json(StatusCode::OK, &debug::syncz(&c.load(), c.is_synced())),
+                None => json(StatusCode::NOT_FOUND, &serde_json::json!({})),
+            },
+            "/debug/config_dump" => config_dump(ctx),
+            p if p.starts_with("/app-health/") || p.starts_with("/app-lifecycle/") => {
+                match ctx.app_probers.get(p) {
+                    Some(prober) => {
+                        let a = probers::run(prober, ctx.probe_host, req.headers()).await;
+                        let mut r = Response::new(Full::new(a.body));
+                        *r.status_mut() = a.status;
+                        r
+                    }
+                    None => go_error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("app prober config does not exists for {p}"),
+                    ),
                 }
             }
-            "/quitquitquit" => quit(state, method, remote),
             _ => go_error(StatusCode::NOT_FOUND, "404 page not found"),
         },
-        StatusPort::Readiness if path.starts_with("/healthz/ready") => ready(state),
-        StatusPort::Prometheus if path.starts_with("/stats/prometheus") => prometheus(state),
+        StatusPort::Readiness if path.starts_with("/healthz/ready") => ready(ctx),
+        StatusPort::Prometheus if path.starts_with("/stats/prometheus") => proxy_metrics(ctx),
         StatusPort::Readiness | StatusPort::Prometheus => envoy_not_found(),
+        StatusPort::Admin if !local => go_error(
+            StatusCode::FORBIDDEN,
+            "Only requests from localhost are allowed",
+        ),
+        StatusPort::Admin => match path {
+            "/config_dump" => config_dump(ctx),
+            "/clusters" => text(
+                ctx.snapshot
+                    .as_ref()
+                    .map(|c| debug::clusters_text(&c.load()))
+                    .unwrap_or_default(),
+            ),
+            "/stats/prometheus" => proxy_metrics(ctx),
+            "/stats" => text(envoy_stats_text(&render(ctx)[1])),
+            "/ready" => {
+                let live = !ctx.readiness.is_draining();
+                let mut r = text(if live {
+                    "LIVE\n".into()
+                } else {
+                    "DRAINING\n".into()
+                });
+                if !live {
+                    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                }
+                r
+            }
+            "/server_info" => json(
+                StatusCode::OK,
+                &debug::server_info(ctx.node.as_ref(), ctx.started, !ctx.readiness.is_draining()),
+            ),
+            _ => envoy_not_found(),
+        },
     }
 }
 
-fn ready(state: &State) -> Response<Full<Bytes>> {
-    match state.readiness.check() {
+fn forbidden() -> Reply {
+    go_error(
+        StatusCode::FORBIDDEN,
+        "Only requests from localhost are allowed",
+    )
+}
+
+fn config_dump(ctx: &StatusContext) -> Reply {
+    match &ctx.snapshot {
+        Some(c) => json(
+            StatusCode::OK,
+            &debug::config_dump(&c.load(), ctx.node.as_ref()),
+        ),
+        None => json(StatusCode::OK, &serde_json::json!({"configs": []})),
+    }
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Reply {
+    let body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn text(body: String) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=UTF-8"),
+    );
+    r
+}
+
+/// Envoy's `/stats` text form (`name: value`) of the proxy's counters and gauges (histograms
+/// and labelled series are shown with their labels inline).
+fn envoy_stats_text(prometheus: &str) -> String {
+    let mut out = String::new();
+    for line in prometheus.lines().filter(|l| !l.starts_with('#')) {
+        if let Some((name, value)) = line.rsplit_once(' ') {
+            out.push_str(&format!("{name}: {value}\n"));
+        }
+    }
+    out
+}
+
+/// Sets the server gauges and renders the recorder split into agent / proxy / app parts.
+fn render(ctx: &StatusContext) -> [String; 3] {
+    let live = !ctx.readiness.is_draining();
+    metrics::gauge!("envoy_server_live").set(if live { 1.0 } else { 0.0 });
+    metrics::gauge!("envoy_server_uptime").set(ctx.started.elapsed().as_secs() as f64);
+    let rendered = ctx
+        .metrics
+        .as_ref()
+        .map(PrometheusHandle::render)
+        .unwrap_or_default();
+    merge::split_parts(&rendered)
+}
+
+fn proxy_metrics(ctx: &StatusContext) -> Reply {
+    let [_, proxy, _] = render(ctx);
+    let mut r = Response::new(Full::new(Bytes::from(proxy)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE),
+    );
+    r
+}
+
+async fn merged_metrics(ctx: &StatusContext, headers: &HeaderMap) -> Reply {
+    metrics::counter!("istio_agent_scrapes_total").increment(1);
+    let (app_bodies, format, failures) = merge::scrape_app(&ctx.app_scrape, headers).await;
+    if failures > 0 {
+        metrics::counter!("istio_agent_scrape_failures_total", "type" => "application")
+            .increment(failures as u64);
+    }
+    let [agent, proxy, app] = render(ctx);
+    let mut body = String::with_capacity(agent.len() + proxy.len() + app.len() + 64);
+    body.push_str(&agent);
+    body.push_str(&proxy);
+    body.push_str(&app);
+    let mut bytes = body.into_bytes();
+    for b in app_bodies {
+        if !bytes.is_empty() && !bytes.ends_with(b"\n") {
+            bytes.push(b'\n');
+        }
+        bytes.extend_from_slice(&b);
+    }
+    if format != merge::FMT_TEXT {
+        if !bytes.is_empty() && !bytes.ends_with(b"\n") {
+            bytes.push(b'\n');
+        }
+        bytes.extend_from_slice(b"# EOF\n");
+    }
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(format));
+    r
+}
+
+fn ready(ctx: &StatusContext) -> Reply {
+    match ctx.readiness.check() {
         Ok(()) => empty(StatusCode::OK),
         Err(reason) => {
             tracing::debug!(%reason, "readiness probe failed");
@@ -156,32 +404,15 @@ fn ready(state: &State) -> Response<Full<Bytes>> {
     }
 }
 
-fn prometheus(state: &State) -> Response<Full<Bytes>> {
-    let text = state
-        .metrics
-        .as_ref()
-        .map(PrometheusHandle::render)
-        .unwrap_or_default();
-    let mut r = Response::new(Full::new(Bytes::from(text)));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE),
-    );
-    r
-}
-
-fn quit(state: &State, method: &Method, remote: SocketAddr) -> Response<Full<Bytes>> {
-    if !is_loopback(remote.ip()) {
-        return go_error(
-            StatusCode::FORBIDDEN,
-            "Only requests from localhost are allowed",
-        );
+fn hook(f: Option<&StatusHook>, method: &Method, local: bool, what: &str) -> Reply {
+    if !local {
+        return forbidden();
     }
     if method != Method::POST {
         return go_error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
     }
-    tracing::info!("handling /quitquitquit, exiting");
-    if let Some(f) = &state.on_quit {
+    tracing::info!("handling {what}");
+    if let Some(f) = f {
         f();
     }
     let mut r = Response::new(Full::new(Bytes::from_static(b"OK")));
@@ -227,35 +458,72 @@ fn envoy_not_found() -> Response<Full<Bytes>> {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use mesh_core::SnapshotCell;
-
     use super::*;
 
-    fn state(quits: Arc<AtomicUsize>) -> State {
-        State {
-            port: StatusPort::Agent,
-            readiness: Readiness::new(SnapshotCell::new(), None),
-            metrics: None,
-            on_quit: Some(Arc::new(move || {
-                quits.fetch_add(1, Ordering::SeqCst);
-            })),
-        }
+    fn ctx(quits: Arc<AtomicUsize>) -> StatusContext {
+        let mut c = StatusContext::new(Readiness::new(SnapshotCell::new(), None));
+        c.on_quit = Some(Arc::new(move || {
+            quits.fetch_add(1, Ordering::SeqCst);
+        }));
+        c
     }
 
-    #[test]
-    fn quit_from_a_remote_peer_is_forbidden() {
+    fn req(method: Method, path: &str) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .body(())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn quit_from_a_remote_peer_is_forbidden() {
         let quits = Arc::new(AtomicUsize::new(0));
-        let s = state(quits.clone());
+        let c = ctx(quits.clone());
         let remote: SocketAddr = "10.1.2.3:4567".parse().unwrap();
-        let r = respond(&s, &Method::POST, "/quitquitquit", remote);
+        let r = respond(
+            &c,
+            StatusPort::Agent,
+            &req(Method::POST, "/quitquitquit"),
+            remote,
+        )
+        .await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         // The localhost check comes before the method check, as in pilot-agent.
-        let r = respond(&s, &Method::GET, "/quitquitquit", remote);
+        let r = respond(
+            &c,
+            StatusPort::Agent,
+            &req(Method::GET, "/quitquitquit"),
+            remote,
+        )
+        .await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert_eq!(quits.load(Ordering::SeqCst), 0);
         let mapped: SocketAddr = "[::ffff:127.0.0.1]:1".parse().unwrap();
-        let r = respond(&s, &Method::POST, "/quitquitquit", mapped);
+        let r = respond(
+            &c,
+            StatusPort::Agent,
+            &req(Method::POST, "/quitquitquit"),
+            mapped,
+        )
+        .await;
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(quits.load(Ordering::SeqCst), 1);
+        let r = respond(
+            &c,
+            StatusPort::Agent,
+            &req(Method::GET, "/debug/config_dump"),
+            remote,
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let r = respond(
+            &c,
+            StatusPort::Admin,
+            &req(Method::GET, "/config_dump"),
+            remote,
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
     }
 }
