@@ -100,6 +100,27 @@ impl Mesh {
         tasks.push(tokio::spawn(ads.run()));
 
         let mut status_addrs = Vec::new();
+        // `/drain` asks for the graceful drain; a task below runs it once the Mesh exists.
+        let (drain_req, mut drain_rx) = watch::channel(false);
+        let status_ctx = {
+            let mut ctx = mesh_tower::status::StatusContext::new(readiness.clone())
+                .with_env(|k| std::env::var(k).ok());
+            ctx.metrics = metrics.clone();
+            ctx.snapshot = Some(cell.clone());
+            ctx.node = Some(config.node.clone());
+            // `/quitquitquit`: no drain period; readiness fails and listeners stop now
+            // (in-flight requests still finish).
+            let quit_tx = stop.clone();
+            let quit_readiness = readiness.clone();
+            ctx.on_quit = Some(Arc::new(move || {
+                quit_readiness.start_draining();
+                let _ = quit_tx.send(true);
+            }));
+            ctx.on_drain = Some(Arc::new(move || {
+                let _ = drain_req.send(true);
+            }));
+            Arc::new(ctx)
+        };
         for (kind, port, what) in [
             (StatusPort::Agent, config.status_port, "status port (15020)"),
             (StatusPort::Readiness, config.readiness_port, "readiness port (15021)"),
@@ -113,23 +134,12 @@ impl Mesh {
             let bound = listener.local_addr().map_err(MeshError::Serve)?;
             status_addrs.push((kind, bound));
             let stop_rx = stop.subscribe();
-            let quit_tx = stop.clone();
-            let on_quit: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-                let _ = quit_tx.send(true);
-            });
             tasks.push(tokio::spawn({
-                let readiness = readiness.clone();
-                let metrics = metrics.clone();
+                let ctx = status_ctx.clone();
                 async move {
-                    if let Err(e) = mesh_tower::status::serve_status(
-                        listener,
-                        kind,
-                        readiness,
-                        metrics,
-                        Some(on_quit),
-                        stopped(stop_rx),
-                    )
-                    .await
+                    if let Err(e) =
+                        mesh_tower::status::serve_status(listener, kind, ctx, stopped(stop_rx))
+                            .await
                     {
                         tracing::error!(error = %e, "status listener failed");
                     }
@@ -166,6 +176,19 @@ impl Mesh {
                 tasks: Mutex::new(tasks),
             }),
         };
+        {
+            // Holds the runtime weakly: a pending `/drain` must not keep a dropped Mesh alive.
+            let weak = Arc::downgrade(&mesh.inner);
+            let t = tokio::spawn(async move {
+                if drain_rx.wait_for(|d| *d).await.is_ok()
+                    && let Some(inner) = weak.upgrade()
+                {
+                    tracing::info!("handling /drain: draining");
+                    Mesh { inner }.drain().await;
+                }
+            });
+            mesh.push_task(t);
+        }
         if mesh.inner.builder.handle_signals {
             let m = mesh.clone();
             let t = tokio::spawn(async move {
@@ -280,12 +303,35 @@ impl Mesh {
         .map_err(MeshError::Serve)
     }
 
-    /// Graceful drain as pilot-agent does it on SIGTERM: readiness turns 503 at once,
-    /// listeners keep accepting for `terminationDrainDuration`, then stop accepting and let
-    /// in-flight requests finish.
+    /// Graceful drain as pilot-agent does it on SIGTERM: readiness turns 503 at once; the
+    /// listeners keep accepting for `terminationDrainDuration` — or, with
+    /// `EXIT_ON_ZERO_ACTIVE_CONNECTIONS=true`, for `MINIMUM_DRAIN_DURATION` (default 5s) and
+    /// then until no inbound connection is open (checked every second) — then stop
+    /// accepting and let in-flight requests finish.
     pub async fn drain(&self) {
         self.inner.readiness.start_draining();
-        tokio::time::sleep(self.inner.builder.config.termination_drain).await;
+        let env_true = |k: &str| {
+            std::env::var(k)
+                .map(|v| v.eq_ignore_ascii_case("true") || v == "1")
+                .unwrap_or(false)
+        };
+        if env_true("EXIT_ON_ZERO_ACTIVE_CONNECTIONS") {
+            let minimum = std::env::var("MINIMUM_DRAIN_DURATION")
+                .ok()
+                .and_then(|v| mesh_core::config::parse_duration(&v).ok())
+                .unwrap_or(Duration::from_secs(5));
+            tokio::time::sleep(minimum).await;
+            loop {
+                let active = mesh_tower::inbound::active_connections();
+                if active == 0 {
+                    break;
+                }
+                tracing::info!(active, "draining: waiting for inbound connections to close");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        } else {
+            tokio::time::sleep(self.inner.builder.config.termination_drain).await;
+        }
         let _ = self.inner.stop.send(true);
     }
 
