@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod endpoint;
 pub mod listener;
 pub mod name_table;
+pub mod rbac;
 pub mod route;
 
 pub use cluster::translate_cluster;
