@@ -754,3 +754,255 @@ fn refused_configs_match_envoy() {
         );
     }
 }
+
+/// A `redirect` action, described once.
+#[derive(Clone, Copy)]
+struct Rd {
+    name: &'static str,
+    prefix: &'static str,
+    code: i32,
+    scheme: Option<&'static str>,
+    host: &'static str,
+    port: u32,
+    path: Option<&'static str>,
+    prefix_rewrite: Option<&'static str>,
+    regex: Option<(&'static str, &'static str)>,
+    strip_query: bool,
+}
+
+const RD: Rd = Rd {
+    name: "",
+    prefix: "/",
+    code: 0,
+    scheme: None,
+    host: "",
+    port: 0,
+    path: None,
+    prefix_rewrite: None,
+    regex: None,
+    strip_query: false,
+};
+
+fn redirect_json(d: &Rd) -> Value {
+    let codes = [
+        "MOVED_PERMANENTLY",
+        "FOUND",
+        "SEE_OTHER",
+        "TEMPORARY_REDIRECT",
+        "PERMANENT_REDIRECT",
+    ];
+    let mut a = json!({"response_code": codes[d.code as usize], "strip_query": d.strip_query});
+    if let Some(s) = d.scheme {
+        a["scheme_redirect"] = json!(s);
+    }
+    if !d.host.is_empty() {
+        a["host_redirect"] = json!(d.host);
+    }
+    if d.port != 0 {
+        a["port_redirect"] = json!(d.port);
+    }
+    if let Some(p) = d.path {
+        a["path_redirect"] = json!(p);
+    }
+    if let Some(p) = d.prefix_rewrite {
+        a["prefix_rewrite"] = json!(p);
+    }
+    if let Some((re, sub)) = d.regex {
+        a["regex_rewrite"] = json!({"pattern": {"regex": re}, "substitution": sub});
+    }
+    json!({"name": d.name, "match": {"prefix": d.prefix}, "redirect": a})
+}
+
+fn redirect_pb(d: &Rd) -> pb::Route {
+    use pb::redirect_action::{PathRewriteSpecifier as P, SchemeRewriteSpecifier as S};
+    let path = if let Some(p) = d.path {
+        Some(P::PathRedirect(p.into()))
+    } else if let Some(p) = d.prefix_rewrite {
+        Some(P::PrefixRewrite(p.into()))
+    } else {
+        d.regex.map(|(re, sub)| {
+            P::RegexRewrite(
+                envoy_types::pb::envoy::r#type::matcher::v3::RegexMatchAndSubstitute {
+                    pattern: Some(RegexMatcher {
+                        regex: re.into(),
+                        ..Default::default()
+                    }),
+                    substitution: sub.into(),
+                },
+            )
+        })
+    };
+    pb::Route {
+        name: d.name.into(),
+        r#match: Some(pb::RouteMatch {
+            path_specifier: Some(pb::route_match::PathSpecifier::Prefix(d.prefix.into())),
+            ..Default::default()
+        }),
+        action: Some(pb::route::Action::Redirect(pb::RedirectAction {
+            host_redirect: d.host.into(),
+            port_redirect: d.port,
+            response_code: d.code,
+            strip_query: d.strip_query,
+            scheme_rewrite_specifier: d.scheme.map(|s| S::SchemeRedirect(s.into())),
+            path_rewrite_specifier: path,
+        })),
+        ..Default::default()
+    }
+}
+
+/// Envoy's status and `location` for a request.
+fn envoy_redirect(port: u16, host: &str, path: &str) -> (u16, Option<String>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to envoy");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let text = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nconnection: close\r\n\r\n");
+    s.write_all(text.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).contains("\r\n\r\n") {
+        let n = s.read(&mut buf).expect("read envoy response");
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    let out = String::from_utf8_lossy(&out);
+    let head = out.split("\r\n\r\n").next().unwrap_or("");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let location = head
+        .lines()
+        .find_map(|l| l.strip_prefix("location: "))
+        .map(str::to_owned);
+    (status, location)
+}
+
+#[test]
+fn redirects_match_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    let rds = [
+        Rd {
+            name: "host",
+            prefix: "/host",
+            host: "elsewhere.example",
+            ..RD
+        },
+        Rd {
+            name: "https",
+            prefix: "/https",
+            scheme: Some("https"),
+            code: 4,
+            ..RD
+        },
+        Rd {
+            name: "port",
+            prefix: "/port",
+            port: 8443,
+            code: 1,
+            ..RD
+        },
+        Rd {
+            name: "hostport",
+            prefix: "/hp",
+            host: "h.example:81",
+            port: 9000,
+            code: 2,
+            ..RD
+        },
+        Rd {
+            name: "path",
+            prefix: "/path",
+            path: Some("/new/place"),
+            code: 3,
+            ..RD
+        },
+        Rd {
+            name: "pathq",
+            prefix: "/pq",
+            path: Some("/new?fixed=1"),
+            ..RD
+        },
+        Rd {
+            name: "prefix",
+            prefix: "/old/",
+            prefix_rewrite: Some("/new/"),
+            ..RD
+        },
+        Rd {
+            name: "regex",
+            prefix: "/rx",
+            regex: Some(("/rx/([0-9]+)", "/items/\\1")),
+            ..RD
+        },
+        Rd {
+            name: "strip",
+            prefix: "/strip",
+            strip_query: true,
+            host: "s.example",
+            ..RD
+        },
+    ];
+    let route_config = json!({"name": "redirects", "virtual_hosts": [{
+        "name": "v", "domains": ["*"], "routes": rds.iter().map(redirect_json).collect::<Vec<_>>()}]});
+    let proto = pb::RouteConfiguration {
+        name: "redirects".into(),
+        virtual_hosts: vec![pb::VirtualHost {
+            name: "v".into(),
+            domains: vec!["*".into()],
+            routes: rds.iter().map(redirect_pb).collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let rc = mesh_xds::translate::translate_route(&proto).expect("mesh accepts the redirects");
+    let port = free_port();
+    let _envoy = EnvoyProcess::start(&bootstrap(port, route_config));
+    let mut disagreements = Vec::new();
+    let mut n = 0;
+    for host in ["app.example", "app.example:80", "app.example:8080"] {
+        for path in [
+            "/host/a?x=1",
+            "/https/a",
+            "/https?q",
+            "/port/p?x",
+            "/hp/z",
+            "/path/a?keep=1",
+            "/pq/a?dropped=1",
+            "/old/x/y?z=1",
+            "/old/",
+            "/rx/42?x=1",
+            "/rx/abc",
+            "/strip/a?x=1&y=2",
+        ] {
+            n += 1;
+            let want = envoy_redirect(port, host, path);
+            let headers = HeaderMap::new();
+            let view = RequestView::new(host, path, &headers);
+            let got = rc.route_request(&view).map(|m| match &m.route.action {
+                mesh_core::route::RouteAction::Redirect(r) => (
+                    r.status,
+                    Some(mesh_core::snapshot::redirect_location(
+                        r,
+                        &m.route.matcher,
+                        &view,
+                    )),
+                ),
+                other => panic!("not a redirect: {other:?}"),
+            });
+            let got = got.unwrap_or((404, None));
+            if want != got {
+                disagreements.push(format!("{host} {path}: envoy {want:?}, mesh {got:?}"));
+            }
+        }
+    }
+    assert!(
+        disagreements.is_empty(),
+        "{} of {n} redirects differ:\n{}",
+        disagreements.len(),
+        disagreements.join("\n")
+    );
+}

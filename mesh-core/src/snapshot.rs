@@ -255,7 +255,12 @@ pub fn redirect_location(
     let scheme = redirect.scheme.as_deref().unwrap_or(req.scheme);
     let mut host = redirect.host.as_deref().unwrap_or(req.authority).to_owned();
     if let Some(port) = redirect.port {
-        host = format!("{}:{port}", crate::route::strip_port(&host));
+        // Envoy replaces the request's port but appends to a `host_redirect` verbatim.
+        let base = match &redirect.host {
+            Some(h) => h.as_str(),
+            None => crate::route::strip_port(req.authority),
+        };
+        host = format!("{base}:{port}");
     } else if redirect.scheme.is_some() && redirect.scheme.as_deref() != Some(req.scheme) {
         // A scheme change drops the port that was the old scheme's default.
         let bare = crate::route::strip_port(&host);
