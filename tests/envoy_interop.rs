@@ -29,9 +29,10 @@ use tokio::time::timeout;
 const SERVER_FQDN: &str = "server.default.svc.cluster.local";
 
 fn strict_model() -> MeshModel {
-    let mut m = MeshModel::default();
-    m.peer_authentication = InboundTlsMode::Strict;
-    m
+    MeshModel {
+        peer_authentication: InboundTlsMode::Strict,
+        ..Default::default()
+    }
 }
 
 /// Envoy's certificate material for service account `sa`, issued by `ca`.

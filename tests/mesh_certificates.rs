@@ -31,9 +31,10 @@ fn model(endpoint: SocketAddr, sa: &str) -> MeshModel {
 }
 
 fn strict() -> MeshModel {
-    let mut m = MeshModel::default();
-    m.peer_authentication = InboundTlsMode::Strict;
-    m
+    MeshModel {
+        peer_authentication: InboundTlsMode::Strict,
+        ..Default::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
