@@ -291,7 +291,7 @@ fn route_match(
     if !m.dynamic_metadata.is_empty() {
         return Err("match.dynamic_metadata is not supported".into());
     }
-    if m.filter_state.iter().next().is_some() {
+    if !m.filter_state.is_empty() {
         return Err("match.filter_state is not supported".into());
     }
     let runtime_fraction = match m
