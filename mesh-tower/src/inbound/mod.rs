@@ -341,7 +341,11 @@ async fn handle_connection<S, B>(
 }
 
 fn no_filter_chain(remote: SocketAddr, why: &str) {
-    metrics::counter!("envoy_listener_no_filter_chain_match").increment(1);
+    metrics::counter!(
+        "envoy_listener_no_filter_chain_match",
+        "envoy_listener_address" => stats::INBOUND_LISTENER_ADDRESS
+    )
+    .increment(1);
     tracing::debug!(%remote, "{why}");
 }
 
