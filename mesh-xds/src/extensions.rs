@@ -46,6 +46,114 @@ pub fn ignored_extensions(resource: &Any) -> BTreeMap<String, usize> {
     all
 }
 
+/// The extension types a listener or cluster names at its top levels (listener filters,
+/// network filters, HTTP filters of an HTTP connection manager, access loggers, transport
+/// sockets, cluster filters, protocol options) that mesh does not act on: the cheap, typed scan
+/// the ADS client runs on every accepted resource ([`ignored_extensions`] walks everything by
+/// reflection and is what `check-config` uses).
+pub fn ignored_top_level(resource: &Any) -> BTreeSet<String> {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::listener::v3::{Listener, filter, listener_filter};
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, http_filter,
+    };
+    use prost::Message;
+    let mut out = BTreeSet::new();
+    let mut add = |a: &Any| {
+        let t = wrapped_type(a);
+        if !is_acted_on(&t) {
+            out.insert(t);
+        }
+    };
+    if resource.type_url == crate::ads::LISTENER {
+        let Ok(l) = Listener::decode(resource.value.as_slice()) else {
+            return out;
+        };
+        for lf in &l.listener_filters {
+            if let Some(listener_filter::ConfigType::TypedConfig(a)) = &lf.config_type {
+                add(a);
+            }
+        }
+        for al in &l.access_log {
+            if let Some(
+                envoy_types::pb::envoy::config::accesslog::v3::access_log::ConfigType::TypedConfig(
+                    a,
+                ),
+            ) = &al.config_type
+            {
+                add(a);
+            }
+        }
+        for fc in l.filter_chains.iter().chain(l.default_filter_chain.iter()) {
+            if let Some(t) = socket(&fc.transport_socket) {
+                add(t);
+            }
+            for f in &fc.filters {
+                let Some(filter::ConfigType::TypedConfig(a)) = &f.config_type else {
+                    continue;
+                };
+                add(a);
+                if a.type_url.ends_with("HttpConnectionManager")
+                    && let Ok(hcm) = HttpConnectionManager::decode(a.value.as_slice())
+                {
+                    for hf in &hcm.http_filters {
+                        if let Some(http_filter::ConfigType::TypedConfig(a)) = &hf.config_type {
+                            add(a);
+                        }
+                    }
+                }
+            }
+        }
+    } else if resource.type_url == crate::ads::CLUSTER {
+        let Ok(c) = Cluster::decode(resource.value.as_slice()) else {
+            return out;
+        };
+        if let Some(t) = socket(&c.transport_socket) {
+            add(t);
+        }
+        for m in &c.transport_socket_matches {
+            if let Some(t) = socket(&m.transport_socket) {
+                add(t);
+            }
+        }
+        for f in &c.filters {
+            if let Some(a) = &f.typed_config {
+                add(a);
+            }
+        }
+        for a in c.typed_extension_protocol_options.values() {
+            add(a);
+        }
+    }
+    out
+}
+
+fn socket(ts: &Option<envoy_types::pb::envoy::config::core::v3::TransportSocket>) -> Option<&Any> {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket;
+    ts.as_ref().and_then(|t| match &t.config_type {
+        Some(transport_socket::ConfigType::TypedConfig(a)) => Some(a),
+        None => None,
+    })
+}
+
+/// The `type_url` field of `udpa.type.v1.TypedStruct` / `xds.type.v3.TypedStruct`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct TypedStructHead {
+    #[prost(string, tag = "1")]
+    type_url: String,
+}
+
+/// The type an `Any` configures: its own, or the one a `TypedStruct` wraps.
+fn wrapped_type(a: &Any) -> String {
+    if a.type_url.ends_with(".TypedStruct")
+        && let Ok(h) = <TypedStructHead as prost::Message>::decode(a.value.as_slice())
+        && !h.type_url.is_empty()
+    {
+        return h.type_url;
+    }
+    a.type_url.clone()
+}
+
 static REPORTED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
 /// Logs each type URL the first time this process meets it; returns the ones that were new.
@@ -174,6 +282,8 @@ mod tests {
                 "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange".to_owned(),
             ]
         );
+        let top = ignored_top_level(&d.resources[0].resource);
+        assert_eq!(top, ignored.keys().cloned().collect::<BTreeSet<_>>());
         let t = "type.googleapis.com/test.only.Reported".to_owned();
         assert_eq!(report_ignored([&t]), vec![t.clone()]);
         assert!(report_ignored([&t]).is_empty(), "reported twice");

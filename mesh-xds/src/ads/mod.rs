@@ -380,7 +380,10 @@ impl AdsClient {
             .into_iter()
             .map(|a| Incoming {
                 name: String::new(),
-                version: resp.version_info.clone(),
+                // SotW has no per-resource versions and `version_info` is only unique per
+                // server (a restarted istiod starts over): a resource is unchanged when its
+                // bytes are, as Envoy decides by hashing the message.
+                version: content_version(&a.value),
                 resource: Some(a),
             })
             .collect();
@@ -437,7 +440,16 @@ impl AdsClient {
             changed |= self.state.prune();
         }
         let short = types::short_name(type_url);
+        let result = if applied.errors.is_empty() {
+            "accepted"
+        } else {
+            "rejected"
+        };
+        metrics::counter!("mesh_xds_updates_total", "type" => short, "result" => result)
+            .increment(1);
         if applied.errors.is_empty() {
+            // Envoy's `<subscription>.version` stat: a hash of the last accepted version text.
+            metrics::gauge!("mesh_xds_acked_version", "type" => short).set(version_hash(version));
             self.state
                 .type_versions
                 .insert(type_url.to_owned(), version.to_owned());
@@ -481,6 +493,26 @@ impl AdsClient {
         }
         applied.errors
     }
+}
+
+/// FNV-1a: stable across processes and releases, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A 53-bit hash of a version string (exact in a float gauge), as Envoy's `version` stat.
+pub fn version_hash(version: &str) -> f64 {
+    (fnv1a(version.as_bytes()) >> 11) as f64
+}
+
+/// The version a SotW resource is held at: a hash of its encoded bytes.
+fn content_version(bytes: &[u8]) -> String {
+    format!("{:016x}", fnv1a(bytes))
 }
 
 fn sotw_names(type_url: &str, incoming: &[Incoming]) -> BTreeSet<String> {

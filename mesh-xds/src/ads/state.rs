@@ -108,8 +108,8 @@ fn apply_typed<P, T>(
             Ok(value) => {
                 if kind != "ClusterLoadAssignment" {
                     // Extensions mesh does not act on are accepted; each is logged once.
-                    let ignored = crate::extensions::ignored_extensions(any);
-                    crate::extensions::report_ignored(ignored.keys());
+                    let ignored = crate::extensions::ignored_top_level(any);
+                    crate::extensions::report_ignored(ignored.iter());
                 }
                 map.insert(
                     name,

@@ -133,6 +133,13 @@ pub struct ControlPlane {
     _stop: oneshot::Sender<()>,
 }
 
+impl Drop for ControlPlane {
+    /// A stopped control plane ends its streams too, as a killed istiod would.
+    fn drop(&mut self) {
+        self.cut_streams();
+    }
+}
+
 impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlPlane")
