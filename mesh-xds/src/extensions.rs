@@ -130,9 +130,10 @@ pub fn ignored_top_level(resource: &Any) -> BTreeSet<String> {
 
 fn socket(ts: &Option<envoy_types::pb::envoy::config::core::v3::TransportSocket>) -> Option<&Any> {
     use envoy_types::pb::envoy::config::core::v3::transport_socket;
-    ts.as_ref().and_then(|t| match &t.config_type {
-        Some(transport_socket::ConfigType::TypedConfig(a)) => Some(a),
-        None => None,
+    ts.as_ref().and_then(|t| {
+        t.config_type
+            .as_ref()
+            .map(|transport_socket::ConfigType::TypedConfig(a)| a)
     })
 }
 

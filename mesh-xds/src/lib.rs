@@ -19,6 +19,7 @@ pub mod ca;
 pub mod check;
 pub mod dump;
 pub mod extensions;
+pub mod fuzzing;
 pub mod istio_proto;
 pub mod node;
 pub mod secrets;

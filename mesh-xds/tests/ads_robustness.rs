@@ -352,22 +352,11 @@ async fn one_bad_among_good(delta: bool, type_url: &'static str) {
     timeout(WAIT, cell.synced()).await.expect("never synced");
     let before = cell.load();
     // The victim (an existing resource of this type) and a good change elsewhere.
-    let (victim, good_check): (&str, Box<dyn Fn(&mesh_core::Snapshot) -> bool + Send>) =
-        match type_url {
-            CLUSTER => (
-                "outbound|80||backend.default.svc.cluster.local",
-                Box::new(|s| frontend_has(s, "127.0.0.1:9092")),
-            ),
-            ENDPOINT => (
-                "outbound|80||backend.default.svc.cluster.local",
-                Box::new(|s| frontend_has(s, "127.0.0.1:9092")),
-            ),
-            LISTENER => (
-                "0.0.0.0_80",
-                Box::new(|s| frontend_has(s, "127.0.0.1:9092")),
-            ),
-            _ => ("80", Box::new(|s| frontend_has(s, "127.0.0.1:9092"))),
-        };
+    let victim = match type_url {
+        CLUSTER | ENDPOINT => "outbound|80||backend.default.svc.cluster.local",
+        LISTENER => "0.0.0.0_80",
+        _ => "80",
+    };
     cp.push_raw(type_url, vec![(victim.into(), bad(type_url, victim))]);
     // A good change of the same type in the next push.
     match type_url {
@@ -392,7 +381,10 @@ async fn one_bad_among_good(delta: bool, type_url: &'static str) {
         1,
         "{type_url}: only the bad resource is named: {message}"
     );
-    wait_until(&cell, "the good change", |s| good_check(s)).await;
+    wait_until(&cell, "the good change", |s| {
+        frontend_has(s, "127.0.0.1:9092")
+    })
+    .await;
     let now = cell.load();
     match type_url {
         CLUSTER => {

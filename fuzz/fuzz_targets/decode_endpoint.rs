@@ -1,0 +1,6 @@
+//! Arbitrary bytes as a ENDPOINT resource: decode + translate + extension scan must not panic.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = mesh_xds::fuzzing::decode_and_translate(mesh_xds::ads::ENDPOINT, data);
+});
