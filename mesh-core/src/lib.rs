@@ -13,6 +13,7 @@
 //! * [`cert`]: the [`CertStore`](cert::CertStore) that holds the workload certificate.
 //! * [`flags`]: Envoy's response flags. [`telemetry`]: Istio's standard metric names and labels.
 //! * [`name_table`]: the NDS name table. [`resolve`]: the resolver trait mesh-dns implements.
+//! * [`retry`]: Envoy's router retry policy and retry decisions.
 //! * [`peer_metadata`]: the `x-envoy-peer-metadata` headers sidecars exchange.
 //!
 //! Protobuf types never appear here: mesh-xds translates them into these types.
@@ -29,6 +30,7 @@ pub mod name_table;
 pub mod peer_metadata;
 pub mod readiness;
 pub mod resolve;
+pub mod retry;
 pub mod route;
 pub mod snapshot;
 pub mod telemetry;

@@ -19,6 +19,7 @@
 //! Matching allocates nothing.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -519,18 +520,7 @@ pub enum RouteAction {
     Redirect(Redirect),
 }
 
-/// A retry policy (issue 4 deepens it: only the count and the conditions are carried now).
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct RetryPolicy {
-    /// `retry_on` conditions as istiod writes them.
-    pub retry_on: Vec<String>,
-    /// `num_retries`.
-    pub num_retries: u32,
-    /// `per_try_timeout`.
-    pub per_try_timeout: Option<Duration>,
-    /// `retriable_status_codes`.
-    pub retriable_status_codes: Vec<u16>,
-}
+pub use crate::retry::RetryPolicy;
 
 /// One route.
 #[derive(Clone, Debug)]
@@ -543,8 +533,18 @@ pub struct Route {
     pub action: RouteAction,
     /// Route timeout; `None` or zero = no timeout (istiod's default `0s`).
     pub timeout: Option<Duration>,
-    /// Retry policy.
-    pub retry: Option<RetryPolicy>,
+    /// Retry policy (the route's, else the virtual host's).
+    pub retry: Option<Arc<RetryPolicy>>,
+    /// `per_request_buffer_limit_bytes` (route, else virtual host): how much request body is
+    /// kept for retries; `None` is Envoy's listener default
+    /// ([`DEFAULT_RETRY_BUFFER_LIMIT`](crate::retry::DEFAULT_RETRY_BUFFER_LIMIT)).
+    pub per_request_buffer_limit_bytes: Option<u32>,
+    /// The virtual host's `include_request_attempt_count`: send `x-envoy-attempt-count`
+    /// upstream.
+    pub include_request_attempt_count: bool,
+    /// The virtual host's `include_attempt_count_in_response`: return
+    /// `x-envoy-attempt-count` downstream.
+    pub include_attempt_count_in_response: bool,
 }
 
 impl Route {
@@ -556,7 +556,16 @@ impl Route {
             action,
             timeout: None,
             retry: None,
+            per_request_buffer_limit_bytes: None,
+            include_request_attempt_count: false,
+            include_attempt_count_in_response: false,
         }
+    }
+
+    /// The same route with a retry policy.
+    pub fn with_retry(mut self, retry: Option<RetryPolicy>) -> Self {
+        self.retry = retry.map(Arc::new);
+        self
     }
 
     /// The same route with a timeout.

@@ -16,8 +16,9 @@ use crate::endpoint::EndpointSet;
 use crate::flags::ResponseFlag;
 use crate::listener::{InboundPolicy, Listener, ListenerKind, OutboundProtocol};
 use crate::name_table::NameTable;
+use crate::retry::{DEFAULT_RETRY_BUFFER_LIMIT, RetryPolicy};
 use crate::route::{
-    PathMatch, Redirect, RedirectPath, RequestView, RouteAction, RouteConfig, RouteMatch,
+    PathMatch, Redirect, RedirectPath, RequestView, Route, RouteAction, RouteConfig, RouteMatch,
 };
 
 /// What istiod's `outboundTrafficPolicy` says about destinations it does not know.
@@ -74,6 +75,14 @@ pub enum RouteDecision {
         endpoints: Option<Arc<EndpointSet>>,
         /// Route timeout (`None`: none).
         timeout: Option<std::time::Duration>,
+        /// Retry policy, if the route (or its virtual host) has one.
+        retry: Option<Arc<RetryPolicy>>,
+        /// How much request body may be buffered for retries.
+        retry_buffer_limit: u32,
+        /// `x-envoy-attempt-count` upstream (`include_request_attempt_count`).
+        attempt_count_upstream: bool,
+        /// `x-envoy-attempt-count` downstream (`include_attempt_count_in_response`).
+        attempt_count_downstream: bool,
     },
     /// Answer locally.
     Respond {
@@ -172,7 +181,7 @@ impl Snapshot {
         let rc_name = match self.outbound_port(port) {
             Some(OutboundProtocol::Http { route_config }) => route_config,
             Some(OutboundProtocol::Tcp { cluster }) => {
-                return self.forward_to(cluster, "", "", None);
+                return self.forward_to(cluster, "", None);
             }
             None => return self.unknown_destination(),
         };
@@ -182,16 +191,16 @@ impl Snapshot {
         let Some(m) = rc.route_request(req) else {
             return not_found();
         };
-        let (vh, r) = (&m.virtual_host.name, &m.route.name);
+        let (vh, r) = (&m.virtual_host.name, Some(m.route));
         match &m.route.action {
-            RouteAction::Cluster(c) => self.forward_to(c, vh, r, m.route.timeout),
+            RouteAction::Cluster(c) => self.forward_to(c, vh, r),
             RouteAction::Weighted(w) => match rc.pick_weighted(w) {
-                Some(c) => self.forward_to(c, vh, r, m.route.timeout),
+                Some(c) => self.forward_to(c, vh, r),
                 None => respond(503, None, ResponseFlag::NoClusterFound),
             },
             RouteAction::ClusterHeader(name) => {
                 match req.headers.get(name).and_then(|v| v.to_str().ok()) {
-                    Some(c) if !c.is_empty() => self.forward_to(c, vh, r, m.route.timeout),
+                    Some(c) if !c.is_empty() => self.forward_to(c, vh, r),
                     _ => respond(503, None, ResponseFlag::NoClusterFound),
                 }
             }
@@ -210,35 +219,30 @@ impl Snapshot {
         }
     }
 
-    fn forward_to(
-        &self,
-        cluster: &str,
-        vh: &str,
-        route: &str,
-        timeout: Option<std::time::Duration>,
-    ) -> RouteDecision {
-        match self.cluster(cluster) {
-            Some((cluster, endpoints)) => RouteDecision::Forward {
-                virtual_host: vh.to_owned(),
-                route: route.to_owned(),
-                cluster,
-                endpoints,
-                timeout: timeout.filter(|t| !t.is_zero()),
-            },
-            None if cluster == PASSTHROUGH_CLUSTER => RouteDecision::Forward {
-                virtual_host: vh.to_owned(),
-                route: route.to_owned(),
-                cluster: Arc::new(passthrough_cluster()),
-                endpoints: None,
-                timeout: timeout.filter(|t| !t.is_zero()),
-            },
-            None => respond(503, None, ResponseFlag::NoClusterFound),
+    fn forward_to(&self, cluster: &str, vh: &str, route: Option<&Route>) -> RouteDecision {
+        let (cluster, endpoints) = match self.cluster(cluster) {
+            Some(found) => found,
+            None if cluster == PASSTHROUGH_CLUSTER => (Arc::new(passthrough_cluster()), None),
+            None => return respond(503, None, ResponseFlag::NoClusterFound),
+        };
+        RouteDecision::Forward {
+            virtual_host: vh.to_owned(),
+            route: route.map(|r| r.name.clone()).unwrap_or_default(),
+            cluster,
+            endpoints,
+            timeout: route.and_then(|r| r.timeout).filter(|t| !t.is_zero()),
+            retry: route.and_then(|r| r.retry.clone()),
+            retry_buffer_limit: route
+                .and_then(|r| r.per_request_buffer_limit_bytes)
+                .unwrap_or(DEFAULT_RETRY_BUFFER_LIMIT),
+            attempt_count_upstream: route.is_some_and(|r| r.include_request_attempt_count),
+            attempt_count_downstream: route.is_some_and(|r| r.include_attempt_count_in_response),
         }
     }
 
     fn unknown_destination(&self) -> RouteDecision {
         match self.outbound_traffic_policy {
-            OutboundTrafficPolicy::AllowAny => self.forward_to(PASSTHROUGH_CLUSTER, "", "", None),
+            OutboundTrafficPolicy::AllowAny => self.forward_to(PASSTHROUGH_CLUSTER, "", None),
             // Envoy's virtualOutbound sends it to BlackHoleCluster: the connection is reset;
             // an HTTP client sees 502.
             OutboundTrafficPolicy::RegistryOnly => respond(502, None, ResponseFlag::NoClusterFound),

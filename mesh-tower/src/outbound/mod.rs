@@ -16,6 +16,7 @@
 
 mod body;
 mod pool;
+mod replay;
 mod telemetry;
 
 use std::collections::HashMap;
@@ -37,6 +38,7 @@ use mesh_core::cluster::{Cluster, ClusterDiscovery, UpstreamProtocol, UpstreamTl
 use mesh_core::endpoint::{EndpointSet, EndpointTlsMode, WorkloadMetadata};
 use mesh_core::flags::ResponseFlag;
 use mesh_core::resolve::Resolve;
+use mesh_core::retry::{AttemptOutcome, RetryPolicy};
 use mesh_core::snapshot::RouteDecision;
 use mesh_core::telemetry::{DestinationService, WorkloadLabels};
 use mesh_core::{CertStore, NodeIdentity, SnapshotCell};
@@ -179,11 +181,7 @@ impl Outbound {
         self.handle(parts, body).await
     }
 
-    async fn handle(
-        &self,
-        mut parts: http::request::Parts,
-        body: ReqBody,
-    ) -> Response<OutboundBody> {
+    async fn handle(&self, parts: http::request::Parts, body: ReqBody) -> Response<OutboundBody> {
         let start = Instant::now();
         let authority = AuthorityBuf::of(&parts);
         let host = authority.as_str();
@@ -192,8 +190,15 @@ impl Outbound {
             .unwrap_or(80);
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
         let grpc = is_grpc(&parts.headers);
+        let request_bytes =
+            headers_size(&parts.headers) + http_body::Body::size_hint(&body).exact().unwrap_or(0);
+        let no_host = |flag_status: (u16, Option<Bytes>, ResponseFlag, Option<String>)| {
+            let record = self.record(&self.inner.no_host, start, host, grpc, request_bytes);
+            let (status, text, flag, location) = flag_status;
+            local_reply(status, text, flag, location, record)
+        };
 
-        let decision = {
+        let (decision, retry_enabled) = {
             let snapshot = self.inner.cell.load_guard();
             let req = mesh_core::route::RequestView {
                 authority: host,
@@ -202,74 +207,85 @@ impl Outbound {
                 scheme: "http",
                 headers: &parts.headers,
             };
-            snapshot.route_outbound_request(port, &req)
+            let d = snapshot.route_outbound_request(port, &req);
+            let enabled = match &d {
+                RouteDecision::Forward { retry: Some(p), .. } => p.enabled_for(&req),
+                _ => false,
+            };
+            (d, enabled)
         };
-        let (cluster, endpoints, timeout) = match decision {
+        let fwd = match decision {
             RouteDecision::Respond {
                 status,
                 body: text,
                 flag,
                 location,
-            } => {
-                let record = self.record(
-                    &self.inner.no_host,
-                    start,
-                    host,
-                    grpc,
-                    &parts.headers,
-                    &body,
-                );
-                return local_reply(status, text.map(Bytes::from), flag, location, record);
-            }
+            } => return no_host((status, text.map(Bytes::from), flag, location)),
             RouteDecision::Forward {
                 cluster,
                 endpoints,
                 timeout,
+                retry,
+                retry_buffer_limit,
+                attempt_count_upstream,
+                attempt_count_downstream,
                 ..
-            } => (cluster, endpoints, timeout),
+            } => Forward {
+                cluster,
+                endpoints,
+                timeout,
+                per_try_timeout: retry.as_ref().and_then(|p| p.per_try_timeout),
+                retry: retry.filter(|_| retry_enabled),
+                retry_buffer_limit,
+                attempt_count_upstream,
+                attempt_count_downstream,
+            },
         };
-        let state = self.inner.cluster_state(&cluster);
+        let deadline = fwd.timeout.map(|t| tokio::time::Instant::now() + t);
+        let attempts = self.attempts(
+            parts,
+            body,
+            &authority,
+            port,
+            &fwd,
+            start,
+            grpc,
+            request_bytes,
+        );
+        match deadline {
+            None => attempts.await,
+            Some(d) => match tokio::time::timeout_at(d, attempts).await {
+                Ok(r) => r,
+                Err(_) => {
+                    // The route timeout covers every attempt and back-off.
+                    no_host((
+                        504,
+                        Some(Bytes::from_static(UPSTREAM_REQUEST_TIMEOUT.as_bytes())),
+                        ResponseFlag::UpstreamRequestTimeout,
+                        None,
+                    ))
+                }
+            },
+        }
+    }
 
-        // Pick the upstream host.
-        let picked = match (&cluster.discovery, &endpoints) {
-            (ClusterDiscovery::OriginalDestination, _) => self
-                .original_destination(host, port)
-                .await
-                .map(|addr| (addr, EndpointTlsMode::Disabled, None)),
-            (_, Some(set)) => set
-                .pick_round_robin()
-                .map(|ep| (ep.address, ep.tls_mode, Some((ep.workload.as_ref(), set)))),
-            (_, None) => None,
-        };
-        let Some((addr, tls_mode, ep_info)) = picked else {
-            let record = self.record(
-                &self.inner.no_host,
-                start,
-                host,
-                grpc,
-                &parts.headers,
-                &body,
-            );
-            return local_reply(
-                503,
-                Some(Bytes::from_static(NO_HEALTHY_UPSTREAM.as_bytes())),
-                ResponseFlag::NoHealthyUpstream,
-                None,
-                record,
-            );
-        };
-        let upstream_tls = match cluster.discovery {
-            ClusterDiscovery::OriginalDestination => None,
-            _ => cluster.tls_for(tls_mode),
-        };
-        let (workload, set) = match ep_info {
-            Some((w, set)) => (w, Some(set.as_ref())),
-            None => (None, None),
-        };
-        let host_pool = self
-            .inner
-            .host_pool(&state, addr, upstream_tls.is_some(), workload, set);
-
+    /// Sends the request, retrying as the route's retry policy says. Returns the last
+    /// response or Envoy's local reply for the last failure.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        parts: http::request::Parts,
+        body: ReqBody,
+        authority: &AuthorityBuf,
+        port: u16,
+        fwd: &Forward,
+        start: Instant,
+        grpc: bool,
+        request_bytes: u64,
+    ) -> Response<OutboundBody> {
+        let host = authority.as_str();
+        let cluster = &fwd.cluster;
+        let state = self.inner.cluster_state(cluster);
         let proto = match cluster.protocol {
             UpstreamProtocol::Http1 => Proto::Http1,
             UpstreamProtocol::Http2 => Proto::Http2,
@@ -277,89 +293,241 @@ impl Outbound {
             UpstreamProtocol::UseDownstream => Proto::Http1,
         };
 
-        let mut record = self.record(&host_pool.labels, start, host, grpc, &parts.headers, &body);
-        if let Err(e) = prepare(&mut parts, &authority, proto) {
-            tracing::debug!(error = %e, "cannot forward request");
-            return local_reply(404, None, ResponseFlag::NoRouteFound, None, record);
-        }
-        drop(authority);
-        let req = Request::from_parts(parts, body);
-
-        let istio = tls_mode == EndpointTlsMode::Istio;
-        let inner = &*self.inner;
-        let state_ref = &*state;
-        let tls_fn =
-            upstream_tls.map(|tls| move || inner.tls_target(state_ref, tls, istio, proto, addr));
-        let params = ConnectParams {
-            tls: tls_fn
-                .as_ref()
-                .map(|f| f as &(dyn Fn() -> Result<Arc<TlsTarget>, ConnectError> + Send + Sync)),
-            timeout: cluster.connect_timeout,
-        };
-
-        // The seam for retries and outlier detection: one attempt today.
-        let send = host_pool.send(req, proto, &params);
-        let result = match timeout {
-            Some(t) => match tokio::time::timeout(t, send).await {
-                Ok(r) => r,
-                Err(_) => {
+        // Keep the body for retries, up to the buffer limit; a bigger body is sent once.
+        let mut retry = fwd.retry.as_deref();
+        let mut once_body = None;
+        let mut replay = None;
+        if retry.is_some() {
+            match replay::buffer(body, fwd.retry_buffer_limit).await {
+                Ok(r) => replay = Some(r),
+                Err(replay::Overflow::Limit(b)) => {
+                    tracing::debug!(
+                        limit = fwd.retry_buffer_limit,
+                        "request body exceeds the retry buffer limit; retries disabled"
+                    );
+                    retry = None;
+                    once_body = Some(b);
+                }
+                Err(replay::Overflow::Body(e)) => {
+                    tracing::debug!(error = %e, "request body failed while buffering for retries");
+                    let record = self.record(&self.inner.no_host, start, host, grpc, request_bytes);
                     return local_reply(
-                        504,
-                        Some(Bytes::from_static(UPSTREAM_REQUEST_TIMEOUT.as_bytes())),
-                        ResponseFlag::UpstreamRequestTimeout,
+                        400,
+                        None,
+                        ResponseFlag::DownstreamProtocolError,
                         None,
                         record,
                     );
                 }
-            },
-            None => send.await,
-        };
-        match result {
-            Ok((resp, peer, checkin)) => {
-                let (mut parts, incoming) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                if let Some(p) = &peer {
-                    parts.extensions.insert(UpstreamPrincipal(p.clone()));
-                }
-                if let Some(r) = record.as_mut() {
-                    r.code = parts.status.as_u16();
-                    r.principal = peer;
-                    if r.grpc {
-                        r.grpc_status = grpc_status(&parts.headers);
-                    }
-                }
-                parts.extensions.insert(ResponseFlag::None);
-                let body = OutboundBody::upstream(incoming, checkin, record);
-                Response::from_parts(parts, body)
             }
-            Err(SendError::Connect(e)) => {
-                tracing::debug!(cluster = %cluster.name, error = %e, "upstream connection failure");
-                let mut text = String::from(UPSTREAM_RESET_PREFIX);
-                text.push_str("connection failure");
-                if let Some(reason) = e.transport_failure_reason() {
-                    text.push_str(", transport failure reason: ");
-                    text.push_str(&reason);
-                }
-                local_reply(
-                    503,
-                    Some(Bytes::from(text)),
-                    ResponseFlag::UpstreamConnectionFailure,
-                    None,
-                    record,
-                )
-            }
-            Err(SendError::Reset(e)) => {
-                tracing::debug!(cluster = %cluster.name, error = %e, "upstream reset before response headers");
-                let text = format!("{UPSTREAM_RESET_PREFIX}connection termination");
-                local_reply(
-                    503,
-                    Some(Bytes::from(text)),
-                    ResponseFlag::UpstreamConnectionTermination,
-                    None,
-                    record,
-                )
-            }
+        } else {
+            once_body = Some(body);
         }
+
+        let max_attempts = retry.map_or(1, |p| p.num_retries.saturating_add(1));
+        let mut parts = Some(parts);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let last = attempt >= max_attempts;
+
+            // Pick the upstream host (avoiding hosts already tried when the policy says so).
+            let avoid: &[SocketAddr] = match retry {
+                Some(p) if p.previous_hosts => &tried,
+                _ => &[],
+            };
+            let max_picks = retry.map_or(1, |p| p.host_selection_retry_max_attempts.max(1));
+            let picked = match (&cluster.discovery, &fwd.endpoints) {
+                (ClusterDiscovery::OriginalDestination, _) => self
+                    .original_destination(host, port)
+                    .await
+                    .map(|addr| (addr, EndpointTlsMode::Disabled, None)),
+                (_, Some(set)) => pick_avoiding(set, avoid, max_picks)
+                    .map(|ep| (ep.address, ep.tls_mode, Some((ep.workload.as_ref(), set)))),
+                (_, None) => None,
+            };
+            let Some((addr, tls_mode, ep_info)) = picked else {
+                let record = self.record(&self.inner.no_host, start, host, grpc, request_bytes);
+                return local_reply(
+                    503,
+                    Some(Bytes::from_static(NO_HEALTHY_UPSTREAM.as_bytes())),
+                    ResponseFlag::NoHealthyUpstream,
+                    None,
+                    record,
+                );
+            };
+            let upstream_tls = match cluster.discovery {
+                ClusterDiscovery::OriginalDestination => None,
+                _ => cluster.tls_for(tls_mode),
+            };
+            let (workload, set) = match ep_info {
+                Some((w, set)) => (w, Some(set.as_ref())),
+                None => (None, None),
+            };
+            let host_pool =
+                self.inner
+                    .host_pool(&state, addr, upstream_tls.is_some(), workload, set);
+
+            // The request for this attempt: the original on the last attempt, else a copy.
+            let mut p = if last {
+                match parts.take() {
+                    Some(p) => p,
+                    None => break self.no_parts(start, host, grpc, request_bytes),
+                }
+            } else {
+                match parts.as_ref() {
+                    Some(p) => copy_parts(p),
+                    None => break self.no_parts(start, host, grpc, request_bytes),
+                }
+            };
+            if fwd.attempt_count_upstream {
+                p.headers
+                    .insert(X_ENVOY_ATTEMPT_COUNT, HeaderValue::from(attempt));
+            }
+            if let Err(e) = prepare(&mut p, authority, proto) {
+                tracing::debug!(error = %e, "cannot forward request");
+                let record = self.record(&host_pool.labels, start, host, grpc, request_bytes);
+                return local_reply(404, None, ResponseFlag::NoRouteFound, None, record);
+            }
+            let b = match &replay {
+                Some(r) => r.body(),
+                None => once_body.take().unwrap_or_else(|| {
+                    http_body_util::Empty::new()
+                        .map_err(|e| match e {})
+                        .boxed_unsync()
+                }),
+            };
+            let req = Request::from_parts(p, b);
+
+            let istio = tls_mode == EndpointTlsMode::Istio;
+            let inner = &*self.inner;
+            let state_ref = &*state;
+            let tls_fn = upstream_tls
+                .map(|tls| move || inner.tls_target(state_ref, tls, istio, proto, addr));
+            let params = ConnectParams {
+                tls: tls_fn.as_ref().map(|f| {
+                    f as &(dyn Fn() -> Result<Arc<TlsTarget>, ConnectError> + Send + Sync)
+                }),
+                timeout: cluster.connect_timeout,
+            };
+            let send = host_pool.send(req, proto, &params);
+            let result = match fwd.per_try_timeout {
+                Some(t) => tokio::time::timeout(t, send).await.ok(),
+                None => Some(send.await),
+            };
+
+            let outcome = match &result {
+                None => AttemptOutcome::PerTryTimeout,
+                Some(Ok((resp, _, _))) => AttemptOutcome::Response {
+                    status: resp.status().as_u16(),
+                    headers: resp.headers(),
+                },
+                Some(Err(SendError::Connect(_))) => AttemptOutcome::ConnectFailure,
+                Some(Err(SendError::Reset(e))) => AttemptOutcome::Reset {
+                    refused_stream: is_refused_stream(e),
+                },
+            };
+            let retriable = retry.is_some_and(|p| p.would_retry(&outcome));
+            if retriable && !last {
+                tracing::debug!(
+                    cluster = %cluster.name,
+                    upstream = %addr,
+                    attempt,
+                    "retrying upstream request"
+                );
+                tried.push(addr);
+                drop(result);
+                if let Some(p) = retry {
+                    let wait = p.back_off.delay(attempt, rand::random::<u64>());
+                    tokio::time::sleep(wait).await;
+                }
+                continue;
+            }
+            // Retries exhausted on a retriable condition: Envoy's URX.
+            let exhausted = retriable && retry.is_some();
+            let mut record = self.record(&host_pool.labels, start, host, grpc, request_bytes);
+            let mut resp = match result {
+                None => {
+                    let flag = if exhausted {
+                        ResponseFlag::UpstreamRetryLimitExceeded
+                    } else {
+                        ResponseFlag::UpstreamRequestTimeout
+                    };
+                    local_reply(
+                        504,
+                        Some(Bytes::from_static(UPSTREAM_REQUEST_TIMEOUT.as_bytes())),
+                        flag,
+                        None,
+                        record,
+                    )
+                }
+                Some(Ok((resp, peer, checkin))) => {
+                    let flag = if exhausted {
+                        ResponseFlag::UpstreamRetryLimitExceeded
+                    } else {
+                        ResponseFlag::None
+                    };
+                    let (mut parts, incoming) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    if let Some(p) = &peer {
+                        parts.extensions.insert(UpstreamPrincipal(p.clone()));
+                    }
+                    if let Some(r) = record.as_mut() {
+                        r.code = parts.status.as_u16();
+                        r.principal = peer;
+                        r.flag = flag;
+                        if r.grpc {
+                            r.grpc_status = grpc_status(&parts.headers);
+                        }
+                    }
+                    parts.extensions.insert(flag);
+                    let body = OutboundBody::upstream(incoming, checkin, record);
+                    Response::from_parts(parts, body)
+                }
+                Some(Err(SendError::Connect(e))) => {
+                    tracing::debug!(cluster = %cluster.name, error = %e, "upstream connection failure");
+                    let mut text = String::from(UPSTREAM_RESET_PREFIX);
+                    text.push_str("connection failure");
+                    if let Some(reason) = e.transport_failure_reason() {
+                        text.push_str(", transport failure reason: ");
+                        text.push_str(&reason);
+                    }
+                    let flag = if exhausted {
+                        ResponseFlag::UpstreamRetryLimitExceeded
+                    } else {
+                        ResponseFlag::UpstreamConnectionFailure
+                    };
+                    local_reply(503, Some(Bytes::from(text)), flag, None, record)
+                }
+                Some(Err(SendError::Reset(e))) => {
+                    tracing::debug!(cluster = %cluster.name, error = %e, "upstream reset before response headers");
+                    let text = format!("{UPSTREAM_RESET_PREFIX}connection termination");
+                    let flag = if exhausted {
+                        ResponseFlag::UpstreamRetryLimitExceeded
+                    } else {
+                        ResponseFlag::UpstreamConnectionTermination
+                    };
+                    local_reply(503, Some(Bytes::from(text)), flag, None, record)
+                }
+            };
+            if fwd.attempt_count_downstream {
+                resp.headers_mut()
+                    .insert(X_ENVOY_ATTEMPT_COUNT, HeaderValue::from(attempt));
+            }
+            break resp;
+        }
+    }
+
+    fn no_parts(
+        &self,
+        start: Instant,
+        host: &str,
+        grpc: bool,
+        request_bytes: u64,
+    ) -> Response<OutboundBody> {
+        let record = self.record(&self.inner.no_host, start, host, grpc, request_bytes);
+        local_reply(500, None, ResponseFlag::None, None, record)
     }
 
     fn record(
@@ -368,8 +536,7 @@ impl Outbound {
         start: Instant,
         host: &str,
         grpc: bool,
-        headers: &HeaderMap,
-        body: &impl http_body::Body,
+        request_bytes: u64,
     ) -> Option<Record> {
         Some(Record {
             start,
@@ -380,7 +547,7 @@ impl Outbound {
             flag: ResponseFlag::None,
             grpc,
             grpc_status: None,
-            request_bytes: headers_size(headers) + body.size_hint().exact().unwrap_or(0),
+            request_bytes,
         })
     }
 
@@ -575,6 +742,62 @@ async fn collect(resp: Response<OutboundBody>) -> Result<Response<Bytes>, Outbou
         .map_err(OutboundError::Body)?
         .to_bytes();
     Ok(Response::from_parts(parts, bytes))
+}
+
+/// What the route decided, for the attempts.
+struct Forward {
+    cluster: Arc<Cluster>,
+    endpoints: Option<Arc<EndpointSet>>,
+    timeout: Option<std::time::Duration>,
+    per_try_timeout: Option<std::time::Duration>,
+    retry: Option<Arc<RetryPolicy>>,
+    retry_buffer_limit: u32,
+    attempt_count_upstream: bool,
+    attempt_count_downstream: bool,
+}
+
+/// `x-envoy-attempt-count`.
+const X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+
+/// A copy of the request head for one more attempt (extensions are not carried).
+fn copy_parts(p: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = p.method.clone();
+    *req.uri_mut() = p.uri.clone();
+    *req.version_mut() = p.version;
+    *req.headers_mut() = p.headers.clone();
+    req.into_parts().0
+}
+
+/// Picks an endpoint, picking again (up to `max_picks` times in all) while the pick is one of
+/// the hosts to avoid (Envoy's `previous_hosts` predicate with
+/// `host_selection_retry_max_attempts`).
+fn pick_avoiding<'a>(
+    set: &'a EndpointSet,
+    avoid: &[SocketAddr],
+    max_picks: u32,
+) -> Option<&'a mesh_core::endpoint::Endpoint> {
+    let mut ep = set.pick_round_robin()?;
+    for _ in 1..max_picks {
+        if !avoid.contains(&ep.address) {
+            break;
+        }
+        ep = set.pick_round_robin()?;
+    }
+    Some(ep)
+}
+
+/// Whether a send error is an HTTP/2 `REFUSED_STREAM` reset (hyper wraps h2's error, whose
+/// `Debug` names the reason; only read on the failure path).
+fn is_refused_stream(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if format!("{err:?}").contains("REFUSED_STREAM") {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// The request's authority: the `Host` header as the application sent it, else the URI's.

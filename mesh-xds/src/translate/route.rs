@@ -3,11 +3,13 @@
 use envoy_types::pb::envoy::config::core::v3::data_source;
 use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher as PbHeaderMatcher, QueryParameterMatcher as PbQueryParameterMatcher,
-    RetryPolicy as PbRetryPolicy, Route as PbRoute, RouteConfiguration, header_matcher,
-    query_parameter_matcher, redirect_action, route, route_action, route_match,
+    RetryPolicy as PbRetryPolicy, Route as PbRoute, RouteConfiguration,
+    VirtualHost as PbVirtualHost, header_matcher, query_parameter_matcher, redirect_action, route,
+    route_action, route_match,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
+use mesh_core::retry::{RetryBackOff, RetryOn};
 use mesh_core::route::{
     Fraction, HeaderMatcher, HeaderSource, HeaderValueMatch, PathMatch, QueryParameterMatcher,
     Redirect, RedirectPath, RetryPolicy, Route, RouteAction, RouteConfig, RouteMatch, StringMatch,
@@ -32,10 +34,7 @@ pub fn translate_route(rc: &RouteConfiguration) -> Result<RouteConfig, Translate
         let mut routes = Vec::with_capacity(vh.routes.len());
         for (ri, r) in vh.routes.iter().enumerate() {
             let field = format!("virtual_hosts[{vi}] ({:?}).routes[{ri}]", vh.name);
-            routes.push(
-                translate_one(r, vh.retry_policy.as_ref())
-                    .map_err(|e| err(format!("{field}.{e}")))?,
-            );
+            routes.push(translate_one(r, vh).map_err(|e| err(format!("{field}.{e}")))?);
         }
         vhosts.push(VirtualHost {
             name: vh.name.clone(),
@@ -48,7 +47,8 @@ pub fn translate_route(rc: &RouteConfiguration) -> Result<RouteConfig, Translate
         .map_err(|e| err(e.to_string()))
 }
 
-fn translate_one(r: &PbRoute, vh_retry: Option<&PbRetryPolicy>) -> Result<Route, String> {
+fn translate_one(r: &PbRoute, vh: &PbVirtualHost) -> Result<Route, String> {
+    let vh_retry = vh.retry_policy.as_ref();
     let m = r.r#match.as_ref().ok_or("match: missing")?;
     let matcher = route_match(m)?;
     let (action, timeout, retry) = match &r.action {
@@ -193,8 +193,27 @@ fn translate_one(r: &PbRoute, vh_retry: Option<&PbRetryPolicy>) -> Result<Route,
         matcher,
         action,
         timeout,
-        retry,
+        retry: retry.map(std::sync::Arc::new),
+        per_request_buffer_limit_bytes: buffer_limit(r, vh),
+        include_request_attempt_count: vh.include_request_attempt_count,
+        include_attempt_count_in_response: vh.include_attempt_count_in_response,
     })
+}
+
+/// The request body buffer limit for retries: `request_body_buffer_limit`, else
+/// `per_request_buffer_limit_bytes`, of the route, else of the virtual host.
+#[allow(deprecated)]
+fn buffer_limit(r: &PbRoute, vh: &PbVirtualHost) -> Option<u32> {
+    let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    r.request_body_buffer_limit
+        .as_ref()
+        .map(|v| clamp(v.value))
+        .or(r.per_request_buffer_limit_bytes.as_ref().map(|v| v.value))
+        .or(vh
+            .request_body_buffer_limit
+            .as_ref()
+            .map(|v| clamp(v.value)))
+        .or(vh.per_request_buffer_limit_bytes.as_ref().map(|v| v.value))
 }
 
 fn retry_policy(p: &PbRetryPolicy) -> Result<RetryPolicy, String> {
@@ -205,21 +224,83 @@ fn retry_policy(p: &PbRetryPolicy) -> Result<RetryPolicy, String> {
                 .map_err(|_| format!("retry_policy.retriable_status_codes: {c} out of range"))?,
         );
     }
+    let (retry_on, unknown) = RetryOn::parse(&p.retry_on);
+    if !unknown.is_empty() {
+        tracing::debug!(
+            ?unknown,
+            "retry_policy.retry_on: ignoring unknown conditions"
+        );
+    }
+    let mut previous_hosts = false;
+    for (i, h) in p.retry_host_predicate.iter().enumerate() {
+        match h.name.as_str() {
+            "envoy.retry_host_predicates.previous_hosts" => previous_hosts = true,
+            // Canary and omit-host-metadata predicates select hosts mesh does not model.
+            other => tracing::debug!(
+                predicate = other,
+                "retry_policy.retry_host_predicate[{i}]: not supported, ignored"
+            ),
+        }
+    }
+    let back_off = match &p.retry_back_off {
+        None => RetryBackOff::default(),
+        Some(b) => {
+            let base = b
+                .base_interval
+                .as_ref()
+                .ok_or("retry_policy.retry_back_off.base_interval: missing")?;
+            let base = duration(base)
+                .map_err(|e| format!("retry_policy.retry_back_off.base_interval: {e}"))?;
+            if base.is_zero() {
+                return Err("retry_policy.retry_back_off.base_interval: must be > 0".into());
+            }
+            let max = match &b.max_interval {
+                Some(m) => Some(
+                    duration(m)
+                        .map_err(|e| format!("retry_policy.retry_back_off.max_interval: {e}"))?,
+                ),
+                None => None,
+            };
+            if max.is_some_and(|m| m < base) {
+                return Err(
+                    "retry_policy.retry_back_off.max_interval: less than base_interval".into(),
+                );
+            }
+            RetryBackOff::new(base, max)
+        }
+    };
+    let matchers = |list: &[PbHeaderMatcher], field: &str| -> Result<Vec<HeaderMatcher>, String> {
+        list.iter()
+            .enumerate()
+            .map(|(i, h)| {
+                header_matcher(h)
+                    .map_err(|e| format!("retry_policy.{field}[{i}] ({:?}): {e}", h.name))
+            })
+            .collect()
+    };
+    let opt_duration = |d: &Option<envoy_types::pb::google::protobuf::Duration>, field: &str| {
+        d.as_ref()
+            .map(|d| duration(d).map_err(|e| format!("retry_policy.{field}: {e}")))
+            .transpose()
+            .map(|d| d.filter(|d| !d.is_zero()))
+    };
     Ok(RetryPolicy {
-        retry_on: p
-            .retry_on
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
+        retry_on,
         // Envoy's default when num_retries is unset is 1.
         num_retries: p.num_retries.as_ref().map(|n| n.value).unwrap_or(1),
-        per_try_timeout: match &p.per_try_timeout {
-            Some(d) => Some(duration(d).map_err(|e| format!("retry_policy.per_try_timeout: {e}"))?),
-            None => None,
-        },
+        per_try_timeout: opt_duration(&p.per_try_timeout, "per_try_timeout")?,
+        per_try_idle_timeout: opt_duration(&p.per_try_idle_timeout, "per_try_idle_timeout")?,
         retriable_status_codes: codes,
+        retriable_headers: matchers(&p.retriable_headers, "retriable_headers")?,
+        retriable_request_headers: matchers(
+            &p.retriable_request_headers,
+            "retriable_request_headers",
+        )?,
+        back_off,
+        previous_hosts,
+        host_selection_retry_max_attempts: u32::try_from(p.host_selection_retry_max_attempts)
+            .unwrap_or(0)
+            .max(1),
     })
 }
 
@@ -413,4 +494,110 @@ fn string_match(sm: &StringMatcher) -> Result<StringMatch, String> {
         pattern,
         ignore_case: sm.ignore_case,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::route::v3::{RouteAction as PbRouteAction, retry_policy};
+    use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
+
+    fn rc(
+        route_retry: Option<PbRetryPolicy>,
+        vh_retry: Option<PbRetryPolicy>,
+    ) -> RouteConfiguration {
+        RouteConfiguration {
+            name: "9080".into(),
+            virtual_hosts: vec![PbVirtualHost {
+                name: "svc:9080".into(),
+                domains: vec!["svc".into()],
+                retry_policy: vh_retry,
+                include_request_attempt_count: true,
+                per_request_buffer_limit_bytes: Some(UInt32Value { value: 4096 }),
+                routes: vec![PbRoute {
+                    name: "default".into(),
+                    r#match: Some(envoy_types::pb::envoy::config::route::v3::RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::Route(PbRouteAction {
+                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                            "c".into(),
+                        )),
+                        retry_policy: route_retry,
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn istiod_default() -> PbRetryPolicy {
+        PbRetryPolicy {
+            retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+                .into(),
+            num_retries: Some(UInt32Value { value: 2 }),
+            retry_host_predicate: vec![retry_policy::RetryHostPredicate {
+                name: "envoy.retry_host_predicates.previous_hosts".into(),
+                config_type: None,
+            }],
+            host_selection_retry_max_attempts: 5,
+            retriable_status_codes: vec![503],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn istiods_default_retry_policy_translates_to_the_istio_default() {
+        let out = translate_route(&rc(Some(istiod_default()), None)).unwrap();
+        let r = &out.virtual_hosts[0].routes[0];
+        let p = r.retry.as_deref().unwrap();
+        let want = RetryPolicy::istio_default();
+        assert_eq!(p.retry_on, want.retry_on);
+        assert_eq!(p.num_retries, 2);
+        assert_eq!(p.retriable_status_codes, vec![503]);
+        assert!(p.previous_hosts);
+        assert_eq!(p.host_selection_retry_max_attempts, 5);
+        assert_eq!(p.back_off, RetryBackOff::default());
+        assert!(r.include_request_attempt_count);
+        assert!(!r.include_attempt_count_in_response);
+        assert_eq!(r.per_request_buffer_limit_bytes, Some(4096));
+    }
+
+    #[test]
+    fn virtual_host_policy_applies_when_the_route_has_none_and_back_off_is_checked() {
+        let mut vh = istiod_default();
+        vh.num_retries = None;
+        vh.per_try_timeout = Some(PbDuration {
+            seconds: 1,
+            nanos: 0,
+        });
+        vh.retry_back_off = Some(retry_policy::RetryBackOff {
+            base_interval: Some(PbDuration {
+                seconds: 0,
+                nanos: 100_000_000,
+            }),
+            max_interval: None,
+        });
+        let out = translate_route(&rc(None, Some(vh.clone()))).unwrap();
+        let p = out.virtual_hosts[0].routes[0].retry.clone().unwrap();
+        assert_eq!(p.num_retries, 1);
+        assert_eq!(p.per_try_timeout, Some(std::time::Duration::from_secs(1)));
+        assert_eq!(p.back_off.max, std::time::Duration::from_secs(1));
+        vh.retry_back_off = Some(retry_policy::RetryBackOff {
+            base_interval: Some(PbDuration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            max_interval: Some(PbDuration {
+                seconds: 0,
+                nanos: 1,
+            }),
+        });
+        let e = translate_route(&rc(None, Some(vh))).unwrap_err();
+        assert!(e.to_string().contains("max_interval"), "{e}");
+    }
 }
