@@ -502,6 +502,7 @@ mod tests {
     use envoy_types::pb::envoy::config::route::v3::{RouteAction as PbRouteAction, retry_policy};
     use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
 
+    #[allow(deprecated)]
     fn rc(
         route_retry: Option<PbRetryPolicy>,
         vh_retry: Option<PbRetryPolicy>,
