@@ -174,6 +174,11 @@ impl EnvoyProcess {
         }
     }
 
+    /// The Envoy process id (for CPU and memory readings from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The admin listener's port on 127.0.0.1.
     pub fn admin_port(&self) -> u16 {
         self.admin_port
