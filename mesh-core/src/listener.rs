@@ -3,6 +3,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::authz::AuthzChain;
+use crate::cluster::SanMatcher;
 
 /// What an outbound listener does with traffic.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,19 +36,71 @@ pub enum InboundTlsMode {
     Disable,
 }
 
-/// The inbound side: the mode per destination port, with the listener-wide default.
+/// Where a port's authorization filters sit, which decides when they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthzLayer {
+    /// `envoy.filters.http.rbac` / `ext_authz` in the HTTP connection manager: once per request.
+    Http,
+    /// `envoy.filters.network.rbac` on a TCP chain: once per connection, without request
+    /// attributes (a denied connection is closed).
+    Network,
+}
+
+/// The authorization of one inbound port (or of the catch-all chains).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PortAuthz {
+    /// The filters, in listener order (never empty: ports without policy carry no `PortAuthz`).
+    pub chain: Arc<AuthzChain>,
+    /// Per request or per connection.
+    pub layer: AuthzLayer,
+}
+
+// Authz chains compare structurally; the only non-`Eq` leaves are `f64` metadata bounds
+// istiod never renders as NaN.
+impl Eq for PortAuthz {}
+
+/// The inbound side: the mode per destination port, with the listener-wide default; the
+/// authorization filters and the accepted peer SAN matchers istiod rendered per port.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct InboundPolicy {
     /// Mode for ports without their own filter chains.
     pub default_mode: InboundTlsMode,
     /// Per-port modes.
     pub per_port: HashMap<u16, InboundTlsMode>,
+    /// Authorization of ports without their own filter chains (`None`: nothing to enforce).
+    pub default_authz: Option<PortAuthz>,
+    /// Per-port authorization; a port with its own chains but no policy maps to `None`.
+    pub port_authz: HashMap<u16, Option<PortAuthz>>,
+    /// Peer URI SAN matchers of the mTLS chains without a destination port
+    /// (`match_subject_alt_names`, istiod: prefix `spiffe://<trust domain>/` per trust
+    /// domain and alias). Empty: not rendered.
+    pub default_peer_sans: Vec<SanMatcher>,
+    /// Per-port peer URI SAN matchers.
+    pub port_peer_sans: HashMap<u16, Vec<SanMatcher>>,
 }
 
 impl InboundPolicy {
     /// The mode for a destination port.
     pub fn mode_for(&self, port: u16) -> InboundTlsMode {
-        self.per_port.get(&port).copied().unwrap_or(self.default_mode)
+        self.per_port
+            .get(&port)
+            .copied()
+            .unwrap_or(self.default_mode)
+    }
+
+    /// The authorization for a destination port (`None`: no policy).
+    pub fn authz_for(&self, port: u16) -> Option<&PortAuthz> {
+        match self.port_authz.get(&port) {
+            Some(authz) => authz.as_ref(),
+            None => self.default_authz.as_ref(),
+        }
+    }
+
+    /// The peer SAN matchers for a destination port (empty: none rendered).
+    pub fn peer_sans_for(&self, port: u16) -> &[SanMatcher] {
+        self.port_peer_sans
+            .get(&port)
+            .unwrap_or(&self.default_peer_sans)
     }
 }
 

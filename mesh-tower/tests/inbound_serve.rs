@@ -254,6 +254,7 @@ async fn strict_mode_comes_from_the_snapshot_per_port() {
     snapshot.inbound = Some(InboundPolicy {
         default_mode: InboundTlsMode::Permissive,
         per_port: HashMap::from([(9080, InboundTlsMode::Strict)]),
+        ..InboundPolicy::default()
     });
     cell.publish(snapshot, true);
     let server = start(

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use regex::Regex;
 use serde_json::Value;
 
-/// Envoy's `type.matcher.v3.StringMatcher`.
+/// Envoy's `type.matcher.v3.StringMatcher`. Regexes compare equal by pattern.
 #[derive(Clone, Debug)]
 pub enum StringMatcher {
     /// `exact`.
@@ -19,6 +19,20 @@ pub enum StringMatcher {
     Contains(String, bool),
     /// `safe_regex`: the whole value must match (RE2 full-match semantics).
     Regex(Regex),
+}
+
+impl PartialEq for StringMatcher {
+    fn eq(&self, other: &Self) -> bool {
+        use StringMatcher::*;
+        match (self, other) {
+            (Exact(a, x), Exact(b, y))
+            | (Prefix(a, x), Prefix(b, y))
+            | (Suffix(a, x), Suffix(b, y))
+            | (Contains(a, x), Contains(b, y)) => a == b && x == y,
+            (Regex(a), Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
 }
 
 impl StringMatcher {
@@ -61,7 +75,7 @@ impl StringMatcher {
 }
 
 /// How a [`HeaderMatcher`] compares the header value.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum HeaderMatch {
     /// `string_match` and the deprecated `exact_match`/`prefix_match`/… forms.
     String(StringMatcher),
@@ -73,7 +87,7 @@ pub enum HeaderMatch {
 
 /// Envoy's `config.route.v3.HeaderMatcher` (pseudo-headers `:method`, `:path`, `:authority`
 /// included). Several values of one header are joined with `,` before matching.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct HeaderMatcher {
     /// Lower-case header name.
     pub name: String,
@@ -112,7 +126,7 @@ impl HeaderMatcher {
 }
 
 /// Envoy's `type.matcher.v3.ValueMatcher` over a dynamic-metadata value.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum ValueMatcher {
     /// `null_match`.
     Null,
@@ -156,7 +170,7 @@ impl ValueMatcher {
 
 /// Envoy's `type.matcher.v3.MetadataMatcher`: the value at `path` under `filter` in the
 /// request's dynamic metadata.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MetadataMatcher {
     /// The filter namespace (`istio_authn`, `envoy.filters.http.jwt_authn`).
     pub filter: String,

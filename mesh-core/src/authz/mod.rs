@@ -30,7 +30,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde_json::{Map, Value};
 
 pub use matcher::{Cidr, HeaderMatch, HeaderMatcher, MetadataMatcher, StringMatcher, ValueMatcher};
-pub use path::{NormalizedPath, PathNormalization, normalize_path};
+pub use path::{NormalizedPath, PathNormalization, is_normalized, normalize_path};
 
 /// Body of Envoy's RBAC denial (status 403).
 pub const RBAC_DENIED_BODY: &str = "RBAC: access denied";
@@ -53,7 +53,7 @@ pub enum RbacAction {
 }
 
 /// A principal (`config.rbac.v3.Principal`): who is asking.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Principal {
     /// `any`.
     Any,
@@ -85,7 +85,7 @@ pub enum Principal {
 }
 
 /// A permission (`config.rbac.v3.Permission`): what is asked for.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Permission {
     /// `any`.
     Any,
@@ -112,7 +112,7 @@ pub enum Permission {
 }
 
 /// A policy: matches when any permission and any principal match.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Policy {
     /// `permissions`.
     pub permissions: Vec<Permission>,
@@ -121,7 +121,7 @@ pub struct Policy {
 }
 
 /// A rule set (`config.rbac.v3.RBAC`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RbacRules {
     /// The action.
     pub action: RbacAction,
@@ -130,7 +130,7 @@ pub struct RbacRules {
 }
 
 /// One RBAC filter instance.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RbacFilter {
     /// Enforced rules; `None` enforces nothing.
     pub rules: Option<RbacRules>,
@@ -141,7 +141,7 @@ pub struct RbacFilter {
 }
 
 /// The CUSTOM action's ext_authz filter.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ExtAuthz {
     /// gRPC target: the Envoy cluster name (`outbound|9191||ext-authz.foo.svc.cluster.local`).
     pub cluster: String,
@@ -160,7 +160,7 @@ pub struct ExtAuthz {
 }
 
 /// One step of the authorization chain.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum AuthzFilter {
     /// An RBAC filter.
     Rbac(RbacFilter),
@@ -169,7 +169,7 @@ pub enum AuthzFilter {
 }
 
 /// The authorization filters of one inbound filter chain, in listener order.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct AuthzChain {
     /// The filters.
     pub filters: Vec<AuthzFilter>,

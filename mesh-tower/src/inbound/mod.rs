@@ -24,6 +24,7 @@
 //! GOAWAY); [`serve`] returns once every connection is done.
 
 pub mod access_log;
+pub mod authz;
 mod service;
 mod stats;
 pub mod tracing_headers;
@@ -38,8 +39,9 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use mesh_core::cluster::SanMatcher;
 use mesh_core::identity::{NodeIdentity, PeerIdentity};
-use mesh_core::listener::InboundTlsMode;
+use mesh_core::listener::{AuthzLayer, InboundTlsMode, PortAuthz};
 use mesh_core::telemetry::{DestinationService, UNKNOWN, WorkloadLabels};
 use mesh_core::{CertStore, SnapshotCell};
 use tokio::net::{TcpListener, TcpStream};
@@ -48,7 +50,7 @@ use tokio::sync::{mpsc, watch};
 use crate::tls;
 use access_log::ConnectionInfo;
 use mesh_core::peer_metadata::PeerMetadataHeaders;
-pub use service::MeteredBody;
+pub use service::{InboundBody, InboundData, MeteredBody};
 use service::{InboundService, LocalPeerHeaders};
 use stats::{ConnectionLabels, ListenerStats};
 pub use stats::{INBOUND_LISTENER_ADDRESS, active_connections};
@@ -184,11 +186,14 @@ impl Shared {
                 None
             }
         };
+        let peer_sans = peer_san_source(cell.clone(), certs.clone(), &config);
         Ok(Shared {
             local_headers,
             stats: Arc::new(ListenerStats::new(config.port)),
-            strict_tls: tls::server_config(&certs, true).map_err(tls_err)?,
-            permissive_tls: tls::server_config(&certs, false).map_err(tls_err)?,
+            strict_tls: tls::server_config_with_peer_sans(&certs, true, Some(peer_sans.clone()))
+                .map_err(tls_err)?,
+            permissive_tls: tls::server_config_with_peer_sans(&certs, false, Some(peer_sans))
+                .map_err(tls_err)?,
             destination_tls: Arc::new(destination_tls),
             destination_plain: Arc::new(destination_plain),
             builder,
@@ -198,15 +203,38 @@ impl Shared {
         })
     }
 
-    fn mode(&self) -> InboundTlsMode {
-        self.config.mode.unwrap_or_else(|| {
-            self.cell
-                .load_guard()
-                .inbound
-                .as_ref()
-                .map(|policy| policy.mode_for(self.config.port))
+    /// The port's mTLS mode and authorization, read once per connection.
+    fn policy(&self) -> (InboundTlsMode, Option<PortAuthz>) {
+        let snapshot = self.cell.load_guard();
+        let policy = snapshot.inbound.as_ref();
+        let mode = self.config.mode.unwrap_or_else(|| {
+            policy
+                .map(|p| p.mode_for(self.config.port))
                 .unwrap_or_default()
-        })
+        });
+        let authz = policy.and_then(|p| p.authz_for(self.config.port).cloned());
+        (mode, authz)
+    }
+
+    /// The connection's authorization facts, when the port has a policy.
+    fn connection_authz(
+        &self,
+        authz: Option<&PortAuthz>,
+        local: Option<SocketAddr>,
+        remote: SocketAddr,
+        sni: Option<&str>,
+        peer: Option<&PeerIdentity>,
+    ) -> Option<Arc<authz::ConnectionAuthz>> {
+        let authz = authz?;
+        Some(Arc::new(authz::ConnectionAuthz {
+            chain: Arc::clone(&authz.chain),
+            source: remote,
+            destination: local.map(|l| SocketAddr::new(l.ip(), self.config.port)),
+            sni: sni.map(str::to_owned),
+            peer_principal: peer.and_then(|p| p.uri_sans.first().cloned()),
+            peer_authenticated: peer.is_some(),
+            local_principal: Some(self.config.node.spiffe_id().to_string()),
+        }))
     }
 
     /// `destination_service*` from the `inbound|<port>||` cluster's Istio metadata.
@@ -267,7 +295,7 @@ async fn handle_connection<S, B>(
         detected = detect(&tcp) => detected,
         () = drained(&mut drain) => return,
     };
-    let mode = shared.mode();
+    let (mode, port_authz) = shared.policy();
     match (detected, mode) {
         (Detected::Closed, _) => {}
         (Detected::Plaintext, InboundTlsMode::Strict) => {
@@ -277,6 +305,11 @@ async fn handle_connection<S, B>(
             no_filter_chain(remote, "TLS connection refused: mTLS mode is DISABLE");
         }
         (Detected::Plaintext, _) => {
+            let conn_authz =
+                shared.connection_authz(port_authz.as_ref(), local, remote, None, None);
+            let Some(http_authz) = admit(port_authz.as_ref(), conn_authz) else {
+                return;
+            };
             let labels = ConnectionLabels::new(
                 false,
                 None,
@@ -286,7 +319,17 @@ async fn handle_connection<S, B>(
             );
             let info = connection_info(&shared, local, remote, None, None);
             active.serving_http();
-            serve_http(TokioIo::new(tcp), app, None, labels, info, &shared, drain).await;
+            serve_http(
+                TokioIo::new(tcp),
+                app,
+                None,
+                (http_authz, false),
+                labels,
+                info,
+                &shared,
+                drain,
+            )
+            .await;
         }
         (Detected::Tls, mode) => {
             let config = if mode == InboundTlsMode::Strict {
@@ -323,6 +366,16 @@ async fn handle_connection<S, B>(
                 Arc::new(shared.destination_service()),
             );
             let sni = stream.get_ref().1.server_name().map(str::to_owned);
+            let conn_authz = shared.connection_authz(
+                port_authz.as_ref(),
+                local,
+                remote,
+                sni.as_deref(),
+                peer.as_ref(),
+            );
+            let Some(http_authz) = admit(port_authz.as_ref(), conn_authz) else {
+                return;
+            };
             let principal = peer.as_ref().and_then(|p| p.uri_sans.first().cloned());
             let info = connection_info(&shared, local, remote, sni, principal);
             active.serving_http();
@@ -330,6 +383,7 @@ async fn handle_connection<S, B>(
                 TokioIo::new(stream),
                 app,
                 peer,
+                (http_authz, true),
                 labels,
                 info,
                 &shared,
@@ -338,6 +392,46 @@ async fn handle_connection<S, B>(
             .await;
         }
     }
+}
+
+/// Applies a network (TCP chain) policy to the connection: `None` closes it. `Some` carries
+/// the per-request (HTTP) authorization to enforce, if any.
+fn admit(
+    port_authz: Option<&PortAuthz>,
+    conn: Option<Arc<authz::ConnectionAuthz>>,
+) -> Option<Option<Arc<authz::ConnectionAuthz>>> {
+    match (port_authz.map(|a| a.layer), conn) {
+        (Some(AuthzLayer::Network), Some(conn)) => conn.check_connection().then_some(None),
+        (_, conn) => Some(conn),
+    }
+}
+
+/// The peer SAN matchers the inbound verifier applies at handshake time: istiod's
+/// `match_subject_alt_names` for the port, else the workload's own trust domain
+/// (`spiffe://<trust domain>/`, from the current certificate, else the node's).
+fn peer_san_source(
+    cell: SnapshotCell,
+    certs: CertStore,
+    config: &InboundConfig,
+) -> tls::PeerSanSource {
+    let port = config.port;
+    let node_trust_domain = config.node.trust_domain.clone();
+    Arc::new(move || {
+        let snapshot = cell.load_guard();
+        if let Some(sans) = snapshot
+            .inbound
+            .as_ref()
+            .map(|p| p.peer_sans_for(port))
+            .filter(|s| !s.is_empty())
+        {
+            return sans.to_vec();
+        }
+        let trust_domain = certs
+            .current()
+            .map(|c| c.identity.trust_domain().to_owned())
+            .unwrap_or_else(|| node_trust_domain.clone());
+        vec![SanMatcher::Prefix(format!("spiffe://{trust_domain}/"))]
+    })
 }
 
 fn no_filter_chain(remote: SocketAddr, why: &str) {
@@ -371,6 +465,7 @@ async fn serve_http<I, S, B>(
     io: I,
     app: S,
     peer: Option<PeerIdentity>,
+    (authz, tls): (Option<Arc<authz::ConnectionAuthz>>, bool),
     labels: ConnectionLabels,
     info: Option<Arc<ConnectionInfo>>,
     shared: &Shared,
@@ -391,7 +486,8 @@ async fn serve_http<I, S, B>(
         shared.local_headers.clone(),
         Arc::clone(&shared.stats),
         info,
-    );
+    )
+    .with_authz(authz, tls);
     let conn = shared.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {

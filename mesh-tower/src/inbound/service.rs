@@ -20,6 +20,7 @@ use tower::ServiceExt;
 use tower::util::Oneshot;
 
 use super::access_log::AccessLog;
+use super::authz::{ConnectionAuthz, LocalReply};
 use super::stats::{ConnectionLabels, Finished, ListenerStats};
 
 /// This workload's `x-envoy-peer-metadata-id` / `x-envoy-peer-metadata` values, encoded once
@@ -48,6 +49,8 @@ pub(crate) struct InboundService<S> {
     stats: Arc<ListenerStats>,
     access: Option<Arc<super::access_log::ConnectionInfo>>,
     cached_peer: ArcSwapOption<CachedPeer>,
+    authz: Option<Arc<ConnectionAuthz>>,
+    tls: bool,
 }
 
 impl<S> InboundService<S> {
@@ -67,7 +70,16 @@ impl<S> InboundService<S> {
             stats,
             access,
             cached_peer: ArcSwapOption::empty(),
+            authz: None,
+            tls: false,
         }
+    }
+
+    /// Enforces `authz` (the port's HTTP authorization chain) on every request.
+    pub(crate) fn with_authz(mut self, authz: Option<Arc<ConnectionAuthz>>, tls: bool) -> Self {
+        self.authz = authz;
+        self.tls = tls;
+        self
     }
 
     /// Reads and removes the peer metadata headers (Istio's `downstream_discovery`), returning
@@ -124,8 +136,23 @@ where
             req.extensions_mut().insert(peer.clone());
         }
         self.stats.request_started();
+        // Envoy's HCM normalizes the path before any filter; then the RBAC filters run.
+        let mut local = super::authz::normalize_request_path(req.uri_mut());
+        if local.is_none()
+            && let Some(authz) = &self.authz
+        {
+            local = authz.check_request(req.method(), req.uri(), req.headers(), self.tls);
+        }
+        let state = match local {
+            None => State::App {
+                call: self.app.clone().oneshot(req),
+            },
+            Some(reply) => State::Local {
+                reply: Some(Box::new(reply)),
+            },
+        };
         InboundFuture {
-            inner: self.app.clone().oneshot(req),
+            state,
             meter: Some(Meter {
                 labels: Arc::clone(&self.labels),
                 source,
@@ -180,8 +207,50 @@ where
     S: tower::Service<Request<Incoming>, Response = Response<B>>,
 {
     #[pin]
-    inner: Oneshot<S, Request<Incoming>>,
+    state: State<S, B>,
     meter: Option<Meter>,
+}
+
+/// Calling the application, or answering locally (authorization denied, bad path).
+#[pin_project(project = StateProj)]
+#[derive(Debug)]
+enum State<S, B>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>>,
+{
+    App {
+        #[pin]
+        call: Oneshot<S, Request<Incoming>>,
+    },
+    Local {
+        reply: Option<Box<LocalReply>>,
+    },
+}
+
+fn local_response<B>(reply: &LocalReply) -> Response<InboundBody<B>> {
+    let mut response = Response::new(InboundBody::Local {
+        data: (!reply.body.is_empty()).then(|| bytes::Bytes::from_static(reply.body.as_bytes())),
+    });
+    *response.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::FORBIDDEN);
+    let h = response.headers_mut();
+    if !reply.body.is_empty() {
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+    }
+    h.insert(
+        http::header::CONTENT_LENGTH,
+        HeaderValue::from(reply.body.len()),
+    );
+    if let Some(location) = reply
+        .location
+        .as_deref()
+        .and_then(|l| HeaderValue::from_str(l).ok())
+    {
+        h.insert(http::header::LOCATION, location);
+    }
+    response
 }
 
 impl<S, B> Future for InboundFuture<S, B>
@@ -193,7 +262,16 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = ready!(this.inner.poll(cx));
+        let (result, flags) = match this.state.project() {
+            StateProj::App { call } => (
+                ready!(call.poll(cx)).map(|r| r.map(|body| InboundBody::App { body })),
+                "-",
+            ),
+            StateProj::Local { reply } => match reply.take() {
+                Some(reply) => (Ok(local_response(&reply)), reply.flags),
+                None => return Poll::Pending,
+            },
+        };
         let Some(meter) = this.meter.take() else {
             // Polled after completion: hyper never does this.
             return Poll::Pending;
@@ -211,6 +289,7 @@ where
                     source: meter.source,
                     stats: meter.stats,
                     access: meter.access,
+                    flags,
                     finished: Finished {
                         grpc: meter.grpc,
                         response_code: status.as_u16(),
@@ -232,7 +311,7 @@ where
                     || status == StatusCode::NOT_MODIFIED
                     || body.is_end_stream();
                 let recorder = if bodiless {
-                    pending.finish("-");
+                    pending.finish(flags);
                     None
                 } else {
                     Some(pending)
@@ -252,6 +331,7 @@ where
                     source: meter.source,
                     stats: meter.stats,
                     access: meter.access,
+                    flags,
                     finished: Finished {
                         grpc: meter.grpc,
                         response_code: 0,
@@ -275,6 +355,8 @@ struct Pending {
     source: Option<Arc<WorkloadLabels>>,
     stats: Arc<ListenerStats>,
     access: Option<Box<AccessLog>>,
+    /// Flags recorded when the response ends normally (`RBAC` for a denial).
+    flags: &'static str,
     finished: Finished,
 }
 
@@ -297,7 +379,8 @@ struct Recorder(Option<Pending>);
 impl Recorder {
     fn finish(&mut self) {
         if let Some(mut pending) = self.0.take() {
-            pending.finish("-");
+            let flags = pending.flags;
+            pending.finish(flags);
         }
     }
 }
@@ -310,17 +393,102 @@ impl Drop for Recorder {
     }
 }
 
-/// The application's response body, counting bytes and reading `grpc-status` trailers.
+/// The response body: the application's, or a local reply's.
+#[pin_project(project = InboundBodyProj)]
+#[derive(Debug)]
+pub enum InboundBody<B> {
+    /// The application's body.
+    App {
+        /// The body.
+        #[pin]
+        body: B,
+    },
+    /// A local reply's (static) body.
+    Local {
+        /// The bytes not yet sent.
+        data: Option<bytes::Bytes>,
+    },
+}
+
+/// A frame of an [`InboundBody`]: the application's data, or a local reply's bytes.
+#[derive(Debug)]
+pub enum InboundData<D> {
+    /// The application's.
+    App(D),
+    /// A local reply's.
+    Local(bytes::Bytes),
+}
+
+impl<D: bytes::Buf> bytes::Buf for InboundData<D> {
+    fn remaining(&self) -> usize {
+        match self {
+            InboundData::App(d) => d.remaining(),
+            InboundData::Local(b) => b.remaining(),
+        }
+    }
+
+    fn chunk(&self) -> &[u8] {
+        match self {
+            InboundData::App(d) => d.chunk(),
+            InboundData::Local(b) => b.chunk(),
+        }
+    }
+
+    fn advance(&mut self, cnt: usize) {
+        match self {
+            InboundData::App(d) => d.advance(cnt),
+            InboundData::Local(b) => b.advance(cnt),
+        }
+    }
+}
+
+impl<B: Body> Body for InboundBody<B> {
+    type Data = InboundData<B::Data>;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match self.project() {
+            InboundBodyProj::App { body } => body
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map(|frame| frame.map_data(InboundData::App)))),
+            InboundBodyProj::Local { data } => {
+                Poll::Ready(data.take().map(|b| Ok(Frame::data(InboundData::Local(b)))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            InboundBody::App { body } => body.is_end_stream(),
+            InboundBody::Local { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            InboundBody::App { body } => body.size_hint(),
+            InboundBody::Local { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}
+
+/// The response body (the application's or a local reply's), counting bytes and reading
+/// `grpc-status` trailers.
 #[pin_project]
 #[derive(Debug)]
 pub struct MeteredBody<B> {
     #[pin]
-    inner: B,
+    inner: InboundBody<B>,
     recorder: Recorder,
 }
 
 impl<B: Body> Body for MeteredBody<B> {
-    type Data = B::Data;
+    type Data = InboundData<B::Data>;
     type Error = B::Error;
 
     fn poll_frame(

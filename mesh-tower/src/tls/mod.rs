@@ -19,7 +19,7 @@ mod verify;
 use std::sync::Arc;
 
 use mesh_core::CertStore;
-use mesh_core::cluster::UpstreamTls;
+use mesh_core::cluster::{SanMatcher, UpstreamTls};
 use mesh_core::identity::PeerIdentity;
 use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -65,9 +65,28 @@ pub fn server_config(
     certs: &CertStore,
     require_client_cert: bool,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_with_peer_sans(certs, require_client_cert, None)
+}
+
+/// Where the inbound verifier reads, at handshake time, the URI SAN matchers a client
+/// certificate must satisfy (istiod's `match_subject_alt_names` on the inbound mTLS chains:
+/// prefix `spiffe://<trust domain>/` for the trust domain and each alias). An empty list
+/// accepts any SPIFFE identity the roots vouch for.
+pub type PeerSanSource = Arc<dyn Fn() -> Vec<SanMatcher> + Send + Sync>;
+
+/// [`server_config`] that also checks the client's URI SANs against `peer_sans` (read per
+/// handshake, so policy updates apply to the next handshake). A client whose SANs match none
+/// is refused during the handshake (`envoy_listener_ssl_fail_verify_san`,
+/// `mesh_tls_handshake_failures_total{reason="san_mismatch"}`), as Envoy does.
+pub fn server_config_with_peer_sans(
+    certs: &CertStore,
+    require_client_cert: bool,
+    peer_sans: Option<PeerSanSource>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let verifier = Arc::new(verify::SpiffeClientVerifier::new(
         certs.clone(),
         require_client_cert,
+        peer_sans,
     ));
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?

@@ -205,15 +205,32 @@ fn verify_chain(
 
 /// Verifies client certificates on the inbound side. Offered on every handshake (so PERMISSIVE
 /// peers present theirs), mandatory only for STRICT.
-#[derive(Debug)]
 pub(crate) struct SpiffeClientVerifier {
     store: CertStore,
     mandatory: bool,
+    peer_sans: Option<super::PeerSanSource>,
+}
+
+impl std::fmt::Debug for SpiffeClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpiffeClientVerifier")
+            .field("mandatory", &self.mandatory)
+            .field("peer_sans", &self.peer_sans.is_some())
+            .finish()
+    }
 }
 
 impl SpiffeClientVerifier {
-    pub(crate) fn new(store: CertStore, mandatory: bool) -> Self {
-        SpiffeClientVerifier { store, mandatory }
+    pub(crate) fn new(
+        store: CertStore,
+        mandatory: bool,
+        peer_sans: Option<super::PeerSanSource>,
+    ) -> Self {
+        SpiffeClientVerifier {
+            store,
+            mandatory,
+            peer_sans,
+        }
     }
 }
 
@@ -244,6 +261,19 @@ impl ClientCertVerifier for SpiffeClientVerifier {
                 Refusal::SanMismatch,
                 &"certificate has no URI SAN (SPIFFE ID)",
             ));
+        }
+        if let Some(source) = &self.peer_sans {
+            let matchers = source();
+            if !matchers.is_empty()
+                && !sans
+                    .iter()
+                    .any(|san| matchers.iter().any(|m| m.matches(san)))
+            {
+                let detail = format!(
+                    "URI SANs {sans:?} match none of the accepted subject alt names {matchers:?} (wrong trust domain?)"
+                );
+                return Err(refuse(Side::Inbound, Refusal::SanMismatch, &detail));
+            }
         }
         Ok(ClientCertVerified::assertion())
     }

@@ -10,9 +10,21 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, http_connection_manager,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
-use mesh_core::listener::{
-    InboundPolicy, InboundTlsMode, Listener, ListenerKind, OutboundProtocol,
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::transport_socket;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    DownstreamTlsContext, common_tls_context, subject_alt_name_matcher,
 };
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    StringMatcher as PbStringMatcher, string_matcher,
+};
+use mesh_core::cluster::SanMatcher;
+use mesh_core::listener::{
+    AuthzLayer, InboundPolicy, InboundTlsMode, Listener, ListenerKind, OutboundProtocol, PortAuthz,
+};
+
+use super::rbac::{translate_http_authz_filters, translate_network_authz_filters};
 use mesh_core::snapshot::{BLACKHOLE_CLUSTER, OutboundTrafficPolicy, PASSTHROUGH_CLUSTER};
 
 use super::{TranslateError, endpoint::socket_addr, from_any};
@@ -77,7 +89,7 @@ pub fn translate_listener(l: &PbListener) -> Result<TranslatedListener, Translat
             listener: Listener {
                 name: name.clone(),
                 address,
-                kind: ListenerKind::Inbound(inbound_policy(l)),
+                kind: ListenerKind::Inbound(inbound_policy(l).map_err(err)?),
             },
             outbound_traffic_policy: None,
         });
@@ -210,7 +222,11 @@ impl Seen {
 /// Per destination port: chains terminating TLS (transport_protocol `tls` with a transport
 /// socket) only → STRICT; TLS and `raw_buffer` → PERMISSIVE; plaintext only → DISABLE.
 /// Chains without a destination port give the default; the `15006` blackhole chain is skipped.
-fn inbound_policy(l: &PbListener) -> InboundPolicy {
+///
+/// Also per port: the authorization filters (an HTTP connection manager's RBAC/ext_authz
+/// filters win over a TCP chain's network RBAC, since mesh serves HTTP) and the peer SAN
+/// matchers of the mTLS chains. A filter mesh cannot enforce exactly rejects the listener.
+fn inbound_policy(l: &PbListener) -> Result<InboundPolicy, String> {
     let own_port = match l.address.as_ref().and_then(|a| a.address.as_ref()) {
         Some(address::Address::SocketAddress(sa)) => match sa.port_specifier {
             Some(
@@ -224,33 +240,183 @@ fn inbound_policy(l: &PbListener) -> InboundPolicy {
     };
     let mut per_port: HashMap<u16, Seen> = HashMap::new();
     let mut default = Seen::default();
-    for fc in l.filter_chains.iter().chain(l.default_filter_chain.iter()) {
+    let mut authz_by_port: HashMap<Option<u16>, (AuthzLayer, Option<PortAuthz>)> = HashMap::new();
+    let mut port_sans: HashMap<u16, Vec<SanMatcher>> = HashMap::new();
+    let mut default_sans: Vec<SanMatcher> = Vec::new();
+    let chains = l
+        .filter_chains
+        .iter()
+        .enumerate()
+        .map(|(i, fc)| (format!("filter_chains[{i}]"), fc))
+        .chain(
+            l.default_filter_chain
+                .iter()
+                .map(|fc| ("default_filter_chain".to_owned(), fc)),
+        );
+    for (at, fc) in chains {
         let m = fc.filter_chain_match.clone().unwrap_or_default();
         let port = m.destination_port.map(|p| p.value);
         if port.is_some_and(|p| p == own_port) {
             continue;
         }
-        let seen = match port.and_then(|p| u16::try_from(p).ok()) {
+        let port = port.and_then(|p| u16::try_from(p).ok());
+        let seen = match port {
             Some(p) => per_port.entry(p).or_default(),
             None => &mut default,
         };
-        let terminates_tls = fc.transport_socket.as_ref().is_some_and(|ts| {
-            ts.name == "envoy.transport_sockets.tls"
-                || matches!(&ts.config_type, Some(envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(a)) if a.type_url.ends_with("DownstreamTlsContext"))
-        });
+        let tls = downstream_tls(fc).map_err(|r| format!("{at}.transport_socket: {r}"))?;
         match m.transport_protocol.as_str() {
-            "tls" if terminates_tls => seen.mtls = true,
+            "tls" if tls.is_some() => seen.mtls = true,
             // TLS passthrough of the application's own TLS: not a PeerAuthentication signal.
             "tls" => {}
-            _ if terminates_tls => seen.mtls = true,
+            _ if tls.is_some() => seen.mtls = true,
             _ => seen.plain = true,
         }
+        if let Some(ctx) = &tls {
+            let sans = peer_san_matchers(ctx)
+                .map_err(|r| format!("{at}.transport_socket.typed_config.common_tls_context.combined_validation_context.default_validation_context.{r}"))?;
+            let into = match port {
+                Some(p) => port_sans.entry(p).or_default(),
+                None => &mut default_sans,
+            };
+            for s in sans {
+                if !into.contains(&s) {
+                    into.push(s);
+                }
+            }
+        }
+        let (layer, chain) = chain_authz(fc).map_err(|r| format!("{at}.{r}"))?;
+        let Some(layer) = layer else { continue };
+        let authz = (!chain.is_empty()).then(|| PortAuthz {
+            chain: Arc::new(chain),
+            layer,
+        });
+        // Per port, the first HTTP chain wins; a TCP chain counts only where no HTTP chain is.
+        match authz_by_port.get_mut(&port) {
+            None => {
+                authz_by_port.insert(port, (layer, authz));
+            }
+            Some(existing) if existing.0 == AuthzLayer::Network && layer == AuthzLayer::Http => {
+                *existing = (layer, authz);
+            }
+            Some(_) => {}
+        }
     }
-    InboundPolicy {
+    let mut default_authz = None;
+    let mut port_authz = HashMap::new();
+    for (port, (_, authz)) in authz_by_port {
+        match port {
+            Some(p) => {
+                port_authz.insert(p, authz);
+            }
+            None => default_authz = authz,
+        }
+    }
+    Ok(InboundPolicy {
         default_mode: default.mode().unwrap_or_default(),
         per_port: per_port
             .into_iter()
             .filter_map(|(p, s)| s.mode().map(|m| (p, m)))
             .collect(),
+        default_authz,
+        port_authz,
+        default_peer_sans: default_sans,
+        port_peer_sans: port_sans,
+    })
+}
+
+/// The chain's downstream TLS context, when it terminates TLS.
+fn downstream_tls(fc: &FilterChain) -> Result<Option<DownstreamTlsContext>, String> {
+    let Some(ts) = &fc.transport_socket else {
+        return Ok(None);
+    };
+    match &ts.config_type {
+        Some(transport_socket::ConfigType::TypedConfig(any))
+            if any.type_url.ends_with("DownstreamTlsContext") =>
+        {
+            from_any(any).map(Some)
+        }
+        _ if ts.name == "envoy.transport_sockets.tls" => Ok(Some(DownstreamTlsContext::default())),
+        _ => Ok(None),
     }
+}
+
+/// `match_subject_alt_names` / URI `match_typed_subject_alt_names` of the default validation
+/// context.
+fn peer_san_matchers(ctx: &DownstreamTlsContext) -> Result<Vec<SanMatcher>, String> {
+    let Some(common) = &ctx.common_tls_context else {
+        return Ok(Vec::new());
+    };
+    let validation = match &common.validation_context_type {
+        Some(common_tls_context::ValidationContextType::ValidationContext(v)) => Some(v),
+        Some(common_tls_context::ValidationContextType::CombinedValidationContext(c)) => {
+            c.default_validation_context.as_ref()
+        }
+        _ => None,
+    };
+    let Some(v) = validation else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    #[allow(deprecated)]
+    for (i, m) in v.match_subject_alt_names.iter().enumerate() {
+        out.push(san_matcher(m).map_err(|r| format!("match_subject_alt_names[{i}]: {r}"))?);
+    }
+    for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
+        let field = format!("match_typed_subject_alt_names[{i}]");
+        if subject_alt_name_matcher::SanType::try_from(m.san_type)
+            != Ok(subject_alt_name_matcher::SanType::Uri)
+        {
+            return Err(format!("{field}: only URI SAN matchers are supported"));
+        }
+        let sm = m
+            .matcher
+            .as_ref()
+            .ok_or(format!("{field}.matcher: missing"))?;
+        out.push(san_matcher(sm).map_err(|r| format!("{field}.matcher: {r}"))?);
+    }
+    Ok(out)
+}
+
+fn san_matcher(m: &PbStringMatcher) -> Result<SanMatcher, String> {
+    if m.ignore_case {
+        return Err("ignore_case SAN matchers are not supported".into());
+    }
+    match &m.match_pattern {
+        Some(string_matcher::MatchPattern::Exact(s)) => Ok(SanMatcher::Exact(s.clone())),
+        Some(string_matcher::MatchPattern::Prefix(s)) => Ok(SanMatcher::Prefix(s.clone())),
+        Some(_) => Err("only exact and prefix SAN matchers are supported".into()),
+        None => Err("empty matcher".into()),
+    }
+}
+
+/// The chain's authorization: from its HTTP connection manager's filters (per request), else
+/// from its network RBAC filters (per connection). `None` layer: a chain that serves neither
+/// HTTP nor TCP proxying (nothing mesh would run on it).
+fn chain_authz(
+    fc: &FilterChain,
+) -> Result<(Option<AuthzLayer>, mesh_core::authz::AuthzChain), String> {
+    for (i, f) in fc.filters.iter().enumerate() {
+        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+            continue;
+        };
+        if any
+            .type_url
+            .ends_with("http_connection_manager.v3.HttpConnectionManager")
+        {
+            let hcm: HttpConnectionManager =
+                from_any(any).map_err(|r| format!("filters[{i}] ({}): {r}", f.name))?;
+            let chain = translate_http_authz_filters(&hcm.http_filters)
+                .map_err(|r| format!("filters[{i}] ({}).{r}", f.name))?;
+            return Ok((Some(AuthzLayer::Http), chain));
+        }
+    }
+    let chain = translate_network_authz_filters(&fc.filters)?;
+    let proxies = fc.filters.iter().any(|f| {
+        matches!(&f.config_type, Some(filter::ConfigType::TypedConfig(a)) if a.type_url.ends_with("tcp_proxy.v3.TcpProxy"))
+    });
+    Ok((
+        (proxies || !chain.is_empty()).then_some(AuthzLayer::Network),
+        chain,
+    ))
 }

@@ -1,0 +1,227 @@
+//! Authorization on the inbound path, as Envoy's inbound filter chains run it: the HTTP
+//! connection manager's path normalization, then the RBAC (and ext_authz) HTTP filters once per
+//! request; or the network RBAC filter once per connection on TCP chains.
+//!
+//! The chain for a connection is taken from the snapshot when the connection is accepted (a
+//! filter chain is fixed for a connection's life in Envoy too). Ports without a policy carry
+//! no chain, so a request pays only for [`is_normalized`]'s scan of its path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderMap, Method, Uri};
+use mesh_core::authz::{
+    AuthzChain, AuthzDecision, AuthzFilter, AuthzRequest, DynamicMetadata, NormalizedPath,
+    PathNormalization, is_normalized, normalize_path,
+};
+
+/// Response flag Envoy sets when RBAC denies a request (`RBAC`).
+pub const RBAC_FLAG: &str = "RBAC";
+/// Response flag Envoy sets when the external authorization service denies (`UAEX`).
+pub const UAEX_FLAG: &str = "UAEX";
+
+/// The connection's facts the RBAC filters match on, fixed when the connection is accepted.
+#[derive(Debug)]
+pub(crate) struct ConnectionAuthz {
+    pub(crate) chain: Arc<AuthzChain>,
+    pub(crate) source: SocketAddr,
+    /// The original destination: the local IP with the application port.
+    pub(crate) destination: Option<SocketAddr>,
+    pub(crate) sni: Option<String>,
+    pub(crate) peer_principal: Option<String>,
+    pub(crate) peer_authenticated: bool,
+    pub(crate) local_principal: Option<String>,
+}
+
+/// What the inbound path answers instead of calling the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LocalReply {
+    pub(crate) status: u16,
+    pub(crate) body: &'static str,
+    pub(crate) location: Option<String>,
+    pub(crate) flags: &'static str,
+}
+
+/// Normalizes the request's path in place (Istio's `BASE` normalization on the inbound HCM);
+/// returns the local reply for a path Envoy refuses (400) or redirects (307).
+pub(crate) fn normalize_request_path(uri: &mut Uri) -> Option<LocalReply> {
+    let Some(pq) = uri.path_and_query() else {
+        return None;
+    };
+    let mode = PathNormalization::Base;
+    if is_normalized(pq.as_str(), mode) {
+        return None;
+    }
+    match normalize_path(pq.as_str(), mode) {
+        NormalizedPath::Forward(p) => {
+            let mut parts = std::mem::take(uri).into_parts();
+            match p.parse() {
+                Ok(pq) => {
+                    parts.path_and_query = Some(pq);
+                    match Uri::from_parts(parts) {
+                        Ok(u) => {
+                            *uri = u;
+                            None
+                        }
+                        Err(_) => Some(bad_request()),
+                    }
+                }
+                Err(_) => Some(bad_request()),
+            }
+        }
+        NormalizedPath::Redirect(p) => Some(LocalReply {
+            status: 307,
+            body: "",
+            location: Some(p),
+            flags: "-",
+        }),
+        NormalizedPath::Reject => Some(bad_request()),
+    }
+}
+
+fn bad_request() -> LocalReply {
+    tracing::debug!("refusing request: path normalization failed");
+    LocalReply {
+        status: 400,
+        body: "",
+        location: None,
+        flags: "-",
+    }
+}
+
+fn denied(policy: Option<&str>, filter: usize) -> LocalReply {
+    tracing::debug!(
+        filter,
+        policy = policy.unwrap_or("none"),
+        "RBAC: enforced denied request"
+    );
+    metrics::counter!("mesh_inbound_rbac_denied_total", "layer" => "http").increment(1);
+    LocalReply {
+        status: 403,
+        body: mesh_core::authz::RBAC_DENIED_BODY,
+        location: None,
+        flags: RBAC_FLAG,
+    }
+}
+
+impl ConnectionAuthz {
+    fn request<'a>(
+        &'a self,
+        headers: Option<&'a HeaderMap>,
+        method: &'a str,
+        path: &'a str,
+        authority: &'a str,
+        scheme: &'a str,
+    ) -> AuthzRequest<'a> {
+        AuthzRequest {
+            headers,
+            method,
+            path,
+            authority,
+            scheme,
+            source: Some(self.source),
+            remote_ip: None,
+            destination: self.destination,
+            requested_server_name: self.sni.as_deref(),
+            peer_principal: self.peer_principal.as_deref(),
+            peer_authenticated: self.peer_authenticated,
+            local_principal: self.local_principal.as_deref(),
+        }
+    }
+
+    /// Runs the HTTP chain on a request; `Some` is the reply that replaces the application's.
+    pub(crate) fn check_request(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        tls: bool,
+    ) -> Option<LocalReply> {
+        let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let authority = match uri.authority() {
+            Some(a) => a.as_str(),
+            None => headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or(""),
+        };
+        let scheme = uri
+            .scheme_str()
+            .unwrap_or(if tls { "https" } else { "http" });
+        let req = self.request(Some(headers), method.as_str(), path, authority, scheme);
+        let mut md = DynamicMetadata::default();
+        let mut start = 0;
+        loop {
+            match self.chain.evaluate_from(start, &req, &mut md) {
+                AuthzDecision::Allow => return None,
+                AuthzDecision::Deny { filter, policy } => {
+                    return Some(denied(policy.as_deref(), filter));
+                }
+                AuthzDecision::CheckExternal { filter } => {
+                    // No ext_authz client in this build: the provider is unreachable, so
+                    // Envoy's failure handling applies.
+                    let Some(AuthzFilter::ExtAuthz(ext)) = self.chain.filters.get(filter) else {
+                        return Some(denied(None, filter));
+                    };
+                    tracing::warn!(
+                        cluster = %ext.cluster,
+                        "ext_authz provider cannot be called (no external authorization client)"
+                    );
+                    if ext.failure_mode_allow {
+                        start = filter + 1;
+                        continue;
+                    }
+                    metrics::counter!("mesh_inbound_ext_authz_error_total").increment(1);
+                    return Some(LocalReply {
+                        status: ext.status_on_error,
+                        body: "",
+                        location: None,
+                        flags: UAEX_FLAG,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Runs the network chain once for a connection; `false` closes it.
+    pub(crate) fn check_connection(&self) -> bool {
+        let req = self.request(None, "", "", "", "");
+        let mut md = DynamicMetadata::default();
+        match self.chain.evaluate(&req, &mut md) {
+            AuthzDecision::Allow => true,
+            AuthzDecision::Deny { filter, policy } => {
+                tracing::debug!(
+                    filter,
+                    policy = policy.as_deref().unwrap_or("none"),
+                    source = %self.source,
+                    "RBAC: enforced denied connection"
+                );
+                metrics::counter!("mesh_inbound_rbac_denied_total", "layer" => "network")
+                    .increment(1);
+                false
+            }
+            // Network chains carry no ext_authz filter.
+            AuthzDecision::CheckExternal { .. } => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalization_rewrites_redirects_and_rejects() {
+        let mut uri: Uri = "/admin/../x?q=1".parse().unwrap();
+        assert_eq!(normalize_request_path(&mut uri), None);
+        assert_eq!(uri.path_and_query().unwrap().as_str(), "/x?q=1");
+        let mut uri: Uri = "http://h/a/./b".parse().unwrap();
+        assert_eq!(normalize_request_path(&mut uri), None);
+        assert_eq!(uri.to_string(), "http://h/a/b");
+        let mut uri: Uri = "/a%zz".parse().unwrap();
+        assert_eq!(normalize_request_path(&mut uri).unwrap().status, 400);
+        let mut uri: Uri = "/plain/path".parse().unwrap();
+        assert_eq!(normalize_request_path(&mut uri), None);
+        assert_eq!(uri.path(), "/plain/path");
+    }
+}
