@@ -23,7 +23,7 @@ pub enum LbPolicy {
     /// ROUND_ROBIN.
     #[default]
     RoundRobin,
-    /// LEAST_REQUEST (istiod's default); picked round-robin until issue 4 deepens it.
+    /// LEAST_REQUEST (istiod's default): power of two choices.
     LeastRequest,
     /// RANDOM.
     Random,
@@ -122,6 +122,12 @@ pub struct Cluster {
     pub protocol: UpstreamProtocol,
     /// Istio service metadata, if present.
     pub service: Option<ServiceMetadata>,
+    /// Policy-specific load-balancing settings and the panic threshold.
+    pub lb_config: crate::lb::LbConfig,
+    /// `outlier_detection`, when configured.
+    pub outlier_detection: Option<crate::outlier::OutlierDetection>,
+    /// `circuit_breakers` (default priority).
+    pub circuit_breakers: crate::outlier::CircuitBreakers,
 }
 
 impl Cluster {
@@ -139,6 +145,9 @@ impl Cluster {
             tls: None,
             protocol: UpstreamProtocol::Http1,
             service: None,
+            lb_config: crate::lb::LbConfig::default(),
+            outlier_detection: None,
+            circuit_breakers: crate::outlier::CircuitBreakers::default(),
         }
     }
 

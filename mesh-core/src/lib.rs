@@ -13,6 +13,7 @@
 //! * [`cert`]: the [`CertStore`](cert::CertStore) that holds the workload certificate.
 //! * [`flags`]: Envoy's response flags. [`telemetry`]: Istio's standard metric names and labels.
 //! * [`name_table`]: the NDS name table. [`resolve`]: the resolver trait mesh-dns implements.
+//! * [`lb`]: load balancers (round robin, least request, random, ring hash, Maglev) with priorities.
 //! * [`retry`]: Envoy's router retry policy and retry decisions.
 //! * [`peer_metadata`]: the `x-envoy-peer-metadata` headers sidecars exchange.
 //!
@@ -25,8 +26,10 @@ pub mod config;
 pub mod endpoint;
 pub mod flags;
 pub mod identity;
+pub mod lb;
 pub mod listener;
 pub mod name_table;
+pub mod outlier;
 pub mod peer_metadata;
 pub mod readiness;
 pub mod resolve;

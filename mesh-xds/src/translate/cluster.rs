@@ -151,7 +151,217 @@ pub fn translate_cluster(c: &PbCluster) -> Result<Cluster, TranslateError> {
         tls,
         protocol,
         service,
+        lb_config: lb_config(c).map_err(err)?,
+        outlier_detection: outlier_detection(c).map_err(err)?,
+        circuit_breakers: circuit_breakers(c).map_err(err)?,
     })
+}
+
+/// `lb_config` (least request, ring hash, Maglev) and `common_lb_config.healthy_panic_threshold`.
+fn lb_config(c: &PbCluster) -> Result<mesh_core::lb::LbConfig, String> {
+    use mesh_core::lb::{LbConfig, Real};
+    let mut out = LbConfig::default();
+    match &c.lb_config {
+        Some(cluster::LbConfig::LeastRequestLbConfig(l)) => {
+            if let Some(n) = &l.choice_count {
+                if n.value < 2 {
+                    return Err("least_request_lb_config.choice_count: must be at least 2".into());
+                }
+                out.choice_count = n.value;
+            }
+            if let Some(b) = &l.active_request_bias {
+                if !b.default_value.is_finite() || b.default_value < 0.0 {
+                    return Err(
+                        "least_request_lb_config.active_request_bias: must be a finite number >= 0"
+                            .into(),
+                    );
+                }
+                out.active_request_bias = Real(b.default_value);
+            }
+        }
+        Some(cluster::LbConfig::RingHashLbConfig(r)) => {
+            if let Some(m) = &r.minimum_ring_size {
+                out.minimum_ring_size = m.value.max(1);
+            }
+            if let Some(m) = &r.maximum_ring_size {
+                out.maximum_ring_size = m.value.max(1);
+            }
+            if out.minimum_ring_size > out.maximum_ring_size {
+                return Err(
+                    "ring_hash_lb_config: minimum_ring_size is larger than maximum_ring_size"
+                        .into(),
+                );
+            }
+        }
+        Some(cluster::LbConfig::MaglevLbConfig(m)) => {
+            if let Some(t) = &m.table_size {
+                if t.value < 2
+                    || (2..t.value)
+                        .take_while(|d| d * d <= t.value)
+                        .any(|d| t.value % d == 0)
+                {
+                    return Err(format!(
+                        "maglev_lb_config.table_size: {} is not a prime",
+                        t.value
+                    ));
+                }
+                out.maglev_table_size = t.value;
+            }
+        }
+        _ => {}
+    }
+    if let Some(p) = c
+        .common_lb_config
+        .as_ref()
+        .and_then(|l| l.healthy_panic_threshold.as_ref())
+    {
+        if !(0.0..=100.0).contains(&p.value) {
+            return Err("common_lb_config.healthy_panic_threshold: must be within 0..100".into());
+        }
+        // Envoy truncates to the nearest percent.
+        out.healthy_panic_threshold = Real(p.value.trunc());
+    }
+    Ok(out)
+}
+
+/// `outlier_detection`, Envoy's defaults for unset fields.
+fn outlier_detection(
+    c: &PbCluster,
+) -> Result<Option<mesh_core::outlier::OutlierDetection>, String> {
+    let Some(o) = &c.outlier_detection else {
+        return Ok(None);
+    };
+    let mut out = mesh_core::outlier::OutlierDetection::default();
+    let u = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: &mut u32| {
+        if let Some(v) = v {
+            *d = v.value;
+        }
+    };
+    let pct = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>,
+               d: &mut u32,
+               field: &str|
+     -> Result<(), String> {
+        if let Some(v) = v {
+            if v.value > 100 {
+                return Err(format!(
+                    "outlier_detection.{field}: {} is over 100",
+                    v.value
+                ));
+            }
+            *d = v.value;
+        }
+        Ok(())
+    };
+    let dur = |v: &Option<envoy_types::pb::google::protobuf::Duration>,
+               d: &mut Duration,
+               field: &str|
+     -> Result<(), String> {
+        if let Some(v) = v {
+            *d = duration(v).map_err(|e| format!("outlier_detection.{field}: {e}"))?;
+        }
+        Ok(())
+    };
+    u(&o.consecutive_5xx, &mut out.consecutive_5xx);
+    u(
+        &o.consecutive_gateway_failure,
+        &mut out.consecutive_gateway_failure,
+    );
+    u(
+        &o.consecutive_local_origin_failure,
+        &mut out.consecutive_local_origin_failure,
+    );
+    dur(&o.interval, &mut out.interval, "interval")?;
+    if out.interval.is_zero() {
+        return Err("outlier_detection.interval: must be > 0".into());
+    }
+    dur(
+        &o.base_ejection_time,
+        &mut out.base_ejection_time,
+        "base_ejection_time",
+    )?;
+    dur(
+        &o.max_ejection_time,
+        &mut out.max_ejection_time,
+        "max_ejection_time",
+    )?;
+    pct(
+        &o.max_ejection_percent,
+        &mut out.max_ejection_percent,
+        "max_ejection_percent",
+    )?;
+    pct(
+        &o.enforcing_consecutive_5xx,
+        &mut out.enforcing_consecutive_5xx,
+        "enforcing_consecutive_5xx",
+    )?;
+    pct(
+        &o.enforcing_consecutive_gateway_failure,
+        &mut out.enforcing_consecutive_gateway_failure,
+        "enforcing_consecutive_gateway_failure",
+    )?;
+    pct(
+        &o.enforcing_consecutive_local_origin_failure,
+        &mut out.enforcing_consecutive_local_origin_failure,
+        "enforcing_consecutive_local_origin_failure",
+    )?;
+    pct(
+        &o.enforcing_success_rate,
+        &mut out.enforcing_success_rate,
+        "enforcing_success_rate",
+    )?;
+    u(
+        &o.success_rate_minimum_hosts,
+        &mut out.success_rate_minimum_hosts,
+    );
+    u(
+        &o.success_rate_request_volume,
+        &mut out.success_rate_request_volume,
+    );
+    u(
+        &o.success_rate_stdev_factor,
+        &mut out.success_rate_stdev_factor,
+    );
+    pct(
+        &o.failure_percentage_threshold,
+        &mut out.failure_percentage_threshold,
+        "failure_percentage_threshold",
+    )?;
+    pct(
+        &o.enforcing_failure_percentage,
+        &mut out.enforcing_failure_percentage,
+        "enforcing_failure_percentage",
+    )?;
+    u(
+        &o.failure_percentage_minimum_hosts,
+        &mut out.failure_percentage_minimum_hosts,
+    );
+    u(
+        &o.failure_percentage_request_volume,
+        &mut out.failure_percentage_request_volume,
+    );
+    out.split_external_local_origin_errors = o.split_external_local_origin_errors;
+    out.always_eject_one_host = o.always_eject_one_host.as_ref().is_some_and(|b| b.value);
+    Ok(Some(out))
+}
+
+/// `circuit_breakers.thresholds` of the DEFAULT priority, Envoy's defaults for unset fields.
+fn circuit_breakers(c: &PbCluster) -> Result<mesh_core::outlier::CircuitBreakers, String> {
+    let mut out = mesh_core::outlier::CircuitBreakers::default();
+    let Some(cb) = &c.circuit_breakers else {
+        return Ok(out);
+    };
+    for t in cb.thresholds.iter().filter(|t| t.priority == 0) {
+        let set = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: &mut u32| {
+            if let Some(v) = v {
+                *d = v.value;
+            }
+        };
+        set(&t.max_connections, &mut out.max_connections);
+        set(&t.max_pending_requests, &mut out.max_pending_requests);
+        set(&t.max_requests, &mut out.max_requests);
+        set(&t.max_retries, &mut out.max_retries);
+    }
+    Ok(out)
 }
 
 /// `Some(UpstreamTls)` for an `envoy.transport_sockets.tls` socket, `None` for raw buffer or
@@ -228,5 +438,100 @@ fn san_matcher(m: &StringMatcher) -> Result<SanMatcher, String> {
         Some(string_matcher::MatchPattern::Prefix(s)) => Ok(SanMatcher::Prefix(s.clone())),
         Some(_) => Err("only exact and prefix SAN matchers are supported".into()),
         None => Err("empty matcher".into()),
+    }
+}
+
+#[cfg(test)]
+mod resilience_tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::{
+        CircuitBreakers as PbCircuitBreakers, OutlierDetection as PbOutlierDetection,
+        circuit_breakers::Thresholds,
+    };
+    use envoy_types::pb::envoy::r#type::v3::Percent;
+    use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value, UInt64Value};
+
+    fn base() -> PbCluster {
+        PbCluster {
+            name: "outbound|80||a.default.svc.cluster.local".into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Eds as i32,
+            )),
+            lb_policy: cluster::LbPolicy::LeastRequest as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn lb_outlier_and_breakers_translate_with_envoy_defaults() {
+        let c = translate_cluster(&base()).unwrap();
+        assert_eq!(c.lb_config, mesh_core::lb::LbConfig::default());
+        assert!(c.outlier_detection.is_none());
+        assert_eq!(c.circuit_breakers.max_retries, 3);
+
+        let mut pb = base();
+        pb.lb_config = Some(cluster::LbConfig::LeastRequestLbConfig(
+            cluster::LeastRequestLbConfig {
+                choice_count: Some(UInt32Value { value: 3 }),
+                ..Default::default()
+            },
+        ));
+        pb.common_lb_config = Some(cluster::CommonLbConfig {
+            healthy_panic_threshold: Some(Percent { value: 25.7 }),
+            ..Default::default()
+        });
+        // istiod's outlier detection for a DestinationRule with consecutive5xxErrors: 3.
+        pb.outlier_detection = Some(PbOutlierDetection {
+            consecutive_5xx: Some(UInt32Value { value: 3 }),
+            interval: Some(PbDuration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            base_ejection_time: Some(PbDuration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            max_ejection_percent: Some(UInt32Value { value: 100 }),
+            enforcing_success_rate: Some(UInt32Value { value: 0 }),
+            ..Default::default()
+        });
+        // istiod's default thresholds.
+        let max = Some(UInt32Value { value: u32::MAX });
+        pb.circuit_breakers = Some(PbCircuitBreakers {
+            thresholds: vec![Thresholds {
+                max_connections: max,
+                max_pending_requests: max,
+                max_requests: max,
+                max_retries: max,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let c = translate_cluster(&pb).unwrap();
+        assert_eq!(c.lb_config.choice_count, 3);
+        assert_eq!(c.lb_config.healthy_panic_threshold.0, 25.0);
+        let o = c.outlier_detection.unwrap();
+        assert_eq!(o.consecutive_5xx, 3);
+        assert_eq!(o.interval, Duration::from_secs(1));
+        assert_eq!(o.base_ejection_time, Duration::from_secs(60));
+        assert_eq!(o.max_ejection_percent, 100);
+        assert_eq!(o.enforcing_success_rate, 0);
+        assert_eq!(o.consecutive_gateway_failure, 5);
+        assert_eq!(c.circuit_breakers.max_retries, u32::MAX);
+        assert_eq!(c.circuit_breakers.max_requests, u32::MAX);
+
+        let mut bad = base();
+        bad.lb_config = Some(cluster::LbConfig::MaglevLbConfig(cluster::MaglevLbConfig {
+            table_size: Some(UInt64Value { value: 65536 }),
+        }));
+        let e = translate_cluster(&bad).unwrap_err();
+        assert!(e.to_string().contains("table_size"), "{e}");
+        let mut bad = base();
+        bad.outlier_detection = Some(PbOutlierDetection {
+            max_ejection_percent: Some(UInt32Value { value: 101 }),
+            ..Default::default()
+        });
+        let e = translate_cluster(&bad).unwrap_err();
+        assert!(e.to_string().contains("max_ejection_percent"), "{e}");
     }
 }

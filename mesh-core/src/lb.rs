@@ -1,0 +1,930 @@
+//! Load balancing with Envoy's semantics: priority levels with the overprovisioning factor and
+//! the panic threshold, then the cluster's policy inside the chosen level — weighted round
+//! robin (earliest-deadline-first order), least request (power of `choice_count` choices, or
+//! weights scaled by `1 / (active + 1)^active_request_bias` when weights differ), random,
+//! ring hash and Maglev (xxHash64 as Envoy uses it, so keys land on the same hosts).
+//!
+//! A [`Balancer`] is compiled once per endpoint set. Per-host live state ([`HostState`]:
+//! active requests, outlier ejection) is handed in by the caller, which keeps it by address
+//! from one endpoint set to the next, so counters survive snapshots.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use rand::Rng;
+
+use crate::cluster::LbPolicy;
+use crate::endpoint::{Endpoint, EndpointSet};
+
+/// Live state of one upstream host that outlives endpoint and cluster updates.
+#[derive(Debug)]
+pub struct HostState {
+    /// The host.
+    pub address: SocketAddr,
+    active: AtomicU32,
+    ejected: AtomicBool,
+    /// Ejected hosts of the cluster this host belongs to (shared by its hosts).
+    cluster_ejected: Arc<AtomicUsize>,
+    /// Outlier detection counters.
+    pub(crate) outlier: crate::outlier::HostCounters,
+}
+
+impl HostState {
+    /// State for `address`, counting ejections in `cluster_ejected`.
+    pub fn new(address: SocketAddr, cluster_ejected: Arc<AtomicUsize>) -> Self {
+        HostState {
+            address,
+            active: AtomicU32::new(0),
+            ejected: AtomicBool::new(false),
+            cluster_ejected,
+            outlier: crate::outlier::HostCounters::default(),
+        }
+    }
+
+    /// Requests in flight to this host.
+    pub fn active_requests(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request in flight until the guard is dropped.
+    pub fn start_request(self: &Arc<Self>) -> ActiveRequest {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveRequest(self.clone())
+    }
+
+    /// Whether outlier detection has ejected the host.
+    pub fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Relaxed)
+    }
+
+    /// Marks the host ejected (`true`) or back (`false`); returns whether it changed.
+    pub fn set_ejected(&self, ejected: bool) -> bool {
+        let changed = self.ejected.swap(ejected, Ordering::Relaxed) != ejected;
+        if changed {
+            if ejected {
+                self.cluster_ejected.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.cluster_ejected.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        changed
+    }
+}
+
+/// A request in flight to a host; decrements the host's count when dropped.
+#[derive(Debug)]
+pub struct ActiveRequest(Arc<HostState>);
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A finite `f64` that compares by bits (so configs holding it can be `Eq`).
+#[derive(Clone, Copy, Debug)]
+pub struct Real(pub f64);
+
+impl PartialEq for Real {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+impl Eq for Real {}
+
+/// The policy-specific parts of a cluster's load-balancing configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LbConfig {
+    /// `least_request_lb_config.choice_count` (default 2).
+    pub choice_count: u32,
+    /// `least_request_lb_config.active_request_bias` (default 1.0).
+    pub active_request_bias: Real,
+    /// `ring_hash_lb_config.minimum_ring_size` (default 1024).
+    pub minimum_ring_size: u64,
+    /// `ring_hash_lb_config.maximum_ring_size` (default 8M).
+    pub maximum_ring_size: u64,
+    /// `maglev_lb_config.table_size` (default 65537, a prime).
+    pub maglev_table_size: u64,
+    /// `common_lb_config.healthy_panic_threshold` in percent (default 50).
+    pub healthy_panic_threshold: Real,
+}
+
+impl Default for LbConfig {
+    fn default() -> Self {
+        LbConfig {
+            choice_count: 2,
+            active_request_bias: Real(1.0),
+            minimum_ring_size: 1024,
+            maximum_ring_size: 8 * 1024 * 1024,
+            maglev_table_size: 65537,
+            healthy_panic_threshold: Real(50.0),
+        }
+    }
+}
+
+/// Envoy's default overprovisioning factor (1.4, as a percentage).
+pub const DEFAULT_OVERPROVISIONING_FACTOR: u32 = 140;
+
+/// Per-priority load (percent, summing to 100 when any host exists) and panic flags, from each
+/// level's `(healthy, total)` host counts, as Envoy's `LoadBalancerBase` computes them.
+pub fn priority_loads(
+    levels: &[(usize, usize)],
+    overprovisioning: u32,
+    panic_threshold: f64,
+) -> (Vec<u32>, Vec<bool>) {
+    let health: Vec<u32> = levels
+        .iter()
+        .map(|&(healthy, total)| {
+            if total == 0 {
+                0
+            } else {
+                (u64::from(overprovisioning) * healthy as u64 / total as u64).min(100) as u32
+            }
+        })
+        .collect();
+    let normalized_total = health.iter().sum::<u32>().min(100);
+    let mut loads = vec![0u32; levels.len()];
+    if normalized_total == 0 || f64::from(normalized_total) < panic_threshold {
+        // Total panic: load by host counts, every level in panic.
+        let total_hosts: usize = levels.iter().map(|l| l.1).sum();
+        if total_hosts == 0 {
+            return (loads, vec![true; levels.len()]);
+        }
+        let mut left = 100u32;
+        for (i, &(_, total)) in levels.iter().enumerate() {
+            let l = ((total * 100 / total_hosts) as u32).min(left);
+            loads[i] = l;
+            left -= l;
+        }
+        if let Some(first) = levels.iter().position(|l| l.1 > 0) {
+            loads[first] += left;
+        }
+        return (loads, vec![true; levels.len()]);
+    }
+    let mut left = 100u32;
+    for (i, h) in health.iter().enumerate() {
+        let l = (h * 100 / normalized_total).min(left);
+        loads[i] = l;
+        left -= l;
+    }
+    // Rounding leftovers go to the first level with load.
+    if left > 0
+        && let Some(first) = loads.iter().position(|l| *l > 0)
+    {
+        loads[first] += left;
+    }
+    let panic = levels
+        .iter()
+        .map(|&(healthy, total)| {
+            total == 0 || (healthy as f64 * 100.0 / total as f64) < panic_threshold
+        })
+        .collect();
+    (loads, panic)
+}
+
+/// Envoy's 64-bit xxHash (XXH64) of `data` with `seed`.
+pub fn xx_hash64(data: &[u8], seed: u64) -> u64 {
+    const P1: u64 = 0x9E37_79B1_85EB_CA87;
+    const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+    const P3: u64 = 0x1656_67B1_9E37_79F9;
+    const P4: u64 = 0x85EB_CA77_C2B2_AE63;
+    const P5: u64 = 0x27D4_EB2F_1656_67C5;
+    fn read64(b: &[u8]) -> u64 {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[..8]);
+        u64::from_le_bytes(a)
+    }
+    fn read32(b: &[u8]) -> u64 {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(&b[..4]);
+        u64::from(u32::from_le_bytes(a))
+    }
+    fn round(acc: u64, input: u64) -> u64 {
+        acc.wrapping_add(input.wrapping_mul(P2))
+            .rotate_left(31)
+            .wrapping_mul(P1)
+    }
+    fn merge(acc: u64, val: u64) -> u64 {
+        (acc ^ round(0, val)).wrapping_mul(P1).wrapping_add(P4)
+    }
+    let len = data.len();
+    let mut rest = data;
+    let mut h = if len >= 32 {
+        let mut v1 = seed.wrapping_add(P1).wrapping_add(P2);
+        let mut v2 = seed.wrapping_add(P2);
+        let mut v3 = seed;
+        let mut v4 = seed.wrapping_sub(P1);
+        while rest.len() >= 32 {
+            v1 = round(v1, read64(&rest[0..]));
+            v2 = round(v2, read64(&rest[8..]));
+            v3 = round(v3, read64(&rest[16..]));
+            v4 = round(v4, read64(&rest[24..]));
+            rest = &rest[32..];
+        }
+        let mut h = v1
+            .rotate_left(1)
+            .wrapping_add(v2.rotate_left(7))
+            .wrapping_add(v3.rotate_left(12))
+            .wrapping_add(v4.rotate_left(18));
+        h = merge(h, v1);
+        h = merge(h, v2);
+        h = merge(h, v3);
+        merge(h, v4)
+    } else {
+        seed.wrapping_add(P5)
+    };
+    h = h.wrapping_add(len as u64);
+    while rest.len() >= 8 {
+        h ^= round(0, read64(rest));
+        h = h.rotate_left(27).wrapping_mul(P1).wrapping_add(P4);
+        rest = &rest[8..];
+    }
+    if rest.len() >= 4 {
+        h ^= read32(rest).wrapping_mul(P1);
+        h = h.rotate_left(23).wrapping_mul(P2).wrapping_add(P3);
+        rest = &rest[4..];
+    }
+    for &b in rest {
+        h ^= u64::from(b).wrapping_mul(P5);
+        h = h.rotate_left(11).wrapping_mul(P1);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(P2);
+    h ^= h >> 29;
+    h = h.wrapping_mul(P3);
+    h ^= h >> 32;
+    h
+}
+
+/// What a pick needs besides the balancer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PickContext<'a> {
+    /// The route's `hash_policy` result, for ring hash and Maglev.
+    pub hash: Option<u64>,
+    /// Hosts to avoid (`previous_hosts` retry predicate).
+    pub avoid: &'a [SocketAddr],
+    /// How many picks to make while the pick is to be avoided
+    /// (`host_selection_retry_max_attempts`).
+    pub max_picks: u32,
+}
+
+/// One priority level, compiled.
+#[derive(Debug)]
+struct Level {
+    /// Indices into the endpoint set, every host of the level (used in panic).
+    all: Vec<usize>,
+    /// Indices of hosts whose EDS health allows traffic.
+    healthy: Vec<usize>,
+    /// Weighted round-robin order over `healthy` (empty: weights are equal).
+    wrr_healthy: Vec<u32>,
+    /// Ring or Maglev table over `healthy` / `all`, for hash policies.
+    table_healthy: Option<HashTable>,
+    table_all: Option<HashTable>,
+}
+
+#[derive(Debug)]
+enum HashTable {
+    /// Sorted `(hash, endpoint index)` points.
+    Ring(Vec<(u64, usize)>),
+    /// `table[hash % len]` is the endpoint index.
+    Maglev(Vec<usize>),
+}
+
+impl HashTable {
+    fn lookup(&self, hash: u64) -> Option<usize> {
+        match self {
+            HashTable::Ring(points) => {
+                if points.is_empty() {
+                    return None;
+                }
+                let i = points.partition_point(|p| p.0 < hash);
+                Some(points[if i == points.len() { 0 } else { i }].1)
+            }
+            HashTable::Maglev(t) => (!t.is_empty()).then(|| t[(hash % t.len() as u64) as usize]),
+        }
+    }
+}
+
+/// A load balancer over one endpoint set.
+#[derive(Debug)]
+pub struct Balancer {
+    policy: LbPolicy,
+    config: LbConfig,
+    endpoints: Vec<SocketAddr>,
+    weights: Vec<u32>,
+    hosts: Vec<Arc<HostState>>,
+    levels: Vec<Level>,
+    loads: Vec<u32>,
+    panic: Vec<bool>,
+    cluster_ejected: Arc<AtomicUsize>,
+    rr: AtomicU64,
+}
+
+impl Balancer {
+    /// Compiles a balancer for `set` under `policy`. `host_state` returns the long-lived state
+    /// of each endpoint's address; `cluster_ejected` counts the cluster's ejected hosts.
+    pub fn new(
+        set: &EndpointSet,
+        policy: LbPolicy,
+        config: &LbConfig,
+        cluster_ejected: Arc<AtomicUsize>,
+        mut host_state: impl FnMut(&Endpoint) -> Arc<HostState>,
+    ) -> Self {
+        let mut prios: Vec<u32> = set.endpoints.iter().map(|e| e.priority).collect();
+        prios.sort_unstable();
+        prios.dedup();
+        let weights: Vec<u32> = set.endpoints.iter().map(|e| e.weight.max(1)).collect();
+        let hashing = matches!(policy, LbPolicy::RingHash | LbPolicy::Maglev);
+        let levels: Vec<Level> = prios
+            .iter()
+            .map(|p| {
+                let all: Vec<usize> = (0..set.endpoints.len())
+                    .filter(|&i| set.endpoints[i].priority == *p)
+                    .collect();
+                let healthy: Vec<usize> = all
+                    .iter()
+                    .copied()
+                    .filter(|&i| set.endpoints[i].health.is_routable())
+                    .collect();
+                let table = |hosts: &[usize]| {
+                    hashing.then(|| build_table(policy, config, hosts, &set.endpoints, &weights))
+                };
+                Level {
+                    wrr_healthy: wrr_order(&healthy, &weights),
+                    table_healthy: table(&healthy),
+                    table_all: table(&all),
+                    all,
+                    healthy,
+                }
+            })
+            .collect();
+        let counts: Vec<(usize, usize)> = levels
+            .iter()
+            .map(|l| (l.healthy.len(), l.all.len()))
+            .collect();
+        let (loads, panic) = priority_loads(
+            &counts,
+            DEFAULT_OVERPROVISIONING_FACTOR,
+            config.healthy_panic_threshold.0,
+        );
+        Balancer {
+            policy,
+            config: config.clone(),
+            endpoints: set.endpoints.iter().map(|e| e.address).collect(),
+            hosts: set.endpoints.iter().map(&mut host_state).collect(),
+            weights,
+            levels,
+            loads,
+            panic,
+            cluster_ejected,
+            rr: AtomicU64::new(0),
+        }
+    }
+
+    /// The live state of every endpoint, in endpoint order.
+    pub fn hosts(&self) -> &[Arc<HostState>] {
+        &self.hosts
+    }
+
+    /// The live state of endpoint `i`.
+    pub fn host(&self, i: usize) -> &Arc<HostState> {
+        &self.hosts[i]
+    }
+
+    /// Picks an endpoint index; `None` when the set has no host traffic may go to (`UH`).
+    pub fn pick<R: Rng + ?Sized>(&self, ctx: &PickContext<'_>, rng: &mut R) -> Option<usize> {
+        let mut picked = self.pick_once(ctx, rng)?;
+        for _ in 1..ctx.max_picks.max(1) {
+            if !ctx.avoid.contains(&self.endpoints[picked]) {
+                break;
+            }
+            // Another draw: rehash away from the previous host for hash policies.
+            let ctx2 = PickContext {
+                hash: ctx.hash.map(|h| h.wrapping_add(rng.random::<u64>())),
+                ..*ctx
+            };
+            picked = self.pick_once(&ctx2, rng)?;
+        }
+        Some(picked)
+    }
+
+    fn pick_once<R: Rng + ?Sized>(&self, ctx: &PickContext<'_>, rng: &mut R) -> Option<usize> {
+        if self.cluster_ejected.load(Ordering::Relaxed) > 0 {
+            return self.pick_with_ejections(ctx, rng);
+        }
+        let li = self.choose_level(&self.loads, rng)?;
+        let level = &self.levels[li];
+        let panic = self.panic[li];
+        let hosts = if panic { &level.all } else { &level.healthy };
+        if hosts.is_empty() {
+            return None;
+        }
+        let table = if panic {
+            level.table_all.as_ref()
+        } else {
+            level.table_healthy.as_ref()
+        };
+        let wrr = if panic {
+            &[][..]
+        } else {
+            &level.wrr_healthy[..]
+        };
+        self.pick_in(hosts, wrr, table, ctx, rng)
+    }
+
+    /// The slow path while outlier detection has hosts ejected: ejected hosts count as
+    /// unhealthy for priority loads and panic, as in Envoy.
+    fn pick_with_ejections<R: Rng + ?Sized>(
+        &self,
+        ctx: &PickContext<'_>,
+        rng: &mut R,
+    ) -> Option<usize> {
+        let healthy: Vec<Vec<usize>> = self
+            .levels
+            .iter()
+            .map(|l| {
+                l.healthy
+                    .iter()
+                    .copied()
+                    .filter(|&i| !self.hosts[i].is_ejected())
+                    .collect()
+            })
+            .collect();
+        let counts: Vec<(usize, usize)> = self
+            .levels
+            .iter()
+            .zip(&healthy)
+            .map(|(l, h)| (h.len(), l.all.len()))
+            .collect();
+        let (loads, panic) = priority_loads(
+            &counts,
+            DEFAULT_OVERPROVISIONING_FACTOR,
+            self.config.healthy_panic_threshold.0,
+        );
+        let li = self.choose_level(&loads, rng)?;
+        let level = &self.levels[li];
+        let hosts = if panic[li] { &level.all } else { &healthy[li] };
+        if hosts.is_empty() {
+            return None;
+        }
+        let table = if panic[li] {
+            level.table_all.as_ref()
+        } else {
+            level.table_healthy.as_ref()
+        };
+        let picked = self.pick_in(hosts, &[], None, ctx, rng)?;
+        // Hash policies keep their table; an ejected pick moves to a random healthy host.
+        match (table, ctx.hash) {
+            (Some(t), Some(h)) => match t.lookup(h) {
+                Some(i) if panic[li] || !self.hosts[i].is_ejected() => Some(i),
+                _ => Some(picked),
+            },
+            _ => Some(picked),
+        }
+    }
+
+    fn choose_level<R: Rng + ?Sized>(&self, loads: &[u32], rng: &mut R) -> Option<usize> {
+        match loads.len() {
+            0 => None,
+            1 => Some(0),
+            _ => {
+                let mut r = rng.random_range(0..100u32);
+                for (i, l) in loads.iter().enumerate() {
+                    if r < *l {
+                        return Some(i);
+                    }
+                    r -= l;
+                }
+                loads.iter().position(|l| *l > 0).or(Some(0))
+            }
+        }
+    }
+
+    fn pick_in<R: Rng + ?Sized>(
+        &self,
+        hosts: &[usize],
+        wrr: &[u32],
+        table: Option<&HashTable>,
+        ctx: &PickContext<'_>,
+        rng: &mut R,
+    ) -> Option<usize> {
+        match self.policy {
+            LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
+                let n = self.rr.fetch_add(1, Ordering::Relaxed);
+                if wrr.is_empty() {
+                    Some(hosts[(n % hosts.len() as u64) as usize])
+                } else {
+                    Some(wrr[(n % wrr.len() as u64) as usize] as usize)
+                }
+            }
+            LbPolicy::Random => Some(hosts[rng.random_range(0..hosts.len())]),
+            LbPolicy::LeastRequest => Some(self.least_request(hosts, rng)),
+            LbPolicy::RingHash | LbPolicy::Maglev => {
+                let hash = ctx.hash.unwrap_or_else(|| rng.random::<u64>());
+                table
+                    .and_then(|t| t.lookup(hash))
+                    .or_else(|| Some(hosts[rng.random_range(0..hosts.len())]))
+            }
+        }
+    }
+
+    fn least_request<R: Rng + ?Sized>(&self, hosts: &[usize], rng: &mut R) -> usize {
+        let equal = hosts
+            .iter()
+            .all(|&i| self.weights[i] == self.weights[hosts[0]]);
+        if equal || hosts.len() == 1 {
+            // Power of `choice_count` choices; the first of equals wins.
+            let mut best = hosts[rng.random_range(0..hosts.len())];
+            for _ in 1..self.config.choice_count.max(1) {
+                let c = hosts[rng.random_range(0..hosts.len())];
+                if self.hosts[c].active_requests() < self.hosts[best].active_requests() {
+                    best = c;
+                }
+            }
+            return best;
+        }
+        // Weights differ: weight / (active + 1)^bias, then a weighted draw.
+        let bias = self.config.active_request_bias.0;
+        let eff: Vec<f64> = hosts
+            .iter()
+            .map(|&i| {
+                let w = f64::from(self.weights[i]);
+                if bias == 0.0 {
+                    w
+                } else {
+                    w / (f64::from(self.hosts[i].active_requests()) + 1.0).powf(bias)
+                }
+            })
+            .collect();
+        let total: f64 = eff.iter().sum();
+        let mut r = rng.random::<f64>() * total;
+        for (k, w) in eff.iter().enumerate() {
+            if r < *w {
+                return hosts[k];
+            }
+            r -= w;
+        }
+        hosts[hosts.len() - 1]
+    }
+}
+
+/// Earliest-deadline-first order of `hosts` by weight over one full cycle (empty when the
+/// weights are equal, where plain rotation is the same thing). Capped at 64k entries.
+fn wrr_order(hosts: &[usize], weights: &[u32]) -> Vec<u32> {
+    if hosts.is_empty() || hosts.iter().all(|&i| weights[i] == weights[hosts[0]]) {
+        return Vec::new();
+    }
+    let g = hosts
+        .iter()
+        .fold(0u64, |g, &i| gcd(g, u64::from(weights[i])));
+    let cycle: u64 = hosts.iter().map(|&i| u64::from(weights[i]) / g).sum();
+    let len = cycle.min(65_536) as usize;
+    // Deadline of host k: (n_k + 1) / w_k; ties by position.
+    let mut next: Vec<(f64, usize)> = hosts
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| (1.0 / f64::from(weights[i]), k))
+        .collect();
+    let mut served = vec![0u64; hosts.len()];
+    let mut order = Vec::with_capacity(len);
+    for _ in 0..len {
+        let (pos, _) = next
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1.0.total_cmp(&b.1.0).then(a.1.1.cmp(&b.1.1)))
+            .unwrap_or((0, &(0.0, 0)));
+        let k = next[pos].1;
+        order.push(hosts[k] as u32);
+        served[k] += 1;
+        next[pos].0 = (served[k] + 1) as f64 / f64::from(weights[hosts[k]]);
+    }
+    order
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+fn build_table(
+    policy: LbPolicy,
+    config: &LbConfig,
+    hosts: &[usize],
+    endpoints: &[Endpoint],
+    weights: &[u32],
+) -> HashTable {
+    if hosts.is_empty() {
+        return match policy {
+            LbPolicy::Maglev => HashTable::Maglev(Vec::new()),
+            _ => HashTable::Ring(Vec::new()),
+        };
+    }
+    let total: f64 = hosts.iter().map(|&i| f64::from(weights[i])).sum();
+    let keys: Vec<String> = hosts
+        .iter()
+        .map(|&i| endpoints[i].address.to_string())
+        .collect();
+    match policy {
+        LbPolicy::Maglev => {
+            let m = config.maglev_table_size.max(2);
+            let max_w = hosts.iter().map(|&i| weights[i]).max().unwrap_or(1);
+            struct E {
+                offset: u64,
+                skip: u64,
+                weight: u64,
+                target: u64,
+                next: u64,
+                host: usize,
+            }
+            let mut entries: Vec<E> = hosts
+                .iter()
+                .zip(&keys)
+                .map(|(&i, k)| E {
+                    offset: xx_hash64(k.as_bytes(), 0) % m,
+                    skip: xx_hash64(k.as_bytes(), 1) % (m - 1) + 1,
+                    weight: u64::from(weights[i]),
+                    target: 0,
+                    next: 0,
+                    host: i,
+                })
+                .collect();
+            let mut table = vec![usize::MAX; m as usize];
+            let mut filled = 0u64;
+            let mut iteration = 1u64;
+            while filled < m {
+                for e in entries.iter_mut() {
+                    if filled >= m {
+                        break;
+                    }
+                    if iteration * e.weight < e.target {
+                        continue;
+                    }
+                    e.target += u64::from(max_w);
+                    let mut c = (e.offset + e.skip * e.next) % m;
+                    while table[c as usize] != usize::MAX {
+                        e.next += 1;
+                        c = (e.offset + e.skip * e.next) % m;
+                    }
+                    table[c as usize] = e.host;
+                    e.next += 1;
+                    filled += 1;
+                }
+                iteration += 1;
+            }
+            HashTable::Maglev(table)
+        }
+        _ => {
+            let min_norm = hosts
+                .iter()
+                .map(|&i| f64::from(weights[i]) / total)
+                .fold(f64::INFINITY, f64::min);
+            let scale = ((min_norm * config.minimum_ring_size as f64).ceil() / min_norm)
+                .min(config.maximum_ring_size as f64);
+            let mut points = Vec::with_capacity(scale as usize + hosts.len());
+            let mut carry = 0.0;
+            for (&i, key) in hosts.iter().zip(&keys) {
+                let target = scale * f64::from(weights[i]) / total + carry;
+                let n = target.floor() as u64;
+                carry = target - n as f64;
+                for j in 0..n {
+                    let point = format!("{key}_{j}");
+                    points.push((xx_hash64(point.as_bytes(), 0), i));
+                }
+            }
+            points.sort_unstable();
+            HashTable::Ring(points)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::HealthStatus;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn ep(port: u16, weight: u32, priority: u32, health: HealthStatus) -> Endpoint {
+        Endpoint {
+            weight,
+            priority,
+            health,
+            ..Endpoint::new(SocketAddr::from(([10, 0, 0, 1], port)))
+        }
+    }
+
+    fn balancer(policy: LbPolicy, eps: Vec<Endpoint>) -> Balancer {
+        let set = EndpointSet::new("c", eps);
+        let ejected = Arc::new(AtomicUsize::new(0));
+        let e = ejected.clone();
+        Balancer::new(&set, policy, &LbConfig::default(), ejected, move |ep| {
+            Arc::new(HostState::new(ep.address, e.clone()))
+        })
+    }
+
+    fn counts(b: &Balancer, n: usize, hash: impl Fn(usize) -> Option<u64>) -> Vec<usize> {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut c = vec![0; b.endpoints.len()];
+        for k in 0..n {
+            let ctx = PickContext {
+                hash: hash(k),
+                ..PickContext::default()
+            };
+            c[b.pick(&ctx, &mut rng).unwrap()] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn xx_hash64_matches_the_reference() {
+        // Reference values of XXH64 with seed 0.
+        assert_eq!(xx_hash64(b"", 0), 0xEF46_DB37_51D8_E999);
+        assert_eq!(xx_hash64(b"a", 0), 0xD24E_C4F1_A98C_6E5B);
+        assert_eq!(xx_hash64(b"abc", 0), 0x44BC_2CF5_AD77_0999);
+        assert_eq!(
+            xx_hash64(b"Nobody inspects the spammish repetition", 0),
+            0xFBCE_A83C_8A37_8BF1
+        );
+    }
+
+    #[test]
+    fn weighted_round_robin_follows_weights_exactly() {
+        let b = balancer(
+            LbPolicy::RoundRobin,
+            vec![
+                ep(1, 3, 0, HealthStatus::Healthy),
+                ep(2, 1, 0, HealthStatus::Healthy),
+            ],
+        );
+        assert_eq!(counts(&b, 400, |_| None), vec![300, 100]);
+        // Interleaved, not bursts of three.
+        let order: Vec<usize> = (0..4)
+            .map(|_| b.pick(&PickContext::default(), &mut rand::rng()).unwrap())
+            .collect();
+        assert_eq!(order.iter().filter(|&&i| i == 0).count(), 3);
+    }
+
+    #[test]
+    fn least_request_prefers_idle_hosts() {
+        let b = balancer(
+            LbPolicy::LeastRequest,
+            (1..=4)
+                .map(|p| ep(p, 1, 0, HealthStatus::Healthy))
+                .collect(),
+        );
+        let _busy: Vec<_> = (0..5).map(|_| b.host(0).start_request()).collect();
+        let c = counts(&b, 4000, |_| None);
+        // P2C: host 0 wins only when drawn twice, 1/16 of picks.
+        assert!(c[0] < 400, "{c:?}");
+        assert!(c[1..].iter().all(|&n| n > 1000), "{c:?}");
+        drop(_busy);
+        assert_eq!(b.host(0).active_requests(), 0);
+    }
+
+    #[test]
+    fn weighted_least_request_scales_weights_by_active_requests() {
+        let b = balancer(
+            LbPolicy::LeastRequest,
+            vec![
+                ep(1, 2, 0, HealthStatus::Healthy),
+                ep(2, 1, 0, HealthStatus::Healthy),
+            ],
+        );
+        let c = counts(&b, 3000, |_| None);
+        assert!((1800..2200).contains(&c[0]), "{c:?}");
+        // Three active on host 0: weight 2/4 against 1/1.
+        let _busy: Vec<_> = (0..3).map(|_| b.host(0).start_request()).collect();
+        let c = counts(&b, 3000, |_| None);
+        assert!((800..1200).contains(&c[0]), "{c:?}");
+    }
+
+    #[test]
+    fn random_is_uniform() {
+        let b = balancer(
+            LbPolicy::Random,
+            (1..=3)
+                .map(|p| ep(p, 1, 0, HealthStatus::Healthy))
+                .collect(),
+        );
+        let c = counts(&b, 3000, |_| None);
+        assert!(c.iter().all(|&n| (850..1150).contains(&n)), "{c:?}");
+    }
+
+    #[test]
+    fn hash_policies_are_sticky_and_spread() {
+        for policy in [LbPolicy::RingHash, LbPolicy::Maglev] {
+            let b = balancer(
+                policy,
+                (1..=4)
+                    .map(|p| ep(p, 1, 0, HealthStatus::Healthy))
+                    .collect(),
+            );
+            let mut rng = StdRng::seed_from_u64(1);
+            for key in 0..50u64 {
+                let ctx = PickContext {
+                    hash: Some(xx_hash64(&key.to_le_bytes(), 0)),
+                    ..PickContext::default()
+                };
+                let first = b.pick(&ctx, &mut rng).unwrap();
+                assert!((0..5).all(|_| b.pick(&ctx, &mut rng) == Some(first)));
+            }
+            let c = counts(&b, 4000, |k| Some(xx_hash64(&(k as u64).to_le_bytes(), 0)));
+            assert!(
+                c.iter().all(|&n| (700..1300).contains(&n)),
+                "{policy:?} {c:?}"
+            );
+            // previous_hosts moves a retry off the host the key maps to.
+            let ctx = PickContext {
+                hash: Some(42),
+                ..PickContext::default()
+            };
+            let first = b.pick(&ctx, &mut rng).unwrap();
+            let avoid = [b.endpoints[first]];
+            let ctx = PickContext {
+                hash: Some(42),
+                avoid: &avoid,
+                max_picks: 5,
+            };
+            assert_ne!(b.pick(&ctx, &mut rng), Some(first), "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn maglev_weights_show_in_the_table() {
+        let b = balancer(
+            LbPolicy::Maglev,
+            vec![
+                ep(1, 3, 0, HealthStatus::Healthy),
+                ep(2, 1, 0, HealthStatus::Healthy),
+            ],
+        );
+        let c = counts(&b, 4000, |k| Some(xx_hash64(&(k as u64).to_le_bytes(), 0)));
+        assert!((2700..3300).contains(&c[0]), "{c:?}");
+    }
+
+    #[test]
+    fn priority_loads_follow_envoy() {
+        // P0 fully healthy takes everything.
+        assert_eq!(priority_loads(&[(4, 4), (4, 4)], 140, 50.0).0, vec![100, 0]);
+        // 2 of 4 healthy: 2*140/4 = 70% to P0, the rest spills to P1.
+        let (loads, panic) = priority_loads(&[(2, 4), (4, 4)], 140, 50.0);
+        assert_eq!(loads, vec![70, 30]);
+        assert_eq!(panic, vec![false, false]);
+        // 1 of 4 healthy in P0 (35%), 0 of 2 in P1: total health 35 < 50 → total panic by host count.
+        let (loads, panic) = priority_loads(&[(1, 4), (0, 2)], 140, 50.0);
+        assert_eq!(loads, vec![67, 33]);
+        assert_eq!(panic, vec![true, true]);
+        // 1 of 4 in P0 (35%, in panic), P1 healthy (100%): normalized 100.
+        let (loads, panic) = priority_loads(&[(1, 4), (2, 2)], 140, 50.0);
+        assert_eq!(loads, vec![35, 65]);
+        assert_eq!(panic, vec![true, false]);
+    }
+
+    #[test]
+    fn failover_and_panic_through_the_balancer() {
+        let b = balancer(
+            LbPolicy::RoundRobin,
+            vec![
+                ep(1, 1, 0, HealthStatus::Unhealthy),
+                ep(2, 1, 0, HealthStatus::Unhealthy),
+                ep(3, 1, 1, HealthStatus::Healthy),
+            ],
+        );
+        assert_eq!(counts(&b, 100, |_| None), vec![0, 0, 100]);
+        // Every host unhealthy: panic mode routes to all of them.
+        let b = balancer(
+            LbPolicy::RoundRobin,
+            vec![
+                ep(1, 1, 0, HealthStatus::Unhealthy),
+                ep(2, 1, 0, HealthStatus::Unhealthy),
+            ],
+        );
+        assert_eq!(counts(&b, 100, |_| None), vec![50, 50]);
+    }
+
+    #[test]
+    fn ejected_hosts_are_skipped_until_panic() {
+        let b = balancer(
+            LbPolicy::RoundRobin,
+            (1..=4)
+                .map(|p| ep(p, 1, 0, HealthStatus::Healthy))
+                .collect(),
+        );
+        assert!(b.host(0).set_ejected(true));
+        assert!(!b.host(0).set_ejected(true));
+        let c = counts(&b, 300, |_| None);
+        assert_eq!(c[0], 0, "{c:?}");
+        // Three of four ejected: 25% healthy < 50% panic threshold → all hosts again.
+        b.host(1).set_ejected(true);
+        b.host(2).set_ejected(true);
+        let c = counts(&b, 400, |_| None);
+        assert!(c.iter().all(|&n| n > 0), "{c:?}");
+        for i in 0..3 {
+            b.host(i).set_ejected(false);
+        }
+        assert_eq!(b.cluster_ejected.load(Ordering::Relaxed), 0);
+    }
+}
