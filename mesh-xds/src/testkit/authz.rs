@@ -1,0 +1,494 @@
+//! AuthorizationPolicies for the testkit: a small declarative form of Istio's
+//! `AuthorizationPolicy` and the `virtualInbound` listener istiod renders for it — HTTP
+//! chains carrying `envoy.filters.http.rbac` filters in their connection manager (with
+//! Istio's inbound HCM settings: `normalize_path`, XFCC `APPEND_FORWARD`), TCP chains carrying
+//! `envoy.filters.network.rbac`, and mTLS chains accepting `spiffe://<trust domain>/` peers.
+//!
+//! ```no_run
+//! # fn demo(cp: &mesh_xds::testkit::ControlPlane) {
+//! use mesh_xds::testkit::authz::{AuthorizationPolicySpec, PolicyAction, RuleSpec, virtual_inbound_with_authz};
+//! let allow = AuthorizationPolicySpec::new("allow-sleep", "default", PolicyAction::Allow)
+//!     .rule(RuleSpec::default().principal("cluster.local/ns/default/sa/sleep"));
+//! let (name, listener) = virtual_inbound_with_authz(&cp.model(), &[allow], true);
+//! cp.push_raw(mesh_xds::ads::LISTENER, vec![(name, listener)]);
+//! # }
+//! ```
+
+// istiod renders the deprecated forms (`exact_match`, `match_subject_alt_names`).
+#![allow(deprecated)]
+
+use envoy_types::pb::envoy::config::core::v3::transport_socket;
+use envoy_types::pb::envoy::config::listener::v3::{Filter, Listener, filter};
+use envoy_types::pb::envoy::config::rbac::v3 as rbac;
+use envoy_types::pb::envoy::config::route::v3::{
+    HeaderMatcher, Route, RouteAction, RouteConfiguration, VirtualHost, header_matcher, route,
+    route_action,
+};
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    DownstreamTlsContext, common_tls_context,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    FilterStateMatcher, PathMatcher, StringMatcher, filter_state_matcher, path_matcher,
+    string_matcher,
+};
+use envoy_types::pb::google::protobuf::{Any, BoolValue};
+use prost::Message;
+
+use super::MeshModel;
+use crate::ads::LISTENER;
+use crate::translate::to_any;
+
+/// The cluster istiod's inbound chains forward to.
+const INBOUND_PASSTHROUGH: &str = "InboundPassthroughClusterIpv4";
+
+/// `AuthorizationPolicy.action` (CUSTOM is not modelled).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyAction {
+    /// `ALLOW`.
+    Allow,
+    /// `DENY`.
+    Deny,
+    /// `AUDIT` (rendered as RBAC `LOG`).
+    Audit,
+}
+
+/// One `rules[]` entry: `from` (principals, namespaces) and `to` (methods, paths, ports). An
+/// empty list is "not constrained".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleSpec {
+    /// `from.source.principals` (`cluster.local/ns/default/sa/sleep`, or `*`).
+    pub principals: Vec<String>,
+    /// `from.source.notPrincipals`.
+    pub not_principals: Vec<String>,
+    /// `from.source.namespaces`.
+    pub namespaces: Vec<String>,
+    /// `to.operation.methods`.
+    pub methods: Vec<String>,
+    /// `to.operation.paths` (exact, `prefix*`, `*suffix`).
+    pub paths: Vec<String>,
+    /// `to.operation.notPaths`.
+    pub not_paths: Vec<String>,
+}
+
+impl RuleSpec {
+    /// Adds a principal.
+    pub fn principal(mut self, p: &str) -> Self {
+        self.principals.push(p.into());
+        self
+    }
+    /// Adds a not-principal.
+    pub fn not_principal(mut self, p: &str) -> Self {
+        self.not_principals.push(p.into());
+        self
+    }
+    /// Adds a source namespace.
+    pub fn namespace(mut self, ns: &str) -> Self {
+        self.namespaces.push(ns.into());
+        self
+    }
+    /// Adds a method.
+    pub fn method(mut self, m: &str) -> Self {
+        self.methods.push(m.into());
+        self
+    }
+    /// Adds a path.
+    pub fn path(mut self, p: &str) -> Self {
+        self.paths.push(p.into());
+        self
+    }
+    /// Adds a not-path.
+    pub fn not_path(mut self, p: &str) -> Self {
+        self.not_paths.push(p.into());
+        self
+    }
+
+    fn has_http_fields(&self) -> bool {
+        !(self.methods.is_empty() && self.paths.is_empty() && self.not_paths.is_empty())
+    }
+}
+
+/// An `AuthorizationPolicy` applying to the workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthorizationPolicySpec {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `action`.
+    pub action: PolicyAction,
+    /// `rules`.
+    pub rules: Vec<RuleSpec>,
+}
+
+impl AuthorizationPolicySpec {
+    /// A policy without rules (ALLOW without rules allows nothing; DENY without rules denies
+    /// nothing).
+    pub fn new(name: &str, namespace: &str, action: PolicyAction) -> Self {
+        AuthorizationPolicySpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            action,
+            rules: Vec::new(),
+        }
+    }
+
+    /// Adds a rule.
+    pub fn rule(mut self, r: RuleSpec) -> Self {
+        self.rules.push(r);
+        self
+    }
+}
+
+fn string_match(pattern: &str) -> StringMatcher {
+    let p = if pattern == "*" {
+        string_matcher::MatchPattern::SafeRegex(
+            envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher {
+                regex: ".+".into(),
+                ..Default::default()
+            },
+        )
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        string_matcher::MatchPattern::Prefix(prefix.into())
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        string_matcher::MatchPattern::Suffix(suffix.into())
+    } else {
+        string_matcher::MatchPattern::Exact(pattern.into())
+    };
+    StringMatcher {
+        match_pattern: Some(p),
+        ignore_case: false,
+    }
+}
+
+fn or_rules(rules: Vec<rbac::Permission>) -> rbac::Permission {
+    rbac::Permission {
+        rule: Some(rbac::permission::Rule::OrRules(rbac::permission::Set {
+            rules,
+        })),
+    }
+}
+
+fn or_ids(ids: Vec<rbac::Principal>) -> rbac::Principal {
+    rbac::Principal {
+        identifier: Some(rbac::principal::Identifier::OrIds(rbac::principal::Set {
+            ids,
+        })),
+    }
+}
+
+fn peer_principal(m: StringMatcher) -> rbac::Principal {
+    rbac::Principal {
+        identifier: Some(rbac::principal::Identifier::FilterState(
+            FilterStateMatcher {
+                key: mesh_core::authz::PEER_PRINCIPAL_FILTER_STATE.into(),
+                matcher: Some(filter_state_matcher::Matcher::StringMatch(m)),
+            },
+        )),
+    }
+}
+
+fn principal_matcher(p: &str) -> StringMatcher {
+    if p == "*" {
+        string_match("*")
+    } else {
+        string_match(&format!("spiffe://{p}"))
+    }
+}
+
+fn path_rule(p: &str) -> rbac::Permission {
+    rbac::Permission {
+        rule: Some(rbac::permission::Rule::UrlPath(PathMatcher {
+            rule: Some(path_matcher::Rule::Path(string_match(p))),
+        })),
+    }
+}
+
+fn method_rule(m: &str) -> rbac::Permission {
+    let header = HeaderMatcher {
+        name: ":method".into(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::ExactMatch(m.into())),
+        ..Default::default()
+    };
+    rbac::Permission {
+        rule: Some(rbac::permission::Rule::Header(header)),
+    }
+}
+
+/// The RBAC policy istiod renders for one rule; `http: false` drops HTTP-only fields (TCP
+/// chains).
+fn rule_policy(r: &RuleSpec, http: bool) -> rbac::Policy {
+    let mut perms = Vec::new();
+    if http {
+        if !r.methods.is_empty() {
+            perms.push(or_rules(r.methods.iter().map(|m| method_rule(m)).collect()));
+        }
+        if !r.paths.is_empty() {
+            perms.push(or_rules(r.paths.iter().map(|p| path_rule(p)).collect()));
+        }
+        if !r.not_paths.is_empty() {
+            perms.push(rbac::Permission {
+                rule: Some(rbac::permission::Rule::NotRule(Box::new(or_rules(
+                    r.not_paths.iter().map(|p| path_rule(p)).collect(),
+                )))),
+            });
+        }
+    }
+    let permission = if perms.is_empty() {
+        rbac::Permission {
+            rule: Some(rbac::permission::Rule::Any(true)),
+        }
+    } else {
+        rbac::Permission {
+            rule: Some(rbac::permission::Rule::AndRules(rbac::permission::Set {
+                rules: perms,
+            })),
+        }
+    };
+    let mut ids = Vec::new();
+    if !r.principals.is_empty() {
+        ids.push(or_ids(
+            r.principals
+                .iter()
+                .map(|p| peer_principal(principal_matcher(p)))
+                .collect(),
+        ));
+    }
+    if !r.not_principals.is_empty() {
+        ids.push(rbac::Principal {
+            identifier: Some(rbac::principal::Identifier::NotId(Box::new(or_ids(
+                r.not_principals
+                    .iter()
+                    .map(|p| peer_principal(principal_matcher(p)))
+                    .collect(),
+            )))),
+        });
+    }
+    if !r.namespaces.is_empty() {
+        ids.push(or_ids(
+            r.namespaces
+                .iter()
+                .map(|ns| {
+                    peer_principal(StringMatcher {
+                        match_pattern: Some(string_matcher::MatchPattern::SafeRegex(
+                            envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher {
+                                regex: format!(".*/ns/{ns}/.*"),
+                                ..Default::default()
+                            },
+                        )),
+                        ignore_case: false,
+                    })
+                })
+                .collect(),
+        ));
+    }
+    let principal = if ids.is_empty() {
+        rbac::Principal {
+            identifier: Some(rbac::principal::Identifier::Any(true)),
+        }
+    } else {
+        rbac::Principal {
+            identifier: Some(rbac::principal::Identifier::AndIds(rbac::principal::Set {
+                ids,
+            })),
+        }
+    };
+    rbac::Policy {
+        permissions: vec![permission],
+        principals: vec![principal],
+        ..Default::default()
+    }
+}
+
+/// The rule set of one action, as istiod renders it (`None`: no policy with that action).
+/// On TCP chains an ALLOW rule with HTTP-only fields is dropped (it can never match) and a
+/// DENY rule loses its HTTP-only fields (so it denies more), as istiod does.
+fn rules_for(
+    policies: &[AuthorizationPolicySpec],
+    action: PolicyAction,
+    http: bool,
+) -> Option<rbac::Rbac> {
+    let selected: Vec<&AuthorizationPolicySpec> =
+        policies.iter().filter(|p| p.action == action).collect();
+    if selected.is_empty() {
+        return None;
+    }
+    let mut out = rbac::Rbac {
+        action: match action {
+            PolicyAction::Allow => rbac::rbac::Action::Allow as i32,
+            PolicyAction::Deny => rbac::rbac::Action::Deny as i32,
+            PolicyAction::Audit => rbac::rbac::Action::Log as i32,
+        },
+        ..Default::default()
+    };
+    for p in selected {
+        for (i, r) in p.rules.iter().enumerate() {
+            if !http && action == PolicyAction::Allow && r.has_http_fields() {
+                continue;
+            }
+            out.policies.insert(
+                format!("ns[{}]-policy[{}]-rule[{i}]", p.namespace, p.name),
+                rule_policy(r, http),
+            );
+        }
+    }
+    Some(out)
+}
+
+/// The `envoy.filters.http.rbac` filters for `policies` (AUDIT, DENY, ALLOW), without the
+/// router.
+pub fn http_rbac_filters(policies: &[AuthorizationPolicySpec]) -> Vec<HttpFilter> {
+    [PolicyAction::Audit, PolicyAction::Deny, PolicyAction::Allow]
+        .into_iter()
+        .filter_map(|a| rules_for(policies, a, true))
+        .map(|rules| HttpFilter {
+            name: "envoy.filters.http.rbac".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(to_any(&HttpRbac {
+                rules: Some(rules),
+                shadow_rules_stat_prefix: "istio_dry_run_allow_".into(),
+                ..Default::default()
+            }))),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The `envoy.filters.network.rbac` filters for `policies` (AUDIT, DENY, ALLOW).
+pub fn network_rbac_filters(policies: &[AuthorizationPolicySpec]) -> Vec<Filter> {
+    [PolicyAction::Audit, PolicyAction::Deny, PolicyAction::Allow]
+        .into_iter()
+        .filter_map(|a| rules_for(policies, a, false))
+        .map(|rules| Filter {
+            name: "envoy.filters.network.rbac".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(to_any(&NetworkRbac {
+                rules: Some(rules),
+                stat_prefix: "tcp.".into(),
+                shadow_rules_stat_prefix: "istio_dry_run_allow_".into(),
+                ..Default::default()
+            }))),
+        })
+        .collect()
+}
+
+/// The inbound HTTP connection manager istiod renders (`inbound_0.0.0.0_<port>`), with the
+/// authorization filters and the router to `InboundPassthroughClusterIpv4`.
+pub fn inbound_http_connection_manager(policies: &[AuthorizationPolicySpec]) -> Filter {
+    let mut http_filters = http_rbac_filters(policies);
+    http_filters.push(HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(to_any(
+            &Router::default(),
+        ))),
+        ..Default::default()
+    });
+    let hcm = HttpConnectionManager {
+        stat_prefix: "inbound_0.0.0.0_80".into(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+            RouteConfiguration {
+                name: "inbound|http|0".into(),
+                virtual_hosts: vec![VirtualHost {
+                    name: "inbound|http|0".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![Route {
+                        r#match: Some(envoy_types::pb::envoy::config::route::v3::RouteMatch {
+                            path_specifier: Some(
+                                envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier::Prefix("/".into()),
+                            ),
+                            ..Default::default()
+                        }),
+                        action: Some(route::Action::Route(RouteAction {
+                            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                                INBOUND_PASSTHROUGH.into(),
+                            )),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )),
+        http_filters,
+        forward_client_cert_details:
+            http_connection_manager::ForwardClientCertDetails::AppendForward as i32,
+        set_current_client_cert_details: Some(
+            http_connection_manager::SetCurrentClientCertDetails {
+                subject: Some(BoolValue { value: true }),
+                dns: true,
+                uri: true,
+                ..Default::default()
+            },
+        ),
+        normalize_path: Some(BoolValue { value: true }),
+        path_with_escaped_slashes_action:
+            http_connection_manager::PathWithEscapedSlashesAction::KeepUnchanged as i32,
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(to_any(&hcm))),
+    }
+}
+
+/// `model`'s `virtualInbound` listener with `policies` applied: every chain but the 15006
+/// blackhole becomes an HTTP chain (`http`) or a TCP chain with network RBAC, and every mTLS
+/// chain accepts only peers of the model's trust domain
+/// (`match_subject_alt_names: [{prefix: "spiffe://<td>/"}]`). Returns the name and the
+/// resource for [`super::ControlPlane::push_raw`] under the listener type URL.
+pub fn virtual_inbound_with_authz(
+    model: &MeshModel,
+    policies: &[AuthorizationPolicySpec],
+    http: bool,
+) -> (String, Any) {
+    let generated = model.generate("default");
+    let mut listener = generated
+        .get(LISTENER)
+        .and_then(|ls| ls.get("virtualInbound"))
+        .and_then(|any| Listener::decode(any.value.as_slice()).ok())
+        .unwrap_or_default();
+    for fc in &mut listener.filter_chains {
+        let blackhole = fc
+            .filter_chain_match
+            .as_ref()
+            .and_then(|m| m.destination_port)
+            .is_some_and(|p| p.value == 15006);
+        if blackhole {
+            continue;
+        }
+        fc.filters = if http {
+            vec![inbound_http_connection_manager(policies)]
+        } else {
+            let mut filters = network_rbac_filters(policies);
+            filters.extend(fc.filters.drain(..));
+            filters
+        };
+        if let Some(ts) = &mut fc.transport_socket
+            && let Some(transport_socket::ConfigType::TypedConfig(any)) = &mut ts.config_type
+            && let Ok(mut ctx) = DownstreamTlsContext::decode(any.value.as_slice())
+        {
+            if let Some(common) = &mut ctx.common_tls_context
+                && let Some(common_tls_context::ValidationContextType::CombinedValidationContext(c)) =
+                    &mut common.validation_context_type
+            {
+                let v = c
+                    .default_validation_context
+                    .get_or_insert_with(Default::default);
+                v.match_subject_alt_names = vec![StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::Prefix(format!(
+                        "spiffe://{}/",
+                        model.trust_domain
+                    ))),
+                    ignore_case: false,
+                }];
+            }
+            *any = to_any(&ctx);
+        }
+    }
+    (listener.name.clone(), to_any(&listener))
+}

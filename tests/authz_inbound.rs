@@ -1,0 +1,363 @@
+//! Whole-library authorization: the testkit control plane's `virtualInbound` carries the RBAC
+//! filters istiod renders for AuthorizationPolicies, and a meshed server enforces them —
+//! ALLOW for one SPIFFE principal (the named meshed client gets 200, another identity and
+//! plaintext get 403 `RBAC: access denied` and the app sees nothing), DENY overriding ALLOW
+//! after path normalization, network RBAC on TCP chains closing connections, the
+//! `RBAC` response flag in `istio_requests_total`, and the inbound trust-domain check.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh::SpiffeId;
+use mesh::parts::tower::status::StatusPort;
+use mesh::parts::xds::ads::LISTENER;
+use mesh::parts::xds::testkit::authz::{
+    AuthorizationPolicySpec, PolicyAction, RuleSpec, virtual_inbound_with_authz,
+};
+use mesh::parts::xds::testkit::{EndpointSpec, MeshModel, Protocol, ServiceSpec};
+use rustls::crypto::ring;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use support::mesh::{
+    Echo, NS, Plane, WAIT, eventually, field, http_get, node, ready, spiffe, status_get,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+const URL: &str = "http://backend.default.svc.cluster.local:9080/";
+
+fn model(endpoint: SocketAddr) -> MeshModel {
+    MeshModel::default().service(
+        ServiceSpec::new("backend", NS, "10.96.0.30".parse().unwrap())
+            .port(9080, Protocol::Http)
+            .endpoint(EndpointSpec::new(endpoint).service_account("backend")),
+    )
+}
+
+/// Accepts any server certificate: these clients test the server refusing or admitting them.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn allow_sleep() -> AuthorizationPolicySpec {
+    AuthorizationPolicySpec::new("allow-sleep", NS, PolicyAction::Allow)
+        .rule(RuleSpec::default().principal("cluster.local/ns/default/sa/sleep"))
+}
+
+/// A raw HTTP/1.1 request over mTLS with `identity`'s certificate from the plane's CA (or no
+/// client certificate): `Err` when refused before an HTTP answer, else (status, body).
+async fn mtls(
+    plane: &Plane,
+    addr: SocketAddr,
+    identity: Option<&SpiffeId>,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String), String> {
+    let provider = Arc::new(ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(Arc::new(ring::default_provider()))));
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => {
+            let c = plane.ca.issue(id, Duration::from_secs(3600));
+            builder
+                .with_client_auth_cert(
+                    vec![CertificateDer::from(c.leaf_der)],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.key_der)),
+                )
+                .map_err(|e| e.to_string())?
+        }
+    };
+    config.alpn_protocols = vec![b"istio-http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    timeout(WAIT, async {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let name = ServerName::try_from("outbound_.9080_._.backend.default.svc.cluster.local")
+            .map_err(|e| e.to_string())?;
+        let mut tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: backend\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        tls.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut raw = Vec::new();
+        let _ = tls.read_to_end(&mut raw).await;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("no HTTP response: {text:?}"))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+/// Pushes `policies` into the plane's `virtualInbound` and waits until the server enforces
+/// them (an identity no policy allows is refused).
+async fn push_policies(
+    plane: &Plane,
+    addr: SocketAddr,
+    policies: &[AuthorizationPolicySpec],
+    http: bool,
+) {
+    let (name, listener) = virtual_inbound_with_authz(&plane.cp.model(), policies, http);
+    plane.cp.push_raw(LISTENER, vec![(name, listener)]);
+    let nobody = spiffe("nobody");
+    eventually("the server enforces the pushed policy", || async {
+        match mtls(plane, addr, Some(&nobody), "GET", "/").await {
+            Ok((200, _)) => None,
+            _ => Some(()),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_policy_admits_only_the_named_principal() {
+    let plane = Plane::start(MeshModel::default()).await;
+    let server = plane.ready_mesh("backend").await;
+    let app = Echo::new("backend");
+    let (addr, _serving) = app.serve_meshed(&server).await;
+    plane.cp.set_model(model(addr));
+    push_policies(&plane, addr, &[allow_sleep()], true).await;
+    let before = app.hits();
+
+    // The meshed client with the allowed identity: 200, the app sees its SPIFFE ID.
+    let sleep = plane
+        .builder(node("sleep-0", "sleep"))
+        .start()
+        .await
+        .unwrap();
+    ready(&sleep).await;
+    let resp = timeout(WAIT, sleep.http_client().get(URL))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{:?}", resp.body());
+    let body = String::from_utf8_lossy(resp.body()).into_owned();
+    assert_eq!(field(&body, "peer"), spiffe("sleep").to_string());
+    assert_eq!(app.hits(), before + 1);
+
+    // Another meshed identity: 403 "RBAC: access denied" from the server's sidecar part.
+    let other = plane
+        .builder(node("other-0", "other"))
+        .start()
+        .await
+        .unwrap();
+    ready(&other).await;
+    let resp = timeout(WAIT, other.http_client().get(URL))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(String::from_utf8_lossy(resp.body()), "RBAC: access denied");
+    assert_eq!(app.hits(), before + 1, "a denied request reached the app");
+
+    // Plaintext (PERMISSIVE lets it in, but it has no principal): denied.
+    let (status, body) = http_get(addr, "backend", "/").await.unwrap();
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(app.hits(), before + 1);
+
+    // The denial is recorded with Envoy's RBAC flag.
+    let (_, metrics) = status_get(&server, StatusPort::Prometheus, "/stats/prometheus").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("response_code=\"403\"")
+                && l.contains("response_flags=\"RBAC\"")),
+        "no RBAC-flagged istio_requests_total:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("istio_requests_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_overrides_allow_after_path_normalization() {
+    let plane = Plane::start(MeshModel::default()).await;
+    let server = plane.ready_mesh("backend").await;
+    let app = Echo::new("backend");
+    let (addr, _serving) = app.serve_meshed(&server).await;
+    plane.cp.set_model(model(addr));
+    let deny_admin = AuthorizationPolicySpec::new("deny-admin", NS, PolicyAction::Deny)
+        .rule(RuleSpec::default().path("/admin*"));
+    let deny_delete = AuthorizationPolicySpec::new("deny-delete", NS, PolicyAction::Deny).rule(
+        RuleSpec::default()
+            .method("DELETE")
+            .not_principal("cluster.local/ns/default/sa/admin"),
+    );
+    push_policies(
+        &plane,
+        addr,
+        &[allow_sleep(), deny_admin, deny_delete],
+        true,
+    )
+    .await;
+    let sleep = spiffe("sleep");
+    let admin = spiffe("admin");
+
+    let cases: &[(&SpiffeId, &str, &str, u16)] = &[
+        (&sleep, "GET", "/data", 200),
+        (&sleep, "GET", "/admin", 403),
+        (&sleep, "GET", "/admin/users", 403),
+        (&sleep, "GET", "/x/../admin", 403),
+        (&sleep, "GET", "/x/./../admin/", 403),
+        (&sleep, "GET", "/%61dmin", 403),
+        (&sleep, "GET", "/admin/../data", 200),
+        (&sleep, "GET", "/a\\..\\admin", 403),
+        // Escaped slashes stay escaped (BASE): `/admin%2Fx` is one segment starting "admin".
+        (&sleep, "GET", "/admin%2Fx", 403),
+        (&sleep, "GET", "/a%zz", 400),
+        (&sleep, "DELETE", "/data", 403),
+        // `admin` is not allowed by the ALLOW policy, so it is denied even where DENY is not.
+        (&admin, "DELETE", "/data", 403),
+    ];
+    for (id, method, path, want) in cases {
+        let before = app.hits();
+        let (status, body) = mtls(&plane, addr, Some(id), method, path)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path} as {id}: {e}"));
+        assert_eq!(status, *want, "{method} {path} as {id}: {body}");
+        if *want == 403 {
+            assert_eq!(body, "RBAC: access denied");
+        }
+        let reached = app.hits() - before;
+        assert_eq!(
+            reached,
+            usize::from(*want == 200),
+            "{method} {path} as {id}"
+        );
+        if *want == 200 {
+            // The app sees the normalized path.
+            assert!(!body.contains(".."), "{body}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_rbac_on_a_tcp_chain_closes_denied_connections() {
+    let plane = Plane::start(MeshModel::default()).await;
+    let server = plane.ready_mesh("backend").await;
+    let app = Echo::new("backend");
+    let (addr, _serving) = app.serve_meshed(&server).await;
+    plane.cp.set_model(model(addr));
+    // An HTTP-only ALLOW rule cannot match on a TCP chain: istiod drops it, so only the
+    // principal rule remains.
+    let http_only = AuthorizationPolicySpec::new("get-only", NS, PolicyAction::Allow)
+        .rule(RuleSpec::default().method("GET"));
+    push_policies(&plane, addr, &[allow_sleep(), http_only], false).await;
+    let before = app.hits();
+    let refused = mtls(&plane, addr, Some(&spiffe("other")), "GET", "/").await;
+    assert!(refused.is_err(), "{refused:?}");
+    let plain = http_get(addr, "backend", "/").await;
+    assert!(plain.is_err(), "{plain:?}");
+    assert_eq!(app.hits(), before);
+    let (status, _) = mtls(&plane, addr, Some(&spiffe("sleep")), "GET", "/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(app.hits(), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_from_another_trust_domain_are_refused_in_the_handshake() {
+    let plane = Plane::start(MeshModel::default()).await;
+    let server = plane.ready_mesh("backend").await;
+    let app = Echo::new("backend");
+    let (addr, _serving) = app.serve_meshed(&server).await;
+    let foreign = SpiffeId::new("evil.example", NS, "sleep");
+    // Same roots, wrong trust domain: refused even without istiod's SAN matchers (the
+    // workload's own trust domain is the default).
+    let outcome = mtls(&plane, addr, Some(&foreign), "GET", "/").await;
+    assert!(outcome.is_err(), "{outcome:?}");
+    let (status, _) = mtls(&plane, addr, Some(&spiffe("sleep")), "GET", "/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    // istiod's matchers (prefix spiffe://cluster.local/) with an ALLOW-any policy pushed.
+    plane.cp.set_model(model(addr));
+    let allow_any = AuthorizationPolicySpec::new("any", NS, PolicyAction::Allow)
+        .rule(RuleSpec::default().principal("*"));
+    let (name, listener) = virtual_inbound_with_authz(&plane.cp.model(), &[allow_any], true);
+    plane.cp.push_raw(LISTENER, vec![(name, listener)]);
+    eventually(
+        "plaintext denied by the ALLOW-any-principal policy",
+        || async {
+            match http_get(addr, "backend", "/").await {
+                Ok((403, _)) => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    let before = app.hits();
+    let outcome = mtls(&plane, addr, Some(&foreign), "GET", "/").await;
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert_eq!(app.hits(), before);
+    let (status, _) = mtls(&plane, addr, Some(&spiffe("sleep")), "GET", "/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
