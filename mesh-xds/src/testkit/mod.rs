@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod authz;
 pub mod ca;
 mod model;
 mod server;
