@@ -19,5 +19,5 @@ if [[ -z "${ENVOY_BIN:-}" ]]; then
   fi
 fi
 
-cargo test --workspace --all-targets --no-fail-fast --features mesh-xds/testkit "$@"
-cargo test --workspace --doc --features mesh-xds/testkit
+cargo test --workspace --all-targets --no-fail-fast --features mesh/testkit "$@"
+cargo test --workspace --doc --features mesh/testkit
