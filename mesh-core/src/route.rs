@@ -522,6 +522,86 @@ pub enum RouteAction {
 
 pub use crate::retry::RetryPolicy;
 
+/// What one `hash_policy` entry hashes.
+#[derive(Clone, Debug)]
+pub enum HashPolicyKind {
+    /// `header`: the header's values (sorted, chained through xxHash64 as Envoy does).
+    Header(HeaderName),
+    /// `cookie`: the named cookie's value (generated cookies are not supported).
+    Cookie(String),
+    /// `connection_properties.source_ip`.
+    SourceIp,
+    /// `query_parameter`: the first value of the parameter.
+    QueryParameter(String),
+}
+
+/// One `hash_policy` entry of a route.
+#[derive(Clone, Debug)]
+pub struct HashPolicy {
+    /// What to hash.
+    pub kind: HashPolicyKind,
+    /// `terminal`: stop at this entry if it produced a hash.
+    pub terminal: bool,
+}
+
+/// Envoy's request hash for ring hash / Maglev: each policy that yields a value is combined as
+/// `rotl(hash, 1) ^ new`, stopping after a terminal one that yielded.
+pub fn request_hash(
+    policies: &[HashPolicy],
+    req: &RequestView<'_>,
+    source_ip: Option<std::net::IpAddr>,
+) -> Option<u64> {
+    use crate::lb::xx_hash64;
+    let mut hash: Option<u64> = None;
+    for p in policies {
+        let new = match &p.kind {
+            HashPolicyKind::Header(name) => {
+                let mut values: Vec<&[u8]> = req
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| v.as_bytes())
+                    .collect();
+                if values.is_empty() {
+                    None
+                } else {
+                    values.sort_unstable();
+                    Some(values.iter().fold(0u64, |seed, v| xx_hash64(v, seed)))
+                }
+            }
+            HashPolicyKind::Cookie(name) => req
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| xx_hash64(v.as_bytes(), 0)),
+            HashPolicyKind::SourceIp => source_ip.map(|ip| xx_hash64(ip.to_string().as_bytes(), 0)),
+            HashPolicyKind::QueryParameter(name) => req.query().and_then(|q| {
+                q.split('&')
+                    .filter_map(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                        (k == name).then_some(v)
+                    })
+                    .next()
+                    .map(|v| xx_hash64(v.as_bytes(), 0))
+            }),
+        };
+        if let Some(n) = new {
+            hash = Some(match hash {
+                Some(h) => h.rotate_left(1) ^ n,
+                None => n,
+            });
+            if p.terminal {
+                break;
+            }
+        }
+    }
+    hash
+}
+
 /// One route.
 #[derive(Clone, Debug)]
 pub struct Route {
@@ -545,6 +625,8 @@ pub struct Route {
     /// The virtual host's `include_attempt_count_in_response`: return
     /// `x-envoy-attempt-count` downstream.
     pub include_attempt_count_in_response: bool,
+    /// `hash_policy`, for ring hash and Maglev clusters.
+    pub hash_policy: Vec<HashPolicy>,
 }
 
 impl Route {
@@ -559,6 +641,7 @@ impl Route {
             per_request_buffer_limit_bytes: None,
             include_request_attempt_count: false,
             include_attempt_count_in_response: false,
+            hash_policy: Vec::new(),
         }
     }
 
@@ -1001,6 +1084,46 @@ mod tests {
             denominator: 100,
         });
         assert!(f.matches("/", &h));
+    }
+
+    #[test]
+    fn request_hashes_combine_like_envoy() {
+        use crate::lb::xx_hash64;
+        let mut h = HeaderMap::new();
+        h.append("x-user", "b".parse().unwrap());
+        h.append("x-user", "a".parse().unwrap());
+        h.insert(http::header::COOKIE, "k=1; session=abc".parse().unwrap());
+        let req = RequestView::new("h", "/p?q=7&q=8", &h);
+        let p = |kind, terminal| HashPolicy { kind, terminal };
+        let header = p(
+            HashPolicyKind::Header(HeaderName::from_static("x-user")),
+            false,
+        );
+        // Sorted values chained through the seed.
+        let want = xx_hash64(b"b", xx_hash64(b"a", 0));
+        assert_eq!(
+            request_hash(std::slice::from_ref(&header), &req, None),
+            Some(want)
+        );
+        let cookie = p(HashPolicyKind::Cookie("session".into()), true);
+        let query = p(HashPolicyKind::QueryParameter("q".into()), false);
+        assert_eq!(
+            request_hash(std::slice::from_ref(&query), &req, None),
+            Some(xx_hash64(b"7", 0))
+        );
+        let combined = request_hash(&[header.clone(), cookie.clone(), query], &req, None);
+        assert_eq!(combined, Some(want.rotate_left(1) ^ xx_hash64(b"abc", 0)));
+        let missing = p(HashPolicyKind::Cookie("nope".into()), true);
+        assert_eq!(
+            request_hash(std::slice::from_ref(&missing), &req, None),
+            None
+        );
+        assert_eq!(request_hash(&[missing, header], &req, None), Some(want));
+        let ip = p(HashPolicyKind::SourceIp, false);
+        assert_eq!(
+            request_hash(&[ip], &req, Some("10.0.0.1".parse().unwrap())),
+            Some(xx_hash64(b"10.0.0.1", 0))
+        );
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub enum RouteDecision {
         attempt_count_upstream: bool,
         /// `x-envoy-attempt-count` downstream (`include_attempt_count_in_response`).
         attempt_count_downstream: bool,
+        /// The route's `hash_policy` result (ring hash / Maglev key).
+        hash: Option<u64>,
     },
     /// Answer locally.
     Respond {
@@ -193,14 +195,14 @@ impl Snapshot {
         };
         let (vh, r) = (&m.virtual_host.name, Some(m.route));
         match &m.route.action {
-            RouteAction::Cluster(c) => self.forward_to(c, vh, r),
+            RouteAction::Cluster(c) => self.forward_to(c, vh, r).with_hash(m.route, req),
             RouteAction::Weighted(w) => match rc.pick_weighted(w) {
-                Some(c) => self.forward_to(c, vh, r),
+                Some(c) => self.forward_to(c, vh, r).with_hash(m.route, req),
                 None => respond(503, None, ResponseFlag::NoClusterFound),
             },
             RouteAction::ClusterHeader(name) => {
                 match req.headers.get(name).and_then(|v| v.to_str().ok()) {
-                    Some(c) if !c.is_empty() => self.forward_to(c, vh, r),
+                    Some(c) if !c.is_empty() => self.forward_to(c, vh, r).with_hash(m.route, req),
                     _ => respond(503, None, ResponseFlag::NoClusterFound),
                 }
             }
@@ -237,6 +239,7 @@ impl Snapshot {
                 .unwrap_or(DEFAULT_RETRY_BUFFER_LIMIT),
             attempt_count_upstream: route.is_some_and(|r| r.include_request_attempt_count),
             attempt_count_downstream: route.is_some_and(|r| r.include_attempt_count_in_response),
+            hash: None,
         }
     }
 
@@ -247,6 +250,18 @@ impl Snapshot {
             // an HTTP client sees 502.
             OutboundTrafficPolicy::RegistryOnly => respond(502, None, ResponseFlag::NoClusterFound),
         }
+    }
+}
+
+impl RouteDecision {
+    /// Fills the request hash from the route's `hash_policy` (only when it has one).
+    fn with_hash(mut self, route: &Route, req: &RequestView<'_>) -> Self {
+        if !route.hash_policy.is_empty()
+            && let RouteDecision::Forward { hash, .. } = &mut self
+        {
+            *hash = crate::route::request_hash(&route.hash_policy, req, None);
+        }
+        self
     }
 }
 

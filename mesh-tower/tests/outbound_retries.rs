@@ -3,16 +3,10 @@
 
 mod support_outbound;
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::cluster::Cluster;
 use mesh_core::endpoint::Endpoint;
 use mesh_core::flags::ResponseFlag;
@@ -25,99 +19,6 @@ use support_outbound::*;
 use tokio::net::TcpListener;
 
 const C: &str = "outbound|9080||svc.default.svc.cluster.local";
-
-/// What the scripted upstream does with one request.
-#[derive(Clone, Copy, Debug)]
-enum Act {
-    Status(u16),
-    /// Close the connection without answering.
-    Reset,
-    /// Answer after a long sleep.
-    Slow,
-    /// 200 with `grpc-status` in the headers.
-    Grpc(u32),
-}
-
-/// What the upstream saw of one request.
-#[derive(Clone, Debug)]
-struct Seen {
-    body: Bytes,
-    attempt_count: Option<String>,
-}
-
-#[derive(Clone)]
-struct Scripted {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    _task: Arc<AbortOnDrop>,
-}
-
-impl Scripted {
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-/// An upstream that plays `script` one action per request, then answers 200.
-async fn scripted(name: &'static str, script: &[Act]) -> Scripted {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let script = Arc::new(Mutex::new(script.iter().copied().collect::<VecDeque<_>>()));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let (sc, se) = (script.clone(), seen.clone());
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let (sc, se) = (sc.clone(), se.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let (sc, se) = (sc.clone(), se.clone());
-                    async move {
-                        let act = sc.lock().unwrap().pop_front().unwrap_or(Act::Status(200));
-                        let attempt_count = req
-                            .headers()
-                            .get("x-envoy-attempt-count")
-                            .map(|v| v.to_str().unwrap().to_owned());
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        se.lock().unwrap().push(Seen {
-                            body,
-                            attempt_count,
-                        });
-                        let status = match act {
-                            Act::Reset => return Err("scripted reset"),
-                            Act::Slow => {
-                                tokio::time::sleep(Duration::from_secs(30)).await;
-                                200
-                            }
-                            Act::Status(s) => s,
-                            Act::Grpc(_) => 200,
-                        };
-                        let mut resp = Response::builder().status(status).header("x-server", name);
-                        if let Act::Grpc(code) = act {
-                            resp = resp
-                                .header("content-type", "application/grpc")
-                                .header("grpc-status", code);
-                        }
-                        Ok::<_, &'static str>(
-                            resp.body(Full::new(Bytes::from(format!("{name} {status}"))))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Scripted {
-        addr,
-        seen,
-        _task: Arc::new(AbortOnDrop(task)),
-    }
-}
 
 /// A snapshot routing `svc:9080` to `C` with `route`, over `endpoints`.
 fn snapshot_with(route: Route, endpoints: Vec<SocketAddr>) -> mesh_core::Snapshot {

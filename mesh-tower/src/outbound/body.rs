@@ -18,6 +18,42 @@ pub struct OutboundBody {
     checkin: Option<Checkin>,
     record: Option<Record>,
     response_bytes: u64,
+    guards: Option<InFlight>,
+}
+
+/// What a response holds while its body streams: the host's active-request count (least
+/// request) and the cluster's request count (circuit breaker).
+#[derive(Debug, Default)]
+#[allow(dead_code)] // Held for their `Drop`.
+pub(crate) struct InFlight {
+    pub host: Option<mesh_core::lb::ActiveRequest>,
+    pub cluster: Option<CounterGuard>,
+}
+
+/// Holds one unit of a counter until dropped.
+#[derive(Debug)]
+pub(crate) struct CounterGuard(std::sync::Arc<std::sync::atomic::AtomicU32>);
+
+impl CounterGuard {
+    /// Takes one unit of `counter` if it is below `max`.
+    pub(crate) fn try_acquire(
+        counter: &std::sync::Arc<std::sync::atomic::AtomicU32>,
+        max: u32,
+    ) -> Option<CounterGuard> {
+        use std::sync::atomic::Ordering;
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| CounterGuard(counter.clone()))
+    }
+}
+
+impl Drop for CounterGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 enum Kind {
@@ -45,6 +81,7 @@ impl OutboundBody {
             checkin: None,
             record,
             response_bytes: 0,
+            guards: None,
         }
     }
 
@@ -53,12 +90,14 @@ impl OutboundBody {
         body: Incoming,
         checkin: Option<Checkin>,
         record: Option<Record>,
+        guards: InFlight,
     ) -> Self {
         let mut b = OutboundBody {
             kind: Kind::Incoming(body),
             checkin,
             record,
             response_bytes: 0,
+            guards: Some(guards),
         };
         if Body::is_end_stream(&b) {
             b.finish();
@@ -72,6 +111,7 @@ impl OutboundBody {
     }
 
     fn finish(&mut self) {
+        self.guards = None;
         if let Some(c) = self.checkin.take() {
             c.release();
         }

@@ -24,11 +24,12 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -37,6 +38,8 @@ use http_body_util::BodyExt;
 use mesh_core::cluster::{Cluster, ClusterDiscovery, UpstreamProtocol, UpstreamTls};
 use mesh_core::endpoint::{EndpointSet, EndpointTlsMode, WorkloadMetadata};
 use mesh_core::flags::ResponseFlag;
+use mesh_core::lb::{Balancer, HostState, PickContext};
+use mesh_core::outlier::{OutlierDetector, OutlierResult};
 use mesh_core::resolve::Resolve;
 use mesh_core::retry::{AttemptOutcome, RetryPolicy};
 use mesh_core::snapshot::RouteDecision;
@@ -46,6 +49,7 @@ use rustls_pki_types::ServerName;
 use tokio::sync::watch;
 
 pub use body::OutboundBody;
+use body::{CounterGuard, InFlight};
 pub use pool::BoxError;
 
 use pool::{ConnectError, ConnectParams, HostPool, Proto, ReqBody, SendError, TlsTarget};
@@ -110,6 +114,25 @@ struct ClusterState {
     hosts: ArcSwap<HashMap<(SocketAddr, bool), Arc<HostPool>>>,
     hosts_write: Mutex<()>,
     tls: Mutex<Vec<TlsCacheEntry>>,
+    /// Live per-host state by address (active requests, ejection), carried over when the
+    /// cluster's configuration changes.
+    host_states: Arc<Mutex<HashMap<SocketAddr, Arc<HostState>>>>,
+    /// Ejected hosts of the cluster.
+    ejected: Arc<AtomicUsize>,
+    /// The balancer over the current endpoint set.
+    balancer: ArcSwapOption<BalancerEntry>,
+    balancer_write: Mutex<()>,
+    outlier: Option<OutlierDetector>,
+    /// Requests in flight (circuit breaker `max_requests`).
+    rq_active: Arc<AtomicU32>,
+    /// Retries in flight (circuit breaker `max_retries`).
+    rq_retry_active: Arc<AtomicU32>,
+}
+
+/// A balancer and the endpoint set it was built from.
+struct BalancerEntry {
+    set: Arc<EndpointSet>,
+    lb: Balancer,
 }
 
 struct TlsCacheEntry {
@@ -229,8 +252,10 @@ impl Outbound {
                 retry_buffer_limit,
                 attempt_count_upstream,
                 attempt_count_downstream,
+                hash,
                 ..
             } => Forward {
+                hash,
                 cluster,
                 endpoints,
                 timeout,
@@ -324,6 +349,22 @@ impl Outbound {
             once_body = Some(body);
         }
 
+        // Circuit breaker: requests in flight to the cluster.
+        let Some(rq_guard) =
+            CounterGuard::try_acquire(&state.rq_active, cluster.circuit_breakers.max_requests)
+        else {
+            tracing::debug!(cluster = %cluster.name, "circuit breaker open: max_requests");
+            let record = self.record(&self.inner.no_host, start, host, grpc, request_bytes);
+            return local_reply(
+                503,
+                Some(Bytes::from(format!("{UPSTREAM_RESET_PREFIX}overflow"))),
+                ResponseFlag::UpstreamOverflow,
+                None,
+                record,
+            );
+        };
+        let mut rq_guard = Some(rq_guard);
+        let mut retry_guard: Option<CounterGuard> = None;
         let max_attempts = retry.map_or(1, |p| p.num_retries.saturating_add(1));
         let mut parts = Some(parts);
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -338,13 +379,29 @@ impl Outbound {
                 _ => &[],
             };
             let max_picks = retry.map_or(1, |p| p.host_selection_retry_max_attempts.max(1));
+            let mut live: Option<(Arc<BalancerEntry>, Arc<HostState>)> = None;
             let picked = match (&cluster.discovery, &fwd.endpoints) {
                 (ClusterDiscovery::OriginalDestination, _) => self
                     .original_destination(host, port)
                     .await
                     .map(|addr| (addr, EndpointTlsMode::Disabled, None)),
-                (_, Some(set)) => pick_avoiding(set, avoid, max_picks)
-                    .map(|ep| (ep.address, ep.tls_mode, Some((ep.workload.as_ref(), set)))),
+                (_, Some(set)) => {
+                    let entry = self.inner.balancer(&state, set);
+                    if let Some(d) = &state.outlier {
+                        d.sweep_if_due(entry.lb.hosts(), &mut rand::rng());
+                    }
+                    let ctx = PickContext {
+                        hash: fwd.hash,
+                        avoid,
+                        max_picks,
+                    };
+                    let i = entry.lb.pick(&ctx, &mut rand::rng());
+                    i.map(|i| {
+                        let ep = &set.endpoints[i];
+                        live = Some((entry.clone(), entry.lb.host(i).clone()));
+                        (ep.address, ep.tls_mode, Some((ep.workload.as_ref(), set)))
+                    })
+                }
                 (_, None) => None,
             };
             let Some((addr, tls_mode, ep_info)) = picked else {
@@ -411,6 +468,7 @@ impl Outbound {
                 }),
                 timeout: cluster.connect_timeout,
             };
+            let active = live.as_ref().map(|(_, h)| h.start_request());
             let send = host_pool.send(req, proto, &params);
             let result = match fwd.per_try_timeout {
                 Some(t) => tokio::time::timeout(t, send).await.ok(),
@@ -428,8 +486,35 @@ impl Outbound {
                     refused_stream: is_refused_stream(e),
                 },
             };
+            if let (Some(d), Some((entry, h))) = (&state.outlier, &live) {
+                let r = match &outcome {
+                    AttemptOutcome::Response { status, .. } => OutlierResult::Http(*status),
+                    AttemptOutcome::ConnectFailure => OutlierResult::ConnectFailed,
+                    AttemptOutcome::Reset { .. } => OutlierResult::Reset,
+                    AttemptOutcome::PerTryTimeout => OutlierResult::Timeout,
+                };
+                d.report(h, entry.lb.hosts(), r, &mut rand::rng());
+            }
             let retriable = retry.is_some_and(|p| p.would_retry(&outcome));
-            if retriable && !last {
+            // Circuit breaker: retries in flight to the cluster (an overflow ends retrying
+            // without URX, as in Envoy).
+            let retry_slot = if retriable && !last {
+                drop(retry_guard.take());
+                let g = CounterGuard::try_acquire(
+                    &state.rq_retry_active,
+                    cluster.circuit_breakers.max_retries,
+                );
+                if g.is_none() {
+                    tracing::debug!(cluster = %cluster.name, "circuit breaker open: max_retries");
+                }
+                g
+            } else {
+                None
+            };
+            let overflowed = retriable && !last && retry_slot.is_none();
+            if let Some(g) = retry_slot {
+                retry_guard = Some(g);
+                drop(active);
                 tracing::debug!(
                     cluster = %cluster.name,
                     upstream = %addr,
@@ -445,7 +530,12 @@ impl Outbound {
                 continue;
             }
             // Retries exhausted on a retriable condition: Envoy's URX.
-            let exhausted = retriable && retry.is_some();
+            let exhausted = retriable && retry.is_some() && !overflowed;
+            drop(retry_guard.take());
+            let guards = InFlight {
+                host: active,
+                cluster: rq_guard.take(),
+            };
             let mut record = self.record(&host_pool.labels, start, host, grpc, request_bytes);
             let mut resp = match result {
                 None => {
@@ -482,7 +572,7 @@ impl Outbound {
                         }
                     }
                     parts.extensions.insert(flag);
-                    let body = OutboundBody::upstream(incoming, checkin, record);
+                    let body = OutboundBody::upstream(incoming, checkin, record, guards);
                     Response::from_parts(parts, body)
                 }
                 Some(Err(SendError::Connect(e))) => {
@@ -591,7 +681,19 @@ impl Inner {
         {
             return s.clone();
         }
+        // A changed cluster keeps its hosts' live state.
+        let (host_states, ejected) = match current.get(cluster.name.as_str()) {
+            Some(old) => (old.host_states.clone(), old.ejected.clone()),
+            None => (Arc::default(), Arc::default()),
+        };
         let state = Arc::new(ClusterState {
+            host_states,
+            ejected,
+            balancer: ArcSwapOption::empty(),
+            balancer_write: Mutex::new(()),
+            outlier: cluster.outlier_detection.clone().map(OutlierDetector::new),
+            rq_active: Arc::default(),
+            rq_retry_active: Arc::default(),
             cluster: cluster.clone(),
             service: cluster.service.as_ref().map(|s| DestinationService {
                 host: s.host.clone(),
@@ -612,6 +714,49 @@ impl Inner {
         next.insert(cluster.name.clone(), state.clone());
         self.clusters.store(Arc::new(next));
         state
+    }
+
+    /// The balancer for `set`, rebuilt when the endpoint set changed.
+    fn balancer(&self, state: &ClusterState, set: &Arc<EndpointSet>) -> Arc<BalancerEntry> {
+        if let Some(e) = state.balancer.load().as_ref()
+            && Arc::ptr_eq(&e.set, set)
+        {
+            return e.clone();
+        }
+        let _w = lock(&state.balancer_write);
+        if let Some(e) = state.balancer.load_full()
+            && Arc::ptr_eq(&e.set, set)
+        {
+            return e;
+        }
+        let mut states = lock(&state.host_states);
+        // Hosts that left the set lose their state (and their ejection).
+        states.retain(|addr, h| {
+            let keep = set.endpoints.iter().any(|e| e.address == *addr);
+            if !keep {
+                h.set_ejected(false);
+            }
+            keep
+        });
+        let lb = Balancer::new(
+            set,
+            state.cluster.lb_policy,
+            &state.cluster.lb_config,
+            state.ejected.clone(),
+            |ep| {
+                states
+                    .entry(ep.address)
+                    .or_insert_with(|| Arc::new(HostState::new(ep.address, state.ejected.clone())))
+                    .clone()
+            },
+        );
+        drop(states);
+        let entry = Arc::new(BalancerEntry {
+            set: set.clone(),
+            lb,
+        });
+        state.balancer.store(Some(entry.clone()));
+        entry
     }
 
     fn host_pool(
@@ -754,6 +899,7 @@ struct Forward {
     retry_buffer_limit: u32,
     attempt_count_upstream: bool,
     attempt_count_downstream: bool,
+    hash: Option<u64>,
 }
 
 /// `x-envoy-attempt-count`.
@@ -767,24 +913,6 @@ fn copy_parts(p: &http::request::Parts) -> http::request::Parts {
     *req.version_mut() = p.version;
     *req.headers_mut() = p.headers.clone();
     req.into_parts().0
-}
-
-/// Picks an endpoint, picking again (up to `max_picks` times in all) while the pick is one of
-/// the hosts to avoid (Envoy's `previous_hosts` predicate with
-/// `host_selection_retry_max_attempts`).
-fn pick_avoiding<'a>(
-    set: &'a EndpointSet,
-    avoid: &[SocketAddr],
-    max_picks: u32,
-) -> Option<&'a mesh_core::endpoint::Endpoint> {
-    let mut ep = set.pick_round_robin()?;
-    for _ in 1..max_picks {
-        if !avoid.contains(&ep.address) {
-            break;
-        }
-        ep = set.pick_round_robin()?;
-    }
-    Some(ep)
 }
 
 /// Whether a send error is an HTTP/2 `REFUSED_STREAM` reset (hyper wraps h2's error, whose

@@ -1,10 +1,11 @@
 //! Helpers for the outbound tests: real hyper upstreams on 127.0.0.1 and hand-built snapshots.
 #![allow(dead_code)]
 
+use std::collections::VecDeque;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -184,4 +185,100 @@ pub async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
     tokio::time::timeout(Duration::from_secs(20), f)
         .await
         .expect("test timed out");
+}
+
+/// What the scripted upstream does with one request.
+#[derive(Clone, Copy, Debug)]
+pub enum Act {
+    Status(u16),
+    /// Close the connection without answering.
+    Reset,
+    /// Answer after a long sleep.
+    Slow,
+    /// 200 with `grpc-status` in the headers.
+    Grpc(u32),
+}
+
+/// What the upstream saw of one request.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub body: Bytes,
+    pub attempt_count: Option<String>,
+    pub path: String,
+}
+
+#[derive(Clone)]
+pub struct Scripted {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    _task: Arc<AbortOnDrop>,
+}
+
+impl Scripted {
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// An upstream that plays `script` one action per request, then answers 200.
+pub async fn scripted(name: &'static str, script: &[Act]) -> Scripted {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let script = Arc::new(Mutex::new(script.iter().copied().collect::<VecDeque<_>>()));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (sc, se) = (script.clone(), seen.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (sc, se) = (sc.clone(), se.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (sc, se) = (sc.clone(), se.clone());
+                    async move {
+                        let act = sc.lock().unwrap().pop_front().unwrap_or(Act::Status(200));
+                        let path = req.uri().path().to_owned();
+                        let attempt_count = req
+                            .headers()
+                            .get("x-envoy-attempt-count")
+                            .map(|v| v.to_str().unwrap().to_owned());
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        se.lock().unwrap().push(Seen {
+                            path,
+                            body,
+                            attempt_count,
+                        });
+                        let status = match act {
+                            Act::Reset => return Err("scripted reset"),
+                            Act::Slow => {
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                                200
+                            }
+                            Act::Status(s) => s,
+                            Act::Grpc(_) => 200,
+                        };
+                        let mut resp = Response::builder().status(status).header("x-server", name);
+                        if let Act::Grpc(code) = act {
+                            resp = resp
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", code);
+                        }
+                        Ok::<_, &'static str>(
+                            resp.body(Full::new(Bytes::from(format!("{name} {status}"))))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Scripted {
+        addr,
+        seen,
+        _task: Arc::new(AbortOnDrop(task)),
+    }
 }

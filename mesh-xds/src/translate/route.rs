@@ -11,9 +11,9 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher}
 use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
 use mesh_core::retry::{RetryBackOff, RetryOn};
 use mesh_core::route::{
-    Fraction, HeaderMatcher, HeaderSource, HeaderValueMatch, PathMatch, QueryParameterMatcher,
-    Redirect, RedirectPath, RetryPolicy, Route, RouteAction, RouteConfig, RouteMatch, StringMatch,
-    StringPattern, VirtualHost, WeightedCluster, WeightedClusters,
+    Fraction, HashPolicy, HashPolicyKind, HeaderMatcher, HeaderSource, HeaderValueMatch, PathMatch,
+    QueryParameterMatcher, Redirect, RedirectPath, RetryPolicy, Route, RouteAction, RouteConfig,
+    RouteMatch, StringMatch, StringPattern, VirtualHost, WeightedCluster, WeightedClusters,
 };
 
 use super::{TranslateError, duration};
@@ -51,6 +51,7 @@ fn translate_one(r: &PbRoute, vh: &PbVirtualHost) -> Result<Route, String> {
     let vh_retry = vh.retry_policy.as_ref();
     let m = r.r#match.as_ref().ok_or("match: missing")?;
     let matcher = route_match(m)?;
+    let mut hash_policy = Vec::new();
     let (action, timeout, retry) = match &r.action {
         Some(route::Action::Route(ra)) => {
             let action = match &ra.cluster_specifier {
@@ -102,6 +103,7 @@ fn translate_one(r: &PbRoute, vh: &PbVirtualHost) -> Result<Route, String> {
                 Some(p) => Some(retry_policy(p)?),
                 None => None,
             };
+            hash_policy = hash_policies(&ra.hash_policy)?;
             (action, timeout, retry)
         }
         Some(route::Action::Redirect(rd)) => {
@@ -197,7 +199,57 @@ fn translate_one(r: &PbRoute, vh: &PbVirtualHost) -> Result<Route, String> {
         per_request_buffer_limit_bytes: buffer_limit(r, vh),
         include_request_attempt_count: vh.include_request_attempt_count,
         include_attempt_count_in_response: vh.include_attempt_count_in_response,
+        hash_policy,
     })
+}
+
+/// `route.hash_policy`. Filter-state hashing has nothing to read in mesh and is skipped, as
+/// Envoy skips a policy that yields no value.
+fn hash_policies(list: &[route_action::HashPolicy]) -> Result<Vec<HashPolicy>, String> {
+    use route_action::hash_policy::PolicySpecifier;
+    let mut out = Vec::with_capacity(list.len());
+    for (i, h) in list.iter().enumerate() {
+        let kind = match &h.policy_specifier {
+            Some(PolicySpecifier::Header(hd)) => {
+                if hd.regex_rewrite.is_some() {
+                    return Err(format!(
+                        "route.hash_policy[{i}].header.regex_rewrite is not supported"
+                    ));
+                }
+                HashPolicyKind::Header(
+                    http::HeaderName::from_bytes(hd.header_name.to_ascii_lowercase().as_bytes())
+                        .map_err(|_| {
+                            format!(
+                                "route.hash_policy[{i}].header.header_name: {:?} is not a header name",
+                                hd.header_name
+                            )
+                        })?,
+                )
+            }
+            Some(PolicySpecifier::Cookie(c)) => {
+                if c.ttl.is_some() {
+                    tracing::debug!(
+                        cookie = %c.name,
+                        "route.hash_policy: generated cookies are not supported; requests without the cookie are hashed randomly"
+                    );
+                }
+                HashPolicyKind::Cookie(c.name.clone())
+            }
+            Some(PolicySpecifier::ConnectionProperties(cp)) if cp.source_ip => {
+                HashPolicyKind::SourceIp
+            }
+            Some(PolicySpecifier::QueryParameter(q)) => {
+                HashPolicyKind::QueryParameter(q.name.clone())
+            }
+            Some(PolicySpecifier::ConnectionProperties(_) | PolicySpecifier::FilterState(_))
+            | None => continue,
+        };
+        out.push(HashPolicy {
+            kind,
+            terminal: h.terminal,
+        });
+    }
+    Ok(out)
 }
 
 /// The request body buffer limit for retries: `request_body_buffer_limit`, else

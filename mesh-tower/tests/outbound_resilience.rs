@@ -1,0 +1,301 @@
+//! Load balancing, outlier detection and circuit breakers on the outbound path, against real
+//! hyper upstreams on 127.0.0.1.
+
+mod support_outbound;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+use mesh_core::cluster::{Cluster, LbPolicy};
+use mesh_core::endpoint::Endpoint;
+use mesh_core::flags::ResponseFlag;
+use mesh_core::outlier::OutlierDetection;
+use mesh_core::retry::RetryPolicy;
+use mesh_core::route::{HashPolicy, HashPolicyKind, Route, RouteAction, RouteMatch, VirtualHost};
+use mesh_core::snapshot::OutboundTrafficPolicy;
+use mesh_core::{CertStore, SnapshotCell};
+use mesh_tower::outbound::Outbound;
+use support_outbound::*;
+
+const C: &str = "outbound|9080||svc.default.svc.cluster.local";
+
+fn publish(cell: &SnapshotCell, version: u64, route: Route, cluster: Cluster, eps: &[SocketAddr]) {
+    let vh = VirtualHost {
+        name: "svc:9080".into(),
+        domains: vec!["svc".into(), "svc:9080".into()],
+        routes: vec![route],
+    };
+    cell.publish(
+        snapshot(
+            version,
+            9080,
+            vec![vh],
+            vec![(cluster, eps.iter().copied().map(Endpoint::new).collect())],
+            OutboundTrafficPolicy::RegistryOnly,
+        ),
+        true,
+    );
+}
+
+fn route() -> Route {
+    Route::new("default", RouteMatch::any(), RouteAction::Cluster(C.into()))
+}
+
+async fn get(out: &Outbound, path: &str, headers: &[(&str, &str)]) -> http::Response<bytes::Bytes> {
+    let mut b = http::Request::get(format!("http://svc:9080{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = out
+        .request(
+            b.body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap(),
+        )
+        .await;
+    let (parts, body) = resp.into_parts();
+    let bytes = http_body_util::BodyExt::collect(body)
+        .await
+        .unwrap()
+        .to_bytes();
+    http::Response::from_parts(parts, bytes)
+}
+
+fn flag(resp: &http::Response<bytes::Bytes>) -> ResponseFlag {
+    *resp.extensions().get::<ResponseFlag>().expect("flag")
+}
+
+fn server(resp: &http::Response<bytes::Bytes>) -> String {
+    String::from_utf8_lossy(resp.body())
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn ring_hash_and_maglev_keep_a_key_on_one_host() {
+    bounded(async {
+        let ups = [
+            scripted("a", &[]).await,
+            scripted("b", &[]).await,
+            scripted("c", &[]).await,
+        ];
+        let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
+        for policy in [LbPolicy::RingHash, LbPolicy::Maglev] {
+            let cell = SnapshotCell::new();
+            let mut r = route();
+            r.hash_policy = vec![HashPolicy {
+                kind: HashPolicyKind::Header(HeaderName::from_static("x-user")),
+                terminal: false,
+            }];
+            let cluster = Cluster {
+                lb_policy: policy,
+                ..Cluster::eds(C)
+            };
+            publish(&cell, 1, r, cluster, &addrs);
+            let out = Outbound::new(cell, CertStore::new(), node());
+            let mut servers = std::collections::BTreeSet::new();
+            for user in 0..30 {
+                let u = format!("user-{user}");
+                let first = server(&get(&out, "/", &[("x-user", &u)]).await);
+                for _ in 0..3 {
+                    assert_eq!(server(&get(&out, "/", &[("x-user", &u)]).await), first);
+                }
+                servers.insert(first);
+            }
+            // 30 keys over 3 hosts land on more than one.
+            assert!(servers.len() > 1, "{policy:?}: {servers:?}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn weighted_round_robin_follows_endpoint_weights() {
+    bounded(async {
+        let (a, b) = (scripted("a", &[]).await, scripted("b", &[]).await);
+        let cell = SnapshotCell::new();
+        let vh = VirtualHost {
+            name: "svc:9080".into(),
+            domains: vec!["svc".into(), "svc:9080".into()],
+            routes: vec![route()],
+        };
+        let eps = vec![
+            Endpoint {
+                weight: 3,
+                ..Endpoint::new(a.addr)
+            },
+            Endpoint::new(b.addr),
+        ];
+        cell.publish(
+            snapshot(
+                1,
+                9080,
+                vec![vh],
+                vec![(Cluster::eds(C), eps)],
+                OutboundTrafficPolicy::RegistryOnly,
+            ),
+            true,
+        );
+        let out = Outbound::new(cell, CertStore::new(), node());
+        for _ in 0..40 {
+            assert_eq!(get(&out, "/", &[]).await.status(), 200);
+        }
+        assert_eq!((a.seen().len(), b.seen().len()), (30, 10));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn consecutive_5xx_ejects_a_failing_host() {
+    bounded(async {
+        let bad = scripted("bad", &[Act::Status(500); 100]).await;
+        let good = scripted("good", &[]).await;
+        let cell = SnapshotCell::new();
+        let cluster = Cluster {
+            outlier_detection: Some(OutlierDetection {
+                consecutive_5xx: 2,
+                max_ejection_percent: 100,
+                ..OutlierDetection::default()
+            }),
+            ..Cluster::eds(C)
+        };
+        publish(&cell, 1, route(), cluster, &[bad.addr, good.addr]);
+        let out = Outbound::new(cell, CertStore::new(), node());
+        for _ in 0..4 {
+            get(&out, "/", &[]).await;
+        }
+        assert_eq!(bad.seen().len(), 2);
+        // Ejected for base_ejection_time (30s): everything goes to the good host now.
+        for _ in 0..10 {
+            let r = get(&out, "/", &[]).await;
+            assert_eq!(server(&r), "good");
+        }
+        assert_eq!(bad.seen().len(), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ejection_survives_an_endpoint_update() {
+    bounded(async {
+        let bad = scripted("bad", &[Act::Status(503); 100]).await;
+        let good = scripted("good", &[]).await;
+        let cell = SnapshotCell::new();
+        let cluster = Cluster {
+            outlier_detection: Some(OutlierDetection {
+                consecutive_5xx: 1,
+                max_ejection_percent: 100,
+                ..OutlierDetection::default()
+            }),
+            ..Cluster::eds(C)
+        };
+        publish(&cell, 1, route(), cluster.clone(), &[bad.addr, good.addr]);
+        let out = Outbound::new(cell.clone(), CertStore::new(), node());
+        for _ in 0..2 {
+            get(&out, "/", &[]).await;
+        }
+        assert_eq!(bad.seen().len(), 1);
+        // A new snapshot with the same endpoints (a new endpoint set object) keeps the state.
+        publish(&cell, 2, route(), cluster, &[bad.addr, good.addr]);
+        for _ in 0..6 {
+            assert_eq!(server(&get(&out, "/", &[]).await), "good");
+        }
+        assert_eq!(bad.seen().len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn max_requests_overflow_answers_503_uo() {
+    bounded(async {
+        let up = scripted("u", &[Act::Slow]).await;
+        let cell = SnapshotCell::new();
+        let mut cluster = Cluster::eds(C);
+        cluster.circuit_breakers.max_requests = 1;
+        publish(&cell, 1, route(), cluster, &[up.addr]);
+        let out = Outbound::new(cell, CertStore::new(), node());
+        let slow = {
+            let out = out.clone();
+            tokio::spawn(async move { get(&out, "/slow", &[]).await })
+        };
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while up.seen().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("slow request reached the upstream");
+        let r = get(&out, "/", &[]).await;
+        assert_eq!(r.status(), 503);
+        assert_eq!(flag(&r), ResponseFlag::UpstreamOverflow);
+        assert_eq!(
+            r.body(),
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+        );
+        assert_eq!(up.seen().len(), 1);
+        slow.abort();
+        let _ = slow.await;
+        // The slot is released with the aborted request.
+        let r = get(&out, "/", &[]).await;
+        assert_eq!(r.status(), 200);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn max_retries_overflow_stops_retrying_without_urx() {
+    bounded(async {
+        let up = scripted("u", &[Act::Status(503); 3]).await;
+        let cell = SnapshotCell::new();
+        let mut cluster = Cluster::eds(C);
+        cluster.circuit_breakers.max_retries = 0;
+        let r = route().with_retry(Some(RetryPolicy::istio_default()));
+        publish(&cell, 1, r, cluster, &[up.addr]);
+        let out = Outbound::new(cell, CertStore::new(), node());
+        let r = get(&out, "/", &[]).await;
+        assert_eq!(r.status(), 503);
+        assert_eq!(flag(&r), ResponseFlag::None);
+        assert_eq!(up.seen().len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn least_request_counts_survive_snapshots() {
+    bounded(async {
+        let busy = scripted("busy", &[Act::Slow; 8]).await;
+        let idle = scripted("idle", &[]).await;
+        let cell = SnapshotCell::new();
+        let cluster = Cluster {
+            lb_policy: LbPolicy::LeastRequest,
+            lb_config: mesh_core::lb::LbConfig {
+                // With as many choices as draws, the idle host is all but always among them.
+                choice_count: 64,
+                ..Default::default()
+            },
+            ..Cluster::eds(C)
+        };
+        publish(&cell, 1, route(), cluster.clone(), &[busy.addr, idle.addr]);
+        let out = Arc::new(Outbound::new(cell.clone(), CertStore::new(), node()));
+        // Park requests on the busy host until it holds some.
+        let mut parked = Vec::new();
+        while busy.seen().is_empty() {
+            let out = out.clone();
+            parked.push(tokio::spawn(async move { get(&out, "/slow", &[]).await }));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        publish(&cell, 2, route(), cluster, &[busy.addr, idle.addr]);
+        let before = busy.seen().len();
+        for _ in 0..10 {
+            assert_eq!(server(&get(&out, "/", &[]).await), "idle");
+        }
+        assert_eq!(busy.seen().len(), before);
+        for p in parked {
+            p.abort();
+        }
+    })
+    .await;
+}
