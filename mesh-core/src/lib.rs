@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod config;
 pub mod endpoint;
 pub mod flags;
+pub mod headers;
 pub mod identity;
 pub mod lb;
 pub mod listener;

@@ -522,6 +522,70 @@ pub enum RouteAction {
 
 pub use crate::retry::RetryPolicy;
 
+/// A route's `prefix_rewrite` / `regex_rewrite` applied when forwarding.
+#[derive(Clone, Debug)]
+pub enum PathRewrite {
+    /// `prefix_rewrite`: replaces the matched prefix.
+    Prefix(String),
+    /// `regex_rewrite`: substitutes on the path (query kept).
+    Regex(regex::Regex, String),
+}
+
+/// A route's host rewrite.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostRewrite {
+    /// `host_rewrite_literal`.
+    Literal(String),
+    /// `auto_host_rewrite`: the upstream host's hostname (EDS endpoints without a hostname
+    /// leave the host unchanged, as in Envoy).
+    Auto,
+}
+
+/// What a route changes in the request and response when forwarding.
+#[derive(Clone, Debug, Default)]
+pub struct Forwarding {
+    /// Path rewrite.
+    pub path_rewrite: Option<PathRewrite>,
+    /// Host rewrite.
+    pub host_rewrite: Option<HostRewrite>,
+    /// Request header mutations (route, virtual host, route configuration).
+    pub request_headers: crate::headers::HeaderMutations,
+    /// Response header mutations (route, virtual host, route configuration).
+    pub response_headers: crate::headers::HeaderMutations,
+}
+
+impl Forwarding {
+    /// Whether the route changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.path_rewrite.is_none()
+            && self.host_rewrite.is_none()
+            && self.request_headers.is_empty()
+            && self.response_headers.is_empty()
+    }
+
+    /// The rewritten `path?query` for a request that matched `matcher`, if the route rewrites
+    /// paths.
+    pub fn rewrite_path(&self, matcher: &RouteMatch, req: &RequestView<'_>) -> Option<String> {
+        let path = req.path_only();
+        let new = match self.path_rewrite.as_ref()? {
+            PathRewrite::Prefix(prefix) => {
+                let matched = match &matcher.path {
+                    PathMatch::Prefix(m) | PathMatch::SeparatedPrefix(m) | PathMatch::Exact(m) => {
+                        m.len().min(path.len())
+                    }
+                    PathMatch::Regex(_) => 0,
+                };
+                format!("{prefix}{}", &path[matched..])
+            }
+            PathRewrite::Regex(re, sub) => re.replace_all(path, sub.as_str()).into_owned(),
+        };
+        Some(match req.path[path.len()..].is_empty() {
+            true => new,
+            false => format!("{new}{}", &req.path[path.len()..]),
+        })
+    }
+}
+
 /// What one `hash_policy` entry hashes.
 #[derive(Clone, Debug)]
 pub enum HashPolicyKind {
@@ -627,6 +691,8 @@ pub struct Route {
     pub include_attempt_count_in_response: bool,
     /// `hash_policy`, for ring hash and Maglev clusters.
     pub hash_policy: Vec<HashPolicy>,
+    /// Rewrites and header mutations (`None`: none).
+    pub forwarding: Option<Arc<Forwarding>>,
 }
 
 impl Route {
@@ -642,6 +708,7 @@ impl Route {
             include_request_attempt_count: false,
             include_attempt_count_in_response: false,
             hash_policy: Vec::new(),
+            forwarding: None,
         }
     }
 

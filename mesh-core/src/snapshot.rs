@@ -85,6 +85,10 @@ pub enum RouteDecision {
         attempt_count_downstream: bool,
         /// The route's `hash_policy` result (ring hash / Maglev key).
         hash: Option<u64>,
+        /// The route's rewrites and header mutations.
+        forwarding: Option<Arc<crate::route::Forwarding>>,
+        /// The rewritten `path?query`, when the route rewrites the path.
+        rewritten_path: Option<String>,
     },
     /// Answer locally.
     Respond {
@@ -240,6 +244,8 @@ impl Snapshot {
             attempt_count_upstream: route.is_some_and(|r| r.include_request_attempt_count),
             attempt_count_downstream: route.is_some_and(|r| r.include_attempt_count_in_response),
             hash: None,
+            forwarding: None,
+            rewritten_path: None,
         }
     }
 
@@ -256,10 +262,20 @@ impl Snapshot {
 impl RouteDecision {
     /// Fills the request hash from the route's `hash_policy` (only when it has one).
     fn with_hash(mut self, route: &Route, req: &RequestView<'_>) -> Self {
-        if !route.hash_policy.is_empty()
-            && let RouteDecision::Forward { hash, .. } = &mut self
+        if let RouteDecision::Forward {
+            hash,
+            forwarding,
+            rewritten_path,
+            ..
+        } = &mut self
         {
-            *hash = crate::route::request_hash(&route.hash_policy, req, None);
+            if !route.hash_policy.is_empty() {
+                *hash = crate::route::request_hash(&route.hash_policy, req, None);
+            }
+            if let Some(f) = &route.forwarding {
+                *rewritten_path = f.rewrite_path(&route.matcher, req);
+                *forwarding = Some(f.clone());
+            }
         }
         self
     }

@@ -38,10 +38,12 @@ use http_body_util::BodyExt;
 use mesh_core::cluster::{Cluster, ClusterDiscovery, UpstreamProtocol, UpstreamTls};
 use mesh_core::endpoint::{EndpointSet, EndpointTlsMode, WorkloadMetadata};
 use mesh_core::flags::ResponseFlag;
+use mesh_core::headers::FormatContext;
 use mesh_core::lb::{Balancer, HostState, PickContext};
 use mesh_core::outlier::{OutlierDetector, OutlierResult};
 use mesh_core::resolve::Resolve;
 use mesh_core::retry::{AttemptOutcome, RetryPolicy};
+use mesh_core::route::{Forwarding, HostRewrite};
 use mesh_core::snapshot::RouteDecision;
 use mesh_core::telemetry::{DestinationService, WorkloadLabels};
 use mesh_core::{CertStore, NodeIdentity, SnapshotCell};
@@ -253,9 +255,13 @@ impl Outbound {
                 attempt_count_upstream,
                 attempt_count_downstream,
                 hash,
+                forwarding,
+                rewritten_path,
                 ..
             } => Forward {
                 hash,
+                forwarding,
+                rewritten_path,
                 cluster,
                 endpoints,
                 timeout,
@@ -299,7 +305,7 @@ impl Outbound {
     #[allow(clippy::too_many_arguments)]
     async fn attempts(
         &self,
-        parts: http::request::Parts,
+        mut parts: http::request::Parts,
         body: ReqBody,
         authority: &AuthorityBuf,
         port: u16,
@@ -366,6 +372,38 @@ impl Outbound {
         let mut rq_guard = Some(rq_guard);
         let mut retry_guard: Option<CounterGuard> = None;
         let max_attempts = retry.map_or(1, |p| p.num_retries.saturating_add(1));
+        // The route's rewrites and request header mutations, once for all attempts.
+        let mut rewritten_authority = None;
+        if let Some(f) = fwd.forwarding.as_deref() {
+            if let Some(path) = &fwd.rewritten_path {
+                rewrite_path(&mut parts, path);
+            }
+            if let Some(HostRewrite::Literal(h)) = &f.host_rewrite
+                && let Ok(v) = HeaderValue::from_str(h)
+            {
+                parts.headers.insert(header::HOST, v.clone());
+                rewritten_authority = Some(AuthorityBuf::Header(v));
+            }
+            if !f.request_headers.is_empty() {
+                let (request, rest) = (std::mem::take(&mut parts.headers), &parts);
+                let mut headers = request.clone();
+                f.request_headers.apply(
+                    &mut headers,
+                    &FormatContext {
+                        request: &request,
+                        protocol: protocol_name(rest.version),
+                        cluster: &cluster.name,
+                    },
+                );
+                parts.headers = headers;
+            }
+        }
+        let authority = rewritten_authority.as_ref().unwrap_or(authority);
+        // Response header mutations may read the request: keep it to the end.
+        let keep_request = fwd
+            .forwarding
+            .as_deref()
+            .is_some_and(|f| !f.response_headers.is_empty());
         let mut parts = Some(parts);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
@@ -427,7 +465,7 @@ impl Outbound {
                     .host_pool(&state, addr, upstream_tls.is_some(), workload, set);
 
             // The request for this attempt: the original on the last attempt, else a copy.
-            let mut p = if last {
+            let mut p = if last && !keep_request {
                 match parts.take() {
                     Some(p) => p,
                     None => break self.no_parts(start, host, grpc, request_bytes),
@@ -604,6 +642,18 @@ impl Outbound {
             if fwd.attempt_count_downstream {
                 resp.headers_mut()
                     .insert(X_ENVOY_ATTEMPT_COUNT, HeaderValue::from(attempt));
+            }
+            if let Some(f) = fwd.forwarding.as_deref()
+                && !f.response_headers.is_empty()
+            {
+                let empty = HeaderMap::new();
+                let request = parts.as_ref().map_or(&empty, |p| &p.headers);
+                let ctx = FormatContext {
+                    request,
+                    protocol: protocol_name(parts.as_ref().map_or(Version::HTTP_11, |p| p.version)),
+                    cluster: &cluster.name,
+                };
+                f.response_headers.apply(resp.headers_mut(), &ctx);
             }
             break resp;
         }
@@ -900,6 +950,38 @@ struct Forward {
     attempt_count_upstream: bool,
     attempt_count_downstream: bool,
     hash: Option<u64>,
+    forwarding: Option<Arc<Forwarding>>,
+    rewritten_path: Option<String>,
+}
+
+/// Envoy's `%PROTOCOL%`.
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// Replaces the request's `path?query`, keeping scheme and authority.
+fn rewrite_path(parts: &mut http::request::Parts, path_and_query: &str) {
+    let Ok(pq) = PathAndQuery::try_from(path_and_query) else {
+        tracing::debug!(
+            path = path_and_query,
+            "rewritten path is not a valid URI path; kept the original"
+        );
+        return;
+    };
+    let mut b = Uri::builder();
+    if let Some(s) = parts.uri.scheme() {
+        b = b.scheme(s.clone());
+    }
+    if let Some(a) = parts.uri.authority() {
+        b = b.authority(a.clone());
+    }
+    if let Ok(uri) = b.path_and_query(pq).build() {
+        parts.uri = uri;
+    }
 }
 
 /// `x-envoy-attempt-count`.

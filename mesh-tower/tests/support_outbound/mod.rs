@@ -205,6 +205,8 @@ pub struct Seen {
     pub body: Bytes,
     pub attempt_count: Option<String>,
     pub path: String,
+    pub uri: String,
+    pub headers: http::HeaderMap,
 }
 
 #[derive(Clone)]
@@ -239,6 +241,8 @@ pub async fn scripted(name: &'static str, script: &[Act]) -> Scripted {
                     async move {
                         let act = sc.lock().unwrap().pop_front().unwrap_or(Act::Status(200));
                         let path = req.uri().path().to_owned();
+                        let uri = req.uri().to_string();
+                        let headers = req.headers().clone();
                         let attempt_count = req
                             .headers()
                             .get("x-envoy-attempt-count")
@@ -246,6 +250,8 @@ pub async fn scripted(name: &'static str, script: &[Act]) -> Scripted {
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         se.lock().unwrap().push(Seen {
                             path,
+                            uri,
+                            headers,
                             body,
                             attempt_count,
                         });

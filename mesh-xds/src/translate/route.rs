@@ -1,6 +1,8 @@
 //! RDS `RouteConfiguration` → [`mesh_core::route::RouteConfig`].
 
-use envoy_types::pb::envoy::config::core::v3::data_source;
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValueOption as PbHeaderValueOption, data_source,
+};
 use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher as PbHeaderMatcher, QueryParameterMatcher as PbQueryParameterMatcher,
     RetryPolicy as PbRetryPolicy, Route as PbRoute, RouteConfiguration,
@@ -9,11 +11,15 @@ use envoy_types::pb::envoy::config::route::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
+use mesh_core::headers::{
+    AppendAction, HeaderFormat, HeaderMutationLevel, HeaderMutations, HeaderToAdd,
+};
 use mesh_core::retry::{RetryBackOff, RetryOn};
 use mesh_core::route::{
-    Fraction, HashPolicy, HashPolicyKind, HeaderMatcher, HeaderSource, HeaderValueMatch, PathMatch,
-    QueryParameterMatcher, Redirect, RedirectPath, RetryPolicy, Route, RouteAction, RouteConfig,
-    RouteMatch, StringMatch, StringPattern, VirtualHost, WeightedCluster, WeightedClusters,
+    Forwarding, Fraction, HashPolicy, HashPolicyKind, HeaderMatcher, HeaderSource,
+    HeaderValueMatch, HostRewrite, PathMatch, PathRewrite, QueryParameterMatcher, Redirect,
+    RedirectPath, RetryPolicy, Route, RouteAction, RouteConfig, RouteMatch, StringMatch,
+    StringPattern, VirtualHost, WeightedCluster, WeightedClusters,
 };
 
 use super::{TranslateError, duration};
@@ -34,7 +40,7 @@ pub fn translate_route(rc: &RouteConfiguration) -> Result<RouteConfig, Translate
         let mut routes = Vec::with_capacity(vh.routes.len());
         for (ri, r) in vh.routes.iter().enumerate() {
             let field = format!("virtual_hosts[{vi}] ({:?}).routes[{ri}]", vh.name);
-            routes.push(translate_one(r, vh).map_err(|e| err(format!("{field}.{e}")))?);
+            routes.push(translate_one(r, vh, rc).map_err(|e| err(format!("{field}.{e}")))?);
         }
         vhosts.push(VirtualHost {
             name: vh.name.clone(),
@@ -47,11 +53,17 @@ pub fn translate_route(rc: &RouteConfiguration) -> Result<RouteConfig, Translate
         .map_err(|e| err(e.to_string()))
 }
 
-fn translate_one(r: &PbRoute, vh: &PbVirtualHost) -> Result<Route, String> {
+fn translate_one(
+    r: &PbRoute,
+    vh: &PbVirtualHost,
+    rc: &RouteConfiguration,
+) -> Result<Route, String> {
     let vh_retry = vh.retry_policy.as_ref();
     let m = r.r#match.as_ref().ok_or("match: missing")?;
     let matcher = route_match(m)?;
     let mut hash_policy = Vec::new();
+    let mut path_rewrite = None;
+    let mut host_rewrite = None;
     let (action, timeout, retry) = match &r.action {
         Some(route::Action::Route(ra)) => {
             let action = match &ra.cluster_specifier {
@@ -104,6 +116,45 @@ fn translate_one(r: &PbRoute, vh: &PbVirtualHost) -> Result<Route, String> {
                 None => None,
             };
             hash_policy = hash_policies(&ra.hash_policy)?;
+            path_rewrite = match (&ra.prefix_rewrite, &ra.regex_rewrite) {
+                (p, Some(_)) if !p.is_empty() => {
+                    return Err(
+                        "route: prefix_rewrite and regex_rewrite are mutually exclusive".into(),
+                    );
+                }
+                (p, None) if !p.is_empty() => Some(PathRewrite::Prefix(p.clone())),
+                (_, Some(rw)) => {
+                    let re = rw
+                        .pattern
+                        .as_ref()
+                        .ok_or("route.regex_rewrite.pattern: missing")?;
+                    let re = regex::Regex::new(&re.regex)
+                        .map_err(|e| format!("route.regex_rewrite.pattern: {e}"))?;
+                    Some(PathRewrite::Regex(re, substitution(&rw.substitution)))
+                }
+                _ => None,
+            };
+            host_rewrite = match &ra.host_rewrite_specifier {
+                Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(h))
+                    if !h.is_empty() =>
+                {
+                    Some(HostRewrite::Literal(h.clone()))
+                }
+                Some(route_action::HostRewriteSpecifier::AutoHostRewrite(b)) if b.value => {
+                    Some(HostRewrite::Auto)
+                }
+                Some(
+                    route_action::HostRewriteSpecifier::HostRewriteLiteral(_)
+                    | route_action::HostRewriteSpecifier::AutoHostRewrite(_),
+                )
+                | None => None,
+                Some(_) => {
+                    return Err(
+                        "route: host_rewrite_header and host_rewrite_path_regex are not supported"
+                            .into(),
+                    );
+                }
+            };
             (action, timeout, retry)
         }
         Some(route::Action::Redirect(rd)) => {
@@ -200,7 +251,126 @@ fn translate_one(r: &PbRoute, vh: &PbVirtualHost) -> Result<Route, String> {
         include_request_attempt_count: vh.include_request_attempt_count,
         include_attempt_count_in_response: vh.include_attempt_count_in_response,
         hash_policy,
+        forwarding: forwarding(r, vh, rc, path_rewrite, host_rewrite)?,
     })
+}
+
+/// Rewrites and the header mutations of the route, its virtual host and the configuration.
+fn forwarding(
+    r: &PbRoute,
+    vh: &PbVirtualHost,
+    rc: &RouteConfiguration,
+    path_rewrite: Option<PathRewrite>,
+    host_rewrite: Option<HostRewrite>,
+) -> Result<Option<std::sync::Arc<Forwarding>>, String> {
+    let levels = |which: [(&[PbHeaderValueOption], &[String], &str); 3]| {
+        let mut out = HeaderMutations::default();
+        for (add, remove, field) in which {
+            let level = header_level(add, remove).map_err(|e| format!("{field}{e}"))?;
+            if level != HeaderMutationLevel::default() {
+                out.levels.push(level);
+            }
+        }
+        Ok::<_, String>(out)
+    };
+    let f = Forwarding {
+        path_rewrite,
+        host_rewrite,
+        request_headers: levels([
+            (
+                &r.request_headers_to_add,
+                &r.request_headers_to_remove,
+                "request_headers",
+            ),
+            (
+                &vh.request_headers_to_add,
+                &vh.request_headers_to_remove,
+                "(virtual host) request_headers",
+            ),
+            (
+                &rc.request_headers_to_add,
+                &rc.request_headers_to_remove,
+                "(route configuration) request_headers",
+            ),
+        ])?,
+        response_headers: levels([
+            (
+                &r.response_headers_to_add,
+                &r.response_headers_to_remove,
+                "response_headers",
+            ),
+            (
+                &vh.response_headers_to_add,
+                &vh.response_headers_to_remove,
+                "(virtual host) response_headers",
+            ),
+            (
+                &rc.response_headers_to_add,
+                &rc.response_headers_to_remove,
+                "(route configuration) response_headers",
+            ),
+        ])?,
+    };
+    Ok((!f.is_empty()).then(|| std::sync::Arc::new(f)))
+}
+
+fn header_level(
+    add: &[PbHeaderValueOption],
+    remove: &[String],
+) -> Result<HeaderMutationLevel, String> {
+    use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+    let name = |n: &str, field: &str| {
+        http::HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes())
+            .map_err(|_| format!("{field}: {n:?} is not a header name"))
+    };
+    let mut level = HeaderMutationLevel::default();
+    for (i, n) in remove.iter().enumerate() {
+        level.remove.push(name(n, &format!("_to_remove[{i}]"))?);
+    }
+    for (i, o) in add.iter().enumerate() {
+        let field = format!("_to_add[{i}]");
+        let h = o
+            .header
+            .as_ref()
+            .ok_or(format!("{field}.header: missing"))?;
+        let value = if h.raw_value.is_empty() {
+            h.value.clone()
+        } else {
+            String::from_utf8(h.raw_value.clone())
+                .map_err(|_| format!("{field}.header.raw_value: not UTF-8"))?
+        };
+        #[allow(deprecated)]
+        let action = match (&o.append, HeaderAppendAction::try_from(o.append_action)) {
+            (Some(_), Ok(a)) if a != HeaderAppendAction::AppendIfExistsOrAdd => {
+                return Err(format!(
+                    "{field}: append and append_action are mutually exclusive"
+                ));
+            }
+            (Some(b), _) if b.value => AppendAction::AppendIfExistsOrAdd,
+            (Some(_), _) => AppendAction::OverwriteIfExistsOrAdd,
+            (None, Ok(HeaderAppendAction::AppendIfExistsOrAdd)) => {
+                AppendAction::AppendIfExistsOrAdd
+            }
+            (None, Ok(HeaderAppendAction::AddIfAbsent)) => AppendAction::AddIfAbsent,
+            (None, Ok(HeaderAppendAction::OverwriteIfExistsOrAdd)) => {
+                AppendAction::OverwriteIfExistsOrAdd
+            }
+            (None, Ok(HeaderAppendAction::OverwriteIfExists)) => AppendAction::OverwriteIfExists,
+            (None, Err(_)) => {
+                return Err(format!(
+                    "{field}.append_action: unknown value {}",
+                    o.append_action
+                ));
+            }
+        };
+        level.add.push(HeaderToAdd {
+            name: name(&h.key, &format!("{field}.header.key"))?,
+            value: HeaderFormat::parse(&value),
+            action,
+            keep_empty_value: o.keep_empty_value,
+        });
+    }
+    Ok(level)
 }
 
 /// `route.hash_policy`. Filter-state hashing has nothing to read in mesh and is skipped, as
@@ -652,5 +822,76 @@ mod tests {
         });
         let e = translate_route(&rc(None, Some(vh))).unwrap_err();
         assert!(e.to_string().contains("max_interval"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod forwarding_tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::HeaderValue as PbHeaderValue;
+    use envoy_types::pb::envoy::config::route::v3::RouteAction as PbRouteAction;
+
+    fn hvo(key: &str, value: &str, action: i32) -> PbHeaderValueOption {
+        PbHeaderValueOption {
+            header: Some(PbHeaderValue {
+                key: key.into(),
+                value: value.into(),
+                ..Default::default()
+            }),
+            append_action: action,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rewrites_and_header_levels_translate() {
+        let rc = RouteConfiguration {
+            name: "80".into(),
+            request_headers_to_add: vec![hvo("x-level", "rc", 2)],
+            virtual_hosts: vec![PbVirtualHost {
+                name: "vh".into(),
+                domains: vec!["*".into()],
+                request_headers_to_remove: vec!["X-Secret".into()],
+                routes: vec![PbRoute {
+                    r#match: Some(envoy_types::pb::envoy::config::route::v3::RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix("/v1/".into())),
+                        ..Default::default()
+                    }),
+                    request_headers_to_add: vec![hvo("x-level", "%REQ(x-a)%", 1)],
+                    response_headers_to_add: vec![hvo("x-resp", "1", 0)],
+                    action: Some(route::Action::Route(PbRouteAction {
+                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                            "c".into(),
+                        )),
+                        prefix_rewrite: "/v2/".into(),
+                        host_rewrite_specifier: Some(
+                            route_action::HostRewriteSpecifier::HostRewriteLiteral("b".into()),
+                        ),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let out = translate_route(&rc).unwrap();
+        let f = out.virtual_hosts[0].routes[0].forwarding.clone().unwrap();
+        assert!(matches!(&f.path_rewrite, Some(PathRewrite::Prefix(p)) if p == "/v2/"));
+        assert_eq!(f.host_rewrite, Some(HostRewrite::Literal("b".into())));
+        let levels = &f.request_headers.levels;
+        assert_eq!(levels.len(), 3);
+        assert_eq!(levels[0].add[0].action, AppendAction::AddIfAbsent);
+        assert_eq!(levels[1].remove[0].as_str(), "x-secret");
+        assert_eq!(
+            levels[2].add[0].action,
+            AppendAction::OverwriteIfExistsOrAdd
+        );
+        assert_eq!(f.response_headers.levels.len(), 1);
+
+        let mut bad = rc.clone();
+        bad.request_headers_to_add[0].append_action = 9;
+        let e = translate_route(&bad).unwrap_err();
+        assert!(e.to_string().contains("append_action"), "{e}");
     }
 }
