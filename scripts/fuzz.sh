@@ -16,7 +16,7 @@ if cargo +nightly --version >/dev/null 2>&1 && cargo +nightly fuzz --help >/dev/
   echo "fuzz.sh: libFuzzer targets, ${secs}s each"
   # Seed the dump target with the real dumps (JSON only).
   mkdir -p fuzz/corpus/config_dump_json
-  for f in ../shared/istio/data/istioctl-*.json; do
+  for f in testdata/istio/istioctl-*.json; do
     [ -e "$f" ] && cp "$f" fuzz/corpus/config_dump_json/ || true
   done
   for t in "${targets[@]}"; do

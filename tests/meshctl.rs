@@ -18,7 +18,7 @@ fn meshctl() -> Command {
 
 fn data(name: &str) -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/istio/data")
+        .join("testdata/istio")
         .join(name);
     if p.exists() {
         Some(p)

@@ -1,7 +1,7 @@
 //! mesh's 15020 and 15090 output read by a real Prometheus parser (Python
 //! `prometheus_client.parser.text_string_to_metric_families`), and `istio_requests_total`'s
 //! label names, order and values checked against Istio's own expectation templates
-//! (`../shared/istio/data/istio-proxy-metric_{server,client}_request_total.yaml.tmpl`).
+//! (`testdata/istio/istio-proxy-metric_{server,client}_request_total.yaml.tmpl`).
 //!
 //! The parser is installed from PyPI into `<repo>/.envoy/prom-venv` (git-ignored). Outside CI
 //! the test is skipped with a printed reason when it is not installed; with `CI` set it is
@@ -118,7 +118,7 @@ fn parse(python: &PathBuf, text: &str) -> Vec<Value> {
 
 /// `(name, Some(value))` pairs from an Istio template; templated values are `None`.
 fn template_labels(file: &str) -> Vec<(String, Option<String>)> {
-    let path = repo().join("../shared/istio/data").join(file);
+    let path = repo().join("testdata/istio").join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut out: Vec<(String, Option<String>)> = Vec::new();
     let mut in_labels = false;

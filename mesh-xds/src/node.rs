@@ -160,7 +160,7 @@ mod tests {
     fn key_types_match_the_bootstrap_golden() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/istio/data/bootstrap_running_golden.json"
+            "/../testdata/istio/bootstrap_running_golden.json"
         );
         let Ok(text) = std::fs::read_to_string(path) else {
             eprintln!("golden not found at {path}; skipping");

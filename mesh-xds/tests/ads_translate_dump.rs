@@ -26,7 +26,7 @@ use serde_json::Value as J;
 fn dump() -> Option<J> {
     let p = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/istio/data/deathstarbench-geo-istio1.18_config_dump.json"
+        "/../testdata/istio/deathstarbench-geo-istio1.18_config_dump.json"
     );
     std::fs::read_to_string(p)
         .ok()

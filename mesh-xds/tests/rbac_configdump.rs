@@ -1,5 +1,5 @@
 //! The RBAC and ext_authz filters istiod rendered for real AuthorizationPolicies
-//! (../shared/istio/data/istioctl-authz_configdump.yaml: an ALLOW policy `httpbin` and a CUSTOM
+//! (testdata/istio/istioctl-authz_configdump.yaml: an ALLOW policy `httpbin` and a CUSTOM
 //! policy `ext-authz` on the same rules), translated into mesh-core's authz chain and evaluated
 //! against concrete requests.
 
@@ -20,7 +20,7 @@ use mesh_xds::translate::rbac::{
 };
 use prost::Message;
 
-const DUMP: &str = "../../shared/istio/data/istioctl-authz_configdump.yaml";
+const DUMP: &str = "../testdata/istio/istioctl-authz_configdump.yaml";
 const SLEEP: &str = "spiffe://cluster.local/ns/default/sa/sleep";
 const GOOGLE: &str = "https://accounts.google.com";
 
