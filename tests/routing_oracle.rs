@@ -1006,3 +1006,301 @@ fn redirects_match_envoy() {
         disagreements.join("\n")
     );
 }
+
+// ---------- forwarding: retries and rewrites, through a real upstream ----------
+
+/// What the scripted upstream saw of one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Seen {
+    uri: String,
+    host: String,
+    headers: Vec<(String, String)>,
+}
+
+/// A plain HTTP/1.1 upstream on 127.0.0.1: paths under `/once` answer 503 to the first
+/// request (per path), paths under `/always` always 503, everything else 200. Records what it
+/// saw (only the headers named `x-*`).
+struct ScriptedUpstream {
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+}
+
+impl ScriptedUpstream {
+    fn start() -> ScriptedUpstream {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Seen>::new()));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let s = s.clone();
+                std::thread::spawn(move || serve_scripted(stream, &s));
+            }
+        });
+        ScriptedUpstream { port, seen }
+    }
+
+    fn take(&self) -> Vec<Seen> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+fn serve_scripted(mut stream: TcpStream, seen: &std::sync::Mutex<Vec<Seen>>) {
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        // One request head at a time (no bodies in these requests).
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        let mut lines = head.lines();
+        let uri = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .unwrap_or("")
+            .to_owned();
+        let mut host = String::new();
+        let mut headers = Vec::new();
+        for l in lines {
+            if let Some((k, v)) = l.split_once(':') {
+                let k = k.trim().to_ascii_lowercase();
+                if k == "host" {
+                    host = v.trim().to_owned();
+                } else if k.starts_with("x-")
+                    && !k.starts_with("x-envoy")
+                    && k != "x-request-id"
+                    && k != "x-forwarded-proto"
+                {
+                    headers.push((k, v.trim().to_owned()));
+                }
+            }
+        }
+        headers.sort();
+        let status = {
+            let mut seen = seen.lock().unwrap();
+            let earlier = seen.iter().filter(|s| s.uri == uri).count();
+            seen.push(Seen {
+                uri: uri.clone(),
+                host,
+                headers,
+            });
+            if uri.starts_with("/always") || (uri.starts_with("/once") && earlier == 0) {
+                503
+            } else {
+                200
+            }
+        };
+        let body = format!("{status}");
+        let resp = format!(
+            "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nx-upstream: yes\r\n\r\n{body}",
+            body.len()
+        );
+        if stream.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Status and the `x-*` response headers (sorted) of a response.
+fn envoy_forward(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to envoy");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut text = format!("GET {path} HTTP/1.1\r\nHost: svc\r\n");
+    for (k, v) in headers {
+        text.push_str(&format!("{k}: {v}\r\n"));
+    }
+    text.push_str("connection: close\r\n\r\n");
+    s.write_all(text.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).contains("\r\n\r\n") {
+        let n = s.read(&mut buf).expect("read envoy response");
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    let out = String::from_utf8_lossy(&out);
+    let head = out.split("\r\n\r\n").next().unwrap_or("");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut xs: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .filter(|(k, _)| k.starts_with("x-") && !k.starts_with("x-envoy"))
+        .collect();
+    xs.sort();
+    (status, xs)
+}
+
+#[test]
+fn retries_and_rewrites_match_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    let up = ScriptedUpstream::start();
+    // istiod's default retry policy, a rewrite route and header mutations at three levels.
+    let retry = json!({
+        "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+        "num_retries": 2,
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+        "host_selection_retry_max_attempts": "5",
+        "retriable_status_codes": [503],
+    });
+    let route_config = json!({
+        "name": "fwd",
+        "request_headers_to_add": [{"header": {"key": "x-level", "value": "rc"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        "response_headers_to_add": [{"header": {"key": "x-resp-rc", "value": "%UPSTREAM_CLUSTER%"}}],
+        "virtual_hosts": [{
+            "name": "svc", "domains": ["*"],
+            "request_headers_to_remove": ["x-secret"],
+            "request_headers_to_add": [{"header": {"key": "x-vh", "value": "v 100%%"}}],
+            "routes": [
+                {"name": "once", "match": {"prefix": "/once"}, "route": {"cluster": "up", "retry_policy": retry}},
+                {"name": "always", "match": {"prefix": "/always"}, "route": {"cluster": "up", "retry_policy": retry}},
+                {"name": "rewrite", "match": {"prefix": "/v1/"},
+                 "request_headers_to_add": [
+                    {"header": {"key": "x-level", "value": "route"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+                    {"header": {"key": "x-copy", "value": "%REQ(x-user)%"}},
+                    {"header": {"key": "x-user", "value": "added"}, "append_action": "ADD_IF_ABSENT"},
+                 ],
+                 "response_headers_to_remove": ["x-upstream"],
+                 "route": {"cluster": "up", "prefix_rewrite": "/api/v2/", "host_rewrite_literal": "backend.example"}},
+                {"name": "regex", "match": {"prefix": "/users/"},
+                 "route": {"cluster": "up", "regex_rewrite": {"pattern": {"regex": "^/users/([0-9]+)$"}, "substitution": "/u/\\1"}}},
+            ],
+        }],
+    });
+    let proto: pb::RouteConfiguration = {
+        // The same configuration for mesh, through protobuf JSON (as a config dump).
+        let mut typed = route_config.clone();
+        typed["@type"] = json!("type.googleapis.com/envoy.config.route.v3.RouteConfiguration");
+        let dump = mesh_xds::dump::ConfigDump::from_value(json!({"configs": [{
+            "@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
+            "dynamic_route_configs": [{"version_info": "1", "route_config": typed}],
+        }]}))
+        .expect("dump");
+        let any = dump
+            .of_type("type.googleapis.com/envoy.config.route.v3.RouteConfiguration")
+            .next()
+            .expect("route config in dump")
+            .resource
+            .clone();
+        mesh_xds::translate::from_any(&any).expect("proto from JSON")
+    };
+    let rc = mesh_xds::translate::translate_route(&proto).expect("mesh accepts the config");
+
+    let port = free_port();
+    let mut boot: Value = serde_json::from_str(&bootstrap(port, route_config)).unwrap();
+    boot["static_resources"]["clusters"] = json!([{
+        "name": "up", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "up", "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": up.port}}}}]}]},
+    }]);
+    let _envoy = EnvoyProcess::start(&boot.to_string());
+
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("/once/a", vec![]),
+        ("/always/b", vec![]),
+        (
+            "/v1/items?x=1",
+            vec![("x-user", "alice"), ("x-secret", "s"), ("x-level", "app")],
+        ),
+        ("/v1/", vec![]),
+        ("/users/42?q", vec![("x-secret", "s")]),
+        ("/users/abc", vec![]),
+    ];
+    let mut envoy_runs = Vec::new();
+    for (path, headers) in &cases {
+        let resp = envoy_forward(port, path, headers);
+        envoy_runs.push((resp, up.take()));
+    }
+
+    // mesh: the same route configuration in a snapshot whose cluster `up` has the upstream.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mesh_runs = rt.block_on(async {
+        use std::collections::{BTreeMap, HashMap};
+        use std::sync::Arc;
+        let l = mesh_core::listener::Listener {
+            name: "0.0.0.0_80".into(),
+            address: "0.0.0.0:80".parse().unwrap(),
+            kind: mesh_core::listener::ListenerKind::Outbound(
+                mesh_core::listener::OutboundProtocol::Http {
+                    route_config: "fwd".into(),
+                },
+            ),
+        };
+        let ep = mesh_core::endpoint::Endpoint::new(([127, 0, 0, 1], up.port).into());
+        let snap = mesh_core::Snapshot::new(
+            1,
+            HashMap::from([(l.name.clone(), Arc::new(l))]),
+            HashMap::from([("fwd".to_owned(), Arc::new(rc))]),
+            HashMap::from([(
+                "up".to_owned(),
+                Arc::new(mesh_core::cluster::Cluster::eds("up")),
+            )]),
+            HashMap::from([(
+                "up".to_owned(),
+                Arc::new(mesh_core::endpoint::EndpointSet::new("up", vec![ep])),
+            )]),
+            Arc::default(),
+            mesh_core::snapshot::OutboundTrafficPolicy::RegistryOnly,
+            BTreeMap::new(),
+        );
+        let cell = mesh_core::SnapshotCell::new();
+        cell.publish(snap, true);
+        let node = mesh_core::NodeIdentity::new("t", "default", "127.0.0.1".parse().unwrap(), "sa");
+        let out = mesh_tower::outbound::Outbound::new(cell, mesh_core::CertStore::new(), node);
+        let mut runs = Vec::new();
+        for (path, headers) in &cases {
+            let mut b = http::Request::get(format!("http://svc{path}"));
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            let resp = out
+                .request(
+                    b.body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap(),
+                )
+                .await;
+            let status = resp.status().as_u16();
+            let mut xs: Vec<(String, String)> = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+                .filter(|(k, _)| k.starts_with("x-") && !k.starts_with("x-envoy"))
+                .collect();
+            xs.sort();
+            drop(resp);
+            runs.push(((status, xs), up.take()));
+        }
+        runs
+    });
+    let mut disagreements = Vec::new();
+    for (i, (path, _)) in cases.iter().enumerate() {
+        if envoy_runs[i] != mesh_runs[i] {
+            disagreements.push(format!(
+                "{path}:\n  envoy {:?}\n  mesh  {:?}",
+                envoy_runs[i], mesh_runs[i]
+            ));
+        }
+    }
+    assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+    // The scripted failures really happened: a retry after one 503, three attempts for always-503.
+    assert_eq!(envoy_runs[0].1.len(), 2);
+    assert_eq!(envoy_runs[1].1.len(), 3);
+}
