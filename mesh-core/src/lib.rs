@@ -24,6 +24,7 @@ pub mod cert;
 pub mod cluster;
 pub mod config;
 pub mod endpoint;
+pub mod fault;
 pub mod flags;
 pub mod headers;
 pub mod identity;

@@ -693,6 +693,8 @@ pub struct Route {
     pub hash_policy: Vec<HashPolicy>,
     /// Rewrites and header mutations (`None`: none).
     pub forwarding: Option<Arc<Forwarding>>,
+    /// Fault injection (`typed_per_filter_config` `envoy.filters.http.fault`).
+    pub fault: Option<Arc<crate::fault::Fault>>,
 }
 
 impl Route {
@@ -709,6 +711,7 @@ impl Route {
             include_attempt_count_in_response: false,
             hash_policy: Vec::new(),
             forwarding: None,
+            fault: None,
         }
     }
 

@@ -89,6 +89,8 @@ pub enum RouteDecision {
         forwarding: Option<Arc<crate::route::Forwarding>>,
         /// The rewritten `path?query`, when the route rewrites the path.
         rewritten_path: Option<String>,
+        /// The route's fault injection.
+        fault: Option<Arc<crate::fault::Fault>>,
     },
     /// Answer locally.
     Respond {
@@ -246,6 +248,7 @@ impl Snapshot {
             hash: None,
             forwarding: None,
             rewritten_path: None,
+            fault: None,
         }
     }
 
@@ -266,9 +269,11 @@ impl RouteDecision {
             hash,
             forwarding,
             rewritten_path,
+            fault,
             ..
         } = &mut self
         {
+            fault.clone_from(&route.fault);
             if !route.hash_policy.is_empty() {
                 *hash = crate::route::request_hash(&route.hash_policy, req, None);
             }

@@ -163,3 +163,92 @@ async fn header_mutations_apply_per_level_with_append_actions() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn fault_injection_aborts_and_delays_before_the_upstream() {
+    use mesh_core::fault::{Fault, FaultAbort, FaultAbortKind, FaultDelay, FaultDelayKind};
+    use mesh_core::flags::ResponseFlag;
+    use mesh_core::route::Fraction;
+    bounded(async {
+        let up = scripted("u", &[]).await;
+        let all = Fraction {
+            numerator: 100,
+            denominator: 100,
+        };
+        let mut fixed = Route::new(
+            "fixed",
+            RouteMatch::path(PathMatch::Prefix("/abort".into())),
+            RouteAction::Cluster(C.into()),
+        );
+        fixed.fault = Some(Arc::new(Fault {
+            abort: Some(FaultAbort {
+                kind: FaultAbortKind::Http(418),
+                percentage: all,
+                body: None,
+            }),
+            ..Fault::default()
+        }));
+        let mut grpc = Route::new(
+            "grpc",
+            RouteMatch::path(PathMatch::Prefix("/grpc".into())),
+            RouteAction::Cluster(C.into()),
+        );
+        grpc.fault = Some(Arc::new(Fault {
+            abort: Some(FaultAbort {
+                kind: FaultAbortKind::Grpc(14),
+                percentage: all,
+                body: None,
+            }),
+            ..Fault::default()
+        }));
+        let mut header = Route::new("header", RouteMatch::any(), RouteAction::Cluster(C.into()));
+        header.fault = Some(Arc::new(Fault {
+            delay: Some(FaultDelay {
+                kind: FaultDelayKind::Header,
+                percentage: all,
+            }),
+            abort: Some(FaultAbort {
+                kind: FaultAbortKind::Header,
+                percentage: all,
+                body: None,
+            }),
+            ..Fault::default()
+        }));
+        let out = outbound(vec![fixed, grpc, header], &up);
+        let r = out.get("http://svc:9080/abort").await.unwrap();
+        assert_eq!(r.status(), 418);
+        assert_eq!(r.body(), "fault filter abort");
+        assert_eq!(
+            r.extensions().get::<ResponseFlag>(),
+            Some(&ResponseFlag::FaultInjected)
+        );
+        let r = out.get("http://svc:9080/grpc").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+        assert!(up.seen().is_empty());
+        // Header-controlled: no headers, no fault.
+        let r = out.get("http://svc:9080/x").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.extensions().get::<ResponseFlag>(),
+            Some(&ResponseFlag::None)
+        );
+        let req = |h: &'static str, v: &'static str| {
+            http::Request::get("http://svc:9080/x")
+                .header(h, v)
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap()
+        };
+        let r = out.request(req("x-envoy-fault-abort-request", "503")).await;
+        assert_eq!(r.status(), 503);
+        let r = out.request(req("x-envoy-fault-delay-request", "20")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.extensions().get::<ResponseFlag>(),
+            Some(&ResponseFlag::DelayInjected)
+        );
+        assert_eq!(up.seen().len(), 2);
+    })
+    .await;
+}

@@ -257,8 +257,10 @@ impl Outbound {
                 hash,
                 forwarding,
                 rewritten_path,
+                fault,
                 ..
             } => Forward {
+                fault,
                 hash,
                 forwarding,
                 rewritten_path,
@@ -272,6 +274,58 @@ impl Outbound {
                 attempt_count_downstream,
             },
         };
+        // Fault injection runs before the router: a delay outside the route timeout, then
+        // an abort.
+        let mut delayed = false;
+        if let Some(f) = fwd.fault.as_deref() {
+            let (delay, abort) = {
+                let req = mesh_core::route::RequestView {
+                    authority: host,
+                    path,
+                    method: parts.method.as_str(),
+                    scheme: "http",
+                    headers: &parts.headers,
+                };
+                if f.applies(&req, &fwd.cluster.name) {
+                    (
+                        f.delay_for(&req, rand::random::<u64>()),
+                        f.abort_for(&req, rand::random::<u64>()),
+                    )
+                } else {
+                    (None, None)
+                }
+            };
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+                delayed = true;
+            }
+            if let Some(a) = abort {
+                let text = f
+                    .abort
+                    .as_ref()
+                    .and_then(|a| a.body.clone())
+                    .unwrap_or_else(|| mesh_core::fault::FAULT_ABORT_BODY.to_owned());
+                let flag = ResponseFlag::FaultInjected;
+                return match a {
+                    mesh_core::fault::Abort::Http(status) => {
+                        no_host((status, Some(Bytes::from(text)), flag, None))
+                    }
+                    mesh_core::fault::Abort::Grpc(code) => {
+                        let mut r = no_host((200, None, flag, None));
+                        let h = r.headers_mut();
+                        h.insert(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/grpc"),
+                        );
+                        h.insert("grpc-status", HeaderValue::from(code));
+                        if let Ok(v) = HeaderValue::from_str(&text) {
+                            h.insert("grpc-message", v);
+                        }
+                        r
+                    }
+                };
+            }
+        }
         let deadline = fwd.timeout.map(|t| tokio::time::Instant::now() + t);
         let attempts = self.attempts(
             parts,
@@ -283,7 +337,7 @@ impl Outbound {
             grpc,
             request_bytes,
         );
-        match deadline {
+        let mut resp = match deadline {
             None => attempts.await,
             Some(d) => match tokio::time::timeout_at(d, attempts).await {
                 Ok(r) => r,
@@ -297,7 +351,11 @@ impl Outbound {
                     ))
                 }
             },
+        };
+        if delayed && resp.extensions().get::<ResponseFlag>() == Some(&ResponseFlag::None) {
+            resp.extensions_mut().insert(ResponseFlag::DelayInjected);
         }
+        resp
     }
 
     /// Sends the request, retrying as the route's retry policy says. Returns the last
@@ -952,6 +1010,7 @@ struct Forward {
     hash: Option<u64>,
     forwarding: Option<Arc<Forwarding>>,
     rewritten_path: Option<String>,
+    fault: Option<Arc<mesh_core::fault::Fault>>,
 }
 
 /// Envoy's `%PROTOCOL%`.

@@ -252,7 +252,107 @@ fn translate_one(
         include_attempt_count_in_response: vh.include_attempt_count_in_response,
         hash_policy,
         forwarding: forwarding(r, vh, rc, path_rewrite, host_rewrite)?,
+        fault: fault(r, vh)?,
     })
+}
+
+/// The name of the fault filter in `typed_per_filter_config`.
+const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+/// The route's (else the virtual host's) `envoy.filters.http.fault` per-filter config.
+fn fault(
+    r: &PbRoute,
+    vh: &PbVirtualHost,
+) -> Result<Option<std::sync::Arc<mesh_core::fault::Fault>>, String> {
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay;
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{HttpFault, fault_abort};
+    use mesh_core::fault::{Fault, FaultAbort, FaultAbortKind, FaultDelay, FaultDelayKind};
+    let Some(any) = r
+        .typed_per_filter_config
+        .get(FAULT_FILTER)
+        .or_else(|| vh.typed_per_filter_config.get(FAULT_FILTER))
+    else {
+        return Ok(None);
+    };
+    let field = format!("typed_per_filter_config[{FAULT_FILTER:?}]");
+    let any = if any.type_url.ends_with("envoy.config.route.v3.FilterConfig") {
+        let fc: envoy_types::pb::envoy::config::route::v3::FilterConfig =
+            super::from_any(any).map_err(|e| format!("{field}: {e}"))?;
+        if fc.disabled {
+            return Ok(None);
+        }
+        fc.config.ok_or(format!("{field}.config: missing"))?
+    } else {
+        any.clone()
+    };
+    let f: HttpFault = super::from_any(&any).map_err(|e| format!("{field}: {e}"))?;
+    let pct = |p: &Option<envoy_types::pb::envoy::r#type::v3::FractionalPercent>| {
+        p.as_ref().map_or(
+            Ok(Fraction {
+                numerator: 100,
+                denominator: 100,
+            }),
+            |p| {
+                Ok::<_, String>(Fraction {
+                    numerator: p.numerator,
+                    denominator: match DenominatorType::try_from(p.denominator) {
+                        Ok(DenominatorType::Hundred) => 100,
+                        Ok(DenominatorType::TenThousand) => 10_000,
+                        Ok(DenominatorType::Million) => 1_000_000,
+                        Err(_) => {
+                            return Err(format!(
+                                "{field}: unknown percentage denominator {}",
+                                p.denominator
+                            ));
+                        }
+                    },
+                })
+            },
+        )
+    };
+    let delay = match &f.delay {
+        None => None,
+        Some(d) => Some(FaultDelay {
+            kind: match &d.fault_delay_secifier {
+                Some(fault_delay::FaultDelaySecifier::FixedDelay(t)) => FaultDelayKind::Fixed(
+                    duration(t).map_err(|e| format!("{field}.delay.fixed_delay: {e}"))?,
+                ),
+                Some(fault_delay::FaultDelaySecifier::HeaderDelay(_)) => FaultDelayKind::Header,
+                None => return Err(format!("{field}.delay: no delay specified")),
+            },
+            percentage: pct(&d.percentage)?,
+        }),
+    };
+    let abort = match &f.abort {
+        None => None,
+        Some(a) => Some(FaultAbort {
+            kind: match &a.error_type {
+                Some(fault_abort::ErrorType::HttpStatus(s)) => FaultAbortKind::Http(
+                    u16::try_from(*s)
+                        .ok()
+                        .filter(|s| (200..600).contains(s))
+                        .ok_or(format!(
+                            "{field}.abort.http_status: {s} is not in [200, 600)"
+                        ))?,
+                ),
+                Some(fault_abort::ErrorType::GrpcStatus(s)) => FaultAbortKind::Grpc(*s),
+                Some(fault_abort::ErrorType::HeaderAbort(_)) => FaultAbortKind::Header,
+                None => return Err(format!("{field}.abort: no error type")),
+            },
+            percentage: pct(&a.percentage)?,
+            body: Some(a.response_body.clone()).filter(|b| !b.is_empty()),
+        }),
+    };
+    let mut headers = Vec::with_capacity(f.headers.len());
+    for (i, h) in f.headers.iter().enumerate() {
+        headers.push(header_matcher(h).map_err(|e| format!("{field}.headers[{i}]: {e}"))?);
+    }
+    Ok(Some(std::sync::Arc::new(Fault {
+        delay,
+        abort,
+        headers,
+        upstream_cluster: Some(f.upstream_cluster).filter(|c| !c.is_empty()),
+    })))
 }
 
 /// Rewrites and the header mutations of the route, its virtual host and the configuration.
@@ -888,6 +988,59 @@ mod forwarding_tests {
             AppendAction::OverwriteIfExistsOrAdd
         );
         assert_eq!(f.response_headers.levels.len(), 1);
+
+        // Istio's VirtualService fault, as a per-route filter config.
+        {
+            use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{
+                FaultDelay, fault_delay,
+            };
+            use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
+                FaultAbort, HttpFault, fault_abort,
+            };
+            use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
+            use prost::{Message, Name};
+            let f = HttpFault {
+                delay: Some(FaultDelay {
+                    fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(
+                        envoy_types::pb::google::protobuf::Duration {
+                            seconds: 2,
+                            nanos: 0,
+                        },
+                    )),
+                    percentage: Some(FractionalPercent {
+                        numerator: 500_000,
+                        denominator: 2,
+                    }),
+                    ..Default::default()
+                }),
+                abort: Some(FaultAbort {
+                    error_type: Some(fault_abort::ErrorType::HttpStatus(503)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let mut with_fault = rc.clone();
+            with_fault.virtual_hosts[0].routes[0]
+                .typed_per_filter_config
+                .insert(
+                    FAULT_FILTER.into(),
+                    envoy_types::pb::google::protobuf::Any {
+                        type_url: HttpFault::type_url(),
+                        value: f.encode_to_vec(),
+                    },
+                );
+            let out = translate_route(&with_fault).unwrap();
+            let fault = out.virtual_hosts[0].routes[0].fault.clone().unwrap();
+            let d = fault.delay.as_ref().unwrap();
+            assert_eq!(
+                d.kind,
+                mesh_core::fault::FaultDelayKind::Fixed(std::time::Duration::from_secs(2))
+            );
+            assert_eq!(d.percentage.denominator, 1_000_000);
+            let a = fault.abort.as_ref().unwrap();
+            assert_eq!(a.kind, mesh_core::fault::FaultAbortKind::Http(503));
+            assert_eq!(a.percentage.numerator, 100);
+        }
 
         let mut bad = rc.clone();
         bad.request_headers_to_add[0].append_action = 9;
