@@ -278,6 +278,8 @@ struct Level {
     healthy: Vec<usize>,
     /// Weighted round-robin order over `healthy` (empty: weights are equal).
     wrr_healthy: Vec<u32>,
+    /// Whether every host of the level has the same weight.
+    equal_weights: bool,
     /// Ring or Maglev table over `healthy` / `all`, for hash policies.
     table_healthy: Option<HashTable>,
     table_all: Option<HashTable>,
@@ -351,6 +353,7 @@ impl Balancer {
                     hashing.then(|| build_table(policy, config, hosts, &set.endpoints, &weights))
                 };
                 Level {
+                    equal_weights: all.iter().all(|&i| weights[i] == weights[all[0]]),
                     wrr_healthy: wrr_order(&healthy, &weights),
                     table_healthy: table(&healthy),
                     table_all: table(&all),
@@ -430,7 +433,7 @@ impl Balancer {
         } else {
             &level.wrr_healthy[..]
         };
-        self.pick_in(hosts, wrr, table, ctx, rng)
+        self.pick_in(hosts, wrr, table, level.equal_weights, ctx, rng)
     }
 
     /// The slow path while outlier detection has hosts ejected: ejected hosts count as
@@ -473,7 +476,7 @@ impl Balancer {
         } else {
             level.table_healthy.as_ref()
         };
-        let picked = self.pick_in(hosts, &[], None, ctx, rng)?;
+        let picked = self.pick_in(hosts, &[], None, level.equal_weights, ctx, rng)?;
         // Hash policies keep their table; an ejected pick moves to a random healthy host.
         match (table, ctx.hash) {
             (Some(t), Some(h)) => match t.lookup(h) {
@@ -506,6 +509,7 @@ impl Balancer {
         hosts: &[usize],
         wrr: &[u32],
         table: Option<&HashTable>,
+        equal_weights: bool,
         ctx: &PickContext<'_>,
         rng: &mut R,
     ) -> Option<usize> {
@@ -519,7 +523,7 @@ impl Balancer {
                 }
             }
             LbPolicy::Random => Some(hosts[rng.random_range(0..hosts.len())]),
-            LbPolicy::LeastRequest => Some(self.least_request(hosts, rng)),
+            LbPolicy::LeastRequest => Some(self.least_request(hosts, equal_weights, rng)),
             LbPolicy::RingHash | LbPolicy::Maglev => {
                 let hash = ctx.hash.unwrap_or_else(|| rng.random::<u64>());
                 table
@@ -529,11 +533,11 @@ impl Balancer {
         }
     }
 
-    fn least_request<R: Rng + ?Sized>(&self, hosts: &[usize], rng: &mut R) -> usize {
-        let equal = hosts
-            .iter()
-            .all(|&i| self.weights[i] == self.weights[hosts[0]]);
-        if equal || hosts.len() == 1 {
+    fn least_request<R: Rng + ?Sized>(&self, hosts: &[usize], equal: bool, rng: &mut R) -> usize {
+        if hosts.len() == 1 {
+            return hosts[0];
+        }
+        if equal {
             // Power of `choice_count` choices; the first of equals wins.
             let mut best = hosts[rng.random_range(0..hosts.len())];
             for _ in 1..self.config.choice_count.max(1) {

@@ -35,11 +35,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
+use mesh_core::cluster::LbPolicy;
 use mesh_core::cluster::{Cluster, ClusterDiscovery, UpstreamProtocol, UpstreamTls};
 use mesh_core::endpoint::{EndpointSet, EndpointTlsMode, WorkloadMetadata};
 use mesh_core::flags::ResponseFlag;
 use mesh_core::headers::FormatContext;
-use mesh_core::lb::{Balancer, HostState, PickContext};
+use mesh_core::lb::{ActiveRequest, Balancer, HostState, PickContext};
 use mesh_core::outlier::{OutlierDetector, OutlierResult};
 use mesh_core::resolve::Resolve;
 use mesh_core::retry::{AttemptOutcome, RetryPolicy};
@@ -386,7 +387,11 @@ impl Outbound {
         let mut retry = fwd.retry.as_deref();
         let mut once_body = None;
         let mut replay = None;
-        if retry.is_some() {
+        if retry.is_some() && http_body::Body::is_end_stream(&body) {
+            // No body: the first attempt sends the original, retries an empty one.
+            replay = Some(replay::Replay::empty());
+            once_body = Some(body);
+        } else if retry.is_some() {
             match replay::buffer(body, fwd.retry_buffer_limit).await {
                 Ok(r) => replay = Some(r),
                 Err(replay::Overflow::Limit(b)) => {
@@ -475,6 +480,9 @@ impl Outbound {
                 _ => &[],
             };
             let max_picks = retry.map_or(1, |p| p.host_selection_retry_max_attempts.max(1));
+            // The host's active-request count (least request) and, with outlier detection,
+            // the host to report on.
+            let mut active: Option<ActiveRequest> = None;
             let mut live: Option<(Arc<BalancerEntry>, Arc<HostState>)> = None;
             let picked = match (&cluster.discovery, &fwd.endpoints) {
                 (ClusterDiscovery::OriginalDestination, _) => self
@@ -494,7 +502,13 @@ impl Outbound {
                     let i = entry.lb.pick(&ctx, &mut rand::rng());
                     i.map(|i| {
                         let ep = &set.endpoints[i];
-                        live = Some((entry.clone(), entry.lb.host(i).clone()));
+                        let hs = entry.lb.host(i);
+                        if cluster.lb_policy == LbPolicy::LeastRequest {
+                            active = Some(hs.start_request());
+                        }
+                        if state.outlier.is_some() {
+                            live = Some((entry.clone(), hs.clone()));
+                        }
                         (ep.address, ep.tls_mode, Some((ep.workload.as_ref(), set)))
                     })
                 }
@@ -543,9 +557,10 @@ impl Outbound {
                 let record = self.record(&host_pool.labels, start, host, grpc, request_bytes);
                 return local_reply(404, None, ResponseFlag::NoRouteFound, None, record);
             }
-            let b = match &replay {
-                Some(r) => r.body(),
-                None => once_body.take().unwrap_or_else(|| {
+            let b = match (once_body.take(), &replay) {
+                (Some(b), _) => b,
+                (None, Some(r)) => r.body(),
+                (None, None) => once_body.take().unwrap_or_else(|| {
                     http_body_util::Empty::new()
                         .map_err(|e| match e {})
                         .boxed_unsync()
@@ -564,7 +579,6 @@ impl Outbound {
                 }),
                 timeout: cluster.connect_timeout,
             };
-            let active = live.as_ref().map(|(_, h)| h.start_request());
             let send = host_pool.send(req, proto, &params);
             let result = match fwd.per_try_timeout {
                 Some(t) => tokio::time::timeout(t, send).await.ok(),

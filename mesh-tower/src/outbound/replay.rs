@@ -77,6 +77,14 @@ pub(crate) async fn buffer(mut body: ReqBody, limit: u32) -> Result<Replay, Over
 }
 
 impl Replay {
+    /// An empty body.
+    pub(crate) fn empty() -> Replay {
+        Replay {
+            data: Bytes::new(),
+            trailers: None,
+        }
+    }
+
     /// A fresh body for one attempt (the bytes are shared, not copied).
     pub(crate) fn body(&self) -> ReqBody {
         ReplayBody {
