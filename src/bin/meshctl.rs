@@ -15,6 +15,7 @@
 //! an Istio CA on one plaintext gRPC port, so a real sidecar's configuration can be replayed to
 //! mesh or to Envoy. It prints `listening on ADDR` and runs until interrupted.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -168,8 +169,12 @@ fn control_plane(args: &[String]) -> Result<ExitCode, String> {
             .iter()
             .map(|(t, m)| format!("{}={}", t.rsplit('.').next().unwrap_or(t), m.len()))
             .collect();
-        println!("listening on {}", cp.addr());
-        println!("serving {} (ADS delta + SotW, Istio CA)", counts.join(" "));
+        // Whoever started us may stop reading after the first line: a closed stdout must not
+        // take the control plane down.
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "listening on {}", cp.addr());
+        let _ = writeln!(out, "serving {} (ADS delta + SotW, Istio CA)", counts.join(" "));
+        let _ = out.flush();
         tokio::signal::ctrl_c()
             .await
             .map_err(|e| format!("waiting for ctrl-c: {e}"))?;
