@@ -1010,7 +1010,7 @@ fn redirects_match_envoy() {
 // ---------- forwarding: retries and rewrites, through a real upstream ----------
 
 /// What the scripted upstream saw of one request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Seen {
     uri: String,
     host: String,
@@ -1041,8 +1041,16 @@ impl ScriptedUpstream {
         ScriptedUpstream { port, seen }
     }
 
-    fn take(&self) -> Vec<Seen> {
-        std::mem::take(&mut *self.seen.lock().unwrap())
+    /// What was seen since the last call, sorted; waits (bounded) for `at_least` requests
+    /// (mirrors arrive on their own time).
+    fn take(&self, at_least: usize) -> Vec<Seen> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.seen.lock().unwrap().len() < at_least && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut v = std::mem::take(&mut *self.seen.lock().unwrap());
+        v.sort();
+        v
     }
 }
 
@@ -1110,10 +1118,15 @@ fn serve_scripted(mut stream: TcpStream, seen: &std::sync::Mutex<Vec<Seen>>) {
 }
 
 /// Status and the `x-*` response headers (sorted) of a response.
-fn envoy_forward(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>) {
+fn envoy_forward(
+    port: u16,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to envoy");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut text = format!("GET {path} HTTP/1.1\r\nHost: svc\r\n");
+    let mut text = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
     for (k, v) in headers {
         text.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -1180,6 +1193,8 @@ fn retries_and_rewrites_match_envoy() {
                  ],
                  "response_headers_to_remove": ["x-upstream"],
                  "route": {"cluster": "up", "prefix_rewrite": "/api/v2/", "host_rewrite_literal": "backend.example"}},
+                {"name": "mirror", "match": {"prefix": "/mirror"},
+                 "route": {"cluster": "up", "request_mirror_policies": [{"cluster": "up"}]}},
                 {"name": "regex", "match": {"prefix": "/users/"},
                  "route": {"cluster": "up", "regex_rewrite": {"pattern": {"regex": "^/users/([0-9]+)$"}, "substitution": "/u/\\1"}}},
             ],
@@ -1213,41 +1228,59 @@ fn retries_and_rewrites_match_envoy() {
     }]);
     let _envoy = EnvoyProcess::start(&boot.to_string());
 
-    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
-        ("/once/a", vec![]),
-        ("/always/b", vec![]),
+    // (host, path, headers, requests the upstream sees)
+    type Case = (
+        &'static str,
+        &'static str,
+        Vec<(&'static str, &'static str)>,
+        usize,
+    );
+    let cases: Vec<Case> = vec![
+        ("svc", "/once/a", vec![], 2),
+        ("svc", "/always/b", vec![], 3),
         (
+            "svc",
             "/v1/items?x=1",
             vec![("x-user", "alice"), ("x-secret", "s"), ("x-level", "app")],
+            1,
         ),
-        ("/v1/", vec![]),
-        ("/users/42?q", vec![("x-secret", "s")]),
-        ("/users/abc", vec![]),
+        ("svc", "/v1/", vec![], 1),
+        ("svc", "/users/42?q", vec![("x-secret", "s")], 1),
+        ("svc", "/users/abc", vec![], 1),
+        ("svc", "/mirror/a", vec![("x-user", "m")], 2),
+        ("svc:8080", "/mirror/b", vec![], 2),
     ];
     let mut envoy_runs = Vec::new();
-    for (path, headers) in &cases {
-        let resp = envoy_forward(port, path, headers);
-        envoy_runs.push((resp, up.take()));
+    for (host, path, headers, n) in &cases {
+        let resp = envoy_forward(port, host, path, headers);
+        envoy_runs.push((resp, up.take(*n)));
     }
 
     // mesh: the same route configuration in a snapshot whose cluster `up` has the upstream.
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let mesh_runs = rt.block_on(async {
         use std::collections::{BTreeMap, HashMap};
         use std::sync::Arc;
-        let l = mesh_core::listener::Listener {
-            name: "0.0.0.0_80".into(),
-            address: "0.0.0.0:80".parse().unwrap(),
+        let listener = |port: u16| mesh_core::listener::Listener {
+            name: format!("0.0.0.0_{port}"),
+            address: ([0, 0, 0, 0], port).into(),
             kind: mesh_core::listener::ListenerKind::Outbound(
                 mesh_core::listener::OutboundProtocol::Http {
                     route_config: "fwd".into(),
                 },
             ),
         };
+        let listeners: HashMap<String, Arc<mesh_core::listener::Listener>> = [80, 8080]
+            .into_iter()
+            .map(|p| (format!("0.0.0.0_{p}"), Arc::new(listener(p))))
+            .collect();
         let ep = mesh_core::endpoint::Endpoint::new(([127, 0, 0, 1], up.port).into());
         let snap = mesh_core::Snapshot::new(
             1,
-            HashMap::from([(l.name.clone(), Arc::new(l))]),
+            listeners,
             HashMap::from([("fwd".to_owned(), Arc::new(rc))]),
             HashMap::from([(
                 "up".to_owned(),
@@ -1266,8 +1299,8 @@ fn retries_and_rewrites_match_envoy() {
         let node = mesh_core::NodeIdentity::new("t", "default", "127.0.0.1".parse().unwrap(), "sa");
         let out = mesh_tower::outbound::Outbound::new(cell, mesh_core::CertStore::new(), node);
         let mut runs = Vec::new();
-        for (path, headers) in &cases {
-            let mut b = http::Request::get(format!("http://svc{path}"));
+        for (host, path, headers, n) in &cases {
+            let mut b = http::Request::get(format!("http://{host}{path}"));
             for (k, v) in headers {
                 b = b.header(*k, *v);
             }
@@ -1286,12 +1319,13 @@ fn retries_and_rewrites_match_envoy() {
                 .collect();
             xs.sort();
             drop(resp);
-            runs.push(((status, xs), up.take()));
+            let seen = tokio::task::block_in_place(|| up.take(*n));
+            runs.push(((status, xs), seen));
         }
         runs
     });
     let mut disagreements = Vec::new();
-    for (i, (path, _)) in cases.iter().enumerate() {
+    for (i, (_, path, _, _)) in cases.iter().enumerate() {
         if envoy_runs[i] != mesh_runs[i] {
             disagreements.push(format!(
                 "{path}:\n  envoy {:?}\n  mesh  {:?}",

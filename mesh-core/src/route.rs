@@ -541,6 +541,17 @@ pub enum HostRewrite {
     Auto,
 }
 
+/// One `request_mirror_policies` entry: a fire-and-forget copy of the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorPolicy {
+    /// The shadow cluster.
+    pub cluster: String,
+    /// `runtime_fraction` default value (`None`: every request).
+    pub fraction: Option<Fraction>,
+    /// `disable_shadow_host_suffix_append`.
+    pub disable_shadow_host_suffix_append: bool,
+}
+
 /// What a route changes in the request and response when forwarding.
 #[derive(Clone, Debug, Default)]
 pub struct Forwarding {
@@ -552,6 +563,8 @@ pub struct Forwarding {
     pub request_headers: crate::headers::HeaderMutations,
     /// Response header mutations (route, virtual host, route configuration).
     pub response_headers: crate::headers::HeaderMutations,
+    /// `request_mirror_policies` (the route's, else the virtual host's).
+    pub mirrors: Vec<MirrorPolicy>,
 }
 
 impl Forwarding {
@@ -561,6 +574,7 @@ impl Forwarding {
             && self.host_rewrite.is_none()
             && self.request_headers.is_empty()
             && self.response_headers.is_empty()
+            && self.mirrors.is_empty()
     }
 
     /// The rewritten `path?query` for a request that matched `matcher`, if the route rewrites

@@ -261,6 +261,7 @@ impl Outbound {
                 fault,
                 ..
             } => Forward {
+                shadow: false,
                 fault,
                 hash,
                 forwarding,
@@ -385,13 +386,18 @@ impl Outbound {
 
         // Keep the body for retries, up to the buffer limit; a bigger body is sent once.
         let mut retry = fwd.retry.as_deref();
+        let mirrors = match fwd.forwarding.as_deref() {
+            Some(f) if !fwd.shadow && !f.mirrors.is_empty() => &f.mirrors[..],
+            _ => &[],
+        };
         let mut once_body = None;
         let mut replay = None;
-        if retry.is_some() && http_body::Body::is_end_stream(&body) {
+        let keep_body = retry.is_some() || !mirrors.is_empty();
+        if keep_body && http_body::Body::is_end_stream(&body) {
             // No body: the first attempt sends the original, retries an empty one.
             replay = Some(replay::Replay::empty());
             once_body = Some(body);
-        } else if retry.is_some() {
+        } else if keep_body {
             match replay::buffer(body, fwd.retry_buffer_limit).await {
                 Ok(r) => replay = Some(r),
                 Err(replay::Overflow::Limit(b)) => {
@@ -404,7 +410,14 @@ impl Outbound {
                 }
                 Err(replay::Overflow::Body(e)) => {
                     tracing::debug!(error = %e, "request body failed while buffering for retries");
-                    let record = self.record(&self.inner.no_host, start, host, grpc, request_bytes);
+                    let record = self.record_unless(
+                        fwd.shadow,
+                        &self.inner.no_host,
+                        start,
+                        host,
+                        grpc,
+                        request_bytes,
+                    );
                     return local_reply(
                         400,
                         None,
@@ -423,7 +436,14 @@ impl Outbound {
             CounterGuard::try_acquire(&state.rq_active, cluster.circuit_breakers.max_requests)
         else {
             tracing::debug!(cluster = %cluster.name, "circuit breaker open: max_requests");
-            let record = self.record(&self.inner.no_host, start, host, grpc, request_bytes);
+            let record = self.record_unless(
+                fwd.shadow,
+                &self.inner.no_host,
+                start,
+                host,
+                grpc,
+                request_bytes,
+            );
             return local_reply(
                 503,
                 Some(Bytes::from(format!("{UPSTREAM_RESET_PREFIX}overflow"))),
@@ -467,6 +487,11 @@ impl Outbound {
             .forwarding
             .as_deref()
             .is_some_and(|f| !f.response_headers.is_empty());
+        if let Some(r) = &replay {
+            for m in mirrors {
+                self.mirror(m, &parts, r, authority, port, grpc);
+            }
+        }
         let mut parts = Some(parts);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
@@ -515,7 +540,14 @@ impl Outbound {
                 (_, None) => None,
             };
             let Some((addr, tls_mode, ep_info)) = picked else {
-                let record = self.record(&self.inner.no_host, start, host, grpc, request_bytes);
+                let record = self.record_unless(
+                    fwd.shadow,
+                    &self.inner.no_host,
+                    start,
+                    host,
+                    grpc,
+                    request_bytes,
+                );
                 return local_reply(
                     503,
                     Some(Bytes::from_static(NO_HEALTHY_UPSTREAM.as_bytes())),
@@ -554,7 +586,14 @@ impl Outbound {
             }
             if let Err(e) = prepare(&mut p, authority, proto) {
                 tracing::debug!(error = %e, "cannot forward request");
-                let record = self.record(&host_pool.labels, start, host, grpc, request_bytes);
+                let record = self.record_unless(
+                    fwd.shadow,
+                    &host_pool.labels,
+                    start,
+                    host,
+                    grpc,
+                    request_bytes,
+                );
                 return local_reply(404, None, ResponseFlag::NoRouteFound, None, record);
             }
             let b = match (once_body.take(), &replay) {
@@ -646,7 +685,14 @@ impl Outbound {
                 host: active,
                 cluster: rq_guard.take(),
             };
-            let mut record = self.record(&host_pool.labels, start, host, grpc, request_bytes);
+            let mut record = self.record_unless(
+                fwd.shadow,
+                &host_pool.labels,
+                start,
+                host,
+                grpc,
+                request_bytes,
+            );
             let mut resp = match result {
                 None => {
                     let flag = if exhausted {
@@ -729,6 +775,93 @@ impl Outbound {
             }
             break resp;
         }
+    }
+
+    fn record_unless(
+        &self,
+        shadow: bool,
+        labels: &Arc<LabelBase>,
+        start: Instant,
+        host: &str,
+        grpc: bool,
+        request_bytes: u64,
+    ) -> Option<Record> {
+        if shadow {
+            None
+        } else {
+            self.record(labels, start, host, grpc, request_bytes)
+        }
+    }
+
+    /// Sends a fire-and-forget copy of the request to the mirror's cluster, with `-shadow`
+    /// appended to the host (before a port).
+    fn mirror(
+        &self,
+        m: &mesh_core::route::MirrorPolicy,
+        parts: &http::request::Parts,
+        body: &replay::Replay,
+        authority: &AuthorityBuf,
+        port: u16,
+        grpc: bool,
+    ) {
+        if m.fraction.is_some_and(|f| !f.hit(rand::random::<u64>())) {
+            return;
+        }
+        let Some((cluster, endpoints)) = self.inner.cell.load().cluster(&m.cluster) else {
+            tracing::debug!(cluster = %m.cluster, "mirror cluster not found");
+            return;
+        };
+        let host = authority.as_str();
+        let shadow_host = if m.disable_shadow_host_suffix_append {
+            host.to_owned()
+        } else {
+            match authority_port(host) {
+                Some(p) => format!(
+                    "{}-shadow:{p}",
+                    &host[..host.len() - p.to_string().len() - 1]
+                ),
+                None => format!("{host}-shadow"),
+            }
+        };
+        let Ok(value) = HeaderValue::from_str(&shadow_host) else {
+            return;
+        };
+        let mut p = copy_parts(parts);
+        p.headers.insert(header::HOST, value.clone());
+        // Envoy 1.40 sends shadows through its async client, which appends this address to
+        // `x-forwarded-for` (observed in the routing oracle).
+        p.headers.append(
+            HeaderName::from_static("x-forwarded-for"),
+            HeaderValue::from_static("192.0.2.2"),
+        );
+        let fwd = Forward {
+            cluster,
+            endpoints,
+            timeout: None,
+            per_try_timeout: None,
+            retry: None,
+            retry_buffer_limit: 0,
+            attempt_count_upstream: false,
+            attempt_count_downstream: false,
+            hash: None,
+            forwarding: None,
+            rewritten_path: None,
+            fault: None,
+            shadow: true,
+        };
+        let this = self.clone();
+        let body = body.body();
+        tokio::spawn(async move {
+            let authority = AuthorityBuf::Header(value);
+            let send = async {
+                let resp = this
+                    .attempts(p, body, &authority, port, &fwd, Instant::now(), grpc, 0)
+                    .await;
+                let _ = resp.into_body().collect().await;
+            };
+            // A shadow never outlives a minute.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), send).await;
+        });
     }
 
     fn no_parts(
@@ -1025,6 +1158,8 @@ struct Forward {
     forwarding: Option<Arc<Forwarding>>,
     rewritten_path: Option<String>,
     fault: Option<Arc<mesh_core::fault::Fault>>,
+    /// A mirror copy: no telemetry, no further mirroring.
+    shadow: bool,
 }
 
 /// Envoy's `%PROTOCOL%`.

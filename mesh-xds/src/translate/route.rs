@@ -17,8 +17,8 @@ use mesh_core::headers::{
 use mesh_core::retry::{RetryBackOff, RetryOn};
 use mesh_core::route::{
     Forwarding, Fraction, HashPolicy, HashPolicyKind, HeaderMatcher, HeaderSource,
-    HeaderValueMatch, HostRewrite, PathMatch, PathRewrite, QueryParameterMatcher, Redirect,
-    RedirectPath, RetryPolicy, Route, RouteAction, RouteConfig, RouteMatch, StringMatch,
+    HeaderValueMatch, HostRewrite, MirrorPolicy, PathMatch, PathRewrite, QueryParameterMatcher,
+    Redirect, RedirectPath, RetryPolicy, Route, RouteAction, RouteConfig, RouteMatch, StringMatch,
     StringPattern, VirtualHost, WeightedCluster, WeightedClusters,
 };
 
@@ -64,6 +64,7 @@ fn translate_one(
     let mut hash_policy = Vec::new();
     let mut path_rewrite = None;
     let mut host_rewrite = None;
+    let mut mirrors = Vec::new();
     let (action, timeout, retry) = match &r.action {
         Some(route::Action::Route(ra)) => {
             let action = match &ra.cluster_specifier {
@@ -116,6 +117,39 @@ fn translate_one(
                 None => None,
             };
             hash_policy = hash_policies(&ra.hash_policy)?;
+            let policies = if ra.request_mirror_policies.is_empty() {
+                &vh.request_mirror_policies
+            } else {
+                &ra.request_mirror_policies
+            };
+            for (i, m) in policies.iter().enumerate() {
+                if m.cluster.is_empty() {
+                    return Err(format!(
+                        "route.request_mirror_policies[{i}]: only a fixed cluster is supported"
+                    ));
+                }
+                mirrors.push(MirrorPolicy {
+                    cluster: m.cluster.clone(),
+                    fraction: match m.runtime_fraction.as_ref().and_then(|r| r.default_value.as_ref()) {
+                        None => None,
+                        Some(f) => Some(Fraction {
+                            numerator: f.numerator,
+                            denominator: match DenominatorType::try_from(f.denominator) {
+                                Ok(DenominatorType::Hundred) => 100,
+                                Ok(DenominatorType::TenThousand) => 10_000,
+                                Ok(DenominatorType::Million) => 1_000_000,
+                                Err(_) => {
+                                    return Err(format!(
+                                        "route.request_mirror_policies[{i}].runtime_fraction: unknown denominator {}",
+                                        f.denominator
+                                    ));
+                                }
+                            },
+                        }),
+                    },
+                    disable_shadow_host_suffix_append: m.disable_shadow_host_suffix_append,
+                });
+            }
             path_rewrite = match (&ra.prefix_rewrite, &ra.regex_rewrite) {
                 (p, Some(_)) if !p.is_empty() => {
                     return Err(
@@ -251,7 +285,7 @@ fn translate_one(
         include_request_attempt_count: vh.include_request_attempt_count,
         include_attempt_count_in_response: vh.include_attempt_count_in_response,
         hash_policy,
-        forwarding: forwarding(r, vh, rc, path_rewrite, host_rewrite)?,
+        forwarding: forwarding(r, vh, rc, path_rewrite, host_rewrite, mirrors)?,
         fault: fault(r, vh)?,
     })
 }
@@ -362,6 +396,7 @@ fn forwarding(
     rc: &RouteConfiguration,
     path_rewrite: Option<PathRewrite>,
     host_rewrite: Option<HostRewrite>,
+    mirrors: Vec<MirrorPolicy>,
 ) -> Result<Option<std::sync::Arc<Forwarding>>, String> {
     let levels = |which: [(&[PbHeaderValueOption], &[String], &str); 3]| {
         let mut out = HeaderMutations::default();
@@ -374,6 +409,7 @@ fn forwarding(
         Ok::<_, String>(out)
     };
     let f = Forwarding {
+        mirrors,
         path_rewrite,
         host_rewrite,
         request_headers: levels([
