@@ -15,8 +15,19 @@ use crate::runtime::Mesh;
 /// Where the workload certificate comes from.
 #[derive(Debug, Clone)]
 pub enum CertificateSource {
-    /// istiod's CA (the default), at the configured CA address.
+    /// The default: what pilot-agent would pick from the same signals — the workload SDS
+    /// socket (`/var/run/secrets/workload-spiffe-uds/socket`, SPIRE or an external
+    /// istio-agent), else the workload credentials directory
+    /// (`/var/run/secrets/workload-spiffe-credentials/`), else `/etc/certs/` when
+    /// `FILE_MOUNTED_CERTS=true`, else istiod's CA.
+    Auto,
+    /// istiod's CA, at the configured CA address.
     IstioCa,
+    /// File-mounted certificates: `cert-chain.pem`, `key.pem`, `root-cert.pem` in this
+    /// directory, watched and reloaded when they change.
+    Files(std::path::PathBuf),
+    /// An SDS server on this Unix socket (resources `default` and `ROOTCA`).
+    Sds(std::path::PathBuf),
     /// A certificate supplied by the caller (tests, or certificates provisioned elsewhere).
     Static(Box<WorkloadCertificate>),
     /// No certificate: plaintext only (mTLS endpoints will fail with `UF`).
@@ -46,7 +57,7 @@ impl MeshBuilder {
     pub fn new(node: NodeIdentity) -> Self {
         MeshBuilder {
             config: MeshConfig::for_node(node),
-            certificate: CertificateSource::IstioCa,
+            certificate: CertificateSource::Auto,
             app_port: DEFAULT_APP_PORT,
             inbound_mode: None,
             handle_signals: false,
@@ -60,7 +71,7 @@ impl MeshBuilder {
         let app_port = app_port_from(source).unwrap_or(DEFAULT_APP_PORT);
         Ok(MeshBuilder {
             config,
-            certificate: CertificateSource::IstioCa,
+            certificate: CertificateSource::Auto,
             app_port,
             inbound_mode: None,
             handle_signals: false,

@@ -71,10 +71,10 @@ impl Mesh {
         let (stop, _) = watch::channel(false);
         let mut tasks = Vec::new();
 
-        match &builder.certificate {
-            CertificateSource::Static(cert) => certs.set((**cert).clone()),
-            CertificateSource::None => {}
-            CertificateSource::IstioCa => {
+        match resolve_certificate_source(&builder.certificate, config) {
+            ResolvedSource::Static(cert) => certs.set(cert),
+            ResolvedSource::None => {}
+            ResolvedSource::IstioCa => {
                 if let Some(ca) = config.ca.clone() {
                     tasks.push(tokio::spawn(run_certificates(
                         ca,
@@ -84,6 +84,23 @@ impl Mesh {
                         certs.clone(),
                     )));
                 }
+            }
+            ResolvedSource::Files(dir) => {
+                tracing::info!(dir = %dir.display(), "workload certificate from mounted files");
+                let watcher = mesh_xds::secrets::FileCertificateWatcher::new(dir, certs.clone());
+                if let Err(error) = watcher.load_into_store() {
+                    tracing::warn!(%error, "mounted certificates not loadable yet; watching for them");
+                }
+                tasks.push(tokio::spawn(watcher.run()));
+            }
+            ResolvedSource::Sds(socket) => {
+                tracing::info!(socket = %socket.display(), "workload certificate from the SDS socket");
+                let client = mesh_xds::secrets::SdsClient::new(
+                    socket,
+                    config.node.node_id(),
+                    certs.clone(),
+                );
+                tasks.push(tokio::spawn(client.run()));
             }
         }
 
@@ -382,6 +399,44 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A [`CertificateSource`] with `Auto` decided.
+#[derive(Debug)]
+enum ResolvedSource {
+    Static(mesh_core::WorkloadCertificate),
+    None,
+    IstioCa,
+    Files(std::path::PathBuf),
+    Sds(std::path::PathBuf),
+}
+
+/// Decides `Auto` as pilot-agent does (mesh-xds `select_certificate_source` over the process
+/// environment and the well-known paths under `/`).
+fn resolve_certificate_source(
+    source: &CertificateSource,
+    config: &mesh_core::config::MeshConfig,
+) -> ResolvedSource {
+    match source {
+        CertificateSource::Static(cert) => ResolvedSource::Static((**cert).clone()),
+        CertificateSource::None => ResolvedSource::None,
+        CertificateSource::IstioCa => ResolvedSource::IstioCa,
+        CertificateSource::Files(dir) => ResolvedSource::Files(dir.clone()),
+        CertificateSource::Sds(socket) => ResolvedSource::Sds(socket.clone()),
+        CertificateSource::Auto => {
+            let signals = mesh_xds::secrets::SourceSignals::gather(
+                std::path::Path::new("/"),
+                &|k| std::env::var(k).ok(),
+                &config.discovery.address,
+            );
+            match mesh_xds::secrets::select_certificate_source(&signals) {
+                mesh_xds::secrets::CertificateSource::Sds { socket } => ResolvedSource::Sds(socket),
+                mesh_xds::secrets::CertificateSource::Files { dir } => ResolvedSource::Files(dir),
+                // The CA address (CA_ADDR or the discovery address) is already in the config.
+                mesh_xds::secrets::CertificateSource::IstioCa { .. } => ResolvedSource::IstioCa,
+            }
+        }
     }
 }
 
