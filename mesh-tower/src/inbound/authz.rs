@@ -45,9 +45,7 @@ pub(crate) struct LocalReply {
 /// Normalizes the request's path in place (Istio's `BASE` normalization on the inbound HCM);
 /// returns the local reply for a path Envoy refuses (400) or redirects (307).
 pub(crate) fn normalize_request_path(uri: &mut Uri) -> Option<LocalReply> {
-    let Some(pq) = uri.path_and_query() else {
-        return None;
-    };
+    let pq = uri.path_and_query()?;
     let mode = PathNormalization::Base;
     if is_normalized(pq.as_str(), mode) {
         return None;

@@ -461,6 +461,7 @@ fn handshake_failed(remote: SocketAddr, error: &std::io::Error) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_http<I, S, B>(
     io: I,
     app: S,

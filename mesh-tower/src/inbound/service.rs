@@ -212,6 +212,8 @@ where
 }
 
 /// Calling the application, or answering locally (authorization denied, bad path).
+// The application call is the hot path and stays inline; boxing it would allocate per request.
+#[allow(clippy::large_enum_variant)]
 #[pin_project(project = StateProj)]
 #[derive(Debug)]
 enum State<S, B>

@@ -465,7 +465,7 @@ pub fn virtual_inbound_with_authz(
             vec![inbound_http_connection_manager(policies)]
         } else {
             let mut filters = network_rbac_filters(policies);
-            filters.extend(fc.filters.drain(..));
+            filters.append(&mut fc.filters);
             filters
         };
         if let Some(ts) = &mut fc.transport_socket
