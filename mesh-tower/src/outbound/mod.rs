@@ -2,17 +2,25 @@
 //!
 //! [`Outbound`] is what the application's HTTP client calls instead of going through Envoy's
 //! outbound listener. Per request it loads the current [`Snapshot`](mesh_core::Snapshot) once,
-//! routes on the authority and port, picks an endpoint round-robin, and sends the request over
-//! a pooled connection: plaintext, or Istio mTLS (`istio-http/1.1` / `istio-h2` ALPN, SNI
-//! `outbound_.<port>_.<subset>_.<fqdn>`) when the endpoint's `tlsMode` is `istio`.
+//! routes on the authority and port, applies the route's fault injection, rewrites and
+//! header mutations, picks an endpoint with the cluster's load balancer
+//! ([`mesh_core::lb`]: priorities, panic threshold, round robin / least request / random /
+//! ring hash / Maglev), and sends the request over a pooled connection: plaintext, or Istio
+//! mTLS (`istio-http/1.1` / `istio-h2` ALPN, SNI `outbound_.<port>_.<subset>_.<fqdn>`) when the
+//! endpoint's `tlsMode` is `istio`.
+//!
+//! Resilience follows Envoy's router: the route timeout bounds all attempts; the retry policy
+//! ([`mesh_core::retry`]) retries connect failures, resets, per-try timeouts and retriable
+//! responses with jittered back-off, avoiding previous hosts, with the request body kept up
+//! to the buffer limit; outlier detection ([`mesh_core::outlier`]) sees every attempt; the
+//! circuit breakers `max_requests` (503 `UO`) and `max_retries` are enforced per cluster;
+//! `request_mirror_policies` send fire-and-forget shadows.
 //!
 //! Like Envoy, it always answers: failures become Envoy's local replies (same status, body
 //! and [`ResponseFlag`] in the response extensions), e.g. `NR` 404, `UH` 503
 //! `no healthy upstream`, `UF` 503 `upstream connect error or disconnect/reset before
-//! headers. reset reason: connection failure`, `UT` 504 `upstream request timeout`.
-//!
-//! Retries and outlier detection are not applied yet: the seam is [`Outbound`]'s private
-//! `forward` step, which sends one attempt and maps its failure to a local reply.
+//! headers. reset reason: connection failure`, `UT` 504 `upstream request timeout`, `URX`
+//! when retries ran out on a retriable failure, `FI` for an injected abort.
 
 mod body;
 mod pool;
