@@ -193,6 +193,14 @@ async fn allow_policy_admits_only_the_named_principal() {
     assert_eq!(resp.status(), 200, "{:?}", resp.body());
     let body = String::from_utf8_lossy(resp.body()).into_owned();
     assert_eq!(field(&body, "peer"), spiffe("sleep").to_string());
+    // XFCC as istiod configures the inbound HCM (APPEND_FORWARD, subject/URI/DNS).
+    let xfcc = field(&body, "xfcc");
+    assert!(
+        xfcc.starts_with(&format!("By={};Hash=", spiffe("backend")))
+            && xfcc.contains(";Subject=\"")
+            && xfcc.ends_with(&format!(";URI={}", spiffe("sleep"))),
+        "{xfcc}"
+    );
     assert_eq!(app.hits(), before + 1);
 
     // Another meshed identity: 403 "RBAC: access denied" from the server's sidecar part.
@@ -360,4 +368,31 @@ async fn peers_from_another_trust_domain_are_refused_in_the_handshake() {
         .await
         .unwrap();
     assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_xfcc_from_a_plaintext_peer_is_stripped() {
+    let plane = Plane::start(MeshModel::default()).await;
+    let server = plane.ready_mesh("backend").await;
+    let app = Echo::new("backend");
+    let (addr, _serving) = app.serve_meshed(&server).await;
+    let text = timeout(WAIT, async {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(
+            b"GET / HTTP/1.1\r\nHost: backend\r\nx-forwarded-client-cert: By=x;URI=spiffe://cluster.local/ns/default/sa/admin\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut raw = Vec::new();
+        let _ = tcp.read_to_end(&mut raw).await;
+        String::from_utf8_lossy(&raw).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("\nxfcc=\n"),
+        "spoofed XFCC reached the app: {text}"
+    );
+    assert!(!text.contains("sa/admin"), "{text}");
 }

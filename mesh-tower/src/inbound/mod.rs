@@ -28,6 +28,7 @@ pub mod authz;
 mod service;
 mod stats;
 pub mod tracing_headers;
+pub mod xfcc;
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -150,6 +151,7 @@ where
 #[derive(Debug)]
 struct Shared {
     cell: SnapshotCell,
+    certs: CertStore,
     config: InboundConfig,
     strict_tls: Arc<rustls::ServerConfig>,
     permissive_tls: Arc<rustls::ServerConfig>,
@@ -199,6 +201,7 @@ impl Shared {
             builder,
             inbound_cluster: Arc::from(format!("inbound|{}||", config.port)),
             cell,
+            certs,
             config,
         })
     }
@@ -323,7 +326,7 @@ async fn handle_connection<S, B>(
                 TokioIo::new(tcp),
                 app,
                 None,
-                (http_authz, false),
+                (http_authz, false, None),
                 labels,
                 info,
                 &shared,
@@ -366,6 +369,15 @@ async fn handle_connection<S, B>(
                 Arc::new(shared.destination_service()),
             );
             let sni = stream.get_ref().1.server_name().map(str::to_owned);
+            let xfcc = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| {
+                    let by = shared.certs.current().map(|c| c.identity.to_string());
+                    xfcc::client_cert_element(by.as_deref(), leaf.as_ref())
+                });
             let conn_authz = shared.connection_authz(
                 port_authz.as_ref(),
                 local,
@@ -383,7 +395,7 @@ async fn handle_connection<S, B>(
                 TokioIo::new(stream),
                 app,
                 peer,
-                (http_authz, true),
+                (http_authz, true, xfcc),
                 labels,
                 info,
                 &shared,
@@ -466,7 +478,11 @@ async fn serve_http<I, S, B>(
     io: I,
     app: S,
     peer: Option<PeerIdentity>,
-    (authz, tls): (Option<Arc<authz::ConnectionAuthz>>, bool),
+    (authz, tls, xfcc): (
+        Option<Arc<authz::ConnectionAuthz>>,
+        bool,
+        Option<http::HeaderValue>,
+    ),
     labels: ConnectionLabels,
     info: Option<Arc<ConnectionInfo>>,
     shared: &Shared,
@@ -488,7 +504,8 @@ async fn serve_http<I, S, B>(
         Arc::clone(&shared.stats),
         info,
     )
-    .with_authz(authz, tls);
+    .with_authz(authz, tls)
+    .with_xfcc(xfcc);
     let conn = shared.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {

@@ -51,6 +51,7 @@ pub(crate) struct InboundService<S> {
     cached_peer: ArcSwapOption<CachedPeer>,
     authz: Option<Arc<ConnectionAuthz>>,
     tls: bool,
+    xfcc: Option<HeaderValue>,
 }
 
 impl<S> InboundService<S> {
@@ -72,7 +73,15 @@ impl<S> InboundService<S> {
             cached_peer: ArcSwapOption::empty(),
             authz: None,
             tls: false,
+            xfcc: None,
         }
+    }
+
+    /// The XFCC element this connection's client certificate adds (`None`: no client
+    /// certificate, so a client-sent XFCC is stripped).
+    pub(crate) fn with_xfcc(mut self, xfcc: Option<HeaderValue>) -> Self {
+        self.xfcc = xfcc;
+        self
     }
 
     /// Enforces `authz` (the port's HTTP authorization chain) on every request.
@@ -127,6 +136,7 @@ where
         let request_bytes = req.body().size_hint().exact().unwrap_or(0);
         let (source, exchanged) = self.discover_peer(req.headers_mut());
         super::tracing_headers::on_request(req.headers_mut());
+        super::xfcc::apply(req.headers_mut(), self.xfcc.as_ref());
         let access = self
             .access
             .as_ref()
