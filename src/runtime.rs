@@ -111,6 +111,7 @@ impl Mesh {
                 token_path: config.token_path.clone(),
                 delta: config.delta_xds,
                 headers: Vec::new(),
+                initial_fetch_timeout: mesh_xds::ads::AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT,
             },
             cell.clone(),
         );

@@ -142,6 +142,7 @@ async fn replay(addr: &str, delta: bool) -> std::sync::Arc<mesh_core::Snapshot> 
         token_path: None,
         delta,
         headers: Vec::new(),
+        initial_fetch_timeout: AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT,
     };
     let task = tokio::spawn(AdsClient::new(config, cell.clone()).run());
     let mut rx = cell.subscribe();

@@ -56,6 +56,7 @@ fn start_client(cp: &ControlPlane, delta: bool) -> (SnapshotCell, tokio::task::J
         token_path: None,
         delta,
         headers: vec![("x-test".into(), "1".into())],
+        initial_fetch_timeout: AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT,
     };
     let task = tokio::spawn(AdsClient::new(config, cell.clone()).run());
     (cell, task)

@@ -56,6 +56,7 @@ fn start_client(address: SocketAddr, delta: bool) -> (SnapshotCell, tokio::task:
         token_path: None,
         delta,
         headers: Vec::new(),
+        initial_fetch_timeout: AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT,
     };
     let task = tokio::spawn(AdsClient::new(config, cell.clone()).run());
     (cell, task)
@@ -381,8 +382,12 @@ async fn one_bad_among_good(delta: bool, type_url: &'static str) {
         1,
         "{type_url}: only the bad resource is named: {message}"
     );
+    // A new cluster is used once its endpoints arrive (warming), so wait for those too.
     wait_until(&cell, "the good change", |s| {
         frontend_has(s, "127.0.0.1:9092")
+            && (type_url != CLUSTER
+                || s.cluster("outbound|81||frontend.default.svc.cluster.local")
+                    .is_some_and(|(_, e)| e.is_some()))
     })
     .await;
     let now = cell.load();

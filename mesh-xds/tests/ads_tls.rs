@@ -41,6 +41,7 @@ async fn ads_tls_with_root_cert_and_bearer_token() {
         token_path: Some(token),
         delta: true,
         headers: vec![],
+        initial_fetch_timeout: AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT,
     };
     let task = tokio::spawn(AdsClient::new(config, cell.clone()).run());
     timeout(Duration::from_secs(20), cell.synced())
@@ -92,6 +93,7 @@ async fn ads_tls_without_token_never_syncs() {
         token_path: None,
         delta: true,
         headers: vec![],
+        initial_fetch_timeout: AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT,
     };
     let task = tokio::spawn(AdsClient::new(config, cell.clone()).run());
     // Refused streams never open, so nothing is published.

@@ -87,6 +87,7 @@ async fn ads_metrics_connected_state_updates_and_acked_versions() {
         token_path: None,
         delta: true,
         headers: Vec::new(),
+        initial_fetch_timeout: AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT,
     };
     let task = tokio::spawn(AdsClient::new(config, cell.clone()).run());
     timeout(WAIT, cell.synced()).await.expect("never synced");

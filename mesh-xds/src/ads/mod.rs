@@ -3,9 +3,17 @@
 //! (`StreamAggregatedResources`), with per-resource validation, ACK/NACK, and reconnection
 //! with jittered exponential backoff.
 //!
-//! After every accepted response a whole [`mesh_core::Snapshot`] is rebuilt and published to
-//! the [`SnapshotCell`]; it is marked synced once CDS and LDS have each been ACKed and every
-//! EDS and RDS resource they reference has arrived (Envoy's warming).
+//! Responses already received are applied together and one whole [`mesh_core::Snapshot`] is
+//! then published to the [`SnapshotCell`], before their ACKs leave. Clusters and listeners warm
+//! as in Envoy: a new or changed EDS cluster is used only once its `ClusterLoadAssignment` is
+//! held, an HTTP listener only once its `RouteConfiguration` is, or when
+//! [`AdsConfig::initial_fetch_timeout`] expires (then without it: no endpoints, or no route
+//! configuration); meanwhile the previous version keeps serving, so no snapshot is ever
+//! half-applied. The cell is marked synced once CDS and LDS have each been ACKed and everything
+//! has warmed.
+//!
+//! Requests wait in a queue holding at most one request per type ([`RequestQueueStats`]):
+//! a flood of pushes is coalesced, never queued without bound.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -17,15 +25,17 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::rpc::Status as RpcStatus;
+use futures_util::{FutureExt, StreamExt};
 use mesh_core::config::ControlPlaneAddress;
 use mesh_core::{NodeIdentity, SnapshotCell};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+mod outbox;
 mod state;
 pub mod types;
 
+use outbox::Outbox;
+pub use outbox::RequestQueueStats;
 use state::{Incoming, XdsState};
 pub use types::{CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ROUTE};
 
@@ -33,6 +43,8 @@ pub use types::{CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ROUTE};
 const NACK_CODE: i32 = 13;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
+/// At most this many already-received responses are applied before a snapshot is published.
+const MAX_BATCH: usize = 64;
 
 /// How to reach istiod and who we are.
 #[derive(Clone, Debug)]
@@ -47,6 +59,28 @@ pub struct AdsConfig {
     pub delta: bool,
     /// Extra gRPC metadata (`XDS_HEADER_*`).
     pub headers: Vec<(String, String)>,
+    /// How long a new or changed cluster waits for its endpoints, and a listener for its
+    /// route configuration, before it is used without them (Envoy's `initial_fetch_timeout`,
+    /// default [`AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT`]).
+    pub initial_fetch_timeout: Duration,
+}
+
+impl AdsConfig {
+    /// Envoy's default `initial_fetch_timeout`: 15 s.
+    pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+
+    /// Delta xDS (istiod's default) to `address` as `node`, no token, no extra headers, the
+    /// default initial fetch timeout.
+    pub fn new(address: ControlPlaneAddress, node: NodeIdentity) -> Self {
+        AdsConfig {
+            address,
+            node,
+            token_path: None,
+            delta: true,
+            headers: Vec::new(),
+            initial_fetch_timeout: Self::DEFAULT_INITIAL_FETCH_TIMEOUT,
+        }
+    }
 }
 
 /// Why one stream ended.
@@ -78,6 +112,9 @@ pub struct AdsClient {
     cell: SnapshotCell,
     state: XdsState,
     node: Node,
+    queue: RequestQueueStats,
+    /// Something changed since the last published snapshot.
+    dirty: bool,
 }
 
 /// What the client has asked for on the current stream.
@@ -94,20 +131,55 @@ struct StreamSubs {
 }
 
 enum Sender {
-    Delta(mpsc::UnboundedSender<DeltaDiscoveryRequest>),
-    Sotw(mpsc::UnboundedSender<DiscoveryRequest>),
+    Delta(Outbox<DeltaDiscoveryRequest>),
+    Sotw(Outbox<DiscoveryRequest>),
+}
+
+impl Sender {
+    fn hold(&self) {
+        match self {
+            Sender::Delta(o) => o.hold(),
+            Sender::Sotw(o) => o.hold(),
+        }
+    }
+
+    fn release(&self) {
+        match self {
+            Sender::Delta(o) => o.release(),
+            Sender::Sotw(o) => o.release(),
+        }
+    }
+
+    fn close(&self) {
+        match self {
+            Sender::Delta(o) => o.close(),
+            Sender::Sotw(o) => o.close(),
+        }
+    }
 }
 
 impl AdsClient {
     /// A client that publishes into `cell`.
     pub fn new(config: AdsConfig, cell: SnapshotCell) -> Self {
         let node = crate::node::envoy_node(&config.node);
+        let state = XdsState {
+            initial_fetch_timeout: config.initial_fetch_timeout,
+            ..XdsState::default()
+        };
         AdsClient {
             config,
             cell,
-            state: XdsState::default(),
+            state,
             node,
+            queue: RequestQueueStats::default(),
+            dirty: false,
         }
+    }
+
+    /// A handle on the request queue's depth (pending requests, high-water mark), valid
+    /// across reconnects; take it before [`AdsClient::run`].
+    pub fn request_queue(&self) -> RequestQueueStats {
+        self.queue.clone()
     }
 
     /// Runs forever: connect, subscribe, apply, and reconnect with jittered exponential
@@ -190,30 +262,112 @@ impl AdsClient {
         let mut client = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(256 * 1024 * 1024);
         if self.config.delta {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let sender = Sender::Delta(tx);
+            let outbox = Outbox::new(self.queue.clone());
+            let sender = Sender::Delta(outbox.clone());
             // Requests are queued before the call so the first one travels with the headers.
             self.subscribe(&sender, subs);
-            let req = self.request(UnboundedReceiverStream::new(rx))?;
+            let req = self.request(outbox.stream())?;
             let mut stream = client.delta_aggregated_resources(req).await?.into_inner();
             metrics::gauge!("envoy_control_plane_connected_state").set(1.0);
             tracing::info!(address = %self.config.address.address, "delta xDS stream open");
-            while let Some(resp) = stream.message().await? {
-                self.on_delta(resp, &sender, subs);
-            }
+            let r = self.drive(&mut stream, &sender, subs, Self::on_delta).await;
+            sender.close();
+            r
         } else {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let sender = Sender::Sotw(tx);
+            let outbox = Outbox::new(self.queue.clone());
+            let sender = Sender::Sotw(outbox.clone());
             self.subscribe(&sender, subs);
-            let req = self.request(UnboundedReceiverStream::new(rx))?;
+            let req = self.request(outbox.stream())?;
             let mut stream = client.stream_aggregated_resources(req).await?.into_inner();
             metrics::gauge!("envoy_control_plane_connected_state").set(1.0);
             tracing::info!(address = %self.config.address.address, "SotW xDS stream open");
-            while let Some(resp) = stream.message().await? {
-                self.on_sotw(resp, &sender, subs);
+            let r = self.drive(&mut stream, &sender, subs, Self::on_sotw).await;
+            sender.close();
+            r
+        }
+    }
+
+    /// Reads responses until the stream ends. Responses already received are applied as one
+    /// batch (up to [`MAX_BATCH`]), then one snapshot is published, then the batch's ACKs and
+    /// subscription changes leave. Warming deadlines are served in between.
+    async fn drive<R>(
+        &mut self,
+        stream: &mut tonic::Streaming<R>,
+        sender: &Sender,
+        subs: &mut StreamSubs,
+        on: fn(&mut Self, R, &Sender, &mut StreamSubs),
+    ) -> Result<(), AdsError> {
+        loop {
+            let deadline = self.state.next_deadline();
+            let timer = async move {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                m = stream.next() => {
+                    let mut next = Some(m.ok_or(AdsError::Closed)?);
+                    sender.hold();
+                    let mut n = 0;
+                    let mut ended = None;
+                    while let Some(m) = next.take() {
+                        match m {
+                            Ok(resp) => on(self, resp, sender, subs),
+                            Err(status) => {
+                                ended = Some(AdsError::Stream(status));
+                                break;
+                            }
+                        }
+                        n += 1;
+                        if n >= MAX_BATCH {
+                            break;
+                        }
+                        match stream.next().now_or_never() {
+                            Some(Some(m)) => next = Some(m),
+                            Some(None) => {
+                                ended = Some(AdsError::Closed);
+                                break;
+                            }
+                            None => {}
+                        }
+                    }
+                    self.publish_if_dirty();
+                    sender.release();
+                    if let Some(e) = ended {
+                        return Err(e);
+                    }
+                }
+                _ = timer => {
+                    if self.state.promote(tokio::time::Instant::now()) {
+                        self.state.prune();
+                        self.dirty = true;
+                    }
+                    sender.hold();
+                    self.publish_if_dirty();
+                    self.subscribe(sender, subs);
+                    sender.release();
+                }
             }
         }
-        Err(AdsError::Closed)
+    }
+
+    /// Publishes a snapshot when something changed, or when the first full configuration
+    /// just became complete.
+    fn publish_if_dirty(&mut self) {
+        let synced = self.state.synced();
+        if !(self.dirty || (synced && !self.cell.is_synced())) {
+            return;
+        }
+        self.dirty = false;
+        let snapshot = self.state.snapshot();
+        tracing::debug!(
+            version = snapshot.version,
+            synced,
+            warming = self.state.warming(),
+            "publishing snapshot"
+        );
+        self.cell.publish(snapshot, synced);
     }
 
     fn node_once(&self, subs: &mut StreamSubs) -> Option<Node> {
@@ -256,7 +410,7 @@ impl AdsClient {
         let node = self.node_once(subs);
         match sender {
             Sender::Delta(tx) => {
-                let _ = tx.send(DeltaDiscoveryRequest {
+                tx.push(DeltaDiscoveryRequest {
                     node,
                     type_url: type_url.to_owned(),
                     resource_names_subscribe: names,
@@ -265,7 +419,7 @@ impl AdsClient {
                 });
             }
             Sender::Sotw(tx) => {
-                let _ = tx.send(DiscoveryRequest {
+                tx.push(DiscoveryRequest {
                     node,
                     version_info: self
                         .state
@@ -314,7 +468,7 @@ impl AdsClient {
         }
         match sender {
             Sender::Delta(tx) => {
-                let _ = tx.send(DeltaDiscoveryRequest {
+                tx.push(DeltaDiscoveryRequest {
                     type_url: type_url.to_owned(),
                     resource_names_subscribe: added,
                     resource_names_unsubscribe: removed,
@@ -322,7 +476,7 @@ impl AdsClient {
                 });
             }
             Sender::Sotw(tx) => {
-                let _ = tx.send(DiscoveryRequest {
+                tx.push(DiscoveryRequest {
                     version_info: self
                         .state
                         .type_versions
@@ -339,8 +493,7 @@ impl AdsClient {
     }
 
     fn on_delta(&mut self, resp: DeltaDiscoveryResponse, sender: &Sender, subs: &mut StreamSubs) {
-        let Some(type_url) = known_type(&resp.type_url) else {
-            tracing::warn!(type_url = %resp.type_url, "ignoring response of an unrequested type");
+        let Some(type_url) = subscribed_type(&resp.type_url, subs) else {
             return;
         };
         let incoming: Vec<Incoming> = resp
@@ -360,7 +513,7 @@ impl AdsClient {
             subs,
         );
         if let Sender::Delta(tx) = sender {
-            let _ = tx.send(DeltaDiscoveryRequest {
+            tx.push(DeltaDiscoveryRequest {
                 type_url: type_url.to_owned(),
                 response_nonce: resp.nonce,
                 error_detail: nack_detail(&errors),
@@ -371,8 +524,7 @@ impl AdsClient {
     }
 
     fn on_sotw(&mut self, resp: DiscoveryResponse, sender: &Sender, subs: &mut StreamSubs) {
-        let Some(type_url) = known_type(&resp.type_url) else {
-            tracing::warn!(type_url = %resp.type_url, "ignoring response of an unrequested type");
+        let Some(type_url) = subscribed_type(&resp.type_url, subs) else {
             return;
         };
         let incoming: Vec<Incoming> = resp
@@ -406,7 +558,7 @@ impl AdsClient {
             _ => Vec::new(),
         };
         if let Sender::Sotw(tx) = sender {
-            let _ = tx.send(DiscoveryRequest {
+            tx.push(DiscoveryRequest {
                 // A NACK carries the last accepted version, an ACK the new one.
                 version_info: self
                     .state
@@ -436,8 +588,9 @@ impl AdsClient {
     ) -> Vec<String> {
         let applied = self.state.apply(type_url, incoming, removed);
         let mut changed = applied.changed;
-        if type_url == CLUSTER || type_url == LISTENER {
-            changed |= self.state.prune();
+        changed |= self.state.promote(tokio::time::Instant::now());
+        if changed {
+            self.state.prune();
         }
         let short = types::short_name(type_url);
         let result = if applied.errors.is_empty() {
@@ -450,9 +603,11 @@ impl AdsClient {
         if applied.errors.is_empty() {
             // Envoy's `<subscription>.version` stat: a hash of the last accepted version text.
             metrics::gauge!("mesh_xds_acked_version", "type" => short).set(version_hash(version));
-            self.state
+            let previous = self
+                .state
                 .type_versions
                 .insert(type_url.to_owned(), version.to_owned());
+            changed |= previous.as_deref() != Some(version);
             match type_url {
                 CLUSTER => {
                     self.state.cds_acked = true;
@@ -481,16 +636,9 @@ impl AdsClient {
         }
         if changed || applied.errors.is_empty() {
             subs.delivered = true;
-            let synced = self.state.synced();
-            let snapshot = self.state.snapshot();
-            tracing::debug!(
-                type_url = short,
-                version = snapshot.version,
-                synced,
-                "publishing snapshot"
-            );
-            self.cell.publish(snapshot, synced);
         }
+        // Published by the caller once the batch of received responses is applied.
+        self.dirty |= changed;
         applied.errors
     }
 }
@@ -532,10 +680,20 @@ fn sotw_names(type_url: &str, incoming: &[Incoming]) -> BTreeSet<String> {
         .collect()
 }
 
-fn known_type(t: &str) -> Option<&'static str> {
-    [CLUSTER, ENDPOINT, LISTENER, ROUTE, NAME_TABLE]
+/// The type of a response the client asked for on this stream; any other response (unknown
+/// type, or a type not subscribed) is ignored without ACK or NACK, as Envoy does.
+fn subscribed_type(t: &str, subs: &StreamSubs) -> Option<&'static str> {
+    let known = [CLUSTER, ENDPOINT, LISTENER, ROUTE, NAME_TABLE]
         .into_iter()
-        .find(|k| *k == t)
+        .find(|k| *k == t);
+    match known {
+        Some(k) if subs.requested.contains(k) => Some(k),
+        _ => {
+            tracing::warn!(type_url = %t, "ignoring a response of a type this client did not subscribe to");
+            metrics::counter!("mesh_xds_unrequested_responses_total").increment(1);
+            None
+        }
+    }
 }
 
 fn nack_detail(errors: &[String]) -> Option<RpcStatus> {

@@ -2,6 +2,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -20,10 +23,19 @@ use crate::istio_proto;
 use crate::translate::{self, TranslateError, TranslatedListener, from_any};
 
 /// One accepted resource.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Held<T> {
     pub version: String,
     pub value: Arc<T>,
+}
+
+impl<T> Clone for Held<T> {
+    fn clone(&self) -> Self {
+        Held {
+            version: self.version.clone(),
+            value: self.value.clone(),
+        }
+    }
 }
 
 /// A resource as it arrived: name (may be empty in SotW), version, payload.
@@ -45,12 +57,33 @@ pub(crate) struct Applied {
     pub present: BTreeSet<String>,
 }
 
+/// A cluster or listener version waiting for its EDS / RDS resource (Envoy's warming).
+#[derive(Debug)]
+pub(crate) struct Warming<T> {
+    /// The version that warms (a newer one restarts warming).
+    pub value: Arc<T>,
+    /// When `initial_fetch_timeout` expires and it is used without its dependency.
+    pub deadline: Instant,
+}
+
 /// Everything accepted so far.
+///
+/// `clusters` and `listeners` are what the client holds (ACKed, reported in delta
+/// `initial_resource_versions`, subscribed for); `active_clusters` and `active_listeners` are
+/// the versions the published snapshot uses. A new or changed cluster becomes active once its
+/// `ClusterLoadAssignment` is held, a listener once its `RouteConfiguration` is, or either when
+/// `initial_fetch_timeout` expires; until then the previous version (if any) keeps serving.
 #[derive(Debug, Default)]
 pub(crate) struct XdsState {
     pub clusters: BTreeMap<String, Held<Cluster>>,
     pub endpoints: BTreeMap<String, Held<EndpointSet>>,
     pub listeners: BTreeMap<String, Held<TranslatedListener>>,
+    pub active_clusters: BTreeMap<String, Held<Cluster>>,
+    pub active_listeners: BTreeMap<String, Held<TranslatedListener>>,
+    pub warming_clusters: BTreeMap<String, Warming<Cluster>>,
+    pub warming_listeners: BTreeMap<String, Warming<TranslatedListener>>,
+    /// How long a warming cluster or listener waits for its dependency.
+    pub initial_fetch_timeout: Duration,
     pub routes: BTreeMap<String, Held<RouteConfig>>,
     pub name_table: Option<Held<NameTable>>,
     /// Last fully accepted version per type URL.
@@ -200,25 +233,67 @@ impl XdsState {
         out
     }
 
-    /// The EDS names of accepted EDS clusters.
+    /// The EDS names of held EDS clusters and of the active versions still serving.
     pub fn wanted_endpoints(&self) -> BTreeSet<String> {
         self.clusters
             .values()
+            .chain(self.active_clusters.values())
             .filter_map(|c| c.value.eds_service_name().map(str::to_owned))
             .collect()
     }
 
-    /// The route configuration names of accepted HTTP listeners.
+    /// The route configuration names of held HTTP listeners and of the active versions
+    /// still serving.
     pub fn wanted_routes(&self) -> BTreeSet<String> {
         self.listeners
             .values()
-            .filter_map(|l| match &l.value.listener.kind {
-                ListenerKind::Outbound(OutboundProtocol::Http { route_config }) => {
-                    Some(route_config.clone())
-                }
-                _ => None,
-            })
+            .chain(self.active_listeners.values())
+            .filter_map(|l| route_config_of(&l.value))
             .collect()
+    }
+
+    /// Moves warmed (or timed-out) clusters and listeners into the active set and drops
+    /// active ones no longer held; returns whether the active set changed.
+    pub fn promote(&mut self, now: Instant) -> bool {
+        let timeout = self.initial_fetch_timeout;
+        let endpoints = &self.endpoints;
+        let c = promote_kind(
+            &self.clusters,
+            &mut self.active_clusters,
+            &mut self.warming_clusters,
+            now,
+            timeout,
+            |c| {
+                c.eds_service_name()
+                    .is_none_or(|s| endpoints.contains_key(s))
+            },
+            "cluster",
+        );
+        let routes = &self.routes;
+        let l = promote_kind(
+            &self.listeners,
+            &mut self.active_listeners,
+            &mut self.warming_listeners,
+            now,
+            timeout,
+            |l| route_config_of(l).is_none_or(|r| routes.contains_key(&r)),
+            "listener",
+        );
+        c || l
+    }
+
+    /// The earliest `initial_fetch_timeout` expiry among warming resources.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.warming_clusters
+            .values()
+            .map(|w| w.deadline)
+            .chain(self.warming_listeners.values().map(|w| w.deadline))
+            .min()
+    }
+
+    /// How many clusters and listeners are warming.
+    pub fn warming(&self) -> usize {
+        self.warming_clusters.len() + self.warming_listeners.len()
     }
 
     /// Drops endpoints and routes nobody references any more; returns whether any went.
@@ -248,31 +323,26 @@ impl XdsState {
     }
 
     /// Whether the first complete configuration is here: CDS and LDS ACKed once, and every
-    /// EDS and RDS resource they reference has arrived.
+    /// held cluster and listener has warmed (its EDS / RDS resource arrived, or its
+    /// `initial_fetch_timeout` expired).
     pub fn synced(&self) -> bool {
         self.cds_acked
             && self.lds_acked
-            && self
-                .wanted_endpoints()
-                .iter()
-                .all(|n| self.endpoints.contains_key(n))
-            && self
-                .wanted_routes()
-                .iter()
-                .all(|n| self.routes.contains_key(n))
+            && all_active(&self.clusters, &self.active_clusters)
+            && all_active(&self.listeners, &self.active_listeners)
     }
 
     /// Builds the next whole snapshot.
     pub fn snapshot(&mut self) -> Snapshot {
         self.snapshot_version += 1;
         let policy = self
-            .listeners
+            .active_listeners
             .values()
             .find_map(|l| l.value.outbound_traffic_policy)
             .unwrap_or(OutboundTrafficPolicy::AllowAny);
         Snapshot::new(
             self.snapshot_version,
-            self.listeners
+            self.active_listeners
                 .iter()
                 .map(|(k, h)| (k.clone(), Arc::new(h.value.listener.clone())))
                 .collect(),
@@ -280,7 +350,7 @@ impl XdsState {
                 .iter()
                 .map(|(k, h)| (k.clone(), h.value.clone()))
                 .collect(),
-            self.clusters
+            self.active_clusters
                 .iter()
                 .map(|(k, h)| (k.clone(), h.value.clone()))
                 .collect(),
@@ -304,4 +374,81 @@ fn remove<T>(map: &mut BTreeMap<String, Held<T>>, removed: &[String], out: &mut 
             out.changed = true;
         }
     }
+}
+
+/// The RDS name an HTTP outbound listener depends on.
+fn route_config_of(l: &TranslatedListener) -> Option<String> {
+    match &l.listener.kind {
+        ListenerKind::Outbound(OutboundProtocol::Http { route_config }) => {
+            Some(route_config.clone())
+        }
+        _ => None,
+    }
+}
+
+fn all_active<T>(held: &BTreeMap<String, Held<T>>, active: &BTreeMap<String, Held<T>>) -> bool {
+    held.iter().all(|(k, h)| {
+        active
+            .get(k)
+            .is_some_and(|a| Arc::ptr_eq(&a.value, &h.value))
+    })
+}
+
+/// One kind's warming step: held versions whose dependency is there (or whose timeout
+/// expired) become active; active ones no longer held go.
+fn promote_kind<T>(
+    held: &BTreeMap<String, Held<T>>,
+    active: &mut BTreeMap<String, Held<T>>,
+    warming: &mut BTreeMap<String, Warming<T>>,
+    now: Instant,
+    timeout: Duration,
+    ready: impl Fn(&T) -> bool,
+    kind: &str,
+) -> bool {
+    let mut changed = false;
+    let before = active.len();
+    active.retain(|k, _| held.contains_key(k));
+    warming.retain(|k, _| held.contains_key(k));
+    changed |= before != active.len();
+    for (name, h) in held {
+        if active
+            .get(name)
+            .is_some_and(|a| Arc::ptr_eq(&a.value, &h.value))
+        {
+            warming.remove(name);
+            continue;
+        }
+        let w = match warming.get(name) {
+            Some(w) if Arc::ptr_eq(&w.value, &h.value) => w,
+            _ => {
+                warming.insert(
+                    name.clone(),
+                    Warming {
+                        value: h.value.clone(),
+                        deadline: now + timeout,
+                    },
+                );
+                &warming[name]
+            }
+        };
+        let timed_out = now >= w.deadline;
+        if ready(&h.value) || timed_out {
+            if timed_out && !ready(&h.value) {
+                tracing::warn!(
+                    kind,
+                    name = %name,
+                    timeout_ms = timeout.as_millis() as u64,
+                    "initial fetch timeout: using the {kind} without its dependency"
+                );
+                metrics::counter!("mesh_xds_init_fetch_timeout_total", "kind" => kind.to_owned())
+                    .increment(1);
+            }
+            warming.remove(name);
+            active.insert(name.clone(), h.clone());
+            changed = true;
+        } else {
+            tracing::debug!(kind, name = %name, "warming");
+        }
+    }
+    changed
 }

@@ -104,10 +104,13 @@ impl ControlPlaneBuilder {
             None
         };
         let (events, _) = broadcast::channel(1024);
+        let (inject, _) = broadcast::channel(64);
         let shared = Arc::new(server::Shared {
             model: Mutex::new(self.model),
             fixed: Mutex::new(self.fixed),
             raw: Mutex::new(BTreeMap::new()),
+            held: Mutex::new(BTreeMap::new()),
+            inject,
             generation: watch::channel(1).0,
             cut: watch::channel(0).0,
             events,
@@ -228,6 +231,44 @@ impl ControlPlane {
             raw.clear();
         }
         self.bump();
+    }
+
+    /// Holds back the resource `name` of `type_url`: from the next push on it is served as if
+    /// it did not exist (yet), until [`ControlPlane::release_held`]. Use it to delay a
+    /// `ClusterLoadAssignment` or `RouteConfiguration` behind the cluster or listener that
+    /// needs it. Does not push by itself.
+    pub fn hold_back(&self, type_url: &str, name: &str) {
+        if let Ok(mut held) = self.shared.held.lock() {
+            held.entry(type_url.to_owned())
+                .or_default()
+                .insert(name.to_owned());
+        }
+    }
+
+    /// Serves every held-back resource again and pushes.
+    pub fn release_held(&self) {
+        if let Ok(mut held) = self.shared.held.lock() {
+            held.clear();
+        }
+        self.bump();
+    }
+
+    /// Sends, on every open stream, one response of `type_url` with exactly `resources` and
+    /// `nonce` (which may be empty, repeated or stale), outside the streams' bookkeeping:
+    /// the server does not remember having sent it. Delta responses carry each resource at
+    /// a version hashed from its bytes; SotW responses carry `version_info: "injected"`.
+    pub fn inject(&self, type_url: &str, resources: Vec<(String, Any)>, nonce: &str) {
+        let _ = self.shared.inject.send(server::Injected {
+            type_url: type_url.to_owned(),
+            resources,
+            nonce: nonce.to_owned(),
+        });
+    }
+
+    /// The resources a client in `namespace` is served now (model or fixed set, raw overlays,
+    /// minus held-back ones).
+    pub fn resources_for(&self, namespace: &str) -> ResourceSet {
+        self.shared.resources(namespace)
     }
 
     /// Stream events.

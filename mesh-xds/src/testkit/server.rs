@@ -61,12 +61,40 @@ pub enum XdsEvent {
     },
     /// A stream ended.
     StreamClosed,
+    /// A response was sent (including injected ones).
+    Sent {
+        /// Type URL.
+        type_url: String,
+        /// Its nonce.
+        nonce: String,
+        /// Names of the resources it carried (SotW: as the testkit keys them).
+        names: Vec<String>,
+    },
+    /// A request arrived (every one, ACK, NACK or subscription change).
+    Request {
+        /// Type URL.
+        type_url: String,
+        /// `response_nonce`.
+        response_nonce: String,
+        /// Whether it carried `error_detail`.
+        nack: bool,
+    },
+}
+
+/// A response sent as given, outside the streams' own bookkeeping.
+#[derive(Clone, Debug)]
+pub(crate) struct Injected {
+    pub type_url: String,
+    pub resources: Vec<(String, Any)>,
+    pub nonce: String,
 }
 
 pub(crate) struct Shared {
     pub model: Mutex<MeshModel>,
     pub fixed: Mutex<Option<ResourceSet>>,
     pub raw: Mutex<BTreeMap<String, BTreeMap<String, Any>>>,
+    pub held: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    pub inject: broadcast::Sender<Injected>,
     pub generation: watch::Sender<u64>,
     pub cut: watch::Sender<u64>,
     pub events: broadcast::Sender<XdsEvent>,
@@ -76,7 +104,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn resources(&self, ns: &str) -> ResourceSet {
+    pub(crate) fn resources(&self, ns: &str) -> ResourceSet {
         let fixed = self.fixed.lock().ok().and_then(|f| f.clone());
         let mut set = match fixed {
             Some(set) => set,
@@ -96,7 +124,34 @@ impl Shared {
                 }
             }
         }
+        if let Ok(held) = self.held.lock() {
+            for (t, names) in held.iter() {
+                if let Some(items) = set
+                    .iter_mut()
+                    .find(|(k, _)| **k == t.as_str())
+                    .map(|(_, v)| v)
+                {
+                    items.retain(|n, _| !names.contains(n));
+                }
+            }
+        }
         set
+    }
+
+    fn emit_request(&self, type_url: &str, nonce: &str, nack: bool) {
+        self.emit(XdsEvent::Request {
+            type_url: type_url.to_owned(),
+            response_nonce: nonce.to_owned(),
+            nack,
+        });
+    }
+
+    fn emit_sent(&self, type_url: &str, nonce: &str, names: Vec<String>) {
+        self.emit(XdsEvent::Sent {
+            type_url: type_url.to_owned(),
+            nonce: nonce.to_owned(),
+            names,
+        });
     }
 
     fn nonce(&self) -> String {
@@ -206,6 +261,7 @@ async fn delta_stream(
 ) -> Result<(), Status> {
     let mut gen_rx = shared.generation.subscribe();
     let mut cut_rx = shared.cut.subscribe();
+    let mut inj_rx = shared.inject.subscribe();
     let Some(first) = inbound.message().await? else {
         return Ok(());
     };
@@ -225,6 +281,7 @@ async fn delta_stream(
     loop {
         if let Some(req) = next.take() {
             let t = req.type_url.clone();
+            shared.emit_request(&t, &req.response_nonce, req.error_detail.is_some());
             if let Some(e) = &req.error_detail {
                 shared.emit(XdsEvent::Nack {
                     type_url: t.clone(),
@@ -282,6 +339,24 @@ async fn delta_stream(
                     }
                 }
             }
+            i = inj_rx.recv() => {
+                if let Ok(i) = i {
+                    shared.emit_sent(&i.type_url, &i.nonce, i.resources.iter().map(|(n, _)| n.clone()).collect());
+                    let r = DeltaDiscoveryResponse {
+                        system_version_info: "injected".into(),
+                        resources: i.resources.into_iter().map(|(name, any)| Resource {
+                            version: version_of(&any),
+                            name,
+                            resource: Some(any),
+                            ..Default::default()
+                        }).collect(),
+                        type_url: i.type_url,
+                        nonce: i.nonce,
+                        ..Default::default()
+                    };
+                    tx.send(Ok(r)).await.map_err(|_| Status::cancelled("client gone"))?;
+                }
+            }
             _ = cut_rx.changed() => return Err(Status::unavailable("stream cut by the test control plane")),
         }
     }
@@ -330,12 +405,18 @@ fn delta_response(
     if resources.is_empty() && removed.is_empty() && !force {
         return None;
     }
+    let nonce = shared.nonce();
+    shared.emit_sent(
+        t,
+        &nonce,
+        resources.iter().map(|r| r.name.clone()).collect(),
+    );
     Some(DeltaDiscoveryResponse {
         system_version_info: shared.generation.borrow().to_string(),
         resources,
         type_url: t.to_owned(),
         removed_resources: removed,
-        nonce: shared.nonce(),
+        nonce,
         ..Default::default()
     })
 }
@@ -355,6 +436,7 @@ async fn sotw_stream(
 ) -> Result<(), Status> {
     let mut gen_rx = shared.generation.subscribe();
     let mut cut_rx = shared.cut.subscribe();
+    let mut inj_rx = shared.inject.subscribe();
     let Some(first) = inbound.message().await? else {
         return Ok(());
     };
@@ -374,6 +456,7 @@ async fn sotw_stream(
     loop {
         if let Some(req) = next.take() {
             let t = req.type_url.clone();
+            shared.emit_request(&t, &req.response_nonce, req.error_detail.is_some());
             let initial = !types.contains_key(&t);
             let st = types.entry(t.clone()).or_default();
             if let Some(e) = &req.error_detail {
@@ -422,6 +505,19 @@ async fn sotw_stream(
                     }
                 }
             }
+            i = inj_rx.recv() => {
+                if let Ok(i) = i {
+                    shared.emit_sent(&i.type_url, &i.nonce, i.resources.iter().map(|(n, _)| n.clone()).collect());
+                    let r = DiscoveryResponse {
+                        version_info: "injected".into(),
+                        resources: i.resources.into_iter().map(|(_, a)| a).collect(),
+                        type_url: i.type_url,
+                        nonce: i.nonce,
+                        ..Default::default()
+                    };
+                    tx.send(Ok(r)).await.map_err(|_| Status::cancelled("client gone"))?;
+                }
+            }
             _ = cut_rx.changed() => return Err(Status::unavailable("stream cut by the test control plane")),
         }
     }
@@ -452,8 +548,13 @@ fn sotw_response(
     if !force && st.last_sent.as_ref() == Some(&fingerprint) {
         return None;
     }
-    st.last_sent = Some(fingerprint);
     st.last_nonce = shared.nonce();
+    shared.emit_sent(
+        t,
+        &st.last_nonce,
+        fingerprint.iter().map(|(n, _)| n.clone()).collect(),
+    );
+    st.last_sent = Some(fingerprint);
     Some(DiscoveryResponse {
         version_info: shared.generation.borrow().to_string(),
         resources: chosen.into_iter().map(|(_, a)| a.clone()).collect(),
