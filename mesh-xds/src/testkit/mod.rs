@@ -104,7 +104,7 @@ impl ControlPlaneBuilder {
             None
         };
         let (events, _) = broadcast::channel(1024);
-        let (inject, _) = broadcast::channel(64);
+        let (inject, _) = broadcast::channel(16 * 1024);
         let shared = Arc::new(server::Shared {
             model: Mutex::new(self.model),
             fixed: Mutex::new(self.fixed),
