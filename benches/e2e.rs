@@ -48,7 +48,9 @@ async fn start_bare_server() -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -97,7 +99,9 @@ fn mesh_client(mesh: Mesh, uri: http::Uri) -> CallFactory {
         let uri = uri.clone();
         Box::pin(async move {
             let call: Call = Box::new(move || {
-                let req = Request::get(uri.clone()).body(Empty::<Bytes>::new()).expect("request");
+                let req = Request::get(uri.clone())
+                    .body(Empty::<Bytes>::new())
+                    .expect("request");
                 let fut = client.call(req);
                 Box::pin(async move {
                     match fut.await {
@@ -173,12 +177,25 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 /// A meshed workload serving the hello app; returns its Mesh and the port it serves on.
-async fn meshed_server(cp: &ControlPlane, ca: &TestCa, name: &str, mode: InboundTlsMode) -> (Mesh, SocketAddr) {
-    let node = NodeIdentity::new(&format!("{name}-0"), "default", "127.0.0.1".parse().expect("ip"), name);
+async fn meshed_server(
+    cp: &ControlPlane,
+    ca: &TestCa,
+    name: &str,
+    mode: InboundTlsMode,
+) -> (Mesh, SocketAddr) {
+    let node = NodeIdentity::new(
+        &format!("{name}-0"),
+        "default",
+        "127.0.0.1".parse().expect("ip"),
+        name,
+    );
     let cert = ca.workload_certificate(&node.spiffe_id(), Duration::from_secs(3600));
     let mesh = Mesh::builder(node)
         .discovery_address(cp.addr().to_string(), false, None)
@@ -199,7 +216,12 @@ async fn meshed_server(cp: &ControlPlane, ca: &TestCa, name: &str, mode: Inbound
 }
 
 async fn meshed_client(cp: &ControlPlane, ca: &TestCa) -> Mesh {
-    let node = NodeIdentity::new("client-0", "default", "127.0.0.1".parse().expect("ip"), "client");
+    let node = NodeIdentity::new(
+        "client-0",
+        "default",
+        "127.0.0.1".parse().expect("ip"),
+        "client",
+    );
     let cert = ca.workload_certificate(&node.spiffe_id(), Duration::from_secs(3600));
     let mesh = Mesh::builder(node)
         .discovery_address(cp.addr().to_string(), false, None)
@@ -216,7 +238,9 @@ async fn meshed_client(cp: &ControlPlane, ca: &TestCa) -> Mesh {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -230,7 +254,11 @@ async fn async_main() {
     // Under `cargo test --all-targets` (no `--bench` argument) run a short smoke pass: the
     // harness must keep working, but the measurement belongs to `cargo bench`.
     let smoke = !std::env::args().any(|a| a == "--bench");
-    let dur = if smoke { Duration::from_millis(200) } else { Duration::from_secs(env_or("DUR_SECS", 4)) };
+    let dur = if smoke {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(env_or("DUR_SECS", 4))
+    };
     let reps: usize = if smoke { 1 } else { env_or("REPS", 3) };
     let concurrencies: Vec<usize> = std::env::var("CONCURRENCY")
         .unwrap_or_else(|_| "1 16".into())
@@ -239,21 +267,39 @@ async fn async_main() {
         .collect();
 
     let ca = TestCa::new("cluster.local");
-    let cp = ControlPlane::builder().ca(ca.clone()).start().await.expect("control plane");
+    let cp = ControlPlane::builder()
+        .ca(ca.clone())
+        .start()
+        .await
+        .expect("control plane");
     let bare_addr = start_bare_server().await;
-    let (_plain_srv, plain_addr) = meshed_server(&cp, &ca, "upstream-plain", InboundTlsMode::Permissive).await;
-    let (_mtls_srv, mtls_addr) = meshed_server(&cp, &ca, "upstream-mtls", InboundTlsMode::Strict).await;
+    let (_plain_srv, plain_addr) =
+        meshed_server(&cp, &ca, "upstream-plain", InboundTlsMode::Permissive).await;
+    let (_mtls_srv, mtls_addr) =
+        meshed_server(&cp, &ca, "upstream-mtls", InboundTlsMode::Strict).await;
     cp.set_model(
         MeshModel::default()
             .service(
-                ServiceSpec::new("upstream-plain", "default", "10.96.0.20".parse().expect("vip"))
-                    .port(80, Protocol::Http)
-                    .endpoint(EndpointSpec::new(plain_addr).service_account("upstream-plain").plaintext()),
+                ServiceSpec::new(
+                    "upstream-plain",
+                    "default",
+                    "10.96.0.20".parse().expect("vip"),
+                )
+                .port(80, Protocol::Http)
+                .endpoint(
+                    EndpointSpec::new(plain_addr)
+                        .service_account("upstream-plain")
+                        .plaintext(),
+                ),
             )
             .service(
-                ServiceSpec::new("upstream-mtls", "default", "10.96.0.21".parse().expect("vip"))
-                    .port(80, Protocol::Http)
-                    .endpoint(EndpointSpec::new(mtls_addr).service_account("upstream-mtls")),
+                ServiceSpec::new(
+                    "upstream-mtls",
+                    "default",
+                    "10.96.0.21".parse().expect("vip"),
+                )
+                .port(80, Protocol::Http)
+                .endpoint(EndpointSpec::new(mtls_addr).service_account("upstream-mtls")),
             ),
     );
     let client = meshed_client(&cp, &ca).await;
@@ -262,11 +308,21 @@ async fn async_main() {
         ("bare", bare_client(bare_addr)),
         (
             "mesh-plain",
-            mesh_client(client.clone(), "http://upstream-plain.default.svc.cluster.local/".parse().expect("uri")),
+            mesh_client(
+                client.clone(),
+                "http://upstream-plain.default.svc.cluster.local/"
+                    .parse()
+                    .expect("uri"),
+            ),
         ),
         (
             "mesh-mtls",
-            mesh_client(client.clone(), "http://upstream-mtls.default.svc.cluster.local/".parse().expect("uri")),
+            mesh_client(
+                client.clone(),
+                "http://upstream-mtls.default.svc.cluster.local/"
+                    .parse()
+                    .expect("uri"),
+            ),
         ),
     ];
     println!(
@@ -274,7 +330,9 @@ async fn async_main() {
         reps,
         dur.as_secs(),
         concurrencies,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
     );
     for &c in &concurrencies {
         let mut results: Vec<Vec<Stats>> = vec![Vec::new(); variants.len()];
@@ -286,17 +344,38 @@ async fn async_main() {
             }
         }
         println!("\nconcurrency {c} (keep-alive, HTTP/1.1 from the load generator)");
-        println!("{:<12} {:>10} {:>10} {:>12} {:>8} | {:>8} {:>8} {:>8}", "variant", "p50 us", "p99 us", "req/s", "errors", "p50 x", "p99 x", "rps x");
+        println!(
+            "{:<12} {:>10} {:>10} {:>12} {:>8} | {:>8} {:>8} {:>8}",
+            "variant", "p50 us", "p99 us", "req/s", "errors", "p50 x", "p99 x", "rps x"
+        );
         let med = |r: &Vec<Stats>, f: fn(&Stats) -> f64| median(r.iter().map(f).collect());
-        let base = (med(&results[0], |s| s.p50_us), med(&results[0], |s| s.p99_us), med(&results[0], |s| s.rps));
+        let base = (
+            med(&results[0], |s| s.p50_us),
+            med(&results[0], |s| s.p99_us),
+            med(&results[0], |s| s.rps),
+        );
         for (i, (name, _)) in variants.iter().enumerate() {
             let r = &results[i];
-            let (p50, p99, rps) = (med(r, |s| s.p50_us), med(r, |s| s.p99_us), med(r, |s| s.rps));
+            let (p50, p99, rps) = (
+                med(r, |s| s.p50_us),
+                med(r, |s| s.p99_us),
+                med(r, |s| s.rps),
+            );
             let errors: u64 = r.iter().map(|s| s.errors).sum();
-            assert!(!smoke || (errors == 0 && rps > 0.0), "{name}: {errors} errors, {rps} req/s");
+            assert!(
+                !smoke || (errors == 0 && rps > 0.0),
+                "{name}: {errors} errors, {rps} req/s"
+            );
             println!(
                 "{:<12} {:>10.1} {:>10.1} {:>12.0} {:>8} | {:>7.2}x {:>7.2}x {:>7.2}x",
-                name, p50, p99, rps, errors, p50 / base.0, p99 / base.1, rps / base.2
+                name,
+                p50,
+                p99,
+                rps,
+                errors,
+                p50 / base.0,
+                p99 / base.1,
+                rps / base.2
             );
         }
     }

@@ -52,8 +52,10 @@ const SVC_HOST: &str = "upstream.default.svc.cluster.local";
 
 async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let mut resp = Response::new(Full::new(Bytes::from_static(b"hello")));
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
     Ok(resp)
 }
 
@@ -63,14 +65,19 @@ fn env(k: &str) -> String {
 
 async fn serve_plain<S>(listener: TcpListener, svc: S)
 where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Full<Bytes>>, Error = Infallible>
-        + Clone
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
 {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let svc = svc.clone();
         tokio::spawn(async move {
@@ -82,14 +89,23 @@ where
 }
 
 fn mesh_for(role: &str) -> mesh::MeshBuilder {
-    let node = mesh::NodeIdentity::new(&format!("{role}-0"), "default", "127.0.0.1".parse().expect("ip"), role);
+    let node = mesh::NodeIdentity::new(
+        &format!("{role}-0"),
+        "default",
+        "127.0.0.1".parse().expect("ip"),
+        role,
+    );
     let cp = env("MESH_BENCH_CP");
     mesh::Mesh::builder(node)
         .discovery_address(cp.clone(), false, None)
         .ca_address(cp, false, None)
         .token_path(env("MESH_BENCH_TOKEN"))
         .bind_address("127.0.0.1".parse().expect("ip"))
-        .status_ports(None, Some(env("MESH_BENCH_READY_PORT").parse().expect("port")), None)
+        .status_ports(
+            None,
+            Some(env("MESH_BENCH_READY_PORT").parse().expect("port")),
+            None,
+        )
 }
 
 fn self_cpu_ticks() -> u64 {
@@ -98,7 +114,12 @@ fn self_cpu_ticks() -> u64 {
 
 /// One caller: sends a request, awaits the whole response, repeats; `interval` paces it
 /// (open loop) when set. Returns latencies (ns) of 2xx answers and the failure count.
-async fn caller<F, Fut>(mut call: F, start: Instant, end: Instant, interval: Option<Duration>) -> (Vec<u64>, u64)
+async fn caller<F, Fut>(
+    mut call: F,
+    start: Instant,
+    end: Instant,
+    interval: Option<Duration>,
+) -> (Vec<u64>, u64)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -142,7 +163,9 @@ async fn run_loadgen() {
     let end;
     if mode == "mesh" {
         let mesh = mesh_for("client").start().await.expect("mesh");
-        tokio::time::timeout(Duration::from_secs(30), mesh.ready()).await.expect("mesh ready");
+        tokio::time::timeout(Duration::from_secs(30), mesh.ready())
+            .await
+            .expect("mesh ready");
         let uri: http::Uri = format!("http://{SVC_HOST}:80/").parse().expect("uri");
         start = Instant::now() + warm;
         end = start + dur;
@@ -151,7 +174,9 @@ async fn run_loadgen() {
             let uri = uri.clone();
             tasks.push(tokio::spawn(caller(
                 move || {
-                    let req = Request::get(uri.clone()).body(http_body_util::Empty::<Bytes>::new()).expect("req");
+                    let req = Request::get(uri.clone())
+                        .body(http_body_util::Empty::<Bytes>::new())
+                        .expect("req");
                     let client = client.clone();
                     async move {
                         let resp = client.request(req).await;
@@ -172,7 +197,9 @@ async fn run_loadgen() {
         for _ in 0..conc {
             let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
             let _ = stream.set_nodelay(true);
-            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .expect("handshake");
             tokio::spawn(conn);
             let mut send = send;
             tasks.push(tokio::spawn(caller(
@@ -210,7 +237,13 @@ async fn run_loadgen() {
     let cpu1 = self_cpu_ticks();
     drop(mesh_handle);
     lat.sort_unstable();
-    let q = |p: f64| if lat.is_empty() { f64::NAN } else { lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0 };
+    let q = |p: f64| {
+        if lat.is_empty() {
+            f64::NAN
+        } else {
+            lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0
+        }
+    };
     println!(
         "RESULT {} {} {} {} {} {} {}",
         lat.len() as f64 / dur.as_secs_f64(),
@@ -237,7 +270,9 @@ async fn run_role(role: &str) {
                 .start()
                 .await
                 .expect("mesh");
-            mesh.serve_on(listener, tower::service_fn(hello)).await.expect("serve");
+            mesh.serve_on(listener, tower::service_fn(hello))
+                .await
+                .expect("serve");
         }
         other => panic!("unknown role {other}"),
     }
@@ -320,13 +355,15 @@ fn wait_http_ok(port: u16, deadline: Duration) {
             return;
         }
         if Instant::now() > end {
-            let out = Command::new("curl").args(["-sv", "--max-time", "2"]).arg(format!("http://127.0.0.1:{port}/")).output();
+            let out = Command::new("curl")
+                .args(["-sv", "--max-time", "2"])
+                .arg(format!("http://127.0.0.1:{port}/"))
+                .output();
             panic!("127.0.0.1:{port} did not answer 200 in {deadline:?}: {out:?}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
-
 
 #[derive(Clone, Debug, Default)]
 struct Run {
@@ -344,7 +381,14 @@ struct Run {
     app_cpu_s: f64,
 }
 
-fn loadgen(mode: &str, addr: SocketAddr, conc: usize, rps: Option<f64>, dur: u64, mesh_env: &[(&'static str, String)]) -> Run {
+fn loadgen(
+    mode: &str,
+    addr: SocketAddr,
+    conc: usize,
+    rps: Option<f64>,
+    dur: u64,
+    mesh_env: &[(&'static str, String)],
+) -> Run {
     let exe = std::env::current_exe().expect("current exe");
     let mut cmd = Command::new(exe);
     cmd.env(ROLE_ENV, "loadgen")
@@ -363,8 +407,14 @@ fn loadgen(mode: &str, addr: SocketAddr, conc: usize, rps: Option<f64>, dur: u64
     }
     let out = cmd.output().expect("loadgen");
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.starts_with("RESULT ")).unwrap_or_else(|| panic!("loadgen printed no result: {text}"));
-    let v: Vec<f64> = line[7..].split_whitespace().map(|x| x.parse().unwrap_or(f64::NAN)).collect();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("RESULT "))
+        .unwrap_or_else(|| panic!("loadgen printed no result: {text}"));
+    let v: Vec<f64> = line[7..]
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(f64::NAN))
+        .collect();
     Run {
         rps: v[0],
         p50: v[1],
@@ -380,7 +430,11 @@ fn loadgen(mode: &str, addr: SocketAddr, conc: usize, rps: Option<f64>, dur: u64
 fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| !x.is_nan());
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 fn main() {
@@ -405,8 +459,14 @@ async fn orchestrate() {
     use mesh::parts::xds::testkit::ca::TestCa;
     use mesh::parts::xds::testkit::{ControlPlane, EndpointSpec, MeshModel, Protocol, ServiceSpec};
 
-    let dur: u64 = std::env::var("DUR_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let dur: u64 = std::env::var("DUR_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let reps: usize = std::env::var("REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let scenarios: Vec<String> = std::env::var("SCENARIOS")
         .unwrap_or_else(|_| "c1 c16 c64 rate".into())
         .split_whitespace()
@@ -428,7 +488,11 @@ async fn orchestrate() {
 
     // Control plane + CA (in this process; not measured).
     let ca = TestCa::new("cluster.local");
-    let cp = ControlPlane::builder().ca(ca.clone()).start().await.expect("control plane");
+    let cp = ControlPlane::builder()
+        .ca(ca.clone())
+        .start()
+        .await
+        .expect("control plane");
     let token = |sa: &str| {
         let p = work.join(format!("{sa}.token"));
         std::fs::write(&p, ca.token_for("default", sa)).expect("token");
@@ -447,11 +511,18 @@ async fn orchestrate() {
         MeshModel::default().service(
             ServiceSpec::new("upstream", "default", "10.96.0.80".parse().expect("vip"))
                 .port(80, Protocol::Http)
-                .endpoint(EndpointSpec::new(SocketAddr::from(([127, 0, 0, 1], ms_port))).service_account("upstream")),
+                .endpoint(
+                    EndpointSpec::new(SocketAddr::from(([127, 0, 0, 1], ms_port)))
+                        .service_account("upstream"),
+                ),
         ),
     );
-    let upstream = Proc { child: spawn_role("upstream", up_port, &[]) };
-    let mesh_server = Proc { child: spawn_role("mesh-server", ms_port, &mesh_env("upstream")) };
+    let upstream = Proc {
+        child: spawn_role("upstream", up_port, &[]),
+    };
+    let mesh_server = Proc {
+        child: spawn_role("mesh-server", ms_port, &mesh_env("upstream")),
+    };
     let client_env = mesh_env("client");
     wait_http_ok(up_port, Duration::from_secs(20));
 
@@ -460,7 +531,10 @@ async fn orchestrate() {
     let mut envoys: Vec<envoy::EnvoyProcess> = Vec::new();
     if let Some(bin) = &envoy_bin {
         let certs = |sa: &str| {
-            let issued = ca.issue(&mesh::SpiffeId::new("cluster.local", "default", sa), Duration::from_secs(86400));
+            let issued = ca.issue(
+                &mesh::SpiffeId::new("cluster.local", "default", sa),
+                Duration::from_secs(86400),
+            );
             envoy::SidecarCerts {
                 cert_chain_pem: issued.chain_pem.clone(),
                 key_pem: issued.key_pem.clone(),
@@ -469,27 +543,44 @@ async fn orchestrate() {
         };
         let inbound = envoy::SidecarBootstrap::new("upstream-0", "default", certs("upstream"))
             .inbound(ei_port, up_port, envoy::InboundMode::Strict);
-        let outbound = envoy::SidecarBootstrap::new("client-0", "default", certs("client")).outbound(
-            eo_port,
-            80,
-            SVC_HOST,
-            SocketAddr::from(([127, 0, 0, 1], ei_port)),
-            "spiffe://cluster.local/ns/default/sa/upstream",
-        );
+        let outbound = envoy::SidecarBootstrap::new("client-0", "default", certs("client"))
+            .outbound(
+                eo_port,
+                80,
+                SVC_HOST,
+                SocketAddr::from(([127, 0, 0, 1], ei_port)),
+                "spiffe://cluster.local/ns/default/sa/upstream",
+            );
         envoys.push(envoy::EnvoyProcess::start_with(bin, &inbound.to_yaml()));
         envoys.push(envoy::EnvoyProcess::start_with(bin, &outbound.to_yaml()));
         wait_http_ok(eo_port, Duration::from_secs(20));
     }
     let envoy_pids: Vec<u32> = envoys.iter().map(|e| e.pid()).collect();
     // The meshed server is ready once a meshed client gets 200 through it.
-    let probe = loadgen("mesh", SocketAddr::from(([127, 0, 0, 1], 0)), 1, None, 1, &client_env);
-    assert!(probe.reqs > 0 && probe.failed == 0, "meshed path is not serving: {probe:?}");
+    let probe = loadgen(
+        "mesh",
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        1,
+        None,
+        1,
+        &client_env,
+    );
+    assert!(
+        probe.reqs > 0 && probe.failed == 0,
+        "meshed path is not serving: {probe:?}"
+    );
 
     let idle_rss: Vec<(&str, u64)> = vec![
         ("upstream (bare app)", rss_kib(upstream.pid())),
         ("mesh-server (app + mesh)", rss_kib(mesh_server.pid())),
-        ("envoy-in", envoy_pids.first().map(|p| rss_kib(*p)).unwrap_or(0)),
-        ("envoy-out", envoy_pids.get(1).map(|p| rss_kib(*p)).unwrap_or(0)),
+        (
+            "envoy-in",
+            envoy_pids.first().map(|p| rss_kib(*p)).unwrap_or(0),
+        ),
+        (
+            "envoy-out",
+            envoy_pids.get(1).map(|p| rss_kib(*p)).unwrap_or(0),
+        ),
     ];
 
     let hz = clk_tck();
@@ -522,10 +613,21 @@ async fn orchestrate() {
                     "envoy" => envoy_pids.clone(),
                     _ => vec![],
                 };
-                let app: Vec<u32> = if m == "mesh" { vec![] } else { vec![upstream.pid()] };
+                let app: Vec<u32> = if m == "mesh" {
+                    vec![]
+                } else {
+                    vec![upstream.pid()]
+                };
                 let t0p: u64 = proxy.iter().map(|p| cpu_ticks(*p)).sum();
                 let t0a: u64 = app.iter().map(|p| cpu_ticks(*p)).sum();
-                let mut run = loadgen(if m == "mesh" { "mesh" } else { "bare" }, target(m), conc, rps, dur, &client_env);
+                let mut run = loadgen(
+                    if m == "mesh" { "mesh" } else { "bare" },
+                    target(m),
+                    conc,
+                    rps,
+                    dur,
+                    &client_env,
+                );
                 // The loadgen's 1 s warm-up and mesh start-up fall inside this window: the
                 // per-request CPU below slightly overstates the server side for every mode alike.
                 let t1p: u64 = proxy.iter().map(|p| cpu_ticks(*p)).sum();
@@ -536,17 +638,27 @@ async fn orchestrate() {
                     "{sc:<5} {m:<7} rep{rep} {:>9.0} req/s p50={:>6.0}us p99={:>6.0}us fail={}",
                     run.rps, run.p50, run.p99, run.failed
                 );
-                results.entry((sc.clone(), m.clone())).or_default().push(run);
+                results
+                    .entry((sc.clone(), m.clone()))
+                    .or_default()
+                    .push(run);
             }
         }
     }
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     let med = |sc: &str, m: &str, f: &dyn Fn(&Run) -> f64| {
-        median(results.get(&(sc.to_owned(), m.to_owned())).map(|v| v.iter().map(f).collect()).unwrap_or_default())
+        median(
+            results
+                .get(&(sc.to_owned(), m.to_owned()))
+                .map(|v| v.iter().map(f).collect())
+                .unwrap_or_default(),
+        )
     };
     let per_req = |secs: f64, r: &Run| 1e6 * secs / r.reqs.max(1) as f64; // µs/request = ms per 1000
-    println!("\n== medians ({reps} interleaved runs per cell; latency µs; CPU ms per 1000 requests) ==");
+    println!(
+        "\n== medians ({reps} interleaved runs per cell; latency µs; CPU ms per 1000 requests) =="
+    );
     println!(
         "{:<5} {:<7} {:>9} {:>7} {:>7} {:>7} {:>6} | {:>9} {:>9} {:>9}",
         "scen", "mode", "req/s", "p50", "p90", "p99", "fail", "client+", "server+", "proxy+"
@@ -555,7 +667,10 @@ async fn orchestrate() {
         let lg_base = med(sc, "direct", &|r| per_req(r.lg_cpu_s, r));
         let app_base = med(sc, "direct", &|r| per_req(r.app_cpu_s, r));
         for m in &modes {
-            let fails: u64 = results.get(&(sc.clone(), m.clone())).map(|v| v.iter().map(|r| r.failed).sum()).unwrap_or(0);
+            let fails: u64 = results
+                .get(&(sc.clone(), m.clone()))
+                .map(|v| v.iter().map(|r| r.failed).sum())
+                .unwrap_or(0);
             let (client, server) = match m.as_str() {
                 "mesh" => (
                     med(sc, m, &|r| per_req(r.lg_cpu_s, r)) - lg_base,
@@ -579,9 +694,14 @@ async fn orchestrate() {
             );
         }
     }
-    println!("(client+: CPU the mesh client adds inside the calling process; server+: the meshed server's CPU minus the bare app's, or both Envoys' CPU)");
+    println!(
+        "(client+: CPU the mesh client adds inside the calling process; server+: the meshed server's CPU minus the bare app's, or both Envoys' CPU)"
+    );
     println!("\n== ratios to direct (of medians) ==");
-    println!("{:<5} {:<7} {:>8} {:>8} {:>8} {:>8}", "scen", "mode", "req/s", "p50", "p90", "p99");
+    println!(
+        "{:<5} {:<7} {:>8} {:>8} {:>8} {:>8}",
+        "scen", "mode", "req/s", "p50", "p90", "p99"
+    );
     for sc in &scenarios {
         for m in modes.iter().filter(|m| *m != "direct") {
             let r = |f: &dyn Fn(&Run) -> f64| med(sc, m, f) / med(sc, "direct", f);
@@ -604,12 +724,21 @@ async fn orchestrate() {
         envoy_pids.get(1).map(|p| rss_kib(*p)).unwrap_or(0),
     ];
     for ((name, idle), end) in idle_rss.iter().zip(end_rss) {
-        println!("{:<26} {:>8.1} {:>8.1}", name, *idle as f64 / 1024.0, end as f64 / 1024.0);
+        println!(
+            "{:<26} {:>8.1} {:>8.1}",
+            name,
+            *idle as f64 / 1024.0,
+            end as f64 / 1024.0
+        );
     }
     println!(
         "mesh added at idle: {:+.1} MiB (meshed server process over the bare upstream process)",
         (idle_rss[1].1 as f64 - idle_rss[0].1 as f64) / 1024.0
     );
-    println!("load average before: {} after: {}", load_before.trim(), load_after.trim());
+    println!(
+        "load average before: {} after: {}",
+        load_before.trim(),
+        load_after.trim()
+    );
     let _ = std::fs::remove_dir_all(&work);
 }

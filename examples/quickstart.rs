@@ -32,7 +32,9 @@ const BACKEND_PORT: u16 = 9080;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .init();
 
     // The control plane and its CA, as istiod would be.
@@ -58,7 +60,9 @@ async fn main() -> Result<(), Error> {
                 .get::<PeerIdentity>()
                 .and_then(|p| p.spiffe_id.as_ref().map(|s| s.to_string()))
                 .unwrap_or_else(|| "none (plaintext)".into());
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("{version} {peer}")))))
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                "{version} {peer}"
+            )))))
         });
         let m = mesh.clone();
         tokio::spawn(async move { m.serve_on(listener, app).await });
@@ -70,8 +74,16 @@ async fn main() -> Result<(), Error> {
         MeshModel::default().service(
             ServiceSpec::new("backend", NS, "10.96.0.10".parse()?)
                 .port(BACKEND_PORT, Protocol::Http)
-                .endpoint(EndpointSpec::new(backends[0].1).service_account("backend").label("version", "v1"))
-                .endpoint(EndpointSpec::new(backends[1].1).service_account("backend").label("version", "v2"))
+                .endpoint(
+                    EndpointSpec::new(backends[0].1)
+                        .service_account("backend")
+                        .label("version", "v1"),
+                )
+                .endpoint(
+                    EndpointSpec::new(backends[1].1)
+                        .service_account("backend")
+                        .label("version", "v2"),
+                )
                 .subset("v1", "version", "v1")
                 .subset("v2", "version", "v2")
                 .weighted(BACKEND_PORT, &[("v1", 90), ("v2", 10)]),
@@ -79,7 +91,12 @@ async fn main() -> Result<(), Error> {
     );
 
     // The frontend: a meshed workload with an outbound client.
-    let mut node = NodeIdentity::new("frontend-7c9d8f6b5-abcde", NS, "127.0.0.1".parse()?, "frontend");
+    let mut node = NodeIdentity::new(
+        "frontend-7c9d8f6b5-abcde",
+        NS,
+        "127.0.0.1".parse()?,
+        "frontend",
+    );
     node.labels.insert("app".into(), "frontend".into());
     node.labels.insert("version".into(), "v1".into());
     let frontend = start_mesh(&cp, &ca, &tokens, node).await?;
@@ -89,7 +106,11 @@ async fn main() -> Result<(), Error> {
     tokio::time::timeout(Duration::from_secs(30), frontend.ready()).await?;
     println!(
         "frontend identity: {}",
-        frontend.certificates().current().map(|c| c.identity.to_string()).unwrap_or_default()
+        frontend
+            .certificates()
+            .current()
+            .map(|c| c.identity.to_string())
+            .unwrap_or_default()
     );
 
     let client = frontend.http_client();
@@ -98,7 +119,9 @@ async fn main() -> Result<(), Error> {
     let mut seen_by_frontend = BTreeMap::new();
     for _ in 0..100 {
         let resp = client
-            .get(format!("http://backend.{NS}.svc.cluster.local:{BACKEND_PORT}/"))
+            .get(format!(
+                "http://backend.{NS}.svc.cluster.local:{BACKEND_PORT}/"
+            ))
             .await?;
         if let Some(UpstreamPrincipal(id)) = resp.extensions().get::<UpstreamPrincipal>() {
             *seen_by_frontend.entry(id.to_string()).or_insert(0u32) += 1;
@@ -121,10 +144,15 @@ async fn main() -> Result<(), Error> {
         println!("  {id}: {n} calls");
     }
 
-    let status = frontend.status_addr(StatusPort::Agent).ok_or("15020 is off")?;
+    let status = frontend
+        .status_addr(StatusPort::Agent)
+        .ok_or("15020 is off")?;
     let stats = http_get(status, "/stats/prometheus").await?;
     println!("\nistio_requests_total from the frontend's 15020 (/stats/prometheus on {status}):");
-    for line in stats.lines().filter(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"source\"")) {
+    for line in stats
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"source\""))
+    {
         println!("  {line}");
     }
     let ok = split.get("v1").copied().unwrap_or(0) > split.get("v2").copied().unwrap_or(0)
@@ -137,7 +165,12 @@ async fn main() -> Result<(), Error> {
 
 /// Starts a meshed workload against the control plane: certificate from the CA with a token
 /// for its service account, delta xDS, status ports on free loopback ports.
-async fn start_mesh(cp: &ControlPlane, ca: &TestCa, dir: &std::path::Path, node: NodeIdentity) -> Result<Mesh, Error> {
+async fn start_mesh(
+    cp: &ControlPlane,
+    ca: &TestCa,
+    dir: &std::path::Path,
+    node: NodeIdentity,
+) -> Result<Mesh, Error> {
     let token = dir.join(format!("{}.token", node.pod_name));
     std::fs::write(&token, ca.token_for(&node.namespace, &node.service_account))?;
     let addr = cp.addr().to_string();
@@ -156,9 +189,15 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String, Erro
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let resp = send
-        .send_request(Request::get(path).header("host", "localhost").body(Empty::<Bytes>::new())?)
+        .send_request(
+            Request::get(path)
+                .header("host", "localhost")
+                .body(Empty::<Bytes>::new())?,
+        )
         .await?;
-    Ok(String::from_utf8(resp.into_body().collect().await?.to_bytes().to_vec())?)
+    Ok(String::from_utf8(
+        resp.into_body().collect().await?.to_bytes().to_vec(),
+    )?)
 }
 
 fn tempdir() -> std::io::Result<std::path::PathBuf> {

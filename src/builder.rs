@@ -86,7 +86,12 @@ impl MeshBuilder {
     }
 
     /// istiod's xDS address; `tls` with `root_cert` like :15012, plaintext like :15010.
-    pub fn discovery_address(mut self, address: impl Into<String>, tls: bool, root_cert: Option<PathBuf>) -> Self {
+    pub fn discovery_address(
+        mut self,
+        address: impl Into<String>,
+        tls: bool,
+        root_cert: Option<PathBuf>,
+    ) -> Self {
         self.config.discovery = ControlPlaneAddress {
             address: address.into(),
             tls,
@@ -97,7 +102,12 @@ impl MeshBuilder {
     }
 
     /// The CA address (defaults to the discovery address).
-    pub fn ca_address(mut self, address: impl Into<String>, tls: bool, root_cert: Option<PathBuf>) -> Self {
+    pub fn ca_address(
+        mut self,
+        address: impl Into<String>,
+        tls: bool,
+        root_cert: Option<PathBuf>,
+    ) -> Self {
         self.config.ca = Some(ControlPlaneAddress {
             address: address.into(),
             tls,
@@ -143,7 +153,12 @@ impl MeshBuilder {
 
     /// Ports of the pod-facing listeners: `None` turns one off, `Some(0)` picks a free port
     /// (see [`Mesh::status_addr`]).
-    pub fn status_ports(mut self, agent: Option<u16>, readiness: Option<u16>, prometheus: Option<u16>) -> Self {
+    pub fn status_ports(
+        mut self,
+        agent: Option<u16>,
+        readiness: Option<u16>,
+        prometheus: Option<u16>,
+    ) -> Self {
         self.config.status_port = agent;
         self.config.readiness_port = readiness;
         self.config.prometheus_port = prometheus;
@@ -219,7 +234,10 @@ mod tests {
             ("POD_NAME", "a-1"),
             ("POD_NAMESPACE", "ns"),
             ("INSTANCE_IP", "10.0.0.1"),
-            ("ISTIO_META_POD_PORTS", r#"[{"name":"http","containerPort":9080,"protocol":"TCP"}]"#),
+            (
+                "ISTIO_META_POD_PORTS",
+                r#"[{"name":"http","containerPort":9080,"protocol":"TCP"}]"#,
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))

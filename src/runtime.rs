@@ -95,11 +95,8 @@ impl Mesh {
             }
             ResolvedSource::Sds(socket) => {
                 tracing::info!(socket = %socket.display(), "workload certificate from the SDS socket");
-                let client = mesh_xds::secrets::SdsClient::new(
-                    socket,
-                    config.node.node_id(),
-                    certs.clone(),
-                );
+                let client =
+                    mesh_xds::secrets::SdsClient::new(socket, config.node.node_id(), certs.clone());
                 tasks.push(tokio::spawn(client.run()));
             }
         }
@@ -141,8 +138,16 @@ impl Mesh {
         };
         for (kind, port, what) in [
             (StatusPort::Agent, config.status_port, "status port (15020)"),
-            (StatusPort::Readiness, config.readiness_port, "readiness port (15021)"),
-            (StatusPort::Prometheus, config.prometheus_port, "Prometheus port (15090)"),
+            (
+                StatusPort::Readiness,
+                config.readiness_port,
+                "readiness port (15021)",
+            ),
+            (
+                StatusPort::Prometheus,
+                config.prometheus_port,
+                "Prometheus port (15090)",
+            ),
         ] {
             let Some(port) = port else { continue };
             let addr = SocketAddr::new(config.admin_bind, port);
@@ -280,12 +285,17 @@ impl Mesh {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let addr = SocketAddr::new(self.inner.builder.config.admin_bind, self.inner.builder.app_port);
-        let listener = TcpListener::bind(addr).await.map_err(|source| MeshError::Bind {
-            what: "application port",
-            addr,
-            source,
-        })?;
+        let addr = SocketAddr::new(
+            self.inner.builder.config.admin_bind,
+            self.inner.builder.app_port,
+        );
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| MeshError::Bind {
+                what: "application port",
+                addr,
+                source,
+            })?;
         self.serve_on(listener, app).await
     }
 
@@ -387,7 +397,10 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -452,7 +465,14 @@ async fn run_certificates(
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match mesh_xds::ca::CaClient::connect(&ca, token_path.clone(), node.cluster_id.clone(), Vec::new()).await {
+        match mesh_xds::ca::CaClient::connect(
+            &ca,
+            token_path.clone(),
+            node.cluster_id.clone(),
+            Vec::new(),
+        )
+        .await
+        {
             Ok(client) => {
                 mesh_xds::ca::SecretManager::new(client, node.spiffe_id(), ttl, certs.clone())
                     .run()

@@ -222,7 +222,9 @@ async fn a_mesh_client_refuses_a_server_outside_the_clusters_san_list() {
     assert!(
         matches!(
             resp.extensions().get::<ResponseFlag>(),
-            Some(ResponseFlag::UpstreamConnectionFailure | ResponseFlag::UpstreamRetryLimitExceeded)
+            Some(
+                ResponseFlag::UpstreamConnectionFailure | ResponseFlag::UpstreamRetryLimitExceeded
+            )
         ),
         "{:?}",
         resp.extensions().get::<ResponseFlag>()

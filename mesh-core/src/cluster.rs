@@ -155,7 +155,9 @@ impl Cluster {
     /// `tlsMode: istio` endpoints, else the cluster's default socket.
     pub fn tls_for(&self, tls_mode: crate::endpoint::EndpointTlsMode) -> Option<&UpstreamTls> {
         match tls_mode {
-            crate::endpoint::EndpointTlsMode::Istio => self.istio_tls.as_ref().or(self.tls.as_ref()),
+            crate::endpoint::EndpointTlsMode::Istio => {
+                self.istio_tls.as_ref().or(self.tls.as_ref())
+            }
             crate::endpoint::EndpointTlsMode::Disabled => self.tls.as_ref(),
         }
     }
@@ -211,7 +213,9 @@ mod tests {
         let tls = UpstreamTls {
             sni: "outbound_.80_._.a.ns.svc.cluster.local".into(),
             alpn: vec![],
-            san_matchers: vec![SanMatcher::Exact("spiffe://cluster.local/ns/ns/sa/a".into())],
+            san_matchers: vec![SanMatcher::Exact(
+                "spiffe://cluster.local/ns/ns/sa/a".into(),
+            )],
         };
         assert!(tls.accepts_peer(&["spiffe://cluster.local/ns/ns/sa/a"]));
         assert!(!tls.accepts_peer(&["spiffe://cluster.local/ns/ns/sa/b"]));
@@ -223,7 +227,8 @@ mod tests {
 
     #[test]
     fn istio_cluster_names() {
-        let n = IstioClusterName::parse("outbound|9080|v1|reviews.default.svc.cluster.local").unwrap();
+        let n =
+            IstioClusterName::parse("outbound|9080|v1|reviews.default.svc.cluster.local").unwrap();
         assert_eq!((n.port, n.subset), (9080, "v1"));
         assert!(IstioClusterName::parse("PassthroughCluster").is_none());
         assert!(IstioClusterName::parse("outbound|x||h").is_none());

@@ -84,7 +84,9 @@ impl Strings for ProcessEnv {
         std::env::var(key).ok().filter(|v| !v.is_empty())
     }
     fn with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
-        let mut v: Vec<_> = std::env::vars().filter(|(k, _)| k.starts_with(prefix)).collect();
+        let mut v: Vec<_> = std::env::vars()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .collect();
         v.sort();
         v
     }
@@ -222,13 +224,21 @@ impl MeshConfig {
     /// Reads the configuration the injector sets. `POD_NAME`, `POD_NAMESPACE` and
     /// `INSTANCE_IP` are required; everything else has pilot-agent's default.
     pub fn from_strings(s: &dyn Strings) -> Result<MeshConfig, ConfigError> {
-        let pod = s.get(env::POD_NAME).ok_or(ConfigError::Missing(env::POD_NAME))?;
+        let pod = s
+            .get(env::POD_NAME)
+            .ok_or(ConfigError::Missing(env::POD_NAME))?;
         let ns = s
             .get(env::POD_NAMESPACE)
             .ok_or(ConfigError::Missing(env::POD_NAMESPACE))?;
-        let ip_s = s.get(env::INSTANCE_IP).ok_or(ConfigError::Missing(env::INSTANCE_IP))?;
-        let ip: IpAddr = ip_s.parse().map_err(|e| invalid(env::INSTANCE_IP, &ip_s, e))?;
-        let sa = s.get(env::SERVICE_ACCOUNT).unwrap_or_else(|| "default".into());
+        let ip_s = s
+            .get(env::INSTANCE_IP)
+            .ok_or(ConfigError::Missing(env::INSTANCE_IP))?;
+        let ip: IpAddr = ip_s
+            .parse()
+            .map_err(|e| invalid(env::INSTANCE_IP, &ip_s, e))?;
+        let sa = s
+            .get(env::SERVICE_ACCOUNT)
+            .unwrap_or_else(|| "default".into());
         let mut node = NodeIdentity::new(&pod, &ns, ip, &sa);
         if let Some(td) = s.get(env::TRUST_DOMAIN) {
             node.trust_domain = td;
@@ -253,7 +263,9 @@ impl MeshConfig {
             .or_else(|| s.get(env::XDS_ADDRESS))
             .unwrap_or_else(|| DEFAULT_DISCOVERY_ADDRESS.into());
         let discovery = parse_address(&discovery_addr, s.get(env::XDS_ROOT_CA));
-        let ca_addr = s.get(env::CA_ADDR).unwrap_or_else(|| discovery.address.clone());
+        let ca_addr = s
+            .get(env::CA_ADDR)
+            .unwrap_or_else(|| discovery.address.clone());
         let ca = parse_address(&ca_addr, s.get(env::CA_ROOT_CA).or(s.get(env::XDS_ROOT_CA)));
         let secret_ttl = match s.get(env::SECRET_TTL) {
             Some(v) => parse_duration(&v).map_err(|e| invalid(env::SECRET_TTL, &v, e))?,
@@ -301,7 +313,10 @@ fn parse_address(addr: &str, root: Option<String>) -> ControlPlaneAddress {
     ControlPlaneAddress {
         address: addr.to_owned(),
         tls,
-        root_cert: Some(root.map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT_CERT_PATH))),
+        root_cert: Some(
+            root.map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT_CERT_PATH)),
+        ),
         server_name: None,
     }
 }
@@ -338,7 +353,9 @@ pub fn parse_duration(v: &str) -> Result<Duration, String> {
             .ok_or_else(|| format!("missing unit in {v:?}"))?;
         let (num, tail) = rest.split_at(num_end);
         let n: f64 = num.parse().map_err(|_| format!("bad number in {v:?}"))?;
-        let unit_end = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_end);
         let secs = match unit {
             "h" => 3600.0,
@@ -360,7 +377,9 @@ mod tests {
     use super::*;
 
     fn strings(kv: &[(&str, &str)]) -> HashMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -372,15 +391,24 @@ mod tests {
             ("SERVICE_ACCOUNT", "reviews"),
             ("ISTIO_META_CLUSTER_ID", "east"),
             ("ISTIO_META_MESH_ID", "m1"),
-            ("ISTIO_METAJSON_LABELS", r#"{"app":"reviews","version":"v1"}"#),
+            (
+                "ISTIO_METAJSON_LABELS",
+                r#"{"app":"reviews","version":"v1"}"#,
+            ),
             ("CA_ADDR", "istiod.istio-system.svc:15012"),
             ("DISCOVERY_ADDRESS", "istiod.istio-system.svc:15010"),
             ("SECRET_TTL", "12h"),
         ]);
         let c = MeshConfig::from_strings(&s).unwrap();
         assert_eq!(c.node.cluster_id, "east");
-        assert_eq!(c.node.metadata.get("MESH_ID").map(String::as_str), Some("m1"));
-        assert_eq!(c.node.labels.get("app").map(String::as_str), Some("reviews"));
+        assert_eq!(
+            c.node.metadata.get("MESH_ID").map(String::as_str),
+            Some("m1")
+        );
+        assert_eq!(
+            c.node.labels.get("app").map(String::as_str),
+            Some("reviews")
+        );
         assert!(!c.discovery.tls, ":15010 is plaintext");
         assert!(c.ca.as_ref().unwrap().tls);
         assert_eq!(c.secret_ttl, Duration::from_secs(12 * 3600));

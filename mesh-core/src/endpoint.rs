@@ -201,7 +201,10 @@ mod tests {
     fn lower_priority_used_only_when_higher_is_empty() {
         let set = EndpointSet::new(
             "c",
-            vec![ep(1, HealthStatus::Unhealthy, 0), ep(2, HealthStatus::Healthy, 1)],
+            vec![
+                ep(1, HealthStatus::Unhealthy, 0),
+                ep(2, HealthStatus::Healthy, 1),
+            ],
         );
         assert_eq!(set.pick_round_robin().unwrap().address.port(), 2);
         let none = EndpointSet::new("c", vec![ep(1, HealthStatus::Draining, 0)]);

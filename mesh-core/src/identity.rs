@@ -55,7 +55,14 @@ impl FromStr for SpiffeId {
             .ok_or_else(|| SpiffeIdError::Scheme(s.to_owned()))?;
         let mut parts = rest.split('/');
         let td = parts.next().filter(|t| !t.is_empty());
-        match (td, parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        match (
+            td,
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
             (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None)
                 if !ns.is_empty() && !sa.is_empty() =>
             {
@@ -116,7 +123,12 @@ pub struct NodeIdentity {
 
 impl NodeIdentity {
     /// A node identity with Istio's defaults for everything but the pod's own facts.
-    pub fn new(pod_name: &str, namespace: &str, instance_ip: IpAddr, service_account: &str) -> Self {
+    pub fn new(
+        pod_name: &str,
+        namespace: &str,
+        instance_ip: IpAddr,
+        service_account: &str,
+    ) -> Self {
         NodeIdentity {
             proxy_type: "sidecar".into(),
             pod_name: pod_name.into(),
@@ -196,7 +208,9 @@ mod tests {
 
     #[test]
     fn spiffe_round_trip() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/sleep".parse().unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/sleep"
+            .parse()
+            .unwrap();
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "sleep");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/sleep");

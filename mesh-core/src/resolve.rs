@@ -16,7 +16,8 @@ pub struct ResolveError {
 }
 
 /// The future a resolver returns.
-pub type ResolveFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<IpAddr>, ResolveError>> + Send + 'a>>;
+pub type ResolveFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<IpAddr>, ResolveError>> + Send + 'a>>;
 
 /// Resolves a host name to addresses.
 pub trait Resolve: Send + Sync + std::fmt::Debug {

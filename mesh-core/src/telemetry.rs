@@ -12,8 +12,8 @@ pub const RESPONSE_BYTES: &str = "istio_response_bytes";
 
 /// Envoy's default histogram buckets, used by Istio for ms and byte histograms.
 pub const DEFAULT_BUCKETS: [f64; 19] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
 /// Value Istio uses for anything it does not know.
@@ -140,20 +140,32 @@ pub fn request_labels(
         ("reporter", reporter.as_str().to_owned()),
         ("source_workload", source.workload.clone()),
         ("source_canonical_service", source.canonical_service.clone()),
-        ("source_canonical_revision", source.canonical_revision.clone()),
+        (
+            "source_canonical_revision",
+            source.canonical_revision.clone(),
+        ),
         ("source_workload_namespace", source.namespace.clone()),
         ("source_principal", source.principal.clone()),
         ("source_app", source.app.clone()),
         ("source_version", source.version.clone()),
         ("source_cluster", source.cluster.clone()),
         ("destination_workload", destination.workload.clone()),
-        ("destination_workload_namespace", destination.namespace.clone()),
+        (
+            "destination_workload_namespace",
+            destination.namespace.clone(),
+        ),
         ("destination_principal", destination.principal.clone()),
         ("destination_app", destination.app.clone()),
         ("destination_version", destination.version.clone()),
         ("destination_service", service.host.clone()),
-        ("destination_canonical_service", destination.canonical_service.clone()),
-        ("destination_canonical_revision", destination.canonical_revision.clone()),
+        (
+            "destination_canonical_service",
+            destination.canonical_service.clone(),
+        ),
+        (
+            "destination_canonical_revision",
+            destination.canonical_revision.clone(),
+        ),
         ("destination_service_name", service.name.clone()),
         ("destination_service_namespace", service.namespace.clone()),
         ("destination_cluster", destination.cluster.clone()),
@@ -161,7 +173,10 @@ pub fn request_labels(
         ("response_code", outcome.response_code.to_string()),
         ("grpc_response_status", outcome.grpc_status.clone()),
         ("response_flags", outcome.response_flags.to_owned()),
-        ("connection_security_policy", outcome.connection_security_policy.to_owned()),
+        (
+            "connection_security_policy",
+            outcome.connection_security_policy.to_owned(),
+        ),
     ]
 }
 

@@ -274,5 +274,8 @@ async fn every_envoy_family_mesh_emits_exists_in_real_envoy_with_the_same_labels
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
-    eprintln!("compared {compared} envoy families with Envoy {}", envoy_families.len());
+    eprintln!(
+        "compared {compared} envoy families with Envoy {}",
+        envoy_families.len()
+    );
 }

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 pub const NAME_TABLE_TYPE_URL: &str = "type.googleapis.com/istio.networking.nds.v1.NameTable";
 
 /// gRPC path of the CA's only method.
-pub const CREATE_CERTIFICATE_PATH: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+pub const CREATE_CERTIFICATE_PATH: &str =
+    "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 
 /// `istio.networking.nds.v1.NameTable`.
 #[derive(Clone, PartialEq, prost::Message)]

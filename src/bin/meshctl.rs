@@ -173,7 +173,11 @@ fn control_plane(args: &[String]) -> Result<ExitCode, String> {
         // take the control plane down.
         let mut out = std::io::stdout();
         let _ = writeln!(out, "listening on {}", cp.addr());
-        let _ = writeln!(out, "serving {} (ADS delta + SotW, Istio CA)", counts.join(" "));
+        let _ = writeln!(
+            out,
+            "serving {} (ADS delta + SotW, Istio CA)",
+            counts.join(" ")
+        );
         let _ = out.flush();
         tokio::signal::ctrl_c()
             .await

@@ -179,10 +179,11 @@ impl CaClient {
     }
 
     async fn fill_metadata(&self, md: &mut MetadataMap) -> Result<(), CaError> {
-        let token = crate::auth::bearer(self.token_path.as_deref()).map_err(|e| CaError::Token {
-            path: e.path,
-            source: e.source,
-        })?;
+        let token =
+            crate::auth::bearer(self.token_path.as_deref()).map_err(|e| CaError::Token {
+                path: e.path,
+                source: e.source,
+            })?;
         if let Some(value) = token {
             md.insert("authorization", value);
         }
