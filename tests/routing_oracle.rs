@@ -10,7 +10,6 @@
 //! Skips (with the reason printed) when Envoy is not installed and `CI` is not set.
 
 #[path = "support/envoy.rs"]
-#[allow(dead_code)]
 mod envoy;
 
 use std::io::{Read, Write};

@@ -1047,7 +1047,6 @@ mod forwarding_tests {
                         numerator: 500_000,
                         denominator: 2,
                     }),
-                    ..Default::default()
                 }),
                 abort: Some(FaultAbort {
                     error_type: Some(fault_abort::ErrorType::HttpStatus(503)),
