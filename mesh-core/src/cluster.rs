@@ -45,6 +45,15 @@ pub enum SanMatcher {
 }
 
 impl SanMatcher {
+    /// Whether a peer with these URI SANs passes `matchers`: any SAN matching any matcher, or
+    /// no matchers at all. With matchers and no SANs it fails closed.
+    pub fn accepts<S: AsRef<str>>(matchers: &[SanMatcher], uri_sans: &[S]) -> bool {
+        matchers.is_empty()
+            || uri_sans
+                .iter()
+                .any(|san| matchers.iter().any(|m| m.matches(san.as_ref())))
+    }
+
     /// Whether `san` satisfies this matcher.
     pub fn matches(&self, san: &str) -> bool {
         match self {
@@ -71,10 +80,7 @@ impl UpstreamTls {
     /// Whether a peer presenting these URI SANs is acceptable (fails closed: with matchers, at
     /// least one SAN must match one of them).
     pub fn accepts_peer(&self, uri_sans: &[&str]) -> bool {
-        self.san_matchers.is_empty()
-            || uri_sans
-                .iter()
-                .any(|san| self.san_matchers.iter().any(|m| m.matches(san)))
+        SanMatcher::accepts(&self.san_matchers, uri_sans)
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use mesh_core::CertStore;
-use mesh_core::cluster::UpstreamTls;
+use mesh_core::cluster::{SanMatcher, UpstreamTls};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
@@ -264,11 +264,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         }
         if let Some(source) = &self.peer_sans {
             let matchers = source();
-            if !matchers.is_empty()
-                && !sans
-                    .iter()
-                    .any(|san| matchers.iter().any(|m| m.matches(san)))
-            {
+            if !SanMatcher::accepts(&matchers, &sans) {
                 let detail = format!(
                     "URI SANs {sans:?} match none of the accepted subject alt names {matchers:?} (wrong trust domain?)"
                 );
