@@ -265,17 +265,7 @@ async fn delta_stream(
     let Some(first) = inbound.message().await? else {
         return Ok(());
     };
-    let node = first
-        .node
-        .clone()
-        .filter(|n| !n.id.is_empty())
-        .ok_or_else(|| Status::invalid_argument("missing node information"))?;
-    let ns = namespace_of(&node);
-    shared.emit(XdsEvent::StreamOpened {
-        node_id: node.id.clone(),
-        delta: true,
-        authorization,
-    });
+    let ns = open_stream(&shared, first.node.as_ref(), true, authorization)?;
     let mut types: BTreeMap<String, DeltaType> = BTreeMap::new();
     let mut next = Some(first);
     loop {
@@ -421,6 +411,26 @@ fn delta_response(
     })
 }
 
+/// The first request of a stream must carry the node (istiod answers `InvalidArgument
+/// "missing node information"` otherwise); announces the stream and returns the client's
+/// namespace, which selects what is generated for it.
+fn open_stream(
+    shared: &Shared,
+    node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+    delta: bool,
+    authorization: Option<String>,
+) -> Result<String, Status> {
+    let node = node
+        .filter(|n| !n.id.is_empty())
+        .ok_or_else(|| Status::invalid_argument("missing node information"))?;
+    shared.emit(XdsEvent::StreamOpened {
+        node_id: node.id.clone(),
+        delta,
+        authorization,
+    });
+    Ok(namespace_of(node))
+}
+
 #[derive(Default)]
 struct SotwType {
     names: Vec<String>,
@@ -440,17 +450,7 @@ async fn sotw_stream(
     let Some(first) = inbound.message().await? else {
         return Ok(());
     };
-    let node = first
-        .node
-        .clone()
-        .filter(|n| !n.id.is_empty())
-        .ok_or_else(|| Status::invalid_argument("missing node information"))?;
-    let ns = namespace_of(&node);
-    shared.emit(XdsEvent::StreamOpened {
-        node_id: node.id.clone(),
-        delta: false,
-        authorization,
-    });
+    let ns = open_stream(&shared, first.node.as_ref(), false, authorization)?;
     let mut types: BTreeMap<String, SotwType> = BTreeMap::new();
     let mut next = Some(first);
     loop {
