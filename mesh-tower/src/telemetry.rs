@@ -25,7 +25,10 @@ pub fn prometheus_handle() -> Option<PrometheusHandle> {
                 .build_recorder();
             let handle = recorder.handle();
             match metrics::set_global_recorder(recorder) {
-                Ok(()) => Some(handle),
+                Ok(()) => {
+                    spawn_upkeep(handle.clone());
+                    Some(handle)
+                }
                 Err(_) => {
                     tracing::warn!(
                         "a metrics recorder was already installed; mesh's metrics go to it and /stats/prometheus shows only what mesh renders itself"
@@ -35,6 +38,28 @@ pub fn prometheus_handle() -> Option<PrometheusHandle> {
             }
         })
         .clone()
+}
+
+/// How often histogram samples are folded into their buckets. The recorder keeps every
+/// sample of a histogram until the next upkeep (or scrape); without this, memory grows with
+/// traffic between scrapes (measured: 9 MiB → 76 MiB after a minute of load, issue 7).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Folds histogram samples into buckets on a small background thread, independent of any
+/// tokio runtime, so memory stays flat whether or not anyone scrapes.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("mesh-metrics-upkeep".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start the metrics upkeep thread; histogram samples are folded only at scrape time");
+    }
 }
 
 /// Records one finished HTTP request: `istio_requests_total`, and the duration, request-size
