@@ -21,6 +21,7 @@
 //! Request paths are normalized first ([`path::normalize_path`]), by the caller, as Envoy's
 //! HTTP connection manager does before any filter runs.
 
+pub mod jwt;
 pub mod matcher;
 pub mod path;
 
