@@ -115,6 +115,8 @@ struct Inner {
     clusters_write: Mutex<()>,
     /// Labels of local replies given before an upstream host was chosen.
     no_host: Arc<LabelBase>,
+    /// Peer metadata headers for Istio peers, encoded once.
+    peer_headers: Option<telemetry::PeerHeaders>,
 }
 
 /// Per-cluster state that outlives snapshots while the cluster is unchanged: host pools and
@@ -173,6 +175,7 @@ impl Outbound {
                     WorkloadLabels::default(),
                     None,
                 )),
+                peer_headers: telemetry::PeerHeaders::for_node(&node),
                 source,
                 clusters: ArcSwap::from_pointee(HashMap::new()),
                 clusters_write: Mutex::new(()),
@@ -592,6 +595,11 @@ impl Outbound {
                 p.headers
                     .insert(X_ENVOY_ATTEMPT_COUNT, HeaderValue::from(attempt));
             }
+            telemetry::PeerHeaders::propagate(
+                self.inner.peer_headers.as_ref(),
+                tls_mode,
+                &mut p.headers,
+            );
             if let Err(e) = prepare(&mut p, authority, proto) {
                 tracing::debug!(error = %e, "cannot forward request");
                 let record = self.record_unless(
@@ -724,6 +732,7 @@ impl Outbound {
                     };
                     let (mut parts, incoming) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
+                    telemetry::discover_upstream_peer(&mut parts.headers, record.as_mut());
                     if let Some(p) = &peer {
                         parts.extensions.insert(UpstreamPrincipal(p.clone()));
                     }
@@ -901,6 +910,7 @@ impl Outbound {
             grpc,
             grpc_status: None,
             request_bytes,
+            peer: None,
         })
     }
 
@@ -1043,11 +1053,21 @@ impl Inner {
         {
             return h.clone();
         }
-        let labels = Arc::new(LabelBase::new(
-            self.source.clone(),
-            telemetry::destination_labels(workload),
-            state.service.clone(),
-        ));
+        let labels = Arc::new(
+            LabelBase::new(
+                self.source.clone(),
+                telemetry::destination_labels(workload),
+                state.service.clone(),
+            )
+            .with_cluster(
+                &state.cluster.name,
+                telemetry::ClusterLive {
+                    rq_active: state.rq_active.clone(),
+                    max_requests: state.cluster.circuit_breakers.max_requests,
+                    ejected: state.ejected.clone(),
+                },
+            ),
+        );
         let pool = Arc::new(HostPool::new(addr, workload.cloned(), labels));
         let mut next: HashMap<(SocketAddr, bool), Arc<HostPool>> = match set {
             // Drop hosts the endpoint set no longer has.

@@ -367,6 +367,7 @@ impl HostPool {
 
     async fn connect_h1(&self, p: &ConnectParams<'_>) -> Result<H1Conn, ConnectError> {
         let (io, peer) = p.open(self.addr).await?;
+        let cx = self.labels.connection_opened();
         let (sender, conn) =
             http1::handshake(TokioIo::new(io))
                 .await
@@ -375,6 +376,7 @@ impl HostPool {
                     source,
                 })?;
         tokio::spawn(async move {
+            let _cx = cx;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
             }
@@ -391,6 +393,7 @@ impl HostPool {
             return Ok((c.clone(), true));
         }
         let (io, peer) = p.open(self.addr).await?;
+        let cx = self.labels.connection_opened();
         let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
             .map_err(|source| ConnectError::Http {
@@ -398,6 +401,7 @@ impl HostPool {
                 source,
             })?;
         tokio::spawn(async move {
+            let _cx = cx;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
             }

@@ -1,17 +1,215 @@
-//! Client-side (`reporter="source"`) request metrics: the label parts that are constant per
-//! upstream host are built once; the metric handles per outcome are cached lock-free.
+//! Client-side (`reporter="source"`) telemetry: Istio's request metrics, whose label parts
+//! that are constant per upstream host are built once and whose handles per outcome are cached
+//! lock-free; the peer metadata exchange with Istio peers (FACTS.md f.1: the headers are sent
+//! to `tlsMode: istio` endpoints, read from the response for the `destination_*` labels and
+//! removed before the application sees the response); and Envoy's `envoy_cluster_*` stats
+//! ([`ClusterStats`], registered once per host pool).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
-use mesh_core::endpoint::WorkloadMetadata;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use mesh_core::endpoint::{EndpointTlsMode, WorkloadMetadata};
 use mesh_core::flags::ResponseFlag;
+use mesh_core::identity::NodeIdentity;
+use mesh_core::peer_metadata::{PeerMetadata, PeerMetadataHeaders};
 use mesh_core::telemetry::{
     DestinationService, Reporter, RequestOutcome, UNKNOWN, WorkloadLabels, request_labels,
 };
+use metrics::{Counter, Gauge, Histogram, Label};
 
 use crate::telemetry::RequestMetrics;
+
+/// `x-envoy-peer-metadata-id`.
+const PEER_ID: HeaderName = HeaderName::from_static("x-envoy-peer-metadata-id");
+/// `x-envoy-peer-metadata`.
+const PEER_METADATA: HeaderName = HeaderName::from_static("x-envoy-peer-metadata");
+
+/// The peer metadata headers this workload sends to Istio peers, encoded once at startup
+/// (Istio's `upstream_propagation: istio_headers`).
+#[derive(Debug, Clone)]
+pub(crate) struct PeerHeaders {
+    id: HeaderValue,
+    metadata: HeaderValue,
+}
+
+impl PeerHeaders {
+    /// The headers of `node`; `None` (with a warning) when its node id is not a valid header
+    /// value.
+    pub(crate) fn for_node(node: &NodeIdentity) -> Option<Self> {
+        let encoded = PeerMetadataHeaders::for_node(node);
+        match (
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(encoded.id.clone())),
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(encoded.metadata)),
+        ) {
+            (Ok(id), Ok(metadata)) => Some(PeerHeaders { id, metadata }),
+            _ => {
+                tracing::warn!(node_id = %encoded.id, "node id is not a valid header value; peer metadata is not sent upstream");
+                None
+            }
+        }
+    }
+
+    /// Adds the headers to a request for an endpoint in `tls_mode`: only Istio peers
+    /// (`tlsMode: istio`) take part in the exchange; a client-set value is replaced.
+    pub(crate) fn propagate(
+        this: Option<&Self>,
+        tls_mode: EndpointTlsMode,
+        headers: &mut HeaderMap,
+    ) {
+        if let Some(h) = this
+            && tls_mode == EndpointTlsMode::Istio
+        {
+            headers.insert(PEER_ID, h.id.clone());
+            headers.insert(PEER_METADATA, h.metadata.clone());
+        }
+    }
+}
+
+/// Reads and removes the upstream's peer metadata from its response headers (Istio's
+/// `upstream_discovery: istio_headers`): the application never sees them; the metadata
+/// becomes the `destination_*` labels of `record`.
+pub(crate) fn discover_upstream_peer(headers: &mut HeaderMap, record: Option<&mut Record>) {
+    if headers.is_empty() {
+        return;
+    }
+    headers.remove(PEER_ID);
+    let Some(raw) = headers.remove(PEER_METADATA) else {
+        return;
+    };
+    if let Some(r) = record {
+        r.peer = r.labels.peer_labels(raw);
+    }
+}
+
+/// The last decoded peer metadata of a host (an upstream sends the same bytes every time).
+struct CachedPeer {
+    raw: HeaderValue,
+    labels: Option<Arc<WorkloadLabels>>,
+}
+
+/// A cluster's live state sampled into the `envoy_cluster_*` gauges when a request ends.
+pub(crate) struct ClusterLive {
+    /// Requests in flight to the cluster.
+    pub rq_active: Arc<AtomicU32>,
+    /// The breaker's `max_requests`.
+    pub max_requests: u32,
+    /// Ejected hosts of the cluster.
+    pub ejected: Arc<AtomicUsize>,
+}
+
+/// Envoy's per-cluster stats, named and labelled as Envoy's `/stats/prometheus` has them
+/// (`envoy_cluster_<stat>{envoy_cluster_name="outbound|9080||reviews.default.svc.cluster.local"}`),
+/// registered once: recording a request is a handful of atomic updates.
+pub(crate) struct ClusterStats {
+    name: String,
+    rq_total: Counter,
+    rq_completed: Counter,
+    /// `envoy_cluster_upstream_rq_xx` for classes 1..=5.
+    rq_xx: [Counter; 5],
+    /// `envoy_cluster_upstream_rq{envoy_response_code}` handles, registered on first use.
+    rq_code: ArcSwap<Vec<(u16, Counter)>>,
+    rq_time: Histogram,
+    rq_active: Gauge,
+    cx_total: Counter,
+    cx_active: Gauge,
+    rq_open: Gauge,
+    ejections_active: Gauge,
+    live: ClusterLive,
+}
+
+fn cluster_label(name: &str) -> [Label; 1] {
+    [Label::new("envoy_cluster_name", name.to_owned())]
+}
+
+impl ClusterStats {
+    /// Registers (or finds) the stats of cluster `name`.
+    pub(crate) fn register(name: &str, live: ClusterLive) -> Self {
+        let l = cluster_label(name);
+        let class = |c: &'static str| {
+            metrics::counter!(
+                "envoy_cluster_upstream_rq_xx",
+                [
+                    Label::new("envoy_response_code_class", c),
+                    Label::new("envoy_cluster_name", name.to_owned()),
+                ]
+                .iter()
+            )
+        };
+        ClusterStats {
+            name: name.to_owned(),
+            rq_total: metrics::counter!("envoy_cluster_upstream_rq_total", l.iter()),
+            rq_completed: metrics::counter!("envoy_cluster_upstream_rq_completed", l.iter()),
+            rq_xx: [class("1"), class("2"), class("3"), class("4"), class("5")],
+            rq_code: ArcSwap::from_pointee(Vec::new()),
+            rq_time: metrics::histogram!("envoy_cluster_upstream_rq_time", l.iter()),
+            rq_active: metrics::gauge!("envoy_cluster_upstream_rq_active", l.iter()),
+            cx_total: metrics::counter!("envoy_cluster_upstream_cx_total", l.iter()),
+            cx_active: metrics::gauge!("envoy_cluster_upstream_cx_active", l.iter()),
+            rq_open: metrics::gauge!("envoy_cluster_circuit_breakers_default_rq_open", l.iter()),
+            ejections_active: metrics::gauge!(
+                "envoy_cluster_outlier_detection_ejections_active",
+                l.iter()
+            ),
+            live,
+        }
+    }
+
+    fn code_counter(&self, code: u16) -> Counter {
+        if let Some((_, c)) = self.rq_code.load().iter().find(|(k, _)| *k == code) {
+            return c.clone();
+        }
+        let c = metrics::counter!(
+            "envoy_cluster_upstream_rq",
+            [
+                Label::new("envoy_response_code", code.to_string()),
+                Label::new("envoy_cluster_name", self.name.clone()),
+            ]
+            .iter()
+        );
+        self.rq_code.rcu(|v| {
+            let mut v = Vec::clone(v);
+            if !v.iter().any(|(k, _)| *k == code) {
+                v.push((code, c.clone()));
+            }
+            v
+        });
+        c
+    }
+
+    /// One request to the cluster ended with `code` after `ms` milliseconds.
+    fn record(&self, code: u16, ms: f64) {
+        self.rq_total.increment(1);
+        if code != 0 {
+            self.rq_completed.increment(1);
+            if let Some(c) = self.rq_xx.get(usize::from(code / 100).wrapping_sub(1)) {
+                c.increment(1);
+            }
+            self.code_counter(code).increment(1);
+        }
+        self.rq_time.record(ms);
+        let active = self.live.rq_active.load(Ordering::Relaxed);
+        self.rq_active.set(f64::from(active));
+        self.rq_open.set(if active >= self.live.max_requests {
+            1.0
+        } else {
+            0.0
+        });
+        self.ejections_active
+            .set(self.live.ejected.load(Ordering::Relaxed) as f64);
+    }
+}
+
+/// Counts one upstream connection in `envoy_cluster_upstream_cx_active` until dropped.
+pub(crate) struct ConnectionGuard(Arc<ClusterStats>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.cx_active.decrement(1.0);
+    }
+}
 
 /// Distinct outcomes cached per host; beyond this, handles are registered per request.
 const MAX_CACHED: usize = 64;
@@ -23,6 +221,8 @@ pub(crate) struct LabelBase {
     /// `None`: the destination service comes from each request's host.
     service: Option<DestinationService>,
     cache: ArcSwap<Vec<Arc<Cached>>>,
+    peer: ArcSwapOption<CachedPeer>,
+    cluster: Option<Arc<ClusterStats>>,
 }
 
 struct Cached {
@@ -38,6 +238,15 @@ struct Key {
     grpc_status: Option<u32>,
     principal: Option<Arc<str>>,
     host: Option<Box<str>>,
+    peer: Option<Arc<WorkloadLabels>>,
+}
+
+fn same_peer(a: &Option<Arc<WorkloadLabels>>, b: &Option<Arc<WorkloadLabels>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || **a == **b,
+        _ => false,
+    }
 }
 
 /// The `istio.workload` endpoint metadata as destination labels. Like Envoy's fallback for
@@ -108,7 +317,46 @@ impl LabelBase {
             destination,
             service,
             cache: ArcSwap::from_pointee(Vec::new()),
+            peer: ArcSwapOption::empty(),
+            cluster: None,
         }
+    }
+
+    /// Also records Envoy's `envoy_cluster_*` stats of the cluster the host belongs to.
+    pub(crate) fn with_cluster(mut self, name: &str, live: ClusterLive) -> Self {
+        self.cluster = Some(Arc::new(ClusterStats::register(name, live)));
+        self
+    }
+
+    /// A new upstream connection to the host: counted in `envoy_cluster_upstream_cx_total`
+    /// and, while the guard lives, `envoy_cluster_upstream_cx_active`.
+    pub(crate) fn connection_opened(&self) -> Option<ConnectionGuard> {
+        let c = self.cluster.as_ref()?;
+        c.cx_total.increment(1);
+        c.cx_active.increment(1.0);
+        Some(ConnectionGuard(c.clone()))
+    }
+
+    /// The workload labels in an upstream's `x-envoy-peer-metadata`, decoded once per
+    /// distinct value.
+    fn peer_labels(&self, raw: HeaderValue) -> Option<Arc<WorkloadLabels>> {
+        if let Some(c) = self.peer.load().as_ref()
+            && c.raw == raw
+        {
+            return c.labels.clone();
+        }
+        let labels = match PeerMetadata::decode_header(raw.as_bytes()) {
+            Ok(m) => Some(Arc::new(m.workload_labels())),
+            Err(error) => {
+                tracing::debug!(%error, "ignoring unreadable upstream peer metadata");
+                None
+            }
+        };
+        self.peer.store(Some(Arc::new(CachedPeer {
+            raw,
+            labels: labels.clone(),
+        })));
+        labels
     }
 
     /// Whether requests need to carry their host for the `destination_service` label.
@@ -129,13 +377,24 @@ impl LabelBase {
                 && k.grpc_status == r.grpc_status
                 && k.principal == r.principal
                 && k.host.as_deref() == host
+                && same_peer(&k.peer, &r.peer)
         };
         if let Some(c) = self.cache.load().iter().find(|c| matches(&c.key)) {
             return c.metrics.clone();
         }
-        let mut destination = self.destination.clone();
+        // The upstream's own metadata, when it sent some, names the destination workload;
+        // the principal is always the verified certificate's.
+        let mut destination = match &r.peer {
+            Some(p) => WorkloadLabels::clone(p),
+            None => self.destination.clone(),
+        };
         if let Some(p) = &r.principal {
             destination.principal = p.to_string();
+            if r.peer.is_some()
+                && let Some(ns) = namespace_from_san(p)
+            {
+                destination.namespace = ns.to_owned();
+            }
         }
         let service = match &self.service {
             Some(s) => s.clone(),
@@ -165,6 +424,7 @@ impl LabelBase {
                     grpc_status: r.grpc_status,
                     principal: r.principal.clone(),
                     host: host.map(Box::from),
+                    peer: r.peer.clone(),
                 },
                 metrics: metrics.clone(),
             });
@@ -191,18 +451,143 @@ pub(crate) struct Record {
     pub grpc: bool,
     pub grpc_status: Option<u32>,
     pub request_bytes: u64,
+    /// The upstream's workload as its peer metadata described it.
+    pub peer: Option<Arc<WorkloadLabels>>,
 }
 
 impl Record {
     pub(crate) fn finish(self, response_bytes: u64) {
         let m = self.labels.metrics(&self);
-        m.record(self.start.elapsed(), self.request_bytes, response_bytes);
+        let elapsed = self.start.elapsed();
+        m.record(elapsed, self.request_bytes, response_bytes);
+        if let Some(c) = &self.labels.cluster {
+            c.record(self.code, elapsed.as_secs_f64() * 1000.0);
+        }
     }
+}
+
+/// `spiffe://<td>/ns/<ns>/sa/<sa>` → `<ns>`.
+fn namespace_from_san(san: &str) -> Option<&str> {
+    let ns = san.split("/ns/").nth(1)?.split('/').next()?;
+    (!ns.is_empty()).then_some(ns)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(workload: &str) -> NodeIdentity {
+        let mut n = NodeIdentity::new(
+            &format!("{workload}-0"),
+            "default",
+            "10.0.0.1".parse().unwrap(),
+            workload,
+        );
+        n.workload_name = workload.into();
+        n.labels.insert("app".into(), workload.into());
+        n
+    }
+
+    #[test]
+    fn peer_headers_go_to_istio_endpoints_only() {
+        let h = PeerHeaders::for_node(&node("reviews-v1"));
+        let mut headers = HeaderMap::new();
+        PeerHeaders::propagate(h.as_ref(), EndpointTlsMode::Disabled, &mut headers);
+        assert!(headers.is_empty());
+        PeerHeaders::propagate(h.as_ref(), EndpointTlsMode::Istio, &mut headers);
+        let sent = PeerMetadata::decode_header(headers[&PEER_METADATA].as_bytes()).unwrap();
+        assert_eq!(sent.workload_labels().workload, "reviews-v1");
+        assert_eq!(
+            headers[&PEER_ID].to_str().unwrap(),
+            node("reviews-v1").node_id()
+        );
+    }
+
+    #[test]
+    fn upstream_metadata_fills_destination_labels_and_cluster_stats() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let live = ClusterLive {
+                rq_active: Arc::new(AtomicU32::new(2)),
+                max_requests: 2,
+                ejected: Arc::new(AtomicUsize::new(1)),
+            };
+            let base = Arc::new(
+                LabelBase::new(
+                    Arc::new(WorkloadLabels::from_node(&node("productpage-v1"))),
+                    WorkloadLabels::default(),
+                    None,
+                )
+                .with_cluster("outbound|9080||ratings.default.svc.cluster.local", live),
+            );
+            let cx = base.connection_opened();
+            let upstream = PeerHeaders::for_node(&node("ratings-v1")).unwrap();
+            let mut response = HeaderMap::new();
+            response.insert(PEER_ID, upstream.id.clone());
+            response.insert(PEER_METADATA, upstream.metadata.clone());
+            response.insert("x-app", HeaderValue::from_static("kept"));
+            for _ in 0..2 {
+                let mut headers = response.clone();
+                let mut record = Record {
+                    start: Instant::now(),
+                    labels: base.clone(),
+                    host: Some("ratings.default:9080".into()),
+                    principal: Some("spiffe://cluster.local/ns/prod/sa/ratings".into()),
+                    code: 503,
+                    flag: ResponseFlag::None,
+                    grpc: false,
+                    grpc_status: None,
+                    request_bytes: 10,
+                    peer: None,
+                };
+                discover_upstream_peer(&mut headers, Some(&mut record));
+                assert_eq!(headers.len(), 1, "only the app's header is left");
+                record.finish(5);
+            }
+            drop(cx);
+        });
+        let text = handle.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_requests_total{"))
+            .expect("recorded");
+        assert!(
+            line.contains("destination_workload=\"ratings-v1\""),
+            "{line}"
+        );
+        assert!(line.contains("destination_app=\"ratings-v1\""), "{line}");
+        // The namespace comes from the verified certificate, not the metadata.
+        assert!(
+            line.contains("destination_workload_namespace=\"prod\""),
+            "{line}"
+        );
+        assert!(line.ends_with(" 2"), "one series for both requests: {line}");
+        let cluster = "envoy_cluster_name=\"outbound|9080||ratings.default.svc.cluster.local\"";
+        for (stat, value) in [
+            ("envoy_cluster_upstream_rq_total{", "2"),
+            ("envoy_cluster_upstream_rq_completed{", "2"),
+            (
+                "envoy_cluster_upstream_rq{envoy_response_code=\"503\",",
+                "2",
+            ),
+            (
+                "envoy_cluster_upstream_rq_xx{envoy_response_code_class=\"5\",",
+                "2",
+            ),
+            ("envoy_cluster_upstream_cx_total{", "1"),
+            ("envoy_cluster_upstream_cx_active{", "0"),
+            ("envoy_cluster_circuit_breakers_default_rq_open{", "1"),
+            ("envoy_cluster_outlier_detection_ejections_active{", "1"),
+            ("envoy_cluster_upstream_rq_time_count{", "2"),
+        ] {
+            let l = text
+                .lines()
+                .find(|l| l.starts_with(stat) && l.contains(cluster))
+                .unwrap_or_else(|| panic!("{stat} missing:\n{text}"));
+            assert!(l.ends_with(&format!(" {value}")), "{l}");
+        }
+    }
 
     #[test]
     fn ports_are_stripped() {
