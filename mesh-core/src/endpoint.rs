@@ -99,6 +99,10 @@ pub struct Endpoint {
     pub locality: Locality,
     /// EDS priority.
     pub priority: u32,
+    /// The `load_balancing_weight` of the endpoint's locality (its `LocalityLbEndpoints`),
+    /// used when the cluster balances by locality weight; `None` when unset (such a locality
+    /// gets no traffic under locality-weighted balancing, as in Envoy).
+    pub locality_weight: Option<u32>,
     /// `istio.workload` metadata, when present.
     pub workload: Option<WorkloadMetadata>,
 }
@@ -113,6 +117,7 @@ impl Endpoint {
             tls_mode: EndpointTlsMode::Disabled,
             locality: Locality::default(),
             priority: 0,
+            locality_weight: None,
             workload: None,
         }
     }
@@ -126,6 +131,8 @@ pub struct EndpointSet {
     pub cluster_name: String,
     /// Every endpoint, as EDS sent it.
     pub endpoints: Vec<Endpoint>,
+    /// The CLA's `policy.overprovisioning_factor` in percent (Envoy's default 140 = 1.4).
+    pub overprovisioning_factor: u32,
     routable: Vec<usize>,
     next: AtomicUsize,
 }
@@ -149,9 +156,17 @@ impl EndpointSet {
         EndpointSet {
             cluster_name: cluster_name.into(),
             endpoints,
+            overprovisioning_factor: crate::lb::DEFAULT_OVERPROVISIONING_FACTOR,
             routable,
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// Sets the CLA's overprovisioning factor (percent; 140 is Envoy's 1.4).
+    #[must_use]
+    pub fn with_overprovisioning_factor(mut self, percent: u32) -> Self {
+        self.overprovisioning_factor = percent;
+        self
     }
 
     /// Number of endpoints traffic can go to.

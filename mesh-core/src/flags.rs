@@ -1,83 +1,232 @@
 //! Envoy's response flags, as they appear in access logs and in Istio's `response_flags` label.
+//!
+//! A response can carry several flags (after exhausted retries on connection failures Envoy
+//! logs `UF,URX`), so [`ResponseFlags`] is a small bitset. Its constants carry Envoy's flag
+//! names (`ResponseFlags::UpstreamConnectionFailure`, …); sets render comma-joined in Envoy's
+//! order. [`ResponseFlag`] is the same type under its older, singular name.
 
 use std::fmt;
+use std::sync::OnceLock;
 
-/// One Envoy response flag. Only the flags mesh can produce are listed; `-` is
-/// [`ResponseFlag::None`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ResponseFlag {
+/// A set of Envoy response flags; `Copy` and one word wide. Only the flags mesh can produce
+/// exist; the empty set prints `-` ([`ResponseFlags::None`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ResponseFlags(u16);
+
+/// The older name of [`ResponseFlags`]: one flag is a set of one.
+pub type ResponseFlag = ResponseFlags;
+
+/// Envoy's flag order (its `CORE_RESPONSE_FLAGS` table) and short names: bit `i` of a set is
+/// `ORDER[i]`, so iterating the bits in ascending order renders in Envoy's order.
+/// `RBAC` is not one of Envoy's core flags (Istio's RBAC denials log it); it goes last.
+const ORDER: [&str; 14] = [
+    "UH", "UT", "UF", "UC", "UO", "NR", "DI", "FI", "UAEX", "DC", "URX", "DPE", "NC", "RBAC",
+];
+
+#[allow(non_upper_case_globals)]
+impl ResponseFlags {
     /// No flag: `-`.
-    None,
-    /// `NR`: no route configured for the request (404).
-    NoRouteFound,
-    /// `NC`: the route's cluster does not exist (503).
-    NoClusterFound,
+    pub const None: ResponseFlags = ResponseFlags(0);
     /// `UH`: no healthy upstream host (503).
-    NoHealthyUpstream,
-    /// `UF`: upstream connection failure (503).
-    UpstreamConnectionFailure,
-    /// `UO`: upstream overflow, circuit breaker open (503).
-    UpstreamOverflow,
+    pub const NoHealthyUpstream: ResponseFlags = ResponseFlags(1 << 0);
     /// `UT`: upstream request timeout (504).
-    UpstreamRequestTimeout,
+    pub const UpstreamRequestTimeout: ResponseFlags = ResponseFlags(1 << 1);
+    /// `UF`: upstream connection failure (503).
+    pub const UpstreamConnectionFailure: ResponseFlags = ResponseFlags(1 << 2);
     /// `UC`: upstream connection terminated (503).
-    UpstreamConnectionTermination,
-    /// `URX`: upstream retry limit exceeded.
-    UpstreamRetryLimitExceeded,
-    /// `DC`: downstream connection terminated.
-    DownstreamConnectionTermination,
+    pub const UpstreamConnectionTermination: ResponseFlags = ResponseFlags(1 << 3);
+    /// `UO`: upstream overflow, circuit breaker open (503).
+    pub const UpstreamOverflow: ResponseFlags = ResponseFlags(1 << 4);
+    /// `NR`: no route configured for the request (404).
+    pub const NoRouteFound: ResponseFlags = ResponseFlags(1 << 5);
     /// `DI`: request delayed by fault injection.
-    DelayInjected,
+    pub const DelayInjected: ResponseFlags = ResponseFlags(1 << 6);
     /// `FI`: request aborted by fault injection.
-    FaultInjected,
+    pub const FaultInjected: ResponseFlags = ResponseFlags(1 << 7);
     /// `UAEX`: denied by external authorization.
-    UnauthorizedExternalService,
-    /// `RBAC`: denied by the RBAC filter (403 `RBAC: access denied`).
-    RbacAccessDenied,
+    pub const UnauthorizedExternalService: ResponseFlags = ResponseFlags(1 << 8);
+    /// `DC`: downstream connection terminated.
+    pub const DownstreamConnectionTermination: ResponseFlags = ResponseFlags(1 << 9);
+    /// `URX`: upstream retry limit exceeded.
+    pub const UpstreamRetryLimitExceeded: ResponseFlags = ResponseFlags(1 << 10);
     /// `DPE`: downstream protocol error.
-    DownstreamProtocolError,
-}
+    pub const DownstreamProtocolError: ResponseFlags = ResponseFlags(1 << 11);
+    /// `NC`: the route's cluster does not exist (503).
+    pub const NoClusterFound: ResponseFlags = ResponseFlags(1 << 12);
+    /// `RBAC`: denied by the RBAC filter (403 `RBAC: access denied`).
+    pub const RbacAccessDenied: ResponseFlags = ResponseFlags(1 << 13);
 
-impl ResponseFlag {
-    /// The short form Envoy prints (`UF`, `NR`, `-`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResponseFlag::None => "-",
-            ResponseFlag::NoRouteFound => "NR",
-            ResponseFlag::NoClusterFound => "NC",
-            ResponseFlag::NoHealthyUpstream => "UH",
-            ResponseFlag::UpstreamConnectionFailure => "UF",
-            ResponseFlag::UpstreamOverflow => "UO",
-            ResponseFlag::UpstreamRequestTimeout => "UT",
-            ResponseFlag::UpstreamConnectionTermination => "UC",
-            ResponseFlag::UpstreamRetryLimitExceeded => "URX",
-            ResponseFlag::DownstreamConnectionTermination => "DC",
-            ResponseFlag::DelayInjected => "DI",
-            ResponseFlag::FaultInjected => "FI",
-            ResponseFlag::UnauthorizedExternalService => "UAEX",
-            ResponseFlag::RbacAccessDenied => "RBAC",
-            ResponseFlag::DownstreamProtocolError => "DPE",
-        }
+    /// Whether no flag is set.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
     }
 
-    /// The status code Envoy answers with when it produces this flag itself.
+    /// Whether every flag of `other` is set here.
+    pub fn contains(self, other: ResponseFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// This set with the flags of `other` added.
+    #[must_use]
+    pub fn with(self, other: ResponseFlags) -> ResponseFlags {
+        ResponseFlags(self.0 | other.0)
+    }
+
+    /// Adds the flags of `other`.
+    pub fn insert(&mut self, other: ResponseFlags) {
+        self.0 |= other.0;
+    }
+
+    /// The flags one by one, in Envoy's order.
+    pub fn iter(self) -> impl Iterator<Item = ResponseFlags> {
+        (0..ORDER.len())
+            .map(|i| ResponseFlags(1 << i))
+            .filter(move |f| self.contains(*f))
+    }
+
+    /// The form Envoy prints: `-`, `UF`, `UF,URX`. Allocation-free: single flags and sets of
+    /// up to three flags come from a table built once; a larger set (mesh never produces
+    /// one) prints its first three flags here and all of them through `Display`.
+    pub fn as_str(self) -> &'static str {
+        if self.0 == 0 {
+            return "-";
+        }
+        if self.0.is_power_of_two() {
+            return ORDER[self.0.trailing_zeros() as usize];
+        }
+        let table = combinations();
+        let mut key = self.0;
+        while key.count_ones() > 3 {
+            // Drop the last flags in Envoy's order.
+            key &= !(1 << (15 - key.leading_zeros()));
+        }
+        table
+            .binary_search_by_key(&key, |e| e.0)
+            .map_or("-", |i| table[i].1.as_str())
+    }
+
+    /// The status code Envoy answers with when it produces this flag itself (the most
+    /// telling flag of a set decides: retry exhaustion keeps its cause's status).
     pub fn status(self) -> http::StatusCode {
         use http::StatusCode as S;
-        match self {
-            ResponseFlag::NoRouteFound => S::NOT_FOUND,
-            ResponseFlag::UpstreamRequestTimeout => S::GATEWAY_TIMEOUT,
-            ResponseFlag::RbacAccessDenied | ResponseFlag::UnauthorizedExternalService => {
-                S::FORBIDDEN
-            }
-            ResponseFlag::DownstreamProtocolError => S::BAD_REQUEST,
-            ResponseFlag::None | ResponseFlag::DelayInjected => S::OK,
-            _ => S::SERVICE_UNAVAILABLE,
+        if self.contains(ResponseFlags::NoRouteFound) {
+            S::NOT_FOUND
+        } else if self.contains(ResponseFlags::UpstreamRequestTimeout) {
+            S::GATEWAY_TIMEOUT
+        } else if self.contains(ResponseFlags::RbacAccessDenied)
+            || self.contains(ResponseFlags::UnauthorizedExternalService)
+        {
+            S::FORBIDDEN
+        } else if self.contains(ResponseFlags::DownstreamProtocolError) {
+            S::BAD_REQUEST
+        } else if (self.0 & !ResponseFlags::DelayInjected.0) == 0 {
+            S::OK
+        } else {
+            S::SERVICE_UNAVAILABLE
         }
     }
 }
 
-impl fmt::Display for ResponseFlag {
+/// Every set of two or three flags with its rendering, sorted by bits; built on first use.
+#[allow(clippy::needless_range_loop)] // the indices are the bits
+fn combinations() -> &'static [(u16, String)] {
+    static TABLE: OnceLock<Vec<(u16, String)>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let n = ORDER.len();
+        let mut v = Vec::new();
+        for a in 0..n {
+            for b in a + 1..n {
+                v.push((1u16 << a | 1 << b, format!("{},{}", ORDER[a], ORDER[b])));
+                for c in b + 1..n {
+                    v.push((
+                        1u16 << a | 1 << b | 1 << c,
+                        format!("{},{},{}", ORDER[a], ORDER[b], ORDER[c]),
+                    ));
+                }
+            }
+        }
+        v.sort_unstable_by_key(|e| e.0);
+        v
+    })
+}
+
+impl std::ops::BitOr for ResponseFlags {
+    type Output = ResponseFlags;
+    fn bitor(self, rhs: ResponseFlags) -> ResponseFlags {
+        self.with(rhs)
+    }
+}
+
+impl std::ops::BitOrAssign for ResponseFlags {
+    fn bitor_assign(&mut self, rhs: ResponseFlags) {
+        self.insert(rhs);
+    }
+}
+
+impl fmt::Display for ResponseFlags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        if self.0.count_ones() <= 3 {
+            return f.write_str(self.as_str());
+        }
+        for (i, flag) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(flag.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ResponseFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ResponseFlags({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ResponseFlags as F;
+
+    #[test]
+    fn sets_render_in_envoys_order() {
+        assert_eq!(F::None.as_str(), "-");
+        assert_eq!(F::UpstreamConnectionFailure.as_str(), "UF");
+        let exhausted = F::UpstreamRetryLimitExceeded | F::UpstreamConnectionFailure;
+        assert_eq!(exhausted.as_str(), "UF,URX");
+        assert_eq!(exhausted.to_string(), "UF,URX");
+        assert_eq!(
+            (F::UpstreamRequestTimeout | F::UpstreamRetryLimitExceeded).as_str(),
+            "UT,URX"
+        );
+        assert_eq!(
+            (F::DelayInjected | F::UpstreamConnectionTermination | F::UpstreamRetryLimitExceeded)
+                .as_str(),
+            "UC,DI,URX"
+        );
+        let four = F::NoHealthyUpstream | F::DelayInjected | F::FaultInjected | F::NoClusterFound;
+        assert_eq!(four.to_string(), "UH,DI,FI,NC");
+        assert_eq!(four.as_str(), "UH,DI,FI");
+        assert!(exhausted.contains(F::UpstreamConnectionFailure));
+        assert!(!exhausted.contains(F::UpstreamOverflow));
+        assert_eq!(exhausted.iter().count(), 2);
+        assert_eq!(std::mem::size_of::<F>(), 2);
+    }
+
+    #[test]
+    fn status_follows_the_cause() {
+        assert_eq!(F::NoRouteFound.status(), 404);
+        assert_eq!(
+            (F::UpstreamRequestTimeout | F::UpstreamRetryLimitExceeded).status(),
+            504
+        );
+        assert_eq!(
+            (F::UpstreamConnectionFailure | F::UpstreamRetryLimitExceeded).status(),
+            503
+        );
+        assert_eq!(F::DelayInjected.status(), 200);
+        assert_eq!(F::None.status(), 200);
+        assert_eq!(F::RbacAccessDenied.status(), 403);
+        assert_eq!(F::UpstreamOverflow.status(), 503);
     }
 }

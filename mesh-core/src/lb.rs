@@ -108,6 +108,10 @@ pub struct LbConfig {
     pub maglev_table_size: u64,
     /// `common_lb_config.healthy_panic_threshold` in percent (default 50).
     pub healthy_panic_threshold: Real,
+    /// `common_lb_config.locality_weighted_lb_config` is set: inside a priority level, pick a
+    /// locality by its `load_balancing_weight` (scaled by its healthy share and the
+    /// overprovisioning factor), then a host inside it.
+    pub locality_weighted: bool,
 }
 
 impl Default for LbConfig {
@@ -119,6 +123,7 @@ impl Default for LbConfig {
             maximum_ring_size: 8 * 1024 * 1024,
             maglev_table_size: 65537,
             healthy_panic_threshold: Real(50.0),
+            locality_weighted: false,
         }
     }
 }
@@ -283,6 +288,61 @@ struct Level {
     /// Ring or Maglev table over `healthy` / `all`, for hash policies.
     table_healthy: Option<HashTable>,
     table_all: Option<HashTable>,
+    /// The level's localities, when the cluster balances by locality weight (else empty).
+    localities: Vec<LocalityGroup>,
+    /// Running sums of the localities' effective weights (all hosts as EDS reports them).
+    locality_cumulative: Vec<f64>,
+}
+
+/// The hosts of one locality inside a priority level.
+#[derive(Debug)]
+struct LocalityGroup {
+    /// The locality's `load_balancing_weight` (0 when unset: no traffic).
+    weight: u32,
+    /// Every host of the locality.
+    all: Vec<usize>,
+    /// Hosts whose EDS health allows traffic.
+    healthy: Vec<usize>,
+    /// Weighted round-robin order over `healthy` (empty: weights are equal).
+    wrr_healthy: Vec<u32>,
+    /// Whether every host of the locality has the same weight.
+    equal_weights: bool,
+}
+
+/// Envoy's effective locality weight: the configured weight scaled by the locality's
+/// available share of hosts times the overprovisioning factor, capped at the weight.
+pub fn effective_locality_weight(
+    weight: u32,
+    available: usize,
+    total: usize,
+    overprovisioning: u32,
+) -> f64 {
+    if available == 0 || total == 0 {
+        return 0.0;
+    }
+    let ratio = available as f64 / total as f64;
+    f64::from(weight) * (f64::from(overprovisioning) / 100.0 * ratio).min(1.0)
+}
+
+/// Index of a weighted draw over running sums `cumulative`; `None` when the total is 0.
+fn draw_cumulative<R: Rng + ?Sized>(cumulative: &[f64], rng: &mut R) -> Option<usize> {
+    let total = *cumulative.last()?;
+    if total <= 0.0 {
+        return None;
+    }
+    let r = rng.random::<f64>() * total;
+    let i = cumulative.partition_point(|c| *c <= r);
+    Some(i.min(cumulative.len() - 1))
+}
+
+fn running_sums(weights: impl Iterator<Item = f64>) -> Vec<f64> {
+    let mut acc = 0.0;
+    weights
+        .map(|w| {
+            acc += w;
+            acc
+        })
+        .collect()
 }
 
 #[derive(Debug)]
@@ -320,6 +380,7 @@ pub struct Balancer {
     loads: Vec<u32>,
     panic: Vec<bool>,
     cluster_ejected: Arc<AtomicUsize>,
+    overprovisioning: u32,
     rr: AtomicU64,
 }
 
@@ -352,7 +413,24 @@ impl Balancer {
                 let table = |hosts: &[usize]| {
                     hashing.then(|| build_table(policy, config, hosts, &set.endpoints, &weights))
                 };
+                // Locality weights apply to the pick-a-host policies (ring hash and Maglev
+                // keep one table per level: see the README's differences).
+                let localities = if config.locality_weighted && !hashing {
+                    locality_groups(&all, &set.endpoints, &weights)
+                } else {
+                    Vec::new()
+                };
+                let locality_cumulative = running_sums(localities.iter().map(|g| {
+                    effective_locality_weight(
+                        g.weight,
+                        g.healthy.len(),
+                        g.all.len(),
+                        set.overprovisioning_factor,
+                    )
+                }));
                 Level {
+                    localities,
+                    locality_cumulative,
                     equal_weights: all.iter().all(|&i| weights[i] == weights[all[0]]),
                     wrr_healthy: wrr_order(&healthy, &weights),
                     table_healthy: table(&healthy),
@@ -368,7 +446,7 @@ impl Balancer {
             .collect();
         let (loads, panic) = priority_loads(
             &counts,
-            DEFAULT_OVERPROVISIONING_FACTOR,
+            set.overprovisioning_factor,
             config.healthy_panic_threshold.0,
         );
         Balancer {
@@ -381,6 +459,7 @@ impl Balancer {
             loads,
             panic,
             cluster_ejected,
+            overprovisioning: set.overprovisioning_factor,
             rr: AtomicU64::new(0),
         }
     }
@@ -419,6 +498,12 @@ impl Balancer {
         let li = self.choose_level(&self.loads, rng)?;
         let level = &self.levels[li];
         let panic = self.panic[li];
+        // Locality-weighted: a locality first (not in panic, as in Envoy); no locality with
+        // weight left falls back to the whole level.
+        if !panic && let Some(g) = draw_cumulative(&level.locality_cumulative, rng) {
+            let g = &level.localities[g];
+            return self.pick_in(&g.healthy, &g.wrr_healthy, None, g.equal_weights, ctx, rng);
+        }
         let hosts = if panic { &level.all } else { &level.healthy };
         if hosts.is_empty() {
             return None;
@@ -462,11 +547,28 @@ impl Balancer {
             .collect();
         let (loads, panic) = priority_loads(
             &counts,
-            DEFAULT_OVERPROVISIONING_FACTOR,
+            self.overprovisioning,
             self.config.healthy_panic_threshold.0,
         );
         let li = self.choose_level(&loads, rng)?;
         let level = &self.levels[li];
+        if !panic[li] && !level.localities.is_empty() {
+            let available = |g: &LocalityGroup| -> Vec<usize> {
+                g.healthy
+                    .iter()
+                    .copied()
+                    .filter(|&i| !self.hosts[i].is_ejected())
+                    .collect()
+            };
+            let groups: Vec<Vec<usize>> = level.localities.iter().map(available).collect();
+            let cumulative = running_sums(level.localities.iter().zip(&groups).map(|(g, a)| {
+                effective_locality_weight(g.weight, a.len(), g.all.len(), self.overprovisioning)
+            }));
+            if let Some(k) = draw_cumulative(&cumulative, rng) {
+                let g = &level.localities[k];
+                return self.pick_in(&groups[k], &[], None, g.equal_weights, ctx, rng);
+            }
+        }
         let hosts = if panic[li] { &level.all } else { &healthy[li] };
         if hosts.is_empty() {
             return None;
@@ -571,6 +673,46 @@ impl Balancer {
         }
         hosts[hosts.len() - 1]
     }
+}
+
+/// The localities of one level's hosts (`all`), in first-seen order.
+fn locality_groups(all: &[usize], endpoints: &[Endpoint], weights: &[u32]) -> Vec<LocalityGroup> {
+    let mut groups: Vec<(usize, LocalityGroup)> = Vec::new();
+    for &i in all {
+        let ep = &endpoints[i];
+        let k = match groups
+            .iter()
+            .position(|(first, _)| endpoints[*first].locality == ep.locality)
+        {
+            Some(k) => k,
+            None => {
+                groups.push((
+                    i,
+                    LocalityGroup {
+                        weight: ep.locality_weight.unwrap_or(0),
+                        all: Vec::new(),
+                        healthy: Vec::new(),
+                        wrr_healthy: Vec::new(),
+                        equal_weights: true,
+                    },
+                ));
+                groups.len() - 1
+            }
+        };
+        let g = &mut groups[k].1;
+        g.all.push(i);
+        if ep.health.is_routable() {
+            g.healthy.push(i);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(_, mut g)| {
+            g.equal_weights = g.all.iter().all(|&i| weights[i] == weights[g.all[0]]);
+            g.wrr_healthy = wrr_order(&g.healthy, weights);
+            g
+        })
+        .collect()
 }
 
 /// Earliest-deadline-first order of `hosts` by weight over one full cycle (empty when the
@@ -907,6 +1049,118 @@ mod tests {
             ],
         );
         assert_eq!(counts(&b, 100, |_| None), vec![50, 50]);
+    }
+
+    fn in_zone(zone: &str, weight: Option<u32>, port: u16, health: HealthStatus) -> Endpoint {
+        Endpoint {
+            locality: crate::endpoint::Locality {
+                region: "r".into(),
+                zone: zone.into(),
+                sub_zone: String::new(),
+            },
+            locality_weight: weight,
+            ..ep(port, 1, 0, health)
+        }
+    }
+
+    fn locality_balancer(policy: LbPolicy, eps: Vec<Endpoint>) -> Balancer {
+        let set = EndpointSet::new("c", eps);
+        let ejected = Arc::new(AtomicUsize::new(0));
+        let e = ejected.clone();
+        let config = LbConfig {
+            locality_weighted: true,
+            ..LbConfig::default()
+        };
+        Balancer::new(&set, policy, &config, ejected, move |ep| {
+            Arc::new(HostState::new(ep.address, e.clone()))
+        })
+    }
+
+    #[test]
+    fn locality_weights_split_traffic_between_localities() {
+        // Zone a weight 3 with one host, zone b weight 1 with two hosts: 75% / 12.5% / 12.5%,
+        // whatever the host counts.
+        for policy in [
+            LbPolicy::RoundRobin,
+            LbPolicy::Random,
+            LbPolicy::LeastRequest,
+        ] {
+            let b = locality_balancer(
+                policy,
+                vec![
+                    in_zone("a", Some(3), 1, HealthStatus::Healthy),
+                    in_zone("b", Some(1), 2, HealthStatus::Healthy),
+                    in_zone("b", Some(1), 3, HealthStatus::Healthy),
+                ],
+            );
+            let c = counts(&b, 8000, |_| None);
+            assert!((5700..6300).contains(&c[0]), "{policy:?} {c:?}");
+            assert!((800..1200).contains(&c[1]), "{policy:?} {c:?}");
+        }
+        // Without locality weighting the same endpoints share evenly.
+        let b = balancer(
+            LbPolicy::RoundRobin,
+            vec![
+                in_zone("a", Some(3), 1, HealthStatus::Healthy),
+                in_zone("b", Some(1), 2, HealthStatus::Healthy),
+                in_zone("b", Some(1), 3, HealthStatus::Healthy),
+            ],
+        );
+        assert_eq!(counts(&b, 300, |_| None), vec![100, 100, 100]);
+    }
+
+    #[test]
+    fn locality_weight_scales_with_health_and_unweighted_localities_get_nothing() {
+        // Zone a (weight 1) has 1 of 4 hosts healthy: 1 * min(1, 1.4 * 0.25) = 0.35 against
+        // zone b's 1.0 → 25.9% to a. Zone c has no weight: no traffic.
+        let b = locality_balancer(
+            LbPolicy::Random,
+            vec![
+                in_zone("a", Some(1), 1, HealthStatus::Healthy),
+                in_zone("a", Some(1), 2, HealthStatus::Unhealthy),
+                in_zone("a", Some(1), 3, HealthStatus::Unhealthy),
+                in_zone("a", Some(1), 4, HealthStatus::Unhealthy),
+                in_zone("b", Some(1), 5, HealthStatus::Healthy),
+                in_zone("b", Some(1), 6, HealthStatus::Healthy),
+                in_zone("c", None, 7, HealthStatus::Healthy),
+            ],
+        );
+        // Level health: 4 of 7 healthy → no panic.
+        let c = counts(&b, 10_000, |_| None);
+        assert_eq!(&c[1..4], &[0, 0, 0], "{c:?}");
+        assert_eq!(c[6], 0, "{c:?}");
+        assert!((2350..2850).contains(&c[0]), "{c:?}");
+        assert_eq!(effective_locality_weight(1, 1, 4, 140), 0.35);
+        assert_eq!(effective_locality_weight(5, 3, 4, 140), 5.0);
+        assert_eq!(effective_locality_weight(5, 0, 4, 140), 0.0);
+    }
+
+    #[test]
+    fn the_overprovisioning_factor_comes_from_the_endpoint_set() {
+        // 2 of 4 healthy in P0: with factor 100 → 50% stays in P0 (140 would keep 70%).
+        let set = EndpointSet::new(
+            "c",
+            vec![
+                ep(1, 1, 0, HealthStatus::Healthy),
+                ep(2, 1, 0, HealthStatus::Healthy),
+                ep(3, 1, 0, HealthStatus::Unhealthy),
+                ep(4, 1, 0, HealthStatus::Unhealthy),
+                ep(5, 1, 1, HealthStatus::Healthy),
+            ],
+        )
+        .with_overprovisioning_factor(100);
+        let ejected = Arc::new(AtomicUsize::new(0));
+        let e = ejected.clone();
+        let b = Balancer::new(
+            &set,
+            LbPolicy::Random,
+            &LbConfig::default(),
+            ejected,
+            move |ep| Arc::new(HostState::new(ep.address, e.clone())),
+        );
+        assert_eq!(b.loads, vec![50, 50]);
+        let c = counts(&b, 4000, |_| None);
+        assert!((1800..2200).contains(&c[4]), "{c:?}");
     }
 
     #[test]

@@ -365,8 +365,10 @@ impl Outbound {
                 }
             },
         };
-        if delayed && resp.extensions().get::<ResponseFlag>() == Some(&ResponseFlag::None) {
-            resp.extensions_mut().insert(ResponseFlag::DelayInjected);
+        if delayed {
+            let flags = resp.extensions().get::<ResponseFlag>().copied();
+            let flags = flags.unwrap_or_default() | ResponseFlag::DelayInjected;
+            resp.extensions_mut().insert(flags);
         }
         resp
     }
@@ -711,8 +713,10 @@ impl Outbound {
             );
             let mut resp = match result {
                 None => {
+                    // Envoy keeps the cause and adds URX: `UF,URX`.
                     let flag = if exhausted {
-                        ResponseFlag::UpstreamRetryLimitExceeded
+                        ResponseFlag::UpstreamRequestTimeout
+                            | ResponseFlag::UpstreamRetryLimitExceeded
                     } else {
                         ResponseFlag::UpstreamRequestTimeout
                     };
@@ -756,8 +760,10 @@ impl Outbound {
                         text.push_str(", transport failure reason: ");
                         text.push_str(&reason);
                     }
+                    // Envoy keeps the cause and adds URX: `UF,URX`.
                     let flag = if exhausted {
-                        ResponseFlag::UpstreamRetryLimitExceeded
+                        ResponseFlag::UpstreamConnectionFailure
+                            | ResponseFlag::UpstreamRetryLimitExceeded
                     } else {
                         ResponseFlag::UpstreamConnectionFailure
                     };
@@ -766,8 +772,10 @@ impl Outbound {
                 Some(Err(SendError::Reset(e))) => {
                     tracing::debug!(cluster = %cluster.name, error = %e, "upstream reset before response headers");
                     let text = format!("{UPSTREAM_RESET_PREFIX}connection termination");
+                    // Envoy keeps the cause and adds URX: `UF,URX`.
                     let flag = if exhausted {
-                        ResponseFlag::UpstreamRetryLimitExceeded
+                        ResponseFlag::UpstreamConnectionTermination
+                            | ResponseFlag::UpstreamRetryLimitExceeded
                     } else {
                         ResponseFlag::UpstreamConnectionTermination
                     };

@@ -157,7 +157,8 @@ pub fn translate_cluster(c: &PbCluster) -> Result<Cluster, TranslateError> {
     })
 }
 
-/// `lb_config` (least request, ring hash, Maglev) and `common_lb_config.healthy_panic_threshold`.
+/// `lb_config` (least request, ring hash, Maglev), `common_lb_config.healthy_panic_threshold`
+/// and `common_lb_config.locality_weighted_lb_config`.
 fn lb_config(c: &PbCluster) -> Result<mesh_core::lb::LbConfig, String> {
     use mesh_core::lb::{LbConfig, Real};
     let mut out = LbConfig::default();
@@ -221,6 +222,12 @@ fn lb_config(c: &PbCluster) -> Result<mesh_core::lb::LbConfig, String> {
         // Envoy truncates to the nearest percent.
         out.healthy_panic_threshold = Real(p.value.trunc());
     }
+    out.locality_weighted = matches!(
+        c.common_lb_config
+            .as_ref()
+            .and_then(|l| l.locality_config_specifier.as_ref()),
+        Some(cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+    );
     Ok(out)
 }
 

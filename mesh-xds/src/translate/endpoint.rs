@@ -88,11 +88,18 @@ pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Tr
                 tls_mode,
                 locality: locality.clone(),
                 priority: group.priority,
+                locality_weight: group.load_balancing_weight.as_ref().map(|w| w.value),
                 workload,
             });
         }
     }
-    Ok(EndpointSet::new(name.clone(), out))
+    // `policy.overprovisioning_factor` is a percentage of 100 (Envoy's default 140).
+    let overprovisioning = cla
+        .policy
+        .as_ref()
+        .and_then(|p| p.overprovisioning_factor.as_ref())
+        .map_or(mesh_core::lb::DEFAULT_OVERPROVISIONING_FACTOR, |f| f.value);
+    Ok(EndpointSet::new(name.clone(), out).with_overprovisioning_factor(overprovisioning))
 }
 
 /// A socket address with an IP literal and a numeric port.
