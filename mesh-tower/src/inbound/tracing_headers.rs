@@ -15,43 +15,45 @@
 //! sidecar without a tracing provider, plus the child span step when one is present.
 
 use http::HeaderMap;
-use http::header::HeaderValue;
+use http::header::{HeaderName, HeaderValue};
 
 /// `x-request-id`.
-pub const REQUEST_ID: &str = "x-request-id";
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// W3C `traceparent`.
-pub const TRACEPARENT: &str = "traceparent";
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// B3 single header.
-pub const B3: &str = "b3";
+pub const B3: HeaderName = HeaderName::from_static("b3");
 /// B3 multi: trace id.
-pub const B3_TRACE_ID: &str = "x-b3-traceid";
+pub const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
 /// B3 multi: span id.
-pub const B3_SPAN_ID: &str = "x-b3-spanid";
+pub const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
 /// B3 multi: parent span id.
-pub const B3_PARENT_SPAN_ID: &str = "x-b3-parentspanid";
+pub const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 
 /// Applies the request-id and trace-context rules to an incoming request's headers.
 pub(crate) fn on_request(headers: &mut HeaderMap) {
-    if !headers.contains_key(REQUEST_ID) {
-        headers.insert(REQUEST_ID, new_request_id());
+    // Names are pre-parsed constants: a `&str` name is parsed and classified on every lookup,
+    // which made this function the costliest step of the inbound request path (issue 7).
+    if let http::header::Entry::Vacant(e) = headers.entry(REQUEST_ID) {
+        e.insert(new_request_id());
     }
-    if let Some(tp) = headers.get(TRACEPARENT)
+    if let Some(tp) = headers.get_mut(TRACEPARENT)
         && let Some(child) = traceparent_child(tp.as_bytes(), rand::random())
     {
-        headers.insert(TRACEPARENT, child);
+        *tp = child;
     }
     if let Some(span) = headers.get(B3_SPAN_ID)
-        && headers.contains_key(B3_TRACE_ID)
         && is_hex(span.as_bytes(), &[16])
+        && headers.contains_key(B3_TRACE_ID)
     {
         let parent = span.clone();
         headers.insert(B3_PARENT_SPAN_ID, parent);
         headers.insert(B3_SPAN_ID, hex_value(&rand::random::<u64>().to_be_bytes()));
     }
-    if let Some(b3) = headers.get(B3)
+    if let Some(b3) = headers.get_mut(B3)
         && let Some(child) = b3_single_child(b3.as_bytes(), rand::random())
     {
-        headers.insert(B3, child);
+        *b3 = child;
     }
 }
 
