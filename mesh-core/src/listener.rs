@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::authz::AuthzChain;
+use crate::authz::jwt::JwtAuthn;
 use crate::cluster::SanMatcher;
 
 /// What an outbound listener does with traffic.
@@ -77,6 +78,11 @@ pub struct InboundPolicy {
     pub default_peer_sans: Vec<SanMatcher>,
     /// Per-port peer URI SAN matchers.
     pub port_peer_sans: HashMap<u16, Vec<SanMatcher>>,
+    /// RequestAuthentication (`envoy.filters.http.jwt_authn`) of ports without their own
+    /// filter chains (`None`: no JWT filter).
+    pub default_jwt: Option<Arc<JwtAuthn>>,
+    /// Per-port JWT filter; a port with its own chains but no JWT filter maps to `None`.
+    pub port_jwt: HashMap<u16, Option<Arc<JwtAuthn>>>,
 }
 
 impl InboundPolicy {
@@ -96,6 +102,14 @@ impl InboundPolicy {
         }
     }
 
+    /// The JWT filter for a destination port (`None`: no RequestAuthentication).
+    pub fn jwt_for(&self, port: u16) -> Option<&Arc<JwtAuthn>> {
+        match self.port_jwt.get(&port) {
+            Some(jwt) => jwt.as_ref(),
+            None => self.default_jwt.as_ref(),
+        }
+    }
+
     /// The peer SAN matchers for a destination port (empty: none rendered).
     pub fn peer_sans_for(&self, port: u16) -> &[SanMatcher] {
         self.port_peer_sans
@@ -105,6 +119,9 @@ impl InboundPolicy {
 }
 
 /// The kind of a listener.
+// Listeners are compiled config read once per connection, not per request; boxing the inbound
+// policy would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenerKind {
     /// An outbound listener on a port (`0.0.0.0_<port>` or `<vip>_<port>`).

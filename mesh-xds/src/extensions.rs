@@ -17,6 +17,7 @@ pub const ACTED_ON: &[&str] = &[
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
     "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+    "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
     "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",

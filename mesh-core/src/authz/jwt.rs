@@ -1060,10 +1060,8 @@ impl JwtAuthn {
             JwtRequirement::AllowMissingOrFailed => self.any_provider_verify(true, false, ctx),
             JwtRequirement::All(children) => children.iter().find_map(|c| self.verify(c, ctx)),
             JwtRequirement::Any(children) => {
-                let allow_failed = children
-                    .iter()
-                    .any(|c| *c == JwtRequirement::AllowMissingOrFailed);
-                let allow_missing = children.iter().any(|c| *c == JwtRequirement::AllowMissing);
+                let allow_failed = children.contains(&JwtRequirement::AllowMissingOrFailed);
+                let allow_missing = children.contains(&JwtRequirement::AllowMissing);
                 let verifiers: Vec<&JwtRequirement> = children
                     .iter()
                     .filter(|c| {
@@ -1199,7 +1197,7 @@ impl JwtAuthn {
         if let Some(h) = &provider.forward_payload_header {
             let mut payload = jwt.payload_base64url().to_owned();
             if provider.pad_forward_payload_header {
-                while payload.len() % 4 != 0 {
+                while !payload.len().is_multiple_of(4) {
                     payload.push('=');
                 }
             }

@@ -74,6 +74,10 @@ pub struct RuleSpec {
     pub paths: Vec<String>,
     /// `to.operation.notPaths`.
     pub not_paths: Vec<String>,
+    /// `from.source.requestPrincipals` (`<iss>/<sub>`, or `*`).
+    pub request_principals: Vec<String>,
+    /// `when: [{key: request.auth.claims[<claim>], values: [...]}]`.
+    pub claims: Vec<(String, Vec<String>)>,
 }
 
 impl RuleSpec {
@@ -108,8 +112,26 @@ impl RuleSpec {
         self
     }
 
+    /// Adds a request principal (`<iss>/<sub>`, `*`).
+    pub fn request_principal(mut self, p: &str) -> Self {
+        self.request_principals.push(p.into());
+        self
+    }
+    /// Adds a `request.auth.claims[<claim>]` condition.
+    pub fn claim(mut self, claim: &str, values: &[&str]) -> Self {
+        self.claims.push((
+            claim.into(),
+            values.iter().map(|v| (*v).to_owned()).collect(),
+        ));
+        self
+    }
+
     fn has_http_fields(&self) -> bool {
-        !(self.methods.is_empty() && self.paths.is_empty() && self.not_paths.is_empty())
+        !(self.methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.request_principals.is_empty()
+            && self.claims.is_empty())
     }
 }
 
@@ -220,6 +242,87 @@ fn method_rule(m: &str) -> rbac::Permission {
     }
 }
 
+/// A metadata principal on the JWT payload istiod's `jwt_authn` writes
+/// (`envoy.filters.http.jwt_authn` → `payload` → `claims…`), matching a string claim or any
+/// element of a list claim (istiod's extended JWT matcher).
+fn jwt_claim(claims: &[&str], m: StringMatcher) -> rbac::Principal {
+    use envoy_types::pb::envoy::r#type::matcher::v3::{
+        ListMatcher, MetadataMatcher, OrMatcher, ValueMatcher, list_matcher,
+        metadata_matcher::{PathSegment, path_segment},
+        value_matcher,
+    };
+    let string = ValueMatcher {
+        match_pattern: Some(value_matcher::MatchPattern::StringMatch(m)),
+    };
+    let value = ValueMatcher {
+        match_pattern: Some(value_matcher::MatchPattern::OrMatch(OrMatcher {
+            value_matchers: vec![
+                ValueMatcher {
+                    match_pattern: Some(value_matcher::MatchPattern::ListMatch(Box::new(
+                        ListMatcher {
+                            match_pattern: Some(list_matcher::MatchPattern::OneOf(Box::new(
+                                string.clone(),
+                            ))),
+                        },
+                    ))),
+                },
+                string,
+            ],
+        })),
+    };
+    let path = std::iter::once("payload")
+        .chain(claims.iter().copied())
+        .map(|k| PathSegment {
+            segment: Some(path_segment::Segment::Key(k.into())),
+        })
+        .collect();
+    rbac::Principal {
+        identifier: Some(rbac::principal::Identifier::Metadata(MetadataMatcher {
+            filter: mesh_core::authz::jwt::JWT_AUTHN_FILTER.into(),
+            path,
+            value: Some(value),
+            invert: false,
+        })),
+    }
+}
+
+/// istiod's request principal: `iss` and `sub` of the payload (split at the last `/`), each
+/// `.+` for `*`.
+fn request_principal(p: &str) -> rbac::Principal {
+    let (iss, sub) = match p.rsplit_once('/') {
+        _ if p == "*" => ("*", "*"),
+        Some((i, s)) => (i, s),
+        None => (p, "*"),
+    };
+    let one = |claim: &str, v: &str| {
+        use envoy_types::pb::envoy::r#type::matcher::v3::{
+            MetadataMatcher, ValueMatcher,
+            metadata_matcher::{PathSegment, path_segment},
+            value_matcher,
+        };
+        rbac::Principal {
+            identifier: Some(rbac::principal::Identifier::Metadata(MetadataMatcher {
+                filter: mesh_core::authz::jwt::JWT_AUTHN_FILTER.into(),
+                path: ["payload", claim]
+                    .iter()
+                    .map(|k| PathSegment {
+                        segment: Some(path_segment::Segment::Key((*k).into())),
+                    })
+                    .collect(),
+                value: Some(ValueMatcher {
+                    match_pattern: Some(value_matcher::MatchPattern::StringMatch(string_match(v))),
+                }),
+                invert: false,
+            })),
+        }
+    };
+    rbac::Principal {
+        identifier: Some(rbac::principal::Identifier::AndIds(rbac::principal::Set {
+            ids: vec![one("iss", iss), one("sub", sub)],
+        })),
+    }
+}
+
 /// The RBAC policy istiod renders for one rule; `http: false` drops HTTP-only fields (TCP
 /// chains).
 fn rule_policy(r: &RuleSpec, http: bool) -> rbac::Policy {
@@ -286,6 +389,24 @@ fn rule_policy(r: &RuleSpec, http: bool) -> rbac::Policy {
                 })
                 .collect(),
         ));
+    }
+    if http && !r.request_principals.is_empty() {
+        ids.push(or_ids(
+            r.request_principals
+                .iter()
+                .map(|p| request_principal(p))
+                .collect(),
+        ));
+    }
+    if http {
+        for (claim, values) in &r.claims {
+            ids.push(or_ids(
+                values
+                    .iter()
+                    .map(|v| jwt_claim(&[claim.as_str()], string_match(v)))
+                    .collect(),
+            ));
+        }
     }
     let principal = if ids.is_empty() {
         rbac::Principal {
@@ -378,7 +499,17 @@ pub fn network_rbac_filters(policies: &[AuthorizationPolicySpec]) -> Vec<Filter>
 /// The inbound HTTP connection manager istiod renders (`inbound_0.0.0.0_<port>`), with the
 /// authorization filters and the router to `InboundPassthroughClusterIpv4`.
 pub fn inbound_http_connection_manager(policies: &[AuthorizationPolicySpec]) -> Filter {
-    let mut http_filters = http_rbac_filters(policies);
+    inbound_http_connection_manager_with_jwt(policies, &[])
+}
+
+/// [`inbound_http_connection_manager`] with the `jwt_authn` filter istiod renders for
+/// `jwt_rules` first (none when empty).
+pub fn inbound_http_connection_manager_with_jwt(
+    policies: &[AuthorizationPolicySpec],
+    jwt_rules: &[JwtRuleSpec],
+) -> Filter {
+    let mut http_filters: Vec<HttpFilter> = jwt_authn_filter(jwt_rules).into_iter().collect();
+    http_filters.extend(http_rbac_filters(policies));
     http_filters.push(HttpFilter {
         name: "envoy.filters.http.router".into(),
         config_type: Some(http_filter::ConfigType::TypedConfig(to_any(
@@ -446,6 +577,17 @@ pub fn virtual_inbound_with_authz(
     policies: &[AuthorizationPolicySpec],
     http: bool,
 ) -> (String, Any) {
+    virtual_inbound_with_policies(model, policies, &[], http)
+}
+
+/// [`virtual_inbound_with_authz`] with RequestAuthentication `jwt_rules` rendered into every
+/// HTTP chain (`jwt_authn` before the RBAC filters, as istiod orders them).
+pub fn virtual_inbound_with_policies(
+    model: &MeshModel,
+    policies: &[AuthorizationPolicySpec],
+    jwt_rules: &[JwtRuleSpec],
+    http: bool,
+) -> (String, Any) {
     let generated = model.generate("default");
     let mut listener = generated
         .get(LISTENER)
@@ -462,7 +604,9 @@ pub fn virtual_inbound_with_authz(
             continue;
         }
         fc.filters = if http {
-            vec![inbound_http_connection_manager(policies)]
+            vec![inbound_http_connection_manager_with_jwt(
+                policies, jwt_rules,
+            )]
         } else {
             let mut filters = network_rbac_filters(policies);
             filters.append(&mut fc.filters);
@@ -491,4 +635,184 @@ pub fn virtual_inbound_with_authz(
         }
     }
     (listener.name.clone(), to_any(&listener))
+}
+
+/// One RequestAuthentication `jwtRules[]` entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JwtRuleSpec {
+    /// `issuer`.
+    pub issuer: String,
+    /// `audiences`.
+    pub audiences: Vec<String>,
+    /// `jwks` (inline; istiod also inlines keys it fetched from `jwksUri`).
+    pub jwks: Option<String>,
+    /// `jwksUri` rendered as `remote_jwks` (Envoy fetches it), with its `timeout`.
+    pub jwks_uri: Option<(String, std::time::Duration)>,
+    /// `fromHeaders` (name, prefix).
+    pub from_headers: Vec<(String, String)>,
+    /// `fromParams`.
+    pub from_params: Vec<String>,
+    /// `forwardOriginalToken`.
+    pub forward_original_token: bool,
+    /// `outputPayloadToHeader`.
+    pub output_payload_to_header: Option<String>,
+    /// `outputClaimToHeaders` (header, claim).
+    pub output_claim_to_headers: Vec<(String, String)>,
+}
+
+impl JwtRuleSpec {
+    /// A rule for `issuer` with inline keys.
+    pub fn inline(issuer: &str, jwks: &str) -> Self {
+        JwtRuleSpec {
+            issuer: issuer.into(),
+            jwks: Some(jwks.into()),
+            ..Default::default()
+        }
+    }
+
+    /// A rule for `issuer` whose keys Envoy fetches from `uri`.
+    pub fn remote(issuer: &str, uri: &str, timeout: std::time::Duration) -> Self {
+        JwtRuleSpec {
+            issuer: issuer.into(),
+            jwks_uri: Some((uri.into(), timeout)),
+            ..Default::default()
+        }
+    }
+}
+
+/// The `envoy.filters.http.jwt_authn` filter istiod renders for RequestAuthentication rules
+/// (`pilot/pkg/security/authn/policy_applier.go` `convertToEnvoyJwtConfig`): providers
+/// `origins-<i>` in issuer order, `payload_in_metadata: payload` with `permission`/`scope`
+/// space-delimited, remote JWKS cached 5 minutes, and the requirement `requires_any {provider,
+/// allow_missing}` (several issuers: any provider, or all of `{provider OR allow_missing}`).
+pub fn jwt_authn_filter(rules: &[JwtRuleSpec]) -> Option<HttpFilter> {
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, HttpUri, data_source, http_uri};
+    use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3 as jwt;
+    use envoy_types::pb::google::protobuf::Duration as PbDuration;
+    if rules.is_empty() {
+        return None;
+    }
+    let mut sorted: Vec<&JwtRuleSpec> = rules.iter().collect();
+    sorted.sort_by(|a, b| a.issuer.cmp(&b.issuer));
+    let req = |t: jwt::jwt_requirement::RequiresType| jwt::JwtRequirement {
+        requires_type: Some(t),
+    };
+    let mut providers = std::collections::HashMap::new();
+    let mut inner_and = Vec::new();
+    let mut outer_or = Vec::new();
+    for (i, r) in sorted.iter().enumerate() {
+        let name = format!("origins-{i}");
+        let jwks = match &r.jwks_uri {
+            Some((uri, timeout)) => {
+                jwt::jwt_provider::JwksSourceSpecifier::RemoteJwks(jwt::RemoteJwks {
+                    http_uri: Some(HttpUri {
+                        uri: uri.clone(),
+                        timeout: Some(PbDuration {
+                            seconds: timeout.as_secs() as i64,
+                            nanos: timeout.subsec_nanos() as i32,
+                        }),
+                        http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster(format!(
+                            "outbound|80||{}",
+                            uri.split("//")
+                                .nth(1)
+                                .and_then(|h| h.split(['/', ':']).next())
+                                .unwrap_or("")
+                        ))),
+                    }),
+                    cache_duration: Some(PbDuration {
+                        seconds: 300,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                })
+            }
+            None => jwt::jwt_provider::JwksSourceSpecifier::LocalJwks(DataSource {
+                specifier: Some(data_source::Specifier::InlineString(
+                    r.jwks.clone().unwrap_or_default(),
+                )),
+                ..Default::default()
+            }),
+        };
+        providers.insert(
+            name.clone(),
+            jwt::JwtProvider {
+                issuer: r.issuer.clone(),
+                audiences: r.audiences.clone(),
+                forward: r.forward_original_token,
+                forward_payload_header: r.output_payload_to_header.clone().unwrap_or_default(),
+                payload_in_metadata: "payload".into(),
+                normalize_payload_in_metadata: Some(jwt::jwt_provider::NormalizePayload {
+                    space_delimited_claims: vec!["permission".into(), "scope".into()],
+                }),
+                claim_to_headers: r
+                    .output_claim_to_headers
+                    .iter()
+                    .map(|(h, c)| jwt::JwtClaimToHeader {
+                        header_name: h.clone(),
+                        claim_name: c.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                from_headers: r
+                    .from_headers
+                    .iter()
+                    .map(|(n, p)| jwt::JwtHeader {
+                        name: n.clone(),
+                        value_prefix: p.clone(),
+                    })
+                    .collect(),
+                from_params: r.from_params.clone(),
+                jwks_source_specifier: Some(jwks),
+                ..Default::default()
+            },
+        );
+        inner_and.push(req(jwt::jwt_requirement::RequiresType::RequiresAny(
+            jwt::JwtRequirementOrList {
+                requirements: vec![
+                    req(jwt::jwt_requirement::RequiresType::ProviderName(
+                        name.clone(),
+                    )),
+                    req(jwt::jwt_requirement::RequiresType::AllowMissing(
+                        Default::default(),
+                    )),
+                ],
+            },
+        )));
+        outer_or.push(req(jwt::jwt_requirement::RequiresType::ProviderName(name)));
+    }
+    let requires = if inner_and.len() == 1 {
+        inner_and.remove(0)
+    } else {
+        outer_or.push(req(jwt::jwt_requirement::RequiresType::RequiresAll(
+            jwt::JwtRequirementAndList {
+                requirements: inner_and,
+            },
+        )));
+        req(jwt::jwt_requirement::RequiresType::RequiresAny(
+            jwt::JwtRequirementOrList {
+                requirements: outer_or,
+            },
+        ))
+    };
+    let cfg = jwt::JwtAuthentication {
+        providers,
+        rules: vec![jwt::RequirementRule {
+            r#match: Some(envoy_types::pb::envoy::config::route::v3::RouteMatch {
+                path_specifier: Some(
+                    envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier::Prefix(
+                        "/".into(),
+                    ),
+                ),
+                ..Default::default()
+            }),
+            requirement_type: Some(jwt::requirement_rule::RequirementType::Requires(requires)),
+        }],
+        bypass_cors_preflight: true,
+        ..Default::default()
+    };
+    Some(HttpFilter {
+        name: "envoy.filters.http.jwt_authn".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(to_any(&cfg))),
+        ..Default::default()
+    })
 }

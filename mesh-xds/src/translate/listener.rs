@@ -242,6 +242,8 @@ fn inbound_policy(l: &PbListener) -> Result<InboundPolicy, String> {
     let mut default = Seen::default();
     let mut authz_by_port: HashMap<Option<u16>, (AuthzLayer, Option<PortAuthz>)> = HashMap::new();
     let mut port_sans: HashMap<u16, Vec<SanMatcher>> = HashMap::new();
+    let mut jwt_by_port: HashMap<Option<u16>, Option<Arc<mesh_core::authz::jwt::JwtAuthn>>> =
+        HashMap::new();
     let mut default_sans: Vec<SanMatcher> = Vec::new();
     let chains = l
         .filter_chains
@@ -285,6 +287,10 @@ fn inbound_policy(l: &PbListener) -> Result<InboundPolicy, String> {
                 }
             }
         }
+        // RequestAuthentication: the HCM's jwt_authn filter; the first HTTP chain per port wins.
+        if let Some(jwt) = chain_jwt(fc).map_err(|r| format!("{at}.{r}"))? {
+            jwt_by_port.entry(port).or_insert(jwt.map(Arc::new));
+        }
         let (layer, chain) = chain_authz(fc).map_err(|r| format!("{at}.{r}"))?;
         let Some(layer) = layer else { continue };
         let authz = (!chain.is_empty()).then(|| PortAuthz {
@@ -312,7 +318,19 @@ fn inbound_policy(l: &PbListener) -> Result<InboundPolicy, String> {
             None => default_authz = authz,
         }
     }
+    let mut default_jwt = None;
+    let mut port_jwt = HashMap::new();
+    for (port, jwt) in jwt_by_port {
+        match port {
+            Some(p) => {
+                port_jwt.insert(p, jwt);
+            }
+            None => default_jwt = jwt,
+        }
+    }
     Ok(InboundPolicy {
+        default_jwt,
+        port_jwt,
         default_mode: default.mode().unwrap_or_default(),
         per_port: per_port
             .into_iter()
@@ -388,6 +406,28 @@ fn san_matcher(m: &PbStringMatcher) -> Result<SanMatcher, String> {
         Some(_) => Err("only exact and prefix SAN matchers are supported".into()),
         None => Err("empty matcher".into()),
     }
+}
+
+/// The chain's JWT filter: `None` when the chain has no HTTP connection manager, `Some(None)`
+/// when its HCM has no `jwt_authn` filter.
+#[allow(clippy::type_complexity)]
+fn chain_jwt(fc: &FilterChain) -> Result<Option<Option<mesh_core::authz::jwt::JwtAuthn>>, String> {
+    for (i, f) in fc.filters.iter().enumerate() {
+        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+            continue;
+        };
+        if any
+            .type_url
+            .ends_with("http_connection_manager.v3.HttpConnectionManager")
+        {
+            let hcm: HttpConnectionManager =
+                from_any(any).map_err(|r| format!("filters[{i}] ({}): {r}", f.name))?;
+            return super::jwt::translate_http_jwt_filter(&hcm.http_filters)
+                .map(Some)
+                .map_err(|r| format!("filters[{i}] ({}).{r}", f.name));
+        }
+    }
+    Ok(None)
 }
 
 /// The chain's authorization: from its HTTP connection manager's filters (per request), else
