@@ -218,10 +218,10 @@ async fn a_mesh_client_refuses_a_server_outside_the_clusters_san_list() {
         .unwrap();
     assert_eq!(resp.status(), 503, "{:?}", resp.body());
     // istiod's default route retries connect-failure twice; every attempt fails the SAN check,
-    // so mesh flags it `UF,URX` as Envoy does.
+    // so mesh flags it `URX,UF` as Envoy 1.40 does.
     assert_eq!(
         resp.extensions().get::<ResponseFlag>().map(|f| f.as_str()),
-        Some("UF,URX")
+        Some("URX,UF")
     );
     let body = String::from_utf8_lossy(resp.body()).into_owned();
     assert!(

@@ -1337,3 +1337,607 @@ fn retries_and_rewrites_match_envoy() {
     assert_eq!(envoy_runs[0].1.len(), 2);
     assert_eq!(envoy_runs[1].1.len(), 3);
 }
+
+// ---------- load balancing and local replies: which endpoints serve, Envoy vs mesh ----------
+
+/// Upstreams that answer every request `200` with their own port as the body (keep-alive);
+/// requests to paths under `/hold` wait until [`Gate::open`] (bounded: 10 s).
+struct PortUpstreams {
+    ports: Vec<u16>,
+    gate: std::sync::Arc<Gate>,
+}
+
+/// Holds `/hold` requests; counts the requests that are waiting.
+#[derive(Default)]
+struct Gate {
+    state: std::sync::Mutex<(bool, usize)>,
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    fn open(&self) {
+        self.state.lock().unwrap().0 = true;
+        self.cv.notify_all();
+    }
+    fn close(&self) {
+        self.state.lock().unwrap().0 = false;
+    }
+    /// Waits (bounded) until `n` requests are held.
+    fn wait_held(&self, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut s = self.state.lock().unwrap();
+        while s.1 < n && std::time::Instant::now() < deadline {
+            s = self
+                .cv
+                .wait_timeout(s, Duration::from_millis(20))
+                .unwrap()
+                .0;
+        }
+        assert!(
+            s.1 >= n,
+            "only {} of {n} requests reached the upstream",
+            s.1
+        );
+    }
+    fn hold(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut s = self.state.lock().unwrap();
+        s.1 += 1;
+        self.cv.notify_all();
+        while !s.0 && std::time::Instant::now() < deadline {
+            s = self
+                .cv
+                .wait_timeout(s, Duration::from_millis(20))
+                .unwrap()
+                .0;
+        }
+        s.1 -= 1;
+    }
+}
+
+impl PortUpstreams {
+    fn start(n: usize) -> PortUpstreams {
+        let gate = std::sync::Arc::new(Gate::default());
+        let ports = (0..n)
+            .map(|_| {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let port = listener.local_addr().unwrap().port();
+                let gate = gate.clone();
+                std::thread::spawn(move || {
+                    for stream in listener.incoming() {
+                        let Ok(stream) = stream else { return };
+                        let gate = gate.clone();
+                        std::thread::spawn(move || serve_port(stream, port, &gate));
+                    }
+                });
+                port
+            })
+            .collect();
+        PortUpstreams { ports, gate }
+    }
+}
+
+fn serve_port(mut stream: TcpStream, port: u16, gate: &Gate) {
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        if head
+            .split(' ')
+            .nth(1)
+            .is_some_and(|p| p.starts_with("/hold"))
+        {
+            gate.hold();
+        }
+        let body = port.to_string();
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if stream.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A keep-alive HTTP/1.1 client connection to Envoy.
+struct KeepAlive {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl KeepAlive {
+    fn connect(port: u16) -> KeepAlive {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to envoy");
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        KeepAlive { s, buf: Vec::new() }
+    }
+
+    /// (status, body, the value of header `x-envoy-…` named `header`, if asked).
+    fn get(&mut self, host: &str, path: &str, extra: &[(&str, &str)]) -> (u16, String) {
+        let mut text = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
+        for (k, v) in extra {
+            text.push_str(&format!("{k}: {v}\r\n"));
+        }
+        text.push_str("\r\n");
+        self.s.write_all(text.as_bytes()).unwrap();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                if self.buf.len() >= end + 4 + len {
+                    let body =
+                        String::from_utf8_lossy(&self.buf[end + 4..end + 4 + len]).into_owned();
+                    self.buf.drain(..end + 4 + len);
+                    let status = head
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    return (status, body);
+                }
+            }
+            let n = self.s.read(&mut chunk).expect("read envoy response");
+            assert!(n > 0, "envoy closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// One endpoint of an LB case: (priority, zone, zone weight, health, endpoint weight).
+type Ep = (u32, &'static str, Option<u32>, &'static str, u32);
+
+struct LbCase {
+    name: &'static str,
+    policy: &'static str,
+    locality_weighted: bool,
+    panic_threshold: Option<f64>,
+    eps: Vec<Ep>,
+}
+
+fn lb_cluster_json(c: &LbCase, ports: &[u16]) -> Value {
+    let mut groups: Vec<((u32, &str, Option<u32>), Vec<Value>)> = Vec::new();
+    for (ep, port) in c.eps.iter().zip(ports) {
+        let key = (ep.0, ep.1, ep.2);
+        let e = json!({
+            "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}},
+            "health_status": ep.3,
+            "load_balancing_weight": ep.4,
+        });
+        match groups.iter_mut().find(|g| g.0 == key) {
+            Some(g) => g.1.push(e),
+            None => groups.push((key, vec![e])),
+        }
+    }
+    let endpoints: Vec<Value> = groups
+        .into_iter()
+        .map(|((prio, zone, lw), eps)| {
+            let mut g = json!({"priority": prio, "locality": {"region": "r", "zone": zone}, "lb_endpoints": eps});
+            if let Some(w) = lw {
+                g["load_balancing_weight"] = json!(w);
+            }
+            g
+        })
+        .collect();
+    let mut cl = json!({
+        "name": c.name, "type": "STATIC", "connect_timeout": "1s", "lb_policy": c.policy,
+        "load_assignment": {"cluster_name": c.name, "endpoints": endpoints},
+    });
+    if c.locality_weighted {
+        cl["common_lb_config"]["locality_weighted_lb_config"] = json!({});
+    }
+    if let Some(p) = c.panic_threshold {
+        cl["common_lb_config"]["healthy_panic_threshold"] = json!({"value": p});
+    }
+    cl
+}
+
+/// The `Any` of one resource from its JSON form, through a config dump section (as a dump
+/// would carry it).
+fn any_via_dump(
+    type_url: &str,
+    section: &str,
+    list: &str,
+    entry: &str,
+    value: &Value,
+) -> envoy_types::pb::google::protobuf::Any {
+    let mut typed = value.clone();
+    typed["@type"] = json!(type_url);
+    let dump = mesh_xds::dump::ConfigDump::from_value(json!({"configs": [{
+        "@type": format!("type.googleapis.com/envoy.admin.v3.{section}"),
+        list: [{entry: typed}],
+    }]}))
+    .expect("dump");
+    dump.of_type(type_url)
+        .next()
+        .expect("resource in dump")
+        .resource
+        .clone()
+}
+
+/// Two-sample chi-square statistic over per-endpoint counts (endpoints nobody chose left out)
+/// and its degrees of freedom.
+fn chi_square(a: &[usize], b: &[usize]) -> (f64, usize) {
+    let (na, nb) = (
+        a.iter().sum::<usize>() as f64,
+        b.iter().sum::<usize>() as f64,
+    );
+    let mut stat = 0.0;
+    let mut cells = 0;
+    for (x, y) in a.iter().zip(b) {
+        let total = (x + y) as f64;
+        if total == 0.0 {
+            continue;
+        }
+        cells += 1;
+        let ea = total * na / (na + nb);
+        let eb = total * nb / (na + nb);
+        stat += (*x as f64 - ea).powi(2) / ea + (*y as f64 - eb).powi(2) / eb;
+    }
+    (stat, cells.max(1) - 1)
+}
+
+/// Chi-square critical values at p = 0.001 for 0..=8 degrees of freedom.
+const CHI2_999: [f64; 9] = [0.0, 10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12];
+
+/// Starts mesh's outbound path over `route_config` and the given clusters (JSON, static
+/// clusters whose `load_assignment` becomes the endpoint set) on a multi-thread runtime.
+fn mesh_outbound(
+    rt: &tokio::runtime::Runtime,
+    route_config: &Value,
+    clusters: &[Value],
+) -> mesh_tower::outbound::Outbound {
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::Arc;
+    let rc_pb: pb::RouteConfiguration = mesh_xds::translate::from_any(&any_via_dump(
+        "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+        "RoutesConfigDump",
+        "dynamic_route_configs",
+        "route_config",
+        route_config,
+    ))
+    .expect("route proto");
+    let rc = mesh_xds::translate::translate_route(&rc_pb).expect("mesh accepts the routes");
+    let mut cmap = HashMap::new();
+    let mut emap = HashMap::new();
+    for c in clusters {
+        let c_pb: envoy_types::pb::envoy::config::cluster::v3::Cluster =
+            mesh_xds::translate::from_any(&any_via_dump(
+                "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+                "ClustersConfigDump",
+                "static_clusters",
+                "cluster",
+                c,
+            ))
+            .expect("cluster proto");
+        let mut cluster =
+            mesh_xds::translate::translate_cluster(&c_pb).expect("mesh accepts the cluster");
+        // Inline endpoints: served to mesh as the cluster's EDS resource.
+        cluster.discovery = mesh_core::cluster::ClusterDiscovery::Eds {
+            service_name: cluster.name.clone(),
+        };
+        if let Some(cla) = &c_pb.load_assignment {
+            let set = mesh_xds::translate::translate_endpoint(cla).expect("mesh accepts the CLA");
+            emap.insert(cluster.name.clone(), Arc::new(set));
+        }
+        cmap.insert(cluster.name.clone(), Arc::new(cluster));
+    }
+    let listener = mesh_core::listener::Listener {
+        name: "0.0.0.0_80".into(),
+        address: ([0, 0, 0, 0], 80).into(),
+        kind: mesh_core::listener::ListenerKind::Outbound(
+            mesh_core::listener::OutboundProtocol::Http {
+                route_config: rc.name.clone(),
+            },
+        ),
+    };
+    let snap = mesh_core::Snapshot::new(
+        1,
+        HashMap::from([("0.0.0.0_80".to_owned(), Arc::new(listener))]),
+        HashMap::from([(rc.name.clone(), Arc::new(rc))]),
+        cmap,
+        emap,
+        Arc::default(),
+        mesh_core::snapshot::OutboundTrafficPolicy::RegistryOnly,
+        BTreeMap::new(),
+    );
+    let cell = mesh_core::SnapshotCell::new();
+    cell.publish(snap, true);
+    let node = mesh_core::NodeIdentity::new("t", "default", "127.0.0.1".parse().unwrap(), "sa");
+    let _guard = rt.enter();
+    mesh_tower::outbound::Outbound::new(cell, mesh_core::CertStore::new(), node)
+}
+
+/// An Envoy bootstrap: one listener with `route_config`, an access log of
+/// `<authority> <code> <flags>` lines in `log`, and `clusters`.
+fn lb_bootstrap(
+    port: u16,
+    route_config: &Value,
+    clusters: &[Value],
+    log: &std::path::Path,
+) -> String {
+    let mut boot: Value = serde_json::from_str(&bootstrap(port, route_config.clone())).unwrap();
+    boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = json!([{
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": log.to_str().unwrap(),
+            "log_format": {"text_format_source": {"inline_string": "%REQ(:AUTHORITY)% %RESPONSE_CODE% %RESPONSE_FLAGS%\n"}},
+        },
+    }]);
+    boot["static_resources"]["clusters"] = json!(clusters);
+    boot.to_string()
+}
+
+/// Envoy's access-log line for the `n`th logged request (bounded wait for the flush).
+fn envoy_log_line(log: &std::path::Path, n: usize) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(l) = text.lines().nth(n) {
+            return l.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no access-log line {n}: {text:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn lb_cases() -> Vec<LbCase> {
+    vec![
+        // 2 of 4 healthy in P0: 2 * 1.4 / 4 = 70% stays, 30% spills to P1.
+        LbCase {
+            name: "spill",
+            policy: "ROUND_ROBIN",
+            locality_weighted: false,
+            panic_threshold: None,
+            eps: vec![
+                (0, "a", None, "HEALTHY", 1),
+                (0, "a", None, "UNHEALTHY", 1),
+                (0, "a", None, "HEALTHY", 1),
+                (0, "a", None, "DRAINING", 1),
+                (1, "a", None, "HEALTHY", 1),
+                (1, "a", None, "UNKNOWN", 1),
+            ],
+        },
+        // 1 of 4 healthy, no other level: panic, every host serves.
+        LbCase {
+            name: "panic",
+            policy: "RANDOM",
+            locality_weighted: false,
+            panic_threshold: None,
+            eps: vec![
+                (0, "a", None, "HEALTHY", 1),
+                (0, "a", None, "UNHEALTHY", 1),
+                (0, "a", None, "TIMEOUT", 1),
+                (0, "a", None, "UNHEALTHY", 1),
+            ],
+        },
+        // Draining hosts do not count: 1 of 3 → 46% → panic; does the draining one serve?
+        LbCase {
+            name: "panic-drain",
+            policy: "ROUND_ROBIN",
+            locality_weighted: false,
+            panic_threshold: None,
+            eps: vec![
+                (0, "a", None, "HEALTHY", 1),
+                (0, "a", None, "UNHEALTHY", 1),
+                (0, "a", None, "DRAINING", 1),
+                (0, "a", None, "UNHEALTHY", 1),
+            ],
+        },
+        // The same with the panic threshold at 20%: only the healthy host.
+        LbCase {
+            name: "nopanic",
+            policy: "RANDOM",
+            locality_weighted: false,
+            panic_threshold: Some(20.0),
+            eps: vec![
+                (0, "a", None, "HEALTHY", 1),
+                (0, "a", None, "UNHEALTHY", 1),
+                (0, "a", None, "TIMEOUT", 1),
+                (0, "a", None, "UNHEALTHY", 1),
+            ],
+        },
+        // P0 all unhealthy, P1 half healthy (70% normalized): everything to P1's healthy host.
+        LbCase {
+            name: "failover",
+            policy: "LEAST_REQUEST",
+            locality_weighted: false,
+            panic_threshold: None,
+            eps: vec![
+                (0, "a", None, "UNHEALTHY", 1),
+                (0, "a", None, "UNHEALTHY", 1),
+                (1, "a", None, "HEALTHY", 1),
+                (1, "a", None, "UNHEALTHY", 1),
+            ],
+        },
+        // Locality weights 3 : 1 : 2 (zone c half healthy: 2 * 0.7 = 1.4); zone d unweighted.
+        LbCase {
+            name: "locality",
+            policy: "ROUND_ROBIN",
+            locality_weighted: true,
+            panic_threshold: None,
+            eps: vec![
+                (0, "a", Some(3), "HEALTHY", 1),
+                (0, "b", Some(1), "HEALTHY", 1),
+                (0, "b", Some(1), "HEALTHY", 1),
+                (0, "c", Some(2), "HEALTHY", 1),
+                (0, "c", Some(2), "UNHEALTHY", 1),
+                (0, "d", None, "HEALTHY", 1),
+            ],
+        },
+        // Endpoint weights 1 : 3 under weighted round robin and least request.
+        LbCase {
+            name: "weighted",
+            policy: "ROUND_ROBIN",
+            locality_weighted: false,
+            panic_threshold: None,
+            eps: vec![(0, "a", None, "HEALTHY", 1), (0, "a", None, "HEALTHY", 3)],
+        },
+        LbCase {
+            name: "weighted-lr",
+            policy: "LEAST_REQUEST",
+            locality_weighted: false,
+            panic_threshold: None,
+            eps: vec![(0, "a", None, "HEALTHY", 1), (0, "a", None, "HEALTHY", 3)],
+        },
+    ]
+}
+
+#[test]
+fn load_balancing_and_failure_flags_match_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    const N: usize = 600;
+    let cases = lb_cases();
+    let total_eps: usize = cases.iter().map(|c| c.eps.len()).sum();
+    let up = PortUpstreams::start(total_eps);
+    let mut clusters = Vec::new();
+    let mut case_ports = Vec::new();
+    let mut next = 0;
+    for c in &cases {
+        let ports = &up.ports[next..next + c.eps.len()];
+        next += c.eps.len();
+        clusters.push(lb_cluster_json(c, ports));
+        case_ports.push(ports.to_vec());
+    }
+    // Failures: a closed port, with and without istiod's connect-failure retries; a cluster
+    // without endpoints.
+    let dead_port = free_port();
+    let dead = |name: &str| {
+        json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": dead_port}}}}]}]}})
+    };
+    clusters.push(dead("dead"));
+    // The same with a retry breaker that admits no retry.
+    let mut dead0 = dead("dead0");
+    dead0["circuit_breakers"] = json!({"thresholds": [{"max_retries": 0}]});
+    clusters.push(dead0);
+    clusters.push(
+        json!({"name": "empty", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "empty", "endpoints": []}}),
+    );
+    let retry = json!({"retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+        "num_retries": 2, "retriable_status_codes": [503]});
+    let mut vhosts: Vec<Value> = cases
+        .iter()
+        .map(|c| json!({"name": c.name, "domains": [c.name], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": c.name}}]}))
+        .collect();
+    vhosts.push(json!({"name": "dead", "domains": ["dead"], "routes": [
+        {"match": {"prefix": "/retry"}, "route": {"cluster": "dead", "retry_policy": retry}},
+        {"match": {"prefix": "/"}, "route": {"cluster": "dead"}}]}));
+    vhosts.push(json!({"name": "dead0", "domains": ["dead0"], "routes": [
+        {"match": {"prefix": "/"}, "route": {"cluster": "dead0", "retry_policy": retry}}]}));
+    vhosts.push(json!({"name": "empty", "domains": ["empty"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "empty"}}]}));
+    vhosts.push(json!({"name": "nr", "domains": ["nr"], "routes": [{"match": {"prefix": "/only"}, "route": {"cluster": "empty"}}]}));
+    let route_config = json!({"name": "lb", "virtual_hosts": vhosts});
+
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("mesh-lb-oracle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
+    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mesh = mesh_outbound(&rt, &route_config, &clusters);
+
+    let mut client = KeepAlive::connect(port);
+    let mut disagreements = Vec::new();
+    for (c, ports) in cases.iter().zip(&case_ports) {
+        let count = |bodies: Vec<String>| -> Vec<usize> {
+            let mut v = vec![0; ports.len()];
+            for b in bodies {
+                let p: u16 = b
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{}: body {b:?}", c.name));
+                v[ports.iter().position(|x| *x == p).unwrap()] += 1;
+            }
+            v
+        };
+        let envoy = count(
+            (0..N)
+                .map(|_| {
+                    let (status, body) = client.get(c.name, "/", &[]);
+                    assert_eq!(status, 200, "{}: envoy {body}", c.name);
+                    body
+                })
+                .collect(),
+        );
+        let mesh_counts = count(rt.block_on(async {
+            let mut v = Vec::new();
+            for _ in 0..N {
+                let r = mesh.get(format!("http://{}/", c.name)).await.unwrap();
+                assert_eq!(r.status(), 200, "{}: mesh {:?}", c.name, r.body());
+                v.push(String::from_utf8_lossy(r.body()).into_owned());
+            }
+            v
+        }));
+        let served = |v: &[usize]| v.iter().map(|n| *n > 0).collect::<Vec<_>>();
+        let (stat, df) = chi_square(&envoy, &mesh_counts);
+        eprintln!(
+            "{}: envoy {envoy:?} mesh {mesh_counts:?} chi2 {stat:.2} df {df}",
+            c.name
+        );
+        if served(&envoy) != served(&mesh_counts) || stat > CHI2_999[df.min(8)] {
+            disagreements.push(format!(
+                "{}: envoy {envoy:?} mesh {mesh_counts:?} (chi2 {stat:.1}, df {df})",
+                c.name
+            ));
+        }
+    }
+    // Local replies: status and response flags as Envoy logs them.
+    let failures = [
+        ("dead", "/retry"),
+        ("dead", "/"),
+        ("dead0", "/"),
+        ("empty", "/"),
+        ("nr", "/x"),
+    ];
+    for (i, (host, path)) in failures.iter().enumerate() {
+        let (status, _) = client.get(host, path, &[]);
+        let line = envoy_log_line(&log, cases.len() * N + i);
+        let envoy_flags = line.rsplit(' ').next().unwrap_or("").to_owned();
+        let (m_status, m_flags) = rt.block_on(async {
+            let r = mesh.get(format!("http://{host}{path}")).await.unwrap();
+            let f = r
+                .extensions()
+                .get::<mesh_core::flags::ResponseFlags>()
+                .copied()
+                .unwrap_or_default();
+            (r.status().as_u16(), f.to_string())
+        });
+        eprintln!("{host}{path}: envoy {status} {envoy_flags} mesh {m_status} {m_flags}");
+        if (status, envoy_flags.as_str()) != (m_status, m_flags.as_str()) {
+            disagreements.push(format!(
+                "{host}{path}: envoy {status} {envoy_flags}, mesh {m_status} {m_flags}"
+            ));
+        }
+    }
+    assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+}

@@ -1,9 +1,9 @@
 //! Envoy's response flags, as they appear in access logs and in Istio's `response_flags` label.
 //!
 //! A response can carry several flags (after exhausted retries on connection failures Envoy
-//! logs `UF,URX`), so [`ResponseFlags`] is a small bitset. Its constants carry Envoy's flag
-//! names (`ResponseFlags::UpstreamConnectionFailure`, …); sets render comma-joined in Envoy's
-//! order. [`ResponseFlag`] is the same type under its older, singular name.
+//! logs `URX,UF`), so [`ResponseFlags`] is a small bitset. Its constants carry Envoy's flag
+//! names (`ResponseFlags::UpstreamConnectionFailure`, …); sets render comma-joined in the
+//! order Envoy sets them. [`ResponseFlag`] is the same type under its older, singular name.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -16,11 +16,14 @@ pub struct ResponseFlags(u16);
 /// The older name of [`ResponseFlags`]: one flag is a set of one.
 pub type ResponseFlag = ResponseFlags;
 
-/// Envoy's flag order (its `CORE_RESPONSE_FLAGS` table) and short names: bit `i` of a set is
-/// `ORDER[i]`, so iterating the bits in ascending order renders in Envoy's order.
-/// `RBAC` is not one of Envoy's core flags (Istio's RBAC denials log it); it goes last.
+/// Rendering order and short names: bit `i` of a set is `ORDER[i]`, so iterating the bits in
+/// ascending order renders them. Envoy 1.40 logs flags in the order it set them, and along the
+/// request path that order is fixed: fault injection (`DI`, `FI`) and authorization before the
+/// router; then the retry verdict (`URX`, or `UO` when the retry breaker is full) before the
+/// cause of the failure (`UH`, `UT`, `UF`, `UC`, …). A real Envoy 1.40 logs `URX,UF` for a
+/// connection failure after exhausted retries (tests/routing_oracle.rs checks it).
 const ORDER: [&str; 14] = [
-    "UH", "UT", "UF", "UC", "UO", "NR", "DI", "FI", "UAEX", "DC", "URX", "DPE", "NC", "RBAC",
+    "DI", "FI", "UAEX", "RBAC", "URX", "UO", "UH", "UT", "UF", "UC", "NR", "NC", "DC", "DPE",
 ];
 
 #[allow(non_upper_case_globals)]
@@ -28,33 +31,33 @@ impl ResponseFlags {
     /// No flag: `-`.
     pub const None: ResponseFlags = ResponseFlags(0);
     /// `UH`: no healthy upstream host (503).
-    pub const NoHealthyUpstream: ResponseFlags = ResponseFlags(1 << 0);
+    pub const NoHealthyUpstream: ResponseFlags = ResponseFlags(1 << 6);
     /// `UT`: upstream request timeout (504).
-    pub const UpstreamRequestTimeout: ResponseFlags = ResponseFlags(1 << 1);
+    pub const UpstreamRequestTimeout: ResponseFlags = ResponseFlags(1 << 7);
     /// `UF`: upstream connection failure (503).
-    pub const UpstreamConnectionFailure: ResponseFlags = ResponseFlags(1 << 2);
+    pub const UpstreamConnectionFailure: ResponseFlags = ResponseFlags(1 << 8);
     /// `UC`: upstream connection terminated (503).
-    pub const UpstreamConnectionTermination: ResponseFlags = ResponseFlags(1 << 3);
+    pub const UpstreamConnectionTermination: ResponseFlags = ResponseFlags(1 << 9);
     /// `UO`: upstream overflow, circuit breaker open (503).
-    pub const UpstreamOverflow: ResponseFlags = ResponseFlags(1 << 4);
+    pub const UpstreamOverflow: ResponseFlags = ResponseFlags(1 << 5);
     /// `NR`: no route configured for the request (404).
-    pub const NoRouteFound: ResponseFlags = ResponseFlags(1 << 5);
+    pub const NoRouteFound: ResponseFlags = ResponseFlags(1 << 10);
     /// `DI`: request delayed by fault injection.
-    pub const DelayInjected: ResponseFlags = ResponseFlags(1 << 6);
+    pub const DelayInjected: ResponseFlags = ResponseFlags(1 << 0);
     /// `FI`: request aborted by fault injection.
-    pub const FaultInjected: ResponseFlags = ResponseFlags(1 << 7);
+    pub const FaultInjected: ResponseFlags = ResponseFlags(1 << 1);
     /// `UAEX`: denied by external authorization.
-    pub const UnauthorizedExternalService: ResponseFlags = ResponseFlags(1 << 8);
+    pub const UnauthorizedExternalService: ResponseFlags = ResponseFlags(1 << 2);
     /// `DC`: downstream connection terminated.
-    pub const DownstreamConnectionTermination: ResponseFlags = ResponseFlags(1 << 9);
+    pub const DownstreamConnectionTermination: ResponseFlags = ResponseFlags(1 << 12);
     /// `URX`: upstream retry limit exceeded.
-    pub const UpstreamRetryLimitExceeded: ResponseFlags = ResponseFlags(1 << 10);
+    pub const UpstreamRetryLimitExceeded: ResponseFlags = ResponseFlags(1 << 4);
     /// `DPE`: downstream protocol error.
-    pub const DownstreamProtocolError: ResponseFlags = ResponseFlags(1 << 11);
+    pub const DownstreamProtocolError: ResponseFlags = ResponseFlags(1 << 13);
     /// `NC`: the route's cluster does not exist (503).
-    pub const NoClusterFound: ResponseFlags = ResponseFlags(1 << 12);
+    pub const NoClusterFound: ResponseFlags = ResponseFlags(1 << 11);
     /// `RBAC`: denied by the RBAC filter (403 `RBAC: access denied`).
-    pub const RbacAccessDenied: ResponseFlags = ResponseFlags(1 << 13);
+    pub const RbacAccessDenied: ResponseFlags = ResponseFlags(1 << 3);
 
     /// Whether no flag is set.
     pub fn is_empty(self) -> bool {
@@ -84,7 +87,7 @@ impl ResponseFlags {
             .filter(move |f| self.contains(*f))
     }
 
-    /// The form Envoy prints: `-`, `UF`, `UF,URX`. Allocation-free: single flags and sets of
+    /// The form Envoy prints: `-`, `UF`, `URX,UF`. Allocation-free: single flags and sets of
     /// up to three flags come from a table built once; a larger set (mesh never produces
     /// one) prints its first three flags here and all of them through `Display`.
     pub fn as_str(self) -> &'static str {
@@ -193,20 +196,24 @@ mod tests {
         assert_eq!(F::None.as_str(), "-");
         assert_eq!(F::UpstreamConnectionFailure.as_str(), "UF");
         let exhausted = F::UpstreamRetryLimitExceeded | F::UpstreamConnectionFailure;
-        assert_eq!(exhausted.as_str(), "UF,URX");
-        assert_eq!(exhausted.to_string(), "UF,URX");
+        assert_eq!(exhausted.as_str(), "URX,UF");
+        assert_eq!(exhausted.to_string(), "URX,UF");
         assert_eq!(
             (F::UpstreamRequestTimeout | F::UpstreamRetryLimitExceeded).as_str(),
-            "UT,URX"
+            "URX,UT"
         );
         assert_eq!(
             (F::DelayInjected | F::UpstreamConnectionTermination | F::UpstreamRetryLimitExceeded)
                 .as_str(),
-            "UC,DI,URX"
+            "DI,URX,UC"
+        );
+        assert_eq!(
+            (F::UpstreamConnectionFailure | F::UpstreamOverflow).as_str(),
+            "UO,UF"
         );
         let four = F::NoHealthyUpstream | F::DelayInjected | F::FaultInjected | F::NoClusterFound;
-        assert_eq!(four.to_string(), "UH,DI,FI,NC");
-        assert_eq!(four.as_str(), "UH,DI,FI");
+        assert_eq!(four.to_string(), "DI,FI,UH,NC");
+        assert_eq!(four.as_str(), "DI,FI,UH");
         assert!(exhausted.contains(F::UpstreamConnectionFailure));
         assert!(!exhausted.contains(F::UpstreamOverflow));
         assert_eq!(exhausted.iter().count(), 2);

@@ -279,6 +279,9 @@ pub struct PickContext<'a> {
 struct Level {
     /// Indices into the endpoint set, every host of the level (used in panic).
     all: Vec<usize>,
+    /// Hosts that count towards the level's health: all but DRAINING ones (Envoy excludes
+    /// them from the totals, yet serves them in panic).
+    counted: usize,
     /// Indices of hosts whose EDS health allows traffic.
     healthy: Vec<usize>,
     /// Weighted round-robin order over `healthy` (empty: weights are equal).
@@ -301,6 +304,8 @@ struct LocalityGroup {
     weight: u32,
     /// Every host of the locality.
     all: Vec<usize>,
+    /// Hosts that count towards the locality's availability (all but DRAINING ones).
+    counted: usize,
     /// Hosts whose EDS health allows traffic.
     healthy: Vec<usize>,
     /// Weighted round-robin order over `healthy` (empty: weights are equal).
@@ -424,11 +429,12 @@ impl Balancer {
                     effective_locality_weight(
                         g.weight,
                         g.healthy.len(),
-                        g.all.len(),
+                        g.counted,
                         set.overprovisioning_factor,
                     )
                 }));
                 Level {
+                    counted: counted(&all, &set.endpoints),
                     localities,
                     locality_cumulative,
                     equal_weights: all.iter().all(|&i| weights[i] == weights[all[0]]),
@@ -442,7 +448,7 @@ impl Balancer {
             .collect();
         let counts: Vec<(usize, usize)> = levels
             .iter()
-            .map(|l| (l.healthy.len(), l.all.len()))
+            .map(|l| (l.healthy.len(), l.counted))
             .collect();
         let (loads, panic) = priority_loads(
             &counts,
@@ -543,7 +549,7 @@ impl Balancer {
             .levels
             .iter()
             .zip(&healthy)
-            .map(|(l, h)| (h.len(), l.all.len()))
+            .map(|(l, h)| (h.len(), l.counted))
             .collect();
         let (loads, panic) = priority_loads(
             &counts,
@@ -562,7 +568,7 @@ impl Balancer {
             };
             let groups: Vec<Vec<usize>> = level.localities.iter().map(available).collect();
             let cumulative = running_sums(level.localities.iter().zip(&groups).map(|(g, a)| {
-                effective_locality_weight(g.weight, a.len(), g.all.len(), self.overprovisioning)
+                effective_locality_weight(g.weight, a.len(), g.counted, self.overprovisioning)
             }));
             if let Some(k) = draw_cumulative(&cumulative, rng) {
                 let g = &level.localities[k];
@@ -675,6 +681,14 @@ impl Balancer {
     }
 }
 
+/// How many of `hosts` count towards health (DRAINING hosts are excluded, as in Envoy).
+fn counted(hosts: &[usize], endpoints: &[Endpoint]) -> usize {
+    hosts
+        .iter()
+        .filter(|&&i| endpoints[i].health != crate::endpoint::HealthStatus::Draining)
+        .count()
+}
+
 /// The localities of one level's hosts (`all`), in first-seen order.
 fn locality_groups(all: &[usize], endpoints: &[Endpoint], weights: &[u32]) -> Vec<LocalityGroup> {
     let mut groups: Vec<(usize, LocalityGroup)> = Vec::new();
@@ -691,6 +705,7 @@ fn locality_groups(all: &[usize], endpoints: &[Endpoint], weights: &[u32]) -> Ve
                     LocalityGroup {
                         weight: ep.locality_weight.unwrap_or(0),
                         all: Vec::new(),
+                        counted: 0,
                         healthy: Vec::new(),
                         wrr_healthy: Vec::new(),
                         equal_weights: true,
@@ -709,6 +724,7 @@ fn locality_groups(all: &[usize], endpoints: &[Endpoint], weights: &[u32]) -> Ve
         .into_iter()
         .map(|(_, mut g)| {
             g.equal_weights = g.all.iter().all(|&i| weights[i] == weights[g.all[0]]);
+            g.counted = counted(&g.all, endpoints);
             g.wrr_healthy = wrr_order(&g.healthy, weights);
             g
         })

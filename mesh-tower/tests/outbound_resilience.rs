@@ -257,7 +257,8 @@ async fn max_retries_overflow_stops_retrying_without_urx() {
         let out = Outbound::new(cell, CertStore::new(), node());
         let r = get(&out, "/", &[]).await;
         assert_eq!(r.status(), 503);
-        assert_eq!(flag(&r), ResponseFlag::None);
+        // Envoy flags the upstream's 503 `UO` when the retry breaker refused the retry.
+        assert_eq!(flag(&r), ResponseFlag::UpstreamOverflow);
         assert_eq!(up.seen().len(), 1);
     })
     .await;

@@ -175,7 +175,7 @@ async fn per_try_timeout_retries_then_answers_504() {
         let r = out.get("http://svc:9080/").await.unwrap();
         assert_eq!(r.status(), 504);
         assert_eq!(r.body(), "upstream request timeout");
-        assert_eq!(flag(&r).as_str(), "UT,URX");
+        assert_eq!(flag(&r).as_str(), "URX,UT");
         assert_eq!(up.seen().len(), 2);
         // A slow first try, then a fast one: the retry answers.
         let up = scripted("v", &[Act::Slow]).await;

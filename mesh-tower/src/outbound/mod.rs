@@ -698,6 +698,15 @@ impl Outbound {
             }
             // Retries exhausted on a retriable condition: Envoy's URX.
             let exhausted = retriable && retry.is_some() && !overflowed;
+            // Envoy sets the retry verdict before the cause: `URX,UF`, or `UO,UF` when the
+            // retry breaker was full.
+            let verdict = if exhausted {
+                ResponseFlag::UpstreamRetryLimitExceeded
+            } else if overflowed {
+                ResponseFlag::UpstreamOverflow
+            } else {
+                ResponseFlag::None
+            };
             drop(retry_guard.take());
             let guards = InFlight {
                 host: active,
@@ -713,13 +722,7 @@ impl Outbound {
             );
             let mut resp = match result {
                 None => {
-                    // Envoy keeps the cause and adds URX: `UF,URX`.
-                    let flag = if exhausted {
-                        ResponseFlag::UpstreamRequestTimeout
-                            | ResponseFlag::UpstreamRetryLimitExceeded
-                    } else {
-                        ResponseFlag::UpstreamRequestTimeout
-                    };
+                    let flag = verdict | ResponseFlag::UpstreamRequestTimeout;
                     local_reply(
                         504,
                         Some(Bytes::from_static(UPSTREAM_REQUEST_TIMEOUT.as_bytes())),
@@ -729,11 +732,7 @@ impl Outbound {
                     )
                 }
                 Some(Ok((resp, peer, checkin))) => {
-                    let flag = if exhausted {
-                        ResponseFlag::UpstreamRetryLimitExceeded
-                    } else {
-                        ResponseFlag::None
-                    };
+                    let flag = verdict;
                     let (mut parts, incoming) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     telemetry::discover_upstream_peer(&mut parts.headers, record.as_mut());
@@ -760,25 +759,13 @@ impl Outbound {
                         text.push_str(", transport failure reason: ");
                         text.push_str(&reason);
                     }
-                    // Envoy keeps the cause and adds URX: `UF,URX`.
-                    let flag = if exhausted {
-                        ResponseFlag::UpstreamConnectionFailure
-                            | ResponseFlag::UpstreamRetryLimitExceeded
-                    } else {
-                        ResponseFlag::UpstreamConnectionFailure
-                    };
+                    let flag = verdict | ResponseFlag::UpstreamConnectionFailure;
                     local_reply(503, Some(Bytes::from(text)), flag, None, record)
                 }
                 Some(Err(SendError::Reset(e))) => {
                     tracing::debug!(cluster = %cluster.name, error = %e, "upstream reset before response headers");
                     let text = format!("{UPSTREAM_RESET_PREFIX}connection termination");
-                    // Envoy keeps the cause and adds URX: `UF,URX`.
-                    let flag = if exhausted {
-                        ResponseFlag::UpstreamConnectionTermination
-                            | ResponseFlag::UpstreamRetryLimitExceeded
-                    } else {
-                        ResponseFlag::UpstreamConnectionTermination
-                    };
+                    let flag = verdict | ResponseFlag::UpstreamConnectionTermination;
                     local_reply(503, Some(Bytes::from(text)), flag, None, record)
                 }
             };
