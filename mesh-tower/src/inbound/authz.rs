@@ -37,8 +37,10 @@ pub(crate) struct ConnectionAuthz {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LocalReply {
     pub(crate) status: u16,
-    pub(crate) body: &'static str,
+    pub(crate) body: std::borrow::Cow<'static, str>,
     pub(crate) location: Option<String>,
+    /// `www-authenticate` (JWT refusals).
+    pub(crate) www_authenticate: Option<String>,
     pub(crate) flags: &'static str,
 }
 
@@ -69,8 +71,9 @@ pub(crate) fn normalize_request_path(uri: &mut Uri) -> Option<LocalReply> {
         }
         NormalizedPath::Redirect(p) => Some(LocalReply {
             status: 307,
-            body: "",
+            body: "".into(),
             location: Some(p),
+            www_authenticate: None,
             flags: "-",
         }),
         NormalizedPath::Reject => Some(bad_request()),
@@ -81,8 +84,9 @@ fn bad_request() -> LocalReply {
     tracing::debug!("refusing request: path normalization failed");
     LocalReply {
         status: 400,
-        body: "",
+        body: "".into(),
         location: None,
+        www_authenticate: None,
         flags: "-",
     }
 }
@@ -96,8 +100,9 @@ fn denied(policy: Option<&str>, filter: usize) -> LocalReply {
     metrics::counter!("mesh_inbound_rbac_denied_total", "layer" => "http").increment(1);
     LocalReply {
         status: 403,
-        body: mesh_core::authz::RBAC_DENIED_BODY,
+        body: mesh_core::authz::RBAC_DENIED_BODY.into(),
         location: None,
+        www_authenticate: None,
         flags: RBAC_FLAG,
     }
 }
@@ -127,13 +132,15 @@ impl ConnectionAuthz {
         }
     }
 
-    /// Runs the HTTP chain on a request; `Some` is the reply that replaces the application's.
+    /// Runs the HTTP chain on a request, with the dynamic metadata earlier filters (the JWT
+    /// filter) wrote; `Some` is the reply that replaces the application's.
     pub(crate) fn check_request(
         &self,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
         tls: bool,
+        mut md: DynamicMetadata,
     ) -> Option<LocalReply> {
         let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
         let authority = match uri.authority() {
@@ -147,7 +154,6 @@ impl ConnectionAuthz {
             .scheme_str()
             .unwrap_or(if tls { "https" } else { "http" });
         let req = self.request(Some(headers), method.as_str(), path, authority, scheme);
-        let mut md = DynamicMetadata::default();
         let mut start = 0;
         loop {
             match self.chain.evaluate_from(start, &req, &mut md) {
@@ -172,8 +178,9 @@ impl ConnectionAuthz {
                     metrics::counter!("mesh_inbound_ext_authz_error_total").increment(1);
                     return Some(LocalReply {
                         status: ext.status_on_error,
-                        body: "",
+                        body: "".into(),
                         location: None,
+                        www_authenticate: None,
                         flags: UAEX_FLAG,
                     });
                 }

@@ -25,6 +25,7 @@
 
 pub mod access_log;
 pub mod authz;
+pub mod jwt;
 mod service;
 mod stats;
 pub mod tracing_headers;
@@ -40,6 +41,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use mesh_core::authz::jwt::JwtAuthn;
 use mesh_core::cluster::SanMatcher;
 use mesh_core::identity::{NodeIdentity, PeerIdentity};
 use mesh_core::listener::{AuthzLayer, InboundTlsMode, PortAuthz};
@@ -161,6 +163,7 @@ struct Shared {
     inbound_cluster: Arc<str>,
     local_headers: Option<Arc<LocalPeerHeaders>>,
     stats: Arc<ListenerStats>,
+    jwks: Arc<jwt::JwksCache>,
 }
 
 impl Shared {
@@ -190,6 +193,7 @@ impl Shared {
         };
         let peer_sans = peer_san_source(cell.clone(), certs.clone(), &config);
         Ok(Shared {
+            jwks: Arc::new(jwt::JwksCache::new()),
             local_headers,
             stats: Arc::new(ListenerStats::new(config.port)),
             strict_tls: tls::server_config_with_peer_sans(&certs, true, Some(peer_sans.clone()))
@@ -206,8 +210,8 @@ impl Shared {
         })
     }
 
-    /// The port's mTLS mode and authorization, read once per connection.
-    fn policy(&self) -> (InboundTlsMode, Option<PortAuthz>) {
+    /// The port's mTLS mode, authorization and JWT filter, read once per connection.
+    fn policy(&self) -> (InboundTlsMode, Option<PortAuthz>, Option<Arc<JwtAuthn>>) {
         let snapshot = self.cell.load_guard();
         let policy = snapshot.inbound.as_ref();
         let mode = self.config.mode.unwrap_or_else(|| {
@@ -216,7 +220,8 @@ impl Shared {
                 .unwrap_or_default()
         });
         let authz = policy.and_then(|p| p.authz_for(self.config.port).cloned());
-        (mode, authz)
+        let jwt = policy.and_then(|p| p.jwt_for(self.config.port).cloned());
+        (mode, authz, jwt)
     }
 
     /// The connection's authorization facts, when the port has a policy.
@@ -252,6 +257,7 @@ impl Shared {
                 name: service.name.clone(),
                 namespace: service.namespace.clone(),
             })
+            .or_else(|| stats::inbound_service(&snapshot, &self.config.node, self.config.port))
             .unwrap_or_default()
     }
 }
@@ -298,7 +304,7 @@ async fn handle_connection<S, B>(
         detected = detect(&tcp) => detected,
         () = drained(&mut drain) => return,
     };
-    let (mode, port_authz) = shared.policy();
+    let (mode, port_authz, jwt) = shared.policy();
     match (detected, mode) {
         (Detected::Closed, _) => {}
         (Detected::Plaintext, InboundTlsMode::Strict) => {
@@ -326,7 +332,7 @@ async fn handle_connection<S, B>(
                 TokioIo::new(tcp),
                 app,
                 None,
-                (http_authz, false, None),
+                (http_authz, false, None, jwt),
                 labels,
                 info,
                 &shared,
@@ -395,7 +401,7 @@ async fn handle_connection<S, B>(
                 TokioIo::new(stream),
                 app,
                 peer,
-                (http_authz, true, xfcc),
+                (http_authz, true, xfcc, jwt),
                 labels,
                 info,
                 &shared,
@@ -473,16 +479,21 @@ fn handshake_failed(remote: SocketAddr, error: &std::io::Error) {
     }
 }
 
+/// What the HTTP filters of a connection enforce: RBAC, whether TLS carried it, the XFCC
+/// element, and the JWT filter.
+type HttpFilters = (
+    Option<Arc<authz::ConnectionAuthz>>,
+    bool,
+    Option<http::HeaderValue>,
+    Option<Arc<JwtAuthn>>,
+);
+
 #[allow(clippy::too_many_arguments)]
 async fn serve_http<I, S, B>(
     io: I,
     app: S,
     peer: Option<PeerIdentity>,
-    (authz, tls, xfcc): (
-        Option<Arc<authz::ConnectionAuthz>>,
-        bool,
-        Option<http::HeaderValue>,
-    ),
+    (authz, tls, xfcc, jwt): HttpFilters,
     labels: ConnectionLabels,
     info: Option<Arc<ConnectionInfo>>,
     shared: &Shared,
@@ -505,7 +516,8 @@ async fn serve_http<I, S, B>(
         info,
     )
     .with_authz(authz, tls)
-    .with_xfcc(xfcc);
+    .with_xfcc(xfcc)
+    .with_jwt(jwt, Arc::clone(&shared.jwks));
     let conn = shared.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {

@@ -21,7 +21,10 @@ use tower::util::Oneshot;
 
 use super::access_log::AccessLog;
 use super::authz::{ConnectionAuthz, LocalReply};
+use super::jwt::JwksCache;
 use super::stats::{ConnectionLabels, Finished, ListenerStats};
+use mesh_core::authz::DynamicMetadata;
+use mesh_core::authz::jwt::JwtAuthn;
 
 /// This workload's `x-envoy-peer-metadata-id` / `x-envoy-peer-metadata` values, encoded once
 /// per listener.
@@ -52,6 +55,7 @@ pub(crate) struct InboundService<S> {
     authz: Option<Arc<ConnectionAuthz>>,
     tls: bool,
     xfcc: Option<HeaderValue>,
+    jwt: Option<(Arc<JwtAuthn>, Arc<JwksCache>)>,
 }
 
 impl<S> InboundService<S> {
@@ -74,7 +78,14 @@ impl<S> InboundService<S> {
             authz: None,
             tls: false,
             xfcc: None,
+            jwt: None,
         }
+    }
+
+    /// Runs the port's `jwt_authn` filter (RequestAuthentication) before authorization.
+    pub(crate) fn with_jwt(mut self, jwt: Option<Arc<JwtAuthn>>, cache: Arc<JwksCache>) -> Self {
+        self.jwt = jwt.map(|j| (j, cache));
+        self
     }
 
     /// The XFCC element this connection's client certificate adds (`None`: no client
@@ -122,7 +133,7 @@ impl<S> InboundService<S> {
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for InboundService<S>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     B: Body,
 {
     type Response = Response<MeteredBody<B>>;
@@ -146,12 +157,59 @@ where
             req.extensions_mut().insert(peer.clone());
         }
         self.stats.request_started();
-        // Envoy's HCM normalizes the path before any filter; then the RBAC filters run.
+        let meter = Some(Meter {
+            labels: Arc::clone(&self.labels),
+            source,
+            propagate: if exchanged {
+                self.local_headers.clone()
+            } else {
+                None
+            },
+            stats: Arc::clone(&self.stats),
+            access,
+            grpc,
+            head,
+            started,
+            request_bytes,
+        });
+        // Envoy's HCM normalizes the path before any filter; then the JWT filter and the RBAC
+        // filters run.
         let mut local = super::authz::normalize_request_path(req.uri_mut());
-        if local.is_none()
-            && let Some(authz) = &self.authz
-        {
-            local = authz.check_request(req.method(), req.uri(), req.headers(), self.tls);
+        if local.is_none() {
+            match &self.jwt {
+                Some((jwt, cache)) => {
+                    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                    let stale = cache.stale(&jwt.remote_jwks_wanted(req.headers(), path));
+                    if !stale.is_empty() {
+                        // Remote keys must be fetched first (bounded by each fetch's timeout).
+                        let (jwt, cache) = (Arc::clone(jwt), Arc::clone(cache));
+                        let authz = self.authz.clone();
+                        let tls = self.tls;
+                        let prepare = Prepare(Box::pin(async move {
+                            cache.refresh(&stale).await;
+                            let local = match super::jwt::check(&jwt, &cache, &mut req, tls) {
+                                Ok(md) => authz.and_then(|a| {
+                                    a.check_request(req.method(), req.uri(), req.headers(), tls, md)
+                                }),
+                                Err(reply) => Some(reply),
+                            };
+                            (req, local)
+                        }));
+                        return InboundFuture {
+                            state: State::Prepare {
+                                prepare,
+                                app: Some(self.app.clone()),
+                            },
+                            meter,
+                        };
+                    }
+                    match super::jwt::check(jwt, cache, &mut req, self.tls) {
+                        Ok(md) => local = self.authorize(&req, md),
+                        Err(reply) => local = Some(reply),
+                    }
+                }
+                None => local = self.authorize(&req, DynamicMetadata::default()),
+            }
         }
         let state = match local {
             None => State::App {
@@ -161,24 +219,27 @@ where
                 reply: Some(Box::new(reply)),
             },
         };
-        InboundFuture {
-            state,
-            meter: Some(Meter {
-                labels: Arc::clone(&self.labels),
-                source,
-                propagate: if exchanged {
-                    self.local_headers.clone()
-                } else {
-                    None
-                },
-                stats: Arc::clone(&self.stats),
-                access,
-                grpc,
-                head,
-                started,
-                request_bytes,
-            }),
-        }
+        InboundFuture { state, meter }
+    }
+}
+
+impl<S> InboundService<S> {
+    fn authorize(&self, req: &Request<Incoming>, md: DynamicMetadata) -> Option<LocalReply> {
+        let authz = self.authz.as_ref()?;
+        authz.check_request(req.method(), req.uri(), req.headers(), self.tls, md)
+    }
+}
+
+/// Work before the application call that must await (remote JWKS fetches): yields the request
+/// back, or the local reply replacing the application's.
+struct Prepare(Pin<Box<dyn Future<Output = Prepared> + Send + 'static>>);
+
+/// The request, and the local reply replacing the application's answer, if any.
+type Prepared = (Request<Incoming>, Option<LocalReply>);
+
+impl std::fmt::Debug for Prepare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Prepare")
     }
 }
 
@@ -237,11 +298,18 @@ where
     Local {
         reply: Option<Box<LocalReply>>,
     },
+    Prepare {
+        prepare: Prepare,
+        app: Option<S>,
+    },
 }
 
 fn local_response<B>(reply: &LocalReply) -> Response<InboundBody<B>> {
     let mut response = Response::new(InboundBody::Local {
-        data: (!reply.body.is_empty()).then(|| bytes::Bytes::from_static(reply.body.as_bytes())),
+        data: (!reply.body.is_empty()).then(|| match &reply.body {
+            std::borrow::Cow::Borrowed(b) => bytes::Bytes::from_static(b.as_bytes()),
+            std::borrow::Cow::Owned(b) => bytes::Bytes::from(b.clone()),
+        }),
     });
     *response.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::FORBIDDEN);
     let h = response.headers_mut();
@@ -262,6 +330,13 @@ fn local_response<B>(reply: &LocalReply) -> Response<InboundBody<B>> {
     {
         h.insert(http::header::LOCATION, location);
     }
+    if let Some(v) = reply
+        .www_authenticate
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        h.insert(http::header::WWW_AUTHENTICATE, v);
+    }
     response
 }
 
@@ -273,7 +348,21 @@ where
     type Output = Result<Response<MeteredBody<B>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
+        if let StateProj::Prepare { prepare, app } = this.state.as_mut().project() {
+            let (req, local) = ready!(prepare.0.as_mut().poll(cx));
+            let next = match (local, app.take()) {
+                (None, Some(app)) => State::App {
+                    call: app.oneshot(req),
+                },
+                (Some(reply), _) => State::Local {
+                    reply: Some(Box::new(reply)),
+                },
+                // Polled after completion: hyper never does this.
+                (None, None) => return Poll::Pending,
+            };
+            this.state.set(next);
+        }
         let (result, flags) = match this.state.project() {
             StateProj::App { call } => (
                 ready!(call.poll(cx)).map(|r| r.map(|body| InboundBody::App { body })),
@@ -283,6 +372,7 @@ where
                 Some(reply) => (Ok(local_response(&reply)), reply.flags),
                 None => return Poll::Pending,
             },
+            StateProj::Prepare { .. } => return Poll::Pending,
         };
         let Some(meter) = this.meter.take() else {
             // Polled after completion: hyper never does this.

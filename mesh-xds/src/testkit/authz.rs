@@ -658,6 +658,8 @@ pub struct JwtRuleSpec {
     pub output_payload_to_header: Option<String>,
     /// `outputClaimToHeaders` (header, claim).
     pub output_claim_to_headers: Vec<(String, String)>,
+    /// The remote JWKS `cache_duration` (istiod always renders 5 minutes; tests shorten it).
+    pub jwks_cache_duration: Option<std::time::Duration>,
 }
 
 impl JwtRuleSpec {
@@ -719,9 +721,15 @@ pub fn jwt_authn_filter(rules: &[JwtRuleSpec]) -> Option<HttpFilter> {
                                 .unwrap_or("")
                         ))),
                     }),
-                    cache_duration: Some(PbDuration {
-                        seconds: 300,
-                        nanos: 0,
+                    cache_duration: Some(match r.jwks_cache_duration {
+                        Some(d) => PbDuration {
+                            seconds: d.as_secs() as i64,
+                            nanos: d.subsec_nanos() as i32,
+                        },
+                        None => PbDuration {
+                            seconds: 300,
+                            nanos: 0,
+                        },
                     }),
                     ..Default::default()
                 })
