@@ -94,8 +94,17 @@ async fn run_mesh() {
         );
     };
     report("READY");
+    // With XS_WRAP (profiling), exit cleanly once this many clusters are published, so the
+    // profiler writes its report.
+    let exit_at: Option<usize> = std::env::var("XS_EXIT_AT")
+        .ok()
+        .and_then(|v| v.parse().ok());
     while rx.changed().await.is_ok() {
         report("SNAPSHOT");
+        if exit_at.is_some_and(|n| cell.load().clusters.len() >= n) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            std::process::exit(0);
+        }
     }
 }
 
@@ -159,10 +168,12 @@ fn required(baseline: &ResourceSet, pushed: &ResourceSet) -> BTreeMap<String, BT
 }
 
 /// Waits until every required name was carried by a response the client ACKed; a NACK fails.
+/// Returns how many requests the client sent and responses the control plane sent meanwhile.
 async fn wait_acked(
     events: &mut tokio::sync::broadcast::Receiver<XdsEvent>,
     mut need: BTreeMap<String, BTreeSet<String>>,
-) -> Result<(), String> {
+) -> Result<(usize, usize), String> {
+    let (mut requests, mut responses) = (0, 0);
     let deadline = tokio::time::Instant::now() + PUSH_TIMEOUT;
     let mut sent: HashMap<String, (String, Vec<String>)> = HashMap::new();
     while need.values().any(|s| !s.is_empty()) {
@@ -183,9 +194,13 @@ async fn wait_acked(
                 type_url,
                 nonce,
                 names,
-            } if need.contains_key(&type_url) => {
-                sent.insert(nonce, (type_url, names));
+            } => {
+                responses += 1;
+                if need.contains_key(&type_url) {
+                    sent.insert(nonce, (type_url, names));
+                }
             }
+            XdsEvent::Request { .. } => requests += 1,
             XdsEvent::Ack { nonce, .. } => {
                 if let Some((t, names)) = sent.remove(&nonce)
                     && let Some(set) = need.get_mut(&t)
@@ -201,7 +216,7 @@ async fn wait_acked(
             _ => {}
         }
     }
-    Ok(())
+    Ok((requests, responses))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -235,7 +250,22 @@ impl Client {
 
     fn start_mesh(cp: &ControlPlane, token: &std::path::Path) -> Client {
         let exe = std::env::current_exe().expect("current exe");
-        let mut child = Command::new(exe)
+        // `XS_WRAP="valgrind --tool=massif --massif-out-file=/tmp/m.out"` profiles the
+        // meshed process (its RSS and timings are then valgrind's, not mesh's).
+        let wrap: Vec<String> = std::env::var("XS_WRAP")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        let mut cmd = match wrap.split_first() {
+            Some((tool, args)) => {
+                let mut c = Command::new(tool);
+                c.args(args).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let mut child = cmd
             .env(ROLE_ENV, "mesh")
             .env("XS_CP", cp.addr().to_string())
             .env("XS_TOKEN", token)
@@ -364,6 +394,10 @@ struct Cell {
     ack_s: f64,
     warm_s: f64,
     cpu_s: f64,
+    /// CPU of this process (the control plane) over the push.
+    cp_cpu_s: f64,
+    requests: usize,
+    responses: usize,
     rss0_kib: u64,
     rss1_kib: u64,
 }
@@ -412,9 +446,14 @@ async fn measure(
         let (c, k, r) = &ctx.secrets;
         scale::add_secrets(&mut set, c, k, r);
     }
+    let cp0 = cpu_ticks(std::process::id());
     let t0 = Instant::now();
     cp.set_resources(Some(set));
-    if let Err(e) = wait_acked(&mut events, need).await {
+    let acked = wait_acked(&mut events, need).await;
+    let ack = t0.elapsed();
+    let cpu1 = cpu_ticks(pid);
+    let cp1 = cpu_ticks(std::process::id());
+    let (requests, responses) = acked.unwrap_or_else(|e| {
         let logs = match &client {
             Client::Envoy(e) => e.logs(),
             Client::Mesh { .. } => String::new(),
@@ -423,9 +462,7 @@ async fn measure(
             "{target} N={n}: {e}\n{}",
             &logs[logs.len().saturating_sub(4000)..]
         );
-    }
-    let ack = t0.elapsed();
-    let cpu1 = cpu_ticks(pid);
+    });
     let warm_ok = tokio::task::block_in_place(|| match &client {
         Client::Envoy(_) => client.wait_envoy_warm(clusters),
         Client::Mesh { .. } => {
@@ -450,6 +487,9 @@ async fn measure(
         ack_s: ack.as_secs_f64(),
         warm_s: warm.as_secs_f64(),
         cpu_s: (cpu1 - cpu0) as f64 / ctx.hz,
+        cp_cpu_s: (cp1 - cp0) as f64 / ctx.hz,
+        requests,
+        responses,
         rss0_kib: rss0,
         rss1_kib: rss1,
     }
@@ -606,10 +646,13 @@ async fn orchestrate(full: bool) {
                 };
                 let c = measure(&ctx, t, bin, &pushed, n).await;
                 eprintln!(
-                    "N={n:<6} {t:<6} rep{rep}: ACK {:>7.3}s warm {:>7.3}s cpu {:>6.2}s RSS {:>7.1} -> {:>7.1} MiB",
+                    "N={n:<6} {t:<6} rep{rep}: ACK {:>7.3}s warm {:>7.3}s cpu {:>6.2}s (control plane {:.2}s; {} requests, {} responses) RSS {:>7.1} -> {:>7.1} MiB",
                     c.ack_s,
                     c.warm_s,
                     c.cpu_s,
+                    c.cp_cpu_s,
+                    c.requests,
+                    c.responses,
                     c.rss0_kib as f64 / 1024.0,
                     c.rss1_kib as f64 / 1024.0
                 );
