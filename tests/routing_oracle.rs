@@ -1941,3 +1941,134 @@ fn load_balancing_and_failure_flags_match_envoy() {
     }
     assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
 }
+
+#[test]
+fn connection_breakers_match_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    let up = PortUpstreams::start(2);
+    let cluster = |name: &str, port: u16, thresholds: Value| {
+        json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "circuit_breakers": {"thresholds": [thresholds]},
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}})
+    };
+    let clusters = vec![
+        // No request may wait for a connection: with none open, every request overflows.
+        cluster("nopend", up.ports[0], json!({"max_pending_requests": 0})),
+        // One connection and one request waiting for it.
+        cluster(
+            "onecx",
+            up.ports[1],
+            json!({"max_connections": 1, "max_pending_requests": 1}),
+        ),
+    ];
+    let vhosts: Vec<Value> = ["nopend", "onecx"]
+        .iter()
+        .map(|c| json!({"name": c, "domains": [c], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": c}}]}))
+        .collect();
+    let route_config = json!({"name": "cb", "virtual_hosts": vhosts});
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("mesh-cb-oracle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
+    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mesh = mesh_outbound(&rt, &route_config, &clusters);
+
+    // Each side: nopend; then request A holds onecx's only connection, B and C race for the
+    // one pending place: the loser must answer at once (503 UO) while A is still held; then
+    // A and the winner answer. Results: the immediate answer and all (status, flags) sorted.
+    let (status, _) = KeepAlive::connect(port).get("nopend", "/", &[]);
+    assert_eq!(status, 503, "envoy overflows without pending room");
+    up.gate.close();
+    let held = std::thread::spawn(move || KeepAlive::connect(port).get("onecx", "/hold", &[]).0);
+    up.gate.wait_held(1);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let r = KeepAlive::connect(port).get("onecx", "/", &[]).0;
+                tx.send(r).unwrap();
+            })
+        })
+        .collect();
+    let envoy_first = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("envoy: one racer answers while the connection is held");
+    up.gate.open();
+    assert_eq!(held.join().unwrap(), 200);
+    for r in racers {
+        r.join().unwrap();
+    }
+    let mut envoy: Vec<(u16, String)> = (0..4)
+        .map(|n| {
+            let line = envoy_log_line(&log, n);
+            let mut it = line.rsplit(' ');
+            let flags = it.next().unwrap_or("").to_owned();
+            (it.next().and_then(|c| c.parse().ok()).unwrap_or(0), flags)
+        })
+        .collect();
+    envoy.sort();
+
+    let (mesh_first, mut mesh_runs) = rt.block_on(async {
+        let flags = |r: &http::Response<bytes::Bytes>| {
+            r.extensions()
+                .get::<mesh_core::flags::ResponseFlags>()
+                .copied()
+                .unwrap_or_default()
+                .to_string()
+        };
+        let mut v = Vec::new();
+        let r = mesh.get("http://nopend/").await.unwrap();
+        v.push((r.status().as_u16(), flags(&r)));
+        up.gate.close();
+        let m = mesh.clone();
+        let held = tokio::spawn(async move { m.get("http://onecx/hold").await });
+        let gate = up.gate.clone();
+        tokio::task::spawn_blocking(move || gate.wait_held(1))
+            .await
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..2 {
+            let (m, tx) = (mesh.clone(), tx.clone());
+            tokio::spawn(async move {
+                let r = m.get("http://onecx/").await.unwrap();
+                tx.send((r.status().as_u16(), flags(&r))).unwrap();
+            });
+        }
+        let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("mesh: one racer answers while the connection is held")
+            .unwrap();
+        v.push(first.clone());
+        up.gate.open();
+        let r = tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .expect("held request answers")
+            .unwrap()
+            .unwrap();
+        v.push((r.status().as_u16(), flags(&r)));
+        let second = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the pending racer answers")
+            .unwrap();
+        v.push(second);
+        (first.0, v)
+    });
+    mesh_runs.sort();
+    eprintln!("envoy {envoy:?}\nmesh  {mesh_runs:?}");
+    assert_eq!((envoy_first, mesh_first), (503, 503));
+    assert_eq!(envoy, mesh_runs);
+    assert_eq!(
+        envoy.iter().filter(|r| r.1 == "UO").count(),
+        2,
+        "two overflows: {envoy:?}"
+    );
+}

@@ -176,6 +176,9 @@ pub enum AttemptOutcome<'a> {
     },
     /// The per-try timeout fired before response headers.
     PerTryTimeout,
+    /// The connection pool refused the request (`max_pending_requests`): never retried, as
+    /// in Envoy.
+    Overflow,
 }
 
 /// A route's `retry_policy`.
@@ -276,6 +279,7 @@ impl RetryPolicy {
     pub fn would_retry(&self, outcome: &AttemptOutcome<'_>) -> bool {
         let on = self.retry_on;
         match *outcome {
+            AttemptOutcome::Overflow => false,
             AttemptOutcome::ConnectFailure => on.any(
                 RetryOn::HTTP_5XX
                     | RetryOn::GATEWAY_ERROR

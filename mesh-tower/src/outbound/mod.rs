@@ -140,6 +140,9 @@ struct ClusterState {
     rq_active: Arc<AtomicU32>,
     /// Retries in flight (circuit breaker `max_retries`).
     rq_retry_active: Arc<AtomicU32>,
+    /// Connections and pending requests (circuit breakers `max_connections`,
+    /// `max_pending_requests`).
+    conn_limits: Arc<pool::ConnLimits>,
 }
 
 /// A balancer and the endpoint set it was built from.
@@ -635,6 +638,7 @@ impl Outbound {
                     f as &(dyn Fn() -> Result<Arc<TlsTarget>, ConnectError> + Send + Sync)
                 }),
                 timeout: cluster.connect_timeout,
+                limits: &state.conn_limits,
             };
             let send = host_pool.send(req, proto, &params);
             let result = match fwd.per_try_timeout {
@@ -649,18 +653,23 @@ impl Outbound {
                     headers: resp.headers(),
                 },
                 Some(Err(SendError::Connect(_))) => AttemptOutcome::ConnectFailure,
+                Some(Err(SendError::Overflow)) => AttemptOutcome::Overflow,
                 Some(Err(SendError::Reset(e))) => AttemptOutcome::Reset {
                     refused_stream: is_refused_stream(e),
                 },
             };
             if let (Some(d), Some((entry, h))) = (&state.outlier, &live) {
                 let r = match &outcome {
-                    AttemptOutcome::Response { status, .. } => OutlierResult::Http(*status),
-                    AttemptOutcome::ConnectFailure => OutlierResult::ConnectFailed,
-                    AttemptOutcome::Reset { .. } => OutlierResult::Reset,
-                    AttemptOutcome::PerTryTimeout => OutlierResult::Timeout,
+                    AttemptOutcome::Response { status, .. } => Some(OutlierResult::Http(*status)),
+                    AttemptOutcome::ConnectFailure => Some(OutlierResult::ConnectFailed),
+                    AttemptOutcome::Reset { .. } => Some(OutlierResult::Reset),
+                    AttemptOutcome::PerTryTimeout => Some(OutlierResult::Timeout),
+                    // A local overflow says nothing about the host.
+                    AttemptOutcome::Overflow => None,
                 };
-                d.report(h, entry.lb.hosts(), r, &mut rand::rng());
+                if let Some(r) = r {
+                    d.report(h, entry.lb.hosts(), r, &mut rand::rng());
+                }
             }
             let retriable = retry.is_some_and(|p| p.would_retry(&outcome));
             // Circuit breaker: retries in flight to the cluster (an overflow ends retrying
@@ -761,6 +770,16 @@ impl Outbound {
                     }
                     let flag = verdict | ResponseFlag::UpstreamConnectionFailure;
                     local_reply(503, Some(Bytes::from(text)), flag, None, record)
+                }
+                Some(Err(SendError::Overflow)) => {
+                    tracing::debug!(cluster = %cluster.name, "circuit breaker open: max_pending_requests");
+                    local_reply(
+                        503,
+                        Some(Bytes::from(format!("{UPSTREAM_RESET_PREFIX}overflow"))),
+                        verdict | ResponseFlag::UpstreamOverflow,
+                        None,
+                        record,
+                    )
                 }
                 Some(Err(SendError::Reset(e))) => {
                     tracing::debug!(cluster = %cluster.name, error = %e, "upstream reset before response headers");
@@ -962,6 +981,7 @@ impl Inner {
             outlier: cluster.outlier_detection.clone().map(OutlierDetector::new),
             rq_active: Arc::default(),
             rq_retry_active: Arc::default(),
+            conn_limits: Arc::new(pool::ConnLimits::new(&cluster.circuit_breakers)),
             cluster: cluster.clone(),
             service: cluster.service.as_ref().map(|s| DestinationService {
                 host: s.host.clone(),
@@ -1059,7 +1079,7 @@ impl Inner {
                 telemetry::ClusterLive {
                     rq_active: state.rq_active.clone(),
                     max_requests: state.cluster.circuit_breakers.max_requests,
-                    ejected: state.ejected.clone(),
+                    ejected: state.outlier.is_some().then(|| state.ejected.clone()),
                 },
             ),
         );

@@ -7,6 +7,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -268,6 +269,78 @@ pub(crate) enum SendError {
     /// The connection was reset or closed before response headers (`UC`).
     #[error("upstream reset before response headers: {0}")]
     Reset(#[source] hyper::Error),
+    /// The request would have waited for a connection with the cluster's
+    /// `max_pending_requests` already waiting (`UO`).
+    #[error("circuit breaker open: max_pending_requests")]
+    Overflow,
+}
+
+/// A cluster's connection circuit breakers and the counters they watch (one per cluster,
+/// shared by its host pools).
+#[derive(Debug, Default)]
+pub(crate) struct ConnLimits {
+    /// Connections open to the cluster's hosts.
+    pub cx_active: AtomicU32,
+    /// `max_connections`.
+    pub max_connections: u32,
+    /// Requests waiting for a connection.
+    pub rq_pending: AtomicU32,
+    /// `max_pending_requests`.
+    pub max_pending: u32,
+}
+
+impl ConnLimits {
+    /// Limits for `breakers`.
+    pub(crate) fn new(breakers: &mesh_core::outlier::CircuitBreakers) -> Self {
+        ConnLimits {
+            cx_active: AtomicU32::new(0),
+            max_connections: breakers.max_connections,
+            rq_pending: AtomicU32::new(0),
+            max_pending: breakers.max_pending_requests,
+        }
+    }
+}
+
+fn try_take(counter: &AtomicU32, max: u32) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// One request waiting for a connection (`max_pending_requests`).
+struct Pending<'a>(&'a AtomicU32);
+
+impl<'a> Pending<'a> {
+    fn take(limits: &'a ConnLimits) -> Result<Self, SendError> {
+        if try_take(&limits.rq_pending, limits.max_pending) {
+            Ok(Pending(&limits.rq_pending))
+        } else {
+            Err(SendError::Overflow)
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One open connection, counted against the host pool and the cluster until dropped (it
+/// lives in the connection's task).
+struct ConnSlot {
+    pool: Arc<HostPool>,
+    limits: Arc<ConnLimits>,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.pool.open.fetch_sub(1, Ordering::AcqRel);
+        self.limits.cx_active.fetch_sub(1, Ordering::AcqRel);
+        self.pool.wake_waiters();
+    }
 }
 
 /// Returns an HTTP/1.1 connection to its pool once its response has been read.
@@ -291,6 +364,11 @@ pub(crate) struct HostPool {
     idle: Mutex<Vec<H1Conn>>,
     h2: Mutex<Option<H2Conn>>,
     h2_connecting: tokio::sync::Mutex<()>,
+    /// Connections open to this host.
+    open: AtomicU32,
+    /// Requests waiting for a connection to this host, and their wake-up.
+    waiting: AtomicU32,
+    released: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for HostPool {
@@ -314,6 +392,8 @@ pub(crate) type TlsSource<'a> =
 pub(crate) struct ConnectParams<'a> {
     pub tls: Option<TlsSource<'a>>,
     pub timeout: Duration,
+    /// The cluster's connection circuit breakers.
+    pub limits: &'a Arc<ConnLimits>,
 }
 
 impl ConnectParams<'_> {
@@ -336,7 +416,36 @@ impl HostPool {
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
+            open: AtomicU32::new(0),
+            waiting: AtomicU32::new(0),
+            released: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Wakes requests waiting for a connection (only when there are any: no cost otherwise).
+    fn wake_waiters(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.released.notify_waiters();
+        }
+    }
+
+    /// A slot for a new connection: under the cluster's `max_connections`, or the pool's
+    /// first connection (Envoy always lets a pool without connections open one, so requests
+    /// never queue on a host with no way to be served).
+    fn connection_slot(self: &Arc<Self>, limits: &Arc<ConnLimits>) -> Option<ConnSlot> {
+        let first = self.open.load(Ordering::Acquire) == 0;
+        if try_take(&limits.cx_active, limits.max_connections) {
+            // counted below
+        } else if first {
+            limits.cx_active.fetch_add(1, Ordering::AcqRel);
+        } else {
+            return None;
+        }
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Some(ConnSlot {
+            pool: self.clone(),
+            limits: limits.clone(),
+        })
     }
 
     fn take_idle(&self) -> Option<H1Conn> {
@@ -353,10 +462,13 @@ impl HostPool {
         if conn.sender.is_closed() {
             return;
         }
-        let mut idle = lock(&self.idle);
-        if idle.len() < MAX_IDLE_PER_HOST {
-            idle.push(conn);
+        {
+            let mut idle = lock(&self.idle);
+            if idle.len() < MAX_IDLE_PER_HOST {
+                idle.push(conn);
+            }
         }
+        self.wake_waiters();
     }
 
     /// Number of idle HTTP/1.1 connections (for tests and debugging).
@@ -365,7 +477,11 @@ impl HostPool {
         lock(&self.idle).len()
     }
 
-    async fn connect_h1(&self, p: &ConnectParams<'_>) -> Result<H1Conn, ConnectError> {
+    async fn connect_h1(
+        &self,
+        p: &ConnectParams<'_>,
+        slot: ConnSlot,
+    ) -> Result<H1Conn, ConnectError> {
         let (io, peer) = p.open(self.addr).await?;
         let cx = self.labels.connection_opened();
         let (sender, conn) =
@@ -377,6 +493,7 @@ impl HostPool {
                 })?;
         tokio::spawn(async move {
             let _cx = cx;
+            let _slot = slot;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
             }
@@ -384,14 +501,23 @@ impl HostPool {
         Ok(H1Conn { sender, peer })
     }
 
-    async fn h2_conn(&self, p: &ConnectParams<'_>) -> Result<(H2Conn, bool), ConnectError> {
+    async fn h2_conn(self: &Arc<Self>, p: &ConnectParams<'_>) -> Result<(H2Conn, bool), SendError> {
         if let Some(c) = lock(&self.h2).as_ref().filter(|c| !c.sender.is_closed()) {
             return Ok((c.clone(), true));
         }
+        // No connection ready: the request is pending until one is.
+        let _pending = Pending::take(p.limits)?;
         let _gate = self.h2_connecting.lock().await;
         if let Some(c) = lock(&self.h2).as_ref().filter(|c| !c.sender.is_closed()) {
             return Ok((c.clone(), true));
         }
+        // One multiplexed connection per host: always the pool's only one.
+        let slot = ConnSlot {
+            pool: self.clone(),
+            limits: p.limits.clone(),
+        };
+        self.open.fetch_add(1, Ordering::AcqRel);
+        p.limits.cx_active.fetch_add(1, Ordering::AcqRel);
         let (io, peer) = p.open(self.addr).await?;
         let cx = self.labels.connection_opened();
         let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
@@ -402,6 +528,7 @@ impl HostPool {
             })?;
         tokio::spawn(async move {
             let _cx = cx;
+            let _slot = slot;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
             }
@@ -409,6 +536,32 @@ impl HostPool {
         let c = H2Conn { sender, peer };
         *lock(&self.h2) = Some(c.clone());
         Ok((c, false))
+    }
+
+    /// A new HTTP/1.1 connection for a request that found none idle: the request is pending
+    /// (`max_pending_requests`, else `UO`) until a connection slot frees under
+    /// `max_connections` or a connection is checked back in.
+    /// Returns the connection and whether it was pooled.
+    async fn new_h1(self: &Arc<Self>, p: &ConnectParams<'_>) -> Result<(H1Conn, bool), SendError> {
+        let _pending = Pending::take(p.limits)?;
+        loop {
+            if let Some(slot) = self.connection_slot(p.limits) {
+                return Ok((self.connect_h1(p, slot).await?, false));
+            }
+            // Register before looking again, so a release in between is not missed.
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let idle = self.take_idle();
+            if idle.is_none() && self.open.load(Ordering::Acquire) > 0 {
+                released.await;
+            }
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            if let Some(c) = idle {
+                return Ok((c, true));
+            }
+        }
     }
 
     /// Sends `req` over a pooled (or new) connection. For HTTP/1.1 the returned [`Checkin`]
@@ -423,7 +576,7 @@ impl HostPool {
             Proto::Http1 => loop {
                 let (mut conn, reused) = match self.take_idle() {
                     Some(c) => (c, true),
-                    None => (self.connect_h1(p).await?, false),
+                    None => self.new_h1(p).await?,
                 };
                 if reused && conn.sender.ready().await.is_err() {
                     continue;
