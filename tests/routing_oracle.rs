@@ -1812,8 +1812,18 @@ fn load_balancing_and_failure_flags_match_envoy() {
     const N: usize = 600;
     let cases = lb_cases();
     let total_eps: usize = cases.iter().map(|c| c.eps.len()).sum();
-    let up = PortUpstreams::start(total_eps);
+    let up = PortUpstreams::start(total_eps + 3);
     let mut clusters = Vec::new();
+    // weighted_clusters 70 : 20 : 10 over three one-endpoint clusters.
+    let split_ports = up.ports[total_eps..].to_vec();
+    for (i, p) in split_ports.iter().enumerate() {
+        let name = format!("w{i}");
+        clusters.push(
+            json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}]}]}}),
+        );
+    }
     let mut case_ports = Vec::new();
     let mut next = 0;
     for c in &cases {
@@ -1848,6 +1858,9 @@ fn load_balancing_and_failure_flags_match_envoy() {
     vhosts.push(json!({"name": "dead", "domains": ["dead"], "routes": [
         {"match": {"prefix": "/retry"}, "route": {"cluster": "dead", "retry_policy": retry}},
         {"match": {"prefix": "/"}, "route": {"cluster": "dead"}}]}));
+    vhosts.push(json!({"name": "split", "domains": ["split"], "routes": [{"match": {"prefix": "/"},
+        "route": {"weighted_clusters": {"clusters": [
+            {"name": "w0", "weight": 70}, {"name": "w1", "weight": 20}, {"name": "w2", "weight": 10}]}}}]}));
     vhosts.push(json!({"name": "dead0", "domains": ["dead0"], "routes": [
         {"match": {"prefix": "/"}, "route": {"cluster": "dead0", "retry_policy": retry}}]}));
     vhosts.push(json!({"name": "empty", "domains": ["empty"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "empty"}}]}));
@@ -1869,7 +1882,20 @@ fn load_balancing_and_failure_flags_match_envoy() {
 
     let mut client = KeepAlive::connect(port);
     let mut disagreements = Vec::new();
-    for (c, ports) in cases.iter().zip(&case_ports) {
+    let split = LbCase {
+        name: "split",
+        policy: "ROUND_ROBIN",
+        locality_weighted: false,
+        panic_threshold: None,
+        eps: vec![],
+    };
+    let mut checks: Vec<(&LbCase, &[u16])> = cases
+        .iter()
+        .zip(&case_ports)
+        .map(|(c, p)| (c, &p[..]))
+        .collect();
+    checks.push((&split, &split_ports));
+    for (c, ports) in checks {
         let count = |bodies: Vec<String>| -> Vec<usize> {
             let mut v = vec![0; ports.len()];
             for b in bodies {
@@ -1921,7 +1947,7 @@ fn load_balancing_and_failure_flags_match_envoy() {
     ];
     for (i, (host, path)) in failures.iter().enumerate() {
         let (status, _) = client.get(host, path, &[]);
-        let line = envoy_log_line(&log, cases.len() * N + i);
+        let line = envoy_log_line(&log, (cases.len() + 1) * N + i);
         let envoy_flags = line.rsplit(' ').next().unwrap_or("").to_owned();
         let (m_status, m_flags) = rt.block_on(async {
             let r = mesh.get(format!("http://{host}{path}")).await.unwrap();

@@ -20,7 +20,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName};
@@ -776,7 +775,6 @@ pub struct RouteConfig {
     prefixes: Vec<(String, usize)>,
     any: Option<usize>,
     ignore_port_in_host_matching: bool,
-    weighted_draws: AtomicU64,
 }
 
 /// Why a virtual host's domains cannot be indexed.
@@ -858,7 +856,6 @@ impl RouteConfig {
             prefixes,
             any,
             ignore_port_in_host_matching: false,
-            weighted_draws: AtomicU64::new(0),
         })
     }
 
@@ -923,20 +920,20 @@ impl RouteConfig {
         })
     }
 
-    /// Picks a cluster for a weighted action. Draws are spread evenly over the weight total
-    /// (a deterministic stride rather than Envoy's random draw, so small samples already show
-    /// the configured split).
+    /// Picks a cluster for a weighted action as Envoy does: a random value per request,
+    /// modulo the weight total, walks the clusters' weights (thread-local RNG: no lock, no
+    /// allocation).
     pub fn pick_weighted<'a>(&self, w: &'a WeightedClusters) -> Option<&'a str> {
-        // Golden-ratio stride over 0..total.
-        let n = self.weighted_draws.fetch_add(1, Ordering::Relaxed);
-        let total = w.total.max(1);
-        let stride = ((total as f64) * 0.618_033_988_75).round() as u64;
-        let stride = if stride == 0 || gcd(stride, total) != 1 {
-            coprime_near(stride.max(1), total)
-        } else {
-            stride
-        };
-        w.pick(n.wrapping_mul(stride) % total)
+        self.pick_weighted_with(w, &mut rand::rng())
+    }
+
+    /// [`pick_weighted`](Self::pick_weighted) drawing from `rng` (seedable, for tests).
+    pub fn pick_weighted_with<'a, R: rand::Rng + ?Sized>(
+        &self,
+        w: &'a WeightedClusters,
+        rng: &mut R,
+    ) -> Option<&'a str> {
+        w.pick(rng.random::<u64>())
     }
 }
 
@@ -952,20 +949,6 @@ pub fn strip_port(authority: &str) -> &str {
         }
         _ => authority,
     }
-}
-
-fn gcd(mut a: u64, mut b: u64) -> u64 {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
-}
-
-fn coprime_near(mut s: u64, total: u64) -> u64 {
-    while gcd(s, total) != 1 {
-        s += 1;
-    }
-    s
 }
 
 #[cfg(test)]
@@ -1227,13 +1210,31 @@ mod tests {
                 weight: 0,
             },
         ]);
-        let mut v1 = 0;
-        for _ in 0..100 {
-            if rc.pick_weighted(&w) == Some("v1") {
-                v1 += 1;
-            }
-        }
-        assert_eq!(v1, 90);
         assert_eq!(w.clusters.len(), 2);
+        // A random draw per request (seeded here): the split passes a chi-square test at
+        // p = 0.001 (one degree of freedom: 10.83).
+        use rand::SeedableRng;
+        for seed in [1u64, 2, 3] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let n = 10_000;
+            let v1 = (0..n)
+                .filter(|_| rc.pick_weighted_with(&w, &mut rng) == Some("v1"))
+                .count() as f64;
+            let (e1, e2) = (n as f64 * 0.9, n as f64 * 0.1);
+            let chi2 = (v1 - e1).powi(2) / e1 + ((n as f64 - v1) - e2).powi(2) / e2;
+            assert!(chi2 < 10.83, "seed {seed}: v1 {v1} chi2 {chi2}");
+        }
+        // Draws are independent, not a fixed pattern: two seeds disagree somewhere early.
+        let draws = |seed| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            (0..64)
+                .map(|_| rc.pick_weighted_with(&w, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_ne!(draws(1), draws(2));
+        // The value walks the weights in order.
+        assert_eq!(w.pick(89), Some("v1"));
+        assert_eq!(w.pick(90), Some("v2"));
+        assert_eq!(w.pick(100), Some("v1"));
     }
 }
