@@ -113,6 +113,48 @@ impl Default for DestinationService {
     }
 }
 
+impl DestinationService {
+    /// What istiod puts in the `inbound|<port>||` cluster's `istio.services` metadata (the
+    /// server side's `destination_service*`), rebuilt from the outbound view for a snapshot
+    /// without that cluster: the service (lowest host first) in `node`'s namespace with an
+    /// endpoint at the node's instance IP and `port`, as istiod selects services for a pod's
+    /// inbound port. `None` when no such service exists; Istio then reports `unknown` (it
+    /// does not fall back to the Host header on the inbound side).
+    pub fn inbound_from_outbound(
+        snapshot: &crate::snapshot::Snapshot,
+        node: &crate::identity::NodeIdentity,
+        port: u16,
+    ) -> Option<Self> {
+        let mut best: Option<&crate::cluster::ServiceMetadata> = None;
+        for cluster in snapshot.clusters.values() {
+            let Some(service) = cluster.service.as_ref() else {
+                continue;
+            };
+            if service.namespace != node.namespace
+                || best.is_some_and(|b| b.host.as_str() <= service.host.as_str())
+            {
+                continue;
+            }
+            let selects_us = cluster
+                .eds_service_name()
+                .and_then(|name| snapshot.endpoints.get(name))
+                .is_some_and(|set| {
+                    set.endpoints
+                        .iter()
+                        .any(|e| e.address.port() == port && e.address.ip() == node.instance_ip)
+                });
+            if selects_us {
+                best = Some(service);
+            }
+        }
+        best.map(|s| DestinationService {
+            host: s.host.clone(),
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+        })
+    }
+}
+
 /// The per-request values.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestOutcome {
@@ -183,6 +225,52 @@ pub fn request_labels(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inbound_service_is_the_service_selecting_this_workload_port() {
+        use crate::cluster::{Cluster, ServiceMetadata};
+        use crate::endpoint::{Endpoint, EndpointSet};
+        use std::sync::Arc;
+        let node = crate::identity::NodeIdentity::new(
+            "ratings-v1-0",
+            "default",
+            "10.0.0.7".parse().unwrap(),
+            "ratings",
+        );
+        let mut snapshot = crate::snapshot::Snapshot::default();
+        let mut add = |host: &str, ns: &str, addr: &str| {
+            let name = format!("outbound|9080||{host}");
+            let mut c = Cluster::eds(name.clone());
+            c.service = Some(ServiceMetadata {
+                host: host.into(),
+                name: host.split('.').next().unwrap().into(),
+                namespace: ns.into(),
+            });
+            snapshot.clusters.insert(name.clone(), Arc::new(c));
+            let set = EndpointSet::new(name.clone(), vec![Endpoint::new(addr.parse().unwrap())]);
+            snapshot.endpoints.insert(name, Arc::new(set));
+        };
+        add(
+            "reviews.default.svc.cluster.local",
+            "default",
+            "10.0.0.8:9080",
+        );
+        add("ratings.other.svc.cluster.local", "other", "10.0.0.7:9080");
+        add(
+            "ratings.default.svc.cluster.local",
+            "default",
+            "10.0.0.7:9080",
+        );
+        add("zz.default.svc.cluster.local", "default", "10.0.0.7:9080");
+        let s = DestinationService::inbound_from_outbound(&snapshot, &node, 9080).unwrap();
+        assert_eq!(s.host, "ratings.default.svc.cluster.local");
+        assert_eq!(s.name, "ratings");
+        assert_eq!(s.namespace, "default");
+        assert_eq!(
+            DestinationService::inbound_from_outbound(&snapshot, &node, 9081),
+            None
+        );
+    }
 
     #[test]
     fn label_order_is_istios() {

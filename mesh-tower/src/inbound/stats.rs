@@ -288,6 +288,42 @@ impl ConnectionLabels {
     }
 }
 
+/// Inbound `destination_service*` rebuilt from the outbound view (see
+/// [`DestinationService::inbound_from_outbound`]), computed once per snapshot and port:
+/// later connections on the same snapshot only read the cached value.
+pub(crate) fn inbound_service(
+    snapshot: &Arc<mesh_core::Snapshot>,
+    node: &mesh_core::NodeIdentity,
+    port: u16,
+) -> Option<DestinationService> {
+    /// The snapshot (weak: a live `Weak` keeps its address from being reused), port, answer.
+    type Entry = (
+        std::sync::Weak<mesh_core::Snapshot>,
+        u16,
+        Option<DestinationService>,
+    );
+    static CACHE: std::sync::OnceLock<arc_swap::ArcSwap<Vec<Entry>>> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(|| arc_swap::ArcSwap::from_pointee(Vec::new()));
+    let same =
+        |w: &std::sync::Weak<mesh_core::Snapshot>| std::ptr::eq(w.as_ptr(), Arc::as_ptr(snapshot));
+    if let Some((_, _, s)) = cache.load().iter().find(|(w, p, _)| same(w) && *p == port) {
+        return s.clone();
+    }
+    let found = DestinationService::inbound_from_outbound(snapshot, node, port);
+    cache.rcu(|entries| {
+        // Entries of dropped snapshots go; the list stays bounded.
+        let mut next: Vec<Entry> = entries
+            .iter()
+            .filter(|(w, p, _)| w.strong_count() > 0 && !(same(w) && *p == port))
+            .take(64)
+            .cloned()
+            .collect();
+        next.push((Arc::downgrade(snapshot), port, found.clone()));
+        next
+    });
+    found
+}
+
 fn namespace_from_san(san: &str) -> Option<String> {
     let rest = san.split("/ns/").nth(1)?;
     let ns = rest.split('/').next()?;

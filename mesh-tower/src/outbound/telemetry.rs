@@ -96,8 +96,9 @@ pub(crate) struct ClusterLive {
     pub rq_active: Arc<AtomicU32>,
     /// The breaker's `max_requests`.
     pub max_requests: u32,
-    /// Ejected hosts of the cluster.
-    pub ejected: Arc<AtomicUsize>,
+    /// Ejected hosts of the cluster, when it has outlier detection (Envoy has no
+    /// `outlier_detection.*` stats otherwise).
+    pub ejected: Option<Arc<AtomicUsize>>,
 }
 
 /// Envoy's per-cluster stats, named and labelled as Envoy's `/stats/prometheus` has them
@@ -116,7 +117,7 @@ pub(crate) struct ClusterStats {
     cx_total: Counter,
     cx_active: Gauge,
     rq_open: Gauge,
-    ejections_active: Gauge,
+    ejections_active: Option<Gauge>,
     live: ClusterLive,
 }
 
@@ -149,10 +150,9 @@ impl ClusterStats {
             cx_total: metrics::counter!("envoy_cluster_upstream_cx_total", l.iter()),
             cx_active: metrics::gauge!("envoy_cluster_upstream_cx_active", l.iter()),
             rq_open: metrics::gauge!("envoy_cluster_circuit_breakers_default_rq_open", l.iter()),
-            ejections_active: metrics::gauge!(
-                "envoy_cluster_outlier_detection_ejections_active",
-                l.iter()
-            ),
+            ejections_active: live.ejected.as_ref().map(|_| {
+                metrics::gauge!("envoy_cluster_outlier_detection_ejections_active", l.iter())
+            }),
             live,
         }
     }
@@ -197,8 +197,9 @@ impl ClusterStats {
         } else {
             0.0
         });
-        self.ejections_active
-            .set(self.live.ejected.load(Ordering::Relaxed) as f64);
+        if let (Some(g), Some(e)) = (&self.ejections_active, &self.live.ejected) {
+            g.set(e.load(Ordering::Relaxed) as f64);
+        }
     }
 }
 
@@ -511,7 +512,7 @@ mod tests {
             let live = ClusterLive {
                 rq_active: Arc::new(AtomicU32::new(2)),
                 max_requests: 2,
-                ejected: Arc::new(AtomicUsize::new(1)),
+                ejected: Some(Arc::new(AtomicUsize::new(1))),
             };
             let base = Arc::new(
                 LabelBase::new(
