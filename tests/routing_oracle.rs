@@ -1809,7 +1809,7 @@ fn load_balancing_and_failure_flags_match_envoy() {
     if envoy_binary().is_none() {
         return;
     }
-    const N: usize = 600;
+    const N: usize = 400;
     let cases = lb_cases();
     let total_eps: usize = cases.iter().map(|c| c.eps.len()).sum();
     let up = PortUpstreams::start(total_eps + 3);
@@ -1858,6 +1858,12 @@ fn load_balancing_and_failure_flags_match_envoy() {
     vhosts.push(json!({"name": "dead", "domains": ["dead"], "routes": [
         {"match": {"prefix": "/retry"}, "route": {"cluster": "dead", "retry_policy": retry}},
         {"match": {"prefix": "/"}, "route": {"cluster": "dead"}}]}));
+    // A held upstream answers nothing: each try ends at the per-try idle timeout.
+    vhosts.push(
+        json!({"name": "idle", "domains": ["idle"], "routes": [{"match": {"prefix": "/"},
+        "route": {"cluster": "w0", "retry_policy": {"retry_on": "5xx", "num_retries": 1,
+            "per_try_idle_timeout": "0.2s"}}}]}),
+    );
     vhosts.push(json!({"name": "split", "domains": ["split"], "routes": [{"match": {"prefix": "/"},
         "route": {"weighted_clusters": {"clusters": [
             {"name": "w0", "weight": 70}, {"name": "w1", "weight": 20}, {"name": "w2", "weight": 10}]}}}]}));
@@ -1942,6 +1948,7 @@ fn load_balancing_and_failure_flags_match_envoy() {
         ("dead", "/retry"),
         ("dead", "/"),
         ("dead0", "/"),
+        ("idle", "/hold"),
         ("empty", "/"),
         ("nr", "/x"),
     ];

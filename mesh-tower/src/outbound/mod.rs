@@ -283,7 +283,14 @@ impl Outbound {
                 cluster,
                 endpoints,
                 timeout,
-                per_try_timeout: retry.as_ref().and_then(|p| p.per_try_timeout),
+                // Before response headers no upstream data arrives, so the per-try idle
+                // timeout bounds the try like the per-try timeout does.
+                per_try_timeout: retry.as_ref().and_then(|p| {
+                    match (p.per_try_timeout, p.per_try_idle_timeout) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    }
+                }),
                 retry: retry.filter(|_| retry_enabled),
                 retry_buffer_limit,
                 attempt_count_upstream,

@@ -296,11 +296,23 @@ fn tcp_proxy_filter(cluster: &str) -> Filter {
     )
 }
 
+/// istiod's default route retry policy, as its dumps carry it (previous_hosts predicate with
+/// its typed config, five host selection attempts).
 fn default_retry() -> RetryPolicy {
+    use envoy_types::pb::envoy::config::route::v3::retry_policy::{
+        RetryHostPredicate, retry_host_predicate,
+    };
+    use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
     RetryPolicy {
         retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
             .into(),
         num_retries: Some(UInt32Value { value: 2 }),
+        retry_host_predicate: vec![RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".into(),
+            config_type: Some(retry_host_predicate::ConfigType::TypedConfig(to_any(
+                &PreviousHostsPredicate {},
+            ))),
+        }],
         host_selection_retry_max_attempts: 5,
         retriable_status_codes: vec![503],
         ..Default::default()
@@ -876,5 +888,56 @@ fn blackhole_cluster() -> Cluster {
             nanos: 0,
         }),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_retry_is_istiods() {
+        // As istiod 1.18 writes it (testdata/istio/deathstarbench-geo-istio1.18_config_dump.json).
+        let p = default_retry();
+        assert_eq!(p.host_selection_retry_max_attempts, 5);
+        assert_eq!(p.retry_host_predicate.len(), 1);
+        let pred = &p.retry_host_predicate[0];
+        assert_eq!(pred.name, "envoy.retry_host_predicates.previous_hosts");
+        match &pred.config_type {
+            Some(
+                envoy_types::pb::envoy::config::route::v3::retry_policy::retry_host_predicate::ConfigType::TypedConfig(any),
+            ) => assert_eq!(
+                any.type_url,
+                "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            ),
+            other => panic!("typed config expected: {other:?}"),
+        }
+        // mesh's translator reads it as previous_hosts with five picks.
+        let rc = RouteConfiguration {
+            name: "80".into(),
+            virtual_hosts: vec![VirtualHost {
+                name: "a".into(),
+                domains: vec!["a".into()],
+                routes: vec![Route {
+                    r#match: Some(prefix_match()),
+                    action: Some(route::Action::Route(RouteAction {
+                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                            "c".into(),
+                        )),
+                        retry_policy: Some(p),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let rc = crate::translate::translate_route(&rc).expect("translates");
+        let r = &rc.virtual_hosts[0].routes[0];
+        let retry = r.retry.as_ref().expect("retry policy");
+        assert!(retry.previous_hosts);
+        assert_eq!(retry.host_selection_retry_max_attempts, 5);
+        assert_eq!(retry.num_retries, 2);
     }
 }
