@@ -165,6 +165,17 @@ impl MeshBuilder {
         self
     }
 
+    /// The optional admin listener (Envoy's 15000, always on 127.0.0.1): `/config_dump` in
+    /// Envoy's admin JSON with every accepted xDS resource in full, `/clusters`, `/ready`,
+    /// `/server_info`, `/stats`. `None` (the default) turns it off, and the raw resources
+    /// `/config_dump` needs are then not kept; `Some(0)` picks a free port (see
+    /// [`Mesh::status_addr`](crate::Mesh::status_addr) with `StatusPort::Admin`). Also set by
+    /// `MESH_ADMIN_PORT`.
+    pub fn admin_port(mut self, port: Option<u16>) -> Self {
+        self.config.admin_port = port;
+        self
+    }
+
     /// Address the pod-facing listeners and the app listener bind (0.0.0.0 in a pod).
     pub fn bind_address(mut self, ip: IpAddr) -> Self {
         self.config.admin_bind = ip;

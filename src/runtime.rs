@@ -101,7 +101,7 @@ impl Mesh {
             }
         }
 
-        let ads = mesh_xds::ads::AdsClient::new(
+        let mut ads = mesh_xds::ads::AdsClient::new(
             mesh_xds::ads::AdsConfig {
                 address: config.discovery.clone(),
                 node: config.node.clone(),
@@ -112,6 +112,8 @@ impl Mesh {
             },
             cell.clone(),
         );
+        // Raw resources are kept only for the admin listener's `/config_dump`.
+        let config_dump = config.admin_port.map(|_| ads.retain_config_dump());
         tasks.push(tokio::spawn(ads.run()));
 
         let mut status_addrs = Vec::new();
@@ -123,6 +125,9 @@ impl Mesh {
             ctx.metrics = metrics.clone();
             ctx.snapshot = Some(cell.clone());
             ctx.node = Some(config.node.clone());
+            if let Some(source) = config_dump {
+                ctx.config_dump = Some(Arc::new(move || source.render()));
+            }
             // `/quitquitquit`: no drain period; readiness fails and listeners stop now
             // (in-flight requests still finish).
             let quit_tx = stop.clone();
@@ -148,9 +153,15 @@ impl Mesh {
                 config.prometheus_port,
                 "Prometheus port (15090)",
             ),
+            (StatusPort::Admin, config.admin_port, "admin port (15000)"),
         ] {
             let Some(port) = port else { continue };
-            let addr = SocketAddr::new(config.admin_bind, port);
+            // The admin listener answers loopback peers only and binds loopback only.
+            let ip = match kind {
+                StatusPort::Admin => std::net::IpAddr::from([127, 0, 0, 1]),
+                _ => config.admin_bind,
+            };
+            let addr = SocketAddr::new(ip, port);
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| MeshError::Bind { what, addr, source })?;

@@ -150,3 +150,140 @@ async fn prometheus_ports_carry_istio_requests_total_after_a_request() {
         }
     }
 }
+
+/// The optional admin listener (Envoy's 15000): off by default; when on, bound to loopback
+/// only, and `/config_dump` carries every accepted resource in full, in Envoy's admin JSON,
+/// which `meshctl check-config`'s reader takes back unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_port_serves_the_full_config_dump_on_loopback_only() {
+    use mesh_xds::ads::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+    use mesh_xds::dump::{ConfigDump, resource_json};
+
+    let model = MeshModel::default().service(
+        ServiceSpec::new("details", NS, "10.96.0.40".parse().unwrap())
+            .port(9080, Protocol::Http)
+            .endpoint(EndpointSpec::new("127.0.0.1:9080".parse().unwrap())),
+    );
+    let plane = Plane::start(model).await;
+
+    let plain = plane.ready_mesh("reviews").await;
+    assert!(
+        plain.status_addr(StatusPort::Admin).is_none(),
+        "the admin listener is off unless asked for"
+    );
+
+    // Pod-facing listeners on 0.0.0.0 (none bound here), the admin listener still on loopback.
+    let mesh = plane
+        .builder(node("productpage-0", "productpage"))
+        .bind_address("0.0.0.0".parse().unwrap())
+        .status_ports(None, None, None)
+        .admin_port(Some(0))
+        .start()
+        .await
+        .unwrap();
+    ready(&mesh).await;
+    let admin = mesh.status_addr(StatusPort::Admin).expect("admin port on");
+    assert_eq!(admin.ip(), std::net::IpAddr::from([127, 0, 0, 1]));
+    if let Some(ip) = non_loopback_ip() {
+        let refused = tokio::net::TcpStream::connect((ip, admin.port())).await;
+        assert!(refused.is_err(), "admin port reachable on {ip}");
+    } else {
+        eprintln!("no non-loopback address on this machine: reachability check skipped");
+    }
+
+    let (status, text) = status_get(&mesh, StatusPort::Admin, "/config_dump").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let types: Vec<&str> = v["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["@type"].as_str().unwrap())
+        .collect();
+    assert!(
+        !types.iter().any(|t| t.ends_with("EndpointsConfigDump")),
+        "EDS only with ?include_eds, as Envoy: {types:?}"
+    );
+    let details = "outbound|9080||details.default.svc.cluster.local";
+    let cluster = v["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| {
+            c["dynamic_active_clusters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+        })
+        .find(|c| c["cluster"]["name"] == details)
+        .expect("details cluster in the dump");
+    assert_eq!(cluster["cluster"]["@type"], CLUSTER);
+    assert_eq!(cluster["cluster"]["type"], "EDS", "a full body, not a name");
+    assert!(cluster["last_updated"].as_str().unwrap().ends_with('Z'));
+
+    // Round trip: what the dump holds is exactly what the control plane served.
+    let served = plane.cp.resources_for(NS);
+    let dump = ConfigDump::from_json_str(&text).unwrap();
+    assert!(dump.rejected.is_empty(), "{:?}", dump.rejected);
+    let report = mesh_xds::check::check(&dump);
+    assert_eq!(report.rejected(), 0, "{report}");
+    let back = dump.xds_resources();
+    for type_url in [CLUSTER, LISTENER, ROUTE] {
+        let names = |m: Option<&std::collections::BTreeMap<String, _>>| {
+            m.map(|m| m.keys().cloned().collect::<Vec<String>>())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            names(back.get(type_url)),
+            names(served.get(type_url)),
+            "{type_url}"
+        );
+    }
+    // Same configuration (compared as rendered: nested Anys may re-encode differently).
+    for type_url in [CLUSTER, LISTENER, ROUTE] {
+        for (name, any) in &back[type_url] {
+            let again = resource_json(any).unwrap();
+            assert_eq!(
+                again,
+                resource_json(&served[type_url][name]).unwrap(),
+                "{type_url} {name} changed in the round trip"
+            );
+        }
+    }
+    let (_, with_eds) = status_get(&mesh, StatusPort::Admin, "/config_dump?include_eds").await;
+    let with_eds = ConfigDump::from_json_str(&with_eds).unwrap();
+    assert_eq!(
+        with_eds.xds_resources()[ENDPOINT]
+            .keys()
+            .collect::<Vec<_>>(),
+        served[ENDPOINT].keys().collect::<Vec<_>>()
+    );
+
+    let (status, clusters) = status_get(&mesh, StatusPort::Admin, "/clusters").await;
+    assert_eq!(status, 200);
+    assert!(
+        clusters.contains(&format!("{details}::127.0.0.1:9080::health_flags::healthy")),
+        "{clusters}"
+    );
+    let (status, live) = status_get(&mesh, StatusPort::Admin, "/ready").await;
+    assert_eq!((status, live.as_str()), (200, "LIVE\n"));
+    let (status, info) = status_get(&mesh, StatusPort::Admin, "/server_info").await;
+    assert_eq!(status, 200);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["state"], "LIVE");
+    assert!(
+        info["node"]["id"]
+            .as_str()
+            .unwrap()
+            .contains("~productpage-0.default~"),
+        "{info}"
+    );
+}
+
+/// An address of this machine other than loopback (found without sending anything).
+fn non_loopback_ip() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("10.255.255.255:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}

@@ -210,3 +210,235 @@ async fn control_plane_replays_a_dump_over_delta_and_sotw_with_a_ca() {
     assert!(chain.len() >= 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn route_lines(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = meshctl().arg("route").args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "meshctl route {args:?}: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+fn hand_made_dump() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/meshctl/routes_config_dump.json")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn route_explains_every_action_of_a_hand_made_rds_dump() {
+    let dump = hand_made_dump();
+    let dir = std::env::temp_dir().join(format!("meshctl-route-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let requests = dir.join("requests.jsonl");
+    std::fs::write(
+        &requests,
+        [
+            r#"{"authority":"shop.default.svc.cluster.local:8080","path":"/api/items?x=1","method":"POST","headers":[]}"#,
+            r#"{"authority":"shop","path":"/old/page?q=2"}"#,
+            r#"{"authority":"shop","path":"/blocked"}"#,
+            r#"{"authority":"shop","path":"/split/a"}"#,
+            r#"{"authority":"shop","path":"/anything","headers":[["x-canary","yes"]]}"#,
+            r#"{"authority":"elsewhere.example","path":"/"}"#,
+            r#"{"authority":"shop","path":"/nothing-matches"}"#,
+            r#"{"authority":"shop","path":"/ghost"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let lines = route_lines(&[
+        "--config-dump",
+        &dump,
+        "--route-config",
+        "8080",
+        "--requests",
+        requests.to_str().unwrap(),
+    ]);
+    assert_eq!(lines.len(), 8);
+    let vh = "shop.default.svc.cluster.local:8080";
+
+    // Cluster with prefix and host rewrites, timeout and retry policy.
+    let api = &lines[0];
+    assert_eq!(api["route_config"], "8080");
+    assert_eq!(api["virtual_host"], vh);
+    assert_eq!(api["route"], "api");
+    assert_eq!(api["action"], "cluster");
+    assert_eq!(
+        api["cluster"],
+        "outbound|8080||shop.default.svc.cluster.local"
+    );
+    assert_eq!(api["upstream_path"], "/v2/items?x=1");
+    assert_eq!(api["upstream_authority"], "backend.internal");
+    assert_eq!(api["timeout_ms"], 2500);
+    assert_eq!(api["retry"]["num_retries"], 3);
+    assert_eq!(api["retry"]["per_try_timeout_ms"], 1000);
+    assert_eq!(
+        api["retry"]["retry_on"],
+        serde_json::json!(["5xx", "connect-failure"])
+    );
+    assert!(api["status"].is_null());
+
+    // Redirect: 302 with the prefix rewritten and the query kept.
+    let old = &lines[1];
+    assert_eq!(old["action"], "redirect");
+    assert_eq!(old["route"], "old");
+    assert_eq!(old["status"], 302);
+    assert_eq!(old["location"], "http://new.example.com/new/page?q=2");
+    assert!(old["cluster"].is_null());
+
+    // Direct response.
+    let blocked = &lines[2];
+    assert_eq!(blocked["action"], "direct_response");
+    assert_eq!(blocked["status"], 403);
+    assert_eq!(blocked["body"], "nope");
+
+    // Weighted clusters: the configured split.
+    let split = &lines[3];
+    assert_eq!(split["action"], "weighted_clusters");
+    assert_eq!(
+        split["weighted_clusters"],
+        serde_json::json!([
+            {"name": "outbound|8080|v1|shop.default.svc.cluster.local", "weight": 90},
+            {"name": "outbound|8080|v2|shop.default.svc.cluster.local", "weight": 10},
+        ])
+    );
+    assert_eq!(split["upstream_path"], "/split/a");
+    assert_eq!(split["upstream_authority"], "shop");
+
+    // A header matcher picks the canary route first; "0s" is no timeout.
+    let canary = &lines[4];
+    assert_eq!(canary["route"], "canary");
+    assert_eq!(
+        canary["cluster"],
+        "outbound|8080|v2|shop.default.svc.cluster.local"
+    );
+    assert!(canary["timeout_ms"].is_null());
+
+    // No virtual host, and a virtual host without a matching route: 404 NR.
+    for l in &lines[5..7] {
+        assert_eq!(l["action"], "no_route", "{l}");
+        assert_eq!(l["status"], 404, "{l}");
+        assert_eq!(l["response_flag"], "NR", "{l}");
+        assert!(l["cluster"].is_null(), "{l}");
+    }
+    assert!(lines[5]["virtual_host"].is_null());
+
+    // A route to a cluster the dump does not have: 503 NC, as the request path answers.
+    let ghost = &lines[7];
+    assert_eq!(ghost["action"], "cluster");
+    assert_eq!(
+        ghost["cluster"],
+        "outbound|8080||ghost.default.svc.cluster.local"
+    );
+    assert_eq!(ghost["status"], 503);
+    assert_eq!(ghost["response_flag"], "NC");
+
+    // The single-request form gives the same answer as the file form.
+    let single = route_lines(&[
+        "--config-dump",
+        &dump,
+        "--route-config",
+        "8080",
+        "--authority",
+        "shop",
+        "--path",
+        "/anything",
+        "--method",
+        "PUT",
+        "--header",
+        "X-Canary: yes",
+    ]);
+    assert_eq!(single.len(), 1);
+    assert_eq!(single[0]["route"], "canary");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn route_explains_requests_against_a_real_istiod_dump() {
+    let Some(p) = data("deathstarbench-geo-istio1.18_config_dump.json") else {
+        return;
+    };
+    let dump = p.display().to_string();
+    let lines = route_lines(&[
+        "--config-dump",
+        &dump,
+        "--route-config",
+        "9090",
+        "--authority",
+        "kiali.istio-system.svc.cluster.local:9090",
+        "--path",
+        "/kiali/api",
+    ]);
+    let l = &lines[0];
+    assert_eq!(
+        l["virtual_host"],
+        "kiali.istio-system.svc.cluster.local:9090"
+    );
+    assert_eq!(l["route"], "default");
+    assert_eq!(l["action"], "cluster");
+    assert_eq!(
+        l["cluster"],
+        "outbound|9090||kiali.istio-system.svc.cluster.local"
+    );
+    // istiod's defaults: no route timeout, its default retry policy.
+    assert!(l["timeout_ms"].is_null());
+    assert_eq!(l["retry"]["num_retries"], 2);
+    assert_eq!(
+        l["retry"]["retriable_status_codes"],
+        serde_json::json!([503])
+    );
+    assert_eq!(l["upstream_path"], "/kiali/api");
+
+    // An authority istiod does not know on 15010 goes to allow_any's PassthroughCluster.
+    let lines = route_lines(&[
+        "--config-dump",
+        &dump,
+        "--route-config",
+        "15010",
+        "--authority",
+        "unknown.example.com:15010",
+        "--path",
+        "/",
+    ]);
+    assert_eq!(lines[0]["virtual_host"], "allow_any");
+    assert_eq!(lines[0]["cluster"], "PassthroughCluster");
+}
+
+#[test]
+fn route_usage_errors_exit_2() {
+    let dump = hand_made_dump();
+    for args in [
+        vec!["route", "--config-dump", dump.as_str()],
+        vec!["route", "--config-dump", &dump, "--route-config", "8080"],
+        vec![
+            "route",
+            "--config-dump",
+            &dump,
+            "--route-config",
+            "no-such-config",
+            "--authority",
+            "shop",
+        ],
+        vec![
+            "route",
+            "--config-dump",
+            &dump,
+            "--route-config",
+            "8080",
+            "--authority",
+            "shop",
+            "--header",
+            "no-colon",
+        ],
+    ] {
+        let out = meshctl().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty(), "{args:?}");
+    }
+}

@@ -48,6 +48,9 @@ pub mod env {
     pub const STATUS_PORT: &str = "STATUS_PORT";
     /// Termination drain duration.
     pub const TERMINATION_DRAIN_DURATION_SECONDS: &str = "TERMINATION_DRAIN_DURATION_SECONDS";
+    /// mesh's own: port of the optional admin listener (Envoy's 15000) on 127.0.0.1; unset
+    /// or `0` leaves it off.
+    pub const MESH_ADMIN_PORT: &str = "MESH_ADMIN_PORT";
 }
 
 /// Default xDS/CA address in an injected pod.
@@ -64,6 +67,8 @@ pub const DEFAULT_STATUS_PORT: u16 = 15020;
 pub const DEFAULT_READINESS_PORT: u16 = 15021;
 /// Envoy's Prometheus port.
 pub const DEFAULT_PROMETHEUS_PORT: u16 = 15090;
+/// Envoy's admin port, where mesh's optional admin listener goes when enabled.
+pub const DEFAULT_ADMIN_PORT: u16 = 15000;
 /// ProxyConfig `terminationDrainDuration` default.
 pub const DEFAULT_TERMINATION_DRAIN: Duration = Duration::from_secs(5);
 
@@ -196,6 +201,10 @@ pub struct MeshConfig {
     pub prometheus_port: Option<u16>,
     /// Address the pod-facing listeners bind (default 0.0.0.0 in a pod; tests use 127.0.0.1).
     pub admin_bind: IpAddr,
+    /// The admin listener (Envoy's 15000: `/config_dump`, `/clusters`, `/ready`,
+    /// `/server_info`), always on 127.0.0.1; `None` (the default): off, and the raw xDS
+    /// resources `/config_dump` needs are not kept.
+    pub admin_port: Option<u16>,
     /// `terminationDrainDuration`.
     pub termination_drain: Duration,
 }
@@ -217,6 +226,7 @@ impl MeshConfig {
             readiness_port: Some(DEFAULT_READINESS_PORT),
             prometheus_port: Some(DEFAULT_PROMETHEUS_PORT),
             admin_bind: IpAddr::from([0, 0, 0, 0]),
+            admin_port: None,
             termination_drain: DEFAULT_TERMINATION_DRAIN,
         }
     }
@@ -279,6 +289,14 @@ impl MeshConfig {
             Some(v) => Some(v.parse().map_err(|e| invalid(env::STATUS_PORT, &v, e))?),
             None => Some(DEFAULT_STATUS_PORT),
         };
+        let admin_port = match s.get(env::MESH_ADMIN_PORT) {
+            Some(v) => Some(
+                v.parse::<u16>()
+                    .map_err(|e| invalid(env::MESH_ADMIN_PORT, &v, e))?,
+            )
+            .filter(|p| *p != 0),
+            None => None,
+        };
         let termination_drain = match s.get(env::TERMINATION_DRAIN_DURATION_SECONDS) {
             Some(v) => Duration::from_secs(
                 v.parse()
@@ -302,6 +320,7 @@ impl MeshConfig {
             readiness_port: Some(DEFAULT_READINESS_PORT),
             prometheus_port: Some(DEFAULT_PROMETHEUS_PORT),
             admin_bind: IpAddr::from([0, 0, 0, 0]),
+            admin_port,
             termination_drain,
         })
     }
@@ -414,6 +433,25 @@ mod tests {
         assert_eq!(c.secret_ttl, Duration::from_secs(12 * 3600));
         assert!(c.delta_xds);
         assert_eq!(c.ca.unwrap().tls_server_name(), "istiod.istio-system.svc");
+        assert_eq!(c.admin_port, None, "the admin listener is off by default");
+    }
+
+    #[test]
+    fn mesh_admin_port_turns_the_admin_listener_on() {
+        let base = [
+            ("POD_NAME", "p"),
+            ("POD_NAMESPACE", "ns"),
+            ("INSTANCE_IP", "10.0.0.7"),
+        ];
+        let with = |v: &str| {
+            let mut kv = base.to_vec();
+            kv.push(("MESH_ADMIN_PORT", v));
+            MeshConfig::from_strings(&strings(&kv))
+        };
+        assert_eq!(with("15000").unwrap().admin_port, Some(15000));
+        assert_eq!(with("0").unwrap().admin_port, None);
+        let e = with("admin").unwrap_err().to_string();
+        assert!(e.contains("MESH_ADMIN_PORT"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::name_table::NameTable;
 use crate::retry::{DEFAULT_RETRY_BUFFER_LIMIT, RetryPolicy};
 use crate::route::{
     PathMatch, Redirect, RedirectPath, RequestView, Route, RouteAction, RouteConfig, RouteMatch,
+    RouteMatchResult,
 };
 
 /// What istiod's `outboundTrafficPolicy` says about destinations it does not know.
@@ -103,6 +104,17 @@ pub enum RouteDecision {
         /// Extra headers (e.g. `location` for redirects).
         location: Option<String>,
     },
+}
+
+/// A routing decision together with what led to it (see [`Snapshot::route_in_config`]).
+#[derive(Debug)]
+pub struct RouteExplanation<'a> {
+    /// The route configuration consulted.
+    pub route_config: &'a RouteConfig,
+    /// The virtual host and route that matched (`None`: no route, a 404 `NR`).
+    pub matched: Option<RouteMatchResult<'a>>,
+    /// What the request path does with the request.
+    pub decision: RouteDecision,
 }
 
 impl Snapshot {
@@ -196,7 +208,36 @@ impl Snapshot {
         let Some(rc) = self.route_configs.get(rc_name) else {
             return not_found();
         };
-        let Some(m) = rc.route_request(req) else {
+        self.decide(rc, rc.route_request(req), req)
+    }
+
+    /// The decision of [`route_outbound_request`](Self::route_outbound_request) for a request
+    /// looked up in the route configuration named `route_config` (rather than the one the
+    /// listener on a port names), with the virtual host and route that matched: what
+    /// `meshctl route` explains. `None` if the snapshot has no such route configuration.
+    pub fn route_in_config<'a>(
+        &'a self,
+        route_config: &str,
+        req: &RequestView<'_>,
+    ) -> Option<RouteExplanation<'a>> {
+        let rc = self.route_configs.get(route_config)?;
+        let matched = rc.route_request(req);
+        let decision = self.decide(rc, matched, req);
+        Some(RouteExplanation {
+            route_config: rc,
+            matched,
+            decision,
+        })
+    }
+
+    /// What the request path does once `rc` has (or has not) matched a route.
+    fn decide(
+        &self,
+        rc: &RouteConfig,
+        matched: Option<RouteMatchResult<'_>>,
+        req: &RequestView<'_>,
+    ) -> RouteDecision {
+        let Some(m) = matched else {
             return not_found();
         };
         let (vh, r) = (&m.virtual_host.name, Some(m.route));

@@ -20,7 +20,9 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use envoy_types::pb::google::protobuf::Any;
-use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, Kind, MessageDescriptor};
+use prost_reflect::{
+    DescriptorPool, DeserializeOptions, DynamicMessage, Kind, MessageDescriptor, ReflectMessage,
+};
 use serde_json::{Map, Value};
 
 /// Type URL of CDS resources.
@@ -393,6 +395,235 @@ impl ConfigDump {
     }
 }
 
+impl ConfigDump {
+    /// The snapshot mesh's ADS client would publish after accepting this dump's
+    /// [`xds_resources`](Self::xds_resources) (and its static ones): the same translation and
+    /// the same state, with every cluster and listener treated as warmed. Every route
+    /// configuration in the dump is kept, referenced by a listener or not. Returns the
+    /// snapshot and the rejection reasons of resources that did not translate.
+    pub fn snapshot(&self) -> (mesh_core::Snapshot, Vec<String>) {
+        use crate::ads::state::{Incoming, XdsState};
+        let mut state = XdsState {
+            initial_fetch_timeout: std::time::Duration::ZERO,
+            ..XdsState::default()
+        };
+        let mut by_type: BTreeMap<&'static str, BTreeMap<String, Incoming>> = BTreeMap::new();
+        for pass in [Origin::Static, Origin::Failed, Origin::Dynamic] {
+            for r in self.resources.iter().filter(|r| r.origin == pass) {
+                by_type.entry(r.type_url).or_default().insert(
+                    r.name.clone(),
+                    Incoming {
+                        name: r.name.clone(),
+                        version: r.version.clone(),
+                        resource: Some(r.resource.clone()),
+                    },
+                );
+            }
+        }
+        let mut errors = Vec::new();
+        for type_url in [CLUSTER, ENDPOINT, LISTENER, ROUTE, crate::ads::NAME_TABLE] {
+            let incoming: Vec<Incoming> = by_type
+                .remove(type_url)
+                .map(|m| m.into_values().collect())
+                .unwrap_or_default();
+            if incoming.is_empty() {
+                continue;
+            }
+            errors.extend(state.apply(type_url, &incoming, &[]).errors);
+        }
+        state.cds_acked = true;
+        state.lds_acked = true;
+        state.promote(tokio::time::Instant::now());
+        (state.snapshot(), errors)
+    }
+}
+
+/// Envoy's admin `/config_dump` JSON for what an ADS client holds: a
+/// `BootstrapConfigDump` with the node, then `ClustersConfigDump` (`dynamic_active_clusters`,
+/// `dynamic_warming_clusters`), `ListenersConfigDump` (`dynamic_listeners` with
+/// `active_state` or `warming_state`), `RoutesConfigDump` (`dynamic_route_configs`) and
+/// `EndpointsConfigDump` (`dynamic_endpoint_configs`), each resource in full as protobuf-JSON
+/// with its `@type`, field names as in the `.proto` files (as Envoy writes them).
+///
+/// Extension configs of types outside the Envoy API (Istio's `stats.PluginConfig`, Wasm
+/// plugin configs, …) cannot be rendered without their schema: each becomes a
+/// `udpa.type.v1.TypedStruct` naming the original type URL with an empty `value`, the form
+/// [`ConfigDump`] reads back. A resource that does not decode at all is left out and logged.
+pub fn render_config_dump(held: &crate::ads::RetainedResources) -> Value {
+    use serde_json::json;
+    let Ok(pool) = descriptor_pool() else {
+        return json!({"configs": []});
+    };
+    let ts = |t: std::time::SystemTime| Value::String(rfc3339(t));
+    let version = |t: &str| held.type_versions.get(t).cloned().unwrap_or_default();
+    let of = |t: &str| held.by_type.get(t).into_iter().flat_map(|m| m.iter());
+    let mut active_clusters = Vec::new();
+    let mut warming_clusters = Vec::new();
+    for (name, r) in of(CLUSTER) {
+        let Some(body) = any_to_json(pool, &r.resource) else {
+            continue;
+        };
+        let e =
+            json!({"version_info": r.version, "cluster": body, "last_updated": ts(r.last_updated)});
+        if held.warming.contains(name) {
+            warming_clusters.push(e);
+        } else {
+            active_clusters.push(e);
+        }
+    }
+    let listeners: Vec<Value> = of(LISTENER)
+        .filter_map(|(name, r)| {
+            let body = any_to_json(pool, &r.resource)?;
+            let state = json!({"version_info": r.version, "listener": body, "last_updated": ts(r.last_updated)});
+            let key = if held.warming.contains(name) {
+                "warming_state"
+            } else {
+                "active_state"
+            };
+            Some(json!({"name": name, key: state}))
+        })
+        .collect();
+    let routes: Vec<Value> = of(ROUTE)
+        .filter_map(|(_, r)| {
+            let body = any_to_json(pool, &r.resource)?;
+            Some(json!({"version_info": r.version, "route_config": body, "last_updated": ts(r.last_updated)}))
+        })
+        .collect();
+    let endpoints: Vec<Value> = of(ENDPOINT)
+        .filter_map(|(_, r)| {
+            let body = any_to_json(pool, &r.resource)?;
+            Some(json!({"version_info": r.version, "endpoint_config": body, "last_updated": ts(r.last_updated)}))
+        })
+        .collect();
+    let node = held.node.as_ref().and_then(|n| {
+        let any = crate::translate::to_any(n);
+        let mut v = any_to_json(pool, &any)?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("@type");
+        }
+        Some(v)
+    });
+    json!({"configs": [
+        {"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": {"node": node}},
+        {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "version_info": version(CLUSTER),
+         "dynamic_active_clusters": active_clusters, "dynamic_warming_clusters": warming_clusters},
+        {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "version_info": version(LISTENER),
+         "dynamic_listeners": listeners},
+        {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": routes},
+        {"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "dynamic_endpoint_configs": endpoints},
+    ]})
+}
+
+/// One resource as `/config_dump` renders it (protobuf-JSON with `@type`, extensions outside
+/// the Envoy API as `TypedStruct`); `None` when it does not decode. Two resources with equal
+/// renderings are the same configuration, whatever their encoded bytes.
+pub fn resource_json(any: &Any) -> Option<Value> {
+    any_to_json(descriptor_pool().ok()?, any)
+}
+
+/// One resource as protobuf-JSON with `@type`; `None` (logged) when it does not decode.
+fn any_to_json(pool: &DescriptorPool, any: &Any) -> Option<Value> {
+    let short = any.type_url.rsplit('/').next().unwrap_or(&any.type_url);
+    let desc = pool.get_message_by_name(short)?;
+    let mut msg = match DynamicMessage::decode(desc, any.value.as_slice()) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(type_url = %any.type_url, error = %e, "config_dump: resource does not decode");
+            return None;
+        }
+    };
+    opaque_extensions(pool, &mut msg);
+    let opts = prost_reflect::SerializeOptions::new().use_proto_field_name(true);
+    let mut v = match msg.serialize_with_options(serde_json::value::Serializer, &opts) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(type_url = %any.type_url, error = %e, "config_dump: resource does not render");
+            return None;
+        }
+    };
+    if let Some(o) = v.as_object_mut() {
+        o.insert("@type".into(), Value::String(any.type_url.clone()));
+    }
+    Some(v)
+}
+
+/// Rewrites every `Any` inside `msg` whose type is outside the pool (or does not decode) into
+/// a `TypedStruct` naming that type, so the message renders.
+fn opaque_extensions(pool: &DescriptorPool, msg: &mut DynamicMessage) {
+    if msg.descriptor().full_name() == "google.protobuf.Any" {
+        opaque_any(pool, msg);
+        return;
+    }
+    for (_, v) in msg.fields_mut() {
+        opaque_value(pool, v);
+    }
+}
+
+fn opaque_value(pool: &DescriptorPool, v: &mut prost_reflect::Value) {
+    use prost_reflect::Value as V;
+    match v {
+        V::Message(m) => opaque_extensions(pool, m),
+        V::List(items) => items.iter_mut().for_each(|i| opaque_value(pool, i)),
+        V::Map(m) => m.values_mut().for_each(|i| opaque_value(pool, i)),
+        _ => {}
+    }
+}
+
+fn opaque_any(pool: &DescriptorPool, any: &mut DynamicMessage) {
+    use prost_reflect::Value as V;
+    let text = |m: &DynamicMessage, f: &str| match m.get_field_by_name(f).as_deref() {
+        Some(V::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let type_url = text(any, "type_url");
+    let bytes = match any.get_field_by_name("value").as_deref() {
+        Some(V::Bytes(b)) => b.clone(),
+        _ => Default::default(),
+    };
+    let short = type_url.rsplit('/').next().unwrap_or(&type_url);
+    if let Some(desc) = pool.get_message_by_name(short)
+        && let Ok(mut inner) = DynamicMessage::decode(desc, bytes.as_ref())
+    {
+        opaque_extensions(pool, &mut inner);
+        any.set_field_by_name(
+            "value",
+            V::Bytes(prost::Message::encode_to_vec(&inner).into()),
+        );
+        return;
+    }
+    let Some(ts_desc) = pool.get_message_by_name(&TYPED_STRUCT[TYPE_PREFIX.len()..]) else {
+        return;
+    };
+    let mut ts = DynamicMessage::new(ts_desc);
+    ts.set_field_by_name("type_url", V::String(type_url));
+    any.set_field_by_name("type_url", V::String(TYPED_STRUCT.to_owned()));
+    any.set_field_by_name("value", V::Bytes(prost::Message::encode_to_vec(&ts).into()));
+}
+
+/// `2026-11-25T06:34:00.123Z`.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
 /// `obj[name]`, also accepting the lowerCamelCase JSON name.
 fn field<'a>(obj: &'a Value, name: &str) -> Option<&'a Value> {
     obj.get(name).or_else(|| obj.get(camel(name).as_str()))
@@ -700,6 +931,65 @@ mod tests {
                 .reason
                 .contains("legacy xDS v2 resource envoy.api.v2.Cluster")
         );
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_589_640_123);
+        assert_eq!(rfc3339(t), "2026-11-25T06:54:00.123Z");
+        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn rendered_dump_reads_back_with_unknown_extensions_as_typed_struct() {
+        use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+        let listener = Listener {
+            name: "l".into(),
+            address: Some(envoy_types::pb::envoy::config::core::v3::Address {
+                address: Some(
+                    envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(
+                        envoy_types::pb::envoy::config::core::v3::SocketAddress {
+                            address: "0.0.0.0".into(),
+                            port_specifier: Some(
+                                envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(80),
+                            ),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+            }),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter {
+                    name: "istio.stats".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(Any {
+                        type_url: "type.googleapis.com/stats.PluginConfig".into(),
+                        value: vec![8, 1],
+                    })),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut held = crate::ads::RetainedResources::default();
+        held.by_type.entry(LISTENER).or_default().insert(
+            "l".into(),
+            crate::ads::RetainedResource {
+                version: "v1".into(),
+                resource: crate::translate::to_any(&listener),
+                last_updated: std::time::SystemTime::now(),
+            },
+        );
+        let v = render_config_dump(&held);
+        let l = &v["configs"][2]["dynamic_listeners"][0];
+        assert_eq!(l["name"], "l");
+        assert_eq!(l["active_state"]["listener"]["@type"], LISTENER);
+        let tc = &l["active_state"]["listener"]["filter_chains"][0]["filters"][0]["typed_config"];
+        assert_eq!(tc["@type"], TYPED_STRUCT);
+        assert_eq!(tc["type_url"], "type.googleapis.com/stats.PluginConfig");
+        let back = ConfigDump::from_value(v).unwrap();
+        assert!(back.rejected.is_empty(), "{:?}", back.rejected);
+        assert_eq!(back.resources.len(), 1);
+        assert_eq!(back.resources[0].version, "v1");
     }
 
     #[test]

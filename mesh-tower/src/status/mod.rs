@@ -72,6 +72,10 @@ impl StatusPort {
 /// A callback the status server runs (quit, drain).
 pub type StatusHook = Arc<dyn Fn() + Send + Sync>;
 
+/// Renders the admin `/config_dump` (Envoy's `envoy.admin.v3.*ConfigDump` JSON with full
+/// resource bodies); the runtime wires it to the xDS client's retained resources.
+pub type ConfigDumpProvider = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// Everything the status listeners answer from. Build with [`StatusContext::new`], then set
 /// the optional parts; share one `Arc` between the listeners.
 pub struct StatusContext {
@@ -87,6 +91,8 @@ pub struct StatusContext {
     pub snapshot: Option<SnapshotCell>,
     /// This workload, for `/config_dump` and `/server_info`.
     pub node: Option<NodeIdentity>,
+    /// Full-body `/config_dump` (`None`: a dump naming what the snapshot holds).
+    pub config_dump: Option<ConfigDumpProvider>,
     /// `ISTIO_KUBE_APP_PROBERS`.
     pub app_probers: AppProbers,
     /// `ISTIO_PROMETHEUS_ANNOTATIONS`.
@@ -121,6 +127,7 @@ impl StatusContext {
             on_drain: None,
             snapshot: None,
             node: None,
+            config_dump: None,
             app_probers: AppProbers::default(),
             app_scrape: AppScrape::default(),
             probe_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -261,7 +268,7 @@ async fn respond<B>(
             "Only requests from localhost are allowed",
         ),
         StatusPort::Admin => match path {
-            "/config_dump" => config_dump(ctx),
+            "/config_dump" => config_dump_full(ctx, req.uri().query()),
             "/clusters" => text(
                 ctx.snapshot
                     .as_ref()
@@ -306,6 +313,26 @@ fn config_dump(ctx: &StatusContext) -> Reply {
         ),
         None => json(StatusCode::OK, &serde_json::json!({"configs": []})),
     }
+}
+
+/// The admin port's `/config_dump`: full bodies when a provider is wired. As Envoy, the
+/// `EndpointsConfigDump` is included only with `?include_eds`.
+fn config_dump_full(ctx: &StatusContext, query: Option<&str>) -> Reply {
+    let Some(provider) = &ctx.config_dump else {
+        return config_dump(ctx);
+    };
+    let mut v = provider();
+    let include_eds = query.is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv.split('=').next() == Some("include_eds"))
+    });
+    if !include_eds && let Some(configs) = v.get_mut("configs").and_then(|c| c.as_array_mut()) {
+        configs.retain(|c| {
+            c.get("@type").and_then(|t| t.as_str())
+                != Some("type.googleapis.com/envoy.admin.v3.EndpointsConfigDump")
+        });
+    }
+    json(StatusCode::OK, &v)
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Reply {

@@ -31,11 +31,13 @@ use mesh_core::{NodeIdentity, SnapshotCell};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 mod outbox;
-mod state;
+mod retained;
+pub(crate) mod state;
 pub mod types;
 
 use outbox::Outbox;
 pub use outbox::RequestQueueStats;
+pub use retained::{ConfigDumpSource, RetainedResource, RetainedResources};
 use state::{Incoming, XdsState};
 pub use types::{CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ROUTE};
 
@@ -176,6 +178,20 @@ impl AdsClient {
         }
     }
 
+    /// Keeps every accepted resource as received, for the admin listener's `/config_dump`,
+    /// and returns the handle that renders it. Off unless called: the raw resources cost
+    /// about as much memory again as the compiled configuration. Call before
+    /// [`AdsClient::run`].
+    pub fn retain_config_dump(&mut self) -> ConfigDumpSource {
+        let source = self
+            .state
+            .retained
+            .get_or_insert_with(ConfigDumpSource::default)
+            .clone();
+        source.lock().node = Some(self.node.clone());
+        source
+    }
+
     /// A handle on the request queue's depth (pending requests, high-water mark), valid
     /// across reconnects; take it before [`AdsClient::run`].
     pub fn request_queue(&self) -> RequestQueueStats {
@@ -200,13 +216,41 @@ impl AdsClient {
                 backoff = BACKOFF_START;
             }
             let jitter = rand::random_range(0.5..1.0);
-            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            self.serving_deadlines(tokio::time::sleep(backoff.mul_f64(jitter)))
+                .await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
-    async fn channel(&self) -> Result<Channel, AdsError> {
-        let addr = &self.config.address;
+    /// Awaits `fut` while serving warming deadlines: `initial_fetch_timeout` runs from the
+    /// moment a cluster or listener starts waiting for its dependency, connected or not (as
+    /// Envoy's timer does), so a warming resource is used without its dependency on time even
+    /// while the stream is down or reconnecting.
+    async fn serving_deadlines<F: Future>(&mut self, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            let deadline = self.state.next_deadline();
+            let timer = async move {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                out = &mut fut => return out,
+                _ = timer => {
+                    if self.state.promote(tokio::time::Instant::now()) {
+                        self.state.prune();
+                        self.dirty = true;
+                    }
+                    self.publish_if_dirty();
+                }
+            }
+        }
+    }
+
+    async fn channel(address: ControlPlaneAddress) -> Result<Channel, AdsError> {
+        let addr = &address;
         let scheme = if addr.tls { "https" } else { "http" };
         let connect_err = |source| AdsError::Connect {
             address: addr.address.clone(),
@@ -258,7 +302,9 @@ impl AdsClient {
     }
 
     async fn run_stream(&mut self, subs: &mut StreamSubs) -> Result<(), AdsError> {
-        let channel = self.channel().await?;
+        let channel = self
+            .serving_deadlines(Self::channel(self.config.address.clone()))
+            .await?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(256 * 1024 * 1024);
         if self.config.delta {
@@ -267,7 +313,10 @@ impl AdsClient {
             // Requests are queued before the call so the first one travels with the headers.
             self.subscribe(&sender, subs);
             let req = self.request(outbox.stream())?;
-            let mut stream = client.delta_aggregated_resources(req).await?.into_inner();
+            let mut stream = self
+                .serving_deadlines(client.delta_aggregated_resources(req))
+                .await?
+                .into_inner();
             metrics::gauge!("envoy_control_plane_connected_state").set(1.0);
             tracing::info!(address = %self.config.address.address, "delta xDS stream open");
             let r = self.drive(&mut stream, &sender, subs, Self::on_delta).await;
@@ -278,7 +327,10 @@ impl AdsClient {
             let sender = Sender::Sotw(outbox.clone());
             self.subscribe(&sender, subs);
             let req = self.request(outbox.stream())?;
-            let mut stream = client.stream_aggregated_resources(req).await?.into_inner();
+            let mut stream = self
+                .serving_deadlines(client.stream_aggregated_resources(req))
+                .await?
+                .into_inner();
             metrics::gauge!("envoy_control_plane_connected_state").set(1.0);
             tracing::info!(address = %self.config.address.address, "SotW xDS stream open");
             let r = self.drive(&mut stream, &sender, subs, Self::on_sotw).await;
@@ -360,6 +412,17 @@ impl AdsClient {
             return;
         }
         self.dirty = false;
+        if let Some(r) = &self.state.retained {
+            let mut r = r.lock();
+            r.type_versions.clone_from(&self.state.type_versions);
+            r.warming = self
+                .state
+                .warming_clusters
+                .keys()
+                .chain(self.state.warming_listeners.keys())
+                .cloned()
+                .collect();
+        }
         let snapshot = self.state.snapshot();
         tracing::debug!(
             version = snapshot.version,

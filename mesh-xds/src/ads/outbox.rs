@@ -6,12 +6,18 @@
 //! of a type), delta subscribe/unsubscribe lists are combined in order, and the node stays on
 //! the stream's first request. Types leave in the order they first became pending, so the
 //! initial CDS → EDS → LDS → RDS order is kept.
+//!
+//! A NACK is never merged away by a later ACK: istiod counts and logs a rejection only when
+//! the NACK reaches it, so a pending NACK keeps its place and the ACK queues behind it. A type
+//! therefore holds at most two pending requests: one NACK (later NACKs fold into it, their
+//! error messages joined) and one other request.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures_util::Stream;
 use tokio::sync::Notify;
 
@@ -58,6 +64,42 @@ pub(crate) trait Mergeable: Sized {
     /// Folds `newer` into `self`; `first` says `self` is the type's first request on the
     /// stream (its subscription semantics differ).
     fn merge(&mut self, newer: Self, first: bool);
+    /// The `error_detail`, when this request is a NACK.
+    fn error(&self) -> Option<&RpcStatus>;
+    fn error_mut(&mut self) -> &mut Option<RpcStatus>;
+    /// Whether this is an ACK (a nonce and no error): it would erase a pending NACK.
+    fn is_ack(&self) -> bool;
+}
+
+/// The longest joined NACK message kept (a flood of bad pushes must not grow it unbounded).
+const MAX_NACK_MESSAGE: usize = 16 * 1024;
+
+/// Folds `newer` into `older` keeping every rejection: when both are NACKs their messages
+/// are joined, older first, the oldest lines dropped beyond [`MAX_NACK_MESSAGE`] (the newest
+/// rejection is always named).
+fn merge_keeping_errors<T: Mergeable>(older: &mut T, newer: T, first: bool) {
+    let previous = older.error().map(|e| e.message.clone());
+    older.merge(newer, first);
+    let (Some(prev), Some(now)) = (previous, older.error_mut().as_mut()) else {
+        return;
+    };
+    if prev.is_empty() || prev == now.message {
+        return;
+    }
+    let room = MAX_NACK_MESSAGE.saturating_sub(now.message.len() + 1);
+    let keep = if prev.len() > room {
+        // Drop whole lines from the front: cut just after a newline.
+        let start = prev.len() - room;
+        match prev.as_bytes()[start..].iter().position(|b| *b == b'\n') {
+            Some(i) => &prev[start + i + 1..],
+            None => "",
+        }
+    } else {
+        prev.as_str()
+    };
+    if !keep.is_empty() {
+        now.message = format!("{keep}\n{}", now.message);
+    }
 }
 
 impl Mergeable for DeltaDiscoveryRequest {
@@ -93,6 +135,18 @@ impl Mergeable for DeltaDiscoveryRequest {
             self.error_detail = newer.error_detail;
         }
     }
+
+    fn error(&self) -> Option<&RpcStatus> {
+        self.error_detail.as_ref()
+    }
+
+    fn error_mut(&mut self) -> &mut Option<RpcStatus> {
+        &mut self.error_detail
+    }
+
+    fn is_ack(&self) -> bool {
+        !self.response_nonce.is_empty() && self.error_detail.is_none()
+    }
 }
 
 impl Mergeable for DiscoveryRequest {
@@ -104,10 +158,31 @@ impl Mergeable for DiscoveryRequest {
         // SotW requests carry the whole state: the newer one replaces the older, except
         // that the node must still travel on the stream's first request.
         let node = self.node.take();
+        let (nonce, error) = (
+            std::mem::take(&mut self.response_nonce),
+            self.error_detail.take(),
+        );
         *self = newer;
         if self.node.is_none() {
             self.node = node;
         }
+        // A request that answers no response keeps the pending ACK/NACK's nonce and error.
+        if self.response_nonce.is_empty() && self.error_detail.is_none() {
+            self.response_nonce = nonce;
+            self.error_detail = error;
+        }
+    }
+
+    fn error(&self) -> Option<&RpcStatus> {
+        self.error_detail.as_ref()
+    }
+
+    fn error_mut(&mut self) -> &mut Option<RpcStatus> {
+        &mut self.error_detail
+    }
+
+    fn is_ack(&self) -> bool {
+        !self.response_nonce.is_empty() && self.error_detail.is_none()
     }
 }
 
@@ -168,16 +243,53 @@ impl<T: Mergeable + Send + 'static> Outbox<T> {
         if first {
             st.started.push(request.type_url().to_owned());
         }
-        if let Some(p) = st
+        let mine: Vec<usize> = st
             .queue
-            .iter_mut()
-            .find(|p| p.request.type_url() == request.type_url())
-        {
-            let was_first = p.first;
-            p.request.merge(request, was_first);
-            self.stats.inner.merged.fetch_add(1, Ordering::Relaxed);
-        } else {
-            st.queue.push_back(Pending { request, first });
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.request.type_url() == request.type_url())
+            .map(|(i, _)| i)
+            .collect();
+        match mine.as_slice() {
+            [] => st.queue.push_back(Pending { request, first }),
+            // An ACK would erase the pending NACK: it queues behind it instead.
+            [i] if st.queue[*i].request.error().is_some() && request.is_ack() => {
+                st.queue.push_back(Pending {
+                    request,
+                    first: false,
+                });
+            }
+            [i] => {
+                let p = &mut st.queue[*i];
+                let was_first = p.first;
+                merge_keeping_errors(&mut p.request, request, was_first);
+                self.stats.inner.merged.fetch_add(1, Ordering::Relaxed);
+            }
+            [nack, later, ..] => {
+                let (nack, later) = (*nack, *later);
+                if st.queue[later].request.error().is_some() && request.is_ack() {
+                    // Two NACKs pending and an ACK: fold the later NACK into the first one
+                    // (messages joined, newest nonce) and let the ACK take its place.
+                    let Some(Pending {
+                        request: second, ..
+                    }) = st.queue.remove(later)
+                    else {
+                        return;
+                    };
+                    let first_nack = &mut st.queue[nack];
+                    let was_first = first_nack.first;
+                    merge_keeping_errors(&mut first_nack.request, second, was_first);
+                    st.queue.push_back(Pending {
+                        request,
+                        first: false,
+                    });
+                } else {
+                    let p = &mut st.queue[later];
+                    let was_first = p.first;
+                    merge_keeping_errors(&mut p.request, request, was_first);
+                }
+                self.stats.inner.merged.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.stats.set_pending(st.queue.len());
         let held = st.held;
@@ -284,20 +396,86 @@ mod tests {
         assert_eq!(r.response_nonce, "n1");
     }
 
-    #[test]
-    fn a_nack_then_an_ack_leaves_the_ack() {
-        let ob = Outbox::new(RequestQueueStats::default());
-        let mut nack = delta("cds", &[], &[], "n1");
-        nack.error_detail = Some(RpcStatus {
+    fn nack(t: &str, nonce: &str, message: &str) -> DeltaDiscoveryRequest {
+        let mut r = delta(t, &[], &[], nonce);
+        r.error_detail = Some(RpcStatus {
             code: 13,
-            message: "bad".into(),
+            message: message.into(),
             details: Vec::new(),
         });
-        ob.push(nack);
+        r
+    }
+
+    #[test]
+    fn a_nack_then_an_ack_sends_both_in_order() {
+        let ob = Outbox::new(RequestQueueStats::default());
+        ob.push(nack("cds", "n1", "bad"));
         ob.push(delta("cds", &[], &[], "n2"));
+        let r = ob.pop().unwrap().unwrap();
+        assert_eq!(r.response_nonce, "n1");
+        assert_eq!(r.error_detail.unwrap().message, "bad");
         let r = ob.pop().unwrap().unwrap();
         assert_eq!(r.response_nonce, "n2");
         assert!(r.error_detail.is_none());
+        assert!(ob.pop().unwrap().is_none());
+    }
+
+    #[test]
+    fn nacks_in_a_flood_are_kept_and_bounded_at_two_per_type() {
+        let stats = RequestQueueStats::default();
+        let ob = Outbox::new(stats.clone());
+        for i in 0..10_000 {
+            if i % 100 == 50 {
+                ob.push(nack(
+                    "cds",
+                    &format!("n{i}"),
+                    &format!("Cluster \"c{i}\": bad"),
+                ));
+            } else {
+                ob.push(delta("cds", &[], &[], &format!("n{i}")));
+            }
+            // A subscription change without a nonce never erases a NACK either.
+            ob.push(delta("cds", &[], &[], ""));
+        }
+        assert!(stats.high_water() <= 2, "{}", stats.high_water());
+        let first = ob.pop().unwrap().unwrap();
+        let msg = first
+            .error_detail
+            .expect("the NACK survived the flood")
+            .message;
+        // Every rejection of the flood is named (all lines fit the bound here).
+        for i in (50..10_000).step_by(100) {
+            assert!(msg.contains(&format!("\"c{i}\"")), "c{i} missing");
+        }
+        let last = ob.pop().unwrap().unwrap();
+        assert_eq!(last.response_nonce, "n9999");
+        assert!(last.error_detail.is_none());
+        assert!(ob.pop().unwrap().is_none());
+    }
+
+    #[test]
+    fn nack_messages_are_bounded() {
+        let ob = Outbox::new(RequestQueueStats::default());
+        for i in 0..20_000 {
+            ob.push(nack(
+                "lds",
+                &format!("n{i}"),
+                &format!("Listener \"l{i}\": bad"),
+            ));
+        }
+        let r = ob.pop().unwrap().unwrap();
+        let msg = r.error_detail.unwrap().message;
+        assert!(msg.len() <= MAX_NACK_MESSAGE, "{}", msg.len());
+        assert!(
+            msg.ends_with("\"l19999\": bad"),
+            "the newest rejection is always named"
+        );
+        assert!(!msg.contains("\"l0\""), "the oldest went first");
+        assert!(
+            msg.lines().all(|l| l.starts_with("Listener ")),
+            "whole lines only"
+        );
+        assert_eq!(r.response_nonce, "n19999");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use mesh_core::name_table::NameTable;
 use mesh_core::route::RouteConfig;
 use mesh_core::snapshot::{OutboundTrafficPolicy, Snapshot};
 
+use super::retained::ConfigDumpSource;
 use super::types::{CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ROUTE};
 use crate::istio_proto;
 use crate::translate::{self, TranslateError, TranslatedListener, from_any};
@@ -91,8 +92,14 @@ pub(crate) struct XdsState {
     pub cds_acked: bool,
     pub lds_acked: bool,
     pub snapshot_version: u64,
+    /// The accepted raw resources, kept only for `/config_dump`.
+    pub retained: Option<ConfigDumpSource>,
 }
 
+/// Where accepted raw resources go when `/config_dump` is on: the store and the type URL.
+type Keep<'a> = Option<(&'a ConfigDumpSource, &'static str)>;
+
+#[allow(clippy::too_many_arguments)]
 fn apply_typed<P, T>(
     map: &mut BTreeMap<String, Held<T>>,
     incoming: &[Incoming],
@@ -100,6 +107,7 @@ fn apply_typed<P, T>(
     name_of: fn(&P) -> &str,
     translate: fn(&P) -> Result<T, TranslateError>,
     out: &mut Applied,
+    keep: Keep<'_>,
 ) where
     P: prost::Message + prost::Name + Default,
 {
@@ -144,6 +152,9 @@ fn apply_typed<P, T>(
                     let ignored = crate::extensions::ignored_top_level(any);
                     crate::extensions::report_ignored(ignored.iter());
                 }
+                if let Some((store, type_url)) = keep {
+                    store.keep(type_url, &name, &r.version, any);
+                }
                 map.insert(
                     name,
                     Held {
@@ -162,6 +173,8 @@ impl XdsState {
     /// Applies resources of `type_url`; `removed` names are dropped.
     pub fn apply(&mut self, type_url: &str, incoming: &[Incoming], removed: &[String]) -> Applied {
         let mut out = Applied::default();
+        let retained = self.retained.clone();
+        let keep = retained.as_ref();
         match type_url {
             CLUSTER => {
                 apply_typed::<PbCluster, _>(
@@ -171,8 +184,12 @@ impl XdsState {
                     |c| &c.name,
                     translate::translate_cluster,
                     &mut out,
+                    keep.map(|k| (k, CLUSTER)),
                 );
                 remove(&mut self.clusters, removed, &mut out);
+                if let Some(k) = keep.filter(|_| !removed.is_empty()) {
+                    k.retain_only(CLUSTER, |n| self.clusters.contains_key(n));
+                }
             }
             ENDPOINT => {
                 apply_typed::<ClusterLoadAssignment, _>(
@@ -182,8 +199,12 @@ impl XdsState {
                     |c| &c.cluster_name,
                     translate::translate_endpoint,
                     &mut out,
+                    keep.map(|k| (k, ENDPOINT)),
                 );
                 remove(&mut self.endpoints, removed, &mut out);
+                if let Some(k) = keep.filter(|_| !removed.is_empty()) {
+                    k.retain_only(ENDPOINT, |n| self.endpoints.contains_key(n));
+                }
             }
             LISTENER => {
                 apply_typed::<PbListener, _>(
@@ -193,8 +214,12 @@ impl XdsState {
                     |l| &l.name,
                     translate::translate_listener,
                     &mut out,
+                    keep.map(|k| (k, LISTENER)),
                 );
                 remove(&mut self.listeners, removed, &mut out);
+                if let Some(k) = keep.filter(|_| !removed.is_empty()) {
+                    k.retain_only(LISTENER, |n| self.listeners.contains_key(n));
+                }
             }
             ROUTE => {
                 apply_typed::<RouteConfiguration, _>(
@@ -204,8 +229,12 @@ impl XdsState {
                     |r| &r.name,
                     translate::translate_route,
                     &mut out,
+                    keep.map(|k| (k, ROUTE)),
                 );
                 remove(&mut self.routes, removed, &mut out);
+                if let Some(k) = keep.filter(|_| !removed.is_empty()) {
+                    k.retain_only(ROUTE, |n| self.routes.contains_key(n));
+                }
             }
             NAME_TABLE => {
                 // One unnamed resource; the last valid one wins.
@@ -303,6 +332,10 @@ impl XdsState {
         let (e, r) = (self.endpoints.len(), self.routes.len());
         self.endpoints.retain(|k, _| eps.contains(k));
         self.routes.retain(|k, _| rts.contains(k));
+        if let Some(k) = &self.retained {
+            k.retain_only(ENDPOINT, |n| eps.contains(n));
+            k.retain_only(ROUTE, |n| rts.contains(n));
+        }
         e != self.endpoints.len() || r != self.routes.len()
     }
 
