@@ -23,7 +23,9 @@ pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Tr
         return Err(TranslateError::new(KIND, "", "cluster_name is empty"));
     }
     let err = |reason: String| TranslateError::new(KIND, name.clone(), reason);
-    let mut out = Vec::new();
+    // Exactly sized: a snapshot holds every endpoint of every cluster (istiod's 3-endpoint
+    // services would otherwise keep a fourth, empty slot each).
+    let mut out = Vec::with_capacity(cla.endpoints.iter().map(|g| g.lb_endpoints.len()).sum());
     for (li, group) in cla.endpoints.iter().enumerate() {
         let locality = group
             .locality
@@ -35,15 +37,17 @@ pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Tr
             })
             .unwrap_or_default();
         for (ei, lb) in group.lb_endpoints.iter().enumerate() {
-            let field = format!("endpoints[{li}].lb_endpoints[{ei}]");
+            // Only error paths name the field: no allocation per accepted endpoint.
+            let field = || format!("endpoints[{li}].lb_endpoints[{ei}]");
             let ep = match &lb.host_identifier {
                 Some(lb_endpoint::HostIdentifier::Endpoint(e)) => e,
                 Some(lb_endpoint::HostIdentifier::EndpointName(n)) => {
                     return Err(err(format!(
-                        "{field}.endpoint_name {n:?}: named endpoints are not supported"
+                        "{}.endpoint_name {n:?}: named endpoints are not supported",
+                        field()
                     )));
                 }
-                None => return Err(err(format!("{field}.endpoint: missing"))),
+                None => return Err(err(format!("{}.endpoint: missing", field()))),
             };
             // Unix sockets and Envoy internal addresses (bootstrap's xds-grpc/sds-grpc, HBONE
             // internal listeners) are valid for Envoy but nothing mesh can dial: accepted and
@@ -52,11 +56,11 @@ pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Tr
                 ep.address.as_ref().and_then(|a| a.address.as_ref()),
                 Some(address::Address::Pipe(_) | address::Address::EnvoyInternalAddress(_))
             ) {
-                tracing::debug!(cluster = %name, endpoint = %field, "skipping a pipe/internal endpoint mesh cannot dial");
+                tracing::debug!(cluster = %name, endpoint = %field(), "skipping a pipe/internal endpoint mesh cannot dial");
                 continue;
             }
             let address = socket_addr(ep.address.as_ref())
-                .map_err(|r| err(format!("{field}.endpoint.address: {r}")))?;
+                .map_err(|r| err(format!("{}.endpoint.address: {r}", field())))?;
             let health = match PbHealth::try_from(lb.health_status) {
                 Ok(PbHealth::Unknown) => HealthStatus::Unknown,
                 Ok(PbHealth::Healthy) => HealthStatus::Healthy,
@@ -66,7 +70,8 @@ pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Tr
                 Ok(PbHealth::Degraded) => HealthStatus::Degraded,
                 Err(_) => {
                     return Err(err(format!(
-                        "{field}.health_status: unknown value {}",
+                        "{}.health_status: unknown value {}",
+                        field(),
                         lb.health_status
                     )));
                 }
@@ -74,7 +79,8 @@ pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Tr
             let weight = match &lb.load_balancing_weight {
                 Some(w) if w.value == 0 => {
                     return Err(err(format!(
-                        "{field}.load_balancing_weight: must be at least 1"
+                        "{}.load_balancing_weight: must be at least 1",
+                        field()
                     )));
                 }
                 Some(w) => w.value,
