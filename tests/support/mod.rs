@@ -2,3 +2,4 @@
 
 pub mod envoy;
 pub mod mesh;
+pub mod prometheus;
