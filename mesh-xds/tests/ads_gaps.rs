@@ -73,6 +73,9 @@ fn set_address(cla: &mut ClusterLoadAssignment, host: &str, port: u16) {
     sa.port_specifier = Some(socket_address::PortSpecifier::PortValue(u32::from(port)));
 }
 
+/// NACKs seen (type URL, message) and events lost to lag.
+type Seen = (Vec<(String, String)>, u64);
+
 /// Pushes `pushes` EDS versions of the frontend as fast as the control plane takes them, the
 /// one at `bad_at` with a host name where an IP must be; the client must NACK that one by
 /// name and end on the last good version with a bounded request queue.
@@ -90,7 +93,7 @@ async fn bad_push_in_a_flood(delta: bool) {
     timeout(WAIT, cell.synced()).await.expect("never synced");
     // Collect NACKs while the flood runs (the event channel holds 1024; we drain it).
     let mut events = cp.events();
-    let seen: Arc<Mutex<(Vec<(String, String)>, u64)>> = Arc::default();
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let collector = tokio::spawn({
         let seen = seen.clone();
         async move {
