@@ -5,15 +5,11 @@
 
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
-use mesh_core::authz::jwt::{
-    JwksSource, JwtAuthn, JwtProvider, JwtRequest, JwtRequirement, JwtSigner, RemoteKeys,
-    RequirementRule, RuleMatch,
-};
+use mesh_core::authz::jwt::{JwksSource, JwtAuthn, JwtProvider, JwtRequest, JwtSigner, RemoteKeys};
 
 const RSA_PEM: &str = include_str!("../testdata/jwt-rsa2048.pk8.pem");
 const ISS: &str = "https://issuer.example";
@@ -28,18 +24,7 @@ fn filter(jwks: &str) -> JwtAuthn {
     );
     p.payload_in_metadata = Some("payload".into());
     p.space_delimited_claims = vec!["permission".into(), "scope".into()];
-    JwtAuthn {
-        providers: BTreeMap::from([("origins-0".into(), p)]),
-        rules: vec![RequirementRule {
-            matcher: RuleMatch::Prefix("/".into()),
-            requires: JwtRequirement::Any(vec![
-                JwtRequirement::Provider("origins-0".into()),
-                JwtRequirement::AllowMissing,
-            ]),
-        }],
-        bypass_cors_preflight: true,
-        istio_authn: false,
-    }
+    JwtAuthn::istio_single(p)
 }
 
 fn bench(c: &mut Criterion) {
@@ -54,8 +39,8 @@ fn bench(c: &mut Criterion) {
     let method = Method::GET;
     let mut group = c.benchmark_group("jwt_authn");
     for (name, signer) in [("rs256", &rsa), ("es256", &ec)] {
-        let auth = HeaderValue::from_str(&format!("Bearer {}", signer.sign(&claims)))
-            .expect("header");
+        let auth =
+            HeaderValue::from_str(&format!("Bearer {}", signer.sign(&claims))).expect("header");
         group.bench_function(name, |b| {
             b.iter(|| {
                 let mut headers = HeaderMap::new();

@@ -349,6 +349,26 @@ pub struct JwtAuthn {
 // Structural comparison; the only non-`Eq` leaf is a compiled regex compared by pattern.
 impl Eq for JwtAuthn {}
 
+impl JwtAuthn {
+    /// What istiod renders for a RequestAuthentication with one issuer: `provider` on every
+    /// path (`prefix: /`), requiring `{provider OR allow_missing}`, CORS preflights bypassed.
+    pub fn istio_single(provider: JwtProvider) -> Self {
+        let name = provider.name.clone();
+        JwtAuthn {
+            providers: BTreeMap::from([(name.clone(), provider)]),
+            rules: vec![RequirementRule {
+                matcher: RuleMatch::Prefix("/".into()),
+                requires: JwtRequirement::Any(vec![
+                    JwtRequirement::Provider(name),
+                    JwtRequirement::AllowMissing,
+                ]),
+            }],
+            bypass_cors_preflight: true,
+            istio_authn: false,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tokens and keys.
 

@@ -1,4 +1,3 @@
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
@@ -40,18 +39,7 @@ fn istio_filter(jwks: &str) -> JwtAuthn {
     p.payload_in_metadata = Some("payload".into());
     p.space_delimited_claims = vec!["permission".into(), "scope".into()];
     p.claim_to_headers = vec![(HeaderName::from_static("x-jwt-sub"), "sub".into())];
-    JwtAuthn {
-        providers: BTreeMap::from([("origins-0".into(), p)]),
-        rules: vec![RequirementRule {
-            matcher: RuleMatch::Prefix("/".into()),
-            requires: JwtRequirement::Any(vec![
-                JwtRequirement::Provider("origins-0".into()),
-                JwtRequirement::AllowMissing,
-            ]),
-        }],
-        bypass_cors_preflight: true,
-        istio_authn: false,
-    }
+    JwtAuthn::istio_single(p)
 }
 
 fn run(f: &JwtAuthn, headers: &mut HeaderMap, path: &str) -> Result<JwtVerified, JwtStatus> {
@@ -123,7 +111,10 @@ fn every_refusal_has_envoys_status() {
             JwtStatus::HeaderNotImplementedAlg,
         ),
         ("a.b".into(), JwtStatus::BadFormat),
-        ("eyJhbGciOiJSUzI1NiJ9.e30.a".into(), JwtStatus::SignatureBadBase64),
+        (
+            "eyJhbGciOiJSUzI1NiJ9.e30.a".into(),
+            JwtStatus::SignatureBadBase64,
+        ),
         // A HS256 token against RSA keys: the key's alg differs → no key eligible.
         (
             r.sign_with_header(&json!({"alg": "HS256", "kid": "rsa-1"}), &claims()),
