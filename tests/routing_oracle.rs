@@ -1512,8 +1512,11 @@ struct LbCase {
     eps: Vec<Ep>,
 }
 
+/// A `LocalityLbEndpoints` group: (priority, zone, zone weight).
+type GroupKey<'a> = (u32, &'a str, Option<u32>);
+
 fn lb_cluster_json(c: &LbCase, ports: &[u16]) -> Value {
-    let mut groups: Vec<((u32, &str, Option<u32>), Vec<Value>)> = Vec::new();
+    let mut groups: Vec<(GroupKey<'_>, Vec<Value>)> = Vec::new();
     for (ep, port) in c.eps.iter().zip(ports) {
         let key = (ep.0, ep.1, ep.2);
         let e = json!({

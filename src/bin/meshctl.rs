@@ -454,7 +454,7 @@ fn explain(snapshot: &Snapshot, rc: &str, r: &RouteRequest) -> Result<serde_json
             out["status"] = json!(status);
             out["location"] = json!(location);
             out["body"] = json!(body);
-            if !matches!(flag, mesh_core::flags::ResponseFlag::None) {
+            if !flag.is_empty() {
                 out["response_flag"] = json!(flag.as_str());
             }
         }
