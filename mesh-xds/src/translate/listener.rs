@@ -408,10 +408,8 @@ fn san_matcher(m: &PbStringMatcher) -> Result<SanMatcher, String> {
     }
 }
 
-/// The chain's JWT filter: `None` when the chain has no HTTP connection manager, `Some(None)`
-/// when its HCM has no `jwt_authn` filter.
-#[allow(clippy::type_complexity)]
-fn chain_jwt(fc: &FilterChain) -> Result<Option<Option<mesh_core::authz::jwt::JwtAuthn>>, String> {
+/// The chain's HTTP connection manager, with its place (`filters[i] (name)`) for errors.
+fn chain_hcm(fc: &FilterChain) -> Result<Option<(HttpConnectionManager, String)>, String> {
     for (i, f) in fc.filters.iter().enumerate() {
         let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
             continue;
@@ -420,14 +418,24 @@ fn chain_jwt(fc: &FilterChain) -> Result<Option<Option<mesh_core::authz::jwt::Jw
             .type_url
             .ends_with("http_connection_manager.v3.HttpConnectionManager")
         {
-            let hcm: HttpConnectionManager =
-                from_any(any).map_err(|r| format!("filters[{i}] ({}): {r}", f.name))?;
-            return super::jwt::translate_http_jwt_filter(&hcm.http_filters)
-                .map(Some)
-                .map_err(|r| format!("filters[{i}] ({}).{r}", f.name));
+            let at = format!("filters[{i}] ({})", f.name);
+            let hcm: HttpConnectionManager = from_any(any).map_err(|r| format!("{at}: {r}"))?;
+            return Ok(Some((hcm, at)));
         }
     }
     Ok(None)
+}
+
+/// The chain's JWT filter: `None` when the chain has no HTTP connection manager, `Some(None)`
+/// when its HCM has no `jwt_authn` filter.
+#[allow(clippy::type_complexity)]
+fn chain_jwt(fc: &FilterChain) -> Result<Option<Option<mesh_core::authz::jwt::JwtAuthn>>, String> {
+    let Some((hcm, at)) = chain_hcm(fc)? else {
+        return Ok(None);
+    };
+    super::jwt::translate_http_jwt_filter(&hcm.http_filters)
+        .map(Some)
+        .map_err(|r| format!("{at}.{r}"))
 }
 
 /// The chain's authorization: from its HTTP connection manager's filters (per request), else
@@ -436,20 +444,10 @@ fn chain_jwt(fc: &FilterChain) -> Result<Option<Option<mesh_core::authz::jwt::Jw
 fn chain_authz(
     fc: &FilterChain,
 ) -> Result<(Option<AuthzLayer>, mesh_core::authz::AuthzChain), String> {
-    for (i, f) in fc.filters.iter().enumerate() {
-        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
-            continue;
-        };
-        if any
-            .type_url
-            .ends_with("http_connection_manager.v3.HttpConnectionManager")
-        {
-            let hcm: HttpConnectionManager =
-                from_any(any).map_err(|r| format!("filters[{i}] ({}): {r}", f.name))?;
-            let chain = translate_http_authz_filters(&hcm.http_filters)
-                .map_err(|r| format!("filters[{i}] ({}).{r}", f.name))?;
-            return Ok((Some(AuthzLayer::Http), chain));
-        }
+    if let Some((hcm, at)) = chain_hcm(fc)? {
+        let chain =
+            translate_http_authz_filters(&hcm.http_filters).map_err(|r| format!("{at}.{r}"))?;
+        return Ok((Some(AuthzLayer::Http), chain));
     }
     let chain = translate_network_authz_filters(&fc.filters)?;
     let proxies = fc.filters.iter().any(|f| {
