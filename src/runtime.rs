@@ -329,6 +329,7 @@ impl Mesh {
             mode: self.inner.builder.inbound_mode,
             node: self.inner.builder.config.node.clone(),
             header_read_timeout: None,
+            drain: Some(self.inner.readiness.clone()),
         };
         mesh_tower::inbound::serve(
             listener,

@@ -44,6 +44,9 @@ use tokio::time::timeout;
 const RSA_PEM: &str = include_str!("../mesh-core/testdata/jwt-rsa2048.pk8.pem");
 const ISS: &str = "https://accounts.example.com";
 
+/// One refused request: what it is, its headers, the status and the body expected.
+type RefusalCase = (&'static str, Vec<(&'static str, String)>, u16, &'static str);
+
 fn model(endpoint: SocketAddr) -> MeshModel {
     MeshModel::default().service(
         ServiceSpec::new("backend", NS, "10.96.0.31".parse().unwrap())
@@ -257,7 +260,7 @@ async fn tokens_are_verified_and_request_principals_feed_rbac() {
         "e".repeat(40_000),
         "A".repeat(512)
     );
-    let cases: Vec<(&str, Vec<(&str, String)>, u16, &str)> = vec![
+    let cases: Vec<RefusalCase> = vec![
         (
             "wrong signature",
             vec![("authorization", bearer(&forged))],

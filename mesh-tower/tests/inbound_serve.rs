@@ -84,6 +84,7 @@ where
         mode,
         node,
         header_read_timeout: None,
+        drain: None,
     };
     let done = tokio::spawn(inbound::serve(listener, app, cell, certs, config, async {
         let _ = stopped.await;
@@ -702,6 +703,7 @@ async fn header_read_timeout_closes_slow_clients() {
         mode: None,
         node: node("slowloris-v1"),
         header_read_timeout: Some(Duration::from_millis(200)),
+        drain: None,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(inbound::serve(

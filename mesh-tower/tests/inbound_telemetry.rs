@@ -48,6 +48,7 @@ async fn start(node: NodeIdentity, port: u16) -> (SocketAddr, oneshot::Sender<()
         mode: None,
         node,
         header_read_timeout: None,
+        drain: None,
     };
     tokio::spawn(inbound::serve(
         listener,

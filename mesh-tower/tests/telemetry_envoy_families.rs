@@ -158,6 +158,7 @@ async fn every_envoy_family_mesh_emits_exists_in_real_envoy_with_the_same_labels
         mode: None,
         node,
         header_read_timeout: None,
+        drain: None,
     };
     tokio::spawn(inbound::serve(
         mesh_listener,

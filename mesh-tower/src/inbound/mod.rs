@@ -45,6 +45,7 @@ use mesh_core::authz::jwt::JwtAuthn;
 use mesh_core::cluster::SanMatcher;
 use mesh_core::identity::{NodeIdentity, PeerIdentity};
 use mesh_core::listener::{AuthzLayer, InboundTlsMode, PortAuthz};
+use mesh_core::readiness::Readiness;
 use mesh_core::telemetry::{DestinationService, UNKNOWN, WorkloadLabels};
 use mesh_core::{CertStore, SnapshotCell};
 use tokio::net::{TcpListener, TcpStream};
@@ -78,6 +79,11 @@ pub struct InboundConfig {
     pub node: NodeIdentity,
     /// HTTP/1.1 header read timeout; `None` keeps hyper's default (30 s).
     pub header_read_timeout: Option<Duration>,
+    /// The pod's readiness: once it is draining, HTTP/1.1 responses carry
+    /// `connection: close` (as Envoy's HTTP connection manager does during a drain), so
+    /// callers move their keep-alive connections off this workload before the listener stops,
+    /// instead of racing a request against the close of an idle connection.
+    pub drain: Option<Readiness>,
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains gracefully.
@@ -516,6 +522,7 @@ async fn serve_http<I, S, B>(
         info,
     )
     .with_authz(authz, tls)
+    .with_drain(shared.config.drain.clone())
     .with_xfcc(xfcc)
     .with_jwt(jwt, Arc::clone(&shared.jwks));
     let conn = shared.builder.serve_connection_with_upgrades(io, service);

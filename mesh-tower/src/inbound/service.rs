@@ -14,6 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use mesh_core::identity::PeerIdentity;
 use mesh_core::peer_metadata::{PEER_METADATA_HEADER, PEER_METADATA_ID_HEADER, PeerMetadata};
+use mesh_core::readiness::Readiness;
 use mesh_core::telemetry::WorkloadLabels;
 use pin_project::pin_project;
 use tower::ServiceExt;
@@ -56,6 +57,7 @@ pub(crate) struct InboundService<S> {
     tls: bool,
     xfcc: Option<HeaderValue>,
     jwt: Option<(Arc<JwtAuthn>, Arc<JwksCache>)>,
+    drain: Option<Readiness>,
 }
 
 impl<S> InboundService<S> {
@@ -79,6 +81,7 @@ impl<S> InboundService<S> {
             tls: false,
             xfcc: None,
             jwt: None,
+            drain: None,
         }
     }
 
@@ -99,6 +102,12 @@ impl<S> InboundService<S> {
     pub(crate) fn with_authz(mut self, authz: Option<Arc<ConnectionAuthz>>, tls: bool) -> Self {
         self.authz = authz;
         self.tls = tls;
+        self
+    }
+
+    /// Answers HTTP/1.1 requests with `connection: close` once `drain` is draining.
+    pub(crate) fn with_drain(mut self, drain: Option<Readiness>) -> Self {
+        self.drain = drain;
         self
     }
 
@@ -157,7 +166,10 @@ where
             req.extensions_mut().insert(peer.clone());
         }
         self.stats.request_started();
+        let close = req.version() <= http::Version::HTTP_11
+            && self.drain.as_ref().is_some_and(Readiness::is_draining);
         let meter = Some(Meter {
+            close,
             labels: Arc::clone(&self.labels),
             source,
             propagate: if exchanged {
@@ -259,6 +271,8 @@ fn grpc_status(headers: &HeaderMap) -> Option<u16> {
 
 #[derive(Debug)]
 struct Meter {
+    /// Draining: the HTTP/1.1 response closes the connection.
+    close: bool,
     labels: Arc<ConnectionLabels>,
     source: Option<Arc<WorkloadLabels>>,
     propagate: Option<Arc<LocalPeerHeaders>>,
@@ -380,6 +394,11 @@ where
         };
         match result {
             Ok(mut response) => {
+                if meter.close {
+                    response
+                        .headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 if let Some(local) = &meter.propagate {
                     let h = response.headers_mut();
                     h.insert(PEER_METADATA_ID_HEADER, local.id.clone());

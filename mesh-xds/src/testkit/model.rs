@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, circuit_breakers, cluster,
+};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ConfigSource, Metadata, SocketAddress, TransportSocket,
     address, config_source, socket_address, transport_socket,
@@ -139,6 +141,9 @@ pub struct ServiceSpec {
     pub subsets: Vec<SubsetSpec>,
     /// Weighted routes.
     pub routes: Vec<WeightedRouteSpec>,
+    /// A VirtualService `retries.retryOn` for this host; `None` keeps istiod's default
+    /// policy (`connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`).
+    pub retry_on: Option<String>,
 }
 
 impl ServiceSpec {
@@ -152,7 +157,15 @@ impl ServiceSpec {
             endpoints: Vec::new(),
             subsets: Vec::new(),
             routes: Vec::new(),
+            retry_on: None,
         }
+    }
+
+    /// Retries on `retry_on` (Envoy's `x-envoy-retry-on` conditions, as a VirtualService's
+    /// `retries.retryOn` renders), keeping istiod's other retry settings.
+    pub fn retry_on(mut self, retry_on: &str) -> Self {
+        self.retry_on = Some(retry_on.into());
+        self
     }
 
     /// Adds a port.
@@ -523,6 +536,9 @@ impl MeshModel {
                 nanos: 0,
             }),
             lb_policy: cluster::LbPolicy::LeastRequest as i32,
+            // istiod's default thresholds: everything unbounded (Envoy's own defaults, e.g.
+            // max_retries 3, would otherwise cap concurrent retries).
+            circuit_breakers: Some(istiod_circuit_breakers()),
             metadata: Some(Metadata {
                 filter_metadata: [(
                     "istio".to_string(),
@@ -799,7 +815,13 @@ fn virtual_host(svc: &ServiceSpec, port: u16, fqdn: &str, client_ns: &str) -> Vi
                     seconds: 0,
                     nanos: 0,
                 }),
-                retry_policy: Some(default_retry()),
+                retry_policy: Some(match &svc.retry_on {
+                    Some(on) => RetryPolicy {
+                        retry_on: on.clone(),
+                        ..default_retry()
+                    },
+                    None => default_retry(),
+                }),
                 ..Default::default()
             })),
             ..Default::default()
@@ -856,6 +878,22 @@ fn cla(name: &str, eps: &[&EndpointSpec], svc: &ServiceSpec) -> ClusterLoadAssig
                 })
                 .collect(),
             load_balancing_weight: Some(UInt32Value { value: 1 }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The thresholds istiod puts on every outbound cluster without a DestinationRule
+/// connection pool (all `u32::MAX`, `track_remaining`).
+fn istiod_circuit_breakers() -> CircuitBreakers {
+    CircuitBreakers {
+        thresholds: vec![circuit_breakers::Thresholds {
+            max_connections: Some(UInt32Value { value: u32::MAX }),
+            max_pending_requests: Some(UInt32Value { value: u32::MAX }),
+            max_requests: Some(UInt32Value { value: u32::MAX }),
+            max_retries: Some(UInt32Value { value: u32::MAX }),
+            track_remaining: true,
             ..Default::default()
         }],
         ..Default::default()

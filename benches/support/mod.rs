@@ -1,0 +1,113 @@
+//! What the process-level benches share: reading a process's CPU and RSS from `/proc`,
+//! medians, environment knobs, free loopback ports, and the testkit control plane with its CA.
+//! Each bench includes this module with `#[path]`; not every bench uses every item.
+
+#![allow(dead_code)]
+
+use std::process::Command;
+
+use mesh::parts::xds::testkit::ControlPlane;
+use mesh::parts::xds::testkit::ca::TestCa;
+
+/// The value of `k`, or a panic naming it (child roles get their settings this way).
+pub fn env(k: &str) -> String {
+    std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"))
+}
+
+/// `k` parsed, or `default` when unset or unreadable.
+pub fn env_or<T: std::str::FromStr>(k: &str, default: T) -> T {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// User + system CPU of `pid`, in clock ticks (`/proc/<pid>/stat` utime + stime).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = s.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the command: state(0) … utime(11) stime(12).
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// Resident memory of `pid` in KiB (`VmRSS`), 0 when the process is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`, 100 when unknown).
+pub fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The median of `v` ignoring NaNs; NaN when nothing is left.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// A free port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// The testkit CA (trust domain `cluster.local`) and a control plane serving ADS and the CA.
+pub async fn control_plane() -> (TestCa, ControlPlane) {
+    let ca = TestCa::new("cluster.local");
+    let cp = ControlPlane::builder()
+        .ca(ca.clone())
+        .start()
+        .await
+        .expect("control plane");
+    (ca, cp)
+}
+
+/// The benches' application: answers every request `200 hello` (`text/plain`).
+pub async fn hello(
+    _req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+        b"hello",
+    )));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    Ok(resp)
+}
+
+/// A meshed server process: binds 127.0.0.1:`port` first (so callers' connects queue while mesh
+/// starts), starts `builder` with STRICT mTLS and serves [`hello`] until the mesh stops.
+pub async fn serve_meshed_hello(builder: mesh::MeshBuilder, port: u16) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind");
+    let mesh = builder
+        .inbound_mode(mesh::InboundTlsMode::Strict)
+        .start()
+        .await
+        .expect("mesh");
+    mesh.serve_on(listener, tower::service_fn(hello))
+        .await
+        .expect("serve");
+}
