@@ -4,9 +4,8 @@
 //!
 //! * the testkit control plane pushes an endpoint change every 100 ms (the EDS membership
 //!   rotates: all three replicas, then two of them, in turn);
-//! * every workload certificate rotates about every 5 s (secret TTL 130 s with the CA's
-//!   2-minute backdating and pilot-agent's 50 % grace ratio), on the client and on every
-//!   replica, through the real CA protocol;
+//! * every workload certificate rotates about every 5 s (secret TTL 10 s, pilot-agent's 50 %
+//!   grace ratio), on the client and on every replica, through the real CA protocol;
 //! * one replica is restarted (SIGTERM, graceful drain, started again on the same port) at
 //!   40 % of the run.
 //!
@@ -39,9 +38,9 @@ use mesh::parts::xds::testkit::{EndpointSpec, MeshModel, Protocol, ServiceSpec};
 
 const ROLE_ENV: &str = "MESH_SOAK_ROLE";
 const SVC_HOST: &str = "upstream.default.svc.cluster.local";
-/// With the CA's 2-minute backdating, a 130 s TTL makes a 250 s lifetime whose 50 % grace
-/// point is 5 s after issue: certificates rotate about every 5 s.
-const SECRET_TTL: Duration = Duration::from_secs(130);
+/// pilot-agent rotates at 50 % of the lifetime counted from when the certificate was fetched:
+/// a 10 s TTL rotates every workload certificate about every 5 s.
+const SECRET_TTL: Duration = Duration::from_secs(10);
 const CONCURRENCY: usize = 16;
 const CHURN_EVERY: Duration = Duration::from_millis(100);
 const RSS_EVERY: Duration = Duration::from_secs(2);
