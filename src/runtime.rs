@@ -35,6 +35,8 @@ struct Inner {
     stop: watch::Sender<bool>,
     status_addrs: Vec<(StatusPort, SocketAddr)>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The ext_authz provider client registered for this mesh (registered weakly).
+    _ext_authz: Arc<dyn mesh_core::authz::ext_authz::ExternalAuthorizer>,
 }
 
 impl Drop for Inner {
@@ -100,6 +102,13 @@ impl Mesh {
                 tasks.push(tokio::spawn(client.run()));
             }
         }
+
+        // The CUSTOM action's provider client (ext_authz over gRPC), resolving provider
+        // clusters in this mesh's snapshot; process-wide, as a pod has one sidecar.
+        let ext_authz: Arc<dyn mesh_core::authz::ext_authz::ExternalAuthorizer> = Arc::new(
+            mesh_xds::translate::ext_authz::GrpcExtAuthorizer::new(cell.clone()),
+        );
+        mesh_tower::inbound::authz::ext_authz::install(&ext_authz);
 
         let mut ads = mesh_xds::ads::AdsClient::new(
             mesh_xds::ads::AdsConfig {
@@ -208,6 +217,7 @@ impl Mesh {
                 stop,
                 status_addrs,
                 tasks: Mutex::new(tasks),
+                _ext_authz: ext_authz,
             }),
         };
         {

@@ -21,6 +21,7 @@
 //! Request paths are normalized first ([`path::normalize_path`]), by the caller, as Envoy's
 //! HTTP connection manager does before any filter runs.
 
+pub mod ext_authz;
 pub mod jwt;
 pub mod matcher;
 pub mod path;
@@ -158,6 +159,16 @@ pub struct ExtAuthz {
     pub status_on_error: u16,
     /// `with_request_body.max_request_bytes`, when the body is sent.
     pub max_request_bytes: Option<u32>,
+}
+
+impl ExtAuthz {
+    /// Envoy's ext_authz default call timeout when `grpc_service.timeout` is unset (200 ms).
+    pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
+
+    /// The call timeout in effect.
+    pub fn effective_timeout(&self) -> std::time::Duration {
+        self.timeout.unwrap_or(Self::DEFAULT_TIMEOUT)
+    }
 }
 
 /// One step of the authorization chain.

@@ -11,9 +11,14 @@ use std::sync::Arc;
 
 use http::{HeaderMap, Method, Uri};
 use mesh_core::authz::{
-    AuthzChain, AuthzDecision, AuthzFilter, AuthzRequest, DynamicMetadata, NormalizedPath,
-    PathNormalization, is_normalized, normalize_path,
+    AuthzChain, AuthzDecision, AuthzRequest, DynamicMetadata, NormalizedPath, PathNormalization,
+    is_normalized, normalize_path,
 };
+
+#[path = "ext_authz.rs"]
+pub mod ext_authz;
+
+pub(crate) use ext_authz::PendingExtAuthz;
 
 /// Response flag Envoy sets when RBAC denies a request (`RBAC`).
 pub const RBAC_FLAG: &str = "RBAC";
@@ -42,6 +47,8 @@ pub(crate) struct LocalReply {
     /// `www-authenticate` (JWT refusals).
     pub(crate) www_authenticate: Option<String>,
     pub(crate) flags: &'static str,
+    /// Further response headers (an ext_authz provider's `denied_response.headers`).
+    pub(crate) headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// Normalizes the request's path in place (Istio's `BASE` normalization on the inbound HCM);
@@ -75,6 +82,7 @@ pub(crate) fn normalize_request_path(uri: &mut Uri) -> Option<LocalReply> {
             location: Some(p),
             www_authenticate: None,
             flags: "-",
+            headers: Vec::new(),
         }),
         NormalizedPath::Reject => Some(bad_request()),
     }
@@ -88,10 +96,11 @@ fn bad_request() -> LocalReply {
         location: None,
         www_authenticate: None,
         flags: "-",
+        headers: Vec::new(),
     }
 }
 
-fn denied(policy: Option<&str>, filter: usize) -> LocalReply {
+pub(crate) fn denied(policy: Option<&str>, filter: usize) -> LocalReply {
     tracing::debug!(
         filter,
         policy = policy.unwrap_or("none"),
@@ -104,11 +113,12 @@ fn denied(policy: Option<&str>, filter: usize) -> LocalReply {
         location: None,
         www_authenticate: None,
         flags: RBAC_FLAG,
+        headers: Vec::new(),
     }
 }
 
 impl ConnectionAuthz {
-    fn request<'a>(
+    pub(crate) fn request<'a>(
         &'a self,
         headers: Option<&'a HeaderMap>,
         method: &'a str,
@@ -132,60 +142,45 @@ impl ConnectionAuthz {
         }
     }
 
-    /// Runs the HTTP chain on a request, with the dynamic metadata earlier filters (the JWT
-    /// filter) wrote; `Some` is the reply that replaces the application's.
-    pub(crate) fn check_request(
-        &self,
+    /// Runs the HTTP chain from filter `start` on a request, with the dynamic metadata earlier
+    /// filters wrote: `Ok(Some(reply))` replaces the application's answer, `Ok(None)` lets the
+    /// request through, `Err(pending)` must consult an ext_authz provider first
+    /// ([`ext_authz::resume`]).
+    pub(crate) fn check_request_from(
+        self: &Arc<Self>,
+        start: usize,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
         tls: bool,
         mut md: DynamicMetadata,
-    ) -> Option<LocalReply> {
+    ) -> Result<Option<LocalReply>, Box<PendingExtAuthz>> {
         let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let authority = match uri.authority() {
-            Some(a) => a.as_str(),
-            None => headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or(""),
-        };
-        let scheme = uri
-            .scheme_str()
-            .unwrap_or(if tls { "https" } else { "http" });
+        let authority = request_authority(uri, headers);
+        let scheme = request_scheme(uri, tls);
         let req = self.request(Some(headers), method.as_str(), path, authority, scheme);
-        let mut start = 0;
-        loop {
-            match self.chain.evaluate_from(start, &req, &mut md) {
-                AuthzDecision::Allow => return None,
-                AuthzDecision::Deny { filter, policy } => {
-                    return Some(denied(policy.as_deref(), filter));
-                }
-                AuthzDecision::CheckExternal { filter } => {
-                    // No ext_authz client in this build: the provider is unreachable, so
-                    // Envoy's failure handling applies.
-                    let Some(AuthzFilter::ExtAuthz(ext)) = self.chain.filters.get(filter) else {
-                        return Some(denied(None, filter));
-                    };
-                    tracing::warn!(
-                        cluster = %ext.cluster,
-                        "ext_authz provider cannot be called (no external authorization client)"
-                    );
-                    if ext.failure_mode_allow {
-                        start = filter + 1;
-                        continue;
-                    }
-                    metrics::counter!("mesh_inbound_ext_authz_error_total").increment(1);
-                    return Some(LocalReply {
-                        status: ext.status_on_error,
-                        body: "".into(),
-                        location: None,
-                        www_authenticate: None,
-                        flags: UAEX_FLAG,
-                    });
-                }
-            }
+        match self.chain.evaluate_from(start, &req, &mut md) {
+            AuthzDecision::Allow => Ok(None),
+            AuthzDecision::Deny { filter, policy } => Ok(Some(denied(policy.as_deref(), filter))),
+            AuthzDecision::CheckExternal { filter } => Err(Box::new(PendingExtAuthz {
+                authz: Arc::clone(self),
+                filter,
+                md,
+                tls,
+            })),
         }
+    }
+
+    /// [`check_request_from`](Self::check_request_from) from the first filter.
+    pub(crate) fn check_request(
+        self: &Arc<Self>,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        tls: bool,
+        md: DynamicMetadata,
+    ) -> Result<Option<LocalReply>, Box<PendingExtAuthz>> {
+        self.check_request_from(0, method, uri, headers, tls, md)
     }
 
     /// Runs the network chain once for a connection; `false` closes it.
@@ -209,6 +204,23 @@ impl ConnectionAuthz {
             AuthzDecision::CheckExternal { .. } => false,
         }
     }
+}
+
+/// `:authority`, or the `host` header.
+pub(crate) fn request_authority<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> &'a str {
+    match uri.authority() {
+        Some(a) => a.as_str(),
+        None => headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or(""),
+    }
+}
+
+/// `:scheme`, or what the connection implies.
+pub(crate) fn request_scheme(uri: &Uri, tls: bool) -> &str {
+    uri.scheme_str()
+        .unwrap_or(if tls { "https" } else { "http" })
 }
 
 #[cfg(test)]

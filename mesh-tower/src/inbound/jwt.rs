@@ -307,6 +307,7 @@ pub(crate) fn check<B>(
                 location: None,
                 www_authenticate: Some(status.www_authenticate(&realm)),
                 flags: "-",
+                headers: Vec::new(),
             })
         }
     }

@@ -187,6 +187,7 @@ where
         // Envoy's HCM normalizes the path before any filter; then the JWT filter and the RBAC
         // filters run.
         let mut local = super::authz::normalize_request_path(req.uri_mut());
+        let mut external = None;
         if local.is_none() {
             match &self.jwt {
                 Some((jwt, cache)) => {
@@ -199,13 +200,13 @@ where
                         let tls = self.tls;
                         let prepare = Prepare(Box::pin(async move {
                             cache.refresh(&stale).await;
-                            let local = match super::jwt::check(&jwt, &cache, &mut req, tls) {
-                                Ok(md) => authz.and_then(|a| {
-                                    a.check_request(req.method(), req.uri(), req.headers(), tls, md)
-                                }),
-                                Err(reply) => Some(reply),
-                            };
-                            (req, local)
+                            match (super::jwt::check(&jwt, &cache, &mut req, tls), authz) {
+                                (Ok(md), Some(a)) => {
+                                    super::authz::ext_authz::authorize(a, req, tls, md).await
+                                }
+                                (Ok(_), None) => (req, None),
+                                (Err(reply), _) => (req, Some(reply)),
+                            }
                         }));
                         return InboundFuture {
                             state: State::Prepare {
@@ -216,12 +217,19 @@ where
                         };
                     }
                     match super::jwt::check(jwt, cache, &mut req, self.tls) {
-                        Ok(md) => local = self.authorize(&req, md),
+                        Ok(md) => local = self.authorize(&req, md, &mut external),
                         Err(reply) => local = Some(reply),
                     }
                 }
-                None => local = self.authorize(&req, DynamicMetadata::default()),
+                None => local = self.authorize(&req, DynamicMetadata::default(), &mut external),
             }
+        }
+        if let Some(pending) = external {
+            // An ext_authz provider (CUSTOM action) must answer first.
+            let prepare = Prepare(Box::pin(super::authz::ext_authz::resume(pending, req)));
+            let app = Some(self.app.clone());
+            let state = State::Prepare { prepare, app };
+            return InboundFuture { state, meter };
         }
         let state = match local {
             None => State::App {
@@ -236,9 +244,22 @@ where
 }
 
 impl<S> InboundService<S> {
-    fn authorize(&self, req: &Request<Incoming>, md: DynamicMetadata) -> Option<LocalReply> {
+    /// Runs the HTTP authorization chain; a request that must wait for an ext_authz provider
+    /// is left in `external`.
+    fn authorize(
+        &self,
+        req: &Request<Incoming>,
+        md: DynamicMetadata,
+        external: &mut Option<Box<super::authz::PendingExtAuthz>>,
+    ) -> Option<LocalReply> {
         let authz = self.authz.as_ref()?;
-        authz.check_request(req.method(), req.uri(), req.headers(), self.tls, md)
+        match authz.check_request(req.method(), req.uri(), req.headers(), self.tls, md) {
+            Ok(local) => local,
+            Err(pending) => {
+                *external = Some(pending);
+                None
+            }
+        }
     }
 }
 
@@ -350,6 +371,9 @@ fn local_response<B>(reply: &LocalReply) -> Response<InboundBody<B>> {
         .and_then(|v| HeaderValue::from_str(v).ok())
     {
         h.insert(http::header::WWW_AUTHENTICATE, v);
+    }
+    for (name, value) in &reply.headers {
+        h.append(name.clone(), value.clone());
     }
     response
 }

@@ -24,6 +24,9 @@ use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher, Route, RouteAction, RouteConfiguration, VirtualHost, header_matcher, route,
     route_action,
 };
+use envoy_types::pb::envoy::extensions::filters::http::ext_authz::v3::{
+    ExtAuthz as PbExtAuthz, ext_authz,
+};
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -47,9 +50,12 @@ use crate::translate::to_any;
 /// The cluster istiod's inbound chains forward to.
 const INBOUND_PASSTHROUGH: &str = "InboundPassthroughClusterIpv4";
 
-/// `AuthorizationPolicy.action` (CUSTOM is not modelled).
+/// `AuthorizationPolicy.action`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PolicyAction {
+    /// `CUSTOM` (the provider is [`AuthorizationPolicySpec::provider`]): a shadow `DENY` RBAC
+    /// filter marking the requests the rules cover, then the provider's ext_authz filter.
+    Custom,
     /// `ALLOW`.
     Allow,
     /// `DENY`.
@@ -146,6 +152,41 @@ pub struct AuthorizationPolicySpec {
     pub action: PolicyAction,
     /// `rules`.
     pub rules: Vec<RuleSpec>,
+    /// `provider` (the mesh config's `extensionProviders[]` entry) of a CUSTOM policy.
+    pub provider: Option<ExtAuthzProviderSpec>,
+}
+
+/// A mesh config `extensionProviders[].envoyExtAuthzGrpc` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtAuthzProviderSpec {
+    /// `service` (`ext-authz.foo.svc.cluster.local`).
+    pub service: String,
+    /// `port`.
+    pub port: u16,
+    /// `timeout` (`None`: Envoy's ext_authz default, 200 ms).
+    pub timeout: Option<std::time::Duration>,
+    /// `failOpen` (`failure_mode_allow`).
+    pub fail_open: bool,
+    /// `statusOnError` (istiod's default: 403).
+    pub status_on_error: Option<u16>,
+}
+
+impl ExtAuthzProviderSpec {
+    /// A provider at `service:port`, failing closed.
+    pub fn new(service: &str, port: u16) -> Self {
+        ExtAuthzProviderSpec {
+            service: service.into(),
+            port,
+            timeout: None,
+            fail_open: false,
+            status_on_error: None,
+        }
+    }
+
+    /// The Envoy cluster istiod points the filter at: `outbound|<port>||<service>`.
+    pub fn cluster(&self) -> String {
+        format!("outbound|{}||{}", self.port, self.service)
+    }
 }
 
 impl AuthorizationPolicySpec {
@@ -157,7 +198,14 @@ impl AuthorizationPolicySpec {
             namespace: namespace.into(),
             action,
             rules: Vec::new(),
+            provider: None,
         }
+    }
+
+    /// Sets the CUSTOM action's provider.
+    pub fn provider(mut self, provider: ExtAuthzProviderSpec) -> Self {
+        self.provider = Some(provider);
+        self
     }
 
     /// Adds a rule.
@@ -444,6 +492,8 @@ fn rules_for(
             PolicyAction::Allow => rbac::rbac::Action::Allow as i32,
             PolicyAction::Deny => rbac::rbac::Action::Deny as i32,
             PolicyAction::Audit => rbac::rbac::Action::Log as i32,
+            // The CUSTOM shadow rules mark the requests to send to the provider.
+            PolicyAction::Custom => rbac::rbac::Action::Deny as i32,
         },
         ..Default::default()
     };
@@ -452,8 +502,13 @@ fn rules_for(
             if !http && action == PolicyAction::Allow && r.has_http_fields() {
                 continue;
             }
+            let prefix = if action == PolicyAction::Custom {
+                CUSTOM_POLICY_PREFIX
+            } else {
+                ""
+            };
             out.policies.insert(
-                format!("ns[{}]-policy[{}]-rule[{i}]", p.namespace, p.name),
+                format!("{prefix}ns[{}]-policy[{}]-rule[{i}]", p.namespace, p.name),
                 rule_policy(r, http),
             );
         }
@@ -461,9 +516,107 @@ fn rules_for(
     Some(out)
 }
 
+/// Prefix istiod gives CUSTOM policies' shadow rule names (and the ext_authz filter's
+/// `filter_enabled_metadata` matches).
+pub const CUSTOM_POLICY_PREFIX: &str = "istio-ext-authz-";
+
+/// The CUSTOM filters istiod renders for `policies`' CUSTOM entries: an
+/// `envoy.filters.http.rbac` with only `shadow_rules` (action DENY, stat prefix
+/// `istio_ext_authz_`) and the provider's `envoy.filters.http.ext_authz`, enabled by
+/// `envoy.filters.http.rbac/istio_ext_authz_shadow_effective_policy_id` starting with
+/// `istio-ext-authz`. Empty without CUSTOM policies.
+pub fn http_custom_filters(policies: &[AuthorizationPolicySpec]) -> Vec<HttpFilter> {
+    let Some(shadow) = rules_for(policies, PolicyAction::Custom, true) else {
+        return Vec::new();
+    };
+    let Some(provider) = policies
+        .iter()
+        .filter(|p| p.action == PolicyAction::Custom)
+        .find_map(|p| p.provider.as_ref())
+    else {
+        return Vec::new();
+    };
+    vec![
+        HttpFilter {
+            name: "envoy.filters.http.rbac".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(to_any(&HttpRbac {
+                shadow_rules: Some(shadow),
+                shadow_rules_stat_prefix: "istio_ext_authz_".into(),
+                ..Default::default()
+            }))),
+            ..Default::default()
+        },
+        HttpFilter {
+            name: "envoy.filters.http.ext_authz".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(to_any(
+                &ext_authz_filter(provider),
+            ))),
+            ..Default::default()
+        },
+    ]
+}
+
+/// The `envoy.filters.http.ext_authz` config istiod renders for an `envoyExtAuthzGrpc`
+/// provider.
+pub fn ext_authz_filter(provider: &ExtAuthzProviderSpec) -> PbExtAuthz {
+    use envoy_types::pb::envoy::config::core::v3::{GrpcService, grpc_service};
+    use envoy_types::pb::envoy::r#type::matcher::v3::{MetadataMatcher, ValueMatcher};
+    use envoy_types::pb::envoy::r#type::matcher::v3::{metadata_matcher, value_matcher};
+    PbExtAuthz {
+        services: Some(ext_authz::Services::GrpcService(GrpcService {
+            target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                grpc_service::EnvoyGrpc {
+                    cluster_name: provider.cluster(),
+                    authority: provider.service.clone(),
+                    ..Default::default()
+                },
+            )),
+            timeout: provider
+                .timeout
+                .map(|t| envoy_types::pb::google::protobuf::Duration {
+                    seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+                    nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
+                }),
+            ..Default::default()
+        })),
+        transport_api_version: envoy_types::pb::envoy::config::core::v3::ApiVersion::V3 as i32,
+        failure_mode_allow: provider.fail_open,
+        status_on_error: Some(envoy_types::pb::envoy::r#type::v3::HttpStatus {
+            code: i32::from(provider.status_on_error.unwrap_or(403)),
+        }),
+        include_peer_certificate: true,
+        filter_enabled_metadata: Some(MetadataMatcher {
+            filter: "envoy.filters.http.rbac".into(),
+            path: vec![metadata_matcher::PathSegment {
+                segment: Some(metadata_matcher::path_segment::Segment::Key(
+                    "istio_ext_authz_shadow_effective_policy_id".into(),
+                )),
+            }],
+            value: Some(ValueMatcher {
+                match_pattern: Some(value_matcher::MatchPattern::StringMatch(StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::Prefix(
+                        "istio-ext-authz".into(),
+                    )),
+                    ignore_case: false,
+                })),
+            }),
+            invert: false,
+        }),
+        ..Default::default()
+    }
+}
+
 /// The `envoy.filters.http.rbac` filters for `policies` (AUDIT, DENY, ALLOW), without the
-/// router.
+/// router, after the CUSTOM filters ([`http_custom_filters`]) when there are CUSTOM policies.
 pub fn http_rbac_filters(policies: &[AuthorizationPolicySpec]) -> Vec<HttpFilter> {
+    let custom = http_custom_filters(policies);
+    custom
+        .into_iter()
+        .chain(http_rbac_only_filters(policies))
+        .collect()
+}
+
+fn http_rbac_only_filters(policies: &[AuthorizationPolicySpec]) -> Vec<HttpFilter> {
     [PolicyAction::Audit, PolicyAction::Deny, PolicyAction::Allow]
         .into_iter()
         .filter_map(|a| rules_for(policies, a, true))
@@ -823,4 +976,135 @@ pub fn jwt_authn_filter(rules: &[JwtRuleSpec]) -> Option<HttpFilter> {
         config_type: Some(http_filter::ConfigType::TypedConfig(to_any(&cfg))),
         ..Default::default()
     })
+}
+
+/// A real `envoy.service.auth.v3.Authorization` gRPC server on 127.0.0.1 for CUSTOM tests:
+/// allows a request whose `x-ext-authz` header is `allow` (adding
+/// `x-ext-authz-check-result: allowed` and removing `x-ext-authz`), denies anything else with
+/// 403, body `denied by ext_authz for path <path>` and `x-ext-authz-check-result: denied` —
+/// the behaviour of Istio's sample `ext-authz` provider. Every CheckRequest it received is
+/// kept for assertions.
+#[derive(Debug)]
+pub struct ExtAuthzProvider {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    received: std::sync::Arc<std::sync::Mutex<Vec<PbCheckRequest>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckRequest as PbCheckRequest, CheckResponse as PbCheckResponse,
+};
+
+#[derive(Debug, Clone)]
+struct ProviderService {
+    received: std::sync::Arc<std::sync::Mutex<Vec<PbCheckRequest>>>,
+}
+
+#[tonic::async_trait]
+impl envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization
+    for ProviderService
+{
+    async fn check(
+        &self,
+        request: tonic::Request<PbCheckRequest>,
+    ) -> Result<tonic::Response<PbCheckResponse>, tonic::Status> {
+        use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+        use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+        use envoy_types::pb::envoy::service::auth::v3::{DeniedHttpResponse, OkHttpResponse};
+        use envoy_types::pb::google::rpc::Status;
+        let req = request.into_inner();
+        let http = req
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.clone())
+            .unwrap_or_default();
+        self.received
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(req);
+        let header = |k: &str, v: &str| HeaderValueOption {
+            header: Some(HeaderValue {
+                key: k.into(),
+                value: v.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let allowed = http.headers.get("x-ext-authz").map(String::as_str) == Some("allow");
+        let response = if allowed {
+            PbCheckResponse {
+                status: Some(Status::default()),
+                http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                    headers: vec![header("x-ext-authz-check-result", "allowed")],
+                    headers_to_remove: vec!["x-ext-authz".into()],
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }
+        } else {
+            PbCheckResponse {
+                // PERMISSION_DENIED
+                status: Some(Status {
+                    code: 7,
+                    ..Default::default()
+                }),
+                http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                    status: Some(envoy_types::pb::envoy::r#type::v3::HttpStatus { code: 403 }),
+                    headers: vec![header("x-ext-authz-check-result", "denied")],
+                    body: format!("denied by ext_authz for path {}", http.path),
+                })),
+                ..Default::default()
+            }
+        };
+        Ok(tonic::Response::new(response))
+    }
+}
+
+impl ExtAuthzProvider {
+    /// Starts the provider on an ephemeral 127.0.0.1 port.
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let received = std::sync::Arc::default();
+        let service = ProviderService {
+            received: std::sync::Arc::clone(&received),
+        };
+        let task = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let server = envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer::new(service);
+            if let Err(error) = tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                tracing::warn!(%error, "ext_authz test provider stopped");
+            }
+        });
+        Ok(ExtAuthzProvider {
+            addr,
+            received,
+            task,
+        })
+    }
+
+    /// The CheckRequests received so far.
+    pub fn received(&self) -> Vec<PbCheckRequest> {
+        self.received
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Stops accepting connections (calls on an established connection may still be served).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for ExtAuthzProvider {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -10,6 +10,7 @@ use envoy_types::pb::google::protobuf::{Any, Struct, Value, value::Kind};
 
 pub mod cluster;
 pub mod endpoint;
+pub mod ext_authz;
 pub mod jwt;
 pub mod listener;
 pub mod name_table;
