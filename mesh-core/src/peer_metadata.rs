@@ -26,6 +26,12 @@ use crate::telemetry::{UNKNOWN, WorkloadLabels};
 pub const PEER_METADATA_ID_HEADER: &str = "x-envoy-peer-metadata-id";
 /// Header carrying the sender's workload metadata (base64 protobuf `Struct`).
 pub const PEER_METADATA_HEADER: &str = "x-envoy-peer-metadata";
+/// [`PEER_METADATA_ID_HEADER`] as a parsed header name (the request path's form: a `&str`
+/// name is parsed again on every header map operation).
+pub const PEER_METADATA_ID: http::HeaderName =
+    http::HeaderName::from_static(PEER_METADATA_ID_HEADER);
+/// [`PEER_METADATA_HEADER`] as a parsed header name.
+pub const PEER_METADATA: http::HeaderName = http::HeaderName::from_static(PEER_METADATA_HEADER);
 
 /// Pod label holding the canonical service.
 pub const CANONICAL_NAME_LABEL: &str = "service.istio.io/canonical-name";

@@ -223,6 +223,13 @@ impl Default for RetryPolicy {
     }
 }
 
+/// `x-envoy-overloaded`, parsed once.
+const X_ENVOY_OVERLOADED: http::HeaderName = http::HeaderName::from_static("x-envoy-overloaded");
+/// `x-envoy-ratelimited`, parsed once.
+const X_ENVOY_RATELIMITED: http::HeaderName = http::HeaderName::from_static("x-envoy-ratelimited");
+/// `grpc-status`, parsed once.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 impl RetryPolicy {
     /// istiod's default outbound route policy (no VirtualService retries configured):
     /// `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes` on 503,
@@ -295,60 +302,62 @@ impl RetryPolicy {
                 on.any(RetryOn::HTTP_5XX | RetryOn::GATEWAY_ERROR | RetryOn::RESET)
             }
             AttemptOutcome::Response { status, headers } => {
-                if headers
-                    .get("x-envoy-overloaded")
-                    .is_some_and(|v| v.as_bytes() == b"true")
-                {
-                    return false;
-                }
-                if on.any(RetryOn::HTTP_5XX) && (500..600).contains(&status) {
-                    return true;
-                }
-                if on.any(RetryOn::GATEWAY_ERROR) && matches!(status, 502..=504) {
-                    return true;
-                }
-                if on.any(RetryOn::RETRIABLE_4XX) && status == 409 {
-                    return true;
-                }
-                if on.any(RetryOn::ENVOY_RATELIMITED) && headers.contains_key("x-envoy-ratelimited")
-                {
-                    return true;
-                }
-                if on.any(RetryOn::RETRIABLE_STATUS_CODES)
-                    && self.retriable_status_codes.contains(&status)
-                {
-                    return true;
-                }
-                if on.any(RetryOn::RETRIABLE_HEADERS) && !self.retriable_headers.is_empty() {
-                    let view = RequestView::new("", "", headers);
-                    if self.retriable_headers.iter().any(|m| m.matches(&view)) {
-                        return true;
-                    }
-                }
-                let grpc = RetryOn::GRPC_CANCELLED
-                    | RetryOn::GRPC_DEADLINE_EXCEEDED
-                    | RetryOn::GRPC_INTERNAL
-                    | RetryOn::GRPC_RESOURCE_EXHAUSTED
-                    | RetryOn::GRPC_UNAVAILABLE;
-                if on.any(grpc)
-                    && let Some(code) = headers
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u32>().ok())
-                {
-                    let want = match code {
-                        1 => RetryOn::GRPC_CANCELLED,
-                        4 => RetryOn::GRPC_DEADLINE_EXCEEDED,
-                        8 => RetryOn::GRPC_RESOURCE_EXHAUSTED,
-                        13 => RetryOn::GRPC_INTERNAL,
-                        14 => RetryOn::GRPC_UNAVAILABLE,
-                        _ => RetryOn::NONE,
-                    };
-                    return on.any(want);
-                }
-                false
+                // `x-envoy-overloaded: true` vetoes a retry; looked up only when the
+                // response would otherwise be retried (most responses are not).
+                self.would_retry_response(status, headers)
+                    && !headers
+                        .get(X_ENVOY_OVERLOADED)
+                        .is_some_and(|v| v.as_bytes() == b"true")
             }
         }
+    }
+
+    fn would_retry_response(&self, status: u16, headers: &http::HeaderMap) -> bool {
+        let on = self.retry_on;
+        if on.any(RetryOn::HTTP_5XX) && (500..600).contains(&status) {
+            return true;
+        }
+        if on.any(RetryOn::GATEWAY_ERROR) && matches!(status, 502..=504) {
+            return true;
+        }
+        if on.any(RetryOn::RETRIABLE_4XX) && status == 409 {
+            return true;
+        }
+        if on.any(RetryOn::ENVOY_RATELIMITED) && headers.contains_key(X_ENVOY_RATELIMITED) {
+            return true;
+        }
+        if on.any(RetryOn::RETRIABLE_STATUS_CODES) && self.retriable_status_codes.contains(&status)
+        {
+            return true;
+        }
+        if on.any(RetryOn::RETRIABLE_HEADERS) && !self.retriable_headers.is_empty() {
+            let view = RequestView::new("", "", headers);
+            if self.retriable_headers.iter().any(|m| m.matches(&view)) {
+                return true;
+            }
+        }
+        let grpc = RetryOn::GRPC_CANCELLED
+            | RetryOn::GRPC_DEADLINE_EXCEEDED
+            | RetryOn::GRPC_INTERNAL
+            | RetryOn::GRPC_RESOURCE_EXHAUSTED
+            | RetryOn::GRPC_UNAVAILABLE;
+        if on.any(grpc)
+            && let Some(code) = headers
+                .get(GRPC_STATUS)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        {
+            let want = match code {
+                1 => RetryOn::GRPC_CANCELLED,
+                4 => RetryOn::GRPC_DEADLINE_EXCEEDED,
+                8 => RetryOn::GRPC_RESOURCE_EXHAUSTED,
+                13 => RetryOn::GRPC_INTERNAL,
+                14 => RetryOn::GRPC_UNAVAILABLE,
+                _ => RetryOn::NONE,
+            };
+            return on.any(want);
+        }
+        false
     }
 }
 

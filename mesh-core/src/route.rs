@@ -770,7 +770,7 @@ pub struct RouteConfig {
     pub name: String,
     /// Virtual hosts.
     pub virtual_hosts: Vec<VirtualHost>,
-    exact: HashMap<String, usize>,
+    exact: HashMap<String, usize, foldhash::fast::RandomState>,
     suffixes: Vec<(String, usize)>,
     prefixes: Vec<(String, usize)>,
     any: Option<usize>,
@@ -814,7 +814,7 @@ impl RouteConfig {
         virtual_hosts: Vec<VirtualHost>,
     ) -> Result<Self, RouteConfigError> {
         let name = name.into();
-        let mut exact = HashMap::new();
+        let mut exact = HashMap::default();
         let mut suffixes = Vec::new();
         let mut prefixes = Vec::new();
         let mut any = None;

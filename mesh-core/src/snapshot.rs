@@ -58,7 +58,7 @@ pub struct Snapshot {
     pub inbound: Option<InboundPolicy>,
     /// Last accepted xDS version per type URL (for debugging and metrics).
     pub xds_versions: BTreeMap<String, String>,
-    outbound_ports: HashMap<u16, OutboundProtocol>,
+    outbound_ports: HashMap<u16, OutboundProtocol, foldhash::fast::RandomState>,
 }
 
 /// Where the outbound side should send a request, or the local answer Envoy would give.
@@ -130,7 +130,7 @@ impl Snapshot {
         outbound_traffic_policy: OutboundTrafficPolicy,
         xds_versions: BTreeMap<String, String>,
     ) -> Self {
-        let mut outbound_ports = HashMap::new();
+        let mut outbound_ports = HashMap::default();
         let mut inbound = None;
         // Prefer 0.0.0.0 HTTP listeners over per-VIP ones for the same port: the request path
         // routes by port and Host, as Envoy's 0.0.0.0_<port> listener does.

@@ -13,7 +13,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use mesh_core::identity::PeerIdentity;
-use mesh_core::peer_metadata::{PEER_METADATA_HEADER, PEER_METADATA_ID_HEADER, PeerMetadata};
+use mesh_core::peer_metadata::{PEER_METADATA, PEER_METADATA_ID, PeerMetadata};
 use mesh_core::readiness::Readiness;
 use mesh_core::telemetry::WorkloadLabels;
 use pin_project::pin_project;
@@ -115,8 +115,15 @@ impl<S> InboundService<S> {
     /// the source labels they describe (`None` when absent or unreadable) and whether the
     /// request carried them (which decides `downstream_propagation`).
     fn discover_peer(&self, headers: &mut HeaderMap) -> (Option<Arc<WorkloadLabels>>, bool) {
-        let id = headers.remove(PEER_METADATA_ID_HEADER);
-        let Some(raw) = headers.remove(PEER_METADATA_HEADER) else {
+        // A name scan (no hashing) skips the removes for requests without the exchange.
+        if !headers
+            .keys()
+            .any(|k| *k == PEER_METADATA || *k == PEER_METADATA_ID)
+        {
+            return (None, false);
+        }
+        let id = headers.remove(PEER_METADATA_ID);
+        let Some(raw) = headers.remove(PEER_METADATA) else {
             return (None, id.is_some());
         };
         let cached = self.cached_peer.load();
@@ -282,8 +289,11 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// `grpc-status`, parsed once.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 fn grpc_status(headers: &HeaderMap) -> Option<u16> {
-    std::str::from_utf8(headers.get("grpc-status")?.as_bytes())
+    std::str::from_utf8(headers.get(GRPC_STATUS)?.as_bytes())
         .ok()?
         .trim()
         .parse()
@@ -425,8 +435,8 @@ where
                 }
                 if let Some(local) = &meter.propagate {
                     let h = response.headers_mut();
-                    h.insert(PEER_METADATA_ID_HEADER, local.id.clone());
-                    h.insert(PEER_METADATA_HEADER, local.metadata.clone());
+                    h.insert(PEER_METADATA_ID, local.id.clone());
+                    h.insert(PEER_METADATA, local.metadata.clone());
                 }
                 let status = response.status();
                 let mut pending = Pending {

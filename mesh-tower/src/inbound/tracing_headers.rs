@@ -34,15 +34,32 @@ pub const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentsp
 pub(crate) fn on_request(headers: &mut HeaderMap) {
     // Names are pre-parsed constants: a `&str` name is parsed and classified on every lookup,
     // which made this function the costliest step of the inbound request path (issue 7).
-    if let http::header::Entry::Vacant(e) = headers.entry(REQUEST_ID) {
-        e.insert(new_request_id());
+    // One pass over the names (comparisons only) finds which headers are present: a keyed
+    // lookup hashes the name, ~150 instructions each, and most requests carry none of these.
+    let (mut request_id, mut traceparent, mut b3_multi, mut b3_single) =
+        (false, false, false, false);
+    for k in headers.keys() {
+        if *k == REQUEST_ID {
+            request_id = true;
+        } else if *k == TRACEPARENT {
+            traceparent = true;
+        } else if *k == B3_SPAN_ID {
+            b3_multi = true;
+        } else if *k == B3 {
+            b3_single = true;
+        }
     }
-    if let Some(tp) = headers.get_mut(TRACEPARENT)
+    if !request_id {
+        headers.insert(REQUEST_ID, new_request_id());
+    }
+    if traceparent
+        && let Some(tp) = headers.get_mut(TRACEPARENT)
         && let Some(child) = traceparent_child(tp.as_bytes(), rand::random())
     {
         *tp = child;
     }
-    if let Some(span) = headers.get(B3_SPAN_ID)
+    if b3_multi
+        && let Some(span) = headers.get(B3_SPAN_ID)
         && is_hex(span.as_bytes(), &[16])
         && headers.contains_key(B3_TRACE_ID)
     {
@@ -50,7 +67,8 @@ pub(crate) fn on_request(headers: &mut HeaderMap) {
         headers.insert(B3_PARENT_SPAN_ID, parent);
         headers.insert(B3_SPAN_ID, hex_value(&rand::random::<u64>().to_be_bytes()));
     }
-    if let Some(b3) = headers.get_mut(B3)
+    if b3_single
+        && let Some(b3) = headers.get_mut(B3)
         && let Some(child) = b3_single_child(b3.as_bytes(), rand::random())
     {
         *b3 = child;

@@ -65,14 +65,19 @@ fn sha256(data: &[u8]) -> Vec<u8> {
 
 /// Applies APPEND_FORWARD: appends `element` (mTLS) or strips the header (no client cert).
 pub(crate) fn apply(headers: &mut HeaderMap, element: Option<&HeaderValue>) {
+    // Parsed once: a `&str` name would be parsed on every call.
+    const XFCC: http::HeaderName = http::HeaderName::from_static(XFCC_HEADER);
     match element {
         None => {
-            headers.remove(XFCC_HEADER);
+            // A name scan is cheaper than a hashed remove of an absent header.
+            if headers.keys().any(|k| *k == XFCC) {
+                headers.remove(XFCC);
+            }
         }
         Some(element) => {
-            let mut existing = headers.get_all(XFCC_HEADER).iter().peekable();
+            let mut existing = headers.get_all(&XFCC).iter().peekable();
             if existing.peek().is_none() {
-                headers.insert(XFCC_HEADER, element.clone());
+                headers.insert(XFCC, element.clone());
                 return;
             }
             let mut joined = Vec::new();
@@ -83,10 +88,10 @@ pub(crate) fn apply(headers: &mut HeaderMap, element: Option<&HeaderValue>) {
             joined.extend_from_slice(element.as_bytes());
             match HeaderValue::from_bytes(&joined) {
                 Ok(v) => {
-                    headers.insert(XFCC_HEADER, v);
+                    headers.insert(XFCC, v);
                 }
                 Err(_) => {
-                    headers.insert(XFCC_HEADER, element.clone());
+                    headers.insert(XFCC, element.clone());
                 }
             }
         }

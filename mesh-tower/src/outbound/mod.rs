@@ -27,7 +27,9 @@ mod pool;
 mod replay;
 mod telemetry;
 
-use std::collections::HashMap;
+/// The request path's internal maps: keys come from configuration (cluster names, endpoint
+/// addresses), so a fast hash fits; SipHash costs ~100 instructions per lookup.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -180,7 +182,7 @@ impl Outbound {
                 )),
                 peer_headers: telemetry::PeerHeaders::for_node(&node),
                 source,
-                clusters: ArcSwap::from_pointee(HashMap::new()),
+                clusters: ArcSwap::from_pointee(HashMap::default()),
                 clusters_write: Mutex::new(()),
             }),
             resolver: None,
@@ -226,7 +228,12 @@ impl Outbound {
         let authority = AuthorityBuf::of(&parts);
         let host = authority.as_str();
         let port = authority_port(host)
-            .or_else(|| parts.uri.port_u16())
+            .or_else(|| {
+                parts
+                    .uri
+                    .authority()
+                    .and_then(|a| authority_port(a.as_str()))
+            })
             .unwrap_or(80);
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
         let grpc = is_grpc(&parts.headers);
@@ -319,7 +326,9 @@ impl Outbound {
                 }
             };
             if let Some(d) = delay {
-                tokio::time::sleep(d).await;
+                // Cold paths are boxed: the request future stays small (it is moved, i.e.
+                // memcpy'd, several times per request).
+                Box::pin(tokio::time::sleep(d)).await;
                 delayed = true;
             }
             if let Some(a) = abort {
@@ -340,9 +349,9 @@ impl Outbound {
                             header::CONTENT_TYPE,
                             HeaderValue::from_static("application/grpc"),
                         );
-                        h.insert("grpc-status", HeaderValue::from(code));
+                        h.insert(GRPC_STATUS, HeaderValue::from(code));
                         if let Ok(v) = HeaderValue::from_str(&text) {
-                            h.insert("grpc-message", v);
+                            h.insert(GRPC_MESSAGE, v);
                         }
                         r
                     }
@@ -421,7 +430,7 @@ impl Outbound {
             replay = Some(replay::Replay::empty());
             once_body = Some(body);
         } else if keep_body {
-            match replay::buffer(body, fwd.retry_buffer_limit).await {
+            match Box::pin(replay::buffer(body, fwd.retry_buffer_limit)).await {
                 Ok(r) => replay = Some(r),
                 Err(replay::Overflow::Limit(b)) => {
                     tracing::debug!(
@@ -533,10 +542,11 @@ impl Outbound {
             let mut active: Option<ActiveRequest> = None;
             let mut live: Option<(Arc<BalancerEntry>, Arc<HostState>)> = None;
             let picked = match (&cluster.discovery, &fwd.endpoints) {
-                (ClusterDiscovery::OriginalDestination, _) => self
-                    .original_destination(host, port)
-                    .await
-                    .map(|addr| (addr, EndpointTlsMode::Disabled, None)),
+                (ClusterDiscovery::OriginalDestination, _) => {
+                    Box::pin(self.original_destination(host, port))
+                        .await
+                        .map(|addr| (addr, EndpointTlsMode::Disabled, None))
+                }
                 (_, Some(set)) => {
                     let entry = self.inner.balancer(&state, set);
                     if let Some(d) = &state.outlier {
@@ -708,7 +718,7 @@ impl Outbound {
                 drop(result);
                 if let Some(p) = retry {
                     let wait = p.back_off.delay(attempt, rand::random::<u64>());
-                    tokio::time::sleep(wait).await;
+                    Box::pin(tokio::time::sleep(wait)).await;
                 }
                 continue;
             }
@@ -995,7 +1005,7 @@ impl Inner {
                 name: s.name.clone(),
                 namespace: s.namespace.clone(),
             }),
-            hosts: ArcSwap::from_pointee(HashMap::new()),
+            hosts: ArcSwap::from_pointee(HashMap::default()),
             hosts_write: Mutex::new(()),
             tls: Mutex::new(Vec::new()),
         });
@@ -1099,7 +1109,7 @@ impl Inner {
                 .map(|(k, v)| (*k, v.clone()))
                 .collect(),
             // Original destination: keep a bounded number of hosts.
-            None if current.len() >= 256 => HashMap::new(),
+            None if current.len() >= 256 => HashMap::default(),
             None => (**current).clone(),
         };
         next.insert(key, pool.clone());
@@ -1242,6 +1252,11 @@ fn rewrite_path(parts: &mut http::request::Parts, path_and_query: &str) {
     }
 }
 
+/// `grpc-status`.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+/// `grpc-message`.
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
 /// `x-envoy-attempt-count`.
 const X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 
@@ -1313,13 +1328,7 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers
-        .get("grpc-status")?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    headers.get(GRPC_STATUS)?.to_str().ok()?.trim().parse().ok()
 }
 
 /// Approximate wire size of a header block (what Istio's byte histograms count on top of
@@ -1341,8 +1350,14 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::TE,
 ];
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.iter().any(|h| h == name)
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.is_empty() {
+    // One pass over the names (comparisons, no hashing); most requests and responses have
+    // none of these headers.
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     if let Some(c) = headers.get(header::CONNECTION) {

@@ -501,6 +501,14 @@ impl HostPool {
         Ok(H1Conn { sender, peer })
     }
 
+    /// The host's HTTP/2 connection, when one is open.
+    fn h2_ready(&self) -> Option<H2Conn> {
+        lock(&self.h2)
+            .as_ref()
+            .filter(|c| !c.sender.is_closed())
+            .cloned()
+    }
+
     async fn h2_conn(self: &Arc<Self>, p: &ConnectParams<'_>) -> Result<(H2Conn, bool), SendError> {
         if let Some(c) = lock(&self.h2).as_ref().filter(|c| !c.sender.is_closed()) {
             return Ok((c.clone(), true));
@@ -576,7 +584,9 @@ impl HostPool {
             Proto::Http1 => loop {
                 let (mut conn, reused) = match self.take_idle() {
                     Some(c) => (c, true),
-                    None => self.new_h1(p).await?,
+                    // Connecting is the cold path: boxed, so the per-request future stays
+                    // small (it is moved several times per request).
+                    None => Box::pin(self.new_h1(p)).await?,
                 };
                 if reused && conn.sender.ready().await.is_err() {
                     continue;
@@ -601,7 +611,10 @@ impl HostPool {
             Proto::Http2 => {
                 let mut retried = false;
                 loop {
-                    let (mut conn, reused) = self.h2_conn(p).await?;
+                    let (mut conn, reused) = match self.h2_ready() {
+                        Some(c) => (c, true),
+                        None => Box::pin(self.h2_conn(p)).await?,
+                    };
                     let ready = conn.sender.ready().await;
                     let result = match ready {
                         Ok(()) => conn.sender.try_send_request(req).await,

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderValue};
 use mesh_core::endpoint::{EndpointTlsMode, WorkloadMetadata};
 use mesh_core::flags::ResponseFlag;
 use mesh_core::identity::NodeIdentity;
@@ -22,10 +22,7 @@ use metrics::{Counter, Gauge, Histogram, Label};
 
 use crate::telemetry::RequestMetrics;
 
-/// `x-envoy-peer-metadata-id`.
-const PEER_ID: HeaderName = HeaderName::from_static("x-envoy-peer-metadata-id");
-/// `x-envoy-peer-metadata`.
-const PEER_METADATA: HeaderName = HeaderName::from_static("x-envoy-peer-metadata");
+use mesh_core::peer_metadata::{PEER_METADATA, PEER_METADATA_ID as PEER_ID};
 
 /// The peer metadata headers this workload sends to Istio peers, encoded once at startup
 /// (Istio's `upstream_propagation: istio_headers`).
@@ -72,7 +69,8 @@ impl PeerHeaders {
 /// `upstream_discovery: istio_headers`): the application never sees them; the metadata
 /// becomes the `destination_*` labels of `record`.
 pub(crate) fn discover_upstream_peer(headers: &mut HeaderMap, record: Option<&mut Record>) {
-    if headers.is_empty() {
+    // A name scan (no hashing) skips the removes for responses without the exchange.
+    if !headers.keys().any(|k| *k == PEER_METADATA || *k == PEER_ID) {
         return;
     }
     headers.remove(PEER_ID);
