@@ -34,7 +34,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{clk_tck, cpu_ticks, env, hello, median, rss_kib, serve_meshed_hello};
+use support::{clk_tck, cpu_ticks, env, hello, median, rss_kib, serve_meshed_hello, status_kib};
 
 #[path = "../tests/support/envoy.rs"]
 mod envoy;
@@ -530,6 +530,14 @@ async fn orchestrate() {
         "meshed path is not serving: {probe:?}"
     );
 
+    // Private (anonymous) memory at idle: the binary's mapped text is shareable and counted
+    // apart, as ../shared/bench/RESULTS.md does for Envoy (≈51 MiB of its 65 MiB is the file).
+    let idle_anon: Vec<u64> = [Some(upstream.pid()), Some(mesh_server.pid())]
+        .into_iter()
+        .chain(envoy_pids.iter().map(|p| Some(*p)))
+        .flatten()
+        .map(|p| status_kib(p, "RssAnon"))
+        .collect();
     let idle_rss: Vec<(&str, u64)> = vec![
         ("upstream (bare app)", rss_kib(upstream.pid())),
         ("mesh-server (app + mesh)", rss_kib(mesh_server.pid())),
@@ -716,6 +724,15 @@ async fn orchestrate() {
     println!(
         "mesh added at idle: {:+.1} MiB (meshed server process over the bare upstream process)",
         (idle_rss[1].1 as f64 - idle_rss[0].1 as f64) / 1024.0
+    );
+    println!(
+        "private (RssAnon) at idle, MiB: {}; mesh added {:+.1} MiB",
+        idle_anon
+            .iter()
+            .map(|k| format!("{:.1}", *k as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        (idle_anon[1] as f64 - idle_anon[0] as f64) / 1024.0
     );
     println!(
         "load average before: {} after: {}",

@@ -34,10 +34,16 @@ pub fn cpu_ticks(pid: u32) -> u64 {
 
 /// Resident memory of `pid` in KiB (`VmRSS`), 0 when the process is gone.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// A KiB field of `/proc/<pid>/status` (`VmRSS`, `RssAnon`: private memory, `RssFile`: mapped
+/// files such as the binary's text, shareable between processes), 0 when absent.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
 }
