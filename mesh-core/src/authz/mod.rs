@@ -261,19 +261,29 @@ impl DynamicMetadata {
 }
 
 impl AuthzRequest<'_> {
-    fn header(&self, name: &str) -> Option<String> {
+    /// The header's value as Envoy's RBAC matcher sees it: pseudo-headers from the request
+    /// line, repeated headers joined with `,` (borrowed unless joining is needed).
+    fn header(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+        use std::borrow::Cow;
         let headers = self.headers?;
         match name {
-            ":method" => return Some(self.method.to_owned()),
-            ":path" => return Some(self.path.to_owned()),
-            ":authority" | "host" => return Some(self.authority.to_owned()),
-            ":scheme" => return Some(self.scheme.to_owned()),
+            ":method" => return Some(Cow::Borrowed(self.method)),
+            ":path" => return Some(Cow::Borrowed(self.path)),
+            ":authority" | "host" => return Some(Cow::Borrowed(self.authority)),
+            ":scheme" => return Some(Cow::Borrowed(self.scheme)),
             _ => {}
         }
-        let mut values = headers.get_all(name).iter().peekable();
-        values.peek()?;
-        let joined: Vec<&str> = values.map(|v| v.to_str().unwrap_or("")).collect();
-        Some(joined.join(","))
+        let mut values = headers.get_all(name).iter();
+        let first = values.next()?.to_str().unwrap_or("");
+        let Some(second) = values.next() else {
+            return Some(Cow::Borrowed(first));
+        };
+        let mut joined = String::from(first);
+        for v in std::iter::once(second).chain(values) {
+            joined.push(',');
+            joined.push_str(v.to_str().unwrap_or(""));
+        }
+        Some(Cow::Owned(joined))
     }
 
     fn filter_state(&self, key: &str) -> Option<&str> {
