@@ -241,12 +241,14 @@ impl ConnectionLabels {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b) || **a == **b,
             _ => false,
         };
-        let handles = match guard.as_ref() {
-            Some(h) if h.key == key && same_source(h) => Arc::clone(h),
+        // The current handles are used in place (no reference count traffic per request).
+        let fresh;
+        let handles: &Handles = match guard.as_ref() {
+            Some(h) if h.key == key && same_source(h) => h,
             _ => {
-                let fresh = Arc::new(self.register(key, peer.cloned()));
+                fresh = Arc::new(self.register(key, peer.cloned()));
                 self.last.store(Some(Arc::clone(&fresh)));
-                fresh
+                &fresh
             }
         };
         handles.requests.increment(1);

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::{HeaderMap, HeaderValue};
@@ -155,6 +155,16 @@ impl ClusterStats {
         }
     }
 
+    /// Counts one response with `code` in `envoy_cluster_upstream_rq{envoy_response_code}`
+    /// (a registered handle is used in place, without a clone).
+    fn count_code(&self, code: u16) {
+        if let Some((_, c)) = self.rq_code.load().iter().find(|(k, _)| *k == code) {
+            c.increment(1);
+            return;
+        }
+        self.code_counter(code).increment(1);
+    }
+
     fn code_counter(&self, code: u16) -> Counter {
         if let Some((_, c)) = self.rq_code.load().iter().find(|(k, _)| *k == code) {
             return c.clone();
@@ -185,7 +195,7 @@ impl ClusterStats {
             if let Some(c) = self.rq_xx.get(usize::from(code / 100).wrapping_sub(1)) {
                 c.increment(1);
             }
-            self.code_counter(code).increment(1);
+            self.count_code(code);
         }
         self.rq_time.record(ms);
         let active = self.live.rq_active.load(Ordering::Relaxed);
@@ -238,6 +248,19 @@ struct Key {
     principal: Option<Arc<str>>,
     host: Option<Box<str>>,
     peer: Option<Arc<WorkloadLabels>>,
+}
+
+impl Key {
+    /// Whether `r` (whose destination host is `host`) has this outcome.
+    fn matches(&self, r: &Record, host: Option<&str>) -> bool {
+        self.code == r.code
+            && self.flag == r.flag
+            && self.grpc == r.grpc
+            && self.grpc_status == r.grpc_status
+            && self.principal == r.principal
+            && self.host.as_deref() == host
+            && same_peer(&self.peer, &r.peer)
+    }
 }
 
 fn same_peer(a: &Option<Arc<WorkloadLabels>>, b: &Option<Arc<WorkloadLabels>>) -> bool {
@@ -363,22 +386,30 @@ impl LabelBase {
         self.service.is_none()
     }
 
-    fn metrics(&self, r: &Record) -> RequestMetrics {
-        let host = if self.service.is_none() {
+    /// Records the request into the handles of its outcome: cached handles are used in place
+    /// (cloning them costs four atomic increments and decrements per request).
+    fn record(&self, r: &Record, duration: Duration, request_bytes: u64, response_bytes: u64) {
+        let host = self.host_of(r);
+        if let Some(c) = self.cache.load().iter().find(|c| c.key.matches(r, host)) {
+            c.metrics.record(duration, request_bytes, response_bytes);
+            return;
+        }
+        self.metrics(r)
+            .record(duration, request_bytes, response_bytes);
+    }
+
+    /// The request host, when it names the destination service.
+    fn host_of<'r>(&self, r: &'r Record) -> Option<&'r str> {
+        if self.service.is_none() {
             r.host.as_deref()
         } else {
             None
-        };
-        let matches = |k: &Key| {
-            k.code == r.code
-                && k.flag == r.flag
-                && k.grpc == r.grpc
-                && k.grpc_status == r.grpc_status
-                && k.principal == r.principal
-                && k.host.as_deref() == host
-                && same_peer(&k.peer, &r.peer)
-        };
-        if let Some(c) = self.cache.load().iter().find(|c| matches(&c.key)) {
+        }
+    }
+
+    fn metrics(&self, r: &Record) -> RequestMetrics {
+        let host = self.host_of(r);
+        if let Some(c) = self.cache.load().iter().find(|c| c.key.matches(r, host)) {
             return c.metrics.clone();
         }
         // The upstream's own metadata, when it sent some, names the destination workload;
@@ -456,9 +487,9 @@ pub(crate) struct Record {
 
 impl Record {
     pub(crate) fn finish(self, response_bytes: u64) {
-        let m = self.labels.metrics(&self);
         let elapsed = self.start.elapsed();
-        m.record(elapsed, self.request_bytes, response_bytes);
+        self.labels
+            .record(&self, elapsed, self.request_bytes, response_bytes);
         if let Some(c) = &self.labels.cluster {
             c.record(self.code, elapsed.as_secs_f64() * 1000.0);
         }
