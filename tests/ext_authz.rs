@@ -204,13 +204,22 @@ async fn custom_action_consults_a_real_grpc_provider() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         l.local_addr().unwrap()
     };
+    // (A model push regenerates the listener without policies: push them again after it.)
     plane.cp.set_model(model(addr, dead, "ext-authz"));
+    push(&plane, &[custom(spec.clone())]).await;
     eventually("the stopped provider refuses calls", || async {
         let (status, _, body) = get(addr, "/ext/a", true).await;
         (status == 403 && body.is_empty()).then_some(())
     })
     .await;
-    assert_eq!(app.hits(), hits);
+    let hits = app.hits();
+    let (status, head, body) = get(addr, "/ext/a", true).await;
+    assert_eq!((status, body.as_str()), (403, ""), "{head}");
+    assert_eq!(
+        app.hits(),
+        hits,
+        "the app was reached while the provider was down"
+    );
 
     // A custom statusOnError.
     let mut on_error = spec.clone();
