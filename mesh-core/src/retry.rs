@@ -305,9 +305,9 @@ impl RetryPolicy {
                 // `x-envoy-overloaded: true` vetoes a retry; looked up only when the
                 // response would otherwise be retried (most responses are not).
                 self.would_retry_response(status, headers)
-                    && !headers
+                    && headers
                         .get(X_ENVOY_OVERLOADED)
-                        .is_some_and(|v| v.as_bytes() == b"true")
+                        .is_none_or(|v| v.as_bytes() != b"true")
             }
         }
     }
