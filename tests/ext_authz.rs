@@ -87,9 +87,16 @@ impl App {
 
 /// A plaintext HTTP/1.1 request: (status, raw response head, body).
 async fn get(addr: SocketAddr, path: &str, allow: bool) -> (u16, String, String) {
+    get_with(addr, path, if allow { Some("allow") } else { None }).await
+}
+
+/// [`get`] with any `x-ext-authz` value.
+async fn get_with(addr: SocketAddr, path: &str, verdict: Option<&str>) -> (u16, String, String) {
     timeout(WAIT, async {
         let mut tcp = TcpStream::connect(addr).await.unwrap();
-        let extra = if allow { "x-ext-authz: allow\r\n" } else { "" };
+        let extra = verdict
+            .map(|v| format!("x-ext-authz: {v}\r\n"))
+            .unwrap_or_default();
         let req =
             format!("GET {path} HTTP/1.1\r\nHost: backend\r\n{extra}Connection: close\r\n\r\n");
         tcp.write_all(req.as_bytes()).await.unwrap();
@@ -197,6 +204,15 @@ async fn custom_action_consults_a_real_grpc_provider() {
     let (status, _, _) = get(addr, "/x/../ext/a", false).await;
     assert_eq!(status, 403);
     assert_eq!(app.hits(), hits);
+
+    // A provider slower than the filter's timeout (Envoy's default 200 ms): status_on_error.
+    let (status, _, body) = get_with(addr, "/ext/a", Some("slow")).await;
+    assert_eq!((status, body.as_str()), (403, ""));
+    assert_eq!(
+        app.hits(),
+        hits,
+        "a request the provider did not answer reached the app"
+    );
 
     // Provider down (its endpoint refuses connections): status_on_error (403, empty body,
     // UAEX), nothing reaches the app.

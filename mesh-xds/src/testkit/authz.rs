@@ -979,7 +979,7 @@ pub fn jwt_authn_filter(rules: &[JwtRuleSpec]) -> Option<HttpFilter> {
 }
 
 /// A real `envoy.service.auth.v3.Authorization` gRPC server on 127.0.0.1 for CUSTOM tests:
-/// allows a request whose `x-ext-authz` header is `allow` (adding
+/// allows a request whose `x-ext-authz` header is `allow` (or, after 10 s, `slow`) (adding
 /// `x-ext-authz-check-result: allowed` and removing `x-ext-authz`), denies anything else with
 /// 403, body `denied by ext_authz for path <path>` and `x-ext-authz-check-result: denied` —
 /// the behaviour of Istio's sample `ext-authz` provider. Every CheckRequest it received is
@@ -1032,7 +1032,12 @@ impl envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorizat
             }),
             ..Default::default()
         };
-        let allowed = http.headers.get("x-ext-authz").map(String::as_str) == Some("allow");
+        let verdict = http.headers.get("x-ext-authz").map(String::as_str);
+        if verdict == Some("slow") {
+            // Answers (allow) only after any sane ext_authz timeout.
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        }
+        let allowed = matches!(verdict, Some("allow" | "slow"));
         let response = if allowed {
             PbCheckResponse {
                 status: Some(Status::default()),
