@@ -6,8 +6,9 @@
 //!   rotates: all three replicas, then two of them, in turn);
 //! * every workload certificate rotates about every 5 s (secret TTL 10 s, pilot-agent's 50 %
 //!   grace ratio), on the client and on every replica, through the real CA protocol;
-//! * one replica is restarted (SIGTERM, graceful drain, started again on the same port) at
-//!   40 % of the run.
+//! * one replica is restarted at 40 % of the run as Kubernetes restarts a pod: it leaves the
+//!   endpoints (not ready), gets SIGTERM and drains gracefully, starts again on the same port,
+//!   and rejoins the endpoints once its readiness port answers 200.
 //!
 //! It reports requests, failures (by status), certificate rotations seen by the CA, pushes,
 //! and the RSS of the client and of a replica that is never restarted, sampled every 2 s,
@@ -76,14 +77,21 @@ async fn run_replica() {
 
 struct Replica {
     port: u16,
+    ready_port: u16,
     child: Option<Child>,
     env: Vec<(&'static str, String)>,
 }
 
 impl Replica {
     fn spawn(port: u16, env: Vec<(&'static str, String)>) -> Replica {
+        let ready_port = env
+            .iter()
+            .find(|(k, _)| *k == "MESH_SOAK_READY_PORT")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
         let mut r = Replica {
             port,
+            ready_port,
             child: None,
             env,
         };
@@ -150,6 +158,29 @@ fn slope_kib_per_min(samples: &[(f64, u64)]) -> f64 {
         return f64::NAN;
     }
     num / den * 60.0
+}
+
+/// Waits (bounded, 30 s) until a replica's 15021-style port answers `/healthz/ready` with 200.
+async fn wait_ready(port: u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(mut c) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            let _ = c
+                .write_all(
+                    b"GET /healthz/ready HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+                )
+                .await;
+            let mut buf = [0u8; 16];
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), c.read(&mut buf)).await
+                && buf[..n].starts_with(b"HTTP/1.1 200")
+            {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("replica on ready port {port} never became ready");
 }
 
 fn model(ports: &[u16], members: &[usize]) -> MeshModel {
@@ -288,9 +319,13 @@ async fn orchestrate(full: bool) {
     }
 
     // Endpoint churn every 100 ms: all three, then each pair in turn.
+    // Replica 2 while it restarts: not ready, so out of the endpoints, as Kubernetes takes a
+    // terminating pod out of its Service's endpoints before and while it restarts.
+    let not_ready = Arc::new(AtomicBool::new(false));
     let churn = {
         let stop = Arc::clone(&stop);
         let cp = Arc::clone(&cp);
+        let not_ready = Arc::clone(&not_ready);
         tokio::spawn(async move {
             let sets: [&[usize]; 4] = [&[0, 1, 2], &[0, 1], &[1, 2], &[0, 2]];
             let mut pushes = 0u64;
@@ -300,7 +335,13 @@ async fn orchestrate(full: bool) {
                 .unwrap_or(true);
             while churn && !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
-                cp.set_model(model(&ports, sets[pushes as usize % sets.len()]));
+                let down = not_ready.load(Ordering::Relaxed);
+                let members: Vec<usize> = sets[pushes as usize % sets.len()]
+                    .iter()
+                    .copied()
+                    .filter(|&i| !(down && i == 2))
+                    .collect();
+                cp.set_model(model(&ports, &members));
                 pushes += 1;
             }
             cp.set_model(model(&ports, &[0, 1, 2]));
@@ -327,9 +368,13 @@ async fn orchestrate(full: bool) {
         let t = started.elapsed();
         if !restarted && t >= restart_at {
             restarted = true;
+            not_ready.store(true, Ordering::Relaxed);
+            tokio::time::sleep(CHURN_EVERY * 3).await;
             let r = &mut replicas[2];
             tokio::task::block_in_place(|| r.stop_gracefully());
             r.start();
+            wait_ready(r.ready_port).await;
+            not_ready.store(false, Ordering::Relaxed);
         }
         if rss
             .last()
