@@ -87,52 +87,6 @@ fn policies(allowed: &[&str]) -> Vec<AuthorizationPolicySpec> {
     ]
 }
 
-/// Accepts any server certificate: these clients test the servers' authorization.
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// One HTTP/1.1 request over Istio mTLS with `sa`'s certificate: (status, body).
 async fn mtls(
     ca: &TestCa,
@@ -148,7 +102,9 @@ async fn mtls(
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(Arc::new(ring::default_provider()))))
+        .with_custom_certificate_verifier(Arc::new(support::mesh::AcceptAnyServer(Arc::new(
+            ring::default_provider(),
+        ))))
         .with_client_auth_cert(
             vec![CertificateDer::from(c.leaf_der)],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.key_der)),
