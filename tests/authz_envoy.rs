@@ -29,14 +29,12 @@ use mesh::parts::xds::testkit::authz::{
 use mesh::parts::xds::testkit::ca::TestCa;
 use mesh::parts::xds::testkit::{EndpointSpec, MeshModel, Protocol, ServiceSpec};
 use rustls::crypto::ring;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::Value;
 use support::envoy::{
     EnvoyProcess, InboundMode, SidecarBootstrap, SidecarCerts, envoy_binary, free_port,
 };
-use support::mesh::{Echo, NS, Plane, WAIT, eventually, http_get, spiffe};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use support::mesh::{Echo, NS, Plane, WAIT, eventually, http_get, istio_mtls_request, spiffe};
 use tokio::time::timeout;
 
 const SERVER_FQDN: &str = "server.default.svc.cluster.local";
@@ -98,7 +96,7 @@ async fn mtls(
 ) -> Result<(u16, String), String> {
     let provider = Arc::new(ring::default_provider());
     let c = ca.issue(&spiffe(sa), Duration::from_secs(3600));
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
@@ -110,38 +108,13 @@ async fn mtls(
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.key_der)),
         )
         .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"istio-http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    timeout(WAIT, async {
-        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let name = ServerName::try_from("outbound_.8080_._.server.default.svc.cluster.local")
-            .map_err(|e| e.to_string())?;
-        let mut tls = connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: server\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        tls.write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut raw = Vec::new();
-        let _ = tls.read_to_end(&mut raw).await;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let status = text
-            .strip_prefix("HTTP/1.1 ")
-            .and_then(|r| r.get(..3))
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("no HTTP response: {text:?}"))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
-    })
+    istio_mtls_request(
+        config,
+        addr,
+        "outbound_.8080_._.server.default.svc.cluster.local",
+        &format!("{method} {path} HTTP/1.1\r\nHost: server\r\n{extra}"),
+    )
     .await
-    .unwrap_or_else(|_| Err("timed out".into()))
 }
 
 /// The Envoy bootstrap with `policies`' RBAC filters (as istiod renders them, converted to

@@ -19,9 +19,10 @@ use mesh::parts::xds::testkit::authz::{
 };
 use mesh::parts::xds::testkit::{EndpointSpec, MeshModel, Protocol, ServiceSpec};
 use rustls::crypto::ring;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use support::mesh::{
-    Echo, NS, Plane, WAIT, eventually, field, http_get, node, ready, spiffe, status_get,
+    Echo, NS, Plane, WAIT, eventually, field, http_get, istio_mtls_request, node, ready, spiffe,
+    status_get,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -59,7 +60,7 @@ async fn mtls(
         .with_custom_certificate_verifier(Arc::new(support::mesh::AcceptAnyServer(Arc::new(
             ring::default_provider(),
         ))));
-    let mut config = match identity {
+    let config = match identity {
         None => builder.with_no_client_auth(),
         Some(id) => {
             let c = plane.ca.issue(id, Duration::from_secs(3600));
@@ -71,38 +72,13 @@ async fn mtls(
                 .map_err(|e| e.to_string())?
         }
     };
-    config.alpn_protocols = vec![b"istio-http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    timeout(WAIT, async {
-        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let name = ServerName::try_from("outbound_.9080_._.backend.default.svc.cluster.local")
-            .map_err(|e| e.to_string())?;
-        let mut tls = connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: backend\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        tls.write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut raw = Vec::new();
-        let _ = tls.read_to_end(&mut raw).await;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let status = text
-            .strip_prefix("HTTP/1.1 ")
-            .and_then(|r| r.get(..3))
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("no HTTP response: {text:?}"))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
-    })
+    istio_mtls_request(
+        config,
+        addr,
+        "outbound_.9080_._.backend.default.svc.cluster.local",
+        &format!("{method} {path} HTTP/1.1\r\nHost: backend\r\n"),
+    )
     .await
-    .unwrap_or_else(|_| Err("timed out".into()))
 }
 
 /// Pushes `policies` into the plane's `virtualInbound` and waits until the server enforces

@@ -462,3 +462,44 @@ pub fn assert_refused(outcome: &Result<String, String>, what: &str) {
         );
     }
 }
+
+/// One HTTP/1.1 request over Istio mTLS (ALPN `istio-http/1.1`, SNI `sni`) to `addr` with
+/// `config`'s client identity: `head` is the request head without its final blank line
+/// (`GET /x HTTP/1.1\r\nHost: h\r\n…`); `Content-Length: 0` and `Connection: close` are
+/// added. Returns the status and the body, or why there was none.
+pub async fn istio_mtls_request(
+    mut config: rustls::ClientConfig,
+    addr: SocketAddr,
+    sni: &str,
+    head: &str,
+) -> Result<(u16, String), String> {
+    config.alpn_protocols = vec![b"istio-http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from(sni.to_owned()).map_err(|e| e.to_string())?;
+    timeout(WAIT, async {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let mut tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let req = format!("{head}Content-Length: 0\r\nConnection: close\r\n\r\n");
+        tls.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut raw = Vec::new();
+        let _ = tls.read_to_end(&mut raw).await;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("no HTTP response: {text:?}"))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out".into()))
+}
