@@ -35,8 +35,8 @@ struct Inner {
     stop: watch::Sender<bool>,
     status_addrs: Vec<(StatusPort, SocketAddr)>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// The ext_authz provider client registered for this mesh (registered weakly).
-    _ext_authz: Arc<dyn mesh_core::authz::ext_authz::ExternalAuthorizer>,
+    /// The CUSTOM action's provider client, given to every inbound listener of this mesh.
+    ext_authz: Arc<dyn mesh_core::authz::ext_authz::ExternalAuthorizer>,
 }
 
 impl Drop for Inner {
@@ -104,11 +104,10 @@ impl Mesh {
         }
 
         // The CUSTOM action's provider client (ext_authz over gRPC), resolving provider
-        // clusters in this mesh's snapshot; process-wide, as a pod has one sidecar.
+        // clusters in this mesh's snapshot.
         let ext_authz: Arc<dyn mesh_core::authz::ext_authz::ExternalAuthorizer> = Arc::new(
             mesh_xds::translate::ext_authz::GrpcExtAuthorizer::new(cell.clone()),
         );
-        mesh_tower::inbound::authz::ext_authz::install(&ext_authz);
 
         let mut ads = mesh_xds::ads::AdsClient::new(
             mesh_xds::ads::AdsConfig {
@@ -217,7 +216,7 @@ impl Mesh {
                 stop,
                 status_addrs,
                 tasks: Mutex::new(tasks),
-                _ext_authz: ext_authz,
+                ext_authz,
             }),
         };
         {
@@ -340,6 +339,7 @@ impl Mesh {
             node: self.inner.builder.config.node.clone(),
             header_read_timeout: None,
             drain: Some(self.inner.readiness.clone()),
+            ext_authz: Some(Arc::clone(&self.inner.ext_authz)),
         };
         mesh_tower::inbound::serve(
             listener,

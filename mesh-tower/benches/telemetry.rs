@@ -130,6 +130,7 @@ async fn inbound_client() -> hyper::client::conn::http1::SendRequest<Empty<Bytes
         node: node(),
         header_read_timeout: None,
         drain: None,
+        ext_authz: None,
     };
     let app = tower::service_fn(|_req: Request<Incoming>| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))

@@ -85,6 +85,7 @@ where
         node,
         header_read_timeout: None,
         drain: None,
+        ext_authz: None,
     };
     let done = tokio::spawn(inbound::serve(listener, app, cell, certs, config, async {
         let _ = stopped.await;
@@ -704,6 +705,7 @@ async fn header_read_timeout_closes_slow_clients() {
         node: node("slowloris-v1"),
         header_read_timeout: Some(Duration::from_millis(200)),
         drain: None,
+        ext_authz: None,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(inbound::serve(

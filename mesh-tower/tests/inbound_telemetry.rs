@@ -49,6 +49,7 @@ async fn start(node: NodeIdentity, port: u16) -> (SocketAddr, oneshot::Sender<()
         node,
         header_read_timeout: None,
         drain: None,
+        ext_authz: None,
     };
     tokio::spawn(inbound::serve(
         listener,

@@ -159,6 +159,7 @@ async fn every_envoy_family_mesh_emits_exists_in_real_envoy_with_the_same_labels
         node,
         header_read_timeout: None,
         drain: None,
+        ext_authz: None,
     };
     tokio::spawn(inbound::serve(
         mesh_listener,

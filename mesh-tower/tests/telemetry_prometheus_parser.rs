@@ -283,6 +283,7 @@ async fn status_ports_parse_and_istio_requests_total_matches_istios_templates() 
         node: server_node(),
         header_read_timeout: None,
         drain: None,
+        ext_authz: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(inbound::serve(

@@ -36,6 +36,8 @@ pub(crate) struct ConnectionAuthz {
     pub(crate) peer_principal: Option<String>,
     pub(crate) peer_authenticated: bool,
     pub(crate) local_principal: Option<String>,
+    /// The CUSTOM action's provider client ([`super::InboundConfig::ext_authz`]).
+    pub(crate) ext_authz: Option<Arc<dyn mesh_core::authz::ext_authz::ExternalAuthorizer>>,
 }
 
 /// What the inbound path answers instead of calling the application.

@@ -15,7 +15,7 @@
 //! meshes in one process then work as long as their provider clusters differ). Without one,
 //! every check fails as a provider that cannot be reached.
 
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Request};
 use hyper::body::Incoming;
@@ -23,29 +23,6 @@ use mesh_core::authz::ext_authz::{CheckRequest, CheckResponse, ExtAuthzError, Ex
 use mesh_core::authz::{AuthzFilter, DynamicMetadata, ExtAuthz};
 
 use super::{ConnectionAuthz, LocalReply, UAEX_FLAG, denied, request_authority, request_scheme};
-
-static AUTHORIZERS: RwLock<Vec<Weak<dyn ExternalAuthorizer>>> = RwLock::new(Vec::new());
-
-/// Registers an ext_authz provider client for as long as the caller keeps `authorizer`
-/// alive (the registry holds it weakly).
-pub fn install(authorizer: &Arc<dyn ExternalAuthorizer>) {
-    let mut all = AUTHORIZERS
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    all.retain(|w| w.strong_count() > 0);
-    all.push(Arc::downgrade(authorizer));
-}
-
-/// The live provider clients, newest first.
-pub fn installed() -> Vec<Arc<dyn ExternalAuthorizer>> {
-    AUTHORIZERS
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .iter()
-        .rev()
-        .filter_map(Weak::upgrade)
-        .collect()
-}
 
 /// A request stopped at an enabled ext_authz filter.
 #[derive(Debug)]
@@ -101,16 +78,16 @@ fn check_request(authz: &ConnectionAuthz, req: &Request<Incoming>, tls: bool) ->
     }
 }
 
-async fn call(ext: &ExtAuthz, request: CheckRequest) -> Result<CheckResponse, ExtAuthzError> {
+async fn call(
+    authorizer: Option<&Arc<dyn ExternalAuthorizer>>,
+    ext: &ExtAuthz,
+    request: CheckRequest,
+) -> Result<CheckResponse, ExtAuthzError> {
     let check = async {
-        let mut outcome = Err(ExtAuthzError::NoClient);
-        for authorizer in installed() {
-            outcome = authorizer.check(ext, request.clone()).await;
-            if !matches!(outcome, Err(ExtAuthzError::NoEndpoint { .. })) {
-                break;
-            }
+        match authorizer {
+            Some(a) => a.check(ext, request).await,
+            None => Err(ExtAuthzError::NoClient),
         }
-        outcome
     };
     match tokio::time::timeout(ext.effective_timeout(), check).await {
         Ok(result) => result,
@@ -187,7 +164,13 @@ pub(crate) async fn resume(
         let Some(AuthzFilter::ExtAuthz(ext)) = authz.chain.filters.get(filter) else {
             return (req, Some(denied(None, filter)));
         };
-        match call(ext, check_request(&authz, &req, tls)).await {
+        match call(
+            authz.ext_authz.as_ref(),
+            ext,
+            check_request(&authz, &req, tls),
+        )
+        .await
+        {
             Ok(CheckResponse::Allow {
                 headers_to_add,
                 headers_to_remove,

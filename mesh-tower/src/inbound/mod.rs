@@ -84,6 +84,9 @@ pub struct InboundConfig {
     /// callers move their keep-alive connections off this workload before the listener stops,
     /// instead of racing a request against the close of an idle connection.
     pub drain: Option<Readiness>,
+    /// The client CUSTOM AuthorizationPolicies call (ext_authz); `None` answers them as an
+    /// unreachable provider would (`status_on_error`, or allowed with `failure_mode_allow`).
+    pub ext_authz: Option<Arc<dyn mesh_core::authz::ext_authz::ExternalAuthorizer>>,
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains gracefully.
@@ -248,6 +251,7 @@ impl Shared {
             peer_principal: peer.and_then(|p| p.uri_sans.first().cloned()),
             peer_authenticated: peer.is_some(),
             local_principal: Some(self.config.node.spiffe_id().to_string()),
+            ext_authz: self.config.ext_authz.clone(),
         }))
     }
 
