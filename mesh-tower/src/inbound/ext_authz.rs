@@ -8,12 +8,10 @@
 //! `status_on_error` (403 by default) — or lets the request through with
 //! `failure_mode_allow`.
 //!
-//! The provider clients are registered process-wide ([`install`]): the gRPC
+//! The provider client comes from [`super::super::InboundConfig::ext_authz`]: the gRPC
 //! `Authorization/Check` client lives in mesh-xds behind [`ExternalAuthorizer`] (protobuf stays
-//! there), and each `mesh` runtime registers one resolving provider clusters in its own
-//! snapshot. A check goes to the newest live client that knows the filter's cluster (several
-//! meshes in one process then work as long as their provider clusters differ). Without one,
-//! every check fails as a provider that cannot be reached.
+//! there), and each `mesh` runtime hands its listeners one that resolves provider clusters in
+//! its own snapshot. Without one, every check fails as a provider that cannot be reached.
 
 use std::sync::Arc;
 
