@@ -7,6 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# CI builds once from a fresh clone: incremental caches only cost disk there.
+if [[ -n "${CI:-}" ]]; then
+  export CARGO_INCREMENTAL=0
+fi
+
 if [[ -z "${ENVOY_BIN:-}" ]]; then
   if ENVOY_BIN=$(scripts/install-envoy.sh 2>/tmp/mesh-install-envoy.log); then
     export ENVOY_BIN
