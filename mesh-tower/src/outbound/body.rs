@@ -28,6 +28,9 @@ pub struct OutboundBody {
 pub(crate) struct InFlight {
     pub host: Option<mesh_core::lb::ActiveRequest>,
     pub cluster: Option<CounterGuard>,
+    /// The answering upstream attempt (dropped after the breaker slot, so the cluster's
+    /// `rq_open` gauge sees the slot freed).
+    pub attempt: Option<super::telemetry::Attempt>,
 }
 
 /// Holds one unit of a counter until dropped.

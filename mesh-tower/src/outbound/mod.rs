@@ -657,6 +657,8 @@ impl Outbound {
                 timeout: cluster.connect_timeout,
                 limits: &state.conn_limits,
             };
+            // Envoy's cluster stats count every attempt (telemetry::Attempt).
+            let mut attempt_stats = host_pool.labels.attempt_started();
             let send = host_pool.send(req, proto, &params);
             let result = match fwd.per_try_timeout {
                 Some(t) => tokio::time::timeout(t, send).await.ok(),
@@ -675,6 +677,13 @@ impl Outbound {
                     refused_stream: is_refused_stream(e),
                 },
             };
+            if !matches!(
+                result,
+                Some(Err(SendError::Connect(_) | SendError::Overflow))
+            ) && let Some(a) = &attempt_stats
+            {
+                a.sent();
+            }
             if let (Some(d), Some((entry, h))) = (&state.outlier, &live) {
                 let r = match &outcome {
                     AttemptOutcome::Response { status, .. } => Some(OutlierResult::Http(*status)),
@@ -715,6 +724,12 @@ impl Outbound {
                     "retrying upstream request"
                 );
                 tried.push(addr);
+                if let Some(a) = attempt_stats.take() {
+                    a.retried(match &result {
+                        Some(Ok((r, _, _))) => Some(r.status().as_u16()),
+                        _ => None,
+                    });
+                }
                 drop(result);
                 if let Some(p) = retry {
                     let wait = p.back_off.delay(attempt, rand::random::<u64>());
@@ -734,9 +749,24 @@ impl Outbound {
                 ResponseFlag::None
             };
             drop(retry_guard.take());
+            if let Some(a) = attempt_stats.as_mut() {
+                let (code, upstream) = match &result {
+                    None => (504, false),
+                    Some(Ok((r, _, _))) => (r.status().as_u16(), true),
+                    Some(Err(_)) => (503, false),
+                };
+                let end = match (exhausted, overflowed, attempt > 1) {
+                    (true, _, _) => telemetry::RetryEnd::LimitExceeded,
+                    (_, true, _) => telemetry::RetryEnd::Overflow,
+                    (_, _, true) => telemetry::RetryEnd::Success,
+                    _ => telemetry::RetryEnd::None,
+                };
+                a.answered(code, upstream, end);
+            }
             let guards = InFlight {
                 host: active,
                 cluster: rq_guard.take(),
+                attempt: attempt_stats,
             };
             let mut record = self.record_unless(
                 fwd.shadow,

@@ -88,7 +88,8 @@ struct CachedPeer {
     labels: Option<Arc<WorkloadLabels>>,
 }
 
-/// A cluster's live state sampled into the `envoy_cluster_*` gauges when a request ends.
+/// A cluster's live state sampled into the `envoy_cluster_*` gauges when an attempt starts
+/// and ends.
 pub(crate) struct ClusterLive {
     /// Requests in flight to the cluster.
     pub rq_active: Arc<AtomicU32>,
@@ -99,19 +100,111 @@ pub(crate) struct ClusterLive {
     pub ejected: Option<Arc<AtomicUsize>>,
 }
 
+/// Envoy's response-code stats under one prefix: `<prefix>upstream_rq{envoy_response_code}`,
+/// `<prefix>upstream_rq_xx{envoy_response_code_class}` and `<prefix>upstream_rq_completed`
+/// (Envoy's `CodeStats::chargeResponseStat`; the prefix is empty for the answered attempt and
+/// `retry_` for an attempt whose response was retried).
+struct CodeStats {
+    rq: &'static str,
+    completed: Counter,
+    /// Classes 1..=5.
+    xx: [Counter; 5],
+    /// Per-code handles, registered on first use.
+    code: ArcSwap<Vec<(u16, Counter)>>,
+}
+
+impl CodeStats {
+    fn register(prefix: &'static str, name: &str) -> Self {
+        let (rq, completed, xx) = match prefix {
+            "" => (
+                "envoy_cluster_upstream_rq",
+                "envoy_cluster_upstream_rq_completed",
+                "envoy_cluster_upstream_rq_xx",
+            ),
+            _ => (
+                "envoy_cluster_retry_upstream_rq",
+                "envoy_cluster_retry_upstream_rq_completed",
+                "envoy_cluster_retry_upstream_rq_xx",
+            ),
+        };
+        let class = |c: &'static str| {
+            metrics::counter!(
+                xx,
+                [
+                    Label::new("envoy_response_code_class", c),
+                    Label::new("envoy_cluster_name", name.to_owned()),
+                ]
+                .iter()
+            )
+        };
+        CodeStats {
+            rq,
+            completed: metrics::counter!(completed, cluster_label(name).iter()),
+            xx: [class("1"), class("2"), class("3"), class("4"), class("5")],
+            code: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+
+    /// Charges one response with `code` (a registered handle is used in place).
+    fn charge(&self, code: u16, cluster: &str) {
+        self.completed.increment(1);
+        if let Some(c) = self.xx.get(usize::from(code / 100).wrapping_sub(1)) {
+            c.increment(1);
+        }
+        if let Some((_, c)) = self.code.load().iter().find(|(k, _)| *k == code) {
+            c.increment(1);
+            return;
+        }
+        self.code_counter(code, cluster).increment(1);
+    }
+
+    fn code_counter(&self, code: u16, cluster: &str) -> Counter {
+        if let Some((_, c)) = self.code.load().iter().find(|(k, _)| *k == code) {
+            return c.clone();
+        }
+        let c = metrics::counter!(
+            self.rq,
+            [
+                Label::new("envoy_response_code", code.to_string()),
+                Label::new("envoy_cluster_name", cluster.to_owned()),
+            ]
+            .iter()
+        );
+        self.code.rcu(|v| {
+            let mut v = Vec::clone(v);
+            if !v.iter().any(|(k, _)| *k == code) {
+                v.push((code, c.clone()));
+            }
+            v
+        });
+        c
+    }
+}
+
 /// Envoy's per-cluster stats, named and labelled as Envoy's `/stats/prometheus` has them
 /// (`envoy_cluster_<stat>{envoy_cluster_name="outbound|9080||reviews.default.svc.cluster.local"}`),
-/// registered once: recording a request is a handful of atomic updates.
+/// registered once: recording an attempt is a handful of atomic updates.
+///
+/// As in Envoy, the request families count upstream *attempts* (every retry is one more
+/// upstream request), while Istio's `istio_requests_total` counts the downstream request once:
+/// `upstream_rq_total` counts attempts that reached an upstream connection (not connect
+/// failures), the answered attempt's code goes to `upstream_rq{code}` / `_xx` / `_completed`,
+/// a retried response's code to `retry_upstream_rq{code}` / `_xx` / `_completed`,
+/// `upstream_rq_time` is the answered attempt's time to the end of the upstream response, and
+/// `upstream_rq_retry*` count the router's retry decisions.
 pub(crate) struct ClusterStats {
     name: String,
     rq_total: Counter,
-    rq_completed: Counter,
-    /// `envoy_cluster_upstream_rq_xx` for classes 1..=5.
-    rq_xx: [Counter; 5],
-    /// `envoy_cluster_upstream_rq{envoy_response_code}` handles, registered on first use.
-    rq_code: ArcSwap<Vec<(u16, Counter)>>,
+    answered: CodeStats,
+    /// Registered on the first retried response (Envoy creates `retry.*` stats on first use).
+    retried: std::sync::OnceLock<CodeStats>,
     rq_time: Histogram,
     rq_active: Gauge,
+    rq_retry: Counter,
+    rq_retry_success: Counter,
+    rq_retry_overflow: Counter,
+    rq_retry_limit_exceeded: Counter,
+    rq_retry_backoff_exponential: Counter,
     cx_total: Counter,
     cx_active: Gauge,
     rq_open: Gauge,
@@ -123,29 +216,40 @@ fn cluster_label(name: &str) -> [Label; 1] {
     [Label::new("envoy_cluster_name", name.to_owned())]
 }
 
+/// How the router's retry state ended for the answered attempt (Envoy's
+/// `RetryStateImpl::shouldRetry` counters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RetryEnd {
+    /// No retry happened and none was wanted.
+    None,
+    /// An earlier attempt was retried and this one needs no retry (`upstream_rq_retry_success`).
+    Success,
+    /// A retry was wanted but the retries are used up (`upstream_rq_retry_limit_exceeded`).
+    LimitExceeded,
+    /// A retry was wanted but the `max_retries` breaker was full (`upstream_rq_retry_overflow`).
+    Overflow,
+}
+
 impl ClusterStats {
     /// Registers (or finds) the stats of cluster `name`.
     pub(crate) fn register(name: &str, live: ClusterLive) -> Self {
         let l = cluster_label(name);
-        let class = |c: &'static str| {
-            metrics::counter!(
-                "envoy_cluster_upstream_rq_xx",
-                [
-                    Label::new("envoy_response_code_class", c),
-                    Label::new("envoy_cluster_name", name.to_owned()),
-                ]
-                .iter()
-            )
-        };
+        let counter = |stat: &'static str| metrics::counter!(stat, l.iter());
         ClusterStats {
             name: name.to_owned(),
-            rq_total: metrics::counter!("envoy_cluster_upstream_rq_total", l.iter()),
-            rq_completed: metrics::counter!("envoy_cluster_upstream_rq_completed", l.iter()),
-            rq_xx: [class("1"), class("2"), class("3"), class("4"), class("5")],
-            rq_code: ArcSwap::from_pointee(Vec::new()),
+            rq_total: counter("envoy_cluster_upstream_rq_total"),
+            answered: CodeStats::register("", name),
+            retried: std::sync::OnceLock::new(),
             rq_time: metrics::histogram!("envoy_cluster_upstream_rq_time", l.iter()),
             rq_active: metrics::gauge!("envoy_cluster_upstream_rq_active", l.iter()),
-            cx_total: metrics::counter!("envoy_cluster_upstream_cx_total", l.iter()),
+            rq_retry: counter("envoy_cluster_upstream_rq_retry"),
+            rq_retry_success: counter("envoy_cluster_upstream_rq_retry_success"),
+            rq_retry_overflow: counter("envoy_cluster_upstream_rq_retry_overflow"),
+            rq_retry_limit_exceeded: counter("envoy_cluster_upstream_rq_retry_limit_exceeded"),
+            rq_retry_backoff_exponential: counter(
+                "envoy_cluster_upstream_rq_retry_backoff_exponential",
+            ),
+            cx_total: counter("envoy_cluster_upstream_cx_total"),
             cx_active: metrics::gauge!("envoy_cluster_upstream_cx_active", l.iter()),
             rq_open: metrics::gauge!("envoy_cluster_circuit_breakers_default_rq_open", l.iter()),
             ejections_active: live.ejected.as_ref().map(|_| {
@@ -155,51 +259,9 @@ impl ClusterStats {
         }
     }
 
-    /// Counts one response with `code` in `envoy_cluster_upstream_rq{envoy_response_code}`
-    /// (a registered handle is used in place, without a clone).
-    fn count_code(&self, code: u16) {
-        if let Some((_, c)) = self.rq_code.load().iter().find(|(k, _)| *k == code) {
-            c.increment(1);
-            return;
-        }
-        self.code_counter(code).increment(1);
-    }
-
-    fn code_counter(&self, code: u16) -> Counter {
-        if let Some((_, c)) = self.rq_code.load().iter().find(|(k, _)| *k == code) {
-            return c.clone();
-        }
-        let c = metrics::counter!(
-            "envoy_cluster_upstream_rq",
-            [
-                Label::new("envoy_response_code", code.to_string()),
-                Label::new("envoy_cluster_name", self.name.clone()),
-            ]
-            .iter()
-        );
-        self.rq_code.rcu(|v| {
-            let mut v = Vec::clone(v);
-            if !v.iter().any(|(k, _)| *k == code) {
-                v.push((code, c.clone()));
-            }
-            v
-        });
-        c
-    }
-
-    /// One request to the cluster ended with `code` after `ms` milliseconds.
-    fn record(&self, code: u16, ms: f64) {
-        self.rq_total.increment(1);
-        if code != 0 {
-            self.rq_completed.increment(1);
-            if let Some(c) = self.rq_xx.get(usize::from(code / 100).wrapping_sub(1)) {
-                c.increment(1);
-            }
-            self.count_code(code);
-        }
-        self.rq_time.record(ms);
+    /// Samples the breaker's `rq_open` and the outlier detector's ejections.
+    fn sample_live(&self) {
         let active = self.live.rq_active.load(Ordering::Relaxed);
-        self.rq_active.set(f64::from(active));
         self.rq_open.set(if active >= self.live.max_requests {
             1.0
         } else {
@@ -208,6 +270,73 @@ impl ClusterStats {
         if let (Some(g), Some(e)) = (&self.ejections_active, &self.live.ejected) {
             g.set(e.load(Ordering::Relaxed) as f64);
         }
+    }
+}
+
+/// One upstream attempt, counted in `envoy_cluster_upstream_rq_active` from its start until
+/// dropped (at the end of the upstream response body, or when the attempt is abandoned).
+pub(crate) struct Attempt {
+    stats: Arc<ClusterStats>,
+    started: Instant,
+    /// The answer came from the upstream: `upstream_rq_time` is recorded when it ends.
+    timed: bool,
+}
+
+impl std::fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attempt")
+            .field("cluster", &self.stats.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Attempt {
+    /// The request reached an upstream connection: one more `upstream_rq_total` (Envoy counts
+    /// a request when it is attached to a connection, so connect failures and pending
+    /// overflows are not counted).
+    pub(crate) fn sent(&self) {
+        self.stats.rq_total.increment(1);
+    }
+
+    /// The attempt is retried: its response's code (if it had one) goes to
+    /// `retry_upstream_rq*`, and the retry (always with Envoy's exponential back-off) is
+    /// counted.
+    pub(crate) fn retried(self, code: Option<u16>) {
+        if let Some(code) = code {
+            let s = &self.stats;
+            s.retried
+                .get_or_init(|| CodeStats::register("retry_", &s.name))
+                .charge(code, &s.name);
+        }
+        self.stats.rq_retry.increment(1);
+        self.stats.rq_retry_backoff_exponential.increment(1);
+    }
+
+    /// The attempt gives the downstream its answer: `code` (the upstream's status, or the
+    /// local reply's 503/504) is charged; `from_upstream` answers also record
+    /// `upstream_rq_time` when the attempt ends.
+    pub(crate) fn answered(&mut self, code: u16, from_upstream: bool, retry: RetryEnd) {
+        let s = &self.stats;
+        s.answered.charge(code, &s.name);
+        self.timed = from_upstream;
+        match retry {
+            RetryEnd::None => {}
+            RetryEnd::Success => s.rq_retry_success.increment(1),
+            RetryEnd::LimitExceeded => s.rq_retry_limit_exceeded.increment(1),
+            RetryEnd::Overflow => s.rq_retry_overflow.increment(1),
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        let s = &self.stats;
+        s.rq_active.decrement(1.0);
+        if self.timed {
+            s.rq_time
+                .record(self.started.elapsed().as_secs_f64() * 1000.0);
+        }
+        s.sample_live();
     }
 }
 
@@ -359,6 +488,19 @@ impl LabelBase {
         Some(ConnectionGuard(c.clone()))
     }
 
+    /// An upstream attempt to the host starts: counted in `envoy_cluster_upstream_rq_active`
+    /// until the returned guard is dropped (`None`: the host has no cluster stats).
+    pub(crate) fn attempt_started(&self) -> Option<Attempt> {
+        let c = self.cluster.as_ref()?;
+        c.rq_active.increment(1.0);
+        c.sample_live();
+        Some(Attempt {
+            stats: c.clone(),
+            started: Instant::now(),
+            timed: false,
+        })
+    }
+
     /// The workload labels in an upstream's `x-envoy-peer-metadata`, decoded once per
     /// distinct value.
     fn peer_labels(&self, raw: HeaderValue) -> Option<Arc<WorkloadLabels>> {
@@ -490,9 +632,6 @@ impl Record {
         let elapsed = self.start.elapsed();
         self.labels
             .record(&self, elapsed, self.request_bytes, response_bytes);
-        if let Some(c) = &self.labels.cluster {
-            c.record(self.code, elapsed.as_secs_f64() * 1000.0);
-        }
     }
 }
 
@@ -575,6 +714,8 @@ mod tests {
                 assert_eq!(headers.len(), 1, "only the app's header is left");
                 record.finish(5);
             }
+            // The breaker and ejection gauges are sampled when an attempt starts and ends.
+            drop(base.attempt_started());
             drop(cx);
         });
         let text = handle.render();
@@ -595,27 +736,147 @@ mod tests {
         assert!(line.ends_with(" 2"), "one series for both requests: {line}");
         let cluster = "envoy_cluster_name=\"outbound|9080||ratings.default.svc.cluster.local\"";
         for (stat, value) in [
-            ("envoy_cluster_upstream_rq_total{", "2"),
-            ("envoy_cluster_upstream_rq_completed{", "2"),
-            (
-                "envoy_cluster_upstream_rq{envoy_response_code=\"503\",",
-                "2",
-            ),
-            (
-                "envoy_cluster_upstream_rq_xx{envoy_response_code_class=\"5\",",
-                "2",
-            ),
             ("envoy_cluster_upstream_cx_total{", "1"),
             ("envoy_cluster_upstream_cx_active{", "0"),
             ("envoy_cluster_circuit_breakers_default_rq_open{", "1"),
             ("envoy_cluster_outlier_detection_ejections_active{", "1"),
-            ("envoy_cluster_upstream_rq_time_count{", "2"),
         ] {
             let l = text
                 .lines()
                 .find(|l| l.starts_with(stat) && l.contains(cluster))
                 .unwrap_or_else(|| panic!("{stat} missing:\n{text}"));
             assert!(l.ends_with(&format!(" {value}")), "{l}");
+        }
+        // Requests alone charge no cluster request stats: attempts do.
+        assert!(
+            text.contains(&format!("envoy_cluster_upstream_rq_total{{{cluster}}} 0")),
+            "{text}"
+        );
+    }
+
+    /// Envoy 1.40, route `retry_on: 5xx`, upstream answering 503 then 200 (observed):
+    /// `upstream_rq_total` 2, `upstream_rq_200` 1, `retry.upstream_rq_503` 1, both
+    /// `_completed` 1, `upstream_rq_retry` / `_retry_success` / `_retry_backoff_exponential`
+    /// 1, `upstream_rq_time` one sample; a dead host retried once: `upstream_rq_total` 0,
+    /// `upstream_rq_503` 1, `upstream_rq_retry_limit_exceeded` 1, no `upstream_rq_time`.
+    #[test]
+    fn attempts_count_as_envoy_counts_them() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let base = |name: &str| {
+                LabelBase::new(
+                    Arc::new(WorkloadLabels::default()),
+                    WorkloadLabels::default(),
+                    None,
+                )
+                .with_cluster(
+                    name,
+                    ClusterLive {
+                        rq_active: Arc::new(AtomicU32::new(0)),
+                        max_requests: 10,
+                        ejected: None,
+                    },
+                )
+            };
+            let retried = base("c");
+            let first = retried.attempt_started().expect("cluster stats");
+            first.sent();
+            let mid = handle.render();
+            assert!(
+                mid.contains("envoy_cluster_upstream_rq_active{envoy_cluster_name=\"c\"} 1"),
+                "the gauge rises when the attempt starts:\n{mid}"
+            );
+            first.retried(Some(503));
+            let mut second = retried.attempt_started().expect("cluster stats");
+            second.sent();
+            second.answered(200, true, RetryEnd::Success);
+            drop(second);
+
+            let dead = base("dead");
+            let first = dead.attempt_started().expect("cluster stats");
+            first.retried(None);
+            let mut second = dead.attempt_started().expect("cluster stats");
+            second.answered(503, false, RetryEnd::LimitExceeded);
+        });
+        let text = handle.render();
+        let value = |sample: &str| -> Option<String> {
+            text.lines()
+                .find(|l| l.starts_with(sample))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        for (sample, want) in [
+            (
+                "envoy_cluster_upstream_rq_total{envoy_cluster_name=\"c\"}",
+                Some("2"),
+            ),
+            (
+                "envoy_cluster_upstream_rq{envoy_response_code=\"200\",envoy_cluster_name=\"c\"}",
+                Some("1"),
+            ),
+            (
+                "envoy_cluster_retry_upstream_rq{envoy_response_code=\"503\",envoy_cluster_name=\"c\"}",
+                Some("1"),
+            ),
+            (
+                "envoy_cluster_upstream_rq_xx{envoy_response_code_class=\"2\",envoy_cluster_name=\"c\"}",
+                Some("1"),
+            ),
+            (
+                "envoy_cluster_retry_upstream_rq_xx{envoy_response_code_class=\"5\",envoy_cluster_name=\"c\"}",
+                Some("1"),
+            ),
+            (
+                "envoy_cluster_upstream_rq_completed{envoy_cluster_name=\"c\"}",
+                Some("1"),
+            ),
+            (
+                "envoy_cluster_retry_upstream_rq_completed{envoy_cluster_name=\"c\"}",
+                Some("1"),
+            ),
+            (
+                "envoy_cluster_upstream_rq_retry{envoy_cluster_name=\"c\"}",
+                Some("1"),
+            ),
+            (
+                "envoy_cluster_upstream_rq_retry_success{envoy_cluster_name=\"c\"}",
+                Some("1"),
+            ),
+            (
+                "envoy_cluster_upstream_rq_retry_backoff_exponential{envoy_cluster_name=\"c\"}",
+                Some("1"),
+            ),
+            (
+                "envoy_cluster_upstream_rq_time_count{envoy_cluster_name=\"c\"}",
+                Some("1"),
+            ),
+            (
+                "envoy_cluster_upstream_rq_active{envoy_cluster_name=\"c\"}",
+                Some("0"),
+            ),
+            (
+                "envoy_cluster_upstream_rq_total{envoy_cluster_name=\"dead\"}",
+                Some("0"),
+            ),
+            (
+                "envoy_cluster_upstream_rq{envoy_response_code=\"503\",envoy_cluster_name=\"dead\"}",
+                Some("1"),
+            ),
+            (
+                "envoy_cluster_upstream_rq_retry_limit_exceeded{envoy_cluster_name=\"dead\"}",
+                Some("1"),
+            ),
+            (
+                "envoy_cluster_upstream_rq_time_count{envoy_cluster_name=\"dead\"}",
+                Some("0"),
+            ),
+            (
+                "envoy_cluster_upstream_rq_active{envoy_cluster_name=\"dead\"}",
+                Some("0"),
+            ),
+        ] {
+            assert_eq!(value(sample).as_deref(), want, "{sample}\n{text}");
         }
     }
 
