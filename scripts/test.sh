@@ -37,5 +37,5 @@ else
   echo "Prometheus tooling could not be installed; telemetry tests will skip (see /tmp/mesh-install-prometheus.log)" >&2
 fi
 
-cargo test --workspace --all-targets --no-fail-fast --features mesh/testkit "$@"
-cargo test --workspace --doc --features mesh/testkit
+cargo test --workspace --all-targets --no-fail-fast --features mesh/testkit,mesh/otel "$@"
+cargo test --workspace --doc --features mesh/testkit,mesh/otel

@@ -22,6 +22,8 @@
 mod builder;
 mod error;
 mod runtime;
+#[cfg(feature = "otel")]
+pub mod otel;
 
 pub use builder::{CertificateSource, MeshBuilder};
 pub use error::MeshError;

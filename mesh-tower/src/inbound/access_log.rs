@@ -89,7 +89,7 @@ impl AccessLog {
             start_time = %start_time,
             method = %self.method,
             path = %self.path,
-            protocol = protocol(self.protocol),
+            protocol = super::tracing_headers::protocol(self.protocol),
             response_code = finished.response_code,
             response_flags = finished.response_flags,
             bytes_received = finished.request_bytes,
@@ -108,16 +108,6 @@ impl AccessLog {
             route_name = "default",
             "access"
         );
-    }
-}
-
-fn protocol(v: http::Version) -> &'static str {
-    match v {
-        http::Version::HTTP_09 => "HTTP/0.9",
-        http::Version::HTTP_10 => "HTTP/1.0",
-        http::Version::HTTP_2 => "HTTP/2",
-        http::Version::HTTP_3 => "HTTP/3",
-        _ => "HTTP/1.1",
     }
 }
 

@@ -543,7 +543,7 @@ async fn serve_http<I, S, B>(
     }
 }
 
-/// The access log's per-connection fields, only when access logs are enabled.
+/// The access log's per-connection fields, only when access logs or request spans are enabled.
 fn connection_info(
     shared: &Shared,
     local: Option<SocketAddr>,
@@ -551,7 +551,7 @@ fn connection_info(
     sni: Option<String>,
     principal: Option<String>,
 ) -> Option<Arc<ConnectionInfo>> {
-    access_log::enabled().then(|| {
+    (access_log::enabled() || tracing_headers::spans_enabled()).then(|| {
         Arc::new(ConnectionInfo {
             downstream_local: local,
             downstream_remote: remote,

@@ -162,7 +162,12 @@ where
         let head = req.method() == Method::HEAD;
         let request_bytes = req.body().size_hint().exact().unwrap_or(0);
         let (source, exchanged) = self.discover_peer(req.headers_mut());
-        super::tracing_headers::on_request(req.headers_mut());
+        let trace = super::tracing_headers::on_request(req.headers_mut());
+        let span = super::tracing_headers::inbound_request_span(
+            &req,
+            trace.as_ref(),
+            self.access.as_deref(),
+        );
         super::xfcc::apply(req.headers_mut(), self.xfcc.as_ref());
         let access = self
             .access
@@ -190,6 +195,7 @@ where
             head,
             started,
             request_bytes,
+            span,
         });
         // Envoy's HCM normalizes the path before any filter; then the JWT filter and the RBAC
         // filters run.
@@ -313,6 +319,8 @@ struct Meter {
     head: bool,
     started: Instant,
     request_bytes: u64,
+    /// The request's span (disabled unless a subscriber wants it), entered while polling.
+    span: tracing::Span,
 }
 
 /// The application's response future, wrapping the body in a [`MeteredBody`].
@@ -397,6 +405,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        // The application's own events nest under the request span.
+        let _entered = this
+            .meter
+            .as_ref()
+            .filter(|m| !m.span.is_disabled())
+            .map(|m| m.span.clone().entered());
         if let StateProj::Prepare { prepare, app } = this.state.as_mut().project() {
             let (req, local) = ready!(prepare.0.as_mut().poll(cx));
             let next = match (local, app.take()) {
@@ -439,6 +453,13 @@ where
                     h.insert(PEER_METADATA, local.metadata.clone());
                 }
                 let status = response.status();
+                super::tracing_headers::record_response(
+                    &meter.span,
+                    status.as_u16(),
+                    flags,
+                    None,
+                    None,
+                );
                 let mut pending = Pending {
                     labels: meter.labels,
                     source: meter.source,

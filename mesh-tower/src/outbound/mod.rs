@@ -68,6 +68,8 @@ pub use pool::BoxError;
 use pool::{ConnectError, ConnectParams, HostPool, Proto, ReqBody, SendError, TlsTarget};
 use telemetry::{LabelBase, Record};
 
+use crate::inbound::tracing_headers;
+
 /// Envoy's local reply body for `UH`.
 pub const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
 /// Envoy's local reply body for `UT`.
@@ -218,9 +220,19 @@ impl Outbound {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let body: ReqBody = body.map_err(Into::into).boxed_unsync();
-        self.handle(parts, body).await
+        // x-request-id and the trace context as Envoy's outbound HCM leaves them upstream.
+        let trace = tracing_headers::on_request(&mut parts.headers);
+        let span = tracing_headers::outbound_span();
+        if span.is_disabled() {
+            return self.handle(parts, body).await;
+        }
+        let head = (&parts.method, &parts.uri, parts.version, &parts.headers);
+        tracing_headers::record_request(&span, trace.as_ref(), head);
+        let resp = tracing::Instrument::instrument(self.handle(parts, body), span.clone()).await;
+        tracing_headers::record_outbound_response(&span, &resp);
+        resp
     }
 
     async fn handle(&self, parts: http::request::Parts, body: ReqBody) -> Response<OutboundBody> {
@@ -304,6 +316,7 @@ impl Outbound {
                 attempt_count_downstream,
             },
         };
+        tracing_headers::record_upstream_cluster(&fwd.cluster.name);
         // Fault injection runs before the router: a delay outside the route timeout, then
         // an abort.
         let mut delayed = false;
