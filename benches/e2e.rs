@@ -2,7 +2,7 @@
 //! same through mesh on both sides in plaintext, and through mesh with Istio mTLS.
 //!
 //! `cargo bench --bench e2e` (env: `DUR_SECS` per cell, default 4; `REPS`, default 3;
-//! `CONCURRENCY`, default "1 16"). Prints p50/p99 latency and throughput per variant and the
+//! `CONCURRENCY`, default "1 16"; `VARIANTS`, default all three). Prints p50/p99 latency and throughput per variant and the
 //! ratios to bare, as medians over the repetitions. Everything listens on 127.0.0.1.
 //!
 //! Client, server and load generator share this process (and the machine's two cores), the
@@ -307,6 +307,14 @@ async fn async_main() {
             ),
         ),
     ];
+    // `VARIANTS="bare mesh-mtls"` runs a subset (e.g. one variant under callgrind).
+    let variants: Vec<(&str, CallFactory)> = match std::env::var("VARIANTS") {
+        Ok(only) => variants
+            .into_iter()
+            .filter(|(name, _)| only.split_whitespace().any(|o| o == *name))
+            .collect(),
+        Err(_) => variants,
+    };
     println!(
         "e2e: {} reps x {}s per cell, interleaved; concurrency {:?}; machine: {} cores",
         reps,
