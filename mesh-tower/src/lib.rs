@@ -9,7 +9,9 @@
 //!   [`mesh_core::CertStore`] on every handshake, and the SPIFFE peer verifiers.
 //! * [`status`]: the pod-facing listeners 15020, 15021 and 15090.
 //! * [`telemetry`]: Istio's standard metrics recorded through the `metrics` facade.
+//! * [`grpc_frames`]: gRPC message counting for Istio's `istio_*_messages_total`.
 
+pub mod grpc_frames;
 pub mod inbound;
 pub mod outbound;
 pub mod status;

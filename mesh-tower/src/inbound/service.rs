@@ -478,6 +478,7 @@ where
                         started: meter.started,
                         request_bytes: meter.request_bytes,
                         response_bytes: 0,
+                        response_messages: Default::default(),
                     },
                 };
                 let (parts, body) = response.into_parts();
@@ -516,6 +517,7 @@ where
                         started: meter.started,
                         request_bytes: meter.request_bytes,
                         response_bytes: 0,
+                        response_messages: Default::default(),
                     },
                 };
                 pending.finish("-");
@@ -678,6 +680,9 @@ impl<B: Body> Body for MeteredBody<B> {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
                         pending.finished.response_bytes += bytes::Buf::remaining(data) as u64;
+                        if pending.finished.grpc {
+                            pending.finished.response_messages.inspect_buf(data);
+                        }
                     } else if let Some(status) = frame
                         .trailers_ref()
                         .filter(|_| pending.finished.grpc)

@@ -18,6 +18,8 @@ use mesh_core::telemetry::{
 };
 use metrics::{Counter, Gauge, Histogram, Label};
 
+use crate::grpc_frames::{GrpcFrameCounter, RESPONSE_MESSAGES_TOTAL};
+
 /// Inbound connections open right now, over every inbound listener of the process (what
 /// pilot-agent sums from `listener.*.downstream_cx_active` for
 /// `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`).
@@ -163,6 +165,9 @@ struct Handles {
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
+    /// gRPC outcomes: `istio_response_messages_total`. (`istio_request_messages_total` needs
+    /// the request body, which goes to the application as hyper's `Incoming` unwrapped.)
+    response_messages: Option<Counter>,
 }
 
 /// What is known about a request when its response ends.
@@ -175,6 +180,8 @@ pub(crate) struct Finished {
     pub(crate) started: Instant,
     pub(crate) request_bytes: u64,
     pub(crate) response_bytes: u64,
+    /// gRPC: the messages of the response body, counted as it streams.
+    pub(crate) response_messages: GrpcFrameCounter,
 }
 
 impl ConnectionLabels {
@@ -259,6 +266,9 @@ impl ConnectionLabels {
         handles
             .response_bytes
             .record(finished.response_bytes as f64);
+        if let Some(c) = &handles.response_messages {
+            c.increment(finished.response_messages.count());
+        }
     }
 
     fn register(&self, key: OutcomeKey, peer: Option<Arc<WorkloadLabels>>) -> Handles {
@@ -284,6 +294,8 @@ impl ConnectionLabels {
             duration: metrics::histogram!(REQUEST_DURATION_MS, labels.iter()),
             request_bytes: metrics::histogram!(REQUEST_BYTES, labels.iter()),
             response_bytes: metrics::histogram!(RESPONSE_BYTES, labels.iter()),
+            response_messages: (key.protocol == "grpc")
+                .then(|| metrics::counter!(RESPONSE_MESSAGES_TOTAL, labels.iter())),
             key,
             source: peer,
         }

@@ -146,6 +146,9 @@ impl Body for OutboundBody {
                 Some(Ok(frame)) => {
                     if let Some(d) = frame.data_ref() {
                         this.response_bytes += d.len() as u64;
+                        if let Some(r) = this.record.as_mut().filter(|r| r.grpc) {
+                            r.grpc_messages.response.inspect(d);
+                        }
                     } else if let Some(t) = frame.trailers_ref()
                         && let Some(r) = this.record.as_mut()
                         && r.grpc

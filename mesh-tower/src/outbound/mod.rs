@@ -422,6 +422,13 @@ impl Outbound {
         let host = authority.as_str();
         let cluster = &fwd.cluster;
         let state = self.inner.cluster_state(cluster);
+        // gRPC: the request's messages, counted as its body streams (Envoy's grpc_stats).
+        let (body, mut request_messages) = if grpc && !fwd.shadow {
+            let (b, n) = crate::grpc_frames::CountedBody::new(body);
+            (b.boxed_unsync(), Some(n))
+        } else {
+            (body, None)
+        };
         let proto = match cluster.protocol {
             UpstreamProtocol::Http1 => Proto::Http1,
             UpstreamProtocol::Http2 => Proto::Http2,
@@ -789,6 +796,9 @@ impl Outbound {
                 grpc,
                 request_bytes,
             );
+            if let Some(r) = record.as_mut() {
+                r.grpc_messages.request = request_messages.take();
+            }
             let mut resp = match result {
                 None => {
                     let flag = verdict | ResponseFlag::UpstreamRequestTimeout;
@@ -985,6 +995,7 @@ impl Outbound {
             grpc_status: None,
             request_bytes,
             peer: None,
+            grpc_messages: Default::default(),
         })
     }
 

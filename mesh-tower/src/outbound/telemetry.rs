@@ -20,6 +20,9 @@ use mesh_core::telemetry::{
 };
 use metrics::{Counter, Gauge, Histogram, Label};
 
+use crate::grpc_frames::{
+    GrpcFrameCounter, MessageCount, REQUEST_MESSAGES_TOTAL, RESPONSE_MESSAGES_TOTAL,
+};
 use crate::telemetry::RequestMetrics;
 
 use mesh_core::peer_metadata::{PEER_METADATA, PEER_METADATA_ID as PEER_ID};
@@ -366,6 +369,52 @@ pub(crate) struct LabelBase {
 struct Cached {
     key: Key,
     metrics: RequestMetrics,
+    /// gRPC outcomes only.
+    messages: Option<MessageCounters>,
+}
+
+impl Cached {
+    fn record(&self, r: &Record, duration: Duration, request_bytes: u64, response_bytes: u64) {
+        self.metrics.record(duration, request_bytes, response_bytes);
+        if let Some(m) = &self.messages {
+            m.record(&r.grpc_messages);
+        }
+    }
+}
+
+/// Istio's gRPC message counters for one label set (the labels of `istio_requests_total`).
+pub(crate) struct MessageCounters {
+    request: Counter,
+    response: Counter,
+}
+
+impl MessageCounters {
+    /// Registers (or finds) both counters for `labels`.
+    pub(crate) fn register(labels: &[(&'static str, String)]) -> Self {
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, v.clone()))
+            .collect();
+        MessageCounters {
+            request: metrics::counter!(REQUEST_MESSAGES_TOTAL, labels.iter()),
+            response: metrics::counter!(RESPONSE_MESSAGES_TOTAL, labels.iter()),
+        }
+    }
+
+    fn record(&self, m: &GrpcMessages) {
+        self.request
+            .increment(m.request.as_ref().map_or(0, MessageCount::get));
+        self.response.increment(m.response.count());
+    }
+}
+
+/// The gRPC messages of one request: the request body's (counted as it streams to the
+/// upstream, shared with the body) and the response body's (counted here as it streams back).
+#[derive(Debug, Default)]
+pub(crate) struct GrpcMessages {
+    /// `None`: not a gRPC request, or its body was never sent.
+    pub request: Option<MessageCount>,
+    pub response: GrpcFrameCounter,
 }
 
 #[derive(PartialEq, Eq)]
@@ -533,11 +582,11 @@ impl LabelBase {
     fn record(&self, r: &Record, duration: Duration, request_bytes: u64, response_bytes: u64) {
         let host = self.host_of(r);
         if let Some(c) = self.cache.load().iter().find(|c| c.key.matches(r, host)) {
-            c.metrics.record(duration, request_bytes, response_bytes);
+            c.record(r, duration, request_bytes, response_bytes);
             return;
         }
-        self.metrics(r)
-            .record(duration, request_bytes, response_bytes);
+        self.entry(r)
+            .record(r, duration, request_bytes, response_bytes);
     }
 
     /// The request host, when it names the destination service.
@@ -549,10 +598,10 @@ impl LabelBase {
         }
     }
 
-    fn metrics(&self, r: &Record) -> RequestMetrics {
+    fn entry(&self, r: &Record) -> Arc<Cached> {
         let host = self.host_of(r);
         if let Some(c) = self.cache.load().iter().find(|c| c.key.matches(r, host)) {
-            return c.metrics.clone();
+            return c.clone();
         }
         // The upstream's own metadata, when it sent some, names the destination workload;
         // the principal is always the verified certificate's.
@@ -580,26 +629,28 @@ impl LabelBase {
             // The client side cannot know the server's policy (Istio reports `unknown`).
             connection_security_policy: UNKNOWN,
         };
-        let metrics = RequestMetrics::register(request_labels(
+        let labels = request_labels(
             Reporter::Source,
             &self.source,
             &destination,
             &service,
             &outcome,
-        ));
+        );
+        let messages = r.grpc.then(|| MessageCounters::register(&labels));
+        let entry = Arc::new(Cached {
+            key: Key {
+                code: r.code,
+                flag: r.flag,
+                grpc: r.grpc,
+                grpc_status: r.grpc_status,
+                principal: r.principal.clone(),
+                host: host.map(Box::from),
+                peer: r.peer.clone(),
+            },
+            metrics: RequestMetrics::register(labels),
+            messages,
+        });
         if self.cache.load().len() < MAX_CACHED {
-            let entry = Arc::new(Cached {
-                key: Key {
-                    code: r.code,
-                    flag: r.flag,
-                    grpc: r.grpc,
-                    grpc_status: r.grpc_status,
-                    principal: r.principal.clone(),
-                    host: host.map(Box::from),
-                    peer: r.peer.clone(),
-                },
-                metrics: metrics.clone(),
-            });
             self.cache.rcu(|v| {
                 let mut v = Vec::clone(v);
                 if !v.iter().any(|c| c.key == entry.key) {
@@ -608,7 +659,7 @@ impl LabelBase {
                 v
             });
         }
-        metrics
+        entry
     }
 }
 
@@ -625,6 +676,8 @@ pub(crate) struct Record {
     pub request_bytes: u64,
     /// The upstream's workload as its peer metadata described it.
     pub peer: Option<Arc<WorkloadLabels>>,
+    /// gRPC requests: the messages of both bodies.
+    pub grpc_messages: GrpcMessages,
 }
 
 impl Record {
@@ -709,6 +762,7 @@ mod tests {
                     grpc_status: None,
                     request_bytes: 10,
                     peer: None,
+                    grpc_messages: GrpcMessages::default(),
                 };
                 discover_upstream_peer(&mut headers, Some(&mut record));
                 assert_eq!(headers.len(), 1, "only the app's header is left");
