@@ -131,10 +131,14 @@ async fn meshed_client_and_server_spans_join_the_callers_trace() {
     assert_ne!(client_span.span_id, APP_SPAN);
 
     for s in [client_span, server_span] {
-        assert_eq!(s.int_attribute("http.status_code"), Some(200), "{s:#?}");
+        assert_eq!(s.str_attribute("http.status_code"), Some("200"), "{s:#?}");
         assert_eq!(s.str_attribute("http.method"), Some("GET"));
         assert_eq!(s.str_attribute("response_flags"), Some("-"));
-        assert_eq!(s.str_attribute("request_id"), Some("otel-trace-test-1"));
+        assert_eq!(
+            s.str_attribute("guid:x-request-id"),
+            Some("otel-trace-test-1")
+        );
+        assert_eq!(s.str_attribute("component"), Some("proxy"));
         assert_eq!(s.service_name, "productpage.default");
         assert!(!s.error);
     }
@@ -156,9 +160,14 @@ async fn meshed_client_and_server_spans_join_the_callers_trace() {
         server_span.str_attribute("peer.principal"),
         Some("spiffe://cluster.local/ns/default/sa/productpage")
     );
+    // Envoy's operation names (no route decorator).
     assert_eq!(
         client_span.name,
-        "details.default.svc.cluster.local:9080/details/0"
+        "egress details.default.svc.cluster.local:9080"
+    );
+    assert_eq!(
+        server_span.name,
+        "ingress details.default.svc.cluster.local:9080"
     );
     assert!(client_span.start_unix_nano <= server_span.start_unix_nano);
 

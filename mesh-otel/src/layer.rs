@@ -85,7 +85,12 @@ impl SpanData {
                     _ => proto::SPAN_KIND_INTERNAL,
                 }
             }
-            _ => self.set(name, Value::StringValue(value.to_owned())),
+            _ => {
+                if name == "http.status_code" {
+                    self.status_code = value.parse().ok();
+                }
+                self.set(name, Value::StringValue(value.to_owned()))
+            }
         }
     }
 

@@ -131,7 +131,8 @@ pub(crate) struct AnyValue {
 
 /// `AnyValue.value`.
 pub(crate) mod any_value {
-    /// The scalar kinds mesh uses.
+    /// The scalar kinds mesh uses (variant names as protobuf's oneof fields).
+    #[allow(clippy::enum_variant_names)]
     #[derive(Clone, PartialEq, prost::Oneof)]
     pub(crate) enum Value {
         #[prost(string, tag = "1")]

@@ -296,7 +296,7 @@ fn b3_multi_context(headers: &HeaderMap, span: u64) -> Option<SpanContext> {
 
 /// The span of one inbound request (`otel.kind = server`), disabled unless a subscriber
 /// wants [`REQUEST_SPAN_TARGET`] at INFO.
-pub(crate) fn inbound_span() -> tracing::Span {
+pub fn inbound_span() -> tracing::Span {
     tracing::info_span!(
         target: REQUEST_SPAN_TARGET,
         "inbound",
@@ -306,7 +306,8 @@ pub(crate) fn inbound_span() -> tracing::Span {
         span_id = tracing::field::Empty,
         parent_span_id = tracing::field::Empty,
         sampled = tracing::field::Empty,
-        request_id = tracing::field::Empty,
+        component = "proxy",
+        "guid:x-request-id" = tracing::field::Empty,
         http.method = tracing::field::Empty,
         http.url = tracing::field::Empty,
         http.protocol = tracing::field::Empty,
@@ -320,7 +321,7 @@ pub(crate) fn inbound_span() -> tracing::Span {
 
 /// The span of one outbound request (`otel.kind = client`), disabled unless a subscriber
 /// wants [`REQUEST_SPAN_TARGET`] at INFO.
-pub(crate) fn outbound_span() -> tracing::Span {
+pub fn outbound_span() -> tracing::Span {
     tracing::info_span!(
         target: REQUEST_SPAN_TARGET,
         "outbound",
@@ -330,7 +331,8 @@ pub(crate) fn outbound_span() -> tracing::Span {
         span_id = tracing::field::Empty,
         parent_span_id = tracing::field::Empty,
         sampled = tracing::field::Empty,
-        request_id = tracing::field::Empty,
+        component = "proxy",
+        "guid:x-request-id" = tracing::field::Empty,
         http.method = tracing::field::Empty,
         http.url = tracing::field::Empty,
         http.protocol = tracing::field::Empty,
@@ -390,12 +392,18 @@ pub(crate) fn record_request(
                 .and_then(|h| h.to_str().ok())
         })
         .unwrap_or("");
+    // Envoy's operation name without a route decorator: `ingress <host>` / `egress <host>`.
+    let direction = if span.metadata().is_some_and(|m| m.name() == "outbound") {
+        "egress"
+    } else {
+        "ingress"
+    };
     span.record(
         "operation",
-        tracing::field::display(format_args!("{authority}{}", uri.path())),
+        tracing::field::display(format_args!("{direction} {authority}")),
     );
     if let Some(id) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        span.record("request_id", id);
+        span.record("guid:x-request-id", id);
     }
     span.record("http.method", method.as_str());
     span.record(
@@ -483,7 +491,8 @@ pub(crate) fn record_response(
     if span.is_disabled() {
         return;
     }
-    span.record("http.status_code", status);
+    // A string, as Envoy's tracers tag it.
+    span.record("http.status_code", tracing::field::display(status));
     span.record("response_flags", response_flags);
     if let Some(c) = upstream_cluster {
         span.record("upstream_cluster", c);
@@ -719,5 +728,39 @@ mod tests {
         assert_eq!(&h[TRACEPARENT].to_str().unwrap()[36..52], span);
         assert_eq!(h[B3_SPAN_ID], span.as_str());
         assert!(h[B3].to_str().unwrap().contains(&span));
+    }
+}
+
+#[cfg(test)]
+mod span_tests {
+    #[test]
+    fn request_spans_declare_every_recorded_field() {
+        let subscriber = tracing_subscriber::fmt().with_writer(std::io::sink).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for span in [super::inbound_span(), super::outbound_span()] {
+                assert!(!span.is_disabled());
+                let names: Vec<String> = span
+                    .metadata()
+                    .unwrap()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().to_owned())
+                    .collect();
+                for f in [
+                    "trace_id",
+                    "span_id",
+                    "parent_span_id",
+                    "sampled",
+                    "operation",
+                    "guid:x-request-id",
+                    "http.status_code",
+                    "upstream_cluster",
+                    "response_flags",
+                    "peer.principal",
+                ] {
+                    assert!(names.iter().any(|n| n == f), "{f} in {names:?}");
+                }
+            }
+        });
     }
 }
