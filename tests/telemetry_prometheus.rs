@@ -513,8 +513,108 @@ fn envoy_shapes(text: &str) -> BTreeMap<String, BTreeSet<BTreeSet<String>>> {
     out
 }
 
+/// `echo`, except that the first `GET /flaky` answers 503 (a retry on `5xx` then succeeds).
+fn flaky_once(
+    echo: Echo,
+) -> impl tower::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<http_body_util::Full<bytes::Bytes>>,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let (echo, failed) = (echo.clone(), failed.clone());
+        async move {
+            if req.uri().path() == "/flaky"
+                && !failed.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                return Ok(r);
+            }
+            tower::ServiceExt::oneshot(echo.service(), req).await
+        }
+    })
+}
+
+/// Serves `flaky_once(echo)` without mesh (plain HTTP/1.1, behind an Envoy sidecar).
+async fn serve_plain_flaky(echo: Echo) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let svc = flaky_once(echo);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(stream),
+                        hyper::service::service_fn(move |r| {
+                            tower::ServiceExt::oneshot(svc.clone(), r)
+                        }),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Adds `retry_policy` to every route of the bootstrap that goes to an `outbound|` cluster.
+fn add_outbound_retry(v: &mut serde_json::Value, retry_policy: &serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            if let Some(serde_json::Value::Object(route)) = o.get_mut("route")
+                && route
+                    .get("cluster")
+                    .and_then(|c| c.as_str())
+                    .is_some_and(|c| c.starts_with("outbound|"))
+            {
+                route.insert("retry_policy".into(), retry_policy.clone());
+            }
+            for (_, child) in o.iter_mut() {
+                add_outbound_retry(child, retry_policy);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for child in a {
+                add_outbound_retry(child, retry_policy);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// mesh's cluster for the `fam` service, and the (dot-free) name the Envoy side gives it.
+const FAM_CLUSTER: &str = "outbound|9080||fam.default.svc.cluster.local";
+const ENVOY_FAM_CLUSTER: &str = "outbound|9080||fam";
+
+/// Replaces every string value `from` in `v` with `to`.
+fn rename_string(v: &mut serde_json::Value, from: &str, to: &str) {
+    match v {
+        serde_json::Value::String(s) if s == from => *s = to.to_owned(),
+        serde_json::Value::Object(o) => o.values_mut().for_each(|c| rename_string(c, from, to)),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|c| rename_string(c, from, to)),
+        _ => {}
+    }
+}
+
+/// The value of the first sample line starting with `sample`.
+fn sample_value(text: &str, sample: &str) -> Option<String> {
+    text.lines()
+        .find(|l| l.starts_with(sample))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(str::to_owned)
+}
+
 /// The same traffic through mesh (client and server) and through a real Envoy 1.40 pair of
-/// sidecars; every `envoy_*` sample name mesh emits on 15090 exists in Envoy's
+/// sidecars (including one request retried after a 503, for the per-attempt and retry
+/// families); every `envoy_*` sample name mesh emits on 15090 exists in Envoy's
 /// `/stats/prometheus` with the same label names. (`envoy_cluster_outlier_detection_*` appears
 /// only for clusters with outlier detection, in mesh as in Envoy; these clusters have none.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,11 +629,17 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
     )
     .await;
     let app = Echo::new("fam");
-    let (addr, _serving) = app.serve_meshed(&server).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let serving = server.clone();
+    let _serving = tokio::spawn(async move { serving.serve_on(listener, flaky_once(app)).await });
     plane.cp.set_model(
         MeshModel::default().service(
             ServiceSpec::new("fam", NS, "10.96.0.62".parse().unwrap())
                 .port(9080, Protocol::Http)
+                .retry_on("5xx")
                 .endpoint(EndpointSpec::new(addr).service_account("fam-server")),
         ),
     );
@@ -554,22 +660,29 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
 
     // Envoy: outbound sidecar → inbound sidecar → plain app, the same request.
     let plain = Echo::new("fam-plain");
-    let plain_addr = plain.serve_plain().await;
+    let plain_addr = serve_plain_flaky(plain).await;
     let inbound_port = free_port();
     let outbound_port = free_port();
     let certs = envoy_certs(&plane.ca, "fam-envoy");
-    let envoy = EnvoyProcess::start(
-        &SidecarBootstrap::new("fam-envoy-0", NS, certs)
-            .inbound(inbound_port, plain_addr.port(), InboundMode::Strict)
-            .outbound(
-                outbound_port,
-                9080,
-                "fam.default.svc.cluster.local",
-                ([127, 0, 0, 1], inbound_port).into(),
-                &spiffe("fam-envoy").to_string(),
-            )
-            .to_yaml(),
+    let mut bootstrap = SidecarBootstrap::new("fam-envoy-0", NS, certs)
+        .inbound(inbound_port, plain_addr.port(), InboundMode::Strict)
+        .outbound(
+            outbound_port,
+            9080,
+            "fam.default.svc.cluster.local",
+            ([127, 0, 0, 1], inbound_port).into(),
+            &spiffe("fam-envoy").to_string(),
+        )
+        .to_json();
+    // What istiod renders for a VirtualService with `retries.retryOn: 5xx`, `attempts: 1`.
+    add_outbound_retry(
+        &mut bootstrap,
+        &serde_json::json!({"retry_on": "5xx", "num_retries": 1}),
     );
+    // Envoy's default cluster-name tag stops at the first dot, which would fold the FQDN into
+    // the family names; the Envoy side's cluster gets a dot-free name.
+    rename_string(&mut bootstrap, FAM_CLUSTER, ENVOY_FAM_CLUSTER);
+    let envoy = EnvoyProcess::start(&serde_json::to_string_pretty(&bootstrap).expect("json"));
     let (status, body) = support::mesh::http_get(
         ([127, 0, 0, 1], outbound_port).into(),
         "fam.default.svc.cluster.local",
@@ -578,9 +691,33 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
     .await
     .expect("envoy answers");
     assert_eq!(status, 200, "{body}\n{}", envoy.logs());
+    // One request each way retried after a 503.
+    let r = http
+        .get("http://fam.default.svc.cluster.local:9080/flaky")
+        .await
+        .expect("mesh answers");
+    assert_eq!(r.status(), 200);
+    let (status, body) = support::mesh::http_get(
+        ([127, 0, 0, 1], outbound_port).into(),
+        "fam.default.svc.cluster.local",
+        "/flaky",
+    )
+    .await
+    .expect("envoy answers");
+    assert_eq!(status, 200, "{body}\n{}", envoy.logs());
     envoy.wait_for_stat(
-        "cluster.outbound|9080||fam.default.svc.cluster.local.upstream_rq_completed",
+        &format!("cluster.{ENVOY_FAM_CLUSTER}.upstream_rq_completed"),
+        2,
+    );
+    let retried = envoy.wait_for_stat(
+        &format!("cluster.{ENVOY_FAM_CLUSTER}.upstream_rq_retry_success"),
         1,
+    );
+    assert_eq!(
+        retried,
+        1,
+        "Envoy did not retry:\n{:?}",
+        envoy.admin_get("/stats?filter=outbound.*(retry|upstream_rq_)")
     );
 
     let (_, mesh_text) = status_get(&client, StatusPort::Prometheus, "/stats/prometheus").await;
@@ -617,8 +754,13 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
     }
     assert!(
         missing.is_empty(),
-        "mesh emits envoy_* samples Envoy does not have:\n{}",
-        missing.join("\n")
+        "mesh emits envoy_* samples Envoy does not have:\n{}\nEnvoy's cluster retry samples:\n{}",
+        missing.join("\n"),
+        envoy_text
+            .lines()
+            .filter(|l| l.contains("retry") && !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     for family in [
         "envoy_cluster_upstream_rq_total",
@@ -628,6 +770,14 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
         "envoy_cluster_upstream_cx_active",
         "envoy_cluster_upstream_rq_time_bucket",
         "envoy_cluster_circuit_breakers_default_rq_open",
+        "envoy_cluster_upstream_rq_completed",
+        "envoy_cluster_retry_upstream_rq",
+        "envoy_cluster_retry_upstream_rq_xx",
+        "envoy_cluster_retry_upstream_rq_completed",
+        "envoy_cluster_upstream_rq_retry",
+        "envoy_cluster_upstream_rq_retry_success",
+        "envoy_cluster_upstream_rq_retry_limit_exceeded",
+        "envoy_cluster_upstream_rq_retry_overflow",
     ] {
         assert!(
             mesh_shapes.contains_key(family),
@@ -641,8 +791,28 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
         );
     }
     assert!(checked >= 8, "{mesh_shapes:?}");
+    // The retried attempt is counted alike: its 503 under `retry_upstream_rq`, one retry,
+    // one retry success.
+    let samples = |cluster: &str| {
+        [
+            format!(
+                "envoy_cluster_retry_upstream_rq{{envoy_response_code=\"503\",envoy_cluster_name=\"{cluster}\"}}"
+            ),
+            format!("envoy_cluster_upstream_rq_retry{{envoy_cluster_name=\"{cluster}\"}}"),
+            format!("envoy_cluster_upstream_rq_retry_success{{envoy_cluster_name=\"{cluster}\"}}"),
+        ]
+    };
+    for (text, cluster) in [(&mesh_text, FAM_CLUSTER), (&envoy_text, ENVOY_FAM_CLUSTER)] {
+        for sample in samples(cluster) {
+            assert_eq!(
+                sample_value(text, &sample).as_deref(),
+                Some("1"),
+                "{sample}\n{text}"
+            );
+        }
+    }
+    let cluster = FAM_CLUSTER;
     // mesh's cluster stats count the request under Envoy's cluster name.
-    let cluster = "outbound|9080||fam.default.svc.cluster.local";
     assert!(
         mesh_text
             .lines()
