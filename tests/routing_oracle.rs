@@ -377,7 +377,7 @@ fn ask_mesh(rc: &mesh_core::route::RouteConfig, req: &Req) -> Option<String> {
         headers.append(*k, v.parse().unwrap());
     }
     let view = RequestView::new(&req.host, &req.path, &headers).with_method(req.method);
-    rc.route_request(&view).map(|m| m.route.name.clone())
+    rc.route_request(&view).map(|m| m.route.name.to_string())
 }
 
 fn vhosts() -> Vec<Vh> {

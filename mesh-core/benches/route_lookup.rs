@@ -18,7 +18,7 @@ fn route_config(n: usize) -> RouteConfig {
         .map(|i| {
             let fqdn = format!("svc-{i}.ns-{}.svc.cluster.local", i % 50);
             VirtualHost {
-                name: format!("{fqdn}:8080"),
+                name: format!("{fqdn}:8080").into(),
                 domains: vec![
                     format!("{fqdn}:8080"),
                     fqdn.clone(),

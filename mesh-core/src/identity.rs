@@ -4,13 +4,16 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// A SPIFFE ID in Istio's shape: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    trust_domain: String,
-    namespace: String,
-    service_account: String,
+    // Shared strings: a SPIFFE ID is cloned into every request's extensions on the inbound
+    // side, and a clone must not allocate.
+    trust_domain: Arc<str>,
+    namespace: Arc<str>,
+    service_account: Arc<str>,
 }
 
 /// Why a string is not an Istio SPIFFE ID.
@@ -28,9 +31,9 @@ impl SpiffeId {
     /// Builds the identity istiod issues to a pod's service account.
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
         SpiffeId {
-            trust_domain: trust_domain.to_owned(),
-            namespace: namespace.to_owned(),
-            service_account: service_account.to_owned(),
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
         }
     }
     /// The trust domain, e.g. `cluster.local`.
@@ -89,8 +92,9 @@ impl fmt::Display for SpiffeId {
 pub struct PeerIdentity {
     /// The peer certificate's URI SAN, if it is an Istio SPIFFE ID.
     pub spiffe_id: Option<SpiffeId>,
-    /// The raw URI SANs of the peer certificate.
-    pub uri_sans: Vec<String>,
+    /// The raw URI SANs of the peer certificate (shared: cloning the identity into each
+    /// request does not copy them).
+    pub uri_sans: Arc<[String]>,
 }
 
 /// Who this workload is, as istio-agent tells istiod: the pieces of `node.id` and the node

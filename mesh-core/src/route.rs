@@ -683,7 +683,7 @@ pub fn request_hash(
 #[derive(Clone, Debug)]
 pub struct Route {
     /// Route name (istiod names VirtualService routes; the default is `default`).
-    pub name: String,
+    pub name: Arc<str>,
     /// Match.
     pub matcher: RouteMatch,
     /// Action.
@@ -712,7 +712,7 @@ pub struct Route {
 
 impl Route {
     /// A route without timeout or retry policy.
-    pub fn new(name: impl Into<String>, matcher: RouteMatch, action: RouteAction) -> Self {
+    pub fn new(name: impl Into<Arc<str>>, matcher: RouteMatch, action: RouteAction) -> Self {
         Route {
             name: name.into(),
             matcher,
@@ -745,7 +745,7 @@ impl Route {
 #[derive(Clone, Debug)]
 pub struct VirtualHost {
     /// Name, e.g. `reviews.default.svc.cluster.local:9080`.
-    pub name: String,
+    pub name: Arc<str>,
     /// Domains as RDS sent them.
     pub domains: Vec<String>,
     /// Routes, first match wins.
@@ -754,7 +754,7 @@ pub struct VirtualHost {
 
 impl VirtualHost {
     /// A virtual host for `domains` with `routes`.
-    pub fn new(name: impl Into<String>, domains: &[&str], routes: Vec<Route>) -> Self {
+    pub fn new(name: impl Into<Arc<str>>, domains: &[&str], routes: Vec<Route>) -> Self {
         VirtualHost {
             name: name.into(),
             domains: domains.iter().map(|d| (*d).to_owned()).collect(),
@@ -1037,12 +1037,15 @@ mod tests {
         let rc = RouteConfig::new("80", vec![v]).unwrap();
         let mut h = HeaderMap::new();
         assert_eq!(
-            rc.route("h", "/api/x?q=1", &h).unwrap().route.name,
+            rc.route("h", "/api/x?q=1", &h).unwrap().route.name.as_ref(),
             "default"
         );
         h.append("x-user", "a".parse().unwrap());
         h.append("x-user", "b".parse().unwrap());
-        assert_eq!(rc.route("h", "/api/x?q=1", &h).unwrap().route.name, "api");
+        assert_eq!(
+            rc.route("h", "/api/x?q=1", &h).unwrap().route.name.as_ref(),
+            "api"
+        );
         assert!(rc.route("nohost", "/", &h).is_none());
     }
 

@@ -67,9 +67,9 @@ pub enum RouteDecision {
     /// Forward to this cluster.
     Forward {
         /// The matched virtual host's name.
-        virtual_host: String,
+        virtual_host: Arc<str>,
         /// The matched route's name.
-        route: String,
+        route: Arc<str>,
         /// The cluster.
         cluster: Arc<Cluster>,
         /// Its endpoints (absent for original-destination clusters).
@@ -201,7 +201,7 @@ impl Snapshot {
         let rc_name = match self.outbound_port(port) {
             Some(OutboundProtocol::Http { route_config }) => route_config,
             Some(OutboundProtocol::Tcp { cluster }) => {
-                return self.forward_to(cluster, "", None);
+                return self.forward_to(cluster, &no_name(), None);
             }
             None => return self.unknown_destination(),
         };
@@ -268,15 +268,15 @@ impl Snapshot {
         }
     }
 
-    fn forward_to(&self, cluster: &str, vh: &str, route: Option<&Route>) -> RouteDecision {
+    fn forward_to(&self, cluster: &str, vh: &Arc<str>, route: Option<&Route>) -> RouteDecision {
         let (cluster, endpoints) = match self.cluster(cluster) {
             Some(found) => found,
             None if cluster == PASSTHROUGH_CLUSTER => (Arc::new(passthrough_cluster()), None),
             None => return respond(503, None, ResponseFlag::NoClusterFound),
         };
         RouteDecision::Forward {
-            virtual_host: vh.to_owned(),
-            route: route.map(|r| r.name.clone()).unwrap_or_default(),
+            virtual_host: vh.clone(),
+            route: route.map_or_else(no_name, |r| r.name.clone()),
             cluster,
             endpoints,
             timeout: route.and_then(|r| r.timeout).filter(|t| !t.is_zero()),
@@ -295,12 +295,21 @@ impl Snapshot {
 
     fn unknown_destination(&self) -> RouteDecision {
         match self.outbound_traffic_policy {
-            OutboundTrafficPolicy::AllowAny => self.forward_to(PASSTHROUGH_CLUSTER, "", None),
+            OutboundTrafficPolicy::AllowAny => {
+                self.forward_to(PASSTHROUGH_CLUSTER, &no_name(), None)
+            }
             // Envoy's virtualOutbound sends it to BlackHoleCluster: the connection is reset;
             // an HTTP client sees 502.
             OutboundTrafficPolicy::RegistryOnly => respond(502, None, ResponseFlag::NoClusterFound),
         }
     }
+}
+
+/// The empty virtual-host or route name (a forward without a matched route), shared so that
+/// building a decision never allocates.
+fn no_name() -> Arc<str> {
+    static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+    Arc::clone(&EMPTY)
 }
 
 impl RouteDecision {

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 /// `retry_on` once.
 fn outbound(host: &str, cluster: &str, retry_on: RetryOn, endpoints: Vec<SocketAddr>) -> Outbound {
     let vh = VirtualHost {
-        name: format!("{host}:9080"),
+        name: format!("{host}:9080").into(),
         domains: vec![host.into(), format!("{host}:9080")],
         routes: vec![
             Route::new(
@@ -92,40 +92,40 @@ async fn cluster_stats_count_attempts_and_istio_counts_the_request_once() {
         assert_eq!(r.status(), 503);
 
         let text = handle.render();
-        let at = |cluster: &str| format!("envoy_cluster_name=\"{cluster}\"}}");
+        let at = |cluster: &str| format!("cluster_name=\"{cluster}\"}}");
         for (sample, want) in [
             (format!("envoy_cluster_upstream_rq_total{{{}", at(c)), "2"),
             (
                 format!(
-                    "envoy_cluster_upstream_rq{{envoy_response_code=\"200\",{}",
+                    "envoy_cluster_upstream_rq{{response_code=\"200\",{}",
                     at(c)
                 ),
                 "1",
             ),
             (
                 format!(
-                    "envoy_cluster_retry_upstream_rq{{envoy_response_code=\"503\",{}",
+                    "envoy_cluster_retry_upstream_rq{{response_code=\"503\",{}",
                     at(c)
                 ),
                 "1",
             ),
             (
                 format!(
-                    "envoy_cluster_upstream_rq_xx{{envoy_response_code_class=\"2\",{}",
+                    "envoy_cluster_upstream_rq{{response_code_class=\"2xx\",{}",
                     at(c)
                 ),
                 "1",
             ),
             (
                 format!(
-                    "envoy_cluster_upstream_rq_xx{{envoy_response_code_class=\"5\",{}",
+                    "envoy_cluster_upstream_rq{{response_code_class=\"5xx\",{}",
                     at(c)
                 ),
                 "0",
             ),
             (
                 format!(
-                    "envoy_cluster_retry_upstream_rq_xx{{envoy_response_code_class=\"5\",{}",
+                    "envoy_cluster_retry_upstream_rq{{response_code_class=\"5xx\",{}",
                     at(c)
                 ),
                 "1",
@@ -158,7 +158,7 @@ async fn cluster_stats_count_attempts_and_istio_counts_the_request_once() {
             (format!("envoy_cluster_upstream_rq_total{{{}", at(d)), "0"),
             (
                 format!(
-                    "envoy_cluster_upstream_rq{{envoy_response_code=\"503\",{}",
+                    "envoy_cluster_upstream_rq{{response_code=\"503\",{}",
                     at(d)
                 ),
                 "1",

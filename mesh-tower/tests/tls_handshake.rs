@@ -157,8 +157,8 @@ async fn mtls_works_and_both_sides_see_the_peer_spiffe_id() {
     let client_view = tls::peer_identity(stream.get_ref().1.peer_certificates().unwrap());
     assert_eq!(client_view.spiffe_id, Some(spiffe("default", "reviews")));
     assert_eq!(
-        client_view.uri_sans,
-        vec!["spiffe://cluster.local/ns/default/sa/reviews".to_owned()]
+        client_view.uri_sans[..],
+        ["spiffe://cluster.local/ns/default/sa/reviews".to_owned()]
     );
     assert_eq!(
         stream.get_ref().1.alpn_protocol(),

@@ -383,8 +383,8 @@ fn explain(snapshot: &Snapshot, rc: &str, r: &RouteRequest) -> Result<serde_json
         .ok_or_else(|| format!("no route configuration {rc:?}"))?;
     let mut out = json!({
         "route_config": e.route_config.name,
-        "virtual_host": e.matched.map(|m| m.virtual_host.name.clone()),
-        "route": e.matched.map(|m| m.route.name.clone()),
+        "virtual_host": e.matched.map(|m| m.virtual_host.name.to_string()),
+        "route": e.matched.map(|m| m.route.name.to_string()),
         "action": "no_route",
         "cluster": Value::Null,
         "weighted_clusters": Value::Null,

@@ -222,7 +222,7 @@ pub(crate) async fn connect(
                 if !t.tls.accepts_peer(&sans) {
                     return Err(ConnectError::PeerRejected {
                         addr,
-                        presented: id.uri_sans.clone(),
+                        presented: id.uri_sans.to_vec(),
                     });
                 }
                 match id.spiffe_id {

@@ -158,7 +158,7 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> PeerIdentity {
     let spiffe_id = uri_sans.iter().find_map(|san| san.parse().ok());
     PeerIdentity {
         spiffe_id,
-        uri_sans,
+        uri_sans: uri_sans.into(),
     }
 }
 

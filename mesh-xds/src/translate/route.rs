@@ -43,7 +43,7 @@ pub fn translate_route(rc: &RouteConfiguration) -> Result<RouteConfig, Translate
             routes.push(translate_one(r, vh, rc).map_err(|e| err(format!("{field}.{e}")))?);
         }
         vhosts.push(VirtualHost {
-            name: vh.name.clone(),
+            name: vh.name.as_str().into(),
             domains: vh.domains.clone(),
             routes,
         });
@@ -276,7 +276,7 @@ fn translate_one(
         None => return Err("action: missing".into()),
     };
     Ok(Route {
-        name: r.name.clone(),
+        name: r.name.as_str().into(),
         matcher,
         action,
         timeout,
