@@ -21,7 +21,7 @@ use mesh::parts::xds::testkit::MeshModel;
 use mesh_otel::testkit::{ExportedSpan, SpanKind, TestCollector};
 use serde_json::json;
 use support::envoy::{EnvoyProcess, SidecarBootstrap, SidecarCerts, envoy_binary, free_port};
-use support::mesh::{NS, Plane, WAIT, eventually, field, spiffe};
+use support::mesh::{NS, Plane, WAIT, field, spiffe};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing_subscriber::prelude::*;
@@ -172,15 +172,7 @@ async fn envoy_client_span_parents_the_mesh_server_span() {
         .await
         .expect("flush in time")
         .expect("flush");
-    let traced = eventually("Envoy's and mesh's spans", || async {
-        let spans: Vec<_> = collector
-            .spans()
-            .into_iter()
-            .filter(|s| s.trace_id == TRACE_ID)
-            .collect();
-        (spans.len() >= 2).then_some(spans)
-    })
-    .await;
+    let traced = collector.wait_for_trace(TRACE_ID, 2, WAIT).await;
     let envoy_span = with_service(&traced, "envoy-client.default");
     let mesh_span = with_service(&traced, "server.default");
 

@@ -107,15 +107,7 @@ async fn meshed_client_and_server_spans_join_the_callers_trace() {
         .await
         .expect("flush in time")
         .expect("flush");
-    let traced = eventually("both spans of the trace", || async {
-        let spans: Vec<_> = collector
-            .spans()
-            .into_iter()
-            .filter(|s| s.trace_id == TRACE_ID)
-            .collect();
-        (spans.len() >= 2).then_some(spans)
-    })
-    .await;
+    let traced = collector.wait_for_trace(TRACE_ID, 2, WAIT).await;
     assert_eq!(traced.len(), 2, "{traced:#?}");
     let client_span = one(&traced, SpanKind::Client);
     let server_span = one(&traced, SpanKind::Server);

@@ -148,17 +148,44 @@ impl TestCollector {
 
     /// Waits (at most `timeout`) until at least `n` spans arrived; returns all received.
     pub async fn wait_for_spans(&self, n: usize, timeout: Duration) -> Vec<ExportedSpan> {
+        self.wait_for(n, timeout, |_| true).await
+    }
+
+    /// Waits (at most `timeout`) until at least `n` spans of trace `trace_id` (32 hex digits)
+    /// arrived; returns those received.
+    pub async fn wait_for_trace(
+        &self,
+        trace_id: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<ExportedSpan> {
+        self.wait_for(n, timeout, |s| s.trace_id == trace_id).await
+    }
+
+    async fn wait_for(
+        &self,
+        n: usize,
+        timeout: Duration,
+        keep: impl Fn(&ExportedSpan) -> bool,
+    ) -> Vec<ExportedSpan> {
+        let matching = || -> Vec<ExportedSpan> {
+            lock(&self.received.spans)
+                .iter()
+                .filter(|s| keep(s))
+                .cloned()
+                .collect()
+        };
         let wait = async {
             loop {
                 let notified = self.received.changed.notified();
-                if lock(&self.received.spans).len() >= n {
+                if matching().len() >= n {
                     return;
                 }
                 notified.await;
             }
         };
         let _ = tokio::time::timeout(timeout, wait).await;
-        self.spans()
+        matching()
     }
 }
 

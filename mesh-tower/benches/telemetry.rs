@@ -14,6 +14,10 @@
 //! (read, decoded once per connection, stripped, answered with mesh's own), and with access
 //! logs on (a `tracing` subscriber enabling `mesh::access_log`, writing to a sink).
 //!
+//! `request_span/no_subscriber` is the cost of the per-request `tracing` span when no
+//! subscriber listens; `*_request_spans` run the request with a subscriber that records
+//! mesh's request spans (as the OTLP exporter's layer does).
+//!
 //! The `*_off` runs come first because a global recorder cannot be uninstalled.
 
 #![allow(missing_docs)]
@@ -176,6 +180,17 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
+    // The request span mesh opens per request, with no subscriber interested: what every
+    // request pays for tracing when nobody listens (one callsite check).
+    let mut g = c.benchmark_group("request_span");
+    g.bench_function("no_subscriber", |b| {
+        b.iter(|| {
+            let span = mesh_tower::inbound::tracing_headers::outbound_span();
+            std::hint::black_box(span.is_disabled())
+        })
+    });
+    g.finish();
+
     let mut g = c.benchmark_group("outbound_telemetry");
 
     let off = outbound(&rt, EndpointTlsMode::Disabled);
@@ -234,6 +249,36 @@ fn bench(c: &mut Criterion) {
         });
     });
     g.finish();
+
+    // Request spans on: a registry with a layer interested only in `mesh::request` spans
+    // (what the OTLP exporter layer installs), recording every field.
+    let spans = || {
+        use tracing_subscriber::prelude::*;
+        let target = tracing_subscriber::filter::Targets::new().with_target(
+            mesh_tower::inbound::tracing_headers::REQUEST_SPAN_TARGET,
+            tracing::Level::INFO,
+        );
+        tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::sink)
+                .with_filter(target),
+        )
+    };
+    tracing::subscriber::with_default(spans(), || {
+        assert!(!mesh_tower::inbound::tracing_headers::outbound_span().is_disabled());
+        let mut g = c.benchmark_group("outbound_telemetry");
+        g.bench_function("metrics_on_request_spans", |b| {
+            b.to_async(&rt).iter(|| one(&on))
+        });
+        g.finish();
+        let mut g = c.benchmark_group("inbound_telemetry");
+        let inb = tokio::sync::Mutex::new(rt.block_on(inbound_client()));
+        rt.block_on(one_inbound(&inb, None));
+        g.bench_function("metrics_on_request_spans", |b| {
+            b.to_async(&rt).iter(|| one_inbound(&inb, None))
+        });
+        g.finish();
+    });
 }
 
 criterion_group!(benches, bench);

@@ -294,54 +294,42 @@ fn b3_multi_context(headers: &HeaderMap, span: u64) -> Option<SpanContext> {
     })
 }
 
+/// A request span: name, `otel.kind`, and every field mesh records on it.
+macro_rules! request_span {
+    ($name:literal, $kind:literal) => {
+        tracing::info_span!(
+            target: REQUEST_SPAN_TARGET,
+            $name,
+            otel.kind = $kind,
+            component = "proxy",
+            operation = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
+            sampled = tracing::field::Empty,
+            "guid:x-request-id" = tracing::field::Empty,
+            http.method = tracing::field::Empty,
+            http.url = tracing::field::Empty,
+            http.protocol = tracing::field::Empty,
+            http.status_code = tracing::field::Empty,
+            upstream_cluster = tracing::field::Empty,
+            response_flags = tracing::field::Empty,
+            peer.principal = tracing::field::Empty,
+            peer.address = tracing::field::Empty,
+        )
+    };
+}
+
 /// The span of one inbound request (`otel.kind = server`), disabled unless a subscriber
 /// wants [`REQUEST_SPAN_TARGET`] at INFO.
 pub fn inbound_span() -> tracing::Span {
-    tracing::info_span!(
-        target: REQUEST_SPAN_TARGET,
-        "inbound",
-        otel.kind = "server",
-        operation = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-        parent_span_id = tracing::field::Empty,
-        sampled = tracing::field::Empty,
-        component = "proxy",
-        "guid:x-request-id" = tracing::field::Empty,
-        http.method = tracing::field::Empty,
-        http.url = tracing::field::Empty,
-        http.protocol = tracing::field::Empty,
-        http.status_code = tracing::field::Empty,
-        upstream_cluster = tracing::field::Empty,
-        response_flags = tracing::field::Empty,
-        peer.principal = tracing::field::Empty,
-        peer.address = tracing::field::Empty,
-    )
+    request_span!("inbound", "server")
 }
 
 /// The span of one outbound request (`otel.kind = client`), disabled unless a subscriber
 /// wants [`REQUEST_SPAN_TARGET`] at INFO.
 pub fn outbound_span() -> tracing::Span {
-    tracing::info_span!(
-        target: REQUEST_SPAN_TARGET,
-        "outbound",
-        otel.kind = "client",
-        operation = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-        parent_span_id = tracing::field::Empty,
-        sampled = tracing::field::Empty,
-        component = "proxy",
-        "guid:x-request-id" = tracing::field::Empty,
-        http.method = tracing::field::Empty,
-        http.url = tracing::field::Empty,
-        http.protocol = tracing::field::Empty,
-        http.status_code = tracing::field::Empty,
-        upstream_cluster = tracing::field::Empty,
-        response_flags = tracing::field::Empty,
-        peer.principal = tracing::field::Empty,
-        peer.address = tracing::field::Empty,
-    )
+    request_span!("outbound", "client")
 }
 
 /// Lower-case hex of `N` bytes, formatted only when a subscriber records it.
@@ -735,7 +723,9 @@ mod tests {
 mod span_tests {
     #[test]
     fn request_spans_declare_every_recorded_field() {
-        let subscriber = tracing_subscriber::fmt().with_writer(std::io::sink).finish();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .finish();
         tracing::subscriber::with_default(subscriber, || {
             for span in [super::inbound_span(), super::outbound_span()] {
                 assert!(!span.is_disabled());
