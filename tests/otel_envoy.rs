@@ -8,42 +8,23 @@
 //! Skips (with the reason printed) when Envoy is not installed and `CI` is not set.
 
 mod support;
+#[path = "support/trace_app.rs"]
+mod trace_app;
 
-use std::convert::Infallible;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::Full;
 use mesh::InboundTlsMode;
-use mesh::otel::OtlpConfig;
 use mesh::parts::xds::testkit::MeshModel;
-use mesh_otel::testkit::{ExportedSpan, SpanKind, TestCollector};
+use mesh_otel::testkit::{ExportedSpan, SpanKind};
 use serde_json::json;
 use support::envoy::{EnvoyProcess, SidecarBootstrap, SidecarCerts, envoy_binary, free_port};
 use support::mesh::{NS, Plane, WAIT, field, spiffe};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing_subscriber::prelude::*;
 
 const SERVER_FQDN: &str = "server.default.svc.cluster.local";
 const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
 const APP_SPAN: &str = "b7ad6b7169203331";
-
-async fn app(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let header = |n: &str| {
-        req.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned()
-    };
-    Ok(Response::new(Full::new(Bytes::from(format!(
-        "traceparent={}\nrequest_id={}\n",
-        header("traceparent"),
-        header("x-request-id"),
-    )))))
-}
 
 /// One HTTP/1.1 request with a `traceparent` to `port`, read to the end: the body.
 async fn get_with_traceparent(port: u16) -> String {
@@ -75,12 +56,7 @@ fn with_service(spans: &[ExportedSpan], service: &str) -> ExportedSpan {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_client_span_parents_the_mesh_server_span() {
     let Some(_) = envoy_binary() else { return };
-    let collector = TestCollector::start().await.expect("collector");
-    let mut config = OtlpConfig::new(collector.endpoint(), "server.default");
-    config.scheduled_delay = Duration::from_millis(100);
-    let (otel, guard) = mesh::otel::layer(config).expect("exporter");
-    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(otel))
-        .expect("the only subscriber of this test binary");
+    let (collector, guard) = trace_app::install_exporter("server.default", None).await;
 
     let plane = Plane::start(MeshModel {
         peer_authentication: InboundTlsMode::Strict,
@@ -91,7 +67,11 @@ async fn envoy_client_span_parents_the_mesh_server_span() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let app_addr = listener.local_addr().expect("addr");
     let serving = server.clone();
-    tokio::spawn(async move { serving.serve_on(listener, tower::service_fn(app)).await });
+    tokio::spawn(async move {
+        serving
+            .serve_on(listener, tower::service_fn(trace_app::app))
+            .await
+    });
 
     let issued = plane
         .ca

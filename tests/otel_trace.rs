@@ -4,43 +4,20 @@
 //! the ids propagated in `traceparent`.
 
 mod support;
-
-use std::convert::Infallible;
-use std::time::Duration;
+#[path = "support/trace_app.rs"]
+mod trace_app;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
-use mesh::otel::OtlpConfig;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
 use mesh::parts::xds::testkit::{EndpointSpec, MeshModel, Protocol, ServiceSpec};
-use mesh_otel::testkit::{ExportedSpan, SpanKind, TestCollector};
+use mesh_otel::testkit::{ExportedSpan, SpanKind};
 use support::mesh::{NS, Plane, WAIT, eventually, field};
 use tokio::net::TcpListener;
-use tracing_subscriber::prelude::*;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 /// The calling application's own span id.
 const APP_SPAN: &str = "00f067aa0ba902b7";
-
-/// The server app: reports the trace headers it received and the `tracing` span its handler
-/// runs in.
-async fn app(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let header = |n: &str| {
-        req.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned()
-    };
-    let current = tracing::Span::current()
-        .metadata()
-        .map_or("none", |m| m.name());
-    Ok(Response::new(Full::new(Bytes::from(format!(
-        "traceparent={}\nrequest_id={}\nspan={current}\n",
-        header("traceparent"),
-        header("x-request-id"),
-    )))))
-}
 
 fn one(spans: &[ExportedSpan], kind: SpanKind) -> &ExportedSpan {
     let found: Vec<_> = spans.iter().filter(|s| s.kind == kind).collect();
@@ -50,20 +27,18 @@ fn one(spans: &[ExportedSpan], kind: SpanKind) -> &ExportedSpan {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshed_client_and_server_spans_join_the_callers_trace() {
-    let collector = TestCollector::start().await.expect("collector");
-    let mut config = OtlpConfig::new(collector.endpoint(), "productpage.default");
-    config.sampling_percentage = Some(100.0);
-    config.scheduled_delay = Duration::from_millis(100);
-    let (otel, guard) = mesh::otel::layer(config).expect("exporter");
-    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(otel))
-        .expect("the only subscriber of this test binary");
+    let (collector, guard) = trace_app::install_exporter("productpage.default", Some(100.0)).await;
 
     let plane = Plane::start(MeshModel::default()).await;
     let server = plane.ready_mesh("details").await;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let serving = server.clone();
-    tokio::spawn(async move { serving.serve_on(listener, tower::service_fn(app)).await });
+    tokio::spawn(async move {
+        serving
+            .serve_on(listener, tower::service_fn(trace_app::app))
+            .await
+    });
     plane.cp.set_model(
         MeshModel::default().service(
             ServiceSpec::new("details", NS, "10.96.0.40".parse().unwrap())
