@@ -8,7 +8,10 @@
 //! * a real Prometheus server scraping 15020 answers
 //!   `sum by (source_workload, destination_workload, response_code) (istio_requests_total)`;
 //! * peer metadata with a real Envoy 1.40 sidecar, and every `envoy_*` family mesh emits on
-//!   15090 exists in Envoy's `/stats/prometheus` with the same label names.
+//!   15090 exists in the `/stats/prometheus` of an Envoy 1.40 configured with Istio's bootstrap
+//!   stats (`stats_tags`, `alt_stat_name`), with the same label names;
+//! * those families' label sets match a real Istio sidecar's output
+//!   (testdata/istio/datadog-istio*.txt).
 //!
 //! Skips (with the reason printed) outside CI when the tools are missing and cannot be
 //! installed; in CI they are installed (scripts/install-prometheus.sh, install-envoy.sh).
@@ -590,19 +593,8 @@ fn add_outbound_retry(v: &mut serde_json::Value, retry_policy: &serde_json::Valu
     }
 }
 
-/// mesh's cluster for the `fam` service, and the (dot-free) name the Envoy side gives it.
+/// The `fam` service's cluster, in mesh and in the Envoy sidecar (istiod's name for it).
 const FAM_CLUSTER: &str = "outbound|9080||fam.default.svc.cluster.local";
-const ENVOY_FAM_CLUSTER: &str = "outbound|9080||fam";
-
-/// Replaces every string value `from` in `v` with `to`.
-fn rename_string(v: &mut serde_json::Value, from: &str, to: &str) {
-    match v {
-        serde_json::Value::String(s) if s == from => *s = to.to_owned(),
-        serde_json::Value::Object(o) => o.values_mut().for_each(|c| rename_string(c, from, to)),
-        serde_json::Value::Array(a) => a.iter_mut().for_each(|c| rename_string(c, from, to)),
-        _ => {}
-    }
-}
 
 /// The value of the first sample line starting with `sample`.
 fn sample_value(text: &str, sample: &str) -> Option<String> {
@@ -612,16 +604,19 @@ fn sample_value(text: &str, sample: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The same traffic through mesh (client and server) and through a real Envoy 1.40 pair of
-/// sidecars (including one request retried after a 503, for the per-attempt and retry
-/// families); every `envoy_*` sample name mesh emits on 15090 exists in Envoy's
-/// `/stats/prometheus` with the same label names. (`envoy_cluster_outlier_detection_*` appears
-/// only for clusters with outlier detection, in mesh as in Envoy; these clusters have none.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
-    let Some(tools) = tools() else { return };
-    let Some(_) = envoy_binary() else { return };
-    // mesh: client → mesh-served app.
+/// mesh's side of the family tests: a client calling a mesh-served app as `service`
+/// (`<service>.default.svc.cluster.local:9080`, route `retry_on: 5xx`), one request answered
+/// 200 and one retried after a 503. (The tests of this binary share the process-wide
+/// recorder: each uses its own service, so its cluster's counters are its own.)
+struct FamMesh {
+    plane: Plane,
+    client: Mesh,
+    _server: Mesh,
+    _serving: tokio::task::JoinHandle<Result<(), mesh::MeshError>>,
+}
+
+async fn fam_mesh(service: &str) -> FamMesh {
+    let host = format!("{service}.default.svc.cluster.local:9080");
     let plane = Plane::start(MeshModel::default()).await;
     let server = start(
         &plane,
@@ -637,7 +632,7 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
     let _serving = tokio::spawn(async move { serving.serve_on(listener, flaky_once(app)).await });
     plane.cp.set_model(
         MeshModel::default().service(
-            ServiceSpec::new("fam", NS, "10.96.0.62".parse().unwrap())
+            ServiceSpec::new(service, NS, "10.96.0.62".parse().unwrap())
                 .port(9080, Protocol::Http)
                 .retry_on("5xx")
                 .endpoint(EndpointSpec::new(addr).service_account("fam-server")),
@@ -650,20 +645,43 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
     .await;
     let http = client.http_client();
     eventually("a 200 through mesh", || async {
-        let r = http
-            .get("http://fam.default.svc.cluster.local:9080/")
-            .await
-            .ok()?;
+        let r = http.get(&format!("http://{host}/")).await.ok()?;
         (r.status() == 200).then_some(())
     })
     .await;
+    let r = http
+        .get(&format!("http://{host}/flaky"))
+        .await
+        .expect("mesh answers");
+    assert_eq!(r.status(), 200);
+    FamMesh {
+        plane,
+        client,
+        _server: server,
+        _serving,
+    }
+}
 
-    // Envoy: outbound sidecar → inbound sidecar → plain app, the same request.
+/// The same traffic through mesh (client and server) and through a real Envoy 1.40 pair of
+/// sidecars configured with Istio's bootstrap stats (`stats_tags`, `use_all_default_tags:
+/// false`, `alt_stat_name: "<cluster>;"`, HCM stat prefixes ending in `;`), including one
+/// request retried after a 503 for the per-attempt and retry families: every `envoy_*` sample
+/// name mesh emits on 15090 (cluster families from the client, listener and HTTP connection
+/// manager families from the server, one process-wide recorder) exists in Envoy's
+/// `/stats/prometheus` with the same label names. (`envoy_cluster_outlier_detection_*`
+/// appears only for clusters with outlier detection, in mesh as in Envoy; these have none.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
+    let Some(tools) = tools() else { return };
+    let Some(_) = envoy_binary() else { return };
+    let mesh = fam_mesh("fam").await;
+
+    // Envoy: outbound sidecar → inbound sidecar → plain app, the same requests.
     let plain = Echo::new("fam-plain");
     let plain_addr = serve_plain_flaky(plain).await;
     let inbound_port = free_port();
     let outbound_port = free_port();
-    let certs = envoy_certs(&plane.ca, "fam-envoy");
+    let certs = envoy_certs(&mesh.plane.ca, "fam-envoy");
     let mut bootstrap = SidecarBootstrap::new("fam-envoy-0", NS, certs)
         .inbound(inbound_port, plain_addr.port(), InboundMode::Strict)
         .outbound(
@@ -673,44 +691,28 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
             ([127, 0, 0, 1], inbound_port).into(),
             &spiffe("fam-envoy").to_string(),
         )
+        .istio_stats()
         .to_json();
     // What istiod renders for a VirtualService with `retries.retryOn: 5xx`, `attempts: 1`.
     add_outbound_retry(
         &mut bootstrap,
         &serde_json::json!({"retry_on": "5xx", "num_retries": 1}),
     );
-    // Envoy's default cluster-name tag stops at the first dot, which would fold the FQDN into
-    // the family names; the Envoy side's cluster gets a dot-free name.
-    rename_string(&mut bootstrap, FAM_CLUSTER, ENVOY_FAM_CLUSTER);
     let envoy = EnvoyProcess::start(&serde_json::to_string_pretty(&bootstrap).expect("json"));
-    let (status, body) = support::mesh::http_get(
-        ([127, 0, 0, 1], outbound_port).into(),
-        "fam.default.svc.cluster.local",
-        "/",
-    )
-    .await
-    .expect("envoy answers");
-    assert_eq!(status, 200, "{body}\n{}", envoy.logs());
-    // One request each way retried after a 503.
-    let r = http
-        .get("http://fam.default.svc.cluster.local:9080/flaky")
+    for path in ["/", "/flaky"] {
+        let (status, body) = support::mesh::http_get(
+            ([127, 0, 0, 1], outbound_port).into(),
+            "fam.default.svc.cluster.local",
+            path,
+        )
         .await
-        .expect("mesh answers");
-    assert_eq!(r.status(), 200);
-    let (status, body) = support::mesh::http_get(
-        ([127, 0, 0, 1], outbound_port).into(),
-        "fam.default.svc.cluster.local",
-        "/flaky",
-    )
-    .await
-    .expect("envoy answers");
-    assert_eq!(status, 200, "{body}\n{}", envoy.logs());
-    envoy.wait_for_stat(
-        &format!("cluster.{ENVOY_FAM_CLUSTER}.upstream_rq_completed"),
-        2,
-    );
+        .expect("envoy answers");
+        assert_eq!(status, 200, "{path}: {body}\n{}", envoy.logs());
+    }
+    // Full stat names carry istiod's `;` delimiter after the cluster's alt_stat_name.
+    envoy.wait_for_stat(&format!("cluster.{FAM_CLUSTER};.upstream_rq_completed"), 2);
     let retried = envoy.wait_for_stat(
-        &format!("cluster.{ENVOY_FAM_CLUSTER}.upstream_rq_retry_success"),
+        &format!("cluster.{FAM_CLUSTER};.upstream_rq_retry_success"),
         1,
     );
     assert_eq!(
@@ -720,7 +722,8 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
         envoy.admin_get("/stats?filter=outbound.*(retry|upstream_rq_)")
     );
 
-    let (_, mesh_text) = status_get(&client, StatusPort::Prometheus, "/stats/prometheus").await;
+    let (_, mesh_text) =
+        status_get(&mesh.client, StatusPort::Prometheus, "/stats/prometheus").await;
     let (status, envoy_text) = envoy.admin_get("/stats/prometheus").expect("envoy stats");
     assert_eq!(status, 200);
     // Both parse with the Python parser; the shapes come from the text as written.
@@ -728,7 +731,8 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
     tools.python_parse(&envoy_text);
     let mesh_shapes = envoy_shapes(&mesh_text);
     let envoy_shapes = envoy_shapes(&envoy_text);
-    // Families a static, xDS-less Envoy bootstrap cannot have: mesh's xDS client stats.
+    // Families a static, xDS-less Envoy bootstrap cannot have: mesh's xDS client stats
+    // (compared with a real sidecar's output in `envoy_families_match_real_istio_sidecar_output`).
     let needs_xds = |name: &str| {
         name.starts_with("envoy_control_plane_")
             || name.starts_with("envoy_cluster_manager_cds_")
@@ -754,70 +758,183 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
     }
     assert!(
         missing.is_empty(),
-        "mesh emits envoy_* samples Envoy does not have:\n{}\nEnvoy's cluster retry samples:\n{}",
+        "mesh emits envoy_* samples Envoy does not have:\n{}\nEnvoy's samples:\n{}",
         missing.join("\n"),
         envoy_text
             .lines()
-            .filter(|l| l.contains("retry") && !l.starts_with('#'))
+            .filter(|l| l.starts_with("envoy_cluster") || l.starts_with("envoy_http"))
             .collect::<Vec<_>>()
             .join("\n")
     );
-    for family in [
-        "envoy_cluster_upstream_rq_total",
-        "envoy_cluster_upstream_rq_xx",
-        "envoy_cluster_upstream_rq",
-        "envoy_cluster_upstream_cx_total",
-        "envoy_cluster_upstream_cx_active",
-        "envoy_cluster_upstream_rq_time_bucket",
-        "envoy_cluster_circuit_breakers_default_rq_open",
-        "envoy_cluster_upstream_rq_completed",
-        "envoy_cluster_retry_upstream_rq",
-        "envoy_cluster_retry_upstream_rq_xx",
-        "envoy_cluster_retry_upstream_rq_completed",
-        "envoy_cluster_upstream_rq_retry",
-        "envoy_cluster_upstream_rq_retry_success",
-        "envoy_cluster_upstream_rq_retry_limit_exceeded",
-        "envoy_cluster_upstream_rq_retry_overflow",
+    let labels =
+        |names: &[&str]| -> BTreeSet<String> { names.iter().map(|n| n.to_string()).collect() };
+    let cluster = labels(&["cluster_name"]);
+    let coded = labels(&["cluster_name", "response_code"]);
+    let classed = labels(&["cluster_name", "response_code_class"]);
+    let hcm = labels(&["http_conn_manager_prefix"]);
+    let hcm_classed = labels(&["http_conn_manager_prefix", "response_code_class"]);
+    let listener = labels(&["listener_address"]);
+    for (family, shape) in [
+        ("envoy_cluster_upstream_rq_total", &cluster),
+        ("envoy_cluster_upstream_rq", &coded),
+        ("envoy_cluster_upstream_rq", &classed),
+        ("envoy_cluster_upstream_cx_total", &cluster),
+        ("envoy_cluster_upstream_cx_active", &cluster),
+        ("envoy_cluster_upstream_rq_time_count", &cluster),
+        ("envoy_cluster_circuit_breakers_default_rq_open", &cluster),
+        ("envoy_cluster_upstream_rq_completed", &cluster),
+        ("envoy_cluster_retry_upstream_rq", &coded),
+        ("envoy_cluster_retry_upstream_rq", &classed),
+        ("envoy_cluster_retry_upstream_rq_completed", &cluster),
+        ("envoy_cluster_upstream_rq_retry", &cluster),
+        ("envoy_cluster_upstream_rq_retry_success", &cluster),
+        ("envoy_cluster_upstream_rq_retry_limit_exceeded", &cluster),
+        ("envoy_cluster_upstream_rq_retry_overflow", &cluster),
+        ("envoy_http_downstream_rq_total", &hcm),
+        ("envoy_http_downstream_rq", &hcm_classed),
+        ("envoy_http_downstream_cx_total", &hcm),
+        ("envoy_listener_downstream_cx_total", &listener),
     ] {
         assert!(
-            mesh_shapes.contains_key(family),
-            "mesh does not emit {family}: {:?}\n{}",
-            mesh_shapes.keys().collect::<Vec<_>>(),
+            mesh_shapes.get(family).is_some_and(|s| s.contains(shape)),
+            "mesh does not emit {family}{shape:?}: {:?}\n{}",
+            mesh_shapes.get(family),
             mesh_text
                 .lines()
-                .filter(|l| l.starts_with("envoy_cluster"))
+                .filter(|l| l.starts_with("envoy_"))
                 .collect::<Vec<_>>()
                 .join("\n")
         );
     }
     assert!(checked >= 8, "{mesh_shapes:?}");
-    // The retried attempt is counted alike: its 503 under `retry_upstream_rq`, one retry,
-    // one retry success.
-    let samples = |cluster: &str| {
-        [
-            format!(
-                "envoy_cluster_retry_upstream_rq{{envoy_response_code=\"503\",envoy_cluster_name=\"{cluster}\"}}"
-            ),
-            format!("envoy_cluster_upstream_rq_retry{{envoy_cluster_name=\"{cluster}\"}}"),
-            format!("envoy_cluster_upstream_rq_retry_success{{envoy_cluster_name=\"{cluster}\"}}"),
-        ]
-    };
-    for (text, cluster) in [(&mesh_text, FAM_CLUSTER), (&envoy_text, ENVOY_FAM_CLUSTER)] {
-        for sample in samples(cluster) {
+    // Envoy's default tags are gone, in mesh as in an Istio sidecar.
+    for old in [
+        "envoy_cluster_name=",
+        "envoy_response_code",
+        "envoy_listener_address=",
+        "envoy_http_conn_manager_prefix=",
+    ] {
+        assert!(!mesh_text.contains(old), "{old} in mesh's output");
+        assert!(!envoy_text.contains(old), "{old} in Envoy's output");
+    }
+    // The retried attempt is counted alike, under the same (dotted) cluster name and the same
+    // sample names: its 503 under `retry_upstream_rq`, one retry, one retry success.
+    for sample in [
+        format!(
+            "envoy_cluster_retry_upstream_rq{{cluster_name=\"{FAM_CLUSTER}\",response_code=\"503\"}}"
+        ),
+        format!(
+            "envoy_cluster_retry_upstream_rq{{cluster_name=\"{FAM_CLUSTER}\",response_code_class=\"5xx\"}}"
+        ),
+        format!("envoy_cluster_upstream_rq_retry{{cluster_name=\"{FAM_CLUSTER}\"}}"),
+        format!("envoy_cluster_upstream_rq_retry_success{{cluster_name=\"{FAM_CLUSTER}\"}}"),
+    ] {
+        for (who, text) in [("mesh", &mesh_text), ("Envoy", &envoy_text)] {
             assert_eq!(
                 sample_value(text, &sample).as_deref(),
                 Some("1"),
-                "{sample}\n{text}"
+                "{who}: {sample}\n{text}"
             );
         }
     }
-    let cluster = FAM_CLUSTER;
-    // mesh's cluster stats count the request under Envoy's cluster name.
-    assert!(
-        mesh_text
-            .lines()
-            .any(|l| l.starts_with("envoy_cluster_upstream_rq_total{")
-                && l.contains(&format!("envoy_cluster_name=\"{cluster}\""))),
-        "{mesh_text}"
-    );
+}
+
+/// `envoy_shapes` of a real sidecar's Prometheus output from testdata/istio, with the per-code
+/// families as Istio 1.2x tags them. These samples come from Istio 1.5 and 1.11, whose
+/// bootstrap spelled the `response_code` tag `_rq(_(\.d{3}))$` (testdata/istio/
+/// legacy-istio1.4_productpage-v1-c7765c886-v99jb.json): it never matched, so they show
+/// `envoy_cluster_upstream_rq_200{cluster_name}`. Istio 1.18 and later (bootstrap_*_golden.json,
+/// deathstarbench-geo-istio1.18_config_dump.json) have `_rq(_(\d{3}))$`, and the same counter
+/// reads `envoy_cluster_upstream_rq{cluster_name,response_code}`.
+fn sidecar_shapes(file: &str) -> BTreeMap<String, BTreeSet<BTreeSet<String>>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/istio")
+        .join(file);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut out: BTreeMap<String, BTreeSet<BTreeSet<String>>> = BTreeMap::new();
+    for (name, label_sets) in envoy_shapes(&text) {
+        let code = name.rsplit_once('_').filter(|(head, code)| {
+            head.ends_with("_rq") && code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit())
+        });
+        let (name, extra) = match code {
+            Some((head, _)) => (head.to_owned(), Some("response_code")),
+            None => (name, None),
+        };
+        let entry = out.entry(name).or_default();
+        for mut labels in label_sets {
+            if let Some(tag) = extra {
+                labels.insert(tag.to_owned());
+            }
+            entry.insert(labels);
+        }
+    }
+    out
+}
+
+/// Label sets against real Istio sidecar output (testdata/istio/datadog-istio1.5-proxy-15090.txt
+/// and datadog-istio1.11-merged-15020.txt): for every `envoy_*` family mesh emits that the
+/// sidecar's output also has, each of mesh's label sets is one the sidecar uses. Those
+/// sidecars export only the families of Istio's `stats_matcher` inclusion list (`cluster.xds-grpc`,
+/// `cluster_manager`, `listener_manager`, `server`), so this covers the cluster, xDS and server
+/// families; listener and HTTP families are compared with Envoy in the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_families_match_real_istio_sidecar_output() {
+    let mesh = fam_mesh("fam-sidecar").await;
+    let (_, mesh_text) =
+        status_get(&mesh.client, StatusPort::Prometheus, "/stats/prometheus").await;
+    let mesh_shapes = envoy_shapes(&mesh_text);
+    let mut sidecar: BTreeMap<String, BTreeSet<BTreeSet<String>>> = BTreeMap::new();
+    for file in [
+        "datadog-istio1.5-proxy-15090.txt",
+        "datadog-istio1.11-merged-15020.txt",
+    ] {
+        for (name, sets) in sidecar_shapes(file) {
+            sidecar.entry(name).or_default().extend(sets);
+        }
+    }
+    let mut compared = BTreeSet::new();
+    let mut wrong = Vec::new();
+    for (name, label_sets) in &mesh_shapes {
+        let Some(theirs) = sidecar.get(name) else {
+            continue;
+        };
+        compared.insert(name.as_str());
+        for labels in label_sets {
+            if !theirs.contains(labels) {
+                wrong.push(format!("{name}{labels:?}: the sidecar has {theirs:?}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    for family in [
+        "envoy_cluster_upstream_rq_total",
+        "envoy_cluster_upstream_rq",
+        "envoy_cluster_upstream_rq_completed",
+        "envoy_cluster_upstream_rq_active",
+        "envoy_cluster_upstream_cx_total",
+        "envoy_cluster_upstream_cx_active",
+        "envoy_cluster_circuit_breakers_default_rq_open",
+        "envoy_cluster_upstream_rq_retry",
+        "envoy_cluster_upstream_rq_retry_success",
+        "envoy_cluster_manager_cds_update_success",
+        "envoy_listener_manager_lds_update_success",
+        "envoy_server_live",
+        "envoy_server_uptime",
+    ] {
+        assert!(
+            compared.contains(family),
+            "{family} not compared: mesh has {:?}",
+            mesh_shapes.keys().collect::<Vec<_>>()
+        );
+    }
+    // Both label shapes of the shared `upstream_rq` family: per code and per class.
+    let rq = &mesh_shapes["envoy_cluster_upstream_rq"];
+    for tag in ["response_code", "response_code_class"] {
+        assert!(
+            rq.iter()
+                .any(|l| l.contains(tag) && l.contains("cluster_name")),
+            "{rq:?}"
+        );
+    }
 }

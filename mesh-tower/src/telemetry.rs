@@ -116,3 +116,27 @@ impl RequestMetrics {
         self.response_bytes.record(response_bytes as f64);
     }
 }
+
+/// The tag names of the Envoy stats mesh serves on 15090, as an Istio sidecar's Prometheus
+/// output has them. Istio's bootstrap (`stats_config`: `use_all_default_tags: false` and its
+/// own `stats_tags`) replaces Envoy's default tags (`envoy_cluster_name`, …); Envoy removes the
+/// matched part from the stat name and makes it the tag, so `cluster.<name>;.upstream_rq_200`
+/// becomes `envoy_cluster_upstream_rq{response_code="200",cluster_name="<name>"}`.
+pub mod stats_tags {
+    /// `^cluster(\.(.+);)`: istiod sets every cluster's `alt_stat_name` to `<name>;`, so the
+    /// whole cluster name, dots included, is the value.
+    pub const CLUSTER_NAME: &str = "cluster_name";
+    /// `_rq(_(\d{3}))$`: `upstream_rq_200` → `upstream_rq{response_code="200"}`.
+    pub const RESPONSE_CODE: &str = "response_code";
+    /// `_rq(_(\dxx))$`: `upstream_rq_2xx` → `upstream_rq{response_code_class="2xx"}` (the
+    /// same family as the per-code counters).
+    pub const RESPONSE_CODE_CLASS: &str = "response_code_class";
+    /// The `response_code_class` values of classes 1..=5.
+    pub const RESPONSE_CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+    /// `^listener\.(((?:[_.[:digit:]]*|[_\[\]aAbBcCdDeEfF[:digit:]]*))\.)`: the listener's
+    /// address, e.g. `0.0.0.0_15006`.
+    pub const LISTENER_ADDRESS: &str = "listener_address";
+    /// `^http\.(((?:[_.[:digit:]\w]*|…));\.)`: istiod ends every HTTP connection manager's
+    /// `stat_prefix` with `;` (`inbound_0.0.0.0_8080;`); the value is the prefix without it.
+    pub const HTTP_CONN_MANAGER_PREFIX: &str = "http_conn_manager_prefix";
+}

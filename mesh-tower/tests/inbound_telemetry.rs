@@ -221,20 +221,21 @@ async fn envoy_listener_and_http_stats_count_connections_and_requests() {
     for _ in 0..3 {
         get(addr, &[]).await;
     }
-    let prefix = r#"envoy_http_conn_manager_prefix="inbound_0.0.0.0_9183""#;
+    // Named as an Istio sidecar's Envoy names them (Istio's bootstrap stats tags).
+    let prefix = r#"http_conn_manager_prefix="inbound_0.0.0.0_9183""#;
     let rq = metric_lines("envoy_http_downstream_rq_total", &[prefix]);
     assert_eq!(rq.len(), 1, "{rq:?}");
     assert!(rq[0].ends_with(" 3"), "{}", rq[0]);
     let xx = metric_lines(
-        "envoy_http_downstream_rq_xx",
-        &[prefix, r#"envoy_response_code_class="2""#],
+        "envoy_http_downstream_rq",
+        &[prefix, r#"response_code_class="2xx""#],
     );
     assert!(xx[0].ends_with(" 3"), "{xx:?}");
     let cx = metric_lines("envoy_http_downstream_cx_total", &[prefix]);
     assert!(cx[0].ends_with(" 3"), "{cx:?}");
     let listener = metric_lines(
         "envoy_listener_downstream_cx_total",
-        &[r#"envoy_listener_address="0.0.0.0_15006""#],
+        &[r#"listener_address="0.0.0.0_15006""#],
     );
     assert_eq!(listener.len(), 1, "{listener:?}");
     drop(stop);

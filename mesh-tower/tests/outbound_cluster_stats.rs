@@ -93,40 +93,41 @@ async fn cluster_stats_count_attempts_and_istio_counts_the_request_once() {
 
         let text = handle.render();
         let at = |cluster: &str| format!("cluster_name=\"{cluster}\"}}");
+        let coded = |cluster: &str, code: &str| format!("cluster_name=\"{cluster}\",{code}}}");
         for (sample, want) in [
             (format!("envoy_cluster_upstream_rq_total{{{}", at(c)), "2"),
             (
                 format!(
-                    "envoy_cluster_upstream_rq{{response_code=\"200\",{}",
-                    at(c)
+                    "envoy_cluster_upstream_rq{{{}",
+                    coded(c, r#"response_code="200""#)
                 ),
                 "1",
             ),
             (
                 format!(
-                    "envoy_cluster_retry_upstream_rq{{response_code=\"503\",{}",
-                    at(c)
+                    "envoy_cluster_retry_upstream_rq{{{}",
+                    coded(c, r#"response_code="503""#)
                 ),
                 "1",
             ),
             (
                 format!(
-                    "envoy_cluster_upstream_rq{{response_code_class=\"2xx\",{}",
-                    at(c)
+                    "envoy_cluster_upstream_rq{{{}",
+                    coded(c, r#"response_code_class="2xx""#)
                 ),
                 "1",
             ),
             (
                 format!(
-                    "envoy_cluster_upstream_rq{{response_code_class=\"5xx\",{}",
-                    at(c)
+                    "envoy_cluster_upstream_rq{{{}",
+                    coded(c, r#"response_code_class="5xx""#)
                 ),
                 "0",
             ),
             (
                 format!(
-                    "envoy_cluster_retry_upstream_rq{{response_code_class=\"5xx\",{}",
-                    at(c)
+                    "envoy_cluster_retry_upstream_rq{{{}",
+                    coded(c, r#"response_code_class="5xx""#)
                 ),
                 "1",
             ),
@@ -158,8 +159,8 @@ async fn cluster_stats_count_attempts_and_istio_counts_the_request_once() {
             (format!("envoy_cluster_upstream_rq_total{{{}", at(d)), "0"),
             (
                 format!(
-                    "envoy_cluster_upstream_rq{{response_code=\"503\",{}",
-                    at(d)
+                    "envoy_cluster_upstream_rq{{{}",
+                    coded(d, r#"response_code="503""#)
                 ),
                 "1",
             ),

@@ -1,7 +1,10 @@
 //! Every `envoy_*` family mesh serves on 15090 exists in a real Envoy 1.40's
 //! `/stats/prometheus` with the same label names, after the same kind of traffic (HTTP
-//! requests through an inbound listener whose HTTP connection manager has Istio's
-//! `inbound_0.0.0.0_<port>` stat prefix).
+//! requests through an inbound listener whose HTTP connection manager has istiod's
+//! `inbound_0.0.0.0_<port>;` stat prefix), Envoy running with an Istio sidecar's stats naming:
+//! the bootstrap `stats_config` of testdata/istio/bootstrap_default_golden.json (Istio's
+//! `stats_tags`, `use_all_default_tags: false`; its inclusion list left out so every family
+//! shows) and `alt_stat_name: "<cluster>;"` as istiod sets it.
 //!
 //! Envoy is the binary `scripts/install-envoy.sh` installs into `<repo>/.envoy/venv` (or
 //! `ENVOY_BIN`); the test is skipped with a printed reason when it is absent.
@@ -126,6 +129,22 @@ fn families(text: &str) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
+/// Istio's bootstrap `stats_config` without its `stats_matcher` inclusion list.
+fn istio_stats_config() -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../testdata/istio/bootstrap_default_golden.json");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("golden bootstrap"))
+            .expect("golden bootstrap is JSON");
+    let mut config = golden["stats_config"].clone();
+    assert_eq!(config["use_all_default_tags"], false, "{config}");
+    config
+        .as_object_mut()
+        .expect("stats_config is an object")
+        .remove("stats_matcher");
+    config
+}
+
 #[tokio::test]
 async fn every_envoy_family_mesh_emits_exists_in_real_envoy_with_the_same_labels() {
     let Some(envoy) = envoy_binary() else { return };
@@ -175,6 +194,7 @@ async fn every_envoy_family_mesh_emits_exists_in_real_envoy_with_the_same_labels
     let dir = std::env::temp_dir().join(format!("mesh-envoy-families-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bootstrap = serde_json::json!({
+        "stats_config": istio_stats_config(),
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {
             "listeners": [{
@@ -184,7 +204,7 @@ async fn every_envoy_family_mesh_emits_exists_in_real_envoy_with_the_same_labels
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "inbound_0.0.0.0_9401",
+                        "stat_prefix": "inbound_0.0.0.0_9401;",
                         "route_config": {"name": "inbound|9401||", "virtual_hosts": [{"name": "inbound|http|9401", "domains": ["*"],
                             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "inbound|9401||"}}]}]},
                         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
@@ -193,6 +213,7 @@ async fn every_envoy_family_mesh_emits_exists_in_real_envoy_with_the_same_labels
             }],
             "clusters": [{
                 "name": "inbound|9401||",
+                "alt_stat_name": "inbound|9401||;",
                 "type": "STATIC",
                 "connect_timeout": "1s",
                 "load_assignment": {"cluster_name": "inbound|9401||", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": app_addr.port()}}}}]}]}

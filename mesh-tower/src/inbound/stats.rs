@@ -19,6 +19,9 @@ use mesh_core::telemetry::{
 use metrics::{Counter, Gauge, Histogram, Label};
 
 use crate::grpc_frames::{GrpcFrameCounter, RESPONSE_MESSAGES_TOTAL};
+use crate::telemetry::stats_tags::{
+    HTTP_CONN_MANAGER_PREFIX, LISTENER_ADDRESS, RESPONSE_CODE_CLASS, RESPONSE_CODE_CLASSES,
+};
 
 /// Inbound connections open right now, over every inbound listener of the process (what
 /// pilot-agent sums from `listener.*.downstream_cx_active` for
@@ -31,11 +34,12 @@ pub fn active_connections() -> usize {
 }
 
 /// Envoy's stat prefix of Istio's inbound capture listener (`virtualInbound`, 15006): the
-/// `envoy_listener_address` label of listener stats.
+/// `listener_address` label of listener stats.
 pub const INBOUND_LISTENER_ADDRESS: &str = "0.0.0.0_15006";
 
 /// Envoy's listener and HTTP connection manager stats for one inbound port, registered once
-/// (names and labels as Envoy's Prometheus output has them): recording is atomic updates.
+/// and named as an Istio sidecar's Prometheus output has them (Istio's stats tags): recording
+/// is atomic updates.
 #[derive(Debug)]
 pub(crate) struct ListenerStats {
     cx_total: Counter,
@@ -44,29 +48,24 @@ pub(crate) struct ListenerStats {
     http_cx_active: Gauge,
     rq_total: Counter,
     rq_active: Gauge,
-    /// `envoy_http_downstream_rq_xx` for classes 1..=5.
+    /// `envoy_http_downstream_rq{response_code_class}` for classes 1xx..=5xx (Envoy's
+    /// `http.<prefix>.downstream_rq_2xx`).
     rq_xx: [Counter; 5],
 }
 
 impl ListenerStats {
-    /// Stats for the inbound HTTP connection manager of `port` (Istio's stat prefix
-    /// `inbound_0.0.0.0_<port>`).
+    /// Stats for the inbound HTTP connection manager of `port` (istiod's stat prefix
+    /// `inbound_0.0.0.0_<port>;`, tagged without the `;`).
     pub(crate) fn new(port: u16) -> Self {
-        let listener = [Label::new(
-            "envoy_listener_address",
-            INBOUND_LISTENER_ADDRESS,
-        )];
+        let listener = [Label::new(LISTENER_ADDRESS, INBOUND_LISTENER_ADDRESS)];
         let hcm_prefix = format!("inbound_0.0.0.0_{port}");
-        let hcm = [Label::new(
-            "envoy_http_conn_manager_prefix",
-            hcm_prefix.clone(),
-        )];
+        let hcm = [Label::new(HTTP_CONN_MANAGER_PREFIX, hcm_prefix.clone())];
         let class = |c: &'static str| {
             metrics::counter!(
-                "envoy_http_downstream_rq_xx",
+                "envoy_http_downstream_rq",
                 [
-                    Label::new("envoy_response_code_class", c),
-                    Label::new("envoy_http_conn_manager_prefix", hcm_prefix.clone()),
+                    Label::new(RESPONSE_CODE_CLASS, c),
+                    Label::new(HTTP_CONN_MANAGER_PREFIX, hcm_prefix.clone()),
                 ]
                 .iter()
             )
@@ -78,7 +77,7 @@ impl ListenerStats {
             http_cx_active: metrics::gauge!("envoy_http_downstream_cx_active", hcm.iter()),
             rq_total: metrics::counter!("envoy_http_downstream_rq_total", hcm.iter()),
             rq_active: metrics::gauge!("envoy_http_downstream_rq_active", hcm.iter()),
-            rq_xx: [class("1"), class("2"), class("3"), class("4"), class("5")],
+            rq_xx: RESPONSE_CODE_CLASSES.map(class),
         }
     }
 
@@ -368,7 +367,7 @@ mod tests {
         let service = Arc::new(DestinationService::default());
         let peer = PeerIdentity {
             spiffe_id: "spiffe://cluster.local/ns/frontend/sa/web".parse().ok(),
-            uri_sans: vec!["spiffe://cluster.local/ns/frontend/sa/web".into()],
+            uri_sans: vec!["spiffe://cluster.local/ns/frontend/sa/web".to_string()].into(),
         };
         let mtls =
             ConnectionLabels::new(true, Some(&peer), &dest_tls, &dest_plain, service.clone());

@@ -24,6 +24,9 @@ use crate::grpc_frames::{
     GrpcFrameCounter, MessageCount, REQUEST_MESSAGES_TOTAL, RESPONSE_MESSAGES_TOTAL,
 };
 use crate::telemetry::RequestMetrics;
+use crate::telemetry::stats_tags::{
+    CLUSTER_NAME, RESPONSE_CODE, RESPONSE_CODE_CLASS, RESPONSE_CODE_CLASSES,
+};
 
 use mesh_core::peer_metadata::{PEER_METADATA, PEER_METADATA_ID as PEER_ID};
 
@@ -103,10 +106,12 @@ pub(crate) struct ClusterLive {
     pub ejected: Option<Arc<AtomicUsize>>,
 }
 
-/// Envoy's response-code stats under one prefix: `<prefix>upstream_rq{envoy_response_code}`,
-/// `<prefix>upstream_rq_xx{envoy_response_code_class}` and `<prefix>upstream_rq_completed`
-/// (Envoy's `CodeStats::chargeResponseStat`; the prefix is empty for the answered attempt and
-/// `retry_` for an attempt whose response was retried).
+/// Envoy's response-code stats under one prefix, as Istio's stats tags name them:
+/// `<prefix>upstream_rq_<code>` → `<prefix>upstream_rq{response_code}`,
+/// `<prefix>upstream_rq_<c>xx` → `<prefix>upstream_rq{response_code_class="<c>xx"}` (the same
+/// family: Istio's `_rq(_(\d{3}))$` and `_rq(_(\dxx))$` both strip the suffix), and
+/// `<prefix>upstream_rq_completed` (Envoy's `CodeStats::chargeResponseStat`; the prefix is
+/// empty for the answered attempt and `retry_` for an attempt whose response was retried).
 struct CodeStats {
     rq: &'static str,
     completed: Counter,
@@ -118,24 +123,22 @@ struct CodeStats {
 
 impl CodeStats {
     fn register(prefix: &'static str, name: &str) -> Self {
-        let (rq, completed, xx) = match prefix {
+        let (rq, completed) = match prefix {
             "" => (
                 "envoy_cluster_upstream_rq",
                 "envoy_cluster_upstream_rq_completed",
-                "envoy_cluster_upstream_rq_xx",
             ),
             _ => (
                 "envoy_cluster_retry_upstream_rq",
                 "envoy_cluster_retry_upstream_rq_completed",
-                "envoy_cluster_retry_upstream_rq_xx",
             ),
         };
         let class = |c: &'static str| {
             metrics::counter!(
-                xx,
+                rq,
                 [
-                    Label::new("envoy_response_code_class", c),
-                    Label::new("envoy_cluster_name", name.to_owned()),
+                    Label::new(CLUSTER_NAME, name.to_owned()),
+                    Label::new(RESPONSE_CODE_CLASS, c),
                 ]
                 .iter()
             )
@@ -143,7 +146,7 @@ impl CodeStats {
         CodeStats {
             rq,
             completed: metrics::counter!(completed, cluster_label(name).iter()),
-            xx: [class("1"), class("2"), class("3"), class("4"), class("5")],
+            xx: RESPONSE_CODE_CLASSES.map(class),
             code: ArcSwap::from_pointee(Vec::new()),
         }
     }
@@ -168,8 +171,8 @@ impl CodeStats {
         let c = metrics::counter!(
             self.rq,
             [
-                Label::new("envoy_response_code", code.to_string()),
-                Label::new("envoy_cluster_name", cluster.to_owned()),
+                Label::new(CLUSTER_NAME, cluster.to_owned()),
+                Label::new(RESPONSE_CODE, code.to_string()),
             ]
             .iter()
         );
@@ -184,17 +187,19 @@ impl CodeStats {
     }
 }
 
-/// Envoy's per-cluster stats, named and labelled as Envoy's `/stats/prometheus` has them
-/// (`envoy_cluster_<stat>{envoy_cluster_name="outbound|9080||reviews.default.svc.cluster.local"}`),
-/// registered once: recording an attempt is a handful of atomic updates.
+/// Envoy's per-cluster stats, named and labelled as an Istio sidecar's `/stats/prometheus` has
+/// them: `envoy_cluster_<stat>{cluster_name="outbound|9080||reviews.default.svc.cluster.local"}`
+/// (istiod gives every cluster `alt_stat_name: "<name>;"`, and the bootstrap's `cluster_name`
+/// tag `^cluster(\.(.+);)` takes the whole name, dots included). Registered once: recording an
+/// attempt is a handful of atomic updates.
 ///
 /// As in Envoy, the request families count upstream *attempts* (every retry is one more
 /// upstream request), while Istio's `istio_requests_total` counts the downstream request once:
 /// `upstream_rq_total` counts attempts that reached an upstream connection (not connect
-/// failures), the answered attempt's code goes to `upstream_rq{code}` / `_xx` / `_completed`,
-/// a retried response's code to `retry_upstream_rq{code}` / `_xx` / `_completed`,
-/// `upstream_rq_time` is the answered attempt's time to the end of the upstream response, and
-/// `upstream_rq_retry*` count the router's retry decisions.
+/// failures), the answered attempt's code goes to `upstream_rq{response_code}`,
+/// `upstream_rq{response_code_class}` and `upstream_rq_completed`, a retried response's code
+/// to the same under `retry_`, `upstream_rq_time` is the answered attempt's time to the end of
+/// the upstream response, and `upstream_rq_retry*` count the router's retry decisions.
 pub(crate) struct ClusterStats {
     name: String,
     rq_total: Counter,
@@ -216,7 +221,7 @@ pub(crate) struct ClusterStats {
 }
 
 fn cluster_label(name: &str) -> [Label; 1] {
-    [Label::new("envoy_cluster_name", name.to_owned())]
+    [Label::new(CLUSTER_NAME, name.to_owned())]
 }
 
 /// How the router's retry state ended for the answered attempt (Envoy's
@@ -788,7 +793,7 @@ mod tests {
             "{line}"
         );
         assert!(line.ends_with(" 2"), "one series for both requests: {line}");
-        let cluster = "envoy_cluster_name=\"outbound|9080||ratings.default.svc.cluster.local\"";
+        let cluster = "cluster_name=\"outbound|9080||ratings.default.svc.cluster.local\"";
         for (stat, value) in [
             ("envoy_cluster_upstream_cx_total{", "1"),
             ("envoy_cluster_upstream_cx_active{", "0"),
@@ -838,7 +843,7 @@ mod tests {
             first.sent();
             let mid = handle.render();
             assert!(
-                mid.contains("envoy_cluster_upstream_rq_active{envoy_cluster_name=\"c\"} 1"),
+                mid.contains("envoy_cluster_upstream_rq_active{cluster_name=\"c\"} 1"),
                 "the gauge rises when the attempt starts:\n{mid}"
             );
             first.retried(Some(503));
@@ -862,71 +867,71 @@ mod tests {
         };
         for (sample, want) in [
             (
-                "envoy_cluster_upstream_rq_total{envoy_cluster_name=\"c\"}",
+                "envoy_cluster_upstream_rq_total{cluster_name=\"c\"}",
                 Some("2"),
             ),
             (
-                "envoy_cluster_upstream_rq{envoy_response_code=\"200\",envoy_cluster_name=\"c\"}",
+                "envoy_cluster_upstream_rq{cluster_name=\"c\",response_code=\"200\"}",
                 Some("1"),
             ),
             (
-                "envoy_cluster_retry_upstream_rq{envoy_response_code=\"503\",envoy_cluster_name=\"c\"}",
+                "envoy_cluster_retry_upstream_rq{cluster_name=\"c\",response_code=\"503\"}",
                 Some("1"),
             ),
             (
-                "envoy_cluster_upstream_rq_xx{envoy_response_code_class=\"2\",envoy_cluster_name=\"c\"}",
+                "envoy_cluster_upstream_rq{cluster_name=\"c\",response_code_class=\"2xx\"}",
                 Some("1"),
             ),
             (
-                "envoy_cluster_retry_upstream_rq_xx{envoy_response_code_class=\"5\",envoy_cluster_name=\"c\"}",
+                "envoy_cluster_retry_upstream_rq{cluster_name=\"c\",response_code_class=\"5xx\"}",
                 Some("1"),
             ),
             (
-                "envoy_cluster_upstream_rq_completed{envoy_cluster_name=\"c\"}",
+                "envoy_cluster_upstream_rq_completed{cluster_name=\"c\"}",
                 Some("1"),
             ),
             (
-                "envoy_cluster_retry_upstream_rq_completed{envoy_cluster_name=\"c\"}",
+                "envoy_cluster_retry_upstream_rq_completed{cluster_name=\"c\"}",
                 Some("1"),
             ),
             (
-                "envoy_cluster_upstream_rq_retry{envoy_cluster_name=\"c\"}",
+                "envoy_cluster_upstream_rq_retry{cluster_name=\"c\"}",
                 Some("1"),
             ),
             (
-                "envoy_cluster_upstream_rq_retry_success{envoy_cluster_name=\"c\"}",
+                "envoy_cluster_upstream_rq_retry_success{cluster_name=\"c\"}",
                 Some("1"),
             ),
             (
-                "envoy_cluster_upstream_rq_retry_backoff_exponential{envoy_cluster_name=\"c\"}",
+                "envoy_cluster_upstream_rq_retry_backoff_exponential{cluster_name=\"c\"}",
                 Some("1"),
             ),
             (
-                "envoy_cluster_upstream_rq_time_count{envoy_cluster_name=\"c\"}",
+                "envoy_cluster_upstream_rq_time_count{cluster_name=\"c\"}",
                 Some("1"),
             ),
             (
-                "envoy_cluster_upstream_rq_active{envoy_cluster_name=\"c\"}",
+                "envoy_cluster_upstream_rq_active{cluster_name=\"c\"}",
                 Some("0"),
             ),
             (
-                "envoy_cluster_upstream_rq_total{envoy_cluster_name=\"dead\"}",
+                "envoy_cluster_upstream_rq_total{cluster_name=\"dead\"}",
                 Some("0"),
             ),
             (
-                "envoy_cluster_upstream_rq{envoy_response_code=\"503\",envoy_cluster_name=\"dead\"}",
+                "envoy_cluster_upstream_rq{cluster_name=\"dead\",response_code=\"503\"}",
                 Some("1"),
             ),
             (
-                "envoy_cluster_upstream_rq_retry_limit_exceeded{envoy_cluster_name=\"dead\"}",
+                "envoy_cluster_upstream_rq_retry_limit_exceeded{cluster_name=\"dead\"}",
                 Some("1"),
             ),
             (
-                "envoy_cluster_upstream_rq_time_count{envoy_cluster_name=\"dead\"}",
+                "envoy_cluster_upstream_rq_time_count{cluster_name=\"dead\"}",
                 Some("0"),
             ),
             (
-                "envoy_cluster_upstream_rq_active{envoy_cluster_name=\"dead\"}",
+                "envoy_cluster_upstream_rq_active{cluster_name=\"dead\"}",
                 Some("0"),
             ),
         ] {
