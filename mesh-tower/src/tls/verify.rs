@@ -95,15 +95,22 @@ impl Refusal {
 
 /// Counts a refused peer in Envoy's stat (`ssl.fail_verify_error` / `ssl.fail_verify_san`,
 /// scoped `listener` inbound and `cluster` outbound) and in
-/// `mesh_tls_handshake_failures_total{side,reason}`.
+/// `mesh_tls_handshake_failures_total{side,reason}`. Inbound, the counter carries Istio's
+/// `listener_address` tag of the capture listener as the sidecar's does; outbound, the
+/// verifier does not know the cluster, so the `cluster_name` tag Envoy would add is missing.
 pub(crate) fn count_refusal(side: Side, refusal: Refusal) {
-    let envoy = match (side, refusal) {
-        (Side::Inbound, Refusal::SanMismatch) => "envoy_listener_ssl_fail_verify_san",
-        (Side::Inbound, _) => "envoy_listener_ssl_fail_verify_error",
-        (Side::Outbound, Refusal::SanMismatch) => "envoy_cluster_ssl_fail_verify_san",
-        (Side::Outbound, _) => "envoy_cluster_ssl_fail_verify_error",
-    };
-    metrics::counter!(envoy).increment(1);
+    match (side, refusal) {
+        (Side::Inbound, Refusal::SanMismatch) => {
+            listener_counter("envoy_listener_ssl_fail_verify_san").increment(1)
+        }
+        (Side::Inbound, _) => listener_counter("envoy_listener_ssl_fail_verify_error").increment(1),
+        (Side::Outbound, Refusal::SanMismatch) => {
+            metrics::counter!("envoy_cluster_ssl_fail_verify_san").increment(1)
+        }
+        (Side::Outbound, _) => {
+            metrics::counter!("envoy_cluster_ssl_fail_verify_error").increment(1)
+        }
+    }
     metrics::counter!(
         "mesh_tls_handshake_failures_total",
         "side" => side.as_str(),
@@ -115,13 +122,21 @@ pub(crate) fn count_refusal(side: Side, refusal: Refusal) {
 /// Counts an inbound handshake refused because the client presented no certificate while
 /// one was required (Envoy's `listener.*.ssl.fail_verify_no_cert`).
 pub(crate) fn count_no_client_cert() {
-    metrics::counter!("envoy_listener_ssl_fail_verify_no_cert").increment(1);
+    listener_counter("envoy_listener_ssl_fail_verify_no_cert").increment(1);
     metrics::counter!(
         "mesh_tls_handshake_failures_total",
         "side" => Side::Inbound.as_str(),
         "reason" => "no_client_certificate"
     )
     .increment(1);
+}
+
+/// An inbound listener stat, tagged `listener_address="0.0.0.0_15006"` as the sidecar's is.
+fn listener_counter(name: &'static str) -> metrics::Counter {
+    metrics::counter!(
+        name,
+        crate::telemetry::stats_tags::LISTENER_ADDRESS => crate::inbound::INBOUND_LISTENER_ADDRESS
+    )
 }
 
 fn refuse(side: Side, refusal: Refusal, detail: &dyn std::fmt::Display) -> rustls::Error {
@@ -375,5 +390,30 @@ fn handshake_signature(
         rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
     } else {
         rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Inbound refusals land in the sidecar's listener stats, tagged with Istio's
+    /// `listener_address` (Envoy: `listener.0.0.0.0_15006.ssl.fail_verify_*`).
+    #[test]
+    fn inbound_refusals_carry_the_listener_address() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            count_no_client_cert();
+            count_refusal(Side::Inbound, Refusal::SanMismatch);
+            count_refusal(Side::Inbound, Refusal::Expired);
+        });
+        let text = handle.render();
+        for stat in ["no_cert", "san", "error"] {
+            let sample = format!(
+                "envoy_listener_ssl_fail_verify_{stat}{{listener_address=\"0.0.0.0_15006\"}} 1"
+            );
+            assert!(text.lines().any(|l| l == sample), "{sample}\n{text}");
+        }
     }
 }
