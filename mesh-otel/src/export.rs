@@ -71,6 +71,9 @@ pub(crate) fn start(
     if config.max_export_batch_size == 0 {
         return Err(Error::Config("max_export_batch_size"));
     }
+    if config.endpoint.starts_with("https://") {
+        return Err(Error::TlsUnsupported(config.endpoint.clone()));
+    }
     let endpoint = Endpoint::from_shared(config.endpoint.clone())
         .map_err(|source| Error::Endpoint {
             endpoint: config.endpoint.clone(),

@@ -38,7 +38,7 @@ pub const REQUEST_SPAN_TARGET: &str = "mesh::request";
 #[derive(Debug, Clone)]
 pub struct OtlpConfig {
     /// The collector's OTLP/gRPC endpoint, e.g. `http://otel-collector.observability:4317`
-    /// (plaintext HTTP/2).
+    /// (plaintext HTTP/2; `https://` is refused with [`Error::TlsUnsupported`]).
     pub endpoint: String,
     /// The `service.name` resource attribute (Istio's sidecars report
     /// `<canonical service>.<namespace>`).
@@ -91,6 +91,11 @@ pub enum Error {
     /// A size in the configuration is zero.
     #[error("invalid OTLP exporter configuration: {0} must be greater than zero")]
     Config(&'static str),
+    /// The endpoint asks for TLS, which the exporter does not speak.
+    #[error(
+        "OTLP endpoint {0:?}: TLS to the collector is not supported; use an http:// endpoint (collectors listen for plaintext OTLP/gRPC on 4317)"
+    )]
+    TlsUnsupported(String),
     /// The background exporter thread could not be started.
     #[error("cannot start the OTLP exporter thread: {0}")]
     Thread(#[source] std::io::Error),

@@ -124,4 +124,14 @@ fn bad_configuration_is_an_error() {
     let err = mesh_otel::layer::<tracing_subscriber::Registry>(OtlpConfig::new("not a uri\n", "x"))
         .unwrap_err();
     assert!(err.to_string().contains("invalid OTLP endpoint"), "{err}");
+    let err = mesh_otel::layer::<tracing_subscriber::Registry>(OtlpConfig::new(
+        "https://collector.example:4317",
+        "x",
+    ))
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("TLS to the collector is not supported"),
+        "{err}"
+    );
 }
