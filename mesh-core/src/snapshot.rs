@@ -37,19 +37,25 @@ pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 /// The name istiod gives the cluster that drops traffic.
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
 
+/// A map keyed by resource name (cluster, route configuration, listener, EDS service name).
+/// The request path looks clusters and route configurations up by name on every request, so
+/// these maps hash with foldhash rather than SipHash (names come from istiod's configuration;
+/// the hasher is still randomly seeded per map).
+pub type NameMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
 /// Everything the request path needs, compiled and immutable.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     /// Increases with every published snapshot.
     pub version: u64,
     /// Listeners by name.
-    pub listeners: HashMap<String, Arc<Listener>>,
+    pub listeners: NameMap<Arc<Listener>>,
     /// Route configurations by name.
-    pub route_configs: HashMap<String, Arc<RouteConfig>>,
+    pub route_configs: NameMap<Arc<RouteConfig>>,
     /// Clusters by name.
-    pub clusters: HashMap<String, Arc<Cluster>>,
+    pub clusters: NameMap<Arc<Cluster>>,
     /// Endpoints by EDS service name.
-    pub endpoints: HashMap<String, Arc<EndpointSet>>,
+    pub endpoints: NameMap<Arc<EndpointSet>>,
     /// The NDS name table.
     pub name_table: Arc<NameTable>,
     /// Unknown destinations policy.
@@ -122,14 +128,18 @@ impl Snapshot {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         version: u64,
-        listeners: HashMap<String, Arc<Listener>>,
-        route_configs: HashMap<String, Arc<RouteConfig>>,
-        clusters: HashMap<String, Arc<Cluster>>,
-        endpoints: HashMap<String, Arc<EndpointSet>>,
+        listeners: impl IntoIterator<Item = (String, Arc<Listener>)>,
+        route_configs: impl IntoIterator<Item = (String, Arc<RouteConfig>)>,
+        clusters: impl IntoIterator<Item = (String, Arc<Cluster>)>,
+        endpoints: impl IntoIterator<Item = (String, Arc<EndpointSet>)>,
         name_table: Arc<NameTable>,
         outbound_traffic_policy: OutboundTrafficPolicy,
         xds_versions: BTreeMap<String, String>,
     ) -> Self {
+        let listeners: NameMap<Arc<Listener>> = listeners.into_iter().collect();
+        let route_configs: NameMap<Arc<RouteConfig>> = route_configs.into_iter().collect();
+        let clusters: NameMap<Arc<Cluster>> = clusters.into_iter().collect();
+        let endpoints: NameMap<Arc<EndpointSet>> = endpoints.into_iter().collect();
         let mut outbound_ports = HashMap::default();
         let mut inbound = None;
         // Prefer 0.0.0.0 HTTP listeners over per-VIP ones for the same port: the request path

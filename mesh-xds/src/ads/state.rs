@@ -377,20 +377,16 @@ impl XdsState {
             self.snapshot_version,
             self.active_listeners
                 .iter()
-                .map(|(k, h)| (k.clone(), Arc::new(h.value.listener.clone())))
-                .collect(),
+                .map(|(k, h)| (k.clone(), Arc::new(h.value.listener.clone()))),
             self.routes
                 .iter()
-                .map(|(k, h)| (k.clone(), h.value.clone()))
-                .collect(),
+                .map(|(k, h)| (k.clone(), h.value.clone())),
             self.active_clusters
                 .iter()
-                .map(|(k, h)| (k.clone(), h.value.clone()))
-                .collect(),
+                .map(|(k, h)| (k.clone(), h.value.clone())),
             self.endpoints
                 .iter()
-                .map(|(k, h)| (k.clone(), h.value.clone()))
-                .collect(),
+                .map(|(k, h)| (k.clone(), h.value.clone())),
             self.name_table
                 .as_ref()
                 .map(|h| h.value.clone())
