@@ -47,6 +47,20 @@ pub enum AuthzLayer {
     Network,
 }
 
+/// What istiod's inbound filter chains do with a port's traffic, which decides the Istio
+/// metrics the sidecar reports for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InboundProtocol {
+    /// At least one chain runs an HTTP connection manager (a port declared HTTP, or one
+    /// istiod sniffs): `istio_requests_total` & co per request.
+    #[default]
+    Http,
+    /// Only `envoy.filters.network.tcp_proxy` chains (a port declared TCP: name `tcp-*`,
+    /// `appProtocol: tcp`, or a protocol istiod does not sniff): `istio_tcp_*` per connection
+    /// and no request metrics.
+    Tcp,
+}
+
 /// The authorization of one inbound port (or of the catch-all chains).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PortAuthz {
@@ -83,6 +97,11 @@ pub struct InboundPolicy {
     pub default_jwt: Option<Arc<JwtAuthn>>,
     /// Per-port JWT filter; a port with its own chains but no JWT filter maps to `None`.
     pub port_jwt: HashMap<u16, Option<Arc<JwtAuthn>>>,
+    /// Protocol of ports without their own filter chains (istiod's catch-all chains sniff
+    /// HTTP, so [`InboundProtocol::Http`] unless they are all TCP proxies).
+    pub default_protocol: InboundProtocol,
+    /// Per-port protocol of the ports with their own filter chains.
+    pub port_protocol: HashMap<u16, InboundProtocol>,
 }
 
 impl InboundPolicy {
@@ -108,6 +127,14 @@ impl InboundPolicy {
             Some(jwt) => jwt.as_ref(),
             None => self.default_jwt.as_ref(),
         }
+    }
+
+    /// The protocol istiod's chains give a destination port.
+    pub fn protocol_for(&self, port: u16) -> InboundProtocol {
+        self.port_protocol
+            .get(&port)
+            .copied()
+            .unwrap_or(self.default_protocol)
     }
 
     /// The peer SAN matchers for a destination port (empty: none rendered).

@@ -10,6 +10,18 @@ pub const REQUEST_BYTES: &str = "istio_request_bytes";
 /// `istio_response_bytes`.
 pub const RESPONSE_BYTES: &str = "istio_response_bytes";
 
+/// `istio_tcp_connections_opened_total`.
+pub const TCP_CONNECTIONS_OPENED_TOTAL: &str = "istio_tcp_connections_opened_total";
+/// `istio_tcp_connections_closed_total`.
+pub const TCP_CONNECTIONS_CLOSED_TOTAL: &str = "istio_tcp_connections_closed_total";
+/// `istio_tcp_sent_bytes_total` (bytes sent to the downstream peer).
+pub const TCP_SENT_BYTES_TOTAL: &str = "istio_tcp_sent_bytes_total";
+/// `istio_tcp_received_bytes_total` (bytes received from the downstream peer).
+pub const TCP_RECEIVED_BYTES_TOTAL: &str = "istio_tcp_received_bytes_total";
+/// How often Istio's stats filter reports the byte counters of an open TCP connection
+/// (`tcp_reporting_duration`, 5 s by default); the rest is reported at close.
+pub const TCP_REPORTING_DURATION: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Envoy's default histogram buckets, used by Istio for ms and byte histograms.
 pub const DEFAULT_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -222,6 +234,28 @@ pub fn request_labels(
     ]
 }
 
+/// Labels for the `istio_tcp_*` counters, in Istio's emission order: the request labels
+/// without `response_code` and `grpc_response_status`, `request_protocol="tcp"`.
+pub fn tcp_labels(
+    reporter: Reporter,
+    source: &WorkloadLabels,
+    destination: &WorkloadLabels,
+    service: &DestinationService,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+) -> Vec<(&'static str, String)> {
+    let outcome = RequestOutcome {
+        protocol: "tcp",
+        response_code: 0,
+        grpc_status: String::new(),
+        response_flags,
+        connection_security_policy,
+    };
+    let mut labels = request_labels(reporter, source, destination, service, &outcome);
+    labels.retain(|(k, _)| !matches!(*k, "response_code" | "grpc_response_status"));
+    labels
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,5 +327,32 @@ mod tests {
         assert_eq!(names[14], "destination_service");
         assert_eq!(names.last(), Some(&"connection_security_policy"));
         assert_eq!(l[3].1, "latest");
+    }
+
+    #[test]
+    fn tcp_label_order_is_istios() {
+        // istio/proxy testdata/metric/tcp_client_connection_open.yaml.tmpl, server reporter.
+        let l = tcp_labels(
+            Reporter::Destination,
+            &WorkloadLabels::default(),
+            &WorkloadLabels::default(),
+            &DestinationService::default(),
+            "-",
+            "none",
+        );
+        let names: Vec<_> = l.iter().map(|(k, _)| *k).collect();
+        assert_eq!(names.len(), 23);
+        assert_eq!(names[0], "reporter");
+        assert_eq!(
+            &names[19..],
+            &[
+                "destination_cluster",
+                "request_protocol",
+                "response_flags",
+                "connection_security_policy"
+            ]
+        );
+        assert_eq!(l[20].1, "tcp");
+        assert_eq!(l[0].1, "destination");
     }
 }

@@ -747,6 +747,15 @@ pub fn virtual_inbound_with_policies(
         .and_then(|ls| ls.get("virtualInbound"))
         .and_then(|any| Listener::decode(any.value.as_slice()).ok())
         .unwrap_or_default();
+    if !http {
+        // Network RBAC sits on TCP chains: the port is served as a TCP port (istiod's HTTP
+        // chains of a sniffed port would carry HTTP RBAC instead).
+        listener.filter_chains.retain(|fc| {
+            !fc.filters
+                .iter()
+                .any(|f| f.name == "envoy.filters.network.http_connection_manager")
+        });
+    }
     for fc in &mut listener.filter_chains {
         let blackhole = fc
             .filter_chain_match

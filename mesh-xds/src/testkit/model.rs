@@ -215,6 +215,11 @@ pub struct MeshModel {
     pub peer_authentication: InboundTlsMode,
     /// Per-port PeerAuthentication overrides.
     pub port_peer_authentication: BTreeMap<u16, InboundTlsMode>,
+    /// The declared protocol of the workload's own inbound ports (the Service ports that
+    /// select it), rendered into `virtualInbound` as istiod does: HTTP ports get HTTP
+    /// connection manager chains, TCP ports `tcp_proxy` chains only; other ports (and the
+    /// catch-all) both, for protocol sniffing.
+    pub inbound_ports: BTreeMap<u16, Protocol>,
     /// Trust domain (SPIFFE IDs in SAN matchers).
     pub trust_domain: String,
     /// Cluster DNS domain (`cluster.local`).
@@ -228,6 +233,7 @@ impl Default for MeshModel {
             outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
             peer_authentication: InboundTlsMode::Permissive,
             port_peer_authentication: BTreeMap::new(),
+            inbound_ports: BTreeMap::new(),
             trust_domain: "cluster.local".into(),
             cluster_domain: "cluster.local".into(),
         }
@@ -238,6 +244,12 @@ impl MeshModel {
     /// Adds a service.
     pub fn service(mut self, s: ServiceSpec) -> Self {
         self.services.push(s);
+        self
+    }
+
+    /// Declares the protocol of one of the workload's own inbound ports.
+    pub fn inbound_port(mut self, port: u16, protocol: Protocol) -> Self {
+        self.inbound_ports.insert(port, protocol);
         self
     }
 }
@@ -683,13 +695,33 @@ impl MeshModel {
             filters: vec![tcp_proxy_filter(mesh_core::snapshot::BLACKHOLE_CLUSTER)],
             ..Default::default()
         }];
-        let mut modes: Vec<(Option<u16>, InboundTlsMode)> = self
+        let ports: BTreeSet<u16> = self
             .port_peer_authentication
-            .iter()
-            .map(|(p, m)| (Some(*p), *m))
+            .keys()
+            .chain(self.inbound_ports.keys())
+            .copied()
+            .collect();
+        let mut modes: Vec<(Option<u16>, InboundTlsMode)> = ports
+            .into_iter()
+            .map(|p| {
+                let mode = self.port_peer_authentication.get(&p);
+                (Some(p), mode.copied().unwrap_or(self.peer_authentication))
+            })
             .collect();
         modes.push((None, self.peer_authentication));
         for (port, mode) in modes {
+            let declared = port.and_then(|p| self.inbound_ports.get(&p).copied());
+            // istiod: HTTP chains (selected by ALPN / the sniffed protocol) for HTTP and
+            // undeclared ports, TCP proxy chains for TCP and undeclared ports.
+            let http_chains = declared.is_none_or(Protocol::is_http);
+            let tcp_chains = declared.is_none_or(|p| !p.is_http());
+            let tcp_filters = || {
+                if tcp_chains {
+                    vec![tcp_proxy_filter("InboundPassthroughClusterIpv4")]
+                } else {
+                    vec![super::authz::inbound_http_connection_manager(&[])]
+                }
+            };
             let dest = port.map(|p| UInt32Value {
                 value: u32::from(p),
             });
@@ -719,6 +751,28 @@ impl MeshModel {
                     require_client_certificate: Some(BoolValue { value: true }),
                     ..Default::default()
                 };
+                let transport_socket = Some(TransportSocket {
+                    name: "envoy.transport_sockets.tls".into(),
+                    config_type: Some(transport_socket::ConfigType::TypedConfig(to_any(&tls))),
+                });
+                if http_chains && tcp_chains {
+                    chains.push(FilterChain {
+                        name: name.clone(),
+                        filter_chain_match: Some(FilterChainMatch {
+                            destination_port: dest,
+                            transport_protocol: "tls".into(),
+                            application_protocols: vec![
+                                "istio-http/1.0".into(),
+                                "istio-http/1.1".into(),
+                                "istio-h2".into(),
+                            ],
+                            ..Default::default()
+                        }),
+                        filters: vec![super::authz::inbound_http_connection_manager(&[])],
+                        transport_socket: transport_socket.clone(),
+                        ..Default::default()
+                    });
+                }
                 chains.push(FilterChain {
                     name: name.clone(),
                     filter_chain_match: Some(FilterChainMatch {
@@ -726,15 +780,25 @@ impl MeshModel {
                         transport_protocol: "tls".into(),
                         ..Default::default()
                     }),
-                    filters: vec![tcp_proxy_filter("InboundPassthroughClusterIpv4")],
-                    transport_socket: Some(TransportSocket {
-                        name: "envoy.transport_sockets.tls".into(),
-                        config_type: Some(transport_socket::ConfigType::TypedConfig(to_any(&tls))),
-                    }),
+                    filters: tcp_filters(),
+                    transport_socket,
                     ..Default::default()
                 });
             }
             if mode != InboundTlsMode::Strict {
+                if http_chains && tcp_chains {
+                    chains.push(FilterChain {
+                        name: name.clone(),
+                        filter_chain_match: Some(FilterChainMatch {
+                            destination_port: dest,
+                            transport_protocol: "raw_buffer".into(),
+                            application_protocols: vec!["http/1.1".into(), "h2c".into()],
+                            ..Default::default()
+                        }),
+                        filters: vec![super::authz::inbound_http_connection_manager(&[])],
+                        ..Default::default()
+                    });
+                }
                 chains.push(FilterChain {
                     name,
                     filter_chain_match: Some(FilterChainMatch {
@@ -742,7 +806,7 @@ impl MeshModel {
                         transport_protocol: "raw_buffer".into(),
                         ..Default::default()
                     }),
-                    filters: vec![tcp_proxy_filter("InboundPassthroughClusterIpv4")],
+                    filters: tcp_filters(),
                     ..Default::default()
                 });
             }

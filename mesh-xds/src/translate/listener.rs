@@ -21,7 +21,8 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 };
 use mesh_core::cluster::SanMatcher;
 use mesh_core::listener::{
-    AuthzLayer, InboundPolicy, InboundTlsMode, Listener, ListenerKind, OutboundProtocol, PortAuthz,
+    AuthzLayer, InboundPolicy, InboundProtocol, InboundTlsMode, Listener, ListenerKind,
+    OutboundProtocol, PortAuthz,
 };
 
 use super::rbac::{translate_http_authz_filters, translate_network_authz_filters};
@@ -206,6 +207,10 @@ fn chain_kind(fc: &FilterChain) -> Result<ChainKind, String> {
 struct Seen {
     mtls: bool,
     plain: bool,
+    /// A chain with an HTTP connection manager.
+    http: bool,
+    /// A chain proxying TCP (`tcp_proxy`) without one.
+    tcp: bool,
 }
 
 impl Seen {
@@ -214,6 +219,16 @@ impl Seen {
             (true, false) => Some(InboundTlsMode::Strict),
             (true, true) => Some(InboundTlsMode::Permissive),
             (false, true) => Some(InboundTlsMode::Disable),
+            (false, false) => None,
+        }
+    }
+
+    /// TCP only when every chain that serves the port proxies TCP: a sniffed port (HTTP and
+    /// TCP chains) is served as HTTP, as mesh serves it.
+    fn protocol(self) -> Option<InboundProtocol> {
+        match (self.http, self.tcp) {
+            (false, true) => Some(InboundProtocol::Tcp),
+            (true, _) => Some(InboundProtocol::Http),
             (false, false) => None,
         }
     }
@@ -292,6 +307,11 @@ fn inbound_policy(l: &PbListener) -> Result<InboundPolicy, String> {
             jwt_by_port.entry(port).or_insert(jwt.map(Arc::new));
         }
         let (layer, chain) = chain_authz(fc).map_err(|r| format!("{at}.{r}"))?;
+        match layer {
+            Some(AuthzLayer::Http) => seen.http = true,
+            Some(AuthzLayer::Network) if chain_proxies_tcp(fc) => seen.tcp = true,
+            _ => {}
+        }
         let Some(layer) = layer else { continue };
         let authz = (!chain.is_empty()).then(|| PortAuthz {
             chain: Arc::new(chain),
@@ -333,13 +353,18 @@ fn inbound_policy(l: &PbListener) -> Result<InboundPolicy, String> {
         port_jwt,
         default_mode: default.mode().unwrap_or_default(),
         per_port: per_port
-            .into_iter()
-            .filter_map(|(p, s)| s.mode().map(|m| (p, m)))
+            .iter()
+            .filter_map(|(p, s)| s.mode().map(|m| (*p, m)))
             .collect(),
         default_authz,
         port_authz,
         default_peer_sans: default_sans,
         port_peer_sans: port_sans,
+        default_protocol: default.protocol().unwrap_or_default(),
+        port_protocol: per_port
+            .iter()
+            .filter_map(|(p, s)| s.protocol().map(|proto| (*p, proto)))
+            .collect(),
     })
 }
 
@@ -450,11 +475,118 @@ fn chain_authz(
         return Ok((Some(AuthzLayer::Http), chain));
     }
     let chain = translate_network_authz_filters(&fc.filters)?;
-    let proxies = fc.filters.iter().any(|f| {
-        matches!(&f.config_type, Some(filter::ConfigType::TypedConfig(a)) if a.type_url.ends_with("tcp_proxy.v3.TcpProxy"))
-    });
     Ok((
-        (proxies || !chain.is_empty()).then_some(AuthzLayer::Network),
+        (chain_proxies_tcp(fc) || !chain.is_empty()).then_some(AuthzLayer::Network),
         chain,
     ))
+}
+
+/// Whether the chain has an `envoy.filters.network.tcp_proxy` filter.
+fn chain_proxies_tcp(fc: &FilterChain) -> bool {
+    fc.filters.iter().any(|f| {
+        matches!(&f.config_type, Some(filter::ConfigType::TypedConfig(a)) if a.type_url.ends_with("tcp_proxy.v3.TcpProxy"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// istiod 1.18's `virtualInbound` from a real config dump: port 8083 is sniffed (HTTP
+    /// connection manager chains selected by ALPN, and TCP proxy chains), as is the catch-all.
+    fn deathstarbench_virtual_inbound() -> PbListener {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../testdata/istio/deathstarbench-geo-istio1.18_config_dump.json");
+        let dump = crate::dump::ConfigDump::load(&path).expect("the dump loads");
+        let resources = dump.xds_resources();
+        let any = resources[crate::dump::LISTENER]
+            .get(VIRTUAL_INBOUND)
+            .expect("virtualInbound in the dump");
+        PbListener::decode(any.value.as_slice()).expect("decodes")
+    }
+
+    fn inbound(l: &PbListener) -> InboundPolicy {
+        match translate_listener(l).expect("translates").listener.kind {
+            ListenerKind::Inbound(p) => p,
+            other => panic!("inbound listener expected, got {other:?}"),
+        }
+    }
+
+    fn is_hcm(fc: &FilterChain) -> bool {
+        fc.filters
+            .iter()
+            .any(|f| f.name == "envoy.filters.network.http_connection_manager")
+    }
+
+    fn port_of(fc: &FilterChain) -> Option<u32> {
+        fc.filter_chain_match
+            .as_ref()
+            .and_then(|m| m.destination_port)
+            .map(|p| p.value)
+    }
+
+    #[test]
+    fn sniffed_inbound_ports_are_http() {
+        let l = deathstarbench_virtual_inbound();
+        assert!(
+            l.filter_chains
+                .iter()
+                .any(|fc| port_of(fc) == Some(8083) && is_hcm(fc))
+        );
+        let policy = inbound(&l);
+        assert_eq!(policy.protocol_for(8083), InboundProtocol::Http);
+        assert_eq!(policy.default_protocol, InboundProtocol::Http);
+        assert_eq!(policy.protocol_for(9999), InboundProtocol::Http);
+    }
+
+    #[test]
+    fn inbound_ports_with_only_tcp_proxy_chains_are_tcp() {
+        // The same listener as istiod renders it for a port declared TCP (`tcp-*`): the
+        // port's HTTP chains are gone, its TCP proxy chains stay.
+        let mut l = deathstarbench_virtual_inbound();
+        let before = l.filter_chains.len();
+        l.filter_chains
+            .retain(|fc| !(port_of(fc) == Some(8083) && is_hcm(fc)));
+        assert_eq!(l.filter_chains.len(), before - 2);
+        let policy = inbound(&l);
+        assert_eq!(policy.protocol_for(8083), InboundProtocol::Tcp);
+        assert_eq!(policy.port_protocol.get(&8083), Some(&InboundProtocol::Tcp));
+        // Everything else is still sniffed; the 15006 blackhole chain is no port.
+        assert_eq!(policy.default_protocol, InboundProtocol::Http);
+        assert_eq!(policy.protocol_for(15006), InboundProtocol::Http);
+        // The mTLS mode is unchanged (TLS and plaintext TCP chains remain).
+        assert_eq!(policy.mode_for(8083), InboundTlsMode::Permissive);
+
+        // Without the catch-all HTTP chains, unlisted ports are TCP too.
+        l.filter_chains
+            .retain(|fc| !(port_of(fc).is_none() && is_hcm(fc)));
+        let policy = inbound(&l);
+        assert_eq!(policy.default_protocol, InboundProtocol::Tcp);
+        assert_eq!(policy.protocol_for(9999), InboundProtocol::Tcp);
+    }
+
+    #[cfg(feature = "testkit")]
+    #[test]
+    fn testkit_renders_declared_tcp_ports_as_tcp_proxy_chains() {
+        use crate::testkit::{MeshModel, Protocol};
+        let model = MeshModel::default()
+            .inbound_port(5432, Protocol::Tcp)
+            .inbound_port(9080, Protocol::Http);
+        let generated = model.generate("default");
+        let any = &generated[crate::ads::LISTENER][VIRTUAL_INBOUND];
+        let l = PbListener::decode(any.value.as_slice()).expect("decodes");
+        let tcp: Vec<_> = l
+            .filter_chains
+            .iter()
+            .filter(|fc| port_of(fc) == Some(5432))
+            .collect();
+        assert_eq!(tcp.len(), 2, "TLS and plaintext chains");
+        assert!(tcp.iter().all(|fc| chain_proxies_tcp(fc) && !is_hcm(fc)));
+        let policy = inbound(&l);
+        assert_eq!(policy.protocol_for(5432), InboundProtocol::Tcp);
+        assert_eq!(policy.protocol_for(9080), InboundProtocol::Http);
+        assert_eq!(policy.default_protocol, InboundProtocol::Http);
+        assert_eq!(policy.mode_for(5432), InboundTlsMode::Permissive);
+    }
 }
