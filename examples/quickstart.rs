@@ -15,7 +15,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use mesh::parts::tower::outbound::UpstreamPrincipal;
 use mesh::parts::tower::status::StatusPort;
@@ -54,7 +53,7 @@ async fn main() -> Result<(), Error> {
         let mesh = start_mesh(&cp, &ca, &tokens, node).await?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let app = tower::service_fn(move |req: Request<Incoming>| async move {
+        let app = tower::service_fn(move |req: Request<mesh::Body>| async move {
             let peer = req
                 .extensions()
                 .get::<PeerIdentity>()

@@ -7,8 +7,7 @@
 //! ```no_run
 //! # async fn app() -> Result<(), mesh::MeshError> {
 //! use http::{Request, Response};
-//! use hyper::body::Incoming;
-//! let app = tower::service_fn(|_req: Request<Incoming>| async {
+//! let app = tower::service_fn(|_req: Request<mesh::Body>| async {
 //!     Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(bytes::Bytes::from("hello"))))
 //! });
 //! // Reads POD_NAME, POD_NAMESPACE, INSTANCE_IP, ... as the Istio injector sets them.
@@ -32,6 +31,12 @@ pub use runtime::{Mesh, serve};
 pub use mesh_core::identity::{NodeIdentity, PeerIdentity, SpiffeId};
 pub use mesh_core::listener::InboundTlsMode;
 pub use mesh_tower::outbound::Outbound;
+
+/// The request body the application receives: hyper's `Incoming`, read through mesh so the
+/// inbound side counts a gRPC request's messages (`istio_request_messages_total`) as Envoy
+/// does. It implements [`http_body::Body`] with `Data = Bytes` and `Error = hyper::Error`;
+/// axum's `Router` and tonic's servers accept it as they accept `Incoming`.
+pub type Body = mesh_tower::inbound::RequestBody;
 
 /// Re-exports of the parts crates, for users who need the lower layers.
 pub mod parts {

@@ -295,7 +295,7 @@ impl Mesh {
     /// Binds the application port and serves `app` behind mesh's inbound side until drained.
     pub async fn serve<S, B>(&self, app: S) -> Result<(), MeshError>
     where
-        S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        S: tower::Service<http::Request<crate::Body>, Response = http::Response<B>>
             + Clone
             + Send
             + 'static,
@@ -322,7 +322,7 @@ impl Mesh {
     /// Serves `app` on an already bound listener until drained.
     pub async fn serve_on<S, B>(&self, listener: TcpListener, app: S) -> Result<(), MeshError>
     where
-        S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        S: tower::Service<http::Request<crate::Body>, Response = http::Response<B>>
             + Clone
             + Send
             + 'static,
@@ -397,7 +397,7 @@ impl Mesh {
 /// port in `ISTIO_META_POD_PORTS`, else 8080.
 pub async fn serve<S, B>(app: S) -> Result<(), MeshError>
 where
-    S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+    S: tower::Service<http::Request<crate::Body>, Response = http::Response<B>>
         + Clone
         + Send
         + 'static,

@@ -61,7 +61,7 @@ impl App {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::clone(&self.0);
-        let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let svc = tower::service_fn(move |req: http::Request<mesh::Body>| {
             hits.fetch_add(1, Ordering::SeqCst);
             let h = |n: &str| {
                 req.headers()

@@ -82,7 +82,7 @@ impl App {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::clone(&self.hits);
-        let svc = tower::service_fn(move |req: Request<Incoming>| {
+        let svc = tower::service_fn(move |req: Request<mesh::Body>| {
             let hits = Arc::clone(&hits);
             async move {
                 hits.fetch_add(1, Ordering::SeqCst);

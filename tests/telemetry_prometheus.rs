@@ -520,7 +520,7 @@ fn envoy_shapes(text: &str) -> BTreeMap<String, BTreeSet<BTreeSet<String>>> {
 fn flaky_once(
     echo: Echo,
 ) -> impl tower::Service<
-    http::Request<hyper::body::Incoming>,
+    http::Request<mesh::Body>,
     Response = http::Response<http_body_util::Full<bytes::Bytes>>,
     Error = std::convert::Infallible,
     Future = impl Send,
@@ -528,7 +528,7 @@ fn flaky_once(
 + Send
 + 'static {
     let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+    tower::service_fn(move |req: http::Request<mesh::Body>| {
         let (echo, failed) = (echo.clone(), failed.clone());
         async move {
             if req.uri().path() == "/flaky"
@@ -557,9 +557,11 @@ async fn serve_plain_flaky(echo: Echo) -> SocketAddr {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(
                         hyper_util::rt::TokioIo::new(stream),
-                        hyper::service::service_fn(move |r| {
-                            tower::ServiceExt::oneshot(svc.clone(), r)
-                        }),
+                        hyper::service::service_fn(
+                            move |r: http::Request<hyper::body::Incoming>| {
+                                tower::ServiceExt::oneshot(svc.clone(), r.map(mesh::Body::from))
+                            },
+                        ),
                     )
                     .await;
             });

@@ -88,9 +88,10 @@ pub async fn control_plane() -> (TestCa, ControlPlane) {
     (ca, cp)
 }
 
-/// The benches' application: answers every request `200 hello` (`text/plain`).
-pub async fn hello(
-    _req: http::Request<hyper::body::Incoming>,
+/// The benches' application: answers every request `200 hello` (`text/plain`), behind mesh
+/// (`mesh::Body`) or served plain (hyper's `Incoming`).
+pub async fn hello<B>(
+    _req: http::Request<B>,
 ) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
     let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
         b"hello",

@@ -136,7 +136,7 @@ async fn inbound_client() -> hyper::client::conn::http1::SendRequest<Empty<Bytes
         drain: None,
         ext_authz: None,
     };
-    let app = tower::service_fn(|_req: Request<Incoming>| async {
+    let app = tower::service_fn(|_req: Request<mesh_tower::inbound::RequestBody>| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
     });
     tokio::spawn(inbound::serve(

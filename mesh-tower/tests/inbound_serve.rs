@@ -12,13 +12,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::cluster::{Cluster, SanMatcher, ServiceMetadata, UpstreamTls};
 use mesh_core::identity::PeerIdentity;
 use mesh_core::listener::{InboundPolicy, InboundTlsMode};
 use mesh_core::{CertStore, NodeIdentity, Snapshot, SnapshotCell, WorkloadCertificate};
-use mesh_tower::inbound::{self, InboundConfig};
+use mesh_tower::inbound::{self, InboundConfig, RequestBody};
 use mesh_tower::tls;
 use support::certs::{LeafKind, TestCa};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -29,7 +28,7 @@ const WAIT: Duration = Duration::from_secs(10);
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
 
 /// Echoes what the app saw: the peer's SPIFFE ID (or `none`) and the HTTP version.
-async fn app_handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn app_handler(req: Request<RequestBody>) -> Result<Response<Full<Bytes>>, Infallible> {
     let peer = req
         .extensions()
         .get::<PeerIdentity>()
@@ -69,7 +68,7 @@ async fn start<S, B>(
     node: NodeIdentity,
 ) -> Server
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body + Send + 'static,
@@ -334,7 +333,7 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     let release = Arc::new(Notify::new());
     let app = {
         let release = Arc::clone(&release);
-        tower::service_fn(move |_req: Request<Incoming>| {
+        tower::service_fn(move |_req: Request<RequestBody>| {
             let started_tx = started_tx.clone();
             let release = Arc::clone(&release);
             async move {
@@ -534,7 +533,7 @@ async fn grpc_status_from_trailers_is_recorded() {
     let ca = TestCa::new("cluster.local");
     let certs = CertStore::new();
     certs.set(ca.workload("default", "reviews"));
-    let app = tower::service_fn(|_req: Request<Incoming>| async {
+    let app = tower::service_fn(|_req: Request<RequestBody>| async {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from_static("5"));
         let body = http_body_util::StreamBody::new(futures_util::stream::iter([

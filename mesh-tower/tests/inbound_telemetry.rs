@@ -9,20 +9,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use mesh_core::peer_metadata::{
     PEER_METADATA_HEADER, PEER_METADATA_ID_HEADER, PeerMetadata, PeerMetadataHeaders,
 };
 use mesh_core::{CertStore, NodeIdentity, SnapshotCell};
-use mesh_tower::inbound::{self, InboundConfig};
+use mesh_tower::inbound::{self, InboundConfig, RequestBody};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Echoes the request headers the app saw, one `name: value` per line.
-async fn echo_headers(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn echo_headers(req: Request<RequestBody>) -> Result<Response<Full<Bytes>>, Infallible> {
     let mut body = String::new();
     for (k, v) in req.headers() {
         body.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));

@@ -20,7 +20,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use mesh_core::readiness::Readiness;
 use mesh_core::{CertStore, NodeIdentity, SnapshotCell};
@@ -83,7 +82,7 @@ async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-async fn ok(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn ok<B>(_req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
 }
 

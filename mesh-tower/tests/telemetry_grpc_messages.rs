@@ -2,7 +2,8 @@
 //! through mesh's outbound path (`reporter="source"`) into a gRPC app served by mesh's
 //! inbound listener (`reporter="destination"`), with a unary call (through a route with a
 //! retry policy, so the request body is buffered for replay) and a streaming call (no retry
-//! policy: the body streams), each with messages split across HTTP/2 data frames.
+//! policy: the body streams), each with messages split across HTTP/2 data frames. The
+//! destination side counts the request's messages as the app reads its `RequestBody`.
 
 mod support_outbound;
 
@@ -16,14 +17,13 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use mesh_core::cluster::{Cluster, UpstreamProtocol};
 use mesh_core::endpoint::Endpoint;
 use mesh_core::retry::RetryPolicy;
 use mesh_core::route::{PathMatch, Route, RouteAction, RouteMatch, VirtualHost};
 use mesh_core::snapshot::OutboundTrafficPolicy;
 use mesh_core::{CertStore, SnapshotCell};
-use mesh_tower::inbound::{self, InboundConfig};
+use mesh_tower::inbound::{self, InboundConfig, RequestBody};
 use mesh_tower::outbound::Outbound;
 use support_outbound::*;
 use tokio::net::TcpListener;
@@ -75,7 +75,7 @@ impl Body for Frames {
 /// The gRPC app: counts the request's messages itself and answers with `1` message for
 /// `/greeter.Greeter/SayHello`, else `4` messages (a server stream) split over frames, and
 /// `grpc-status: 0` trailers.
-async fn greeter(req: Request<Incoming>) -> Result<Response<Frames>, Infallible> {
+async fn greeter(req: Request<RequestBody>) -> Result<Response<Frames>, Infallible> {
     let unary = req.uri().path() == "/greeter.Greeter/SayHello";
     let body = req.into_body().collect().await.unwrap().to_bytes();
     let mut seen = mesh_tower::grpc_frames::GrpcFrameCounter::new();
@@ -184,6 +184,20 @@ async fn call(out: &Outbound, method: &str, messages: &[&[u8]], cuts: &[usize]) 
     (got.count(), seen)
 }
 
+const DESTINATION_GRPC: [&str; 3] = [
+    "reporter=\"destination\"",
+    "request_protocol=\"grpc\"",
+    "grpc_response_status=\"0\"",
+];
+
+/// The destination side's `istio_request_messages_total` for gRPC calls so far.
+fn destination_request_messages() -> u64 {
+    let text = mesh_tower::telemetry::prometheus_handle()
+        .expect("mesh's recorder")
+        .render();
+    sum(&text, "istio_request_messages_total", &DESTINATION_GRPC)
+}
+
 /// `name{...} value` samples with every `needle`, summed.
 fn sum(text: &str, name: &str, needles: &[&str]) -> u64 {
     text.lines()
@@ -204,6 +218,8 @@ async fn grpc_message_counters_on_both_sides_for_unary_and_streaming_calls() {
             call(&out, "/greeter.Greeter/SayHello", &[b"world"], &[3]).await,
             (1, 1)
         );
+        // Recorded as the response ended, before the client read its trailers.
+        assert_eq!(destination_request_messages(), 1);
         // Client and server streaming: 3 messages up (one empty), 4 down.
         assert_eq!(
             call(
@@ -215,6 +231,7 @@ async fn grpc_message_counters_on_both_sides_for_unary_and_streaming_calls() {
             .await,
             (4, 3)
         );
+        assert_eq!(destination_request_messages(), 1 + 3);
         // A plain HTTP request to the same cluster has no message counters.
         let r = out.get("http://greeter:9090/plain").await.unwrap();
         assert_eq!(r.status(), 200);
@@ -226,11 +243,7 @@ async fn grpc_message_counters_on_both_sides_for_unary_and_streaming_calls() {
             "request_protocol=\"grpc\"",
             "grpc_response_status=\"0\"",
         ];
-        let destination = [
-            "reporter=\"destination\"",
-            "request_protocol=\"grpc\"",
-            "grpc_response_status=\"0\"",
-        ];
+        let destination = DESTINATION_GRPC;
         assert_eq!(sum(&text, "istio_requests_total", &source), 2, "{text}");
         assert_eq!(
             sum(&text, "istio_request_messages_total", &source),
@@ -248,30 +261,46 @@ async fn grpc_message_counters_on_both_sides_for_unary_and_streaming_calls() {
             "{text}"
         );
         assert_eq!(
+            sum(&text, "istio_request_messages_total", &destination),
+            4,
+            "{text}"
+        );
+        assert_eq!(
             sum(&text, "istio_response_messages_total", &destination),
             5,
             "{text}"
         );
-        // Same label set as istio_requests_total.
-        let labels = |name: &str| -> Vec<String> {
-            text.lines()
-                .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(source[0]))
-                .map(|l| l[name.len()..l.rfind(' ').unwrap()].to_owned())
-                .collect()
-        };
-        let requests = labels("istio_requests_total");
-        for family in [
-            "istio_request_messages_total",
-            "istio_response_messages_total",
-        ] {
-            let mine = labels(family);
-            assert!(!mine.is_empty(), "{family} missing:\n{text}");
-            for l in &mine {
-                assert!(
-                    requests.contains(l),
-                    "{family}{l} has no istio_requests_total twin"
-                );
+        // Same label set as istio_requests_total, on both sides.
+        for reporter in [source[0], destination[0]] {
+            let labels = |name: &str| -> Vec<String> {
+                text.lines()
+                    .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(reporter))
+                    .map(|l| l[name.len()..l.rfind(' ').unwrap()].to_owned())
+                    .collect()
+            };
+            let requests = labels("istio_requests_total");
+            for family in [
+                "istio_request_messages_total",
+                "istio_response_messages_total",
+            ] {
+                let mine = labels(family);
+                assert!(!mine.is_empty(), "{family} {reporter} missing:\n{text}");
+                for l in &mine {
+                    assert!(
+                        requests.contains(l),
+                        "{family}{l} has no istio_requests_total twin"
+                    );
+                }
             }
+        }
+        // The plain request was recorded on both sides, as HTTP.
+        for reporter in [source[0], destination[0]] {
+            let http = [
+                reporter,
+                "request_protocol=\"http\"",
+                "response_code=\"200\"",
+            ];
+            assert_eq!(sum(&text, "istio_requests_total", &http), 1, "{text}");
         }
         // Non-gRPC requests have none.
         assert!(

@@ -18,7 +18,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use mesh_core::cluster::{Cluster, ServiceMetadata};
 use mesh_core::peer_metadata::{
@@ -29,7 +28,7 @@ use mesh_core::telemetry::{
     DestinationService, Reporter, RequestOutcome, WorkloadLabels, request_labels,
 };
 use mesh_core::{CertStore, NodeIdentity, Snapshot, SnapshotCell};
-use mesh_tower::inbound::{self, InboundConfig};
+use mesh_tower::inbound::{self, InboundConfig, RequestBody};
 use mesh_tower::status::{StatusContext, StatusPort, serve_status};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
@@ -211,7 +210,7 @@ async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, St
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-async fn ok(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn ok(_req: Request<RequestBody>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
 }
 

@@ -29,7 +29,7 @@ pub async fn install_exporter(
 }
 
 /// The server app: answers `traceparent=..\nrequest_id=..\nspan=<current tracing span>\n`.
-pub async fn app(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+pub async fn app(req: Request<mesh::Body>) -> Result<Response<Full<Bytes>>, Infallible> {
     let header = |n: &str| {
         req.headers()
             .get(n)

@@ -16,7 +16,6 @@
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Request};
-use hyper::body::Incoming;
 use mesh_core::authz::ext_authz::{CheckRequest, CheckResponse, ExtAuthzError, ExternalAuthorizer};
 use mesh_core::authz::{AuthzFilter, DynamicMetadata, ExtAuthz};
 
@@ -34,7 +33,7 @@ pub(crate) struct PendingExtAuthz {
 }
 
 /// The attributes Envoy sends for `req` on this connection.
-fn check_request(authz: &ConnectionAuthz, req: &Request<Incoming>, tls: bool) -> CheckRequest {
+fn check_request<B>(authz: &ConnectionAuthz, req: &Request<B>, tls: bool) -> CheckRequest {
     let uri = req.uri();
     let headers = req.headers();
     let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -95,8 +94,8 @@ async fn call(
     }
 }
 
-fn apply_ok(
-    req: &mut Request<Incoming>,
+fn apply_ok<B>(
+    req: &mut Request<B>,
     add: Vec<mesh_core::authz::ext_authz::HeaderToAdd>,
     remove: Vec<String>,
 ) {
@@ -147,10 +146,10 @@ fn provider_denied(status: u16, body: String, headers: Vec<(String, String)>) ->
 /// Consults the provider(s) for a request stopped at an ext_authz filter and finishes the
 /// chain: the request back (with the provider's header changes), and the local reply replacing
 /// the application's answer, if any.
-pub(crate) async fn resume(
+pub(crate) async fn resume<B>(
     pending: Box<PendingExtAuthz>,
-    mut req: Request<Incoming>,
-) -> (Request<Incoming>, Option<LocalReply>) {
+    mut req: Request<B>,
+) -> (Request<B>, Option<LocalReply>) {
     let PendingExtAuthz {
         authz,
         mut filter,
@@ -222,12 +221,12 @@ pub(crate) async fn resume(
 }
 
 /// Runs the whole HTTP chain on an owned request, consulting providers as needed.
-pub(crate) async fn authorize(
+pub(crate) async fn authorize<B>(
     authz: Arc<ConnectionAuthz>,
-    req: Request<Incoming>,
+    req: Request<B>,
     tls: bool,
     md: DynamicMetadata,
-) -> (Request<Incoming>, Option<LocalReply>) {
+) -> (Request<B>, Option<LocalReply>) {
     match authz.check_request(req.method(), req.uri(), req.headers(), tls, md) {
         Ok(local) => (req, local),
         Err(pending) => resume(pending, req).await,

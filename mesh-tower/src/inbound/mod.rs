@@ -38,7 +38,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mesh_core::authz::jwt::JwtAuthn;
@@ -54,7 +53,7 @@ use tokio::sync::{mpsc, watch};
 use crate::tls;
 use access_log::ConnectionInfo;
 use mesh_core::peer_metadata::PeerMetadataHeaders;
-pub use service::{InboundBody, InboundData, MeteredBody};
+pub use service::{InboundBody, InboundData, MeteredBody, RequestBody};
 use service::{InboundService, LocalPeerHeaders};
 use stats::{ConnectionLabels, ListenerStats};
 pub use stats::{INBOUND_LISTENER_ADDRESS, active_connections};
@@ -91,7 +90,7 @@ pub struct InboundConfig {
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains gracefully.
 ///
-/// `app` is any Tower service over `http::Request<hyper::body::Incoming>`: an axum `Router`,
+/// `app` is any Tower service over `http::Request<`[`RequestBody`]`>`: an axum `Router`,
 /// a tonic server, `tower::service_fn`. It is cloned per request. The peer's
 /// [`PeerIdentity`] is in `req.extensions()` for mTLS requests.
 ///
@@ -106,7 +105,7 @@ pub async fn serve<S, B>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<Box<dyn StdError + Send + Sync>>,
     B: http_body::Body + Send + 'static,
@@ -300,7 +299,7 @@ async fn handle_connection<S, B>(
     shared: Arc<Shared>,
     mut drain: watch::Receiver<bool>,
 ) where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<Box<dyn StdError + Send + Sync>>,
     B: http_body::Body + Send + 'static,
@@ -510,7 +509,7 @@ async fn serve_http<I, S, B>(
     mut drain: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<Box<dyn StdError + Send + Sync>>,
     B: http_body::Body + Send + 'static,

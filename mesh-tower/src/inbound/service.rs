@@ -18,6 +18,8 @@ use mesh_core::readiness::Readiness;
 use mesh_core::telemetry::WorkloadLabels;
 use pin_project::pin_project;
 use tower::ServiceExt;
+
+use crate::grpc_frames::{CountedBody, MessageCount};
 use tower::util::Oneshot;
 
 use super::access_log::AccessLog;
@@ -149,16 +151,17 @@ impl<S> InboundService<S> {
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for InboundService<S>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     B: Body,
 {
     type Response = Response<MeteredBody<B>>;
     type Error = S::Error;
     type Future = InboundFuture<S, B>;
 
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
         let started = Instant::now();
         let grpc = is_grpc(req.headers());
+        let (mut req, request_messages) = RequestBody::wrap(req, grpc);
         let head = req.method() == Method::HEAD;
         let request_bytes = req.body().size_hint().exact().unwrap_or(0);
         let (source, exchanged) = self.discover_peer(req.headers_mut());
@@ -195,6 +198,7 @@ where
             head,
             started,
             request_bytes,
+            request_messages,
             span,
         });
         // Envoy's HCM normalizes the path before any filter; then the JWT filter and the RBAC
@@ -261,7 +265,7 @@ impl<S> InboundService<S> {
     /// is left in `external`.
     fn authorize(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<RequestBody>,
         md: DynamicMetadata,
         external: &mut Option<Box<super::authz::PendingExtAuthz>>,
     ) -> Option<LocalReply> {
@@ -281,7 +285,7 @@ impl<S> InboundService<S> {
 struct Prepare(Pin<Box<dyn Future<Output = Prepared> + Send + 'static>>);
 
 /// The request, and the local reply replacing the application's answer, if any.
-type Prepared = (Request<Incoming>, Option<LocalReply>);
+type Prepared = (Request<RequestBody>, Option<LocalReply>);
 
 impl std::fmt::Debug for Prepare {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -319,6 +323,8 @@ struct Meter {
     head: bool,
     started: Instant,
     request_bytes: u64,
+    /// gRPC: the request body's messages, counted as the application reads it.
+    request_messages: Option<MessageCount>,
     /// The request's span (disabled unless a subscriber wants it), entered while polling.
     span: tracing::Span,
 }
@@ -328,7 +334,7 @@ struct Meter {
 #[derive(Debug)]
 pub(crate) struct InboundFuture<S, B>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>>,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>>,
 {
     #[pin]
     state: State<S, B>,
@@ -342,11 +348,11 @@ where
 #[derive(Debug)]
 enum State<S, B>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>>,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>>,
 {
     App {
         #[pin]
-        call: Oneshot<S, Request<Incoming>>,
+        call: Oneshot<S, Request<RequestBody>>,
     },
     Local {
         reply: Option<Box<LocalReply>>,
@@ -398,7 +404,7 @@ fn local_response<B>(reply: &LocalReply) -> Response<InboundBody<B>> {
 
 impl<S, B> Future for InboundFuture<S, B>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>>,
+    S: tower::Service<Request<RequestBody>, Response = Response<B>>,
     B: Body,
 {
     type Output = Result<Response<MeteredBody<B>>, S::Error>;
@@ -478,6 +484,7 @@ where
                         started: meter.started,
                         request_bytes: meter.request_bytes,
                         response_bytes: 0,
+                        request_messages: meter.request_messages,
                         response_messages: Default::default(),
                     },
                 };
@@ -517,6 +524,7 @@ where
                         started: meter.started,
                         request_bytes: meter.request_bytes,
                         response_bytes: 0,
+                        request_messages: meter.request_messages,
                         response_messages: Default::default(),
                     },
                 };
@@ -567,6 +575,69 @@ impl Drop for Recorder {
     fn drop(&mut self) {
         if let Some(mut pending) = self.0.take() {
             pending.finish("DC");
+        }
+    }
+}
+
+/// The request body the application receives: hyper's [`Incoming`], read through mesh so the
+/// destination side counts a gRPC request's messages (`istio_request_messages_total`) as the
+/// body streams, as Envoy's `grpc_stats` filter does. Frames pass through unchanged and
+/// unbuffered; a non-gRPC body is a plain pass-through.
+#[derive(Debug)]
+pub struct RequestBody(RequestKind);
+
+#[derive(Debug)]
+enum RequestKind {
+    Plain(Incoming),
+    Grpc(CountedBody<Incoming>),
+}
+
+impl RequestBody {
+    /// Wraps the body of `req`, counting its messages when it is a gRPC request.
+    fn wrap(req: Request<Incoming>, grpc: bool) -> (Request<RequestBody>, Option<MessageCount>) {
+        let (parts, body) = req.into_parts();
+        let (kind, count) = if grpc {
+            let (counted, count) = CountedBody::new(body);
+            (RequestKind::Grpc(counted), Some(count))
+        } else {
+            (RequestKind::Plain(body), None)
+        };
+        (Request::from_parts(parts, RequestBody(kind)), count)
+    }
+}
+
+/// A body that mesh does not meter (for serving the same handler outside mesh).
+impl From<Incoming> for RequestBody {
+    fn from(body: Incoming) -> Self {
+        RequestBody(RequestKind::Plain(body))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().0 {
+            RequestKind::Plain(body) => Pin::new(body).poll_frame(cx),
+            RequestKind::Grpc(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            RequestKind::Plain(body) => body.is_end_stream(),
+            RequestKind::Grpc(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            RequestKind::Plain(body) => body.size_hint(),
+            RequestKind::Grpc(body) => body.size_hint(),
         }
     }
 }

@@ -18,7 +18,9 @@ use mesh_core::telemetry::{
 };
 use metrics::{Counter, Gauge, Histogram, Label};
 
-use crate::grpc_frames::{GrpcFrameCounter, RESPONSE_MESSAGES_TOTAL};
+use crate::grpc_frames::{
+    GrpcFrameCounter, MessageCount, REQUEST_MESSAGES_TOTAL, RESPONSE_MESSAGES_TOTAL,
+};
 use crate::telemetry::stats_tags::{
     HTTP_CONN_MANAGER_PREFIX, LISTENER_ADDRESS, RESPONSE_CODE_CLASS, RESPONSE_CODE_CLASSES,
 };
@@ -164,9 +166,8 @@ struct Handles {
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
-    /// gRPC outcomes: `istio_response_messages_total`. (`istio_request_messages_total` needs
-    /// the request body, which goes to the application as hyper's `Incoming` unwrapped.)
-    response_messages: Option<Counter>,
+    /// gRPC outcomes: `istio_request_messages_total` and `istio_response_messages_total`.
+    messages: Option<(Counter, Counter)>,
 }
 
 /// What is known about a request when its response ends.
@@ -179,6 +180,8 @@ pub(crate) struct Finished {
     pub(crate) started: Instant,
     pub(crate) request_bytes: u64,
     pub(crate) response_bytes: u64,
+    /// gRPC: the messages of the request body, counted as the application reads it.
+    pub(crate) request_messages: Option<MessageCount>,
     /// gRPC: the messages of the response body, counted as it streams.
     pub(crate) response_messages: GrpcFrameCounter,
 }
@@ -265,8 +268,14 @@ impl ConnectionLabels {
         handles
             .response_bytes
             .record(finished.response_bytes as f64);
-        if let Some(c) = &handles.response_messages {
-            c.increment(finished.response_messages.count());
+        if let Some((request, response)) = &handles.messages {
+            request.increment(
+                finished
+                    .request_messages
+                    .as_ref()
+                    .map_or(0, MessageCount::get),
+            );
+            response.increment(finished.response_messages.count());
         }
     }
 
@@ -293,8 +302,12 @@ impl ConnectionLabels {
             duration: metrics::histogram!(REQUEST_DURATION_MS, labels.iter()),
             request_bytes: metrics::histogram!(REQUEST_BYTES, labels.iter()),
             response_bytes: metrics::histogram!(RESPONSE_BYTES, labels.iter()),
-            response_messages: (key.protocol == "grpc")
-                .then(|| metrics::counter!(RESPONSE_MESSAGES_TOTAL, labels.iter())),
+            messages: (key.protocol == "grpc").then(|| {
+                (
+                    metrics::counter!(REQUEST_MESSAGES_TOTAL, labels.iter()),
+                    metrics::counter!(RESPONSE_MESSAGES_TOTAL, labels.iter()),
+                )
+            }),
             key,
             source: peer,
         }
