@@ -17,7 +17,8 @@
 //!    every request's extensions; plaintext requests carry none.
 //! 4. **Serve HTTP/1.1 and h2** (ALPN `h2`/`istio-h2` and prior-knowledge h2c) with hyper.
 //! 5. **Record** `istio_requests_total` & co. with `reporter="destination"` when each response
-//!    ends.
+//!    ends; on a port istiod renders as TCP proxy chains only, `istio_tcp_*` per connection
+//!    instead (`tcp_stats`), as the sidecar's tcp_proxy chain reports it.
 //!
 //! When `shutdown` resolves the listener stops accepting, idle connections close, and requests
 //! in flight finish (HTTP/1.1 connections close after their response, h2 connections get a
@@ -28,6 +29,7 @@ pub mod authz;
 pub mod jwt;
 mod service;
 mod stats;
+mod tcp_stats;
 pub mod tracing_headers;
 pub mod xfcc;
 
@@ -43,7 +45,7 @@ use hyper_util::server::conn::auto;
 use mesh_core::authz::jwt::JwtAuthn;
 use mesh_core::cluster::SanMatcher;
 use mesh_core::identity::{NodeIdentity, PeerIdentity};
-use mesh_core::listener::{AuthzLayer, InboundTlsMode, PortAuthz};
+use mesh_core::listener::{AuthzLayer, InboundProtocol, InboundTlsMode, PortAuthz};
 use mesh_core::readiness::Readiness;
 use mesh_core::telemetry::{DestinationService, UNKNOWN, WorkloadLabels};
 use mesh_core::{CertStore, SnapshotCell};
@@ -232,6 +234,16 @@ impl Shared {
         (mode, authz, jwt)
     }
 
+    /// Whether istiod's chains proxy the port as TCP (then the connection reports
+    /// `istio_tcp_*` instead of request metrics), read once per connection.
+    fn tcp_port(&self) -> bool {
+        let snapshot = self.cell.load_guard();
+        snapshot
+            .inbound
+            .as_ref()
+            .is_some_and(|p| p.protocol_for(self.config.port) == InboundProtocol::Tcp)
+    }
+
     /// The connection's authorization facts, when the port has a policy.
     fn connection_authz(
         &self,
@@ -314,6 +326,7 @@ async fn handle_connection<S, B>(
         () = drained(&mut drain) => return,
     };
     let (mode, port_authz, jwt) = shared.policy();
+    let tcp_port = shared.tcp_port();
     match (detected, mode) {
         (Detected::Closed, _) => {}
         (Detected::Plaintext, InboundTlsMode::Strict) => {
@@ -336,13 +349,15 @@ async fn handle_connection<S, B>(
                 Arc::new(shared.destination_service()),
             );
             let info = connection_info(&shared, local, remote, None, None);
-            active.serving_http();
+            if !tcp_port {
+                active.serving_http();
+            }
             serve_http(
-                TokioIo::new(tcp),
+                tcp,
                 app,
                 None,
                 (http_authz, false, None, jwt),
-                labels,
+                (labels, tcp_port),
                 info,
                 &shared,
                 drain,
@@ -405,13 +420,15 @@ async fn handle_connection<S, B>(
             };
             let principal = peer.as_ref().and_then(|p| p.uri_sans.first().cloned());
             let info = connection_info(&shared, local, remote, sni, principal);
-            active.serving_http();
+            if !tcp_port {
+                active.serving_http();
+            }
             serve_http(
-                TokioIo::new(stream),
+                stream,
                 app,
                 peer,
                 (http_authz, true, xfcc, jwt),
-                labels,
+                (labels, tcp_port),
                 info,
                 &shared,
                 drain,
@@ -503,12 +520,12 @@ async fn serve_http<I, S, B>(
     app: S,
     peer: Option<PeerIdentity>,
     (authz, tls, xfcc, jwt): HttpFilters,
-    labels: ConnectionLabels,
+    (labels, tcp_port): (ConnectionLabels, bool),
     info: Option<Arc<ConnectionInfo>>,
     shared: &Shared,
     mut drain: watch::Receiver<bool>,
 ) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<Box<dyn StdError + Send + Sync>>,
@@ -516,6 +533,14 @@ async fn serve_http<I, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
+    // A TCP port's connection is metered as the sidecar's tcp_proxy chain meters it; HTTP
+    // ports serve the stream as it is.
+    let (labels, tcp) = if tcp_port {
+        let (labels, tcp_labels) = labels.into_tcp();
+        (labels, Some(tcp_stats::TcpConnection::open(&tcp_labels)))
+    } else {
+        (labels, None)
+    };
     let service = InboundService::new(
         app,
         peer,
@@ -528,13 +553,24 @@ async fn serve_http<I, S, B>(
     .with_drain(shared.config.drain.clone())
     .with_xfcc(xfcc)
     .with_jwt(jwt, Arc::clone(&shared.jwks));
-    let conn = shared.builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = drained(&mut drain) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    macro_rules! drive {
+        ($io:expr) => {{
+            let conn = shared.builder.serve_connection_with_upgrades($io, service);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = drained(&mut drain) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }};
+    }
+    let result = match tcp {
+        None => drive!(TokioIo::new(io)),
+        Some(tcp) => {
+            let io = TokioIo::new(tcp.wrap(io));
+            tcp.report_while(async { drive!(io) }).await
         }
     };
     if let Err(error) = result {

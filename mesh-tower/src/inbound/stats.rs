@@ -146,6 +146,8 @@ pub(crate) struct ConnectionLabels {
     service: Arc<DestinationService>,
     security_policy: &'static str,
     last: ArcSwapOption<Handles>,
+    /// A TCP-proxied port ([`into_tcp`](Self::into_tcp)): no request metrics.
+    tcp: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -220,7 +222,27 @@ impl ConnectionLabels {
             service,
             security_policy: if mutual { "mutual_tls" } else { "none" },
             last: ArcSwapOption::empty(),
+            tcp: false,
         }
+    }
+
+    /// Labels for a connection to a port istiod renders as a TCP proxy: the `istio_tcp_*`
+    /// label set is returned, and requests on the connection record no request metrics (the
+    /// sidecar has no HTTP connection manager there).
+    pub(crate) fn into_tcp(mut self) -> (Self, Vec<Label>) {
+        self.tcp = true;
+        let labels = mesh_core::telemetry::tcp_labels(
+            Reporter::Destination,
+            &self.source,
+            &self.destination,
+            &self.service,
+            "-",
+            self.security_policy,
+        )
+        .into_iter()
+        .map(|(k, v)| Label::new(k, v))
+        .collect();
+        (self, labels)
     }
 
     /// The source labels for a request that carried the peer's `x-envoy-peer-metadata`:
@@ -238,6 +260,9 @@ impl ConnectionLabels {
     /// Records one finished request. `peer` is the source as the request's peer metadata
     /// described it (see [`merge_peer`](Self::merge_peer)), `None` for the connection's own.
     pub(crate) fn record(&self, finished: &Finished, peer: Option<&Arc<WorkloadLabels>>) {
+        if self.tcp {
+            return;
+        }
         let key = OutcomeKey {
             protocol: if finished.grpc { "grpc" } else { "http" },
             response_code: finished.response_code,
