@@ -721,8 +721,9 @@ pub fn inbound_http_connection_manager_with_jwt(
 }
 
 /// `model`'s `virtualInbound` listener with `policies` applied: every chain but the 15006
-/// blackhole becomes an HTTP chain (`http`) or a TCP chain with network RBAC, and every mTLS
-/// chain accepts only peers of the model's trust domain
+/// blackhole becomes an HTTP chain (`http`) or a TCP chain with network RBAC (the HTTP chains
+/// of sniffed ports are dropped: every port is then a TCP port, reporting `istio_tcp_*`), and
+/// every mTLS chain accepts only peers of the model's trust domain
 /// (`match_subject_alt_names: [{prefix: "spiffe://<td>/"}]`). Returns the name and the
 /// resource for [`super::ControlPlane::push_raw`] under the listener type URL.
 pub fn virtual_inbound_with_authz(
