@@ -20,9 +20,9 @@
 
 mod builder;
 mod error;
-mod runtime;
 #[cfg(feature = "otel")]
 pub mod otel;
+mod runtime;
 
 pub use builder::{CertificateSource, MeshBuilder};
 pub use error::MeshError;
