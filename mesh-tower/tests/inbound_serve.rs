@@ -20,6 +20,7 @@ use mesh_core::{CertStore, NodeIdentity, Snapshot, SnapshotCell, WorkloadCertifi
 use mesh_tower::inbound::{self, InboundConfig, RequestBody};
 use mesh_tower::tls;
 use support::certs::{LeafKind, TestCa};
+use support::inbound::InboundServer as Server;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -39,72 +40,23 @@ async fn app_handler(req: Request<RequestBody>) -> Result<Response<Full<Bytes>>,
     Ok(Response::new(Full::new(Bytes::from(body))))
 }
 
-struct Server {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Server {
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(WAIT, self.done)
-            .await
-            .expect("serve returned after shutdown")
-            .unwrap()
-            .unwrap();
-    }
-}
-
 fn node(pod: &str) -> NodeIdentity {
     NodeIdentity::new(pod, "default", "10.1.2.3".parse().unwrap(), "reviews")
 }
 
-async fn start<S, B>(
-    app: S,
-    cell: SnapshotCell,
-    certs: CertStore,
-    mode: Option<InboundTlsMode>,
-    node: NodeIdentity,
-) -> Server
-where
-    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let config = InboundConfig {
-        port: 9080,
-        mode,
-        node,
-        header_read_timeout: None,
-        drain: None,
-        ext_authz: None,
-    };
-    let done = tokio::spawn(inbound::serve(listener, app, cell, certs, config, async {
-        let _ = stopped.await;
-    }));
-    Server {
-        addr,
-        stop: Some(stop),
-        done,
-    }
+/// The inbound config of these tests: port 9080.
+fn config(mode: Option<InboundTlsMode>, node: NodeIdentity) -> InboundConfig {
+    support::inbound::config(9080, mode, node)
 }
 
 async fn start_default(ca: &TestCa, mode: Option<InboundTlsMode>) -> Server {
     let certs = CertStore::new();
     certs.set(ca.workload("default", "reviews"));
-    start(
+    Server::start(
         tower::service_fn(app_handler),
         SnapshotCell::new(),
         certs,
-        mode,
-        node("reviews-v1-7f99c7d8b5-abcde"),
+        config(mode, node("reviews-v1-7f99c7d8b5-abcde")),
     )
     .await
 }
@@ -258,12 +210,11 @@ async fn strict_mode_comes_from_the_snapshot_per_port() {
         ..InboundPolicy::default()
     });
     cell.publish(snapshot, true);
-    let server = start(
+    let server = Server::start(
         tower::service_fn(app_handler),
         cell.clone(),
         certs,
-        None,
-        node("reviews-v1"),
+        config(None, node("reviews-v1")),
     )
     .await;
     let tcp = TcpStream::connect(server.addr).await.unwrap();
@@ -343,7 +294,13 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
             }
         })
     };
-    let server = start(app, SnapshotCell::new(), certs, None, node("slow-v1")).await;
+    let server = Server::start(
+        app,
+        SnapshotCell::new(),
+        certs,
+        config(None, node("slow-v1")),
+    )
+    .await;
     let addr = server.addr;
     let in_flight = tokio::spawn(async move {
         let tcp = TcpStream::connect(addr).await.unwrap();
@@ -446,7 +403,13 @@ async fn istio_requests_total_is_recorded_with_reporter_destination() {
         .clusters
         .insert(cluster.name.clone(), Arc::new(cluster));
     cell.publish(snapshot, true);
-    let server = start(tower::service_fn(app_handler), cell, certs, None, node).await;
+    let server = Server::start(
+        tower::service_fn(app_handler),
+        cell,
+        certs,
+        config(None, node),
+    )
+    .await;
 
     // Two mTLS requests on one h2 connection, one plaintext HTTP/1.1 request.
     let stream = timed(tls_stream(
@@ -547,12 +510,11 @@ async fn grpc_status_from_trailers_is_recorded() {
         );
         Ok::<_, Infallible>(resp)
     });
-    let server = start(
+    let server = Server::start(
         app,
         SnapshotCell::new(),
         certs,
-        None,
-        node("grpcmetrics-v1"),
+        config(None, node("grpcmetrics-v1")),
     )
     .await;
     let tcp = TcpStream::connect(server.addr).await.unwrap();
@@ -647,12 +609,11 @@ async fn tls_without_client_certificate_is_served_in_permissive_only() {
     let ca = TestCa::new("cluster.local");
     let certs = CertStore::new();
     certs.set(ca.workload("default", "reviews"));
-    let server = start(
+    let server = Server::start(
         tower::service_fn(app_handler),
         SnapshotCell::new(),
         certs,
-        None,
-        node("tlsnocert-v1"),
+        config(None, node("tlsnocert-v1")),
     )
     .await;
     let stream = timed(tls_without_client_cert(server.addr)).await.unwrap();

@@ -22,12 +22,11 @@ use hyper_util::rt::TokioIo;
 use mesh_core::cluster::{Cluster, SanMatcher, ServiceMetadata, UpstreamTls};
 use mesh_core::listener::{InboundPolicy, InboundProtocol};
 use mesh_core::{CertStore, NodeIdentity, Snapshot, SnapshotCell, WorkloadCertificate};
-use mesh_tower::inbound::{self, InboundConfig};
 use mesh_tower::tls;
 use support::certs::TestCa;
+use support::inbound::InboundServer as Server;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(10);
 const TCP_PORT: u16 = 5432;
@@ -93,50 +92,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
 }
 
-struct Server {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<io::Result<()>>,
-}
-
-impl Server {
-    async fn start(cell: SnapshotCell, certs: CertStore, port: u16, node: NodeIdentity) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let config = InboundConfig {
-            port,
-            mode: None,
-            node,
-            header_read_timeout: None,
-            drain: None,
-            ext_authz: None,
-        };
-        let done = tokio::spawn(inbound::serve(
-            listener,
-            tower::service_fn(app),
-            cell,
-            certs,
-            config,
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        Server {
-            addr,
-            stop: Some(stop),
-            done,
-        }
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(WAIT, self.done)
-            .await
-            .expect("serve returned after shutdown")
-            .unwrap()
-            .unwrap();
-    }
+/// The inbound listener under test, serving `app`.
+async fn start_server(
+    cell: SnapshotCell,
+    certs: CertStore,
+    port: u16,
+    node: NodeIdentity,
+) -> Server {
+    Server::start(
+        tower::service_fn(app),
+        cell,
+        certs,
+        support::inbound::config(port, None, node),
+    )
+    .await
 }
 
 fn node(pod: &str) -> NodeIdentity {
@@ -307,7 +276,7 @@ async fn tcp_ports_report_istio_tcp_metrics_per_connection() {
     let (ca, certs) = setup();
     let workload = "tcpledger-v2";
     let needle = format!("destination_workload=\"{workload}\"");
-    let server = Server::start(
+    let server = start_server(
         snapshot(),
         certs,
         TCP_PORT,
@@ -355,7 +324,7 @@ async fn tcp_ports_report_istio_tcp_metrics_per_connection() {
 async fn http_ports_keep_request_metrics_and_report_no_tcp_metrics() {
     let (_ca, certs) = setup();
     let needle = "destination_workload=\"httpledger-v2\"";
-    let server = Server::start(
+    let server = start_server(
         snapshot(),
         certs,
         HTTP_PORT,

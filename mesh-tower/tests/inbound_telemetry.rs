@@ -2,6 +2,8 @@
 //! caller's headers, label `source_*` from them, answer with ours only when asked), request id
 //! and trace context headers, and Envoy's listener / HTTP connection manager stats.
 
+mod support;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,9 +16,9 @@ use mesh_core::peer_metadata::{
     PEER_METADATA_HEADER, PEER_METADATA_ID_HEADER, PeerMetadata, PeerMetadataHeaders,
 };
 use mesh_core::{CertStore, NodeIdentity, SnapshotCell};
-use mesh_tower::inbound::{self, InboundConfig, RequestBody};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use mesh_tower::inbound::RequestBody;
+use support::inbound::InboundServer;
+use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -37,30 +39,15 @@ fn node(pod: &str, app: &str, version: &str) -> NodeIdentity {
     n
 }
 
-async fn start(node: NodeIdentity, port: u16) -> (SocketAddr, oneshot::Sender<()>) {
+async fn start(node: NodeIdentity, port: u16) -> InboundServer {
     let _ = mesh_tower::telemetry::prometheus_handle().expect("mesh's recorder");
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let config = InboundConfig {
-        port,
-        mode: None,
-        node,
-        header_read_timeout: None,
-        drain: None,
-        ext_authz: None,
-    };
-    tokio::spawn(inbound::serve(
-        listener,
+    InboundServer::start(
         tower::service_fn(echo_headers),
         SnapshotCell::new(),
         CertStore::new(),
-        config,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    (addr, stop)
+        support::inbound::config(port, None, node),
+    )
+    .await
 }
 
 async fn get(addr: SocketAddr, headers: &[(&str, &str)]) -> (HeaderMap, String) {
@@ -99,7 +86,8 @@ fn metric_lines(name: &str, must_contain: &[&str]) -> Vec<String> {
 #[tokio::test]
 async fn peer_metadata_is_read_stripped_and_answered() {
     let server_node = node("pmratings-v1-7f99c7d8b5-abcde", "ratings", "v1");
-    let (addr, _stop) = start(server_node.clone(), 9181).await;
+    let server = start(server_node.clone(), 9181).await;
+    let addr = server.addr;
 
     let mut client = node("pmproductpage-v1-6b746f74dc-9stvs", "productpage", "v1");
     client.cluster_id = "client-cluster".into();
@@ -179,7 +167,8 @@ async fn peer_metadata_is_read_stripped_and_answered() {
 
 #[tokio::test]
 async fn request_id_and_trace_context_reach_the_app() {
-    let (addr, _stop) = start(node("trratings-v1-7f99c7d8b5-abcde", "ratings", "v1"), 9182).await;
+    let server = start(node("trratings-v1-7f99c7d8b5-abcde", "ratings", "v1"), 9182).await;
+    let addr = server.addr;
     let (_, seen) = get(addr, &[]).await;
     let id = seen
         .lines()
@@ -216,7 +205,8 @@ async fn request_id_and_trace_context_reach_the_app() {
 
 #[tokio::test]
 async fn envoy_listener_and_http_stats_count_connections_and_requests() {
-    let (addr, stop) = start(node("stratings-v1-7f99c7d8b5-abcde", "ratings", "v1"), 9183).await;
+    let server = start(node("stratings-v1-7f99c7d8b5-abcde", "ratings", "v1"), 9183).await;
+    let addr = server.addr;
     for _ in 0..3 {
         get(addr, &[]).await;
     }
@@ -237,5 +227,5 @@ async fn envoy_listener_and_http_stats_count_connections_and_requests() {
         &[r#"listener_address="0.0.0.0_15006""#],
     );
     assert_eq!(listener.len(), 1, "{listener:?}");
-    drop(stop);
+    server.shutdown().await;
 }
