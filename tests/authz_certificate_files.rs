@@ -3,7 +3,7 @@
 //! credentials directory provide them) serves STRICT mTLS with exactly that certificate,
 //! becomes ready without any CA, and presents a rotated file on the next handshake.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -15,7 +15,7 @@
 //!
 //! Skips (printing why) when Envoy is not installed and `CI` is not set.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

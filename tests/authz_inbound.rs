@@ -5,7 +5,7 @@
 //! after path normalization, network RBAC on TCP chains closing connections, the
 //! `RBAC` response flag in `istio_requests_total`, and the inbound trust-domain check.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

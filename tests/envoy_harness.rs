@@ -4,7 +4,7 @@
 //!
 //! Skips (with the reason printed) when Envoy is not installed and `CI` is not set.
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

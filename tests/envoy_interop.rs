@@ -10,7 +10,7 @@
 //! The Envoy tests skip (with the reason printed) when Envoy is not installed and `CI` is
 //! not set; in CI the harness installs it.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@
 //! that is down gives `status_on_error` (403 by default), or lets the request through with
 //! `failure_mode_allow`; DENY policies still apply after an allow.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -15,7 +15,7 @@
 //!   never the server;
 //! * a plaintext peer cannot hand the app spoofed peer metadata, XFCC or JWT claim headers.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

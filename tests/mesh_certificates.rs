@@ -3,7 +3,7 @@
 //! serving; a STRICT mesh server refuses expired, not-yet-valid and wrongly signed peers;
 //! a mesh client refuses a server whose SPIFFE ID is not in the cluster's SAN list (`UF`).
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};

@@ -2,7 +2,7 @@
 //! once, a request in flight completes, and afterwards the app port accepts no new
 //! connections.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

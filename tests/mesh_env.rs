@@ -3,7 +3,7 @@
 //! control plane listens with TLS (like istiod's :15012), verified against the root file in
 //! `XDS_ROOT_CA`, and authenticates the token from `ISTIO_TOKEN_PATH`.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! first configuration *and* a certificate are in, then 200; `/stats/prometheus` on 15020 and
 //! 15090 carries Istio's `istio_requests_total` once a request went through.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

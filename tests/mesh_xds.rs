@@ -5,7 +5,7 @@
 //! The backends are meshed workloads on a second control plane that shares the CA, so the
 //! client's plane sees only the client's stream.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 

@@ -9,8 +9,7 @@
 //!
 //! Skips (with the reason printed) when Envoy is not installed and `CI` is not set.
 
-#[path = "support/envoy.rs"]
-mod envoy;
+use crate::support::envoy;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

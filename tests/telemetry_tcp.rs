@@ -4,7 +4,7 @@
 //! Istio's own expectation template, testdata/istio/istio-proxy-metric_tcp_client_connection_open.yaml.tmpl)
 //! instead of `istio_requests_total`, while still serving the app over HTTP.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,7 @@
 //! `inbound::serve` with real sockets: TLS detection, mTLS modes, peer identity, HTTP/1.1 and
 //! h2, graceful drain and Istio metrics.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

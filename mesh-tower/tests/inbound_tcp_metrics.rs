@@ -3,7 +3,7 @@
 //! with `reporter="destination"`, byte counts equal to what crossed the connection, and no
 //! request metrics.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

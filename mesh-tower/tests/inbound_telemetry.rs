@@ -2,7 +2,7 @@
 //! caller's headers, label `source_*` from them, answer with ours only when asked), request id
 //! and trace context headers, and Envoy's listener / HTTP connection manager stats.
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -4,7 +4,7 @@
 //! real Envoy 1.40 reports for the same traffic (route `retry_on: 5xx`, upstream answering
 //! 503 then 200; a dead host with `connect-failure` retried once).
 
-mod support_outbound;
+use crate::support_outbound;
 
 use std::net::SocketAddr;
 

@@ -2,10 +2,8 @@
 //! certificate chaining to the mesh root: SNI and ALPN as Envoy sends them, SAN checks, h2,
 //! and certificate rotation for new connections.
 
-#[allow(dead_code)]
-#[path = "support/certs.rs"]
-mod certs;
-mod support_outbound;
+use crate::support::certs;
+use crate::support_outbound;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

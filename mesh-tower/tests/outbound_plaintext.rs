@@ -1,7 +1,7 @@
 //! The outbound path over plaintext: routing, load balancing, pooling, HTTP/2, Envoy's local
 //! replies, snapshot updates and telemetry, against real hyper upstreams on 127.0.0.1.
 
-mod support_outbound;
+use crate::support_outbound;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Load balancing, outlier detection and circuit breakers on the outbound path, against real
 //! hyper upstreams on 127.0.0.1.
 
-mod support_outbound;
+use crate::support_outbound;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

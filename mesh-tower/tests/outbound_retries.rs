@@ -1,7 +1,7 @@
 //! Retries and timeouts on the outbound path, against real hyper upstreams on 127.0.0.1 that
 //! fail in scripted ways (503 then 200, resets, slow answers, dead endpoints).
 
-mod support_outbound;
+use crate::support_outbound;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! rewrite, host_rewrite_literal, request/response headers with append actions and `%…%`
 //! formatters), against a real hyper upstream on 127.0.0.1.
 
-mod support_outbound;
+use crate::support_outbound;
 
 use std::sync::Arc;
 

@@ -4,8 +4,7 @@
 //! `traceparent` / B3 context stepped to a child span, an invalid one left alone, no trace
 //! started without an exporter.
 
-#[path = "support_outbound/mod.rs"]
-mod support_outbound;
+use crate::support_outbound;
 
 use std::net::SocketAddr;
 

@@ -1,6 +1,6 @@
 //! Real TLS handshakes over 127.0.0.1 between mesh-tower's client and server configurations.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

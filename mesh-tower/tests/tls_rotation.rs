@@ -4,7 +4,7 @@
 //! request may fail, new handshakes must present the newest certificate, and a connection
 //! established before all of it must still carry data at the end.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -1,6 +1,6 @@
 //! CaClient against a real tonic server serving the testkit CA (plaintext and TLS).
 
-mod ca_support;
+use crate::ca_support;
 
 use std::time::{Duration, SystemTime};
 

@@ -1,6 +1,6 @@
 //! SecretManager against a real tonic server serving the testkit CA.
 
-mod ca_support;
+use crate::ca_support;
 
 use std::sync::Arc;
 use std::time::Duration;

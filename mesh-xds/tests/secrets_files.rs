@@ -1,6 +1,6 @@
 //! File-mounted certificates: selection, loading, and reload on change with debounce.
 
-mod secrets_support;
+use crate::secrets_support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The SDS client against a real SDS server on a Unix socket (the testkit one), with
 //! certificates from the testkit CA.
 
-mod secrets_support;
+use crate::secrets_support;
 
 use std::time::Duration;
 
