@@ -1,7 +1,7 @@
 //! Entry points for fuzzing: arbitrary bytes through the same decode + translate path the ADS
 //! client uses, and arbitrary text through the config-dump loader. Used by the cargo-fuzz
-//! targets in `fuzz/` (nightly) and by the stable, bounded mutation runner in
-//! `tests/xds_fuzz.rs`. Neither may panic, whatever the input.
+//! targets in `fuzz/` (seeded by `examples/fuzz_seeds.rs`) and by the stable, bounded mutation
+//! runner in `tests/xds_fuzz.rs`. Neither may panic, whatever the input.
 
 use envoy_types::pb::google::protobuf::Any;
 use rand::Rng;
@@ -41,6 +41,54 @@ pub fn load_config_dump(bytes: &[u8]) -> Option<usize> {
     let dump = crate::dump::ConfigDump::from_json_str(text).ok()?;
     let report = crate::check::check(&dump);
     Some(report.accepted() + report.rejected())
+}
+
+/// The fuzz target that drives resources of `type_url` (`fuzz/fuzz_targets/<name>.rs`).
+pub fn target_name(type_url: &str) -> Option<&'static str> {
+    Some(match type_url {
+        CLUSTER => "decode_cluster",
+        ENDPOINT => "decode_endpoint",
+        LISTENER => "decode_listener",
+        ROUTE => "decode_route",
+        NAME_TABLE => "decode_name_table",
+        _ => return None,
+    })
+}
+
+/// Seed inputs for the decode fuzzers: every resource of the fuzzed types in `dump` (real
+/// istiod output), as the bytes the ADS client would receive.
+pub fn dump_seeds(dump: &crate::dump::ConfigDump) -> Vec<(&'static str, Vec<u8>)> {
+    dump.resources
+        .iter()
+        .filter_map(|r| {
+            let t = TYPES.iter().find(|t| **t == r.type_url)?;
+            Some((*t, r.resource.value.clone()))
+        })
+        .collect()
+}
+
+/// Seed inputs the testkit's istiod-shaped generator renders for a small mesh (an HTTP and a
+/// TCP port, one endpoint): covers the name table, which config dumps do not hold.
+#[cfg(feature = "testkit")]
+pub fn testkit_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::testkit::{EndpointSpec, MeshModel, Protocol, ServiceSpec};
+    let model = MeshModel::default().service(
+        ServiceSpec::new("a", "default", std::net::Ipv4Addr::new(10, 0, 0, 1).into())
+            .port(80, Protocol::Http)
+            .port(5432, Protocol::Tcp)
+            .endpoint(EndpointSpec::new(std::net::SocketAddr::from((
+                [127, 0, 0, 1],
+                80,
+            )))),
+    );
+    let mut out = Vec::new();
+    for (t, items) in model.generate("default") {
+        let Some(t) = TYPES.iter().find(|x| **x == t) else {
+            continue;
+        };
+        out.extend(items.values().map(|a| (*t, a.value.clone())));
+    }
+    out
 }
 
 /// One random edit of `data` (bit flip, byte set, insert, delete, duplicate a span, truncate):

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mesh_xds::dump::ConfigDump;
-use mesh_xds::fuzzing::{TYPES, decode_and_translate, load_config_dump, mutate};
+use mesh_xds::fuzzing::{
+    TYPES, decode_and_translate, dump_seeds, load_config_dump, mutate, testkit_seeds,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -40,27 +42,10 @@ fn data(name: &str) -> PathBuf {
 
 /// Seeds per type: the dump's resources (when present) and the testkit's.
 fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    let mut out = Vec::new();
-    if let Ok(d) = ConfigDump::load(&data("deathstarbench-geo-istio1.18_config_dump.json")) {
-        for r in d.resources.iter().filter(|r| TYPES.contains(&r.type_url)) {
-            let t = TYPES.iter().find(|t| **t == r.type_url).copied().unwrap();
-            out.push((t, r.resource.value.clone()));
-        }
-    }
-    let model = mesh_xds::testkit::MeshModel::default().service(
-        mesh_xds::testkit::ServiceSpec::new("a", "default", "10.0.0.1".parse().unwrap())
-            .port(80, mesh_xds::testkit::Protocol::Http)
-            .port(5432, mesh_xds::testkit::Protocol::Tcp)
-            .endpoint(mesh_xds::testkit::EndpointSpec::new(
-                "127.0.0.1:80".parse().unwrap(),
-            )),
-    );
-    for (t, items) in model.generate("default") {
-        let t = TYPES.iter().find(|x| **x == t).copied().unwrap();
-        for a in items.values() {
-            out.push((t, a.value.clone()));
-        }
-    }
+    let dump = ConfigDump::load(&data("deathstarbench-geo-istio1.18_config_dump.json"))
+        .expect("testdata/istio holds the deathstarbench dump");
+    let mut out = dump_seeds(&dump);
+    out.extend(testkit_seeds());
     out
 }
 
