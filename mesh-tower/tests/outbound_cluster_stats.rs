@@ -161,6 +161,15 @@ async fn cluster_stats_count_attempts_and_istio_counts_the_request_once() {
                 "0",
             ),
             (format!("envoy_cluster_upstream_rq_active{{{}", at(d)), "0"),
+            // Both connects were refused: Envoy's `upstream_cx_connect_fail` counts each.
+            (
+                format!("envoy_cluster_upstream_cx_connect_fail{{{}", at(d)),
+                "2",
+            ),
+            (
+                format!("envoy_cluster_upstream_cx_connect_timeout{{{}", at(d)),
+                "0",
+            ),
         ] {
             assert_eq!(
                 value(&text, &sample).as_deref(),

@@ -415,6 +415,7 @@ impl Outbound {
                 Ok(r) => r,
                 Err(_) => {
                     // The route timeout covers every attempt and back-off.
+                    telemetry::route_timeout(&fwd.cluster.name);
                     no_host((
                         504,
                         Some(Bytes::from_static(UPSTREAM_REQUEST_TIMEOUT.as_bytes())),
@@ -747,6 +748,16 @@ impl Outbound {
             {
                 a.sent();
             }
+            if let Some(a) = &attempt_stats {
+                match &result {
+                    None => a.per_try_timeout(),
+                    Some(Err(SendError::Connect(e))) => {
+                        a.connect_failed(matches!(e, ConnectError::Timeout { .. }))
+                    }
+                    Some(Err(SendError::Overflow)) => a.pending_overflow(),
+                    _ => {}
+                }
+            }
             if let (Some(d), Some((entry, h))) = (&state.outlier, &live) {
                 let r = match &outcome {
                     AttemptOutcome::Response { status, .. } => Some(OutlierResult::Http(*status)),
@@ -756,8 +767,11 @@ impl Outbound {
                     // A local overflow says nothing about the host.
                     AttemptOutcome::Overflow => None,
                 };
-                if let Some(r) = r {
-                    d.report(h, entry.lb.hosts(), r, &mut rand::rng());
+                if let Some(r) = r
+                    && let Some(cause) = d.report(h, entry.lb.hosts(), r, &mut rand::rng())
+                    && let Some(a) = &attempt_stats
+                {
+                    a.ejected(cause);
                 }
             }
             let retriable = retry.is_some_and(|p| p.would_retry(&outcome));
