@@ -6,6 +6,7 @@
 mod support;
 mod support_outbound;
 
+mod access_log;
 mod inbound_serve;
 mod inbound_tcp_metrics;
 mod inbound_telemetry;

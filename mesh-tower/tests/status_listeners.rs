@@ -21,9 +21,15 @@ struct Server {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     quits: Arc<AtomicUsize>,
+    drains: Arc<AtomicUsize>,
 }
 
 async fn start(port: StatusPort, readiness: Readiness) -> Server {
+    start_with(port, StatusContext::new(readiness)).await
+}
+
+/// Serves `ctx` with counting quit and drain hooks and mesh's metrics.
+async fn start_with(port: StatusPort, mut ctx: StatusContext) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -32,9 +38,13 @@ async fn start(port: StatusPort, readiness: Readiness) -> Server {
     let on_quit: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
         q.fetch_add(1, Ordering::SeqCst);
     });
-    let mut ctx = StatusContext::new(readiness);
+    let drains = Arc::new(AtomicUsize::new(0));
+    let d = drains.clone();
     ctx.metrics = mesh_tower::telemetry::prometheus_handle();
     ctx.on_quit = Some(on_quit);
+    ctx.on_drain = Some(Arc::new(move || {
+        d.fetch_add(1, Ordering::SeqCst);
+    }));
     let task = tokio::spawn(serve_status(listener, port, Arc::new(ctx), async {
         let _ = stopped.await;
     }));
@@ -43,6 +53,7 @@ async fn start(port: StatusPort, readiness: Readiness) -> Server {
         stop: Some(stop),
         task,
         quits,
+        drains,
     }
 }
 
@@ -227,6 +238,122 @@ async fn shutdown_stops_the_listener() {
         let r = tokio::time::timeout(Duration::from_secs(5), &mut s.task).await;
         assert!(matches!(r, Ok(Ok(Ok(())))), "serve_status returned {r:?}");
         assert!(TcpStream::connect(s.addr).await.is_err(), "listener closed");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn drain_needs_post_and_runs_the_drain_hook_once_per_call() {
+    bounded(async {
+        let s = start(StatusPort::Agent, ready_readiness()).await;
+        for method in [Method::GET, Method::PUT] {
+            let a = call(s.addr, method, "/drain").await;
+            assert_eq!(a.status, 405);
+            assert_eq!(a.body, "Method Not Allowed\n");
+        }
+        assert_eq!(s.drains.load(Ordering::SeqCst), 0);
+        let a = call(s.addr, Method::POST, "/drain").await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.body, "OK");
+        assert_eq!(s.drains.load(Ordering::SeqCst), 1);
+        // `/drain` never quits.
+        assert_eq!(s.quits.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+/// A synced snapshot with one NDS entry and the xDS versions istiod's responses carried.
+fn debug_context() -> StatusContext {
+    let mut table = mesh_core::name_table::NameTable::default();
+    table.table.insert(
+        "reviews.default.svc.cluster.local".into(),
+        mesh_core::name_table::NameInfo {
+            ips: vec!["10.96.0.7".parse().unwrap()],
+            registry: "Kubernetes".into(),
+            shortname: "reviews".into(),
+            namespace: "default".into(),
+            alt_hosts: Vec::new(),
+        },
+    );
+    let lds = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    let nds = "type.googleapis.com/istio.networking.nds.v1.NameTable";
+    let snapshot = Snapshot::new(
+        7,
+        [],
+        [],
+        [],
+        [],
+        Arc::new(table),
+        Default::default(),
+        [
+            (lds.to_owned(), "2024-01-01T00:00:00Z/3".to_owned()),
+            (nds.to_owned(), "n1".to_owned()),
+        ]
+        .into(),
+    );
+    let cell = SnapshotCell::new();
+    cell.publish(snapshot, true);
+    let mut ctx = StatusContext::new(Readiness::new(cell.clone(), None));
+    ctx.snapshot = Some(cell);
+    ctx
+}
+
+#[tokio::test]
+async fn debug_ndsz_serves_the_name_table_and_404s_without_one() {
+    bounded(async {
+        let s = start_with(StatusPort::Agent, debug_context()).await;
+        let a = call(s.addr, Method::GET, "/debug/ndsz").await;
+        assert_eq!(a.status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"table": {"reviews.default.svc.cluster.local": {
+                "ips": ["10.96.0.7"], "registry": "Kubernetes",
+                "shortname": "reviews", "namespace": "default",
+            }}})
+        );
+        // No NDS table (DNS capture off): 404 with an empty object.
+        let s = start(StatusPort::Agent, ready_readiness()).await;
+        let a = call(s.addr, Method::GET, "/debug/ndsz").await;
+        assert_eq!(a.status, 404);
+        assert_eq!(a.body, "{}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn debug_syncz_reports_each_xds_type() {
+    bounded(async {
+        let s = start_with(StatusPort::Agent, debug_context()).await;
+        let a = call(s.addr, Method::GET, "/debug/syncz").await;
+        assert_eq!(a.status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(v["synced"], true);
+        assert_eq!(v["snapshot_version"], 7);
+        let types = v["types"].as_array().unwrap();
+        let of = |suffix: &str| {
+            types
+                .iter()
+                .find(|t| t["type_url"].as_str().unwrap().ends_with(suffix))
+                .unwrap_or_else(|| panic!("{suffix} in {v}"))
+                .clone()
+        };
+        let lds = of("listener.v3.Listener");
+        assert_eq!(lds["version"], "2024-01-01T00:00:00Z/3");
+        assert_eq!(lds["acked"], true);
+        assert_eq!(lds["resources"], 0);
+        let nds = of("nds.v1.NameTable");
+        assert_eq!(
+            (nds["version"].as_str(), nds["resources"].as_u64()),
+            (Some("n1"), Some(1))
+        );
+        // A type istiod never answered: no version, not acked.
+        let cds = of("cluster.v3.Cluster");
+        assert_eq!(cds["acked"], false);
+        assert!(cds["version"].is_null(), "{cds}");
+        // Without a snapshot source: 404.
+        let s = start(StatusPort::Agent, ready_readiness()).await;
+        assert_eq!(call(s.addr, Method::GET, "/debug/syncz").await.status, 404);
     })
     .await;
 }

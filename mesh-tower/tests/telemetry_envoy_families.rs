@@ -28,6 +28,9 @@ use mesh_tower::inbound::{self, InboundConfig};
 use mesh_tower::status::{StatusContext, StatusPort, serve_status};
 use tokio::net::{TcpListener, TcpStream};
 
+#[path = "support_outbound/mod.rs"]
+mod support_outbound;
+
 const WAIT: Duration = Duration::from_secs(20);
 
 fn envoy_binary() -> Option<PathBuf> {
@@ -221,6 +224,7 @@ async fn every_envoy_family_mesh_emits_exists_in_real_envoy_with_the_same_labels
                 "alt_stat_name": "inbound|9401||;",
                 "type": "STATIC",
                 "connect_timeout": "1s",
+                "outlier_detection": {"consecutive_5xx": 5},
                 "load_assignment": {"cluster_name": "inbound|9401||", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": app_addr.port()}}}}]}]}
             }]
         }
@@ -262,6 +266,31 @@ async fn every_envoy_family_mesh_emits_exists_in_real_envoy_with_the_same_labels
         assert_eq!(get(envoy_addr, "/").await.unwrap().0, 200);
         assert_eq!(get(mesh_addr, "/").await.unwrap().0, 200);
     }
+    // Outbound through mesh to the same app over a cluster with outlier detection (as
+    // Envoy's cluster above): registers the cluster's families, outlier and connect-failure
+    // counters included.
+    let cluster = "outbound|9401||fam.default.svc.cluster.local";
+    let mut c = mesh_core::cluster::Cluster::eds(cluster);
+    c.outlier_detection = Some(mesh_core::outlier::OutlierDetection::default());
+    let vh = support_outbound::vhost(
+        "fam:9401",
+        &["fam", "fam:9080"],
+        mesh_core::route::RouteAction::Cluster(cluster.into()),
+        None,
+    );
+    let cell = SnapshotCell::new();
+    cell.publish(
+        support_outbound::snapshot(
+            1,
+            9080,
+            vec![vh],
+            vec![(c, vec![mesh_core::endpoint::Endpoint::new(app_addr)])],
+            mesh_core::snapshot::OutboundTrafficPolicy::RegistryOnly,
+        ),
+        true,
+    );
+    let out = mesh_tower::outbound::Outbound::new(cell, CertStore::new(), support_outbound::node());
+    assert_eq!(out.get("http://fam:9080/").await.unwrap().status(), 200);
     // A plaintext connection refused by STRICT is not part of this traffic; the family
     // exists in Envoy regardless.
 
@@ -290,6 +319,20 @@ async fn every_envoy_family_mesh_emits_exists_in_real_envoy_with_the_same_labels
         ours.len() >= 9,
         "mesh emitted too few envoy families: {ours:?}"
     );
+    // The outbound cluster's families are among those compared.
+    for family in [
+        "envoy_cluster_upstream_cx_connect_fail",
+        "envoy_cluster_upstream_cx_connect_timeout",
+        "envoy_cluster_upstream_rq_pending_overflow",
+        "envoy_cluster_upstream_rq_timeout",
+        "envoy_cluster_upstream_rq_per_try_timeout",
+        "envoy_cluster_outlier_detection_ejections_total",
+        "envoy_cluster_outlier_detection_ejections_enforced_total",
+        "envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx",
+        "envoy_cluster_outlier_detection_ejections_consecutive_5xx",
+    ] {
+        assert!(mesh_families.contains_key(family), "{family} not emitted");
+    }
     let mut problems = Vec::new();
     let compared = ours.len();
     for (name, labels) in ours {

@@ -19,6 +19,8 @@ pub struct OutboundBody {
     record: Option<Record>,
     response_bytes: u64,
     guards: Option<InFlight>,
+    /// The access log line, when a subscriber wants it.
+    access: Option<Box<super::access::Pending>>,
 }
 
 /// What a response holds while its body streams: the host's active-request count (least
@@ -85,6 +87,7 @@ impl OutboundBody {
             record,
             response_bytes: 0,
             guards: None,
+            access: None,
         }
     }
 
@@ -101,6 +104,7 @@ impl OutboundBody {
             record,
             response_bytes: 0,
             guards: Some(guards),
+            access: None,
         };
         if Body::is_end_stream(&b) {
             b.finish();
@@ -113,6 +117,15 @@ impl OutboundBody {
         OutboundBody::full(Bytes::new(), None)
     }
 
+    /// Emits `access` when the body ends (at once if it already has).
+    pub(crate) fn set_access(&mut self, access: Box<super::access::Pending>) {
+        if self.record.is_none() && self.guards.is_none() && Body::is_end_stream(self) {
+            access.emit(self.response_bytes);
+        } else {
+            self.access = Some(access);
+        }
+    }
+
     fn finish(&mut self) {
         self.guards = None;
         if let Some(c) = self.checkin.take() {
@@ -120,6 +133,9 @@ impl OutboundBody {
         }
         if let Some(r) = self.record.take() {
             r.finish(self.response_bytes);
+        }
+        if let Some(a) = self.access.take() {
+            a.emit(self.response_bytes);
         }
     }
 }
@@ -196,6 +212,9 @@ impl Drop for OutboundBody {
         self.checkin = None;
         if let Some(r) = self.record.take() {
             r.finish(self.response_bytes);
+        }
+        if let Some(a) = self.access.take() {
+            a.emit(self.response_bytes);
         }
     }
 }

@@ -22,6 +22,7 @@
 //! headers. reset reason: connection failure`, `UT` 504 `upstream request timeout`, `URX`
 //! when retries ran out on a retriable failure, `FI` for an injected abort.
 
+mod access;
 mod body;
 mod pool;
 mod replay;
@@ -224,18 +225,37 @@ impl Outbound {
         let body: ReqBody = body.map_err(Into::into).boxed_unsync();
         // x-request-id and the trace context as Envoy's outbound HCM leaves them upstream.
         let trace = tracing_headers::on_request(&mut parts.headers);
+        let mut access = crate::inbound::access_log::enabled().then(|| {
+            Box::new(access::Pending::new(
+                &parts,
+                &http_body::Body::size_hint(&body),
+            ))
+        });
+        let info = access.as_mut().map(|a| &mut a.upstream);
         let span = tracing_headers::outbound_span();
-        if span.is_disabled() {
-            return self.handle(parts, body).await;
+        let mut resp = if span.is_disabled() {
+            self.handle(parts, body, info).await
+        } else {
+            let head = (&parts.method, &parts.uri, parts.version, &parts.headers);
+            tracing_headers::record_request(&span, trace.as_ref(), head);
+            let resp =
+                tracing::Instrument::instrument(self.handle(parts, body, info), span.clone()).await;
+            tracing_headers::record_outbound_response(&span, &resp);
+            resp
+        };
+        if let Some(mut a) = access {
+            a.response(&resp);
+            resp.body_mut().set_access(a);
         }
-        let head = (&parts.method, &parts.uri, parts.version, &parts.headers);
-        tracing_headers::record_request(&span, trace.as_ref(), head);
-        let resp = tracing::Instrument::instrument(self.handle(parts, body), span.clone()).await;
-        tracing_headers::record_outbound_response(&span, &resp);
         resp
     }
 
-    async fn handle(&self, parts: http::request::Parts, body: ReqBody) -> Response<OutboundBody> {
+    async fn handle(
+        &self,
+        parts: http::request::Parts,
+        body: ReqBody,
+        mut info: Option<&mut access::UpstreamInfo>,
+    ) -> Response<OutboundBody> {
         let start = Instant::now();
         let authority = AuthorityBuf::of(&parts);
         let host = authority.as_str();
@@ -281,6 +301,7 @@ impl Outbound {
                 location,
             } => return no_host((status, text.map(Bytes::from), flag, location)),
             RouteDecision::Forward {
+                route,
                 cluster,
                 endpoints,
                 timeout,
@@ -294,6 +315,7 @@ impl Outbound {
                 fault,
                 ..
             } => Forward {
+                route,
                 shadow: false,
                 fault,
                 hash,
@@ -317,6 +339,10 @@ impl Outbound {
             },
         };
         tracing_headers::record_upstream_cluster(&fwd.cluster.name);
+        if let Some(u) = info.as_deref_mut() {
+            u.cluster = Some(fwd.cluster.name.clone());
+            u.route = Some(fwd.route.clone());
+        }
         // Fault injection runs before the router: a delay outside the route timeout, then
         // an abort.
         let mut delayed = false;
@@ -381,6 +407,7 @@ impl Outbound {
             start,
             grpc,
             request_bytes,
+            info,
         );
         let mut resp = match deadline {
             None => attempts.await,
@@ -388,6 +415,7 @@ impl Outbound {
                 Ok(r) => r,
                 Err(_) => {
                     // The route timeout covers every attempt and back-off.
+                    telemetry::route_timeout(&fwd.cluster.name);
                     no_host((
                         504,
                         Some(Bytes::from_static(UPSTREAM_REQUEST_TIMEOUT.as_bytes())),
@@ -418,6 +446,7 @@ impl Outbound {
         start: Instant,
         grpc: bool,
         request_bytes: u64,
+        mut info: Option<&mut access::UpstreamInfo>,
     ) -> Response<OutboundBody> {
         let host = authority.as_str();
         let cluster = &fwd.cluster;
@@ -609,6 +638,9 @@ impl Outbound {
                     record,
                 );
             };
+            if let Some(u) = info.as_deref_mut() {
+                u.attempt(addr);
+            }
             let upstream_tls = match cluster.discovery {
                 ClusterDiscovery::OriginalDestination => None,
                 _ => cluster.tls_for(tls_mode),
@@ -685,6 +717,18 @@ impl Outbound {
                 None => Some(send.await),
             };
 
+            if let Some(u) = info.as_deref_mut() {
+                match &result {
+                    None => u.per_try_timeout = true,
+                    Some(Ok(_)) => {
+                        u.from_upstream = true;
+                        u.service_time = Some(start.elapsed());
+                    }
+                    Some(Err(SendError::Connect(e))) => u.connect_failed(e),
+                    Some(Err(SendError::Overflow)) => u.reset = Some("overflow"),
+                    Some(Err(SendError::Reset(_))) => u.reset = Some("connection_termination"),
+                }
+            }
             let outcome = match &result {
                 None => AttemptOutcome::PerTryTimeout,
                 Some(Ok((resp, _, _))) => AttemptOutcome::Response {
@@ -704,6 +748,16 @@ impl Outbound {
             {
                 a.sent();
             }
+            if let Some(a) = &attempt_stats {
+                match &result {
+                    None => a.per_try_timeout(),
+                    Some(Err(SendError::Connect(e))) => {
+                        a.connect_failed(matches!(e, ConnectError::Timeout { .. }))
+                    }
+                    Some(Err(SendError::Overflow)) => a.pending_overflow(),
+                    _ => {}
+                }
+            }
             if let (Some(d), Some((entry, h))) = (&state.outlier, &live) {
                 let r = match &outcome {
                     AttemptOutcome::Response { status, .. } => Some(OutlierResult::Http(*status)),
@@ -713,8 +767,11 @@ impl Outbound {
                     // A local overflow says nothing about the host.
                     AttemptOutcome::Overflow => None,
                 };
-                if let Some(r) = r {
-                    d.report(h, entry.lb.hosts(), r, &mut rand::rng());
+                if let Some(r) = r
+                    && let Some(cause) = d.report(h, entry.lb.hosts(), r, &mut rand::rng())
+                    && let Some(a) = &attempt_stats
+                {
+                    a.ejected(cause);
                 }
             }
             let retriable = retry.is_some_and(|p| p.would_retry(&outcome));
@@ -936,6 +993,7 @@ impl Outbound {
             HeaderValue::from_static("192.0.2.2"),
         );
         let fwd = Forward {
+            route: Arc::from(""),
             cluster,
             endpoints,
             timeout: None,
@@ -956,7 +1014,17 @@ impl Outbound {
             let authority = AuthorityBuf::Header(value);
             let send = async {
                 let resp = this
-                    .attempts(p, body, &authority, port, &fwd, Instant::now(), grpc, 0)
+                    .attempts(
+                        p,
+                        body,
+                        &authority,
+                        port,
+                        &fwd,
+                        Instant::now(),
+                        grpc,
+                        0,
+                        None,
+                    )
                     .await;
                 let _ = resp.into_body().collect().await;
             };
@@ -1260,6 +1328,8 @@ async fn collect(resp: Response<OutboundBody>) -> Result<Response<Bytes>, Outbou
 
 /// What the route decided, for the attempts.
 struct Forward {
+    /// The route's name (`%ROUTE_NAME%`).
+    route: Arc<str>,
     cluster: Arc<Cluster>,
     endpoints: Option<Arc<EndpointSet>>,
     timeout: Option<std::time::Duration>,

@@ -217,7 +217,67 @@ pub(crate) struct ClusterStats {
     cx_active: Gauge,
     rq_open: Gauge,
     ejections_active: Option<Gauge>,
+    /// Outlier ejections by cause, when the cluster has outlier detection.
+    ejections: Option<Ejections>,
+    cx_connect_fail: Counter,
+    cx_connect_timeout: Counter,
+    rq_pending_overflow: Counter,
+    rq_per_try_timeout: Counter,
     live: ClusterLive,
+}
+
+/// Envoy's enforced-ejection counters (`outlier_detection.ejections_enforced_total`,
+/// `_enforced_<cause>`, and the older `ejections_total`, `ejections_consecutive_5xx`,
+/// `ejections_success_rate`, which Envoy 1.40 still has for those two causes only), charged
+/// when the detector ejects a host.
+struct Ejections {
+    total: Counter,
+    enforced_total: Counter,
+    /// `enforced` and the older name (when Envoy has one) per cause, in [`ejection_cause`]'s
+    /// order.
+    by_cause: [(Counter, Option<Counter>); 5],
+}
+
+/// The stat suffix of an ejection cause (Envoy's `ejections_enforced_<suffix>`).
+fn ejection_cause(t: mesh_core::outlier::EjectionType) -> usize {
+    use mesh_core::outlier::EjectionType as E;
+    match t {
+        E::Consecutive5xx => 0,
+        E::ConsecutiveGatewayFailure => 1,
+        E::ConsecutiveLocalOriginFailure => 2,
+        E::SuccessRate => 3,
+        E::FailurePercentage => 4,
+    }
+}
+
+impl Ejections {
+    fn register(l: &[Label; 1]) -> Self {
+        let c = |name: String| metrics::counter!(name, l.iter());
+        let cause = |suffix: &str| {
+            let older = matches!(suffix, "consecutive_5xx" | "success_rate");
+            (
+                c(format!(
+                    "envoy_cluster_outlier_detection_ejections_enforced_{suffix}"
+                )),
+                older.then(|| {
+                    c(format!(
+                        "envoy_cluster_outlier_detection_ejections_{suffix}"
+                    ))
+                }),
+            )
+        };
+        Ejections {
+            total: c("envoy_cluster_outlier_detection_ejections_total".into()),
+            enforced_total: c("envoy_cluster_outlier_detection_ejections_enforced_total".into()),
+            by_cause: [
+                cause("consecutive_5xx"),
+                cause("consecutive_gateway_failure"),
+                cause("consecutive_local_origin_failure"),
+                cause("success_rate"),
+                cause("failure_percentage"),
+            ],
+        }
+    }
 }
 
 fn cluster_label(name: &str) -> [Label; 1] {
@@ -243,6 +303,8 @@ impl ClusterStats {
     pub(crate) fn register(name: &str, live: ClusterLive) -> Self {
         let l = cluster_label(name);
         let counter = |stat: &'static str| metrics::counter!(stat, l.iter());
+        // Charged by `route_timeout`; registered here so it shows (as 0) like Envoy's.
+        let _ = counter("envoy_cluster_upstream_rq_timeout");
         ClusterStats {
             name: name.to_owned(),
             rq_total: counter("envoy_cluster_upstream_rq_total"),
@@ -263,6 +325,11 @@ impl ClusterStats {
             ejections_active: live.ejected.as_ref().map(|_| {
                 metrics::gauge!("envoy_cluster_outlier_detection_ejections_active", l.iter())
             }),
+            ejections: live.ejected.as_ref().map(|_| Ejections::register(&l)),
+            cx_connect_fail: counter("envoy_cluster_upstream_cx_connect_fail"),
+            cx_connect_timeout: counter("envoy_cluster_upstream_cx_connect_timeout"),
+            rq_pending_overflow: counter("envoy_cluster_upstream_rq_pending_overflow"),
+            rq_per_try_timeout: counter("envoy_cluster_upstream_rq_per_try_timeout"),
             live,
         }
     }
@@ -279,6 +346,16 @@ impl ClusterStats {
             g.set(e.load(Ordering::Relaxed) as f64);
         }
     }
+}
+
+/// The route timeout fired for a request to cluster `name` (Envoy's
+/// `upstream_rq_timeout`; a cold path, so the handle is looked up each time).
+pub(crate) fn route_timeout(name: &str) {
+    metrics::counter!(
+        "envoy_cluster_upstream_rq_timeout",
+        cluster_label(name).iter()
+    )
+    .increment(1);
 }
 
 /// One upstream attempt, counted in `envoy_cluster_upstream_rq_active` from its start until
@@ -304,6 +381,38 @@ impl Attempt {
     /// overflows are not counted).
     pub(crate) fn sent(&self) {
         self.stats.rq_total.increment(1);
+    }
+
+    /// The attempt could not connect (Envoy counts a connect timeout as a connect failure
+    /// too).
+    pub(crate) fn connect_failed(&self, timeout: bool) {
+        self.stats.cx_connect_fail.increment(1);
+        if timeout {
+            self.stats.cx_connect_timeout.increment(1);
+        }
+    }
+
+    /// The `max_pending_requests` breaker turned the attempt away.
+    pub(crate) fn pending_overflow(&self) {
+        self.stats.rq_pending_overflow.increment(1);
+    }
+
+    /// The attempt hit its per-try timeout.
+    pub(crate) fn per_try_timeout(&self) {
+        self.stats.rq_per_try_timeout.increment(1);
+    }
+
+    /// Outlier detection ejected the attempt's host for `cause`.
+    pub(crate) fn ejected(&self, cause: mesh_core::outlier::EjectionType) {
+        if let Some(e) = &self.stats.ejections {
+            e.total.increment(1);
+            e.enforced_total.increment(1);
+            let (enforced, older) = &e.by_cause[ejection_cause(cause)];
+            enforced.increment(1);
+            if let Some(c) = older {
+                c.increment(1);
+            }
+        }
     }
 
     /// The attempt is retried: its response's code (if it had one) goes to

@@ -526,6 +526,16 @@ mod tests {
         .await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert_eq!(quits.load(Ordering::SeqCst), 0);
+        // `/drain` and the debug views are localhost-only too, whatever the method.
+        for (method, path) in [
+            (Method::POST, "/drain"),
+            (Method::GET, "/drain"),
+            (Method::GET, "/debug/ndsz"),
+            (Method::GET, "/debug/syncz"),
+        ] {
+            let r = respond(&c, StatusPort::Agent, &req(method, path), remote).await;
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+        }
         let mapped: SocketAddr = "[::ffff:127.0.0.1]:1".parse().unwrap();
         let r = respond(
             &c,

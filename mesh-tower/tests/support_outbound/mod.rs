@@ -18,7 +18,8 @@ use mesh_core::endpoint::{Endpoint, EndpointSet};
 use mesh_core::listener::{Listener, ListenerKind, OutboundProtocol};
 use mesh_core::route::{Route, RouteAction, RouteConfig, RouteMatch, VirtualHost};
 use mesh_core::snapshot::OutboundTrafficPolicy;
-use mesh_core::{NodeIdentity, Snapshot};
+use mesh_core::{CertStore, NodeIdentity, Snapshot, SnapshotCell};
+use mesh_tower::outbound::Outbound;
 use tokio::net::TcpListener;
 
 /// A test upstream: answers `<name> <host> <path>`, counts accepted connections and requests.
@@ -167,6 +168,30 @@ pub fn snapshot(
         policy,
         BTreeMap::new(),
     )
+}
+
+/// An outbound path over one HTTP listener on port 9080 with `vh` and the EDS cluster
+/// `cluster` over `endpoints` (registry only).
+pub fn one_cluster_outbound(
+    vh: VirtualHost,
+    cluster: &str,
+    endpoints: Vec<SocketAddr>,
+) -> Outbound {
+    let cell = SnapshotCell::new();
+    cell.publish(
+        snapshot(
+            1,
+            9080,
+            vec![vh],
+            vec![(
+                Cluster::eds(cluster),
+                endpoints.into_iter().map(Endpoint::new).collect(),
+            )],
+            OutboundTrafficPolicy::RegistryOnly,
+        ),
+        true,
+    );
+    Outbound::new(cell, CertStore::new(), node())
 }
 
 pub fn node() -> NodeIdentity {
