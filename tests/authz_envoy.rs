@@ -39,7 +39,7 @@ use tokio::time::timeout;
 
 const SERVER_FQDN: &str = "server.default.svc.cluster.local";
 
-fn strict_model() -> MeshModel {
+pub(crate) fn strict_model() -> MeshModel {
     MeshModel {
         peer_authentication: InboundTlsMode::Strict,
         ..Default::default()
@@ -55,7 +55,7 @@ fn envoy_certs(ca: &TestCa, sa: &str) -> SidecarCerts {
     }
 }
 
-fn principal(sa: &str) -> String {
+pub(crate) fn principal(sa: &str) -> String {
     format!("cluster.local/ns/{NS}/sa/{sa}")
 }
 
@@ -85,18 +85,11 @@ fn policies(allowed: &[&str]) -> Vec<AuthorizationPolicySpec> {
     ]
 }
 
-/// One HTTP/1.1 request over Istio mTLS with `sa`'s certificate: (status, body).
-async fn mtls(
-    ca: &TestCa,
-    addr: SocketAddr,
-    sa: &str,
-    method: &str,
-    path: &str,
-    extra: &str,
-) -> Result<(u16, String), String> {
+/// A client config presenting `sa`'s certificate from `ca`, accepting any server.
+pub(crate) fn client_config(ca: &TestCa, sa: &str) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(ring::default_provider());
     let c = ca.issue(&spiffe(sa), Duration::from_secs(3600));
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
@@ -107,11 +100,25 @@ async fn mtls(
             vec![CertificateDer::from(c.leaf_der)],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.key_der)),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// The SNI a sidecar sends to the server's port 8080.
+pub(crate) const SERVER_SNI: &str = "outbound_.8080_._.server.default.svc.cluster.local";
+
+/// One HTTP/1.1 request over Istio mTLS with `sa`'s certificate: (status, body).
+async fn mtls(
+    ca: &TestCa,
+    addr: SocketAddr,
+    sa: &str,
+    method: &str,
+    path: &str,
+    extra: &str,
+) -> Result<(u16, String), String> {
     istio_mtls_request(
-        config,
+        client_config(ca, sa)?,
         addr,
-        "outbound_.8080_._.server.default.svc.cluster.local",
+        SERVER_SNI,
         &format!("{method} {path} HTTP/1.1\r\nHost: server\r\n{extra}"),
     )
     .await
@@ -185,7 +192,7 @@ fn upstream_principals(v: &mut Value) {
 }
 
 /// An Envoy sidecar with inbound RBAC (STRICT) in front of a plain app.
-fn envoy_with_rbac(
+pub(crate) fn envoy_with_rbac(
     ca: &TestCa,
     app: SocketAddr,
     policies: &[AuthorizationPolicySpec],
@@ -199,7 +206,7 @@ fn envoy_with_rbac(
 }
 
 /// A mesh server (STRICT) enforcing `policies`, pushed by the plane.
-async fn mesh_with_rbac(
+pub(crate) async fn mesh_with_rbac(
     plane: &Plane,
     app: &Echo,
     policies: &[AuthorizationPolicySpec],

@@ -468,10 +468,22 @@ pub fn assert_refused(outcome: &Result<String, String>, what: &str) {
 /// (`GET /x HTTP/1.1\r\nHost: h\r\n…`); `Content-Length: 0` and `Connection: close` are
 /// added. Returns the status and the body, or why there was none.
 pub async fn istio_mtls_request(
-    mut config: rustls::ClientConfig,
+    config: rustls::ClientConfig,
     addr: SocketAddr,
     sni: &str,
     head: &str,
+) -> Result<(u16, String), String> {
+    let req = format!("{head}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    istio_mtls_raw(config, addr, sni, req.as_bytes()).await
+}
+
+/// Sends `raw` bytes over Istio mTLS (ALPN `istio-http/1.1`) and reads until the server
+/// closes: (status, body) of the first HTTP/1.1 response.
+pub async fn istio_mtls_raw(
+    mut config: rustls::ClientConfig,
+    addr: SocketAddr,
+    sni: &str,
+    raw: &[u8],
 ) -> Result<(u16, String), String> {
     config.alpn_protocols = vec![b"istio-http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
@@ -482,13 +494,12 @@ pub async fn istio_mtls_request(
             .connect(name, tcp)
             .await
             .map_err(|e| format!("handshake: {e}"))?;
-        let req = format!("{head}Content-Length: 0\r\nConnection: close\r\n\r\n");
-        tls.write_all(req.as_bytes())
+        tls.write_all(raw)
             .await
             .map_err(|e| format!("write: {e}"))?;
-        let mut raw = Vec::new();
-        let _ = tls.read_to_end(&mut raw).await;
-        let text = String::from_utf8_lossy(&raw).into_owned();
+        let mut out = Vec::new();
+        let _ = tls.read_to_end(&mut out).await;
+        let text = String::from_utf8_lossy(&out).into_owned();
         let status = text
             .strip_prefix("HTTP/1.1 ")
             .and_then(|r| r.get(..3))

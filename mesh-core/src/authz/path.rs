@@ -4,7 +4,7 @@
 //!
 //! * `NONE`: nothing.
 //! * `BASE` (default): `normalize_path` — RFC 3986 normalization: `%`-encoded unreserved
-//!   characters decoded, remaining escapes upper-cased, `.` and `..` segments resolved,
+//!   characters decoded, remaining escapes kept as sent (an escaped NUL refused), `.` and `..` segments resolved,
 //!   `\` treated as `/`.
 //! * `MERGE_SLASHES`: `BASE` + `merge_slashes` (`//` → `/`).
 //! * `DECODE_AND_MERGE_SLASHES`: `MERGE_SLASHES` + `%2F`/`%5C` (any case) decoded, with
@@ -58,8 +58,9 @@ pub fn normalize_path(path: &str, mode: PathNormalization) -> NormalizedPath {
     if !p.starts_with('/') && !p.starts_with('\\') || p.contains('#') {
         return NormalizedPath::Reject;
     }
-    // 1. Escapes: decode unreserved characters, upper-case the rest; with
-    //    DECODE_AND_MERGE_SLASHES also decode %2F and %5C.
+    // 1. Escapes: decode unreserved characters and keep the rest as sent (Envoy 1.40 keeps
+    //    `%2f` and `%3b` lower-case); with DECODE_AND_MERGE_SLASHES also decode %2F and %5C.
+    //    An escaped NUL is refused (Envoy answers 400).
     let bytes = p.as_bytes();
     let mut out: Vec<u8> = Vec::with_capacity(bytes.len());
     let mut decoded_slash = false;
@@ -74,6 +75,9 @@ pub fn normalize_path(path: &str, mode: PathNormalization) -> NormalizedPath {
                 return NormalizedPath::Reject;
             };
             let c = h * 16 + l;
+            if c == 0 {
+                return NormalizedPath::Reject;
+            }
             if is_unreserved(c) {
                 out.push(c);
             } else if mode == PathNormalization::DecodeAndMergeSlashes && (c == b'/' || c == b'\\')
@@ -81,8 +85,7 @@ pub fn normalize_path(path: &str, mode: PathNormalization) -> NormalizedPath {
                 out.push(b'/');
                 decoded_slash = true;
             } else {
-                out.push(b'%');
-                out.extend(format!("{c:02X}").bytes());
+                out.extend_from_slice(&bytes[i..i + 3]);
             }
             i += 3;
         } else {
@@ -194,10 +197,10 @@ mod tests {
         assert_eq!(normalize_path("/a/%2e%2E/b", Base), Forward("/b".into()));
         assert_eq!(normalize_path("/a/..", Base), Forward("/".into()));
         assert_eq!(normalize_path("/a\\..\\b", Base), Forward("/b".into()));
-        // Escaped slashes are kept (upper-cased) in BASE: `/admin%2Fx` is not `/admin/x`.
+        // Escaped slashes are kept as sent in BASE (as Envoy 1.40 does): `/admin%2fx` is not `/admin/x`.
         assert_eq!(
             normalize_path("/admin%2fx", Base),
-            Forward("/admin%2Fx".into())
+            Forward("/admin%2fx".into())
         );
         // Slashes are not merged in BASE.
         assert_eq!(normalize_path("//admin", Base), Forward("//admin".into()));
@@ -223,6 +226,12 @@ mod tests {
     fn invalid_paths_are_rejected() {
         assert_eq!(normalize_path("/a%zz", Base), Reject);
         assert_eq!(normalize_path("/a%2", Base), Reject);
+        assert_eq!(normalize_path("/ad%00min", Base), Reject);
+        // Other escapes stay as sent, in their case.
+        assert_eq!(
+            normalize_path("/p%3bx/%e2%82%ac", Base),
+            Forward("/p%3bx/%e2%82%ac".into())
+        );
         assert_eq!(normalize_path("*", Base), Reject);
         assert_eq!(normalize_path("http://x/a", Base), Reject);
         assert_eq!(

@@ -135,7 +135,7 @@ impl ConnectionAuthz {
             authority,
             scheme,
             source: Some(self.source),
-            remote_ip: None,
+            remote_ip: headers.and_then(xff_remote_ip),
             destination: self.destination,
             requested_server_name: self.sni.as_deref(),
             peer_principal: self.peer_principal.as_deref(),
@@ -208,6 +208,17 @@ impl ConnectionAuthz {
     }
 }
 
+/// The `remote_ip` Envoy's HCM derives as istiod renders the inbound one
+/// (`use_remote_address: false`, `xff_num_trusted_hops: 0`): the last address of
+/// `x-forwarded-for` when it is an IP, else (`None`) the connection's peer. Checked against
+/// Envoy 1.40: `x-forwarded-for: 1.2.3.4, 10.9.9.9` matches a `remote_ip` of 10.9.9.9, a first
+/// entry does not, and an unparsable last entry falls back to the peer.
+pub(crate) fn xff_remote_ip(headers: &HeaderMap) -> Option<std::net::IpAddr> {
+    let last = headers.get_all("x-forwarded-for").iter().next_back()?;
+    let entry = last.to_str().ok()?.rsplit(',').next()?;
+    entry.trim().parse().ok()
+}
+
 /// `:authority`, or the `host` header.
 pub(crate) fn request_authority<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> &'a str {
     match uri.authority() {
@@ -228,6 +239,18 @@ pub(crate) fn request_scheme(uri: &Uri, tls: bool) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_ip_is_the_last_forwarded_for_address() {
+        let mut h = HeaderMap::new();
+        assert_eq!(xff_remote_ip(&h), None);
+        h.insert("x-forwarded-for", "10.9.9.9, 1.2.3.4".parse().unwrap());
+        assert_eq!(xff_remote_ip(&h), Some([1, 2, 3, 4].into()));
+        h.insert("x-forwarded-for", "1.2.3.4,  2001:db8::1 ".parse().unwrap());
+        assert_eq!(xff_remote_ip(&h), Some("2001:db8::1".parse().unwrap()));
+        h.insert("x-forwarded-for", "1.2.3.4, junk".parse().unwrap());
+        assert_eq!(xff_remote_ip(&h), None);
+    }
 
     #[test]
     fn normalization_rewrites_redirects_and_rejects() {

@@ -26,6 +26,7 @@
 
 pub mod access_log;
 pub mod authz;
+pub mod codec;
 pub mod jwt;
 mod service;
 mod stats;
@@ -66,6 +67,15 @@ pub const DETECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How long a TLS handshake may take before the connection is closed.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The request headers' size limit: Envoy's `max_request_headers_kb` default (60 KiB), which
+/// istiod leaves unset on the inbound HTTP connection manager. Larger requests are answered
+/// 431 and never reach the application.
+pub const MAX_REQUEST_HEADERS_BYTES: usize = 60 * 1024;
+
+/// The request headers' count limit: Envoy's `common_http_protocol_options.max_headers_count`
+/// default (100), also left unset by istiod. More headers are answered 431.
+pub const MAX_HEADERS_COUNT: usize = 100;
 
 /// Configuration of one inbound listener.
 #[derive(Debug, Clone)]
@@ -185,11 +195,22 @@ impl Shared {
             ..destination_tls.clone()
         };
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new());
+        // Envoy's header limits. hyper refuses (431) a request head with more header lines than
+        // the count, or larger than its read buffer; the buffer and h2's header list are sized
+        // twice the byte limit so that requests just over it reach `service::header_limits`,
+        // which measures as Envoy does and answers with Envoy's 431 reply.
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .max_headers(MAX_HEADERS_COUNT)
+            .max_buf_size(2 * MAX_REQUEST_HEADERS_BYTES);
         if let Some(timeout) = config.header_read_timeout {
             builder.http1().header_read_timeout(timeout);
         }
-        builder.http2().timer(TokioTimer::new());
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size((2 * MAX_REQUEST_HEADERS_BYTES) as u32);
         let encoded = PeerMetadataHeaders::for_node(&config.node);
         let local_headers = match (
             http::HeaderValue::from_str(&encoded.id),

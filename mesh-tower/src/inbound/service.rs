@@ -164,6 +164,8 @@ where
         let (mut req, request_messages) = RequestBody::wrap(req, grpc);
         let head = req.method() == Method::HEAD;
         let request_bytes = req.body().size_hint().exact().unwrap_or(0);
+        // Envoy's codec refuses these before any filter sees the request.
+        let refused = super::codec::check(&req);
         let (source, exchanged) = self.discover_peer(req.headers_mut());
         let trace = super::tracing_headers::on_request(req.headers_mut());
         let span = super::tracing_headers::inbound_request_span(
@@ -203,7 +205,7 @@ where
         });
         // Envoy's HCM normalizes the path before any filter; then the JWT filter and the RBAC
         // filters run.
-        let mut local = super::authz::normalize_request_path(req.uri_mut());
+        let mut local = refused.or_else(|| super::authz::normalize_request_path(req.uri_mut()));
         let mut external = None;
         if local.is_none() {
             match &self.jwt {
