@@ -676,6 +676,7 @@ impl Outbound {
                 }),
                 timeout: cluster.connect_timeout,
                 limits: &state.conn_limits,
+                pool: &cluster.connection_pool,
             };
             // Envoy's cluster stats count every attempt (telemetry::Attempt).
             let mut attempt_stats = host_pool.labels.attempt_started();

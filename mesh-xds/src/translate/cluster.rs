@@ -12,7 +12,8 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use mesh_core::cluster::{
-    Cluster, ClusterDiscovery, LbPolicy, SanMatcher, ServiceMetadata, UpstreamProtocol, UpstreamTls,
+    Cluster, ClusterDiscovery, ConnectionPool, LbPolicy, SanMatcher, ServiceMetadata, TcpKeepalive,
+    UpstreamProtocol, UpstreamTls,
 };
 
 use super::{TranslateError, duration, from_any, struct_list, struct_string};
@@ -97,6 +98,13 @@ pub fn translate_cluster(c: &PbCluster) -> Result<Cluster, TranslateError> {
     if c.http2_protocol_options.is_some() {
         protocol = UpstreamProtocol::Http2;
     }
+    let mut connection_pool = ConnectionPool {
+        tcp_keepalive: tcp_keepalive(c),
+        ..ConnectionPool::default()
+    };
+    #[allow(deprecated)]
+    let cluster_max_requests = c.max_requests_per_connection.as_ref().map(|v| v.value);
+    connection_pool.max_requests_per_connection = cluster_max_requests.filter(|n| *n > 0);
     if let Some(any) = c
         .typed_extension_protocol_options
         .get(HTTP_PROTOCOL_OPTIONS_KEY)
@@ -106,6 +114,27 @@ pub fn translate_cluster(c: &PbCluster) -> Result<Cluster, TranslateError> {
                 "typed_extension_protocol_options[{HTTP_PROTOCOL_OPTIONS_KEY:?}]: {r}"
             ))
         })?;
+        if let Some(common) = &opts.common_http_protocol_options {
+            if let Some(n) = &common.max_requests_per_connection {
+                if cluster_max_requests.is_some() {
+                    // Envoy refuses the cluster too.
+                    return Err(err(
+                        "only one of max_requests_per_connection from Cluster or \
+                         HttpProtocolOptions can be specified"
+                            .into(),
+                    ));
+                }
+                connection_pool.max_requests_per_connection = (n.value > 0).then_some(n.value);
+            }
+            if let Some(d) = &common.idle_timeout {
+                let d = duration(d).map_err(|r| {
+                    err(format!(
+                        "typed_extension_protocol_options: common_http_protocol_options.idle_timeout: {r}"
+                    ))
+                })?;
+                connection_pool.idle_timeout = (!d.is_zero()).then_some(d);
+            }
+        }
         protocol = match opts.upstream_protocol_options {
             Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(e)) => {
                 match e.protocol_config {
@@ -154,6 +183,25 @@ pub fn translate_cluster(c: &PbCluster) -> Result<Cluster, TranslateError> {
         lb_config: lb_config(c).map_err(err)?,
         outlier_detection: outlier_detection(c).map_err(err)?,
         circuit_breakers: circuit_breakers(c).map_err(err)?,
+        connection_pool,
+    })
+}
+
+/// `upstream_connection_options.tcp_keepalive` (times in seconds; a 0 leaves the system's
+/// value, as the kernel refuses 0).
+fn tcp_keepalive(c: &PbCluster) -> Option<TcpKeepalive> {
+    let k = c
+        .upstream_connection_options
+        .as_ref()
+        .and_then(|o| o.tcp_keepalive.as_ref())?;
+    let value = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>| {
+        v.as_ref().map(|v| v.value).filter(|n| *n > 0)
+    };
+    let secs = |v| value(v).map(|n| Duration::from_secs(n.into()));
+    Some(TcpKeepalive {
+        probes: value(&k.keepalive_probes),
+        time: secs(&k.keepalive_time),
+        interval: secs(&k.keepalive_interval),
     })
 }
 
@@ -540,5 +588,86 @@ mod resilience_tests {
         });
         let e = translate_cluster(&bad).unwrap_err();
         assert!(e.to_string().contains("max_ejection_percent"), "{e}");
+    }
+
+    /// What istiod renders for a DestinationRule `connectionPool` with
+    /// `http.maxRequestsPerConnection: 2`, `http.idleTimeout: 300s` and
+    /// `tcp.tcpKeepalive.time: 300s`.
+    #[test]
+    fn connection_pool_options_translate() {
+        use envoy_types::pb::envoy::config::cluster::v3::UpstreamConnectionOptions;
+        use envoy_types::pb::envoy::config::core::v3::{
+            HttpProtocolOptions as CommonOptions, TcpKeepalive as PbKeepalive,
+        };
+        use mesh_core::cluster::{ConnectionPool, DEFAULT_IDLE_TIMEOUT};
+        let c = translate_cluster(&base()).unwrap();
+        assert_eq!(c.connection_pool, ConnectionPool::default());
+        assert_eq!(c.connection_pool.idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
+
+        let with_common = |common: CommonOptions| {
+            let mut pb = base();
+            let opts = HttpProtocolOptions {
+                common_http_protocol_options: Some(common),
+                ..Default::default()
+            };
+            pb.typed_extension_protocol_options.insert(
+                HTTP_PROTOCOL_OPTIONS_KEY.into(),
+                super::super::to_any(&opts),
+            );
+            pb
+        };
+        let mut pb = with_common(CommonOptions {
+            idle_timeout: Some(PbDuration {
+                seconds: 300,
+                nanos: 0,
+            }),
+            max_requests_per_connection: Some(UInt32Value { value: 2 }),
+            ..Default::default()
+        });
+        pb.upstream_connection_options = Some(UpstreamConnectionOptions {
+            tcp_keepalive: Some(PbKeepalive {
+                keepalive_time: Some(UInt32Value { value: 300 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let p = translate_cluster(&pb).unwrap().connection_pool;
+        assert_eq!(p.max_requests_per_connection, Some(2));
+        assert_eq!(p.idle_timeout, Some(Duration::from_secs(300)));
+        let k = p.tcp_keepalive.unwrap();
+        assert_eq!(k.time, Some(Duration::from_secs(300)));
+        assert_eq!((k.probes, k.interval), (None, None));
+
+        // idle_timeout 0 disables it; max_requests_per_connection 0 is no limit.
+        let p = translate_cluster(&with_common(CommonOptions {
+            idle_timeout: Some(PbDuration::default()),
+            max_requests_per_connection: Some(UInt32Value { value: 0 }),
+            ..Default::default()
+        }))
+        .unwrap()
+        .connection_pool;
+        assert_eq!(
+            (p.idle_timeout, p.max_requests_per_connection),
+            (None, None)
+        );
+
+        // The deprecated cluster field works alone, and not together with the options.
+        let mut pb = base();
+        #[allow(deprecated)]
+        {
+            pb.max_requests_per_connection = Some(UInt32Value { value: 1 });
+        }
+        let p = translate_cluster(&pb).unwrap().connection_pool;
+        assert_eq!(p.max_requests_per_connection, Some(1));
+        let mut both = with_common(CommonOptions {
+            max_requests_per_connection: Some(UInt32Value { value: 2 }),
+            ..Default::default()
+        });
+        #[allow(deprecated)]
+        {
+            both.max_requests_per_connection = Some(UInt32Value { value: 1 });
+        }
+        let e = translate_cluster(&both).unwrap_err();
+        assert!(e.to_string().contains("max_requests_per_connection"), "{e}");
     }
 }
