@@ -1847,6 +1847,24 @@ fn load_balancing_and_failure_flags_match_envoy() {
     let mut dead0 = dead("dead0");
     dead0["circuit_breakers"] = json!({"thresholds": [{"max_retries": 0}]});
     clusters.push(dead0);
+    // Retry budgets replace max_retries: none admitted (0% and no floor), Envoy's defaults
+    // (20%, at least 3), and the whole of the active requests with no floor.
+    let budgets = [
+        (
+            "deadb0",
+            json!({"budget_percent": {"value": 0.0}, "min_retry_concurrency": 0}),
+        ),
+        ("deadb", json!({})),
+        (
+            "deadb100",
+            json!({"budget_percent": {"value": 100.0}, "min_retry_concurrency": 0}),
+        ),
+    ];
+    for (name, budget) in &budgets {
+        let mut c = dead(name);
+        c["circuit_breakers"] = json!({"thresholds": [{"retry_budget": budget}]});
+        clusters.push(c);
+    }
     clusters.push(
         json!({"name": "empty", "type": "STATIC", "connect_timeout": "1s",
         "load_assignment": {"cluster_name": "empty", "endpoints": []}}),
@@ -1869,8 +1887,10 @@ fn load_balancing_and_failure_flags_match_envoy() {
     vhosts.push(json!({"name": "split", "domains": ["split"], "routes": [{"match": {"prefix": "/"},
         "route": {"weighted_clusters": {"clusters": [
             {"name": "w0", "weight": 70}, {"name": "w1", "weight": 20}, {"name": "w2", "weight": 10}]}}}]}));
-    vhosts.push(json!({"name": "dead0", "domains": ["dead0"], "routes": [
-        {"match": {"prefix": "/"}, "route": {"cluster": "dead0", "retry_policy": retry}}]}));
+    for name in ["dead0", "deadb0", "deadb", "deadb100"] {
+        vhosts.push(json!({"name": name, "domains": [name], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": name, "retry_policy": retry}}]}));
+    }
     vhosts.push(json!({"name": "empty", "domains": ["empty"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "empty"}}]}));
     vhosts.push(json!({"name": "nr", "domains": ["nr"], "routes": [{"match": {"prefix": "/only"}, "route": {"cluster": "empty"}}]}));
     let route_config = json!({"name": "lb", "virtual_hosts": vhosts});
@@ -1950,6 +1970,9 @@ fn load_balancing_and_failure_flags_match_envoy() {
         ("dead", "/retry"),
         ("dead", "/"),
         ("dead0", "/"),
+        ("deadb0", "/"),
+        ("deadb", "/"),
+        ("deadb100", "/"),
         ("idle", "/hold"),
         ("empty", "/"),
         ("nr", "/x"),

@@ -399,22 +399,40 @@ fn outlier_detection(
     Ok(Some(out))
 }
 
-/// `circuit_breakers.thresholds` of the DEFAULT priority, Envoy's defaults for unset fields.
+/// `circuit_breakers.thresholds` of the DEFAULT priority (the first such entry, as in Envoy),
+/// Envoy's defaults for unset fields. mesh's requests are all DEFAULT priority, as Istio's
+/// are, so HIGH thresholds never apply.
 fn circuit_breakers(c: &PbCluster) -> Result<mesh_core::outlier::CircuitBreakers, String> {
     let mut out = mesh_core::outlier::CircuitBreakers::default();
-    let Some(cb) = &c.circuit_breakers else {
+    let Some(t) = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
+    else {
         return Ok(out);
     };
-    for t in cb.thresholds.iter().filter(|t| t.priority == 0) {
-        let set = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: &mut u32| {
-            if let Some(v) = v {
-                *d = v.value;
+    let set = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: &mut u32| {
+        if let Some(v) = v {
+            *d = v.value;
+        }
+    };
+    set(&t.max_connections, &mut out.max_connections);
+    set(&t.max_pending_requests, &mut out.max_pending_requests);
+    set(&t.max_requests, &mut out.max_requests);
+    set(&t.max_retries, &mut out.max_retries);
+    if let Some(b) = &t.retry_budget {
+        let mut budget = mesh_core::outlier::RetryBudget::default();
+        if let Some(p) = &b.budget_percent {
+            if !(0.0..=100.0).contains(&p.value) {
+                return Err(format!(
+                    "circuit_breakers.thresholds.retry_budget.budget_percent: {} is not within 0..100",
+                    p.value
+                ));
             }
-        };
-        set(&t.max_connections, &mut out.max_connections);
-        set(&t.max_pending_requests, &mut out.max_pending_requests);
-        set(&t.max_requests, &mut out.max_requests);
-        set(&t.max_retries, &mut out.max_retries);
+            budget.budget_percent = mesh_core::lb::Real(p.value);
+        }
+        set(&b.min_retry_concurrency, &mut budget.min_retry_concurrency);
+        out.retry_budget = Some(budget);
     }
     Ok(out)
 }
@@ -574,6 +592,44 @@ mod resilience_tests {
         assert_eq!(o.consecutive_gateway_failure, 5);
         assert_eq!(c.circuit_breakers.max_retries, u32::MAX);
         assert_eq!(c.circuit_breakers.max_requests, u32::MAX);
+        assert_eq!(c.circuit_breakers.retry_budget, None);
+
+        // A retry budget on DEFAULT (Envoy's 20% / 3 for unset fields); the first DEFAULT
+        // entry counts; HIGH is not read.
+        let mut pb = base();
+        pb.circuit_breakers = Some(PbCircuitBreakers {
+            thresholds: vec![
+                Thresholds {
+                    priority: 1,
+                    max_retries: Some(UInt32Value { value: 1 }),
+                    ..Default::default()
+                },
+                Thresholds {
+                    retry_budget: Some(envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::thresholds::RetryBudget {
+                        min_retry_concurrency: Some(UInt32Value { value: 5 }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Thresholds {
+                    max_retries: Some(UInt32Value { value: 9 }),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        });
+        let cb = translate_cluster(&pb).unwrap().circuit_breakers;
+        assert_eq!(cb.max_retries, 3);
+        let b = cb.retry_budget.unwrap();
+        assert_eq!((b.budget_percent.0, b.min_retry_concurrency), (20.0, 5));
+        let mut bad = pb.clone();
+        bad.circuit_breakers.as_mut().unwrap().thresholds[1]
+            .retry_budget
+            .as_mut()
+            .unwrap()
+            .budget_percent = Some(Percent { value: 120.0 });
+        let e = translate_cluster(&bad).unwrap_err();
+        assert!(e.to_string().contains("budget_percent"), "{e}");
 
         let mut bad = base();
         bad.lb_config = Some(cluster::LbConfig::MaglevLbConfig(cluster::MaglevLbConfig {
