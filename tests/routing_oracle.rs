@@ -1344,6 +1344,8 @@ fn retries_and_rewrites_match_envoy() {
 struct PortUpstreams {
     ports: Vec<u16>,
     gate: std::sync::Arc<Gate>,
+    /// Connections accepted on all ports.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Holds `/hold` requests; counts the requests that are waiting.
@@ -1397,14 +1399,16 @@ impl Gate {
 impl PortUpstreams {
     fn start(n: usize) -> PortUpstreams {
         let gate = std::sync::Arc::new(Gate::default());
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let ports = (0..n)
             .map(|_| {
                 let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 let port = listener.local_addr().unwrap().port();
-                let gate = gate.clone();
+                let (gate, accepted) = (gate.clone(), accepted.clone());
                 std::thread::spawn(move || {
                     for stream in listener.incoming() {
                         let Ok(stream) = stream else { return };
+                        accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let gate = gate.clone();
                         std::thread::spawn(move || serve_port(stream, port, &gate));
                     }
@@ -1412,7 +1416,11 @@ impl PortUpstreams {
                 port
             })
             .collect();
-        PortUpstreams { ports, gate }
+        PortUpstreams {
+            ports,
+            gate,
+            accepted,
+        }
     }
 }
 
@@ -2198,4 +2206,55 @@ fn hash_policies_place_keys_like_envoy() {
         assert_eq!(used.len(), 4, "{host}: {used:?}");
     }
     assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+}
+
+/// `max_requests_per_connection` from istiod's `HttpProtocolOptions`: the same requests open
+/// as many upstream connections through Envoy as through mesh.
+#[test]
+fn max_requests_per_connection_matches_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    use std::sync::atomic::Ordering;
+    let up = PortUpstreams::start(1);
+    let cluster = json!({"name": "mrpc", "type": "STATIC", "connect_timeout": "1s",
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"max_requests_per_connection": 2, "idle_timeout": "300s"},
+            "explicit_http_config": {"http_protocol_options": {}}}},
+        "load_assignment": {"cluster_name": "mrpc", "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": up.ports[0]}}}}]}]}});
+    let route_config = json!({"name": "mrpc", "virtual_hosts": [{"name": "mrpc", "domains": ["mrpc"],
+        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "mrpc"}}]}]});
+    let clusters = vec![cluster];
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("mesh-mrpc-oracle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
+    const N: usize = 7;
+    let mut client = KeepAlive::connect(port);
+    for _ in 0..N {
+        assert_eq!(client.get("mrpc", "/", &[]).0, 200);
+    }
+    let envoy = up.accepted.swap(0, Ordering::SeqCst);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mesh = mesh_outbound(&rt, &route_config, &clusters);
+    rt.block_on(async {
+        for _ in 0..N {
+            assert_eq!(mesh.get("http://mrpc/").await.unwrap().status(), 200);
+        }
+    });
+    let mesh_cx = up.accepted.load(Ordering::SeqCst);
+    eprintln!("upstream connections for {N} requests: envoy {envoy}, mesh {mesh_cx}");
+    assert_eq!(
+        envoy,
+        N.div_ceil(2),
+        "Envoy opens one connection per two requests"
+    );
+    assert_eq!(mesh_cx, envoy);
 }
