@@ -1344,6 +1344,8 @@ fn retries_and_rewrites_match_envoy() {
 struct PortUpstreams {
     ports: Vec<u16>,
     gate: std::sync::Arc<Gate>,
+    /// Connections accepted on all ports.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Holds `/hold` requests; counts the requests that are waiting.
@@ -1397,14 +1399,16 @@ impl Gate {
 impl PortUpstreams {
     fn start(n: usize) -> PortUpstreams {
         let gate = std::sync::Arc::new(Gate::default());
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let ports = (0..n)
             .map(|_| {
                 let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 let port = listener.local_addr().unwrap().port();
-                let gate = gate.clone();
+                let (gate, accepted) = (gate.clone(), accepted.clone());
                 std::thread::spawn(move || {
                     for stream in listener.incoming() {
                         let Ok(stream) = stream else { return };
+                        accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let gate = gate.clone();
                         std::thread::spawn(move || serve_port(stream, port, &gate));
                     }
@@ -1412,7 +1416,11 @@ impl PortUpstreams {
                 port
             })
             .collect();
-        PortUpstreams { ports, gate }
+        PortUpstreams {
+            ports,
+            gate,
+            accepted,
+        }
     }
 }
 
@@ -1847,6 +1855,24 @@ fn load_balancing_and_failure_flags_match_envoy() {
     let mut dead0 = dead("dead0");
     dead0["circuit_breakers"] = json!({"thresholds": [{"max_retries": 0}]});
     clusters.push(dead0);
+    // Retry budgets replace max_retries: none admitted (0% and no floor), Envoy's defaults
+    // (20%, at least 3), and the whole of the active requests with no floor.
+    let budgets = [
+        (
+            "deadb0",
+            json!({"budget_percent": {"value": 0.0}, "min_retry_concurrency": 0}),
+        ),
+        ("deadb", json!({})),
+        (
+            "deadb100",
+            json!({"budget_percent": {"value": 100.0}, "min_retry_concurrency": 0}),
+        ),
+    ];
+    for (name, budget) in &budgets {
+        let mut c = dead(name);
+        c["circuit_breakers"] = json!({"thresholds": [{"retry_budget": budget}]});
+        clusters.push(c);
+    }
     clusters.push(
         json!({"name": "empty", "type": "STATIC", "connect_timeout": "1s",
         "load_assignment": {"cluster_name": "empty", "endpoints": []}}),
@@ -1869,8 +1895,10 @@ fn load_balancing_and_failure_flags_match_envoy() {
     vhosts.push(json!({"name": "split", "domains": ["split"], "routes": [{"match": {"prefix": "/"},
         "route": {"weighted_clusters": {"clusters": [
             {"name": "w0", "weight": 70}, {"name": "w1", "weight": 20}, {"name": "w2", "weight": 10}]}}}]}));
-    vhosts.push(json!({"name": "dead0", "domains": ["dead0"], "routes": [
-        {"match": {"prefix": "/"}, "route": {"cluster": "dead0", "retry_policy": retry}}]}));
+    for name in ["dead0", "deadb0", "deadb", "deadb100"] {
+        vhosts.push(json!({"name": name, "domains": [name], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": name, "retry_policy": retry}}]}));
+    }
     vhosts.push(json!({"name": "empty", "domains": ["empty"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "empty"}}]}));
     vhosts.push(json!({"name": "nr", "domains": ["nr"], "routes": [{"match": {"prefix": "/only"}, "route": {"cluster": "empty"}}]}));
     let route_config = json!({"name": "lb", "virtual_hosts": vhosts});
@@ -1950,6 +1978,9 @@ fn load_balancing_and_failure_flags_match_envoy() {
         ("dead", "/retry"),
         ("dead", "/"),
         ("dead0", "/"),
+        ("deadb0", "/"),
+        ("deadb", "/"),
+        ("deadb100", "/"),
         ("idle", "/hold"),
         ("empty", "/"),
         ("nr", "/x"),
@@ -2175,4 +2206,55 @@ fn hash_policies_place_keys_like_envoy() {
         assert_eq!(used.len(), 4, "{host}: {used:?}");
     }
     assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+}
+
+/// `max_requests_per_connection` from istiod's `HttpProtocolOptions`: the same requests open
+/// as many upstream connections through Envoy as through mesh.
+#[test]
+fn max_requests_per_connection_matches_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    use std::sync::atomic::Ordering;
+    let up = PortUpstreams::start(1);
+    let cluster = json!({"name": "mrpc", "type": "STATIC", "connect_timeout": "1s",
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"max_requests_per_connection": 2, "idle_timeout": "300s"},
+            "explicit_http_config": {"http_protocol_options": {}}}},
+        "load_assignment": {"cluster_name": "mrpc", "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": up.ports[0]}}}}]}]}});
+    let route_config = json!({"name": "mrpc", "virtual_hosts": [{"name": "mrpc", "domains": ["mrpc"],
+        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "mrpc"}}]}]});
+    let clusters = vec![cluster];
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("mesh-mrpc-oracle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
+    const N: usize = 7;
+    let mut client = KeepAlive::connect(port);
+    for _ in 0..N {
+        assert_eq!(client.get("mrpc", "/", &[]).0, 200);
+    }
+    let envoy = up.accepted.swap(0, Ordering::SeqCst);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mesh = mesh_outbound(&rt, &route_config, &clusters);
+    rt.block_on(async {
+        for _ in 0..N {
+            assert_eq!(mesh.get("http://mrpc/").await.unwrap().status(), 200);
+        }
+    });
+    let mesh_cx = up.accepted.load(Ordering::SeqCst);
+    eprintln!("upstream connections for {N} requests: envoy {envoy}, mesh {mesh_cx}");
+    assert_eq!(
+        envoy,
+        N.div_ceil(2),
+        "Envoy opens one connection per two requests"
+    );
+    assert_eq!(mesh_cx, envoy);
 }

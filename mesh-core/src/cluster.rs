@@ -108,6 +108,46 @@ pub enum UpstreamProtocol {
     UseDownstream,
 }
 
+/// `upstream_connection_options.tcp_keepalive`: Envoy turns `SO_KEEPALIVE` on and sets each
+/// given parameter; unset ones keep the system's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TcpKeepalive {
+    /// `keepalive_probes` (`TCP_KEEPCNT`).
+    pub probes: Option<u32>,
+    /// `keepalive_time` (`TCP_KEEPIDLE`).
+    pub time: Option<Duration>,
+    /// `keepalive_interval` (`TCP_KEEPINTVL`).
+    pub interval: Option<Duration>,
+}
+
+/// Envoy's default upstream connection idle timeout (`common_http_protocol_options.idle_timeout`
+/// unset): one hour.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// How the cluster's upstream connections are kept: what Istio's DestinationRule
+/// `connectionPool` renders besides the circuit breakers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionPool {
+    /// `max_requests_per_connection` (cluster field, or `common_http_protocol_options`):
+    /// requests a connection carries before it is closed; `None` is no limit.
+    pub max_requests_per_connection: Option<u32>,
+    /// `common_http_protocol_options.idle_timeout`: a connection without requests for this
+    /// long is closed; `None` (configured 0) never closes. Envoy's default is one hour.
+    pub idle_timeout: Option<Duration>,
+    /// `upstream_connection_options.tcp_keepalive`.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+impl Default for ConnectionPool {
+    fn default() -> Self {
+        ConnectionPool {
+            max_requests_per_connection: None,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            tcp_keepalive: None,
+        }
+    }
+}
+
 /// One cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cluster {
@@ -134,6 +174,8 @@ pub struct Cluster {
     pub outlier_detection: Option<crate::outlier::OutlierDetection>,
     /// `circuit_breakers` (default priority).
     pub circuit_breakers: crate::outlier::CircuitBreakers,
+    /// Connection reuse, idle timeout and TCP keepalive.
+    pub connection_pool: ConnectionPool,
 }
 
 impl Cluster {
@@ -154,6 +196,7 @@ impl Cluster {
             lb_config: crate::lb::LbConfig::default(),
             outlier_detection: None,
             circuit_breakers: crate::outlier::CircuitBreakers::default(),
+            connection_pool: ConnectionPool::default(),
         }
     }
 

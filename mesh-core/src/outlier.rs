@@ -102,8 +102,44 @@ pub struct CircuitBreakers {
     pub max_pending_requests: u32,
     /// `max_requests` (1024).
     pub max_requests: u32,
-    /// `max_retries` (3).
+    /// `max_retries` (3); not used when there is a retry budget.
     pub max_retries: u32,
+    /// `retry_budget`: when present it replaces `max_retries`.
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// `retry_budget`: concurrent retries limited to a share of the cluster's active and pending
+/// requests, never below a floor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryBudget {
+    /// `budget_percent` (Envoy's default 20).
+    pub budget_percent: crate::lb::Real,
+    /// `min_retry_concurrency` (Envoy's default 3).
+    pub min_retry_concurrency: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            budget_percent: crate::lb::Real(20.0),
+            min_retry_concurrency: 3,
+        }
+    }
+}
+
+impl CircuitBreakers {
+    /// How many retries may be in flight to the cluster while `active` requests are active or
+    /// pending there: `max_retries`, or with a retry budget Envoy's
+    /// `max(budget_percent / 100 * active, min_retry_concurrency)` (the share truncated).
+    pub fn retry_limit(&self, active: u32) -> u32 {
+        match &self.retry_budget {
+            None => self.max_retries,
+            Some(b) => {
+                let share = (b.budget_percent.0 / 100.0 * f64::from(active)) as u32;
+                share.max(b.min_retry_concurrency)
+            }
+        }
+    }
 }
 
 impl Default for CircuitBreakers {
@@ -113,6 +149,7 @@ impl Default for CircuitBreakers {
             max_pending_requests: 1024,
             max_requests: 1024,
             max_retries: 3,
+            retry_budget: None,
         }
     }
 }
@@ -671,5 +708,33 @@ mod tests {
         d.sweep_at(T::get(), &hs, &mut rng);
         assert!(hs[2].is_ejected());
         assert_eq!(hs.iter().filter(|h| h.is_ejected()).count(), 1);
+    }
+
+    #[test]
+    fn retry_budget_replaces_max_retries() {
+        let plain = CircuitBreakers {
+            max_retries: 5,
+            ..CircuitBreakers::default()
+        };
+        assert_eq!(plain.retry_limit(1000), 5);
+        let budget = CircuitBreakers {
+            max_retries: 5,
+            retry_budget: Some(RetryBudget::default()),
+            ..CircuitBreakers::default()
+        };
+        // 20% of the active requests, at least 3.
+        assert_eq!(budget.retry_limit(0), 3);
+        assert_eq!(budget.retry_limit(19), 3);
+        assert_eq!(budget.retry_limit(20), 4);
+        assert_eq!(budget.retry_limit(24), 4);
+        assert_eq!(budget.retry_limit(100), 20);
+        let none = CircuitBreakers {
+            retry_budget: Some(RetryBudget {
+                budget_percent: crate::lb::Real(0.0),
+                min_retry_concurrency: 0,
+            }),
+            ..CircuitBreakers::default()
+        };
+        assert_eq!(none.retry_limit(1000), 0);
     }
 }

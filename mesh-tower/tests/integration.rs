@@ -13,6 +13,7 @@ mod inbound_telemetry;
 mod outbound_cluster_stats;
 mod outbound_mtls;
 mod outbound_plaintext;
+mod outbound_pool;
 mod outbound_resilience;
 mod outbound_retries;
 mod outbound_rewrites;

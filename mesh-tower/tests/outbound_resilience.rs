@@ -265,6 +265,50 @@ async fn max_retries_overflow_stops_retrying_without_urx() {
 }
 
 #[tokio::test]
+async fn retry_budget_scales_with_the_active_requests() {
+    bounded(async {
+        // 50% of the active and pending requests, no floor.
+        let mut cluster = Cluster::eds(C);
+        cluster.circuit_breakers.retry_budget = Some(mesh_core::outlier::RetryBudget {
+            budget_percent: mesh_core::lb::Real(50.0),
+            min_retry_concurrency: 0,
+        });
+        let r = route().with_retry(Some(RetryPolicy::istio_default()));
+
+        // Alone, the request's half a retry truncates to none: the 503 passes on with `UO`.
+        let up = scripted("u", &[Act::Status(503); 3]).await;
+        let cell = SnapshotCell::new();
+        publish(&cell, 1, r.clone(), cluster.clone(), &[up.addr]);
+        let out = Outbound::new(cell, CertStore::new(), node());
+        let resp = get(&out, "/", &[]).await;
+        assert_eq!(resp.status(), 503);
+        assert_eq!(flag(&resp), ResponseFlag::UpstreamOverflow);
+        assert_eq!(up.seen().len(), 1);
+
+        // With three more requests in flight (4 active: 2 retries allowed) it is retried.
+        let up = scripted("u", &[Act::Slow, Act::Slow, Act::Slow, Act::Status(503)]).await;
+        let cell = SnapshotCell::new();
+        publish(&cell, 1, r, cluster, &[up.addr]);
+        let out = Arc::new(Outbound::new(cell, CertStore::new(), node()));
+        let mut parked = Vec::new();
+        for _ in 0..3 {
+            let out = out.clone();
+            parked.push(tokio::spawn(async move { get(&out, "/slow", &[]).await }));
+        }
+        while up.seen().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let resp = get(&out, "/", &[]).await;
+        assert_eq!(resp.status(), 200, "the 503 was retried");
+        assert_eq!(up.seen().len(), 5);
+        for p in parked {
+            p.abort();
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn least_request_counts_survive_snapshots() {
     bounded(async {
         let busy = scripted("busy", &[Act::Slow; 8]).await;

@@ -13,7 +13,8 @@
 //! ([`mesh_core::retry`]) retries connect failures, resets, per-try timeouts and retriable
 //! responses with jittered back-off, avoiding previous hosts, with the request body kept up
 //! to the buffer limit; outlier detection ([`mesh_core::outlier`]) sees every attempt; the
-//! circuit breakers `max_requests` (503 `UO`) and `max_retries` are enforced per cluster;
+//! circuit breakers `max_requests` (503 `UO`) and `max_retries` (or the `retry_budget`) are
+//! enforced per cluster;
 //! `request_mirror_policies` send fire-and-forget shadows.
 //!
 //! Like Envoy, it always answers: failures become Envoy's local replies (same status, body
@@ -708,6 +709,7 @@ impl Outbound {
                 }),
                 timeout: cluster.connect_timeout,
                 limits: &state.conn_limits,
+                pool: &cluster.connection_pool,
             };
             // Envoy's cluster stats count every attempt (telemetry::Attempt).
             let mut attempt_stats = host_pool.labels.attempt_started();
@@ -779,9 +781,16 @@ impl Outbound {
             // without URX, as in Envoy).
             let retry_slot = if retriable && !last {
                 drop(retry_guard.take());
+                // `max_retries`, or the retry budget over the cluster's active and pending
+                // requests.
+                let active = state.rq_active.load(std::sync::atomic::Ordering::Acquire)
+                    + state
+                        .conn_limits
+                        .rq_pending
+                        .load(std::sync::atomic::Ordering::Acquire);
                 let g = CounterGuard::try_acquire(
                     &state.rq_retry_active,
-                    cluster.circuit_breakers.max_retries,
+                    cluster.circuit_breakers.retry_limit(active),
                 );
                 if g.is_none() {
                     tracing::debug!(cluster = %cluster.name, "circuit breaker open: max_retries");

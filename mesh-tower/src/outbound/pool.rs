@@ -3,11 +3,16 @@
 //! One [`HostPool`] per (cluster, endpoint address, TLS mode). HTTP/1.1 connections are
 //! checked out of a bounded idle list and checked back in when the response body ends; HTTP/2
 //! shares one multiplexed connection per host, replaced when it closes.
+//!
+//! The cluster's [`ConnectionPool`] settings apply as in Envoy: a connection carries at most
+//! `max_requests_per_connection` requests (HTTP/1.1: closed after the last response; HTTP/2:
+//! no new streams, closed when its streams end), a connection without requests for
+//! `idle_timeout` is closed by its own task, and `tcp_keepalive` is set on every socket.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,7 +22,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mesh_core::cluster::UpstreamTls;
+use mesh_core::cluster::{ConnectionPool, TcpKeepalive, UpstreamTls};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -179,18 +184,41 @@ impl AsyncWrite for Io {
     }
 }
 
-/// Opens TCP (and TLS when `tls` is set) to `addr` within `timeout`. Returns the stream and
-/// the peer's principal (its SPIFFE ID, or first URI SAN) for mTLS connections.
+/// Turns on `SO_KEEPALIVE` with the given parameters (unset ones keep the system's), as
+/// Envoy does for `upstream_connection_options.tcp_keepalive`.
+fn set_keepalive(tcp: &TcpStream, k: &TcpKeepalive) -> io::Result<()> {
+    let mut params = socket2::TcpKeepalive::new();
+    if let Some(t) = k.time {
+        params = params.with_time(t);
+    }
+    if let Some(i) = k.interval {
+        params = params.with_interval(i);
+    }
+    if let Some(n) = k.probes {
+        params = params.with_retries(n);
+    }
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&params)
+}
+
+/// Opens TCP (and TLS when `tls` is set) to `addr` within `timeout`, with `keepalive` on the
+/// socket. Returns the stream and the peer's principal (its SPIFFE ID, or first URI SAN) for
+/// mTLS connections.
 pub(crate) async fn connect(
     addr: SocketAddr,
     tls: Option<&TlsTarget>,
     timeout: Duration,
+    keepalive: Option<&TcpKeepalive>,
 ) -> Result<(Io, Option<Arc<str>>), ConnectError> {
     let fut = async {
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|source| ConnectError::Tcp { addr, source })?;
         let _ = tcp.set_nodelay(true);
+        if let Some(k) = keepalive
+            && let Err(e) = set_keepalive(&tcp, k)
+        {
+            tracing::debug!(error = %e, upstream = %addr, "cannot set TCP keepalive");
+        }
         let Some(t) = tls else {
             return Ok((Io::Plain(tcp), None));
         };
@@ -248,16 +276,124 @@ pub(crate) async fn connect(
     }
 }
 
+/// `ConnUse::active` of a connection its idle timer has closed.
+const CLOSED: u32 = u32::MAX;
+
+/// Milliseconds on a process-wide monotonic clock.
+fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// How one connection is used: requests in flight (or [`CLOSED`]), requests carried so far,
+/// and since when it has had none. Shared by the pool's handle and the connection's task.
+#[derive(Debug)]
+struct ConnUse {
+    active: AtomicU32,
+    requests: AtomicU32,
+    idle_since_ms: AtomicU64,
+    /// `max_requests_per_connection` (`u32::MAX`: no limit).
+    max_requests: u32,
+}
+
+impl ConnUse {
+    fn new(pool: &ConnectionPool) -> Arc<Self> {
+        Arc::new(ConnUse {
+            active: AtomicU32::new(0),
+            requests: AtomicU32::new(0),
+            idle_since_ms: AtomicU64::new(now_ms()),
+            max_requests: pool.max_requests_per_connection.unwrap_or(u32::MAX),
+        })
+    }
+
+    /// Starts a request on the connection: `false` when its idle timer closed it or it has
+    /// carried `max_requests_per_connection` already.
+    fn checkout(&self) -> bool {
+        if self
+            .requests
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_requests).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return false;
+        }
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n != CLOSED).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// A request on the connection ended.
+    fn end(&self) {
+        self.idle_since_ms.store(now_ms(), Ordering::Release);
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Whether the connection may carry another request after the current ones.
+    fn reusable(&self) -> bool {
+        self.requests.load(Ordering::Acquire) < self.max_requests
+    }
+
+    /// Resolves once the connection has had no request for `timeout` (it is then marked
+    /// [`CLOSED`], so no request can take it); never without a timeout.
+    async fn idle_timeout(&self, timeout: Option<Duration>) {
+        let Some(timeout) = timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let wait = if self.active.load(Ordering::Acquire) == 0 {
+                let idle = now_ms().saturating_sub(self.idle_since_ms.load(Ordering::Acquire));
+                timeout.saturating_sub(Duration::from_millis(idle))
+            } else {
+                timeout
+            };
+            if wait.is_zero()
+                && self
+                    .active
+                    .compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return;
+            }
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Runs a connection until it ends or its idle timeout closes it.
+async fn drive<F>(conn: F, usage: Arc<ConnUse>, idle_timeout: Option<Duration>, proto: &str)
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!(error = %e, proto, "upstream connection ended with an error");
+        },
+        () = usage.idle_timeout(idle_timeout) => {
+            tracing::debug!(proto, "upstream connection closed after its idle timeout");
+        }
+    }
+}
+
 /// An HTTP/1.1 connection and who is on the other end.
 pub(crate) struct H1Conn {
     sender: http1::SendRequest<ReqBody>,
     pub peer: Option<Arc<str>>,
+    usage: Arc<ConnUse>,
 }
 
 #[derive(Clone)]
 struct H2Conn {
     sender: http2::SendRequest<ReqBody>,
     peer: Option<Arc<str>>,
+    usage: Arc<ConnUse>,
 }
 
 /// Why a request got no response headers.
@@ -343,16 +479,30 @@ impl Drop for ConnSlot {
     }
 }
 
-/// Returns an HTTP/1.1 connection to its pool once its response has been read.
+/// One request's use of a connection, ended when dropped; an HTTP/1.1 connection goes back to
+/// its pool once its response has been read ([`Checkin::release`]).
 pub(crate) struct Checkin {
     pool: Arc<HostPool>,
-    conn: H1Conn,
+    usage: Arc<ConnUse>,
+    conn: Option<H1Conn>,
 }
 
 impl Checkin {
-    /// The connection can carry the next request.
-    pub(crate) fn release(self) {
-        self.pool.put_idle(self.conn);
+    /// The response has been read: an HTTP/1.1 connection can carry the next request, unless
+    /// it has carried `max_requests_per_connection` (then it closes).
+    pub(crate) fn release(mut self) {
+        let conn = self.conn.take();
+        let pool = self.pool.clone();
+        drop(self);
+        if let Some(c) = conn.filter(|c| c.usage.reusable()) {
+            pool.put_idle(c);
+        }
+    }
+}
+
+impl Drop for Checkin {
+    fn drop(&mut self) {
+        self.usage.end();
     }
 }
 
@@ -394,12 +544,20 @@ pub(crate) struct ConnectParams<'a> {
     pub timeout: Duration,
     /// The cluster's connection circuit breakers.
     pub limits: &'a Arc<ConnLimits>,
+    /// The cluster's connection reuse, idle timeout and keepalive.
+    pub pool: &'a ConnectionPool,
 }
 
 impl ConnectParams<'_> {
     async fn open(&self, addr: SocketAddr) -> Result<(Io, Option<Arc<str>>), ConnectError> {
         let target = self.tls.map(|f| f()).transpose()?;
-        connect(addr, target.as_deref(), self.timeout).await
+        connect(
+            addr,
+            target.as_deref(),
+            self.timeout,
+            self.pool.tcp_keepalive.as_ref(),
+        )
+        .await
     }
 }
 
@@ -448,10 +606,11 @@ impl HostPool {
         })
     }
 
+    /// An idle HTTP/1.1 connection, checked out for one request.
     fn take_idle(&self) -> Option<H1Conn> {
         let mut idle = lock(&self.idle);
         while let Some(c) = idle.pop() {
-            if !c.sender.is_closed() {
+            if !c.sender.is_closed() && c.usage.checkout() {
                 return Some(c);
             }
         }
@@ -491,33 +650,44 @@ impl HostPool {
                     addr: self.addr,
                     source,
                 })?;
+        let usage = ConnUse::new(p.pool);
+        // Checked out for the request that opened it.
+        usage.checkout();
+        let (task_usage, idle_timeout) = (usage.clone(), p.pool.idle_timeout);
         tokio::spawn(async move {
             let _cx = cx;
             let _slot = slot;
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
-            }
+            drive(conn, task_usage, idle_timeout, "HTTP/1.1").await;
         });
-        Ok(H1Conn { sender, peer })
+        Ok(H1Conn {
+            sender,
+            peer,
+            usage,
+        })
     }
 
-    /// The host's HTTP/2 connection, when one is open.
+    /// The host's HTTP/2 connection, when one is open, checked out for one stream. A
+    /// connection that may carry no more streams (idle-closed, or at
+    /// `max_requests_per_connection`) is forgotten: it closes when its streams end.
     fn h2_ready(&self) -> Option<H2Conn> {
-        lock(&self.h2)
-            .as_ref()
-            .filter(|c| !c.sender.is_closed())
-            .cloned()
+        let mut h2 = lock(&self.h2);
+        let c = h2.as_ref().filter(|c| !c.sender.is_closed())?;
+        if c.usage.checkout() {
+            return Some(c.clone());
+        }
+        *h2 = None;
+        None
     }
 
     async fn h2_conn(self: &Arc<Self>, p: &ConnectParams<'_>) -> Result<(H2Conn, bool), SendError> {
-        if let Some(c) = lock(&self.h2).as_ref().filter(|c| !c.sender.is_closed()) {
-            return Ok((c.clone(), true));
+        if let Some(c) = self.h2_ready() {
+            return Ok((c, true));
         }
         // No connection ready: the request is pending until one is.
         let _pending = Pending::take(p.limits)?;
         let _gate = self.h2_connecting.lock().await;
-        if let Some(c) = lock(&self.h2).as_ref().filter(|c| !c.sender.is_closed()) {
-            return Ok((c.clone(), true));
+        if let Some(c) = self.h2_ready() {
+            return Ok((c, true));
         }
         // One multiplexed connection per host: always the pool's only one.
         let slot = ConnSlot {
@@ -534,15 +704,23 @@ impl HostPool {
                 addr: self.addr,
                 source,
             })?;
+        let usage = ConnUse::new(p.pool);
+        // Checked out for the request that opened it.
+        usage.checkout();
+        let (task_usage, idle_timeout) = (usage.clone(), p.pool.idle_timeout);
         tokio::spawn(async move {
             let _cx = cx;
             let _slot = slot;
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-            }
+            drive(conn, task_usage, idle_timeout, "HTTP/2").await;
         });
-        let c = H2Conn { sender, peer };
-        *lock(&self.h2) = Some(c.clone());
+        let c = H2Conn {
+            sender,
+            peer,
+            usage,
+        };
+        if c.usage.reusable() {
+            *lock(&self.h2) = Some(c.clone());
+        }
         Ok((c, false))
     }
 
@@ -582,11 +760,20 @@ impl HostPool {
     ) -> Result<(http::Response<Incoming>, Option<Arc<str>>, Option<Checkin>), SendError> {
         match proto {
             Proto::Http1 => loop {
-                let (mut conn, reused) = match self.take_idle() {
+                let (conn, reused) = match self.take_idle() {
                     Some(c) => (c, true),
                     // Connecting is the cold path: boxed, so the per-request future stays
                     // small (it is moved several times per request).
                     None => Box::pin(self.new_h1(p)).await?,
+                };
+                // The request's use of the connection, ended however this attempt ends.
+                let mut checkin = Checkin {
+                    pool: self.clone(),
+                    usage: conn.usage.clone(),
+                    conn: Some(conn),
+                };
+                let Some(conn) = checkin.conn.as_mut() else {
+                    unreachable!("the connection was just checked out")
                 };
                 if reused && conn.sender.ready().await.is_err() {
                     continue;
@@ -594,10 +781,6 @@ impl HostPool {
                 match conn.sender.try_send_request(req).await {
                     Ok(resp) => {
                         let peer = conn.peer.clone();
-                        let checkin = Checkin {
-                            pool: self.clone(),
-                            conn,
-                        };
                         return Ok((resp, peer, Some(checkin)));
                     }
                     Err(mut e) => match e.take_message() {
@@ -615,6 +798,12 @@ impl HostPool {
                         Some(c) => (c, true),
                         None => Box::pin(self.h2_conn(p)).await?,
                     };
+                    // The stream's use of the connection, ended with the response body.
+                    let stream = Checkin {
+                        pool: self.clone(),
+                        usage: conn.usage.clone(),
+                        conn: None,
+                    };
                     let ready = conn.sender.ready().await;
                     let result = match ready {
                         Ok(()) => conn.sender.try_send_request(req).await,
@@ -628,7 +817,7 @@ impl HostPool {
                         }
                     };
                     match result {
-                        Ok(resp) => return Ok((resp, conn.peer, None)),
+                        Ok(resp) => return Ok((resp, conn.peer, Some(stream))),
                         Err(mut e) => match e.take_message() {
                             Some(r) if reused && !retried => {
                                 retried = true;
@@ -645,5 +834,53 @@ impl HostPool {
 
     fn forget_h2(&self) {
         *lock(&self.h2) = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client socket of a plaintext connection to a local listener, opened with
+    /// `keepalive`.
+    async fn client_socket(
+        keepalive: Option<&TcpKeepalive>,
+    ) -> (TcpStream, tokio::net::TcpListener) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (io, _) = connect(addr, None, Duration::from_secs(5), keepalive)
+            .await
+            .unwrap();
+        match io {
+            Io::Plain(tcp) => (tcp, listener),
+            Io::Tls(_) => unreachable!("no TLS asked for"),
+        }
+    }
+
+    #[tokio::test]
+    async fn tcp_keepalive_is_set_on_upstream_sockets() {
+        let (tcp, _l) = client_socket(None).await;
+        assert!(!socket2::SockRef::from(&tcp).keepalive().unwrap());
+
+        // Istio's DestinationRule `tcp.tcpKeepalive {time: 7s, interval: 3s, probes: 4}`.
+        let k = TcpKeepalive {
+            probes: Some(4),
+            time: Some(Duration::from_secs(7)),
+            interval: Some(Duration::from_secs(3)),
+        };
+        let (tcp, _l) = client_socket(Some(&k)).await;
+        let s = socket2::SockRef::from(&tcp);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(3));
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), 4);
+
+        // Only SO_KEEPALIVE: the system's parameters stay.
+        let (plain, _l) = client_socket(None).await;
+        let system_time = socket2::SockRef::from(&plain).tcp_keepalive_time().unwrap();
+        let (tcp, _l) = client_socket(Some(&TcpKeepalive::default())).await;
+        let s = socket2::SockRef::from(&tcp);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), system_time);
     }
 }

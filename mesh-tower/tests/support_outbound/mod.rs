@@ -22,12 +22,14 @@ use mesh_core::{CertStore, NodeIdentity, Snapshot, SnapshotCell};
 use mesh_tower::outbound::Outbound;
 use tokio::net::TcpListener;
 
-/// A test upstream: answers `<name> <host> <path>`, counts accepted connections and requests.
+/// A test upstream: answers `<name> <host> <path>`, counts accepted connections, connections
+/// closed and requests.
 #[derive(Clone)]
 pub struct Upstream {
     pub name: &'static str,
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
+    pub closed: Arc<AtomicUsize>,
     pub requests: Arc<AtomicUsize>,
     _task: Arc<AbortOnDrop>,
 }
@@ -46,6 +48,9 @@ impl Upstream {
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
     }
+    pub fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
+    }
 }
 
 /// Starts an HTTP/1.1 + h2c upstream. `delay` is applied before answering paths starting
@@ -55,14 +60,15 @@ pub async fn upstream(name: &'static str) -> Upstream {
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
-    let (c, r) = (connections.clone(), requests.clone());
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (c, r, cl) = (connections.clone(), requests.clone(), closed.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             c.fetch_add(1, Ordering::SeqCst);
-            let r = r.clone();
+            let (r, cl) = (r.clone(), cl.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let r = r.clone();
@@ -71,6 +77,7 @@ pub async fn upstream(name: &'static str) -> Upstream {
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
+                cl.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
@@ -78,6 +85,7 @@ pub async fn upstream(name: &'static str) -> Upstream {
         name,
         addr,
         connections,
+        closed,
         requests,
         _task: Arc::new(AbortOnDrop(task)),
     }

@@ -12,7 +12,8 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use mesh_core::cluster::{
-    Cluster, ClusterDiscovery, LbPolicy, SanMatcher, ServiceMetadata, UpstreamProtocol, UpstreamTls,
+    Cluster, ClusterDiscovery, ConnectionPool, LbPolicy, SanMatcher, ServiceMetadata, TcpKeepalive,
+    UpstreamProtocol, UpstreamTls,
 };
 
 use super::{TranslateError, duration, from_any, struct_list, struct_string};
@@ -97,6 +98,13 @@ pub fn translate_cluster(c: &PbCluster) -> Result<Cluster, TranslateError> {
     if c.http2_protocol_options.is_some() {
         protocol = UpstreamProtocol::Http2;
     }
+    let mut connection_pool = ConnectionPool {
+        tcp_keepalive: tcp_keepalive(c),
+        ..ConnectionPool::default()
+    };
+    #[allow(deprecated)]
+    let cluster_max_requests = c.max_requests_per_connection.as_ref().map(|v| v.value);
+    connection_pool.max_requests_per_connection = cluster_max_requests.filter(|n| *n > 0);
     if let Some(any) = c
         .typed_extension_protocol_options
         .get(HTTP_PROTOCOL_OPTIONS_KEY)
@@ -106,6 +114,27 @@ pub fn translate_cluster(c: &PbCluster) -> Result<Cluster, TranslateError> {
                 "typed_extension_protocol_options[{HTTP_PROTOCOL_OPTIONS_KEY:?}]: {r}"
             ))
         })?;
+        if let Some(common) = &opts.common_http_protocol_options {
+            if let Some(n) = &common.max_requests_per_connection {
+                if cluster_max_requests.is_some() {
+                    // Envoy refuses the cluster too.
+                    return Err(err(
+                        "only one of max_requests_per_connection from Cluster or \
+                         HttpProtocolOptions can be specified"
+                            .into(),
+                    ));
+                }
+                connection_pool.max_requests_per_connection = (n.value > 0).then_some(n.value);
+            }
+            if let Some(d) = &common.idle_timeout {
+                let d = duration(d).map_err(|r| {
+                    err(format!(
+                        "typed_extension_protocol_options: common_http_protocol_options.idle_timeout: {r}"
+                    ))
+                })?;
+                connection_pool.idle_timeout = (!d.is_zero()).then_some(d);
+            }
+        }
         protocol = match opts.upstream_protocol_options {
             Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(e)) => {
                 match e.protocol_config {
@@ -154,6 +183,25 @@ pub fn translate_cluster(c: &PbCluster) -> Result<Cluster, TranslateError> {
         lb_config: lb_config(c).map_err(err)?,
         outlier_detection: outlier_detection(c).map_err(err)?,
         circuit_breakers: circuit_breakers(c).map_err(err)?,
+        connection_pool,
+    })
+}
+
+/// `upstream_connection_options.tcp_keepalive` (times in seconds; a 0 leaves the system's
+/// value, as the kernel refuses 0).
+fn tcp_keepalive(c: &PbCluster) -> Option<TcpKeepalive> {
+    let k = c
+        .upstream_connection_options
+        .as_ref()
+        .and_then(|o| o.tcp_keepalive.as_ref())?;
+    let value = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>| {
+        v.as_ref().map(|v| v.value).filter(|n| *n > 0)
+    };
+    let secs = |v| value(v).map(|n| Duration::from_secs(n.into()));
+    Some(TcpKeepalive {
+        probes: value(&k.keepalive_probes),
+        time: secs(&k.keepalive_time),
+        interval: secs(&k.keepalive_interval),
     })
 }
 
@@ -351,22 +399,40 @@ fn outlier_detection(
     Ok(Some(out))
 }
 
-/// `circuit_breakers.thresholds` of the DEFAULT priority, Envoy's defaults for unset fields.
+/// `circuit_breakers.thresholds` of the DEFAULT priority (the first such entry, as in Envoy),
+/// Envoy's defaults for unset fields. mesh's requests are all DEFAULT priority, as Istio's
+/// are, so HIGH thresholds never apply.
 fn circuit_breakers(c: &PbCluster) -> Result<mesh_core::outlier::CircuitBreakers, String> {
     let mut out = mesh_core::outlier::CircuitBreakers::default();
-    let Some(cb) = &c.circuit_breakers else {
+    let Some(t) = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
+    else {
         return Ok(out);
     };
-    for t in cb.thresholds.iter().filter(|t| t.priority == 0) {
-        let set = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: &mut u32| {
-            if let Some(v) = v {
-                *d = v.value;
+    let set = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: &mut u32| {
+        if let Some(v) = v {
+            *d = v.value;
+        }
+    };
+    set(&t.max_connections, &mut out.max_connections);
+    set(&t.max_pending_requests, &mut out.max_pending_requests);
+    set(&t.max_requests, &mut out.max_requests);
+    set(&t.max_retries, &mut out.max_retries);
+    if let Some(b) = &t.retry_budget {
+        let mut budget = mesh_core::outlier::RetryBudget::default();
+        if let Some(p) = &b.budget_percent {
+            if !(0.0..=100.0).contains(&p.value) {
+                return Err(format!(
+                    "circuit_breakers.thresholds.retry_budget.budget_percent: {} is not within 0..100",
+                    p.value
+                ));
             }
-        };
-        set(&t.max_connections, &mut out.max_connections);
-        set(&t.max_pending_requests, &mut out.max_pending_requests);
-        set(&t.max_requests, &mut out.max_requests);
-        set(&t.max_retries, &mut out.max_retries);
+            budget.budget_percent = mesh_core::lb::Real(p.value);
+        }
+        set(&b.min_retry_concurrency, &mut budget.min_retry_concurrency);
+        out.retry_budget = Some(budget);
     }
     Ok(out)
 }
@@ -526,6 +592,44 @@ mod resilience_tests {
         assert_eq!(o.consecutive_gateway_failure, 5);
         assert_eq!(c.circuit_breakers.max_retries, u32::MAX);
         assert_eq!(c.circuit_breakers.max_requests, u32::MAX);
+        assert_eq!(c.circuit_breakers.retry_budget, None);
+
+        // A retry budget on DEFAULT (Envoy's 20% / 3 for unset fields); the first DEFAULT
+        // entry counts; HIGH is not read.
+        let mut pb = base();
+        pb.circuit_breakers = Some(PbCircuitBreakers {
+            thresholds: vec![
+                Thresholds {
+                    priority: 1,
+                    max_retries: Some(UInt32Value { value: 1 }),
+                    ..Default::default()
+                },
+                Thresholds {
+                    retry_budget: Some(envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::thresholds::RetryBudget {
+                        min_retry_concurrency: Some(UInt32Value { value: 5 }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Thresholds {
+                    max_retries: Some(UInt32Value { value: 9 }),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        });
+        let cb = translate_cluster(&pb).unwrap().circuit_breakers;
+        assert_eq!(cb.max_retries, 3);
+        let b = cb.retry_budget.unwrap();
+        assert_eq!((b.budget_percent.0, b.min_retry_concurrency), (20.0, 5));
+        let mut bad = pb.clone();
+        bad.circuit_breakers.as_mut().unwrap().thresholds[1]
+            .retry_budget
+            .as_mut()
+            .unwrap()
+            .budget_percent = Some(Percent { value: 120.0 });
+        let e = translate_cluster(&bad).unwrap_err();
+        assert!(e.to_string().contains("budget_percent"), "{e}");
 
         let mut bad = base();
         bad.lb_config = Some(cluster::LbConfig::MaglevLbConfig(cluster::MaglevLbConfig {
@@ -540,5 +644,86 @@ mod resilience_tests {
         });
         let e = translate_cluster(&bad).unwrap_err();
         assert!(e.to_string().contains("max_ejection_percent"), "{e}");
+    }
+
+    /// What istiod renders for a DestinationRule `connectionPool` with
+    /// `http.maxRequestsPerConnection: 2`, `http.idleTimeout: 300s` and
+    /// `tcp.tcpKeepalive.time: 300s`.
+    #[test]
+    fn connection_pool_options_translate() {
+        use envoy_types::pb::envoy::config::cluster::v3::UpstreamConnectionOptions;
+        use envoy_types::pb::envoy::config::core::v3::{
+            HttpProtocolOptions as CommonOptions, TcpKeepalive as PbKeepalive,
+        };
+        use mesh_core::cluster::{ConnectionPool, DEFAULT_IDLE_TIMEOUT};
+        let c = translate_cluster(&base()).unwrap();
+        assert_eq!(c.connection_pool, ConnectionPool::default());
+        assert_eq!(c.connection_pool.idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
+
+        let with_common = |common: CommonOptions| {
+            let mut pb = base();
+            let opts = HttpProtocolOptions {
+                common_http_protocol_options: Some(common),
+                ..Default::default()
+            };
+            pb.typed_extension_protocol_options.insert(
+                HTTP_PROTOCOL_OPTIONS_KEY.into(),
+                super::super::to_any(&opts),
+            );
+            pb
+        };
+        let mut pb = with_common(CommonOptions {
+            idle_timeout: Some(PbDuration {
+                seconds: 300,
+                nanos: 0,
+            }),
+            max_requests_per_connection: Some(UInt32Value { value: 2 }),
+            ..Default::default()
+        });
+        pb.upstream_connection_options = Some(UpstreamConnectionOptions {
+            tcp_keepalive: Some(PbKeepalive {
+                keepalive_time: Some(UInt32Value { value: 300 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let p = translate_cluster(&pb).unwrap().connection_pool;
+        assert_eq!(p.max_requests_per_connection, Some(2));
+        assert_eq!(p.idle_timeout, Some(Duration::from_secs(300)));
+        let k = p.tcp_keepalive.unwrap();
+        assert_eq!(k.time, Some(Duration::from_secs(300)));
+        assert_eq!((k.probes, k.interval), (None, None));
+
+        // idle_timeout 0 disables it; max_requests_per_connection 0 is no limit.
+        let p = translate_cluster(&with_common(CommonOptions {
+            idle_timeout: Some(PbDuration::default()),
+            max_requests_per_connection: Some(UInt32Value { value: 0 }),
+            ..Default::default()
+        }))
+        .unwrap()
+        .connection_pool;
+        assert_eq!(
+            (p.idle_timeout, p.max_requests_per_connection),
+            (None, None)
+        );
+
+        // The deprecated cluster field works alone, and not together with the options.
+        let mut pb = base();
+        #[allow(deprecated)]
+        {
+            pb.max_requests_per_connection = Some(UInt32Value { value: 1 });
+        }
+        let p = translate_cluster(&pb).unwrap().connection_pool;
+        assert_eq!(p.max_requests_per_connection, Some(1));
+        let mut both = with_common(CommonOptions {
+            max_requests_per_connection: Some(UInt32Value { value: 2 }),
+            ..Default::default()
+        });
+        #[allow(deprecated)]
+        {
+            both.max_requests_per_connection = Some(UInt32Value { value: 1 });
+        }
+        let e = translate_cluster(&both).unwrap_err();
+        assert!(e.to_string().contains("max_requests_per_connection"), "{e}");
     }
 }
