@@ -23,6 +23,18 @@ const KIND: &str = "Cluster";
 pub const HTTP_PROTOCOL_OPTIONS_KEY: &str =
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
+/// Type URL of the upstream HTTP protocol options (under [`HTTP_PROTOCOL_OPTIONS_KEY`]).
+pub const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+/// Type URL of the plaintext transport socket config.
+pub const RAW_BUFFER_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
+/// Type URL of the internal upstream transport socket (a wrapper whose inner socket decides).
+pub const INTERNAL_UPSTREAM_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport";
+/// Type URL of the upstream TLS transport socket config.
+pub const UPSTREAM_TLS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+
 /// Translates one cluster: discovery type, LB policy, connect timeout, the `tlsMode-istio`
 /// auto-mTLS socket, a plain TLS transport socket, the upstream protocol and the Istio service
 /// metadata.
@@ -382,20 +394,17 @@ fn upstream_tls(ts: Option<&TransportSocket>) -> Result<Option<UpstreamTls>, Str
         }
         None => return Ok(None),
     };
-    if any.type_url.ends_with("raw_buffer.v3.RawBuffer") {
+    if any.type_url == RAW_BUFFER_TYPE {
         return Ok(None);
     }
-    if any
-        .type_url
-        .ends_with("internal_upstream.v3.InternalUpstreamTransport")
-    {
+    if any.type_url == INTERNAL_UPSTREAM_TYPE {
         // A wrapper that passes metadata to an internal listener; the wrapped socket decides.
         let w: envoy_types::pb::envoy::extensions::transport_sockets::internal_upstream::v3::InternalUpstreamTransport =
             from_any(any)?;
         return upstream_tls(w.transport_socket.as_ref())
             .map_err(|r| format!("internal_upstream.transport_socket: {r}"));
     }
-    if !any.type_url.ends_with("tls.v3.UpstreamTlsContext") {
+    if any.type_url != UPSTREAM_TLS_TYPE {
         return Err(format!(
             "unsupported transport socket {:?} ({})",
             ts.name, any.type_url
