@@ -508,6 +508,9 @@ fn requests() -> Vec<Req> {
         "x.example.com",
         "x-bar.example.org",
         "-bar.example.org",
+        // A suffix wildcard beats a prefix wildcard that also matches.
+        "svc-bar.example.org",
+        "api.foo.example.com",
         "api.other",
         "api.",
         "svc1",

@@ -11,8 +11,13 @@ pub enum ClusterDiscovery {
         /// The `ClusterLoadAssignment` name to subscribe to.
         service_name: String,
     },
-    /// Endpoints listed inline in the cluster (STATIC / STRICT_DNS with literal IPs).
-    Static,
+    /// Endpoints listed inline in the cluster's `load_assignment` (STATIC, and the IP-literal
+    /// endpoints of STRICT_DNS / LOGICAL_DNS clusters; hostnames are not resolved here).
+    Static {
+        /// The inline `load_assignment`, compiled (named after the cluster); empty when the
+        /// cluster has none.
+        load_assignment: std::sync::Arc<crate::endpoint::EndpointSet>,
+    },
     /// `ORIGINAL_DST`: connect where the application asked (PassthroughCluster).
     OriginalDestination,
 }
@@ -208,6 +213,14 @@ impl Cluster {
                 self.istio_tls.as_ref().or(self.tls.as_ref())
             }
             crate::endpoint::EndpointTlsMode::Disabled => self.tls.as_ref(),
+        }
+    }
+
+    /// The endpoints listed inline in the cluster (`load_assignment` of a non-EDS cluster).
+    pub fn inline_endpoints(&self) -> Option<&std::sync::Arc<crate::endpoint::EndpointSet>> {
+        match &self.discovery {
+            ClusterDiscovery::Static { load_assignment } => Some(load_assignment),
+            _ => None,
         }
     }
 

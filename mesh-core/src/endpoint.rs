@@ -137,6 +137,18 @@ pub struct EndpointSet {
     next: AtomicUsize,
 }
 
+/// Two sets are equal when they hold the same endpoints for the same cluster (the routable
+/// index is derived from those; the round-robin cursor is state, not configuration).
+impl PartialEq for EndpointSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.cluster_name == other.cluster_name
+            && self.endpoints == other.endpoints
+            && self.overprovisioning_factor == other.overprovisioning_factor
+    }
+}
+
+impl Eq for EndpointSet {}
+
 impl EndpointSet {
     /// Compiles a set: routable endpoints are those whose health allows traffic; the lowest
     /// priority that has any routable endpoint is used (priority failover, without

@@ -771,10 +771,92 @@ pub struct RouteConfig {
     /// Virtual hosts.
     pub virtual_hosts: Vec<VirtualHost>,
     exact: HashMap<String, usize, foldhash::fast::RandomState>,
-    suffixes: Vec<(String, usize)>,
-    prefixes: Vec<(String, usize)>,
+    suffixes: WildcardIndex,
+    prefixes: WildcardIndex,
     any: Option<usize>,
     ignore_port_in_host_matching: bool,
+}
+
+/// Wildcard domains of one kind (`*suffix` or `prefix*`) by the length of their fixed part,
+/// longest first, as Envoy keeps them: finding the longest wildcard that matches a host is at
+/// most one hash probe per distinct length shorter than the host, however many wildcard
+/// domains there are. Each length also records the bytes its fixed parts have next to the star,
+/// so a length whose boundary byte in the host cannot match (e.g. not a `.` for the usual
+/// `*.example.com`) is skipped without hashing.
+#[derive(Debug)]
+struct WildcardIndex {
+    /// `*suffix` (the fixed part ends the host) or `prefix*` (it starts the host).
+    suffix: bool,
+    /// Per fixed-part length, strictly decreasing.
+    by_len: Vec<WildcardLength>,
+}
+
+#[derive(Debug)]
+struct WildcardLength {
+    len: usize,
+    /// Bitset of the fixed parts' bytes next to the star.
+    edge: [u64; 4],
+    domains: HashMap<String, usize, foldhash::fast::RandomState>,
+}
+
+impl WildcardIndex {
+    fn new(suffix: bool) -> Self {
+        WildcardIndex {
+            suffix,
+            by_len: Vec::new(),
+        }
+    }
+
+    /// The byte of `s` next to the star for a fixed part of `len` bytes (`s` is the fixed part
+    /// itself or a host longer than `len`).
+    fn edge_byte(&self, s: &str, len: usize) -> u8 {
+        let b = s.as_bytes();
+        if self.suffix {
+            b[b.len() - len]
+        } else {
+            b[len - 1]
+        }
+    }
+
+    fn insert(&mut self, fixed: String, vh: usize) {
+        let len = fixed.len();
+        if len == 0 {
+            return;
+        }
+        let at = self.by_len.partition_point(|l| l.len > len);
+        if self.by_len.get(at).is_none_or(|l| l.len != len) {
+            self.by_len.insert(
+                at,
+                WildcardLength {
+                    len,
+                    edge: [0; 4],
+                    domains: HashMap::default(),
+                },
+            );
+        }
+        let e = self.edge_byte(&fixed, len);
+        let l = &mut self.by_len[at];
+        l.edge[usize::from(e >> 6)] |= 1 << (e & 63);
+        l.domains.entry(fixed).or_insert(vh);
+    }
+
+    /// The virtual host of the longest fixed part that matches `host`, among those shorter
+    /// than `host` (Envoy's wildcard matches at least one character).
+    fn find(&self, host: &str) -> Option<usize> {
+        let from = self.by_len.partition_point(|l| l.len >= host.len());
+        self.by_len[from..].iter().find_map(|l| {
+            let e = self.edge_byte(host, l.len);
+            if l.edge[usize::from(e >> 6)] & (1 << (e & 63)) == 0 {
+                return None;
+            }
+            let part = if self.suffix {
+                host.get(host.len() - l.len..)
+            } else {
+                host.get(..l.len)
+            };
+            part.and_then(|p| l.domains.get(p)).copied()
+        })
+    }
 }
 
 /// Why a virtual host's domains cannot be indexed.
@@ -815,8 +897,8 @@ impl RouteConfig {
     ) -> Result<Self, RouteConfigError> {
         let name = name.into();
         let mut exact = HashMap::default();
-        let mut suffixes = Vec::new();
-        let mut prefixes = Vec::new();
+        let mut suffixes = WildcardIndex::new(true);
+        let mut prefixes = WildcardIndex::new(false);
         let mut any = None;
         let mut seen = std::collections::HashSet::new();
         for (i, vh) in virtual_hosts.iter().enumerate() {
@@ -834,9 +916,9 @@ impl RouteConfig {
                 } else if stars == 0 {
                     exact.insert(d, i);
                 } else if stars == 1 && d.starts_with('*') {
-                    suffixes.push((d[1..].to_owned(), i));
+                    suffixes.insert(d[1..].to_owned(), i);
                 } else if stars == 1 && d.ends_with('*') {
-                    prefixes.push((d[..d.len() - 1].to_owned(), i));
+                    prefixes.insert(d[..d.len() - 1].to_owned(), i);
                 } else {
                     return Err(RouteConfigError::InvalidWildcard {
                         config: name,
@@ -845,9 +927,6 @@ impl RouteConfig {
                 }
             }
         }
-        // Longest wildcard wins; stable sort keeps configuration order among equals.
-        suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
-        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         Ok(RouteConfig {
             name,
             virtual_hosts,
@@ -885,18 +964,12 @@ impl RouteConfig {
         if let Some(i) = self.exact.get(host) {
             return Some(*i);
         }
-        // Envoy requires the wildcard to match at least one character.
-        for (suffix, i) in &self.suffixes {
-            if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
-                return Some(*i);
-            }
-        }
-        for (prefix, i) in &self.prefixes {
-            if host.len() > prefix.len() && host.starts_with(prefix.as_str()) {
-                return Some(*i);
-            }
-        }
-        self.any
+        // Envoy's order: exact, then the longest `*suffix` (a plain string suffix), then the
+        // longest `prefix*`, then `*`; a wildcard matches at least one character.
+        self.suffixes
+            .find(host)
+            .or_else(|| self.prefixes.find(host))
+            .or(self.any)
     }
 
     /// Selects virtual host and first matching route for a `GET` over `http`. `path` may
@@ -996,6 +1069,41 @@ mod tests {
         assert_eq!(cluster_of(&rc, "bar.org").unwrap(), "any");
         // A wildcard must cover at least one character.
         assert_eq!(cluster_of(&rc, ".foo.com").unwrap(), "short");
+    }
+
+    #[test]
+    fn wildcards_are_plain_string_affixes_longest_first() {
+        let rc = RouteConfig::new(
+            "80",
+            vec![
+                vh("any", &["*"], "any"),
+                vh("dash", &["*-bar.foo.com"], "dash"),
+                vh("dot", &["*.foo.com"], "dot"),
+                vh("same-len", &["*.baz.com", "*.qux.com"], "same-len"),
+                vh("long-prefix", &["baz-bar.foo.*"], "long-prefix"),
+                vh("short-prefix", &["api*"], "short-prefix"),
+                vh("longer-prefix", &["api-v2.*"], "longer-prefix"),
+            ],
+        )
+        .unwrap();
+        // `*-bar.foo.com` is a string suffix: it matches without a dot boundary, and it is
+        // longer than `*.foo.com`.
+        assert_eq!(cluster_of(&rc, "baz-bar.foo.com").unwrap(), "dash");
+        assert_eq!(cluster_of(&rc, "x.bar.foo.com").unwrap(), "dot");
+        assert_eq!(cluster_of(&rc, "a.qux.com").unwrap(), "same-len");
+        // Any suffix wildcard beats a longer prefix wildcard.
+        assert_eq!(cluster_of(&rc, "baz-bar.foo.com").unwrap(), "dash");
+        assert_eq!(cluster_of(&rc, "baz-bar.foo.org").unwrap(), "long-prefix");
+        // The longest prefix wins.
+        assert_eq!(cluster_of(&rc, "api-v2.example").unwrap(), "longer-prefix");
+        assert_eq!(cluster_of(&rc, "api-v3.example").unwrap(), "short-prefix");
+        // At least one character for the star, on either side.
+        assert_eq!(cluster_of(&rc, "-bar.foo.com").unwrap(), "dot");
+        assert_eq!(cluster_of(&rc, "api-v2.").unwrap(), "short-prefix");
+        assert_eq!(cluster_of(&rc, "api").unwrap(), "any");
+        // A host whose bytes at a wildcard's length are not a character boundary.
+        assert_eq!(cluster_of(&rc, "é.foo.com").unwrap(), "dot");
+        assert_eq!(cluster_of(&rc, "aé.qux.co").unwrap(), "any");
     }
 
     #[test]

@@ -186,11 +186,17 @@ impl Snapshot {
     /// A cluster and its endpoints.
     pub fn cluster(&self, name: &str) -> Option<(Arc<Cluster>, Option<Arc<EndpointSet>>)> {
         let c = self.clusters.get(name)?;
-        let eps = c
-            .eds_service_name()
-            .and_then(|s| self.endpoints.get(s))
-            .cloned();
+        let eps = self.endpoints_of(c).cloned();
         Some((c.clone(), eps))
+    }
+
+    /// A cluster's endpoints: its EDS `ClusterLoadAssignment`, or the `load_assignment` listed
+    /// inline in it (STATIC, STRICT_DNS / LOGICAL_DNS IP literals).
+    pub fn endpoints_of<'a>(&'a self, cluster: &'a Cluster) -> Option<&'a Arc<EndpointSet>> {
+        match cluster.eds_service_name() {
+            Some(s) => self.endpoints.get(s),
+            None => cluster.inline_endpoints(),
+        }
     }
 
     /// Decides where an outbound HTTP request goes, as Envoy's outbound listener on `port`

@@ -147,14 +147,11 @@ impl DestinationService {
             {
                 continue;
             }
-            let selects_us = cluster
-                .eds_service_name()
-                .and_then(|name| snapshot.endpoints.get(name))
-                .is_some_and(|set| {
-                    set.endpoints
-                        .iter()
-                        .any(|e| e.address.port() == port && e.address.ip() == node.instance_ip)
-                });
+            let selects_us = snapshot.endpoints_of(cluster).is_some_and(|set| {
+                set.endpoints
+                    .iter()
+                    .any(|e| e.address.port() == port && e.address.ip() == node.instance_ip)
+            });
             if selects_us {
                 best = Some(service);
             }

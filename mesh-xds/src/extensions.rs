@@ -1,7 +1,7 @@
 //! Extension configs inside xDS resources (filters, listener filters, transport sockets, access
 //! loggers, protocol options, matcher inputs, …): which ones mesh acts on, and which it accepts
 //! without acting on them (Istio's stats and metadata-exchange filters, Wasm, tracing, CORS,
-//! fault, …).
+//! …).
 //!
 //! An extension mesh does not act on never causes a NACK: it is recorded, counted, and logged
 //! once per process per type URL ([`report_ignored`]).
@@ -12,17 +12,9 @@ use std::sync::Mutex;
 use envoy_types::pb::google::protobuf::Any;
 use prost_reflect::{DynamicMessage, ReflectMessage, Value};
 
-/// Extension config types whose settings mesh reads and honours.
-pub const ACTED_ON: &[&str] = &[
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-    "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-    "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-    "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
-    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-];
+/// Extension config types whose settings mesh reads and honours: the translators' own list
+/// ([`crate::translate::ACTED_ON`]).
+pub const ACTED_ON: &[&str] = crate::translate::ACTED_ON;
 
 /// Whether mesh acts on extension configs of this type URL.
 pub fn is_acted_on(type_url: &str) -> bool {
@@ -280,7 +272,6 @@ mod tests {
         assert_eq!(
             ignored.keys().cloned().collect::<Vec<_>>(),
             vec![
-                "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault".to_owned(),
                 "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange".to_owned(),
             ]
         );

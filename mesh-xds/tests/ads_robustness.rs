@@ -1,6 +1,6 @@
 //! The ADS client under the things istiod and networks do: restarts mid-push, streams cut
-//! between a response and its ACK, one bad resource of each type among good ones (delta and
-//! SotW), floods of pushes, periodic stream closes (max connection age), and delta's rule that a
+//! between a response and its ACK, one bad resource of each type among good ones in one
+//! response (delta and SotW), floods of pushes, periodic stream closes (max connection age), and delta's rule that a
 //! rejected resource is never reported as held.
 
 use std::net::SocketAddr;
@@ -39,6 +39,19 @@ fn model() -> MeshModel {
 }
 
 fn start_client(address: SocketAddr, delta: bool) -> (SnapshotCell, tokio::task::JoinHandle<()>) {
+    let (cell, task, _) = start_client_with_queue(address, delta);
+    (cell, task)
+}
+
+/// [`start_client`], also returning the client's request-queue statistics.
+fn start_client_with_queue(
+    address: SocketAddr,
+    delta: bool,
+) -> (
+    SnapshotCell,
+    tokio::task::JoinHandle<()>,
+    mesh_xds::ads::RequestQueueStats,
+) {
     let cell = SnapshotCell::new();
     let config = AdsConfig {
         address: mesh_core::config::ControlPlaneAddress {
@@ -58,8 +71,10 @@ fn start_client(address: SocketAddr, delta: bool) -> (SnapshotCell, tokio::task:
         headers: Vec::new(),
         initial_fetch_timeout: AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT,
     };
-    let task = tokio::spawn(AdsClient::new(config, cell.clone()).run());
-    (cell, task)
+    let client = AdsClient::new(config, cell.clone());
+    let queue = client.request_queue();
+    let task = tokio::spawn(client.run());
+    (cell, task, queue)
 }
 
 async fn wait_until(cell: &SnapshotCell, what: &str, f: impl Fn(&mesh_core::Snapshot) -> bool) {
@@ -165,36 +180,67 @@ async fn cut_between_response_and_ack(delta: bool) {
         .start()
         .await
         .unwrap();
-    let mut events = cp.events();
     let (cell, task) = start_client(cp.addr(), delta);
     timeout(WAIT, cell.synced()).await.expect("never synced");
-    // The response is sent and the stream is cut before the ACK can come back.
+    let mut events = cp.events();
+    // The push's responses are sent, then the stream is cut before the server reads the ACK.
+    cp.cut_after_next_push();
     cp.update(|m| add_frontend_endpoint(m, "127.0.0.1:9092"));
-    cp.cut_streams();
-    next_event(&mut events, "stream closed", |e| {
-        matches!(e, XdsEvent::StreamClosed)
+    // On the old stream: the EDS response carrying the change goes out, then the stream
+    // closes, and no request answering that response arrives in between.
+    let mut pushed: Option<String> = None;
+    timeout(WAIT, async {
+        loop {
+            match events.recv().await {
+                Ok(XdsEvent::Sent {
+                    type_url,
+                    nonce,
+                    names,
+                }) if type_url == ENDPOINT && names.iter().any(|n| n == FRONTEND) => {
+                    pushed = Some(nonce)
+                }
+                Ok(XdsEvent::Request { response_nonce, .. })
+                    if pushed.as_ref() == Some(&response_nonce) =>
+                {
+                    panic!("the response {response_nonce} was answered before the cut")
+                }
+                Ok(XdsEvent::StreamClosed) => return,
+                Ok(_) => {}
+                Err(e) => panic!("events: {e}"),
+            }
+        }
     })
-    .await;
+    .await
+    .expect("the stream was never cut");
+    let pushed = pushed.expect("the stream closed before the push was sent");
     next_event(&mut events, "stream reopened", |e| {
         matches!(e, XdsEvent::StreamOpened { .. })
     })
     .await;
+    // The config converges on the new stream: the pushed change is there (applied from the
+    // cut response or re-sent), and the next push is ACKed on the new stream.
     wait_until(&cell, "the cut push applied", |s| {
         frontend_has(s, "127.0.0.1:9092")
     })
     .await;
-    // The new stream works: the next push is ACKed on it.
     cp.update(|m| add_frontend_endpoint(m, "127.0.0.1:9093"));
-    next_event(
+    let ack = next_event(
         &mut events,
         "EDS ACK on the new stream",
         |e| matches!(e, XdsEvent::Ack { type_url, .. } if type_url == ENDPOINT),
     )
     .await;
+    let XdsEvent::Ack { nonce, .. } = ack else {
+        unreachable!()
+    };
+    assert_ne!(nonce, pushed, "the cut response was ACKed");
     wait_until(&cell, "push after the cut", |s| {
-        frontend_has(s, "127.0.0.1:9093")
+        frontend_has(s, "127.0.0.1:9091")
+            && frontend_has(s, "127.0.0.1:9092")
+            && frontend_has(s, "127.0.0.1:9093")
     })
     .await;
+    assert!(cell.is_synced());
     task.abort();
 }
 
@@ -339,67 +385,199 @@ fn serde_free_cla(name: &str) -> ClusterLoadAssignment {
     }
 }
 
-/// For each type: replace one existing resource with a bad one while a good change to another
-/// resource of the same type goes out in the same push; only the bad one is rejected, the NACK
-/// names it, it keeps its last good config, and the good change applies.
+const FRONTEND_81: &str = "outbound|81||frontend.default.svc.cluster.local";
+const STATIC_GOOD: &str = "static-good";
+
+/// The testkit's resource `name` of `type_url`, decoded.
+fn served<M: prost::Message + prost::Name + Default>(
+    cp: &ControlPlane,
+    type_url: &str,
+    name: &str,
+) -> M {
+    let set = cp.resources_for("default");
+    mesh_xds::translate::from_any(&set[type_url][name]).unwrap()
+}
+
+/// A one-endpoint CLA for `name`.
+fn one_endpoint_cla(name: &str, a: &str) -> ClusterLoadAssignment {
+    let mut cla = serde_free_cla(name);
+    let sa = addr(a);
+    let ep = &mut cla.endpoints[0].lb_endpoints[0];
+    if let Some(
+        envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(e),
+    ) = &mut ep.host_identifier
+        && let Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(s)) =
+            e.address.as_mut().and_then(|x| x.address.as_mut())
+    {
+        s.address = sa.ip().to_string();
+        s.port_specifier = Some(
+            envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(
+                u32::from(sa.port()),
+            ),
+        );
+    }
+    cla
+}
+
+/// The good resources sent in the same response as the bad one, per type.
+fn good_changes(cp: &ControlPlane, type_url: &str) -> Vec<(String, Any)> {
+    match type_url {
+        CLUSTER => {
+            // A changed cluster and a new STATIC one (usable at once: no EDS to wait for).
+            let mut changed: PbCluster = served(cp, CLUSTER, FRONTEND);
+            changed.connect_timeout = Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: 7,
+                nanos: 0,
+            });
+            let new = PbCluster {
+                name: STATIC_GOOD.into(),
+                cluster_discovery_type: Some(
+                    envoy_types::pb::envoy::config::cluster::v3::cluster::ClusterDiscoveryType::Type(
+                        envoy_types::pb::envoy::config::cluster::v3::cluster::DiscoveryType::Static
+                            as i32,
+                    ),
+                ),
+                load_assignment: Some(one_endpoint_cla(STATIC_GOOD, "127.0.0.1:7001")),
+                ..Default::default()
+            };
+            vec![
+                (FRONTEND.into(), to_any(&changed)),
+                (STATIC_GOOD.into(), to_any(&new)),
+            ]
+        }
+        ENDPOINT => {
+            let mut frontend: ClusterLoadAssignment = served(cp, ENDPOINT, FRONTEND);
+            frontend.endpoints.push(
+                one_endpoint_cla(FRONTEND, "127.0.0.1:9092")
+                    .endpoints
+                    .remove(0),
+            );
+            vec![
+                (FRONTEND.into(), to_any(&frontend)),
+                (
+                    FRONTEND_81.into(),
+                    to_any(&one_endpoint_cla(FRONTEND_81, "127.0.0.1:9093")),
+                ),
+            ]
+        }
+        LISTENER => {
+            // Two new listeners: copies of 0.0.0.0_81 on ports 82 and 83.
+            let base: PbListener = served(cp, LISTENER, "0.0.0.0_81");
+            [82u32, 83]
+                .into_iter()
+                .map(|port| {
+                    let mut l = base.clone();
+                    l.name = format!("0.0.0.0_{port}");
+                    if let Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(sa)) =
+                        l.address.as_mut().and_then(|a| a.address.as_mut())
+                    {
+                        sa.port_specifier = Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(port));
+                    }
+                    (l.name.clone(), to_any(&l))
+                })
+                .collect()
+        }
+        _ => {
+            // Port 81's route configuration answers one more domain.
+            let mut rc: RouteConfiguration = served(cp, ROUTE, "81");
+            rc.virtual_hosts[0].domains.push("extra.example".into());
+            vec![("81".into(), to_any(&rc))]
+        }
+    }
+}
+
+/// For each type: ONE response carries a bad replacement of an existing resource and good
+/// changes to others of the same type. Only the bad one is rejected, the NACK of that very
+/// response names it (and nothing else), it keeps its last good config, and the good changes
+/// of the same response are applied.
 async fn one_bad_among_good(delta: bool, type_url: &'static str) {
-    let cp = ControlPlane::builder()
-        .model(model())
-        .start()
-        .await
-        .unwrap();
-    let mut events = cp.events();
+    let mut m = model();
+    m.services[1].ports.push((81, Protocol::Http));
+    let cp = ControlPlane::builder().model(m).start().await.unwrap();
     let (cell, task) = start_client(cp.addr(), delta);
     timeout(WAIT, cell.synced()).await.expect("never synced");
+    let mut events = cp.events();
     let before = cell.load();
-    // The victim (an existing resource of this type) and a good change elsewhere.
     let victim = match type_url {
         CLUSTER | ENDPOINT => "outbound|80||backend.default.svc.cluster.local",
         LISTENER => "0.0.0.0_80",
         _ => "80",
     };
-    cp.push_raw(type_url, vec![(victim.into(), bad(type_url, victim))]);
-    // A good change of the same type in the next push.
-    match type_url {
-        CLUSTER => cp.update(|m| {
-            add_frontend_endpoint(m, "127.0.0.1:9092");
-            m.services[1].ports.push((81, Protocol::Http));
-        }),
-        _ => cp.update(|m| add_frontend_endpoint(m, "127.0.0.1:9092")),
-    }
+    let good = good_changes(&cp, type_url);
+    let good_names: Vec<String> = good.iter().map(|(n, _)| n.clone()).collect();
+    let mut push = vec![(victim.to_owned(), bad(type_url, victim))];
+    push.extend(good);
+    cp.push_raw(type_url, push);
+    // The one response that carried all of them ...
+    let sent = next_event(&mut events, "the response", |e| {
+        matches!(e, XdsEvent::Sent { type_url: t, names, .. }
+            if t == type_url
+                && names.iter().any(|n| n == victim)
+                && good_names.iter().all(|g| names.contains(g)))
+    })
+    .await;
+    let XdsEvent::Sent { nonce: sent, .. } = sent else {
+        unreachable!()
+    };
+    // ... is NACKed, naming the bad resource only.
     let nack = next_event(
         &mut events,
         "NACK",
         |e| matches!(e, XdsEvent::Nack { type_url: t, .. } if t == type_url),
     )
     .await;
-    let XdsEvent::Nack { message, .. } = nack else {
+    let XdsEvent::Nack { message, nonce, .. } = nack else {
         unreachable!()
     };
+    assert_eq!(nonce, sent, "{type_url}: the NACK answers another response");
     assert!(message.contains(victim), "{type_url}: {message}");
     assert_eq!(
         message.lines().count(),
         1,
         "{type_url}: only the bad resource is named: {message}"
     );
-    // A new cluster is used once its endpoints arrive (warming), so wait for those too.
-    wait_until(&cell, "the good change", |s| {
-        frontend_has(s, "127.0.0.1:9092")
-            && (type_url != CLUSTER
-                || s.cluster("outbound|81||frontend.default.svc.cluster.local")
-                    .is_some_and(|(_, e)| e.is_some()))
-    })
-    .await;
+    for g in &good_names {
+        assert!(
+            !message.contains(&format!("{g:?}")),
+            "{type_url}: good {g} named: {message}"
+        );
+    }
+    // The good changes of that response are applied (no other push happens).
+    let applied = |s: &mesh_core::Snapshot| match type_url {
+        CLUSTER => {
+            s.clusters
+                .get(FRONTEND)
+                .is_some_and(|c| c.connect_timeout == Duration::from_secs(7))
+                && s.cluster(STATIC_GOOD)
+                    .and_then(|(_, e)| e)
+                    .is_some_and(|e| {
+                        e.endpoints
+                            .iter()
+                            .any(|p| p.address == addr("127.0.0.1:7001"))
+                    })
+        }
+        ENDPOINT => {
+            frontend_has(s, "127.0.0.1:9092")
+                && s.cluster(FRONTEND_81)
+                    .and_then(|(_, e)| e)
+                    .is_some_and(|e| {
+                        e.endpoints
+                            .iter()
+                            .any(|p| p.address == addr("127.0.0.1:9093"))
+                    })
+        }
+        LISTENER => {
+            s.listeners.contains_key("0.0.0.0_82") && s.listeners.contains_key("0.0.0.0_83")
+        }
+        _ => matches!(
+            s.route_outbound("extra.example", 81, "/", &http::HeaderMap::new()),
+            mesh_core::snapshot::RouteDecision::Forward { cluster, .. } if cluster.name == FRONTEND_81
+        ),
+    };
+    wait_until(&cell, "the good changes of the same response", applied).await;
     let now = cell.load();
     match type_url {
-        CLUSTER => {
-            assert_eq!(now.clusters[victim], before.clusters[victim]);
-            assert!(
-                now.clusters
-                    .contains_key("outbound|81||frontend.default.svc.cluster.local"),
-                "the good new cluster in the same push was accepted"
-            );
-        }
+        CLUSTER => assert_eq!(now.clusters[victim], before.clusters[victim]),
         ENDPOINT => assert!(std::sync::Arc::ptr_eq(
             &now.endpoints[victim],
             &before.endpoints[victim]
@@ -505,42 +683,83 @@ async fn ads_delta_rejected_resource_is_never_reported_held() {
 
 // ---------------------------------------------------------------- floods
 
+/// CDS, EDS, LDS, RDS, NDS.
+const XDS_TYPES: usize = 5;
+const FLOOD: u16 = 1000;
+
 async fn flood_is_coalesced(delta: bool) {
     let cp = ControlPlane::builder()
         .model(model())
         .start()
         .await
         .unwrap();
-    let (cell, task) = start_client(cp.addr(), delta);
+    let (cell, task, queue) = start_client_with_queue(cp.addr(), delta);
     timeout(WAIT, cell.synced()).await.expect("never synced");
     let first = cell.load().version;
-    // 1000 rapid model updates: the frontend's single endpoint moves port every time.
-    for i in 0..1000u16 {
+    let mut events = cp.events();
+    let counter = tokio::spawn(async move {
+        let (mut sent, mut lost) = (0u64, 0u64);
+        loop {
+            match events.recv().await {
+                Ok(XdsEvent::Sent { .. }) => sent += 1,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => lost += n,
+                Err(_) => return (sent, lost),
+            }
+        }
+    });
+    // The frontend's single endpoint moves port on every push: each push is an EDS response
+    // of its own on the stream (the control plane does not debounce these), then the model
+    // ends where the flood did.
+    let last = format!("127.0.0.1:{}", 20000 + FLOOD - 1);
+    for i in 0..FLOOD {
         let a = format!("127.0.0.1:{}", 20000 + i);
-        cp.update(|m| m.services[1].endpoints = vec![EndpointSpec::new(addr(&a))]);
+        cp.inject(
+            ENDPOINT,
+            vec![(FRONTEND.into(), to_any(&one_endpoint_cla(FRONTEND, &a)))],
+            &format!("flood{i}"),
+        );
+        tokio::task::yield_now().await;
     }
-    wait_until(&cell, "the latest of 1000 pushes", |s| {
-        frontend_has(s, "127.0.0.1:20999")
+    cp.update(|m| m.services[1].endpoints = vec![EndpointSpec::new(addr(&last))]);
+    wait_until(&cell, "the latest of the pushes", |s| {
+        frontend_has(s, &last)
     })
     .await;
     let s = cell.load();
     let eps = s.cluster(FRONTEND).and_then(|(_, e)| e).unwrap();
     assert_eq!(eps.endpoints.len(), 1, "stale endpoints left behind");
-    // Coalesced: far fewer snapshots than pushes were built.
+    let snapshots = s.version - first;
+    let high_water = queue.high_water();
+    drop(cp);
+    let (sent, lost) = timeout(WAIT, counter).await.unwrap().unwrap();
+    eprintln!(
+        "{} flood: {FLOOD} pushes, >= {sent} responses ({lost} events lost), {snapshots} snapshots, request queue high water {high_water}",
+        if delta { "delta" } else { "SotW" }
+    );
+    // The flood reached the stream; coalesced: at most one snapshot per ten pushes, and the
+    // request queue never holds more than one request per type.
     assert!(
-        s.version - first < 1000,
-        "{} snapshots for 1000 pushes",
-        s.version - first
+        sent + lost >= u64::from(FLOOD),
+        "the flood did not reach the stream: {sent} responses"
+    );
+    assert!(
+        snapshots < u64::from(FLOOD) / 10,
+        "{snapshots} snapshots for {FLOOD} pushes"
+    );
+    assert!(
+        high_water <= XDS_TYPES,
+        "request queue held {high_water} requests (bound: one per type)"
     );
     task.abort();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ads_delta_flood_of_pushes_ends_at_latest() {
     flood_is_coalesced(true).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ads_sotw_flood_of_pushes_ends_at_latest() {
     flood_is_coalesced(false).await;
 }

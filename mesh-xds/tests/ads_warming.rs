@@ -65,6 +65,19 @@ fn start_client(
     (cell, task)
 }
 
+/// A control plane serving [`model`] and a client (Envoy's default `initial_fetch_timeout`)
+/// that has synced with it.
+async fn synced_client(delta: bool) -> (ControlPlane, SnapshotCell, tokio::task::JoinHandle<()>) {
+    let cp = ControlPlane::builder()
+        .model(model())
+        .start()
+        .await
+        .unwrap();
+    let (cell, task) = start_client(&cp, delta, AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT);
+    timeout(WAIT, cell.synced()).await.expect("never synced");
+    (cp, cell, task)
+}
+
 async fn wait_until(cell: &SnapshotCell, what: &str, f: impl Fn(&Snapshot) -> bool) {
     let mut rx = cell.subscribe();
     let r = timeout(WAIT, async {
@@ -229,13 +242,7 @@ fn initial_fetch_timeout_defaults_to_envoys_15s() {
 // ------------------------------------------------------------------------- clusters
 
 async fn new_cluster_waits_for_its_endpoints(delta: bool) {
-    let cp = ControlPlane::builder()
-        .model(model())
-        .start()
-        .await
-        .unwrap();
-    let (cell, task) = start_client(&cp, delta, AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT);
-    timeout(WAIT, cell.synced()).await.expect("never synced");
+    let (cp, cell, task) = synced_client(delta).await;
     let watch = watch_invariant(&cell, cluster_has_endpoints(REVIEWS));
     let mut events = cp.events();
     cp.hold_back(ENDPOINT, REVIEWS);
@@ -317,13 +324,7 @@ fn cla(name: &str, a: &str) -> ClusterLoadAssignment {
 
 async fn changed_cluster_keeps_old_version_while_warming(delta: bool) {
     const NEW_EDS: &str = "backend-v2.eds";
-    let cp = ControlPlane::builder()
-        .model(model())
-        .start()
-        .await
-        .unwrap();
-    let (cell, task) = start_client(&cp, delta, AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT);
-    timeout(WAIT, cell.synced()).await.expect("never synced");
+    let (cp, cell, task) = synced_client(delta).await;
     let watch = watch_invariant(&cell, cluster_has_endpoints(BACKEND));
     let mut events = cp.events();
     cp.hold_back(ENDPOINT, NEW_EDS);
@@ -374,13 +375,7 @@ async fn ads_sotw_changed_cluster_keeps_old_version_while_warming() {
 // ------------------------------------------------------------------------- listeners
 
 async fn new_listener_waits_for_its_route_config(delta: bool) {
-    let cp = ControlPlane::builder()
-        .model(model())
-        .start()
-        .await
-        .unwrap();
-    let (cell, task) = start_client(&cp, delta, AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT);
-    timeout(WAIT, cell.synced()).await.expect("never synced");
+    let (cp, cell, task) = synced_client(delta).await;
     let watch = watch_invariant(&cell, listeners_have_routes);
     let mut events = cp.events();
     cp.hold_back(ROUTE, "9080");
@@ -442,13 +437,7 @@ fn listener_80_with_rds(cp: &ControlPlane, route_config_name: &str) -> PbListene
 }
 
 async fn changed_listener_keeps_old_route_config(delta: bool) {
-    let cp = ControlPlane::builder()
-        .model(model())
-        .start()
-        .await
-        .unwrap();
-    let (cell, task) = start_client(&cp, delta, AdsConfig::DEFAULT_INITIAL_FETCH_TIMEOUT);
-    timeout(WAIT, cell.synced()).await.expect("never synced");
+    let (cp, cell, task) = synced_client(delta).await;
     let watch = watch_invariant(&cell, listeners_have_routes);
     let mut events = cp.events();
     let set = cp.resources_for("default");
@@ -589,4 +578,79 @@ async fn ads_delta_initial_sync_waits_for_warming() {
 #[tokio::test]
 async fn ads_sotw_initial_sync_waits_for_warming() {
     initial_sync_waits_for_warming(false).await;
+}
+
+// ------------------------------------------------------------------------- inline endpoints
+
+/// `backend` turned into a non-EDS cluster of `t` whose endpoints are listed inline.
+fn backend_inline(
+    cp: &ControlPlane,
+    t: envoy_types::pb::envoy::config::cluster::v3::cluster::DiscoveryType,
+    inline: ClusterLoadAssignment,
+) -> PbCluster {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::ClusterDiscoveryType;
+    let set = cp.resources_for("default");
+    let mut c: PbCluster = from_any(&set[CLUSTER][BACKEND]).unwrap();
+    c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(t as i32));
+    c.eds_cluster_config = None;
+    c.load_assignment = Some(inline);
+    c
+}
+
+/// A STATIC cluster from CDS is used with the endpoints of its inline `load_assignment` (no EDS
+/// to wait for); a STRICT_DNS cluster keeps its IP literals and is ACKed with a hostname
+/// endpoint, which is left to DNS.
+async fn inline_load_assignment_is_used(delta: bool) {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::DiscoveryType;
+    let (cp, cell, task) = synced_client(delta).await;
+    let mut events = cp.events();
+    // An inline CLA's own cluster_name does not matter (Envoy ignores it).
+    let c = backend_inline(&cp, DiscoveryType::Static, cla("ignored", "127.0.0.1:7001"));
+    cp.push_raw(CLUSTER, vec![(BACKEND.into(), to_any(&c))]);
+    acked_carrying(&mut events, CLUSTER, BACKEND).await;
+    wait_until(&cell, "the static cluster's endpoints", |s| {
+        endpoints_of(s, BACKEND) == Some(vec![addr("127.0.0.1:7001")])
+    })
+    .await;
+    let s = cell.load();
+    let (cluster, _) = s.cluster(BACKEND).unwrap();
+    assert_eq!(cluster.eds_service_name(), None);
+    match route_to(&s, "backend.default.svc.cluster.local", 80) {
+        RouteDecision::Forward { endpoints, .. } => assert_eq!(
+            endpoints.map(|e| e.endpoints[0].address),
+            Some(addr("127.0.0.1:7001"))
+        ),
+        other => panic!("not forwarded: {other:?}"),
+    }
+    // STRICT_DNS: a hostname endpoint next to an IP one; ACKed, the IP one is used.
+    let mut inline = cla(BACKEND, "127.0.0.1:7002");
+    let mut host = inline.endpoints[0].lb_endpoints[0].clone();
+    if let Some(
+        envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(e),
+    ) = &mut host.host_identifier
+        && let Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(sa)) =
+            e.address.as_mut().and_then(|a| a.address.as_mut())
+    {
+        sa.address = "backend.example.com".into();
+    }
+    inline.endpoints[0].lb_endpoints.insert(0, host);
+    let c = backend_inline(&cp, DiscoveryType::StrictDns, inline);
+    cp.push_raw(CLUSTER, vec![(BACKEND.into(), to_any(&c))]);
+    // ACKed (a NACK of that response never satisfies this wait).
+    acked_carrying(&mut events, CLUSTER, BACKEND).await;
+    wait_until(&cell, "the STRICT_DNS cluster's IP endpoint", |s| {
+        endpoints_of(s, BACKEND) == Some(vec![addr("127.0.0.1:7002")])
+    })
+    .await;
+    task.abort();
+}
+
+#[tokio::test]
+async fn ads_delta_inline_load_assignment_is_used() {
+    inline_load_assignment_is_used(true).await;
+}
+
+#[tokio::test]
+async fn ads_sotw_inline_load_assignment_is_used() {
+    inline_load_assignment_is_used(false).await;
 }

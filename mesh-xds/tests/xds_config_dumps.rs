@@ -91,10 +91,27 @@ fn authz_yaml_dump_translates() {
     assert_eq!(count(&d, LISTENER, Origin::Dynamic), 27);
     assert_eq!(count(&d, LISTENER, Origin::Static), 2);
     let lis = r.of(LISTENER).ignored_extensions;
-    assert!(
-        lis.contains_key("type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"),
-        "{lis:?}"
-    );
+    // The filters mesh enforces (RBAC, ext_authz, fault) are acted on, not ignored ...
+    for acted in [
+        "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+        "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+        "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+        "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+    ] {
+        assert!(
+            !lis.contains_key(acted),
+            "{acted} reported ignored: {lis:?}"
+        );
+        assert!(mesh_xds::extensions::is_acted_on(acted), "{acted}");
+    }
+    // ... while the ones it does not act on are still reported.
+    for ignored in [
+        "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors",
+    ] {
+        assert!(lis.contains_key(ignored), "{ignored} not reported: {lis:?}");
+    }
 }
 
 #[test]

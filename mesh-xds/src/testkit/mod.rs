@@ -23,7 +23,7 @@ mod server;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::google::protobuf::Any;
@@ -115,6 +115,7 @@ impl ControlPlaneBuilder {
             cut: watch::channel(0).0,
             events,
             nonce: AtomicU64::new(1),
+            cut_after_push: AtomicBool::new(false),
             ca: self.ca,
             require_token: self.require_token,
         });
@@ -279,6 +280,13 @@ impl ControlPlane {
     /// Aborts every open stream with UNAVAILABLE.
     pub fn cut_streams(&self) {
         self.shared.cut.send_modify(|g| *g += 1);
+    }
+
+    /// The stream that sends the next push (a model update, raw overlay, …) sends all of that
+    /// push's responses and is then aborted with UNAVAILABLE before it reads another request:
+    /// the client has the responses but its ACKs never arrive on that stream.
+    pub fn cut_after_next_push(&self) {
+        self.shared.cut_after_push.store(true, Ordering::SeqCst);
     }
 
     fn bump(&self) {

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -99,6 +99,8 @@ pub(crate) struct Shared {
     pub cut: watch::Sender<u64>,
     pub events: broadcast::Sender<XdsEvent>,
     pub nonce: AtomicU64,
+    /// Abort the stream that sends the next push, right after sending it.
+    pub cut_after_push: AtomicBool,
     pub ca: Option<TestCa>,
     pub require_token: bool,
 }
@@ -323,10 +325,15 @@ async fn delta_stream(
             c = gen_rx.changed() => {
                 if c.is_err() { return Ok(()) }
                 let set = shared.resources(&ns);
+                let mut pushed = false;
                 for (t, st) in types.iter_mut() {
                     if let Some(r) = delta_response(&shared, t, st, &set, false) {
                         tx.send(Ok(r)).await.map_err(|_| Status::cancelled("client gone"))?;
+                        pushed = true;
                     }
+                }
+                if pushed && shared.cut_after_push.swap(false, Ordering::SeqCst) {
+                    return Err(Status::unavailable("stream cut by the test control plane after a push"));
                 }
             }
             i = inj_rx.recv() => {
@@ -499,10 +506,15 @@ async fn sotw_stream(
             c = gen_rx.changed() => {
                 if c.is_err() { return Ok(()) }
                 let set = shared.resources(&ns);
+                let mut pushed = false;
                 for (t, st) in types.iter_mut() {
                     if let Some(r) = sotw_response(&shared, t, st, &set, false) {
                         tx.send(Ok(r)).await.map_err(|_| Status::cancelled("client gone"))?;
+                        pushed = true;
                     }
+                }
+                if pushed && shared.cut_after_push.swap(false, Ordering::SeqCst) {
+                    return Err(Status::unavailable("stream cut by the test control plane after a push"));
                 }
             }
             i = inj_rx.recv() => {

@@ -24,6 +24,18 @@ const KIND: &str = "Cluster";
 pub const HTTP_PROTOCOL_OPTIONS_KEY: &str =
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
+/// Type URL of the upstream HTTP protocol options (under [`HTTP_PROTOCOL_OPTIONS_KEY`]).
+pub const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+/// Type URL of the plaintext transport socket config.
+pub const RAW_BUFFER_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
+/// Type URL of the internal upstream transport socket (a wrapper whose inner socket decides).
+pub const INTERNAL_UPSTREAM_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport";
+/// Type URL of the upstream TLS transport socket config.
+pub const UPSTREAM_TLS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+
 /// Translates one cluster: discovery type, LB policy, connect timeout, the `tlsMode-istio`
 /// auto-mTLS socket, a plain TLS transport socket, the upstream protocol and the Istio service
 /// metadata.
@@ -34,7 +46,7 @@ pub fn translate_cluster(c: &PbCluster) -> Result<Cluster, TranslateError> {
     }
     let err = |reason: String| TranslateError::new(KIND, name.clone(), reason);
     let discovery = match &c.cluster_discovery_type {
-        None => ClusterDiscovery::Static,
+        None => inline(c, cluster::DiscoveryType::Static).map_err(err)?,
         Some(cluster::ClusterDiscoveryType::Type(t)) => {
             match cluster::DiscoveryType::try_from(*t) {
                 Ok(cluster::DiscoveryType::Eds) => {
@@ -48,10 +60,10 @@ pub fn translate_cluster(c: &PbCluster) -> Result<Cluster, TranslateError> {
                 }
                 Ok(cluster::DiscoveryType::OriginalDst) => ClusterDiscovery::OriginalDestination,
                 Ok(
-                    cluster::DiscoveryType::Static
+                    t @ (cluster::DiscoveryType::Static
                     | cluster::DiscoveryType::StrictDns
-                    | cluster::DiscoveryType::LogicalDns,
-                ) => ClusterDiscovery::Static,
+                    | cluster::DiscoveryType::LogicalDns),
+                ) => inline(c, t).map_err(err)?,
                 Err(_) => return Err(err(format!("type: unknown discovery type {t}"))),
             }
         }
@@ -202,6 +214,40 @@ fn tcp_keepalive(c: &PbCluster) -> Option<TcpKeepalive> {
         probes: value(&k.keepalive_probes),
         time: secs(&k.keepalive_time),
         interval: secs(&k.keepalive_interval),
+    })
+}
+
+/// A non-EDS cluster's inline `load_assignment` (STATIC, STRICT_DNS, LOGICAL_DNS), compiled
+/// as Envoy reads it: the set is named after the cluster whatever the CLA's `cluster_name`;
+/// STATIC endpoints must be IP literals; the hostnames of DNS clusters are left to DNS
+/// (skipped here, never an error) while their IP literals are used as they are; a LOGICAL_DNS
+/// cluster must list exactly one endpoint.
+fn inline(c: &PbCluster, t: cluster::DiscoveryType) -> Result<ClusterDiscovery, String> {
+    use super::endpoint::{Hostnames, compile};
+    let hostnames = match t {
+        cluster::DiscoveryType::StrictDns | cluster::DiscoveryType::LogicalDns => Hostnames::Skip,
+        _ => Hostnames::Reject,
+    };
+    let set = match &c.load_assignment {
+        None if t == cluster::DiscoveryType::LogicalDns => {
+            return Err("LOGICAL_DNS clusters must have a single host".into());
+        }
+        None => mesh_core::endpoint::EndpointSet::new(c.name.clone(), Vec::new()),
+        Some(cla) => {
+            if t == cluster::DiscoveryType::LogicalDns
+                && (cla.endpoints.len() != 1 || cla.endpoints[0].lb_endpoints.len() != 1)
+            {
+                return Err(
+                    "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a \
+                     single lb_endpoint"
+                        .into(),
+                );
+            }
+            compile(cla, &c.name, hostnames).map_err(|r| format!("load_assignment.{r}"))?
+        }
+    };
+    Ok(ClusterDiscovery::Static {
+        load_assignment: std::sync::Arc::new(set),
     })
 }
 
@@ -448,20 +494,17 @@ fn upstream_tls(ts: Option<&TransportSocket>) -> Result<Option<UpstreamTls>, Str
         }
         None => return Ok(None),
     };
-    if any.type_url.ends_with("raw_buffer.v3.RawBuffer") {
+    if any.type_url == RAW_BUFFER_TYPE {
         return Ok(None);
     }
-    if any
-        .type_url
-        .ends_with("internal_upstream.v3.InternalUpstreamTransport")
-    {
+    if any.type_url == INTERNAL_UPSTREAM_TYPE {
         // A wrapper that passes metadata to an internal listener; the wrapped socket decides.
         let w: envoy_types::pb::envoy::extensions::transport_sockets::internal_upstream::v3::InternalUpstreamTransport =
             from_any(any)?;
         return upstream_tls(w.transport_socket.as_ref())
             .map_err(|r| format!("internal_upstream.transport_socket: {r}"));
     }
-    if !any.type_url.ends_with("tls.v3.UpstreamTlsContext") {
+    if any.type_url != UPSTREAM_TLS_TYPE {
         return Err(format!(
             "unsupported transport socket {:?} ({})",
             ts.name, any.type_url
@@ -725,5 +768,145 @@ mod resilience_tests {
         }
         let e = translate_cluster(&both).unwrap_err();
         assert!(e.to_string().contains("max_requests_per_connection"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod load_assignment_tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
+    use envoy_types::pb::envoy::config::endpoint::v3::{
+        ClusterLoadAssignment, Endpoint as PbEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+    };
+    use envoy_types::pb::google::protobuf::UInt32Value;
+
+    fn lb(host: &str, port: u32, weight: Option<u32>) -> LbEndpoint {
+        LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(PbEndpoint {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: host.into(),
+                        port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            load_balancing_weight: weight.map(|value| UInt32Value { value }),
+            ..Default::default()
+        }
+    }
+
+    fn cluster_of(t: cluster::DiscoveryType, eps: Vec<LbEndpoint>) -> PbCluster {
+        PbCluster {
+            name: "outbound|80||static.example".into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(t as i32)),
+            load_assignment: Some(ClusterLoadAssignment {
+                // Envoy ignores an inline CLA's cluster_name.
+                cluster_name: "something-else".into(),
+                endpoints: vec![LocalityLbEndpoints {
+                    lb_endpoints: eps,
+                    priority: 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn addrs(c: &Cluster) -> Vec<(String, u32, u32)> {
+        c.inline_endpoints()
+            .expect("inline endpoints")
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), e.weight, e.priority))
+            .collect()
+    }
+
+    use envoy_types::pb::envoy::config::core::v3::socket_address;
+
+    #[test]
+    fn static_cluster_endpoints_come_from_its_load_assignment() {
+        let c = translate_cluster(&cluster_of(
+            cluster::DiscoveryType::Static,
+            vec![lb("10.0.0.1", 8080, Some(3)), lb("::1", 9090, None)],
+        ))
+        .unwrap();
+        assert_eq!(
+            addrs(&c),
+            vec![
+                ("10.0.0.1:8080".to_owned(), 3, 1),
+                ("[::1]:9090".to_owned(), 1, 1)
+            ]
+        );
+        let set = c.inline_endpoints().unwrap();
+        assert_eq!(set.cluster_name, "outbound|80||static.example");
+        assert_eq!(set.routable_len(), 2);
+        assert_eq!(c.eds_service_name(), None);
+    }
+
+    #[test]
+    fn static_cluster_with_a_hostname_is_rejected_naming_the_field() {
+        let e = translate_cluster(&cluster_of(
+            cluster::DiscoveryType::Static,
+            vec![lb("10.0.0.1", 80, None), lb("db.example.com", 5432, None)],
+        ))
+        .unwrap_err();
+        assert!(
+            e.reason
+                .starts_with("load_assignment.endpoints[0].lb_endpoints[1].endpoint.address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dns_clusters_use_ip_literals_and_skip_hostnames_without_a_nack() {
+        let c = translate_cluster(&cluster_of(
+            cluster::DiscoveryType::StrictDns,
+            vec![lb("db.example.com", 5432, None), lb("10.0.0.7", 5432, None)],
+        ))
+        .unwrap();
+        assert_eq!(addrs(&c), vec![("10.0.0.7:5432".to_owned(), 1, 1)]);
+        let c = translate_cluster(&cluster_of(
+            cluster::DiscoveryType::LogicalDns,
+            vec![lb("api.example.com", 443, None)],
+        ))
+        .unwrap();
+        assert!(addrs(&c).is_empty());
+        let e = translate_cluster(&cluster_of(
+            cluster::DiscoveryType::LogicalDns,
+            vec![
+                lb("a.example.com", 443, None),
+                lb("b.example.com", 443, None),
+            ],
+        ))
+        .unwrap_err();
+        assert!(e.reason.contains("single lb_endpoint"), "{e}");
+        let mut pb = cluster_of(cluster::DiscoveryType::LogicalDns, vec![]);
+        pb.load_assignment = None;
+        let e = translate_cluster(&pb).unwrap_err();
+        assert!(e.reason.contains("single host"), "{e}");
+    }
+
+    #[test]
+    fn eds_and_original_dst_clusters_ignore_an_inline_load_assignment() {
+        let c = translate_cluster(&cluster_of(
+            cluster::DiscoveryType::Eds,
+            vec![lb("10.0.0.1", 80, None)],
+        ))
+        .unwrap();
+        assert!(c.inline_endpoints().is_none());
+        assert_eq!(c.eds_service_name(), Some("outbound|80||static.example"));
+        let c = translate_cluster(&cluster_of(
+            cluster::DiscoveryType::OriginalDst,
+            vec![lb("10.0.0.1", 80, None)],
+        ))
+        .unwrap();
+        assert!(c.inline_endpoints().is_none());
+        let mut pb = cluster_of(cluster::DiscoveryType::Static, vec![]);
+        pb.load_assignment = None;
+        let c = translate_cluster(&pb).unwrap();
+        assert!(addrs(&c).is_empty());
     }
 }

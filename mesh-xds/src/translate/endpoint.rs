@@ -22,7 +22,25 @@ pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Tr
     if name.is_empty() {
         return Err(TranslateError::new(KIND, "", "cluster_name is empty"));
     }
-    let err = |reason: String| TranslateError::new(KIND, name.clone(), reason);
+    compile(cla, name, Hostnames::Reject)
+        .map_err(|reason| TranslateError::new(KIND, name.clone(), reason))
+}
+
+/// What a CLA's non-IP socket addresses mean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Hostnames {
+    /// An address must be an IP literal (EDS, STATIC clusters): anything else is an error.
+    Reject,
+    /// A hostname is for DNS to resolve (STRICT_DNS / LOGICAL_DNS clusters): skipped here.
+    Skip,
+}
+
+/// A CLA's endpoints as the set named `name`; `Err` is `field: reason`.
+pub(crate) fn compile(
+    cla: &ClusterLoadAssignment,
+    name: &str,
+    hostnames: Hostnames,
+) -> Result<EndpointSet, String> {
     // Exactly sized: a snapshot holds every endpoint of every cluster (istiod's 3-endpoint
     // services would otherwise keep a fourth, empty slot each).
     let mut out = Vec::with_capacity(cla.endpoints.iter().map(|g| g.lb_endpoints.len()).sum());
@@ -42,12 +60,12 @@ pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Tr
             let ep = match &lb.host_identifier {
                 Some(lb_endpoint::HostIdentifier::Endpoint(e)) => e,
                 Some(lb_endpoint::HostIdentifier::EndpointName(n)) => {
-                    return Err(err(format!(
+                    return Err(format!(
                         "{}.endpoint_name {n:?}: named endpoints are not supported",
                         field()
-                    )));
+                    ));
                 }
-                None => return Err(err(format!("{}.endpoint: missing", field()))),
+                None => return Err(format!("{}.endpoint: missing", field())),
             };
             // Unix sockets and Envoy internal addresses (bootstrap's xds-grpc/sds-grpc, HBONE
             // internal listeners) are valid for Envoy but nothing mesh can dial: accepted and
@@ -59,8 +77,16 @@ pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Tr
                 tracing::debug!(cluster = %name, endpoint = %field(), "skipping a pipe/internal endpoint mesh cannot dial");
                 continue;
             }
+            if hostnames == Hostnames::Skip
+                && let Some(address::Address::SocketAddress(sa)) =
+                    ep.address.as_ref().and_then(|a| a.address.as_ref())
+                && sa.address.parse::<std::net::IpAddr>().is_err()
+            {
+                tracing::debug!(cluster = %name, endpoint = %field(), host = %sa.address, "skipping a hostname endpoint (resolved by DNS, not here)");
+                continue;
+            }
             let address = socket_addr(ep.address.as_ref())
-                .map_err(|r| err(format!("{}.endpoint.address: {r}", field())))?;
+                .map_err(|r| format!("{}.endpoint.address: {r}", field()))?;
             let health = match PbHealth::try_from(lb.health_status) {
                 Ok(PbHealth::Unknown) => HealthStatus::Unknown,
                 Ok(PbHealth::Healthy) => HealthStatus::Healthy,
@@ -69,19 +95,19 @@ pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Tr
                 Ok(PbHealth::Timeout) => HealthStatus::Timeout,
                 Ok(PbHealth::Degraded) => HealthStatus::Degraded,
                 Err(_) => {
-                    return Err(err(format!(
+                    return Err(format!(
                         "{}.health_status: unknown value {}",
                         field(),
                         lb.health_status
-                    )));
+                    ));
                 }
             };
             let weight = match &lb.load_balancing_weight {
                 Some(w) if w.value == 0 => {
-                    return Err(err(format!(
+                    return Err(format!(
                         "{}.load_balancing_weight: must be at least 1",
                         field()
-                    )));
+                    ));
                 }
                 Some(w) => w.value,
                 None => 1,
@@ -105,7 +131,7 @@ pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Tr
         .as_ref()
         .and_then(|p| p.overprovisioning_factor.as_ref())
         .map_or(mesh_core::lb::DEFAULT_OVERPROVISIONING_FACTOR, |f| f.value);
-    Ok(EndpointSet::new(name.clone(), out).with_overprovisioning_factor(overprovisioning))
+    Ok(EndpointSet::new(name, out).with_overprovisioning_factor(overprovisioning))
 }
 
 /// A socket address with an IP literal and a numeric port.

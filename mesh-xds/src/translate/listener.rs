@@ -31,6 +31,17 @@ use mesh_core::snapshot::{BLACKHOLE_CLUSTER, OutboundTrafficPolicy, PASSTHROUGH_
 use super::{TranslateError, endpoint::socket_addr, from_any};
 
 const KIND: &str = "Listener";
+/// Type URL of the HTTP connection manager network filter config.
+pub const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+/// Type URL of the TCP proxy network filter config.
+pub const TCP_PROXY_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+/// Type URL of the downstream TLS transport socket config.
+pub const DOWNSTREAM_TLS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+/// Type URL of the router HTTP filter config: the terminal filter of an HCM chain, whose part
+/// mesh's request path plays (routing, retries, timeouts).
+pub const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 /// Name istiod gives the inbound capture listener.
 pub const VIRTUAL_INBOUND: &str = "virtualInbound";
 /// Name istiod gives the outbound capture listener.
@@ -160,10 +171,7 @@ fn chain_kind(fc: &FilterChain) -> Result<ChainKind, String> {
             Some(filter::ConfigType::TypedConfig(a)) => a,
             _ => continue,
         };
-        if any
-            .type_url
-            .ends_with("http_connection_manager.v3.HttpConnectionManager")
-        {
+        if any.type_url == HCM_TYPE {
             let hcm: HttpConnectionManager =
                 from_any(any).map_err(|r| format!(".filters[{i}] ({:?}): {r}", f.name))?;
             match hcm.route_specifier {
@@ -180,7 +188,7 @@ fn chain_kind(fc: &FilterChain) -> Result<ChainKind, String> {
                 _ => return Ok(ChainKind::None),
             }
         }
-        if any.type_url.ends_with("tcp_proxy.v3.TcpProxy") {
+        if any.type_url == TCP_PROXY_TYPE {
             let tp: TcpProxy =
                 from_any(any).map_err(|r| format!(".filters[{i}] ({:?}): {r}", f.name))?;
             return Ok(match tp.cluster_specifier {
@@ -375,7 +383,7 @@ fn downstream_tls(fc: &FilterChain) -> Result<Option<DownstreamTlsContext>, Stri
     };
     match &ts.config_type {
         Some(transport_socket::ConfigType::TypedConfig(any))
-            if any.type_url.ends_with("DownstreamTlsContext") =>
+            if any.type_url == DOWNSTREAM_TLS_TYPE =>
         {
             from_any(any).map(Some)
         }
@@ -439,10 +447,7 @@ fn chain_hcm(fc: &FilterChain) -> Result<Option<(HttpConnectionManager, String)>
         let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
             continue;
         };
-        if any
-            .type_url
-            .ends_with("http_connection_manager.v3.HttpConnectionManager")
-        {
+        if any.type_url == HCM_TYPE {
             let at = format!("filters[{i}] ({})", f.name);
             let hcm: HttpConnectionManager = from_any(any).map_err(|r| format!("{at}: {r}"))?;
             return Ok(Some((hcm, at)));
@@ -484,7 +489,7 @@ fn chain_authz(
 /// Whether the chain has an `envoy.filters.network.tcp_proxy` filter.
 fn chain_proxies_tcp(fc: &FilterChain) -> bool {
     fc.filters.iter().any(|f| {
-        matches!(&f.config_type, Some(filter::ConfigType::TypedConfig(a)) if a.type_url.ends_with("tcp_proxy.v3.TcpProxy"))
+        matches!(&f.config_type, Some(filter::ConfigType::TypedConfig(a)) if a.type_url == TCP_PROXY_TYPE)
     })
 }
 

@@ -48,6 +48,9 @@ pub const NETWORK_RBAC_TYPE: &str =
 /// Type URL of the ext_authz HTTP filter config.
 pub const EXT_AUTHZ_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz";
+/// Type URL of the URI template path matcher (RBAC `url_path`-style `uri_template` permissions).
+pub const URI_TEMPLATE_MATCH_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig";
 
 /// The authorization filters among an HCM's `http_filters`, in order.
 pub fn translate_http_authz_filters(filters: &[HttpFilter]) -> Result<AuthzChain, String> {

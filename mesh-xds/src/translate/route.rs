@@ -292,6 +292,11 @@ fn translate_one(
 
 /// The name of the fault filter in `typed_per_filter_config`.
 const FAULT_FILTER: &str = "envoy.filters.http.fault";
+/// Type URL of the fault filter config (the HCM filter and its per-route config).
+pub const HTTP_FAULT_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
+/// Type URL of the per-route `FilterConfig` wrapper (`disabled`, `is_optional`).
+pub const FILTER_CONFIG_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.FilterConfig";
 
 /// The route's (else the virtual host's) `envoy.filters.http.fault` per-filter config.
 fn fault(
@@ -309,7 +314,7 @@ fn fault(
         return Ok(None);
     };
     let field = format!("typed_per_filter_config[{FAULT_FILTER:?}]");
-    let any = if any.type_url.ends_with("envoy.config.route.v3.FilterConfig") {
+    let any = if any.type_url == FILTER_CONFIG_TYPE {
         let fc: envoy_types::pb::envoy::config::route::v3::FilterConfig =
             super::from_any(any).map_err(|e| format!("{field}: {e}"))?;
         if fc.disabled {
