@@ -131,6 +131,12 @@ impl Mesh {
         tasks.push(tokio::spawn(ads.run()));
 
         let mut status_addrs = Vec::new();
+        let agent_gauges = Arc::new(AgentGauges {
+            started: std::time::Instant::now(),
+            startup: OnceLock::new(),
+            readiness: readiness.clone(),
+            certs: certs.clone(),
+        });
         let status_ctx = {
             let mut ctx = mesh_tower::status::StatusContext::new(readiness.clone())
                 .with_env(|k| std::env::var(k).ok());
@@ -140,6 +146,8 @@ impl Mesh {
             if let Some(source) = config_dump {
                 ctx.config_dump = Some(Arc::new(move || source.render()));
             }
+            let gauges = Arc::clone(&agent_gauges);
+            ctx.before_render = Some(Arc::new(move || gauges.before_render()));
             let quit = Arc::clone(&shutdown);
             ctx.on_quit = Some(Arc::new(move || {
                 quit.quit();
@@ -221,6 +229,10 @@ impl Mesh {
                 ext_authz,
             }),
         };
+        mesh.push_task(tokio::spawn(async move {
+            agent_gauges.readiness.ready().await;
+            agent_gauges.mark_ready();
+        }));
         if mesh.inner.builder.handle_signals {
             let shutdown = Arc::clone(&mesh.inner.shutdown);
             // Registered before `start` returns: a SIGTERM from then on drains.
@@ -359,6 +371,48 @@ impl Mesh {
     /// requests still finish. Ends a drain under way.
     pub fn shutdown(&self) {
         self.inner.shutdown.quit();
+    }
+}
+
+/// pilot-agent's gauge of the seconds from start to first ready.
+pub const STARTUP_DURATION_METRIC: &str = "istio_agent_startup_duration_seconds";
+/// pilot-agent's gauge of the seconds left before the workload certificate expires (negative
+/// once expired), labelled `resource_name="default"`; computed when 15020 is scraped.
+pub const CERT_EXPIRY_METRIC: &str = "istio_agent_cert_expiry_seconds";
+
+/// pilot-agent's own gauges that mesh computes rather than records.
+#[derive(Debug)]
+struct AgentGauges {
+    started: std::time::Instant,
+    /// Seconds from start to the first time readiness passed.
+    startup: OnceLock<f64>,
+    readiness: Readiness,
+    certs: CertStore,
+}
+
+impl AgentGauges {
+    /// Records [`STARTUP_DURATION_METRIC`] the first time it is called.
+    fn mark_ready(&self) {
+        let secs = *self
+            .startup
+            .get_or_init(|| self.started.elapsed().as_secs_f64());
+        metrics::gauge!(STARTUP_DURATION_METRIC).set(secs);
+    }
+
+    /// At scrape time: the certificate's time left ([`CERT_EXPIRY_METRIC`]), and the startup
+    /// duration if readiness passes but the task watching it has not run yet.
+    fn before_render(&self) {
+        if self.readiness.check().is_ok() || self.startup.get().is_some() {
+            self.mark_ready();
+        }
+        let Some(cert) = self.certs.current() else {
+            return;
+        };
+        let left = match cert.not_after.duration_since(std::time::SystemTime::now()) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        metrics::gauge!(CERT_EXPIRY_METRIC, "resource_name" => "default").set(left);
     }
 }
 
