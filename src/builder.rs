@@ -200,6 +200,21 @@ impl MeshBuilder {
         self
     }
 
+    /// `EXIT_ON_ZERO_ACTIVE_CONNECTIONS` and `MINIMUM_DRAIN_DURATION`: with `exit_on_zero`,
+    /// the drain lasts `minimum`, then until no inbound connection is open (checked every
+    /// second), instead of `terminationDrainDuration`.
+    pub fn drain_on_zero_active_connections(
+        mut self,
+        exit_on_zero: bool,
+        minimum: Duration,
+    ) -> Self {
+        self.config.drain = mesh_core::config::DrainConfig {
+            exit_on_zero_active_connections: exit_on_zero,
+            minimum,
+        };
+        self
+    }
+
     /// Whether SIGTERM/SIGINT start a graceful drain (on for [`MeshBuilder::from_env`]).
     pub fn handle_signals(mut self, on: bool) -> Self {
         self.handle_signals = on;

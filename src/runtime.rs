@@ -2,7 +2,7 @@
 //! certificate tasks, the pod-facing listeners, and the drain sequence.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use mesh_core::readiness::Readiness;
@@ -31,8 +31,8 @@ struct Inner {
     certs: CertStore,
     readiness: Readiness,
     outbound: Outbound,
-    /// `true` once listeners must stop accepting.
-    stop: watch::Sender<bool>,
+    /// The drain sequence every trigger (SIGTERM, `/drain`, `/quitquitquit`, the API) runs.
+    shutdown: Arc<Shutdown>,
     status_addrs: Vec<(StatusPort, SocketAddr)>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The CUSTOM action's provider client, given to every inbound listener of this mesh.
@@ -70,7 +70,13 @@ impl Mesh {
         let config = &builder.config;
         let mtls = !matches!(builder.certificate, CertificateSource::None);
         let readiness = Readiness::new(cell.clone(), mtls.then(|| certs.clone()));
-        let (stop, _) = watch::channel(false);
+        let shutdown = Arc::new(Shutdown {
+            readiness: readiness.clone(),
+            stop: watch::channel(false).0,
+            termination_drain: config.termination_drain,
+            drain: config.drain,
+            began: OnceLock::new(),
+        });
         let mut tasks = Vec::new();
 
         match resolve_certificate_source(&builder.certificate, config) {
@@ -125,8 +131,12 @@ impl Mesh {
         tasks.push(tokio::spawn(ads.run()));
 
         let mut status_addrs = Vec::new();
-        // `/drain` asks for the graceful drain; a task below runs it once the Mesh exists.
-        let (drain_req, mut drain_rx) = watch::channel(false);
+        let agent_gauges = Arc::new(AgentGauges {
+            started: std::time::Instant::now(),
+            startup: OnceLock::new(),
+            readiness: readiness.clone(),
+            certs: certs.clone(),
+        });
         let status_ctx = {
             let mut ctx = mesh_tower::status::StatusContext::new(readiness.clone())
                 .with_env(|k| std::env::var(k).ok());
@@ -136,16 +146,16 @@ impl Mesh {
             if let Some(source) = config_dump {
                 ctx.config_dump = Some(Arc::new(move || source.render()));
             }
-            // `/quitquitquit`: no drain period; readiness fails and listeners stop now
-            // (in-flight requests still finish).
-            let quit_tx = stop.clone();
-            let quit_readiness = readiness.clone();
+            let gauges = Arc::clone(&agent_gauges);
+            ctx.before_render = Some(Arc::new(move || gauges.before_render()));
+            let quit = Arc::clone(&shutdown);
             ctx.on_quit = Some(Arc::new(move || {
-                quit_readiness.start_draining();
-                let _ = quit_tx.send(true);
+                quit.quit();
             }));
+            let drain = Arc::clone(&shutdown);
             ctx.on_drain = Some(Arc::new(move || {
-                let _ = drain_req.send(true);
+                let drain = Arc::clone(&drain);
+                tokio::spawn(async move { drain.drain(Trigger::DrainEndpoint).await });
             }));
             Arc::new(ctx)
         };
@@ -175,7 +185,7 @@ impl Mesh {
                 .map_err(|source| MeshError::Bind { what, addr, source })?;
             let bound = listener.local_addr().map_err(MeshError::Serve)?;
             status_addrs.push((kind, bound));
-            let stop_rx = stop.subscribe();
+            let stop_rx = shutdown.stop.subscribe();
             tasks.push(tokio::spawn({
                 let ctx = status_ctx.clone();
                 async move {
@@ -213,31 +223,24 @@ impl Mesh {
                 certs,
                 readiness,
                 outbound,
-                stop,
+                shutdown,
                 status_addrs,
                 tasks: Mutex::new(tasks),
                 ext_authz,
             }),
         };
-        {
-            // Holds the runtime weakly: a pending `/drain` must not keep a dropped Mesh alive.
-            let weak = Arc::downgrade(&mesh.inner);
-            let t = tokio::spawn(async move {
-                if drain_rx.wait_for(|d| *d).await.is_ok()
-                    && let Some(inner) = weak.upgrade()
-                {
-                    tracing::info!("handling /drain: draining");
-                    Mesh { inner }.drain().await;
-                }
-            });
-            mesh.push_task(t);
-        }
+        mesh.push_task(tokio::spawn(async move {
+            agent_gauges.readiness.ready().await;
+            agent_gauges.mark_ready();
+        }));
         if mesh.inner.builder.handle_signals {
-            let m = mesh.clone();
+            let shutdown = Arc::clone(&mesh.inner.shutdown);
+            // Registered before `start` returns: a SIGTERM from then on drains.
+            let signal = termination_signal();
             let t = tokio::spawn(async move {
-                wait_for_signal().await;
+                signal.await;
                 tracing::info!("received SIGTERM: draining");
-                m.drain().await;
+                shutdown.drain(Trigger::Signal).await;
             });
             mesh.push_task(t);
         }
@@ -347,7 +350,7 @@ impl Mesh {
             self.inner.cell.clone(),
             self.inner.certs.clone(),
             config,
-            stopped(self.inner.stop.subscribe()),
+            stopped(self.inner.shutdown.stop.subscribe()),
         )
         .await
         .map_err(MeshError::Serve)
@@ -355,40 +358,137 @@ impl Mesh {
 
     /// Graceful drain as pilot-agent does it on SIGTERM: readiness turns 503 at once; the
     /// listeners keep accepting for `terminationDrainDuration` — or, with
-    /// `EXIT_ON_ZERO_ACTIVE_CONNECTIONS=true`, for `MINIMUM_DRAIN_DURATION` (default 5s) and
-    /// then until no inbound connection is open (checked every second) — then stop
-    /// accepting and let in-flight requests finish.
+    /// `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`, for `MINIMUM_DRAIN_DURATION` and then until no
+    /// inbound connection is open (checked every second) — then stop accepting and let
+    /// in-flight requests finish. Returns when the listeners have been told to stop; a drain
+    /// already under way (SIGTERM, `/drain`) is joined, not restarted.
     pub async fn drain(&self) {
-        self.inner.readiness.start_draining();
-        let env_true = |k: &str| {
-            std::env::var(k)
-                .map(|v| v.eq_ignore_ascii_case("true") || v == "1")
-                .unwrap_or(false)
-        };
-        if env_true("EXIT_ON_ZERO_ACTIVE_CONNECTIONS") {
-            let minimum = std::env::var("MINIMUM_DRAIN_DURATION")
-                .ok()
-                .and_then(|v| mesh_core::config::parse_duration(&v).ok())
-                .unwrap_or(Duration::from_secs(5));
-            tokio::time::sleep(minimum).await;
-            loop {
-                let active = mesh_tower::inbound::active_connections();
-                if active == 0 {
-                    break;
-                }
-                tracing::info!(active, "draining: waiting for inbound connections to close");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        } else {
-            tokio::time::sleep(self.inner.builder.config.termination_drain).await;
-        }
-        let _ = self.inner.stop.send(true);
+        self.inner.shutdown.drain(Trigger::Api).await;
     }
 
-    /// Stops the listeners now (no drain period).
+    /// What `/quitquitquit` does: readiness fails and the listeners stop now, without a drain
+    /// period (pilot-agent skips the drain for `/quitquitquit` since Istio 1.26); in-flight
+    /// requests still finish. Ends a drain under way.
     pub fn shutdown(&self) {
-        self.inner.readiness.start_draining();
-        let _ = self.inner.stop.send(true);
+        self.inner.shutdown.quit();
+    }
+}
+
+/// pilot-agent's gauge of the seconds from start to first ready.
+pub const STARTUP_DURATION_METRIC: &str = "istio_agent_startup_duration_seconds";
+/// pilot-agent's gauge of the seconds left before the workload certificate expires (negative
+/// once expired), labelled `resource_name="default"`; computed when 15020 is scraped.
+pub const CERT_EXPIRY_METRIC: &str = "istio_agent_cert_expiry_seconds";
+
+/// pilot-agent's own gauges that mesh computes rather than records.
+#[derive(Debug)]
+struct AgentGauges {
+    started: std::time::Instant,
+    /// Seconds from start to the first time readiness passed.
+    startup: OnceLock<f64>,
+    readiness: Readiness,
+    certs: CertStore,
+}
+
+impl AgentGauges {
+    /// Records [`STARTUP_DURATION_METRIC`] the first time it is called.
+    fn mark_ready(&self) {
+        let secs = *self
+            .startup
+            .get_or_init(|| self.started.elapsed().as_secs_f64());
+        metrics::gauge!(STARTUP_DURATION_METRIC).set(secs);
+    }
+
+    /// At scrape time: the certificate's time left ([`CERT_EXPIRY_METRIC`]), and the startup
+    /// duration if readiness passes but the task watching it has not run yet.
+    fn before_render(&self) {
+        if self.readiness.check().is_ok() || self.startup.get().is_some() {
+            self.mark_ready();
+        }
+        let Some(cert) = self.certs.current() else {
+            return;
+        };
+        let left = match cert.not_after.duration_since(std::time::SystemTime::now()) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        metrics::gauge!(CERT_EXPIRY_METRIC, "resource_name" => "default").set(left);
+    }
+}
+
+/// What started the shutdown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// A loopback `POST /drain` (the native sidecar's preStop).
+    DrainEndpoint,
+    /// [`Mesh::drain`].
+    Api,
+    /// A loopback `POST /quitquitquit`, or [`Mesh::shutdown`].
+    Quit,
+}
+
+/// pilot-agent's shutdown sequence (its `envoy.Agent.terminate`, FACTS.md g), shared by every
+/// trigger so SIGTERM, `/drain`, `/quitquitquit` and the API cannot diverge.
+#[derive(Debug)]
+struct Shutdown {
+    readiness: Readiness,
+    /// `true` once listeners must stop accepting.
+    stop: watch::Sender<bool>,
+    termination_drain: Duration,
+    drain: mesh_core::config::DrainConfig,
+    /// The first trigger; later ones join its drain.
+    began: OnceLock<Trigger>,
+}
+
+impl Shutdown {
+    /// Readiness fails and the listeners stop now.
+    fn quit(&self) {
+        self.readiness.start_draining();
+        let _ = self.began.set(Trigger::Quit);
+        self.stop.send_replace(true);
+    }
+
+    /// Readiness fails at once; the first trigger waits out the drain period (cut short by a
+    /// quit) and then stops the listeners; later triggers wait for that. SIGTERM after a
+    /// `/drain` stops at once, as pilot-agent exits at once once `/drain` has drained Envoy.
+    async fn drain(&self, trigger: Trigger) {
+        self.readiness.start_draining();
+        let first = self.began.set(trigger).is_ok();
+        if trigger == Trigger::Signal && self.began.get() == Some(&Trigger::DrainEndpoint) {
+            self.quit();
+            return;
+        }
+        if first {
+            tokio::select! {
+                () = self.period() => {}
+                () = stopped(self.stop.subscribe()) => {}
+            }
+            self.stop.send_replace(true);
+        } else {
+            stopped(self.stop.subscribe()).await;
+        }
+    }
+
+    /// How long listeners keep accepting once the drain began.
+    async fn period(&self) {
+        if !self.drain.exit_on_zero_active_connections {
+            tracing::info!(period = ?self.termination_drain, "graceful termination period starting");
+            tokio::time::sleep(self.termination_drain).await;
+            return;
+        }
+        tracing::info!(minimum = ?self.drain.minimum, "draining, then waiting for active connections to end");
+        tokio::time::sleep(self.drain.minimum).await;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let active = mesh_tower::inbound::active_connections();
+            if active == 0 {
+                tracing::info!("no more active connections; stopping");
+                return;
+            }
+            tracing::info!(active, "draining: inbound connections still open");
+        }
     }
 }
 
@@ -415,26 +515,32 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-async fn wait_for_signal() {
+/// Resolves on SIGTERM or SIGINT; the handlers are installed when this is called.
+fn termination_signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
+        let streams = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+        );
+        async move {
+            match streams {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
+                _ => std::future::pending::<()>().await,
             }
-            _ => std::future::pending::<()>().await,
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -507,5 +613,71 @@ async fn run_certificates(
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shutdown sequence with an hour-long `terminationDrainDuration`, its `/drain` already
+    /// under way.
+    async fn draining_for_an_hour() -> (Arc<Shutdown>, JoinHandle<()>) {
+        let shutdown = Arc::new(Shutdown {
+            readiness: Readiness::new(SnapshotCell::new(), None),
+            stop: watch::channel(false).0,
+            termination_drain: Duration::from_secs(3600),
+            drain: mesh_core::config::DrainConfig::default(),
+            began: OnceLock::new(),
+        });
+        let endpoint = tokio::spawn({
+            let s = Arc::clone(&shutdown);
+            async move { s.drain(Trigger::DrainEndpoint).await }
+        });
+        for _ in 0..1000 {
+            if shutdown.began.get().is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(shutdown.began.get(), Some(&Trigger::DrainEndpoint));
+        assert!(shutdown.readiness.is_draining());
+        assert!(!*shutdown.stop.borrow(), "stopped inside the drain period");
+        (shutdown, endpoint)
+    }
+
+    /// pilot-agent exits at once on SIGTERM once `/drain` has drained (FACTS.md g).
+    #[tokio::test]
+    async fn sigterm_after_drain_endpoint_stops_at_once() {
+        let (shutdown, endpoint) = draining_for_an_hour().await;
+        tokio::time::timeout(Duration::from_secs(10), shutdown.drain(Trigger::Signal))
+            .await
+            .expect("SIGTERM after /drain does not wait out the period");
+        assert!(*shutdown.stop.borrow());
+        tokio::time::timeout(Duration::from_secs(10), endpoint)
+            .await
+            .expect("the /drain sequence ends with the stop")
+            .unwrap();
+    }
+
+    /// A second drain trigger joins the first (no second period), and `/quitquitquit` ends a
+    /// drain under way.
+    #[tokio::test]
+    async fn later_triggers_join_the_drain_and_quit_ends_it() {
+        let (shutdown, endpoint) = draining_for_an_hour().await;
+        let joined = tokio::spawn({
+            let s = Arc::clone(&shutdown);
+            async move { s.drain(Trigger::Api).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!joined.is_finished() && !*shutdown.stop.borrow());
+        shutdown.quit();
+        for task in [endpoint, joined] {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("every waiter ends at the quit")
+                .unwrap();
+        }
+        assert_eq!(shutdown.began.get(), Some(&Trigger::DrainEndpoint));
     }
 }

@@ -151,6 +151,71 @@ async fn prometheus_ports_carry_istio_requests_total_after_a_request() {
     }
 }
 
+/// mesh's own agent measurements are on 15020 under pilot-agent's names, types and labels
+/// (`istio_agent_cert_expiry_seconds{resource_name="default"}`, the CSR counters with
+/// `request_type="csr"`, `istio_agent_startup_duration_seconds`), and the merged output parses
+/// with promtool and `prometheus_client`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_metrics_on_15020_carry_pilot_agent_names() {
+    let plane = Plane::start(MeshModel::default()).await;
+    let mesh = plane.ready_mesh("reviews").await;
+    let (status, text) = status_get(&mesh, StatusPort::Agent, "/stats/prometheus").await;
+    assert_eq!(status, 200);
+    for (family, kind) in [
+        ("istio_agent_cert_expiry_seconds", "gauge"),
+        ("istio_agent_num_outgoing_requests", "counter"),
+        ("istio_agent_outgoing_latency", "counter"),
+        ("istio_agent_startup_duration_seconds", "gauge"),
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} {kind}\n")),
+            "no {kind} {family} on 15020"
+        );
+    }
+    let Some(tools) = support::prometheus::tools() else {
+        return;
+    };
+    let report = tools.check_metrics(&text);
+    assert!(report.parse_error.is_none(), "{}", report.output);
+    let samples = tools.python_parse(&text);
+    let sample = |family: &str, label: Option<(&str, &str)>| {
+        samples
+            .iter()
+            .find(|s| s.family == family && label.is_none_or(|(k, v)| s.label(k) == Some(v)))
+            .unwrap_or_else(|| panic!("prometheus_client found no {family} {label:?}"))
+    };
+    let expiry = sample(
+        "istio_agent_cert_expiry_seconds",
+        Some(("resource_name", "default")),
+    );
+    let cert = mesh
+        .certificates()
+        .current()
+        .expect("ready means a certificate");
+    let lifetime = cert
+        .not_after
+        .duration_since(cert.not_before)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        expiry.value > 0.0 && expiry.value <= lifetime,
+        "cert expiry {} outside (0, {lifetime}]",
+        expiry.value
+    );
+    let csrs = sample(
+        "istio_agent_num_outgoing_requests",
+        Some(("request_type", "csr")),
+    );
+    assert!(csrs.value >= 1.0, "{csrs:?}");
+    assert_eq!(csrs.kind, "counter");
+    sample(
+        "istio_agent_outgoing_latency",
+        Some(("request_type", "csr")),
+    );
+    let startup = sample("istio_agent_startup_duration_seconds", None);
+    assert!(startup.value > 0.0, "{startup:?}");
+}
+
 /// The optional admin listener (Envoy's 15000): off by default; when on, bound to loopback
 /// only, and `/config_dump` carries every accepted resource in full, in Envoy's admin JSON,
 /// which `meshctl check-config`'s reader takes back unchanged.

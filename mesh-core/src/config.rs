@@ -51,6 +51,14 @@ pub mod env {
     /// mesh's own: port of the optional admin listener (Envoy's 15000) on 127.0.0.1; unset
     /// or `0` leaves it off.
     pub const MESH_ADMIN_PORT: &str = "MESH_ADMIN_PORT";
+
+    // Graceful drain (pilot-agent's options.go; FACTS.md g).
+    /// `true`: the drain ends once no inbound connection is open (checked every second after
+    /// `MINIMUM_DRAIN_DURATION`) instead of after `terminationDrainDuration`.
+    pub const EXIT_ON_ZERO_ACTIVE_CONNECTIONS: &str = "EXIT_ON_ZERO_ACTIVE_CONNECTIONS";
+    /// With `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`, how long the drain lasts at least (Go
+    /// duration, default `5s`).
+    pub const MINIMUM_DRAIN_DURATION: &str = "MINIMUM_DRAIN_DURATION";
 }
 
 /// Default xDS/CA address in an injected pod.
@@ -71,6 +79,8 @@ pub const DEFAULT_PROMETHEUS_PORT: u16 = 15090;
 pub const DEFAULT_ADMIN_PORT: u16 = 15000;
 /// ProxyConfig `terminationDrainDuration` default.
 pub const DEFAULT_TERMINATION_DRAIN: Duration = Duration::from_secs(5);
+/// pilot-agent's `MINIMUM_DRAIN_DURATION` default.
+pub const DEFAULT_MINIMUM_DRAIN: Duration = Duration::from_secs(5);
 
 /// A source of configuration strings: the process environment, or a map in tests.
 pub trait Strings: Send + Sync {
@@ -207,6 +217,45 @@ pub struct MeshConfig {
     pub admin_port: Option<u16>,
     /// `terminationDrainDuration`.
     pub termination_drain: Duration,
+    /// How the drain ends (`EXIT_ON_ZERO_ACTIVE_CONNECTIONS`, `MINIMUM_DRAIN_DURATION`).
+    pub drain: DrainConfig,
+}
+
+/// How pilot-agent's graceful drain ends, besides `terminationDrainDuration` (FACTS.md g).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainConfig {
+    /// `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`: end the drain once no inbound connection is open,
+    /// checked every second after [`DrainConfig::minimum`], instead of after
+    /// `terminationDrainDuration`.
+    pub exit_on_zero_active_connections: bool,
+    /// `MINIMUM_DRAIN_DURATION`: the drain's length before connections are counted.
+    pub minimum: Duration,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            exit_on_zero_active_connections: false,
+            minimum: DEFAULT_MINIMUM_DRAIN,
+        }
+    }
+}
+
+impl DrainConfig {
+    /// Reads `EXIT_ON_ZERO_ACTIVE_CONNECTIONS` (a boolean) and `MINIMUM_DRAIN_DURATION` (a Go
+    /// duration) with pilot-agent's defaults (`false`, `5s`).
+    pub fn from_strings(s: &dyn Strings) -> Result<DrainConfig, ConfigError> {
+        let mut drain = DrainConfig::default();
+        if let Some(v) = s.get(env::EXIT_ON_ZERO_ACTIVE_CONNECTIONS) {
+            drain.exit_on_zero_active_connections =
+                parse_bool(&v).map_err(|e| invalid(env::EXIT_ON_ZERO_ACTIVE_CONNECTIONS, &v, e))?;
+        }
+        if let Some(v) = s.get(env::MINIMUM_DRAIN_DURATION) {
+            drain.minimum =
+                parse_duration(&v).map_err(|e| invalid(env::MINIMUM_DRAIN_DURATION, &v, e))?;
+        }
+        Ok(drain)
+    }
 }
 
 impl MeshConfig {
@@ -228,6 +277,7 @@ impl MeshConfig {
             admin_bind: IpAddr::from([0, 0, 0, 0]),
             admin_port: None,
             termination_drain: DEFAULT_TERMINATION_DRAIN,
+            drain: DrainConfig::default(),
         }
     }
 
@@ -322,6 +372,7 @@ impl MeshConfig {
             admin_bind: IpAddr::from([0, 0, 0, 0]),
             admin_port,
             termination_drain,
+            drain: DrainConfig::from_strings(s)?,
         })
     }
 }
@@ -484,5 +535,44 @@ mod tests {
             server_name: None,
         };
         assert_eq!(a.tls_server_name(), "istiod.istio-system.svc");
+    }
+
+    #[test]
+    fn drain_settings_as_pilot_agent_reads_them() {
+        let base = [
+            ("POD_NAME", "p"),
+            ("POD_NAMESPACE", "n"),
+            ("INSTANCE_IP", "10.0.0.1"),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            let mut kv = base.to_vec();
+            kv.extend_from_slice(extra);
+            MeshConfig::from_strings(&strings(&kv))
+        };
+        let defaults = with(&[]).unwrap();
+        assert_eq!(defaults.termination_drain, Duration::from_secs(5));
+        assert_eq!(
+            defaults.drain,
+            DrainConfig {
+                exit_on_zero_active_connections: false,
+                minimum: Duration::from_secs(5),
+            }
+        );
+        let set = with(&[
+            ("EXIT_ON_ZERO_ACTIVE_CONNECTIONS", "true"),
+            ("MINIMUM_DRAIN_DURATION", "1500ms"),
+            ("TERMINATION_DRAIN_DURATION_SECONDS", "30"),
+        ])
+        .unwrap();
+        assert!(set.drain.exit_on_zero_active_connections);
+        assert_eq!(set.drain.minimum, Duration::from_millis(1500));
+        assert_eq!(set.termination_drain, Duration::from_secs(30));
+        let e = with(&[("EXIT_ON_ZERO_ACTIVE_CONNECTIONS", "yes")]).unwrap_err();
+        assert!(
+            e.to_string().contains("EXIT_ON_ZERO_ACTIVE_CONNECTIONS"),
+            "{e}"
+        );
+        let e = with(&[("MINIMUM_DRAIN_DURATION", "5")]).unwrap_err();
+        assert!(e.to_string().contains("MINIMUM_DRAIN_DURATION"), "{e}");
     }
 }

@@ -87,6 +87,9 @@ pub struct StatusContext {
     pub on_quit: Option<StatusHook>,
     /// Run by a loopback `POST /drain`: start the graceful drain.
     pub on_drain: Option<StatusHook>,
+    /// Run just before metrics render, to set gauges computed at scrape time (pilot-agent's
+    /// derived gauges, e.g. `istio_agent_cert_expiry_seconds`).
+    pub before_render: Option<StatusHook>,
     /// The configuration for `/debug/*`, `/config_dump`, `/clusters`.
     pub snapshot: Option<SnapshotCell>,
     /// This workload, for `/config_dump` and `/server_info`.
@@ -125,6 +128,7 @@ impl StatusContext {
             metrics: None,
             on_quit: None,
             on_drain: None,
+            before_render: None,
             snapshot: None,
             node: None,
             config_dump: None,
@@ -372,6 +376,9 @@ fn render(ctx: &StatusContext) -> [String; 3] {
     let live = !ctx.readiness.is_draining();
     metrics::gauge!("envoy_server_live").set(if live { 1.0 } else { 0.0 });
     metrics::gauge!("envoy_server_uptime").set(ctx.started.elapsed().as_secs() as f64);
+    if let Some(f) = &ctx.before_render {
+        f();
+    }
     let rendered = ctx
         .metrics
         .as_ref()

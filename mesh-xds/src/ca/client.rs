@@ -20,6 +20,13 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// TCP/TLS connect timeout to the CA.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// pilot-agent's counter of requests to the CA (`request_type="csr"`), on 15020.
+pub const NUM_OUTGOING_REQUESTS_METRIC: &str = "istio_agent_num_outgoing_requests";
+/// pilot-agent's counter of failed requests to the CA (`request_type="csr"`).
+pub const NUM_FAILED_OUTGOING_REQUESTS_METRIC: &str = "istio_agent_num_failed_outgoing_requests";
+/// pilot-agent's sum of request latencies to the CA in milliseconds (`request_type="csr"`).
+pub const OUTGOING_LATENCY_METRIC: &str = "istio_agent_outgoing_latency";
+
 /// A client of istiod's `IstioCertificateService`. Cheap to clone (the channel is shared and
 /// reconnects by itself).
 #[derive(Clone, Debug)]
@@ -134,11 +141,28 @@ impl CaClient {
 
     /// Sends `csr_pem` to the CA asking for a certificate valid for `ttl` and returns the PEM
     /// chain as the CA sent it (leaf first, root last; at least two elements).
+    ///
+    /// Each call counts as pilot-agent counts a CSR: [`NUM_OUTGOING_REQUESTS_METRIC`],
+    /// [`OUTGOING_LATENCY_METRIC`] and, when it fails, [`NUM_FAILED_OUTGOING_REQUESTS_METRIC`],
+    /// all labelled `request_type="csr"`.
     pub async fn create_certificate(
         &self,
         csr_pem: &str,
         ttl: Duration,
     ) -> Result<Vec<String>, CaError> {
+        let labels = [("request_type", "csr")];
+        metrics::counter!(NUM_OUTGOING_REQUESTS_METRIC, &labels).increment(1);
+        let started = std::time::Instant::now();
+        let result = self.send_csr(csr_pem, ttl).await;
+        let millis = started.elapsed().as_secs_f64() * 1e3;
+        metrics::counter!(OUTGOING_LATENCY_METRIC, &labels).increment(millis.round() as u64);
+        if result.is_err() {
+            metrics::counter!(NUM_FAILED_OUTGOING_REQUESTS_METRIC, &labels).increment(1);
+        }
+        result
+    }
+
+    async fn send_csr(&self, csr_pem: &str, ttl: Duration) -> Result<Vec<String>, CaError> {
         let message = IstioCertificateRequest {
             csr: csr_pem.to_owned(),
             validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),

@@ -16,7 +16,10 @@ pub mod secret_manager;
 #[cfg(feature = "testkit")]
 pub mod service;
 
-pub use client::CaClient;
+pub use client::{
+    CaClient, NUM_FAILED_OUTGOING_REQUESTS_METRIC, NUM_OUTGOING_REQUESTS_METRIC,
+    OUTGOING_LATENCY_METRIC,
+};
 pub use csr::{GeneratedCsr, generate_csr};
 pub use error::CaError;
 pub use secret_manager::{SecretManager, parse_certificate_chain};
