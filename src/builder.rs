@@ -145,6 +145,17 @@ impl MeshBuilder {
         self
     }
 
+    /// When the workload certificate is renewed: at `grace_period_ratio` (± `jitter`) of its
+    /// lifetime left (`SECRET_GRACE_PERIOD_RATIO`, `SECRET_GRACE_PERIOD_RATIO_JITTER`; both
+    /// clamped to `0..=1`).
+    pub fn secret_grace_period_ratio(mut self, grace_period_ratio: f64, jitter: f64) -> Self {
+        self.config.secret_rotation = mesh_core::config::SecretRotation {
+            grace_period_ratio: grace_period_ratio.clamp(0.0, 1.0),
+            grace_period_ratio_jitter: jitter.clamp(0.0, 1.0),
+        };
+        self
+    }
+
     /// Delta xDS (default) or state-of-the-world.
     pub fn delta_xds(mut self, delta: bool) -> Self {
         self.config.delta_xds = delta;

@@ -83,6 +83,7 @@ impl Mesh {
                         config.token_path.clone(),
                         config.node.clone(),
                         config.secret_ttl,
+                        config.secret_rotation,
                         certs.clone(),
                     )));
                 }
@@ -483,6 +484,7 @@ async fn run_certificates(
     token_path: Option<std::path::PathBuf>,
     node: mesh_core::NodeIdentity,
     ttl: Duration,
+    rotation: mesh_core::config::SecretRotation,
     certs: CertStore,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -497,6 +499,10 @@ async fn run_certificates(
         {
             Ok(client) => {
                 mesh_xds::ca::SecretManager::new(client, node.spiffe_id(), ttl, certs.clone())
+                    .with_grace_period_ratio(
+                        rotation.grace_period_ratio,
+                        rotation.grace_period_ratio_jitter,
+                    )
                     .run()
                     .await;
                 return;

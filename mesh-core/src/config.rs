@@ -207,6 +207,8 @@ pub struct MeshConfig {
     pub admin_port: Option<u16>,
     /// `terminationDrainDuration`.
     pub termination_drain: Duration,
+    /// When workload certificates are renewed (`SECRET_GRACE_PERIOD_RATIO` and its jitter).
+    pub secret_rotation: SecretRotation,
 }
 
 impl MeshConfig {
@@ -228,6 +230,7 @@ impl MeshConfig {
             admin_bind: IpAddr::from([0, 0, 0, 0]),
             admin_port: None,
             termination_drain: DEFAULT_TERMINATION_DRAIN,
+            secret_rotation: SecretRotation::default(),
         }
     }
 
@@ -322,9 +325,70 @@ impl MeshConfig {
             admin_bind: IpAddr::from([0, 0, 0, 0]),
             admin_port,
             termination_drain,
+            secret_rotation: SecretRotation::from_strings(s)?,
         })
     }
 }
+
+// ---- Workload certificate rotation (pilot-agent `SECRET_GRACE_PERIOD_RATIO*`) ----
+
+/// `SECRET_GRACE_PERIOD_RATIO`: the fraction of a certificate's lifetime left when it is
+/// renewed (pilot-agent's default 0.5: at half-life).
+pub const SECRET_GRACE_PERIOD_RATIO_ENV: &str = "SECRET_GRACE_PERIOD_RATIO";
+/// `SECRET_GRACE_PERIOD_RATIO_JITTER`: the ratio varies by ± U(0, jitter) per rotation.
+pub const SECRET_GRACE_PERIOD_RATIO_JITTER_ENV: &str = "SECRET_GRACE_PERIOD_RATIO_JITTER";
+/// pilot-agent's default `SECRET_GRACE_PERIOD_RATIO`.
+pub const DEFAULT_SECRET_GRACE_PERIOD_RATIO: f64 = 0.5;
+/// pilot-agent's default `SECRET_GRACE_PERIOD_RATIO_JITTER`.
+pub const DEFAULT_SECRET_GRACE_PERIOD_RATIO_JITTER: f64 = 0.01;
+
+/// When the workload certificate from istiod's CA is renewed: at `expire − grace`, with
+/// `grace = (grace_period_ratio ± U(0, grace_period_ratio_jitter)) × lifetime`
+/// (pilot-agent's `rotateTime`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SecretRotation {
+    /// `SECRET_GRACE_PERIOD_RATIO`, in `0..=1`.
+    pub grace_period_ratio: f64,
+    /// `SECRET_GRACE_PERIOD_RATIO_JITTER`, in `0..=1`.
+    pub grace_period_ratio_jitter: f64,
+}
+
+impl Default for SecretRotation {
+    fn default() -> Self {
+        SecretRotation {
+            grace_period_ratio: DEFAULT_SECRET_GRACE_PERIOD_RATIO,
+            grace_period_ratio_jitter: DEFAULT_SECRET_GRACE_PERIOD_RATIO_JITTER,
+        }
+    }
+}
+
+impl SecretRotation {
+    /// Reads both variables; an unparsable value or one outside `0..=1` is refused.
+    pub fn from_strings(s: &dyn Strings) -> Result<SecretRotation, ConfigError> {
+        let ratio = |key: &str, default: f64| -> Result<f64, ConfigError> {
+            let Some(v) = s.get(key) else {
+                return Ok(default);
+            };
+            let r: f64 = v.trim().parse().map_err(|e| invalid(key, &v, e))?;
+            if !(0.0..=1.0).contains(&r) {
+                return Err(invalid(key, &v, "must be between 0 and 1"));
+            }
+            Ok(r)
+        };
+        Ok(SecretRotation {
+            grace_period_ratio: ratio(
+                SECRET_GRACE_PERIOD_RATIO_ENV,
+                DEFAULT_SECRET_GRACE_PERIOD_RATIO,
+            )?,
+            grace_period_ratio_jitter: ratio(
+                SECRET_GRACE_PERIOD_RATIO_JITTER_ENV,
+                DEFAULT_SECRET_GRACE_PERIOD_RATIO_JITTER,
+            )?,
+        })
+    }
+}
+
+// ---- end of workload certificate rotation ----
 
 /// `host:15010` is istiod's plaintext port; everything else is TLS, as pilot-agent assumes.
 fn parse_address(addr: &str, root: Option<String>) -> ControlPlaneAddress {
@@ -465,6 +529,41 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(e.to_string().contains("INSTANCE_IP=\"not-an-ip\""), "{e}");
+    }
+
+    #[test]
+    fn secret_grace_period_ratio_and_jitter() {
+        let base = [
+            ("POD_NAME", "p"),
+            ("POD_NAMESPACE", "ns"),
+            ("INSTANCE_IP", "10.0.0.7"),
+        ];
+        let with = |kv: &[(&'static str, &'static str)]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(kv);
+            MeshConfig::from_strings(&strings(&all))
+        };
+        let d = with(&[]).unwrap().secret_rotation;
+        assert_eq!(d.grace_period_ratio, 0.5);
+        assert_eq!(d.grace_period_ratio_jitter, 0.01);
+        let c = with(&[
+            ("SECRET_GRACE_PERIOD_RATIO", "0.8"),
+            ("SECRET_GRACE_PERIOD_RATIO_JITTER", "0"),
+        ])
+        .unwrap()
+        .secret_rotation;
+        assert_eq!(c.grace_period_ratio, 0.8);
+        assert_eq!(c.grace_period_ratio_jitter, 0.0);
+        for bad in ["1.5", "-0.1", "half"] {
+            let e = with(&[("SECRET_GRACE_PERIOD_RATIO", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("SECRET_GRACE_PERIOD_RATIO="), "{e}");
+        }
+        let e = with(&[("SECRET_GRACE_PERIOD_RATIO_JITTER", "2")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SECRET_GRACE_PERIOD_RATIO_JITTER="), "{e}");
     }
 
     #[test]
