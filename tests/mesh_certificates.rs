@@ -204,18 +204,7 @@ async fn a_mesh_client_refuses_a_server_outside_the_clusters_san_list() {
     let (addr, _serving) = app.serve_meshed(&server).await;
     plane.cp.set_model(model(addr, "backend"));
     let client = plane.ready_mesh("client").await;
-    eventually("the backend cluster to arrive", || async {
-        client
-            .snapshot()
-            .cluster("outbound|9080||backend.default.svc.cluster.local")
-            .map(|_| ())
-    })
-    .await;
-
-    let resp = timeout(WAIT, client.http_client().get(URL))
-        .await
-        .unwrap()
-        .unwrap();
+    let resp = get_once_the_backend_cluster_is_known(&client).await;
     assert_eq!(resp.status(), 503, "{:?}", resp.body());
     // istiod's default route retries connect-failure twice; every attempt fails the SAN check,
     // so mesh flags it `URX,UF` as Envoy 1.40 does.
@@ -232,11 +221,7 @@ async fn a_mesh_client_refuses_a_server_outside_the_clusters_san_list() {
 
     // Once istiod names the right service account, the same server is accepted.
     plane.cp.set_model(model(addr, "impostor"));
-    let body = eventually("the corrected SAN list", || async {
-        let resp = client.http_client().get(URL).await.ok()?;
-        (resp.status() == 200).then(|| String::from_utf8_lossy(resp.body()).into_owned())
-    })
-    .await;
+    let body = eventually_ok(&client, "the corrected SAN list").await;
     assert_eq!(field(&body, "server"), "impostor");
     assert_eq!(field(&body, "peer"), spiffe("client").to_string());
 }
@@ -296,4 +281,64 @@ async fn the_grace_period_ratio_from_the_environment_drives_the_meshs_rotation()
         left > Duration::from_secs(1800),
         "renewed with {left:?} left"
     );
+}
+
+/// The outbound side of `trustDomainAliases`: istiod expands the cluster's SAN list with the
+/// aliases (`ExpandWithTrustDomains`), so a mesh client accepts a server whose certificate is
+/// in the alias trust domain; without the alias the same server fails the SAN check (503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_domain_aliases_extend_the_outbound_san_list() {
+    let plane = Plane::start(MeshModel::default()).await;
+    let alias_backend = mesh::SpiffeId::new("alias.domain", NS, "backend");
+    let server = plane
+        .builder(node("backend-0", "backend"))
+        .certificate(CertificateSource::Static(Box::new(
+            plane
+                .ca
+                .workload_certificate(&alias_backend, Duration::from_secs(3600)),
+        )))
+        .start()
+        .await
+        .unwrap();
+    ready(&server).await;
+    let app = Echo::new("backend");
+    let (addr, _serving) = app.serve_meshed(&server).await;
+    plane.cp.set_model(model(addr, "backend"));
+    let client = plane.ready_mesh("sleep").await;
+    let resp = get_once_the_backend_cluster_is_known(&client).await;
+    assert_eq!(resp.status(), 503, "{:?}", resp.body());
+    assert_eq!(app.hits(), 0);
+
+    plane
+        .cp
+        .set_model(model(addr, "backend").trust_domain_alias("alias.domain"));
+    let body = eventually_ok(&client, "the SAN list with the alias").await;
+    assert_eq!(field(&body, "peer"), spiffe("sleep").to_string());
+    assert_eq!(app.hits(), 1);
+}
+
+/// Waits (bounded) until `client` knows the backend cluster, then sends one request.
+async fn get_once_the_backend_cluster_is_known(
+    client: &mesh::Mesh,
+) -> http::Response<bytes::Bytes> {
+    eventually("the backend cluster to arrive", || async {
+        client
+            .snapshot()
+            .cluster("outbound|9080||backend.default.svc.cluster.local")
+            .map(|_| ())
+    })
+    .await;
+    timeout(WAIT, client.http_client().get(URL))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Waits (bounded) until a request from `client` to the backend answers 200; its body.
+async fn eventually_ok(client: &mesh::Mesh, what: &str) -> String {
+    eventually(what, || async {
+        let resp = client.http_client().get(URL).await.ok()?;
+        (resp.status() == 200).then(|| String::from_utf8_lossy(resp.body()).into_owned())
+    })
+    .await
 }

@@ -742,6 +742,7 @@ pub fn virtual_inbound_with_policies(
     jwt_rules: &[JwtRuleSpec],
     http: bool,
 ) -> (String, Any) {
+    let policies = &with_trust_domain_aliases(model, policies);
     let generated = model.generate("default");
     let mut listener = generated
         .get(LISTENER)
@@ -786,18 +787,54 @@ pub fn virtual_inbound_with_policies(
                 let v = c
                     .default_validation_context
                     .get_or_insert_with(Default::default);
-                v.match_subject_alt_names = vec![StringMatcher {
-                    match_pattern: Some(string_matcher::MatchPattern::Prefix(format!(
-                        "spiffe://{}/",
-                        model.trust_domain
-                    ))),
-                    ignore_case: false,
-                }];
+                v.match_subject_alt_names = model.inbound_peer_san_matchers();
             }
             *any = to_any(&ctx);
         }
     }
     (listener.name.clone(), to_any(&listener))
+}
+
+/// `policies` with their source principals and not-principals rewritten for the model's
+/// trust-domain bundle, as istiod's `MigrateTrustDomain` does before rendering.
+fn with_trust_domain_aliases(
+    model: &MeshModel,
+    policies: &[AuthorizationPolicySpec],
+) -> Vec<AuthorizationPolicySpec> {
+    let bundle = model.trust_domains();
+    let mut out = policies.to_vec();
+    for rule in out.iter_mut().flat_map(|p| p.rules.iter_mut()) {
+        rule.principals = replace_trust_domain_aliases(&bundle, &rule.principals);
+        rule.not_principals = replace_trust_domain_aliases(&bundle, &rule.not_principals);
+    }
+    out
+}
+
+/// istiod's `trustdomain.Bundle.ReplaceTrustDomainAliases`: a principal
+/// `<td>/ns/<ns>/sa/<sa>` whose trust domain is in `bundle` (the trust domain, then its
+/// aliases) or is `cluster.local` (which stands for the local trust domain) becomes one
+/// principal per trust domain of the bundle; `*`, principals with a `*` trust domain or
+/// another shape, and foreign trust domains are kept as written.
+pub fn replace_trust_domain_aliases(bundle: &[String], principals: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in principals {
+        let parts: Vec<&str> = p.split('/').collect();
+        let enforced = parts.len() == 5 && !parts[0].contains('*');
+        if !enforced || !(bundle.iter().any(|td| td == parts[0]) || parts[0] == "cluster.local") {
+            out.push(p.clone());
+            continue;
+        }
+        let rest = &p[parts[0].len()..];
+        let mut variants: Vec<String> = Vec::new();
+        for td in bundle {
+            let replaced = format!("{td}{rest}");
+            if !variants.contains(&replaced) {
+                variants.push(replaced);
+            }
+        }
+        out.append(&mut variants);
+    }
+    out
 }
 
 /// One RequestAuthentication `jwtRules[]` entry.
@@ -1121,5 +1158,75 @@ impl ExtAuthzProvider {
 impl Drop for ExtAuthzProvider {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::cluster::SanMatcher;
+    use mesh_core::listener::ListenerKind;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn principals_get_one_variant_per_trust_domain_of_the_bundle() {
+        let bundle = strings(&["cluster.local", "alias.domain"]);
+        let out = replace_trust_domain_aliases(
+            &bundle,
+            &strings(&[
+                "cluster.local/ns/x/sa/y",
+                "alias.domain/ns/x/sa/z",
+                "foreign.org/ns/x/sa/y",
+                "*",
+                "*/ns/x/sa/y",
+                "cluster.local/ns/x/*",
+            ]),
+        );
+        assert_eq!(
+            out,
+            strings(&[
+                "cluster.local/ns/x/sa/y",
+                "alias.domain/ns/x/sa/y",
+                "cluster.local/ns/x/sa/z",
+                "alias.domain/ns/x/sa/z",
+                "foreign.org/ns/x/sa/y",
+                "*",
+                "*/ns/x/sa/y",
+                "cluster.local/ns/x/*",
+            ])
+        );
+        // `cluster.local` stands for the local trust domain when the mesh uses another one.
+        let out = replace_trust_domain_aliases(
+            &strings(&["td2", "td1"]),
+            &strings(&["cluster.local/ns/x/sa/y"]),
+        );
+        assert_eq!(out, strings(&["td2/ns/x/sa/y", "td1/ns/x/sa/y"]));
+    }
+
+    #[test]
+    fn inbound_chains_accept_the_trust_domain_and_its_aliases() {
+        let model = MeshModel::default()
+            .trust_domain_alias("alias.domain")
+            .trust_domain_alias("cluster.local");
+        for listener in [
+            virtual_inbound_with_authz(&model, &[], true).1,
+            model.generate("default")[LISTENER]["virtualInbound"].clone(),
+        ] {
+            let pb = Listener::decode(listener.value.as_slice()).unwrap();
+            let translated = crate::translate::translate_listener(&pb).unwrap();
+            let ListenerKind::Inbound(policy) = translated.listener.kind else {
+                panic!("inbound policy expected");
+            };
+            assert_eq!(
+                policy.default_peer_sans,
+                vec![
+                    SanMatcher::Prefix("spiffe://cluster.local/".into()),
+                    SanMatcher::Prefix("spiffe://alias.domain/".into()),
+                ]
+            );
+        }
     }
 }
