@@ -52,6 +52,18 @@ async fn mtls(
     method: &str,
     path: &str,
 ) -> Result<(u16, String), String> {
+    mtls_with_headers(plane, addr, identity, method, path, "").await
+}
+
+/// [`mtls`] with extra header lines (each ending in `\r\n`).
+async fn mtls_with_headers(
+    plane: &Plane,
+    addr: SocketAddr,
+    identity: Option<&SpiffeId>,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> Result<(u16, String), String> {
     let provider = Arc::new(ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -76,7 +88,7 @@ async fn mtls(
         config,
         addr,
         "outbound_.9080_._.backend.default.svc.cluster.local",
-        &format!("{method} {path} HTTP/1.1\r\nHost: backend\r\n"),
+        &format!("{method} {path} HTTP/1.1\r\nHost: backend\r\n{headers}"),
     )
     .await
 }
@@ -423,4 +435,71 @@ async fn trust_domain_aliases_admit_alias_peers_and_their_principals() {
     let outcome = mtls(&plane, addr, Some(&foreign_sleep), "GET", "/").await;
     assert!(outcome.is_err(), "{outcome:?}");
     assert_eq!(app.hits(), before + 2);
+}
+
+/// `remoteIpBlocks` and `ipBlocks` DENY rules as istiod renders them (`remote_ip` /
+/// `direct_remote_ip` principals), judged as the sidecar's inbound HCM derives the addresses
+/// (`use_remote_address: false`, no trusted hops): `remote_ip` is the last
+/// `x-forwarded-for` entry, else the peer; `direct_remote_ip` is always the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_on_remote_ip_blocks_uses_the_last_xff_entry_and_ip_blocks_the_peer() {
+    let plane = Plane::start(MeshModel::default()).await;
+    let server = plane.ready_mesh("backend").await;
+    let app = Echo::new("backend");
+    let (addr, _serving) = app.serve_meshed(&server).await;
+    plane.cp.set_model(model(addr));
+    let sleep = spiffe("sleep");
+    let get = |xff: Option<&'static str>| {
+        let headers = xff
+            .map(|v| format!("x-forwarded-for: {v}\r\n"))
+            .unwrap_or_default();
+        let plane = &plane;
+        let sleep = &sleep;
+        async move {
+            mtls_with_headers(plane, addr, Some(sleep), "GET", "/", &headers)
+                .await
+                .map(|(status, body)| (status, body.starts_with("RBAC: access denied")))
+        }
+    };
+    let denied = Ok((403, true));
+
+    let deny_remote = AuthorizationPolicySpec::new("deny-remote", NS, PolicyAction::Deny)
+        .rule(RuleSpec::default().remote_ip_block("10.9.9.0/24"));
+    let (name, listener) = virtual_inbound_with_authz(&plane.cp.model(), &[deny_remote], true);
+    plane.cp.push_raw(LISTENER, vec![(name, listener)]);
+    eventually("the remoteIpBlocks DENY is enforced", || async {
+        (get(Some("10.9.9.9")).await == denied).then_some(())
+    })
+    .await;
+    let before = app.hits();
+    assert_eq!(get(Some("1.2.3.4, 10.9.9.9")).await, denied);
+    // Earlier entries are not the client address: only the last one counts.
+    assert_eq!(get(Some("10.9.9.9, 1.2.3.4")).await.map(|r| r.0), Ok(200));
+    // No x-forwarded-for: the peer (127.0.0.1) is the remote address.
+    assert_eq!(get(None).await.map(|r| r.0), Ok(200));
+    assert_eq!(app.hits(), before + 2);
+
+    let deny_peer = AuthorizationPolicySpec::new("deny-peer", NS, PolicyAction::Deny)
+        .rule(RuleSpec::default().ip_block("127.0.0.1"));
+    let (name, listener) = virtual_inbound_with_authz(&plane.cp.model(), &[deny_peer], true);
+    plane.cp.push_raw(LISTENER, vec![(name, listener)]);
+    eventually("the ipBlocks DENY is enforced", || async {
+        (get(None).await == denied).then_some(())
+    })
+    .await;
+    let before = app.hits();
+    // x-forwarded-for does not change the peer address.
+    assert_eq!(get(Some("1.2.3.4")).await, denied);
+    assert_eq!(app.hits(), before);
+
+    // notIpBlocks: deny everyone but the loopback peer.
+    let deny_others = AuthorizationPolicySpec::new("deny-others", NS, PolicyAction::Deny)
+        .rule(RuleSpec::default().not_ip_block("127.0.0.0/8"));
+    let (name, listener) = virtual_inbound_with_authz(&plane.cp.model(), &[deny_others], true);
+    plane.cp.push_raw(LISTENER, vec![(name, listener)]);
+    eventually("the notIpBlocks DENY is enforced", || async {
+        (get(Some("10.9.9.9")).await.map(|r| r.0) == Ok(200)).then_some(())
+    })
+    .await;
+    assert_eq!(app.hits(), before + 1);
 }
