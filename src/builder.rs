@@ -156,6 +156,21 @@ impl MeshBuilder {
         self
     }
 
+    /// `PROV_CERT`: authenticate to istiod's CA with the TLS client certificate in `dir`
+    /// (`cert-chain.pem`, `key.pem`) instead of only the token, as pilot-agent does on VMs.
+    /// Needs a TLS CA address.
+    pub fn provisioned_certs(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.ca_certificate_dirs.prov_cert = Some(dir.into());
+        self
+    }
+
+    /// `OUTPUT_CERTS`: also write each certificate issued by istiod's CA to `dir` as
+    /// `cert-chain.pem`, `key.pem` and `root-cert.pem`.
+    pub fn output_certs(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.ca_certificate_dirs.output_certs = Some(dir.into());
+        self
+    }
+
     /// Delta xDS (default) or state-of-the-world.
     pub fn delta_xds(mut self, delta: bool) -> Self {
         self.config.delta_xds = delta;

@@ -342,3 +342,93 @@ async fn eventually_ok(client: &mesh::Mesh, what: &str) -> String {
     })
     .await
 }
+
+/// `PROV_CERT` and `OUTPUT_CERTS` as pilot-agent uses them on VMs: with no token, the CA
+/// refuses the mesh; with a provisioned certificate in `PROV_CERT` it authenticates the caller
+/// by TLS client certificate and issues a certificate for that identity, which the mesh also
+/// writes to `OUTPUT_CERTS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prov_cert_authenticates_to_the_ca_and_output_certs_receives_the_issued_certificate() {
+    use mesh::parts::xds::secrets::pem::{
+        workload_certificate_from_pem, workload_certificate_to_pem,
+    };
+    use mesh::parts::xds::testkit::ControlPlane;
+    let ca = TestCa::new("cluster.local");
+    let cp = ControlPlane::builder()
+        .tls(true)
+        .ca(ca.clone())
+        .start()
+        .await
+        .unwrap();
+    let dir = support::mesh::temp_dir("prov-cert");
+    let root = dir.join("root-cert.pem");
+    std::fs::write(&root, ca.root_pem()).unwrap();
+    let address = format!("localhost:{}", cp.addr().port());
+    let vm = spiffe("vm-app");
+    let builder = |token_sa_missing: &std::path::Path| {
+        mesh::Mesh::builder(node("vm-app-0", "vm-app"))
+            .discovery_address(address.clone(), true, Some(root.clone()))
+            .ca_address(address.clone(), true, Some(root.clone()))
+            // No projected token on a VM: the file does not exist, so none is sent.
+            .token_path(token_sa_missing)
+            .certificate(CertificateSource::IstioCa)
+            .bind_address("127.0.0.1".parse().unwrap())
+            .status_ports(None, Some(0), Some(0))
+    };
+    let no_token = dir.join("no-token");
+
+    // Without PROV_CERT the CA cannot authenticate the caller.
+    let unauthenticated = builder(&no_token).start().await.unwrap();
+    eventually("the CA to refuse the unauthenticated caller", || async {
+        ca.requests()
+            .iter()
+            .any(|r| format!("{:?}", r.outcome) == "Unauthenticated")
+            .then_some(())
+    })
+    .await;
+    assert!(unauthenticated.certificates().current().is_none());
+    drop(unauthenticated);
+
+    let prov = dir.join("prov");
+    std::fs::create_dir_all(&prov).unwrap();
+    let provisioned = ca.workload_certificate(&vm, Duration::from_secs(3600));
+    let (chain, key, roots) = workload_certificate_to_pem(&provisioned);
+    std::fs::write(prov.join("cert-chain.pem"), chain).unwrap();
+    std::fs::write(prov.join("key.pem"), key).unwrap();
+    std::fs::write(prov.join("root-cert.pem"), roots).unwrap();
+    let out = dir.join("out");
+    let mesh = builder(&no_token)
+        .provisioned_certs(&prov)
+        .output_certs(&out)
+        .start()
+        .await
+        .unwrap();
+    ready(&mesh).await;
+    let cert = mesh.certificates().current().unwrap();
+    assert_eq!(cert.identity, vm);
+    assert_ne!(
+        cert.chain[0], provisioned.chain[0],
+        "a freshly issued certificate"
+    );
+    let ok: Vec<_> = ca.requests().into_iter().filter(answered).collect();
+    assert_eq!(ok.len(), 1, "{ok:?}");
+    assert_eq!(
+        ok[0].identity,
+        Some(vm.clone()),
+        "authenticated by client certificate"
+    );
+
+    let written = eventually("the issued certificate in OUTPUT_CERTS", || async {
+        let read = |f: &str| std::fs::read(out.join(f)).ok();
+        let loaded = workload_certificate_from_pem(
+            &read("cert-chain.pem")?,
+            &read("key.pem")?,
+            &read("root-cert.pem")?,
+        )
+        .ok()?;
+        (loaded.chain == cert.chain).then_some(loaded)
+    })
+    .await;
+    assert_eq!(written.private_key, cert.private_key);
+    assert_eq!(written.roots, vec![ca.root_der()]);
+}

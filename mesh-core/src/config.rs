@@ -209,6 +209,8 @@ pub struct MeshConfig {
     pub termination_drain: Duration,
     /// When workload certificates are renewed (`SECRET_GRACE_PERIOD_RATIO` and its jitter).
     pub secret_rotation: SecretRotation,
+    /// `PROV_CERT` and `OUTPUT_CERTS`.
+    pub ca_certificate_dirs: CaCertificateDirs,
 }
 
 impl MeshConfig {
@@ -231,6 +233,7 @@ impl MeshConfig {
             admin_port: None,
             termination_drain: DEFAULT_TERMINATION_DRAIN,
             secret_rotation: SecretRotation::default(),
+            ca_certificate_dirs: CaCertificateDirs::default(),
         }
     }
 
@@ -326,6 +329,7 @@ impl MeshConfig {
             admin_port,
             termination_drain,
             secret_rotation: SecretRotation::from_strings(s)?,
+            ca_certificate_dirs: CaCertificateDirs::from_strings(s),
         })
     }
 }
@@ -389,6 +393,40 @@ impl SecretRotation {
 }
 
 // ---- end of workload certificate rotation ----
+
+// ---- Certificate directories of the CA client (pilot-agent `PROV_CERT`, `OUTPUT_CERTS`) ----
+
+/// `PROV_CERT`: directory with `cert-chain.pem` / `key.pem` (and `root-cert.pem`) that
+/// authenticate this workload to the CA by TLS client certificate (VMs).
+pub const PROV_CERT_ENV: &str = "PROV_CERT";
+/// `OUTPUT_CERTS`: directory where the certificate issued by the CA is also written.
+pub const OUTPUT_CERTS_ENV: &str = "OUTPUT_CERTS";
+
+/// The directories pilot-agent's CA client reads from and writes to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CaCertificateDirs {
+    /// `PROV_CERT`.
+    pub prov_cert: Option<PathBuf>,
+    /// `OUTPUT_CERTS`.
+    pub output_certs: Option<PathBuf>,
+}
+
+impl CaCertificateDirs {
+    /// Reads `PROV_CERT` and `OUTPUT_CERTS` (unset or blank: none).
+    pub fn from_strings(s: &dyn Strings) -> CaCertificateDirs {
+        let dir = |key: &str| {
+            s.get(key)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| PathBuf::from(v.trim()))
+        };
+        CaCertificateDirs {
+            prov_cert: dir(PROV_CERT_ENV),
+            output_certs: dir(OUTPUT_CERTS_ENV),
+        }
+    }
+}
+
+// ---- end of CA client certificate directories ----
 
 /// `host:15010` is istiod's plaintext port; everything else is TLS, as pilot-agent assumes.
 fn parse_address(addr: &str, root: Option<String>) -> ControlPlaneAddress {
@@ -564,6 +602,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("SECRET_GRACE_PERIOD_RATIO_JITTER="), "{e}");
+    }
+
+    #[test]
+    fn prov_cert_and_output_certs() {
+        let mut kv = vec![
+            ("POD_NAME", "p"),
+            ("POD_NAMESPACE", "ns"),
+            ("INSTANCE_IP", "10.0.0.7"),
+        ];
+        let c = MeshConfig::from_strings(&strings(&kv)).unwrap();
+        assert_eq!(c.ca_certificate_dirs, CaCertificateDirs::default());
+        kv.push(("PROV_CERT", "/var/lib/istio/certs"));
+        kv.push(("OUTPUT_CERTS", "/var/lib/istio/out"));
+        let c = MeshConfig::from_strings(&strings(&kv)).unwrap();
+        assert_eq!(
+            c.ca_certificate_dirs.prov_cert.as_deref(),
+            Some(std::path::Path::new("/var/lib/istio/certs"))
+        );
+        assert_eq!(
+            c.ca_certificate_dirs.output_certs.as_deref(),
+            Some(std::path::Path::new("/var/lib/istio/out"))
+        );
     }
 
     #[test]
