@@ -278,11 +278,24 @@ impl MeshConfig {
             .get(env::DISCOVERY_ADDRESS)
             .or_else(|| s.get(env::XDS_ADDRESS))
             .unwrap_or_else(|| DEFAULT_DISCOVERY_ADDRESS.into());
-        let discovery = parse_address(&discovery_addr, s.get(env::XDS_ROOT_CA));
+        // pilot-agent's `FindRootCAForXDS` / `FindRootCAForCA`: with `PROV_CERT`, its
+        // `root-cert.pem` (not checked for existence) comes before the mounted default.
+        let prov_root = CaCertificateDirs::from_strings(s)
+            .prov_cert
+            .map(|d| d.join("root-cert.pem").to_string_lossy().into_owned());
+        let discovery = parse_address(
+            &discovery_addr,
+            s.get(env::XDS_ROOT_CA).or(prov_root.clone()),
+        );
         let ca_addr = s
             .get(env::CA_ADDR)
             .unwrap_or_else(|| discovery.address.clone());
-        let ca = parse_address(&ca_addr, s.get(env::CA_ROOT_CA).or(s.get(env::XDS_ROOT_CA)));
+        let ca = parse_address(
+            &ca_addr,
+            s.get(env::CA_ROOT_CA)
+                .or(prov_root)
+                .or(s.get(env::XDS_ROOT_CA)),
+        );
         let secret_ttl = match s.get(env::SECRET_TTL) {
             Some(v) => parse_duration(&v).map_err(|e| invalid(env::SECRET_TTL, &v, e))?,
             None => DEFAULT_SECRET_TTL,
@@ -616,6 +629,21 @@ mod tests {
         kv.push(("PROV_CERT", "/var/lib/istio/certs"));
         kv.push(("OUTPUT_CERTS", "/var/lib/istio/out"));
         let c = MeshConfig::from_strings(&strings(&kv)).unwrap();
+        // Both roots default to PROV_CERT's root-cert.pem (pilot-agent's FindRootCA*).
+        let prov_root = Some(PathBuf::from("/var/lib/istio/certs/root-cert.pem"));
+        assert_eq!(c.discovery.root_cert, prov_root);
+        assert_eq!(c.ca.as_ref().unwrap().root_cert, prov_root);
+        kv.push(("CA_ROOT_CA", "/ca-root.pem"));
+        kv.push(("XDS_ROOT_CA", "/xds-root.pem"));
+        let explicit = MeshConfig::from_strings(&strings(&kv)).unwrap();
+        assert_eq!(
+            explicit.discovery.root_cert,
+            Some(PathBuf::from("/xds-root.pem"))
+        );
+        assert_eq!(
+            explicit.ca.unwrap().root_cert,
+            Some(PathBuf::from("/ca-root.pem"))
+        );
         assert_eq!(
             c.ca_certificate_dirs.prov_cert.as_deref(),
             Some(std::path::Path::new("/var/lib/istio/certs"))
