@@ -145,6 +145,32 @@ impl MeshBuilder {
         self
     }
 
+    /// When the workload certificate is renewed: at `grace_period_ratio` (± `jitter`) of its
+    /// lifetime left (`SECRET_GRACE_PERIOD_RATIO`, `SECRET_GRACE_PERIOD_RATIO_JITTER`; both
+    /// clamped to `0..=1`).
+    pub fn secret_grace_period_ratio(mut self, grace_period_ratio: f64, jitter: f64) -> Self {
+        self.config.secret_rotation = mesh_core::config::SecretRotation {
+            grace_period_ratio: grace_period_ratio.clamp(0.0, 1.0),
+            grace_period_ratio_jitter: jitter.clamp(0.0, 1.0),
+        };
+        self
+    }
+
+    /// `PROV_CERT`: authenticate to istiod's CA with the TLS client certificate in `dir`
+    /// (`cert-chain.pem`, `key.pem`) instead of only the token, as pilot-agent does on VMs.
+    /// Needs a TLS CA address.
+    pub fn provisioned_certs(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.ca_certificate_dirs.prov_cert = Some(dir.into());
+        self
+    }
+
+    /// `OUTPUT_CERTS`: also write each certificate issued by istiod's CA to `dir` as
+    /// `cert-chain.pem`, `key.pem` and `root-cert.pem`.
+    pub fn output_certs(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.ca_certificate_dirs.output_certs = Some(dir.into());
+        self
+    }
+
     /// Delta xDS (default) or state-of-the-world.
     pub fn delta_xds(mut self, delta: bool) -> Self {
         self.config.delta_xds = delta;

@@ -82,13 +82,22 @@ impl Mesh {
         match resolve_certificate_source(&builder.certificate, config) {
             ResolvedSource::Static(cert) => certs.set(cert),
             ResolvedSource::None => {}
-            ResolvedSource::IstioCa => {
+            ResolvedSource::IstioCa(dirs) => {
                 if let Some(ca) = config.ca.clone() {
+                    if let Some(out) = dirs.output_certs.clone() {
+                        tracing::info!(dir = %out.display(), "writing issued certificates to OUTPUT_CERTS");
+                        tasks.push(tokio::spawn(mesh_xds::secrets::run_output_certs(
+                            out,
+                            certs.clone(),
+                        )));
+                    }
                     tasks.push(tokio::spawn(run_certificates(
                         ca,
                         config.token_path.clone(),
+                        dirs.prov_cert,
                         config.node.clone(),
                         config.secret_ttl,
+                        config.secret_rotation,
                         certs.clone(),
                     )));
                 }
@@ -549,7 +558,8 @@ fn termination_signal() -> impl std::future::Future<Output = ()> + Send {
 enum ResolvedSource {
     Static(mesh_core::WorkloadCertificate),
     None,
-    IstioCa,
+    /// istiod's CA, with `PROV_CERT` / `OUTPUT_CERTS`.
+    IstioCa(mesh_core::config::CaCertificateDirs),
     Files(std::path::PathBuf),
     Sds(std::path::PathBuf),
 }
@@ -563,7 +573,7 @@ fn resolve_certificate_source(
     match source {
         CertificateSource::Static(cert) => ResolvedSource::Static((**cert).clone()),
         CertificateSource::None => ResolvedSource::None,
-        CertificateSource::IstioCa => ResolvedSource::IstioCa,
+        CertificateSource::IstioCa => ResolvedSource::IstioCa(config.ca_certificate_dirs.clone()),
         CertificateSource::Files(dir) => ResolvedSource::Files(dir.clone()),
         CertificateSource::Sds(socket) => ResolvedSource::Sds(socket.clone()),
         CertificateSource::Auto => {
@@ -575,8 +585,19 @@ fn resolve_certificate_source(
             match mesh_xds::secrets::select_certificate_source(&signals) {
                 mesh_xds::secrets::CertificateSource::Sds { socket } => ResolvedSource::Sds(socket),
                 mesh_xds::secrets::CertificateSource::Files { dir } => ResolvedSource::Files(dir),
-                // The CA address (CA_ADDR or the discovery address) is already in the config.
-                mesh_xds::secrets::CertificateSource::IstioCa { .. } => ResolvedSource::IstioCa,
+                // The CA address (CA_ADDR or the discovery address) is already in the config;
+                // PROV_CERT / OUTPUT_CERTS from the configuration, else from the environment.
+                mesh_xds::secrets::CertificateSource::IstioCa {
+                    provisioned_certs,
+                    output_certs,
+                    ..
+                } => {
+                    let configured = &config.ca_certificate_dirs;
+                    ResolvedSource::IstioCa(mesh_core::config::CaCertificateDirs {
+                        prov_cert: configured.prov_cert.clone().or(provisioned_certs),
+                        output_certs: configured.output_certs.clone().or(output_certs),
+                    })
+                }
             }
         }
     }
@@ -587,22 +608,43 @@ fn resolve_certificate_source(
 async fn run_certificates(
     ca: mesh_core::config::ControlPlaneAddress,
     token_path: Option<std::path::PathBuf>,
+    prov_cert: Option<std::path::PathBuf>,
     node: mesh_core::NodeIdentity,
     ttl: Duration,
+    rotation: mesh_core::config::SecretRotation,
     certs: CertStore,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match mesh_xds::ca::CaClient::connect(
-            &ca,
-            token_path.clone(),
-            node.cluster_id.clone(),
-            Vec::new(),
-        )
-        .await
-        {
+        let client = match &prov_cert {
+            // PROV_CERT: authenticate to the CA with the provisioned client certificate.
+            Some(dir) => {
+                mesh_xds::ca::CaClient::connect_with_provisioned_certs(
+                    &ca,
+                    dir,
+                    token_path.clone(),
+                    node.cluster_id.clone(),
+                    Vec::new(),
+                )
+                .await
+            }
+            None => {
+                mesh_xds::ca::CaClient::connect(
+                    &ca,
+                    token_path.clone(),
+                    node.cluster_id.clone(),
+                    Vec::new(),
+                )
+                .await
+            }
+        };
+        match client {
             Ok(client) => {
                 mesh_xds::ca::SecretManager::new(client, node.spiffe_id(), ttl, certs.clone())
+                    .with_grace_period_ratio(
+                        rotation.grace_period_ratio,
+                        rotation.grace_period_ratio_jitter,
+                    )
                     .run()
                     .await;
                 return;

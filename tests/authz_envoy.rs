@@ -74,7 +74,12 @@ fn policies(allowed: &[&str]) -> Vec<AuthorizationPolicySpec> {
                     .principal(&principal("reader"))
                     .method("GET")
                     .path("/public*"),
-            ),
+            )
+            // ipBlocks: the peer address (loopback here), whatever x-forwarded-for says.
+            .rule(RuleSpec::default().ip_block("127.0.0.1").path("/loopback*")),
+        // remoteIpBlocks: the last x-forwarded-for entry (use_remote_address false).
+        AuthorizationPolicySpec::new("deny-remote", NS, PolicyAction::Deny)
+            .rule(RuleSpec::default().remote_ip_block("10.9.9.0/24")),
         AuthorizationPolicySpec::new("deny-admin", NS, PolicyAction::Deny)
             .rule(RuleSpec::default().path("/admin*")),
         AuthorizationPolicySpec::new("deny-delete", NS, PolicyAction::Deny).rule(
@@ -352,6 +357,11 @@ async fn same_policy_same_decisions_as_envoy() {
         ("GET", "/./admin/", ""),
         ("GET", "/ADMIN", ""),
         ("DELETE", "/item", ""),
+        ("GET", "/", "x-forwarded-for: 10.9.9.9\r\n"),
+        ("GET", "/", "x-forwarded-for: 10.9.9.9, 1.2.3.4\r\n"),
+        ("GET", "/", "x-forwarded-for: 1.2.3.4, 10.9.9.9\r\n"),
+        ("GET", "/loopback", "x-forwarded-for: 10.1.1.1\r\n"),
+        ("GET", "/loopback", ""),
         (
             "GET",
             "/public/b?x=/admin",
@@ -360,6 +370,7 @@ async fn same_policy_same_decisions_as_envoy() {
     ];
     let mut compared = 0;
     let mut mismatches = Vec::new();
+    let mut envoy_says = std::collections::HashMap::new();
     for sa in principals {
         for (method, path, extra) in requests {
             let m = mtls(&plane.ca, mesh_addr, sa, method, path, extra).await;
@@ -372,12 +383,29 @@ async fn same_policy_same_decisions_as_envoy() {
                 }),
             );
             compared += 1;
+            envoy_says.insert((sa, method, path, extra), e);
             if m != e {
                 mismatches.push(format!("{sa} {method} {path}: mesh {m}, envoy {e}"));
             }
         }
     }
     assert!(compared >= 30);
+    // The address rules decide something: Envoy denies the allowed client by its last
+    // x-forwarded-for entry, and admits a stranger by its peer address.
+    let said = |sa, path, extra| envoy_says[&(sa, "GET", path, extra)];
+    assert_eq!(
+        said("client", "/", "x-forwarded-for: 1.2.3.4, 10.9.9.9\r\n"),
+        403
+    );
+    assert_eq!(
+        said("client", "/", "x-forwarded-for: 10.9.9.9, 1.2.3.4\r\n"),
+        200
+    );
+    assert_eq!(
+        said("stranger", "/loopback", "x-forwarded-for: 10.1.1.1\r\n"),
+        200
+    );
+    assert_eq!(said("stranger", "/", ""), 403);
     assert!(
         mismatches.is_empty(),
         "mesh and Envoy disagree:\n{}",

@@ -52,6 +52,18 @@ async fn mtls(
     method: &str,
     path: &str,
 ) -> Result<(u16, String), String> {
+    mtls_with_headers(plane, addr, identity, method, path, "").await
+}
+
+/// [`mtls`] with extra header lines (each ending in `\r\n`).
+async fn mtls_with_headers(
+    plane: &Plane,
+    addr: SocketAddr,
+    identity: Option<&SpiffeId>,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> Result<(u16, String), String> {
     let provider = Arc::new(ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -76,7 +88,7 @@ async fn mtls(
         config,
         addr,
         "outbound_.9080_._.backend.default.svc.cluster.local",
-        &format!("{method} {path} HTTP/1.1\r\nHost: backend\r\n"),
+        &format!("{method} {path} HTTP/1.1\r\nHost: backend\r\n{headers}"),
     )
     .await
 }
@@ -260,6 +272,42 @@ async fn network_rbac_on_a_tcp_chain_closes_denied_connections() {
     assert_eq!(app.hits(), before + 1);
 }
 
+/// Pushes the plane model's `virtualInbound` with every chain's `match_subject_alt_names`
+/// cleared (a control plane that leaves peer validation to the root alone).
+fn push_without_peer_san_matchers(plane: &Plane) {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        DownstreamTlsContext, common_tls_context::ValidationContextType,
+    };
+    use mesh::parts::xds::translate::{from_any, to_any};
+    let generated = plane.cp.model().generate("default");
+    let mut listener: Listener = from_any(&generated[LISTENER]["virtualInbound"]).unwrap();
+    for fc in &mut listener.filter_chains {
+        let Some(ConfigType::TypedConfig(any)) = fc
+            .transport_socket
+            .as_mut()
+            .and_then(|t| t.config_type.as_mut())
+        else {
+            continue;
+        };
+        let mut ctx: DownstreamTlsContext = from_any(any).unwrap();
+        if let Some(ValidationContextType::CombinedValidationContext(c)) = ctx
+            .common_tls_context
+            .as_mut()
+            .and_then(|c| c.validation_context_type.as_mut())
+            && let Some(v) = c.default_validation_context.as_mut()
+        {
+            #[allow(deprecated)]
+            v.match_subject_alt_names.clear();
+        }
+        *any = to_any(&ctx);
+    }
+    plane
+        .cp
+        .push_raw(LISTENER, vec![(listener.name.clone(), to_any(&listener))]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_from_another_trust_domain_are_refused_in_the_handshake() {
     let plane = Plane::start(MeshModel::default()).await;
@@ -268,7 +316,15 @@ async fn peers_from_another_trust_domain_are_refused_in_the_handshake() {
     let (addr, _serving) = app.serve_meshed(&server).await;
     let foreign = SpiffeId::new("evil.example", NS, "sleep");
     // Same roots, wrong trust domain: refused even without istiod's SAN matchers (the
-    // workload's own trust domain is the default).
+    // workload's own trust domain is the default). The model renders istiod's matchers, so
+    // push its `virtualInbound` with them removed first.
+    push_without_peer_san_matchers(&plane);
+    eventually("a virtualInbound without SAN matchers", || async {
+        let snapshot = server.snapshot();
+        let inbound = snapshot.inbound.as_ref()?;
+        inbound.default_peer_sans.is_empty().then_some(())
+    })
+    .await;
     let outcome = mtls(&plane, addr, Some(&foreign), "GET", "/").await;
     assert!(outcome.is_err(), "{outcome:?}");
     let (status, _) = mtls(&plane, addr, Some(&spiffe("sleep")), "GET", "/")
@@ -327,4 +383,123 @@ async fn spoofed_xfcc_from_a_plaintext_peer_is_stripped() {
         "spoofed XFCC reached the app: {text}"
     );
     assert!(!text.contains("sa/admin"), "{text}");
+}
+
+/// meshConfig `trustDomainAliases` as istiod renders it: the inbound mTLS chains accept
+/// `spiffe://<alias>/` peers (signed by the same root) and an ALLOW for
+/// `cluster.local/ns/default/sa/sleep` also lists `spiffe://alias.domain/ns/default/sa/sleep`.
+/// Without the alias, the same peer is refused in the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_domain_aliases_admit_alias_peers_and_their_principals() {
+    let plane = Plane::start(MeshModel::default()).await;
+    let server = plane.ready_mesh("backend").await;
+    let app = Echo::new("backend");
+    let (addr, _serving) = app.serve_meshed(&server).await;
+    let alias_sleep = SpiffeId::new("alias.domain", NS, "sleep");
+    let alias_other = SpiffeId::new("alias.domain", NS, "other");
+    let foreign_sleep = SpiffeId::new("evil.example", NS, "sleep");
+
+    plane.cp.set_model(model(addr));
+    push_policies(&plane, addr, &[allow_sleep()], true).await;
+    let before = app.hits();
+    let outcome = mtls(&plane, addr, Some(&alias_sleep), "GET", "/").await;
+    assert!(outcome.is_err(), "no alias yet: {outcome:?}");
+    assert_eq!(app.hits(), before);
+
+    plane
+        .cp
+        .set_model(model(addr).trust_domain_alias("alias.domain"));
+    let (name, listener) = virtual_inbound_with_authz(&plane.cp.model(), &[allow_sleep()], true);
+    plane.cp.push_raw(LISTENER, vec![(name, listener)]);
+    // An alias peer gets through the handshake and is then judged by the RBAC filter.
+    let (status, body) = eventually("alias peers pass the handshake", || async {
+        mtls(&plane, addr, Some(&alias_other), "GET", "/")
+            .await
+            .ok()
+    })
+    .await;
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(app.hits(), before);
+
+    let (status, body) = mtls(&plane, addr, Some(&alias_sleep), "GET", "/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(field(&body, "peer"), alias_sleep.to_string());
+    let (status, _) = mtls(&plane, addr, Some(&spiffe("sleep")), "GET", "/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(app.hits(), before + 2);
+    // A trust domain that is neither the mesh's nor an alias stays refused.
+    let outcome = mtls(&plane, addr, Some(&foreign_sleep), "GET", "/").await;
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert_eq!(app.hits(), before + 2);
+}
+
+/// `remoteIpBlocks` and `ipBlocks` DENY rules as istiod renders them (`remote_ip` /
+/// `direct_remote_ip` principals), judged as the sidecar's inbound HCM derives the addresses
+/// (`use_remote_address: false`, no trusted hops): `remote_ip` is the last
+/// `x-forwarded-for` entry, else the peer; `direct_remote_ip` is always the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_on_remote_ip_blocks_uses_the_last_xff_entry_and_ip_blocks_the_peer() {
+    let plane = Plane::start(MeshModel::default()).await;
+    let server = plane.ready_mesh("backend").await;
+    let app = Echo::new("backend");
+    let (addr, _serving) = app.serve_meshed(&server).await;
+    plane.cp.set_model(model(addr));
+    let sleep = spiffe("sleep");
+    let get = |xff: Option<&'static str>| {
+        let headers = xff
+            .map(|v| format!("x-forwarded-for: {v}\r\n"))
+            .unwrap_or_default();
+        let plane = &plane;
+        let sleep = &sleep;
+        async move {
+            mtls_with_headers(plane, addr, Some(sleep), "GET", "/", &headers)
+                .await
+                .map(|(status, body)| (status, body.starts_with("RBAC: access denied")))
+        }
+    };
+    let denied = Ok((403, true));
+
+    let deny_remote = AuthorizationPolicySpec::new("deny-remote", NS, PolicyAction::Deny)
+        .rule(RuleSpec::default().remote_ip_block("10.9.9.0/24"));
+    let (name, listener) = virtual_inbound_with_authz(&plane.cp.model(), &[deny_remote], true);
+    plane.cp.push_raw(LISTENER, vec![(name, listener)]);
+    eventually("the remoteIpBlocks DENY is enforced", || async {
+        (get(Some("10.9.9.9")).await == denied).then_some(())
+    })
+    .await;
+    let before = app.hits();
+    assert_eq!(get(Some("1.2.3.4, 10.9.9.9")).await, denied);
+    // Earlier entries are not the client address: only the last one counts.
+    assert_eq!(get(Some("10.9.9.9, 1.2.3.4")).await.map(|r| r.0), Ok(200));
+    // No x-forwarded-for: the peer (127.0.0.1) is the remote address.
+    assert_eq!(get(None).await.map(|r| r.0), Ok(200));
+    assert_eq!(app.hits(), before + 2);
+
+    let deny_peer = AuthorizationPolicySpec::new("deny-peer", NS, PolicyAction::Deny)
+        .rule(RuleSpec::default().ip_block("127.0.0.1"));
+    let (name, listener) = virtual_inbound_with_authz(&plane.cp.model(), &[deny_peer], true);
+    plane.cp.push_raw(LISTENER, vec![(name, listener)]);
+    eventually("the ipBlocks DENY is enforced", || async {
+        (get(None).await == denied).then_some(())
+    })
+    .await;
+    let before = app.hits();
+    // x-forwarded-for does not change the peer address.
+    assert_eq!(get(Some("1.2.3.4")).await, denied);
+    assert_eq!(app.hits(), before);
+
+    // notIpBlocks: deny everyone but the loopback peer.
+    let deny_others = AuthorizationPolicySpec::new("deny-others", NS, PolicyAction::Deny)
+        .rule(RuleSpec::default().not_ip_block("127.0.0.0/8"));
+    let (name, listener) = virtual_inbound_with_authz(&plane.cp.model(), &[deny_others], true);
+    plane.cp.push_raw(LISTENER, vec![(name, listener)]);
+    eventually("the notIpBlocks DENY is enforced", || async {
+        (get(Some("10.9.9.9")).await.map(|r| r.0) == Ok(200)).then_some(())
+    })
+    .await;
+    assert_eq!(app.hits(), before + 1);
 }

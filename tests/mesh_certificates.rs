@@ -204,18 +204,7 @@ async fn a_mesh_client_refuses_a_server_outside_the_clusters_san_list() {
     let (addr, _serving) = app.serve_meshed(&server).await;
     plane.cp.set_model(model(addr, "backend"));
     let client = plane.ready_mesh("client").await;
-    eventually("the backend cluster to arrive", || async {
-        client
-            .snapshot()
-            .cluster("outbound|9080||backend.default.svc.cluster.local")
-            .map(|_| ())
-    })
-    .await;
-
-    let resp = timeout(WAIT, client.http_client().get(URL))
-        .await
-        .unwrap()
-        .unwrap();
+    let resp = get_once_the_backend_cluster_is_known(&client).await;
     assert_eq!(resp.status(), 503, "{:?}", resp.body());
     // istiod's default route retries connect-failure twice; every attempt fails the SAN check,
     // so mesh flags it `URX,UF` as Envoy 1.40 does.
@@ -232,11 +221,214 @@ async fn a_mesh_client_refuses_a_server_outside_the_clusters_san_list() {
 
     // Once istiod names the right service account, the same server is accepted.
     plane.cp.set_model(model(addr, "impostor"));
-    let body = eventually("the corrected SAN list", || async {
+    let body = eventually_ok(&client, "the corrected SAN list").await;
+    assert_eq!(field(&body, "server"), "impostor");
+    assert_eq!(field(&body, "peer"), spiffe("client").to_string());
+}
+
+/// `SECRET_GRACE_PERIOD_RATIO` from the injected environment reaches the running mesh's
+/// certificate rotation: with a 1h certificate and ratio 0.999 the mesh renews within seconds
+/// (the default 0.5 would wait 30 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grace_period_ratio_from_the_environment_drives_the_meshs_rotation() {
+    use std::collections::HashMap;
+    let plane = Plane::start(MeshModel::default()).await;
+    let env: HashMap<String, String> = [
+        ("POD_NAME", "reviews-0"),
+        ("POD_NAMESPACE", NS),
+        ("INSTANCE_IP", "127.0.0.1"),
+        ("SERVICE_ACCOUNT", "reviews"),
+        ("SECRET_TTL", "1h"),
+        ("SECRET_GRACE_PERIOD_RATIO", "0.999"),
+        ("SECRET_GRACE_PERIOD_RATIO_JITTER", "0"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let addr = plane.cp.addr().to_string();
+    let builder = mesh::MeshBuilder::from_strings(&env).unwrap();
+    assert_eq!(builder.config().secret_rotation.grace_period_ratio, 0.999);
+    let mesh = builder
+        .discovery_address(addr.clone(), false, None)
+        .ca_address(addr, false, None)
+        .token_path(plane.token_file("reviews-0", "reviews"))
+        .certificate(CertificateSource::IstioCa)
+        .bind_address("127.0.0.1".parse().unwrap())
+        .status_ports(None, Some(0), Some(0))
+        .start()
+        .await
+        .unwrap();
+    ready(&mesh).await;
+    let first = mesh.certificates().current().unwrap();
+    let mut rx = mesh.certificates().subscribe();
+    let renewed = timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(c) = mesh
+                .certificates()
+                .current()
+                .filter(|c| c.chain[0] != first.chain[0])
+            {
+                return c;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("renewed long before half-life");
+    assert_eq!(renewed.identity, spiffe("reviews"));
+    let left = first.not_after.duration_since(SystemTime::now()).unwrap();
+    assert!(
+        left > Duration::from_secs(1800),
+        "renewed with {left:?} left"
+    );
+}
+
+/// The outbound side of `trustDomainAliases`: istiod expands the cluster's SAN list with the
+/// aliases (`ExpandWithTrustDomains`), so a mesh client accepts a server whose certificate is
+/// in the alias trust domain; without the alias the same server fails the SAN check (503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_domain_aliases_extend_the_outbound_san_list() {
+    let plane = Plane::start(MeshModel::default()).await;
+    let alias_backend = mesh::SpiffeId::new("alias.domain", NS, "backend");
+    let server = plane
+        .builder(node("backend-0", "backend"))
+        .certificate(CertificateSource::Static(Box::new(
+            plane
+                .ca
+                .workload_certificate(&alias_backend, Duration::from_secs(3600)),
+        )))
+        .start()
+        .await
+        .unwrap();
+    ready(&server).await;
+    let app = Echo::new("backend");
+    let (addr, _serving) = app.serve_meshed(&server).await;
+    plane.cp.set_model(model(addr, "backend"));
+    let client = plane.ready_mesh("sleep").await;
+    let resp = get_once_the_backend_cluster_is_known(&client).await;
+    assert_eq!(resp.status(), 503, "{:?}", resp.body());
+    assert_eq!(app.hits(), 0);
+
+    plane
+        .cp
+        .set_model(model(addr, "backend").trust_domain_alias("alias.domain"));
+    let body = eventually_ok(&client, "the SAN list with the alias").await;
+    assert_eq!(field(&body, "peer"), spiffe("sleep").to_string());
+    assert_eq!(app.hits(), 1);
+}
+
+/// Waits (bounded) until `client` knows the backend cluster, then sends one request.
+async fn get_once_the_backend_cluster_is_known(
+    client: &mesh::Mesh,
+) -> http::Response<bytes::Bytes> {
+    eventually("the backend cluster to arrive", || async {
+        client
+            .snapshot()
+            .cluster("outbound|9080||backend.default.svc.cluster.local")
+            .map(|_| ())
+    })
+    .await;
+    timeout(WAIT, client.http_client().get(URL))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Waits (bounded) until a request from `client` to the backend answers 200; its body.
+async fn eventually_ok(client: &mesh::Mesh, what: &str) -> String {
+    eventually(what, || async {
         let resp = client.http_client().get(URL).await.ok()?;
         (resp.status() == 200).then(|| String::from_utf8_lossy(resp.body()).into_owned())
     })
+    .await
+}
+
+/// `PROV_CERT` and `OUTPUT_CERTS` as pilot-agent uses them on VMs: with no token, the CA
+/// refuses the mesh; with a provisioned certificate in `PROV_CERT` it authenticates the caller
+/// by TLS client certificate and issues a certificate for that identity, which the mesh also
+/// writes to `OUTPUT_CERTS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prov_cert_authenticates_to_the_ca_and_output_certs_receives_the_issued_certificate() {
+    use mesh::parts::xds::secrets::pem::{
+        workload_certificate_from_pem, workload_certificate_to_pem,
+    };
+    use mesh::parts::xds::testkit::ControlPlane;
+    let ca = TestCa::new("cluster.local");
+    let cp = ControlPlane::builder()
+        .tls(true)
+        .ca(ca.clone())
+        .start()
+        .await
+        .unwrap();
+    let dir = support::mesh::temp_dir("prov-cert");
+    let root = dir.join("root-cert.pem");
+    std::fs::write(&root, ca.root_pem()).unwrap();
+    let address = format!("localhost:{}", cp.addr().port());
+    let vm = spiffe("vm-app");
+    let builder = |token_sa_missing: &std::path::Path| {
+        mesh::Mesh::builder(node("vm-app-0", "vm-app"))
+            .discovery_address(address.clone(), true, Some(root.clone()))
+            .ca_address(address.clone(), true, Some(root.clone()))
+            // No projected token on a VM: the file does not exist, so none is sent.
+            .token_path(token_sa_missing)
+            .certificate(CertificateSource::IstioCa)
+            .bind_address("127.0.0.1".parse().unwrap())
+            .status_ports(None, Some(0), Some(0))
+    };
+    let no_token = dir.join("no-token");
+
+    // Without PROV_CERT the CA cannot authenticate the caller.
+    let unauthenticated = builder(&no_token).start().await.unwrap();
+    eventually("the CA to refuse the unauthenticated caller", || async {
+        ca.requests()
+            .iter()
+            .any(|r| format!("{:?}", r.outcome) == "Unauthenticated")
+            .then_some(())
+    })
     .await;
-    assert_eq!(field(&body, "server"), "impostor");
-    assert_eq!(field(&body, "peer"), spiffe("client").to_string());
+    assert!(unauthenticated.certificates().current().is_none());
+    drop(unauthenticated);
+
+    let prov = dir.join("prov");
+    std::fs::create_dir_all(&prov).unwrap();
+    let provisioned = ca.workload_certificate(&vm, Duration::from_secs(3600));
+    let (chain, key, roots) = workload_certificate_to_pem(&provisioned);
+    std::fs::write(prov.join("cert-chain.pem"), chain).unwrap();
+    std::fs::write(prov.join("key.pem"), key).unwrap();
+    std::fs::write(prov.join("root-cert.pem"), roots).unwrap();
+    let out = dir.join("out");
+    let mesh = builder(&no_token)
+        .provisioned_certs(&prov)
+        .output_certs(&out)
+        .start()
+        .await
+        .unwrap();
+    ready(&mesh).await;
+    let cert = mesh.certificates().current().unwrap();
+    assert_eq!(cert.identity, vm);
+    assert_ne!(
+        cert.chain[0], provisioned.chain[0],
+        "a freshly issued certificate"
+    );
+    let ok: Vec<_> = ca.requests().into_iter().filter(answered).collect();
+    assert_eq!(ok.len(), 1, "{ok:?}");
+    assert_eq!(
+        ok[0].identity,
+        Some(vm.clone()),
+        "authenticated by client certificate"
+    );
+
+    let written = eventually("the issued certificate in OUTPUT_CERTS", || async {
+        let read = |f: &str| std::fs::read(out.join(f)).ok();
+        let loaded = workload_certificate_from_pem(
+            &read("cert-chain.pem")?,
+            &read("key.pem")?,
+            &read("root-cert.pem")?,
+        )
+        .ok()?;
+        (loaded.chain == cert.chain).then_some(loaded)
+    })
+    .await;
+    assert_eq!(written.private_key, cert.private_key);
+    assert_eq!(written.roots, vec![ca.root_der()]);
 }

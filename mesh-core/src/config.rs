@@ -219,6 +219,10 @@ pub struct MeshConfig {
     pub termination_drain: Duration,
     /// How the drain ends (`EXIT_ON_ZERO_ACTIVE_CONNECTIONS`, `MINIMUM_DRAIN_DURATION`).
     pub drain: DrainConfig,
+    /// When workload certificates are renewed (`SECRET_GRACE_PERIOD_RATIO` and its jitter).
+    pub secret_rotation: SecretRotation,
+    /// `PROV_CERT` and `OUTPUT_CERTS`.
+    pub ca_certificate_dirs: CaCertificateDirs,
 }
 
 /// How pilot-agent's graceful drain ends, besides `terminationDrainDuration` (FACTS.md g).
@@ -278,6 +282,8 @@ impl MeshConfig {
             admin_port: None,
             termination_drain: DEFAULT_TERMINATION_DRAIN,
             drain: DrainConfig::default(),
+            secret_rotation: SecretRotation::default(),
+            ca_certificate_dirs: CaCertificateDirs::default(),
         }
     }
 
@@ -322,11 +328,24 @@ impl MeshConfig {
             .get(env::DISCOVERY_ADDRESS)
             .or_else(|| s.get(env::XDS_ADDRESS))
             .unwrap_or_else(|| DEFAULT_DISCOVERY_ADDRESS.into());
-        let discovery = parse_address(&discovery_addr, s.get(env::XDS_ROOT_CA));
+        // pilot-agent's `FindRootCAForXDS` / `FindRootCAForCA`: with `PROV_CERT`, its
+        // `root-cert.pem` (not checked for existence) comes before the mounted default.
+        let prov_root = CaCertificateDirs::from_strings(s)
+            .prov_cert
+            .map(|d| d.join("root-cert.pem").to_string_lossy().into_owned());
+        let discovery = parse_address(
+            &discovery_addr,
+            s.get(env::XDS_ROOT_CA).or(prov_root.clone()),
+        );
         let ca_addr = s
             .get(env::CA_ADDR)
             .unwrap_or_else(|| discovery.address.clone());
-        let ca = parse_address(&ca_addr, s.get(env::CA_ROOT_CA).or(s.get(env::XDS_ROOT_CA)));
+        let ca = parse_address(
+            &ca_addr,
+            s.get(env::CA_ROOT_CA)
+                .or(prov_root)
+                .or(s.get(env::XDS_ROOT_CA)),
+        );
         let secret_ttl = match s.get(env::SECRET_TTL) {
             Some(v) => parse_duration(&v).map_err(|e| invalid(env::SECRET_TTL, &v, e))?,
             None => DEFAULT_SECRET_TTL,
@@ -373,9 +392,105 @@ impl MeshConfig {
             admin_port,
             termination_drain,
             drain: DrainConfig::from_strings(s)?,
+            secret_rotation: SecretRotation::from_strings(s)?,
+            ca_certificate_dirs: CaCertificateDirs::from_strings(s),
         })
     }
 }
+
+// ---- Workload certificate rotation (pilot-agent `SECRET_GRACE_PERIOD_RATIO*`) ----
+
+/// `SECRET_GRACE_PERIOD_RATIO`: the fraction of a certificate's lifetime left when it is
+/// renewed (pilot-agent's default 0.5: at half-life).
+pub const SECRET_GRACE_PERIOD_RATIO_ENV: &str = "SECRET_GRACE_PERIOD_RATIO";
+/// `SECRET_GRACE_PERIOD_RATIO_JITTER`: the ratio varies by ± U(0, jitter) per rotation.
+pub const SECRET_GRACE_PERIOD_RATIO_JITTER_ENV: &str = "SECRET_GRACE_PERIOD_RATIO_JITTER";
+/// pilot-agent's default `SECRET_GRACE_PERIOD_RATIO`.
+pub const DEFAULT_SECRET_GRACE_PERIOD_RATIO: f64 = 0.5;
+/// pilot-agent's default `SECRET_GRACE_PERIOD_RATIO_JITTER`.
+pub const DEFAULT_SECRET_GRACE_PERIOD_RATIO_JITTER: f64 = 0.01;
+
+/// When the workload certificate from istiod's CA is renewed: at `expire − grace`, with
+/// `grace = (grace_period_ratio ± U(0, grace_period_ratio_jitter)) × lifetime`
+/// (pilot-agent's `rotateTime`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SecretRotation {
+    /// `SECRET_GRACE_PERIOD_RATIO`, in `0..=1`.
+    pub grace_period_ratio: f64,
+    /// `SECRET_GRACE_PERIOD_RATIO_JITTER`, in `0..=1`.
+    pub grace_period_ratio_jitter: f64,
+}
+
+impl Default for SecretRotation {
+    fn default() -> Self {
+        SecretRotation {
+            grace_period_ratio: DEFAULT_SECRET_GRACE_PERIOD_RATIO,
+            grace_period_ratio_jitter: DEFAULT_SECRET_GRACE_PERIOD_RATIO_JITTER,
+        }
+    }
+}
+
+impl SecretRotation {
+    /// Reads both variables; an unparsable value or one outside `0..=1` is refused.
+    pub fn from_strings(s: &dyn Strings) -> Result<SecretRotation, ConfigError> {
+        let ratio = |key: &str, default: f64| -> Result<f64, ConfigError> {
+            let Some(v) = s.get(key) else {
+                return Ok(default);
+            };
+            let r: f64 = v.trim().parse().map_err(|e| invalid(key, &v, e))?;
+            if !(0.0..=1.0).contains(&r) {
+                return Err(invalid(key, &v, "must be between 0 and 1"));
+            }
+            Ok(r)
+        };
+        Ok(SecretRotation {
+            grace_period_ratio: ratio(
+                SECRET_GRACE_PERIOD_RATIO_ENV,
+                DEFAULT_SECRET_GRACE_PERIOD_RATIO,
+            )?,
+            grace_period_ratio_jitter: ratio(
+                SECRET_GRACE_PERIOD_RATIO_JITTER_ENV,
+                DEFAULT_SECRET_GRACE_PERIOD_RATIO_JITTER,
+            )?,
+        })
+    }
+}
+
+// ---- end of workload certificate rotation ----
+
+// ---- Certificate directories of the CA client (pilot-agent `PROV_CERT`, `OUTPUT_CERTS`) ----
+
+/// `PROV_CERT`: directory with `cert-chain.pem` / `key.pem` (and `root-cert.pem`) that
+/// authenticate this workload to the CA by TLS client certificate (VMs).
+pub const PROV_CERT_ENV: &str = "PROV_CERT";
+/// `OUTPUT_CERTS`: directory where the certificate issued by the CA is also written.
+pub const OUTPUT_CERTS_ENV: &str = "OUTPUT_CERTS";
+
+/// The directories pilot-agent's CA client reads from and writes to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CaCertificateDirs {
+    /// `PROV_CERT`.
+    pub prov_cert: Option<PathBuf>,
+    /// `OUTPUT_CERTS`.
+    pub output_certs: Option<PathBuf>,
+}
+
+impl CaCertificateDirs {
+    /// Reads `PROV_CERT` and `OUTPUT_CERTS` (unset or blank: none).
+    pub fn from_strings(s: &dyn Strings) -> CaCertificateDirs {
+        let dir = |key: &str| {
+            s.get(key)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| PathBuf::from(v.trim()))
+        };
+        CaCertificateDirs {
+            prov_cert: dir(PROV_CERT_ENV),
+            output_certs: dir(OUTPUT_CERTS_ENV),
+        }
+    }
+}
+
+// ---- end of CA client certificate directories ----
 
 /// `host:15010` is istiod's plaintext port; everything else is TLS, as pilot-agent assumes.
 fn parse_address(addr: &str, root: Option<String>) -> ControlPlaneAddress {
@@ -516,6 +631,78 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(e.to_string().contains("INSTANCE_IP=\"not-an-ip\""), "{e}");
+    }
+
+    #[test]
+    fn secret_grace_period_ratio_and_jitter() {
+        let base = [
+            ("POD_NAME", "p"),
+            ("POD_NAMESPACE", "ns"),
+            ("INSTANCE_IP", "10.0.0.7"),
+        ];
+        let with = |kv: &[(&'static str, &'static str)]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(kv);
+            MeshConfig::from_strings(&strings(&all))
+        };
+        let d = with(&[]).unwrap().secret_rotation;
+        assert_eq!(d.grace_period_ratio, 0.5);
+        assert_eq!(d.grace_period_ratio_jitter, 0.01);
+        let c = with(&[
+            ("SECRET_GRACE_PERIOD_RATIO", "0.8"),
+            ("SECRET_GRACE_PERIOD_RATIO_JITTER", "0"),
+        ])
+        .unwrap()
+        .secret_rotation;
+        assert_eq!(c.grace_period_ratio, 0.8);
+        assert_eq!(c.grace_period_ratio_jitter, 0.0);
+        for bad in ["1.5", "-0.1", "half"] {
+            let e = with(&[("SECRET_GRACE_PERIOD_RATIO", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("SECRET_GRACE_PERIOD_RATIO="), "{e}");
+        }
+        let e = with(&[("SECRET_GRACE_PERIOD_RATIO_JITTER", "2")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SECRET_GRACE_PERIOD_RATIO_JITTER="), "{e}");
+    }
+
+    #[test]
+    fn prov_cert_and_output_certs() {
+        let mut kv = vec![
+            ("POD_NAME", "p"),
+            ("POD_NAMESPACE", "ns"),
+            ("INSTANCE_IP", "10.0.0.7"),
+        ];
+        let c = MeshConfig::from_strings(&strings(&kv)).unwrap();
+        assert_eq!(c.ca_certificate_dirs, CaCertificateDirs::default());
+        kv.push(("PROV_CERT", "/var/lib/istio/certs"));
+        kv.push(("OUTPUT_CERTS", "/var/lib/istio/out"));
+        let c = MeshConfig::from_strings(&strings(&kv)).unwrap();
+        // Both roots default to PROV_CERT's root-cert.pem (pilot-agent's FindRootCA*).
+        let prov_root = Some(PathBuf::from("/var/lib/istio/certs/root-cert.pem"));
+        assert_eq!(c.discovery.root_cert, prov_root);
+        assert_eq!(c.ca.as_ref().unwrap().root_cert, prov_root);
+        kv.push(("CA_ROOT_CA", "/ca-root.pem"));
+        kv.push(("XDS_ROOT_CA", "/xds-root.pem"));
+        let explicit = MeshConfig::from_strings(&strings(&kv)).unwrap();
+        assert_eq!(
+            explicit.discovery.root_cert,
+            Some(PathBuf::from("/xds-root.pem"))
+        );
+        assert_eq!(
+            explicit.ca.unwrap().root_cert,
+            Some(PathBuf::from("/ca-root.pem"))
+        );
+        assert_eq!(
+            c.ca_certificate_dirs.prov_cert.as_deref(),
+            Some(std::path::Path::new("/var/lib/istio/certs"))
+        );
+        assert_eq!(
+            c.ca_certificate_dirs.output_certs.as_deref(),
+            Some(std::path::Path::new("/var/lib/istio/out"))
+        );
     }
 
     #[test]

@@ -212,3 +212,74 @@ async fn run_replaces_an_expired_certificate_at_once() {
     assert_eq!(f.ca.requests().len(), 1);
     task.abort();
 }
+
+/// `SECRET_GRACE_PERIOD_RATIO` read through `MeshConfig` decides when rotation happens: with
+/// a 1h certificate, a ratio of 0.999 (renew when 99.9% of the lifetime is left) rotates about
+/// 3.6s after the fetch, while the default 0.5 waits for half-life (30 min) — so when the
+/// first manager has rotated, the second still holds its first certificate.
+#[tokio::test]
+async fn the_grace_period_ratio_from_the_environment_decides_when_rotation_happens() {
+    use mesh_core::config::MeshConfig;
+    use std::collections::HashMap;
+    let rotation = |extra: &[(&str, &str)]| {
+        let mut env: HashMap<String, String> = [
+            ("POD_NAME", "reviews-0"),
+            ("POD_NAMESPACE", "prod"),
+            ("INSTANCE_IP", "10.0.0.7"),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        env.insert("SECRET_TTL".into(), "1h".into());
+        MeshConfig::from_strings(&env).unwrap().secret_rotation
+    };
+    let eager = rotation(&[
+        ("SECRET_GRACE_PERIOD_RATIO", "0.999"),
+        ("SECRET_GRACE_PERIOD_RATIO_JITTER", "0"),
+    ]);
+    let default = rotation(&[]);
+    assert_eq!(default.grace_period_ratio, 0.5);
+    assert_eq!(default.grace_period_ratio_jitter, 0.01);
+
+    let f = fixture("reviews").await;
+    let manager = |r: mesh_core::config::SecretRotation, store: &CertStore| {
+        SecretManager::new(
+            f.client.clone(),
+            f.identity.clone(),
+            Duration::from_secs(3600),
+            store.clone(),
+        )
+        .with_grace_period_ratio(r.grace_period_ratio, r.grace_period_ratio_jitter)
+    };
+    let (eager_store, default_store) = (CertStore::new(), CertStore::new());
+    let eager_task = tokio::spawn(manager(eager, &eager_store).run());
+    let default_task = tokio::spawn(manager(default, &default_store).run());
+    for s in [&eager_store, &default_store] {
+        tokio::time::timeout(Duration::from_secs(20), s.loaded())
+            .await
+            .unwrap();
+    }
+    let eager_first = eager_store.current().unwrap();
+    let default_first = default_store.current().unwrap();
+
+    let renewed =
+        wait_for_new_leaf(&eager_store, &eager_first.chain[0], Duration::from_secs(30)).await;
+    assert_eq!(renewed.identity, f.identity);
+    // Renewed with nearly the whole hour left: long before the default's half-life.
+    let left = eager_first
+        .not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(
+        left > Duration::from_secs(1800),
+        "renewed with {left:?} left"
+    );
+    assert_eq!(
+        default_store.current().unwrap().chain[0],
+        default_first.chain[0],
+        "the default ratio does not rotate before half-life"
+    );
+    eager_task.abort();
+    default_task.abort();
+}

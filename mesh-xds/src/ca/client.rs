@@ -56,6 +56,49 @@ impl CaClient {
         cluster_id: String,
         headers: Vec<(String, String)>,
     ) -> Result<CaClient, CaError> {
+        Self::connect_with_identity(address, token_path, cluster_id, headers, None).await
+    }
+
+    /// [`CaClient::connect`] presenting the `PROV_CERT` certificate (`cert-chain.pem` and
+    /// `key.pem` in `prov_cert`) as the TLS client certificate, as pilot-agent does on VMs:
+    /// istiod authenticates the caller from it before looking at a token (which is still
+    /// sent when the token file exists). Needs a TLS address.
+    pub async fn connect_with_provisioned_certs(
+        address: &ControlPlaneAddress,
+        prov_cert: &std::path::Path,
+        token_path: Option<PathBuf>,
+        cluster_id: String,
+        headers: Vec<(String, String)>,
+    ) -> Result<CaClient, CaError> {
+        let fail = |reason: String| CaError::ProvisionedCert {
+            dir: prov_cert.to_owned(),
+            reason,
+        };
+        if !address.tls {
+            return Err(fail(format!(
+                "the CA address {} is plaintext; a client certificate needs TLS",
+                address.address
+            )));
+        }
+        let read = |name: &str| {
+            std::fs::read(prov_cert.join(name)).map_err(|e| fail(format!("{name}: {e}")))
+        };
+        let chain = read(crate::secrets::CERT_CHAIN_FILE)?;
+        let key = read(crate::secrets::KEY_FILE)?;
+        // Refuse a mismatched or unparsable pair here rather than in every handshake.
+        crate::secrets::pem::workload_certificate_from_pem(&chain, &key, &chain)
+            .map_err(|e| fail(e.to_string()))?;
+        let identity = tonic::transport::Identity::from_pem(chain, key);
+        Self::connect_with_identity(address, token_path, cluster_id, headers, Some(identity)).await
+    }
+
+    async fn connect_with_identity(
+        address: &ControlPlaneAddress,
+        token_path: Option<PathBuf>,
+        cluster_id: String,
+        headers: Vec<(String, String)>,
+        identity: Option<tonic::transport::Identity>,
+    ) -> Result<CaClient, CaError> {
         let invalid = |reason: String| CaError::InvalidAddress {
             address: address.address.clone(),
             reason,
@@ -88,9 +131,12 @@ impl CaClient {
                 path.display(),
                 address.tls_server_name()
             ));
-            let tls = ClientTlsConfig::new()
+            let mut tls = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(pem))
                 .domain_name(address.tls_server_name());
+            if let Some(identity) = identity {
+                tls = tls.identity(identity);
+            }
             endpoint = endpoint
                 .tls_config(tls)
                 .map_err(|e| invalid(format!("TLS configuration: {e}")))?;

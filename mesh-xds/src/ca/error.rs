@@ -21,6 +21,14 @@ pub enum CaError {
         /// The CA address.
         address: String,
     },
+    /// The `PROV_CERT` client certificate or key is missing or unusable.
+    #[error("cannot use the provisioned certificate in {dir} (PROV_CERT): {reason}")]
+    ProvisionedCert {
+        /// The `PROV_CERT` directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The root certificate file could not be read or holds no certificate.
     #[error("cannot use root certificate file {path}: {reason}")]
     RootCert {

@@ -19,10 +19,11 @@ use super::{
     CERTIFICATE_EXPIRY_METRIC, CERTIFICATE_RENEWALS_METRIC, CaClient, CaError, generate_csr,
 };
 
-/// `SECRET_GRACE_PERIOD_RATIO` default.
-pub const SECRET_GRACE_PERIOD_RATIO: f64 = 0.5;
+/// `SECRET_GRACE_PERIOD_RATIO` default (read through [`mesh_core::config::SecretRotation`]).
+pub const SECRET_GRACE_PERIOD_RATIO: f64 = mesh_core::config::DEFAULT_SECRET_GRACE_PERIOD_RATIO;
 /// `SECRET_GRACE_PERIOD_RATIO_JITTER` default.
-pub const SECRET_GRACE_PERIOD_RATIO_JITTER: f64 = 0.01;
+pub const SECRET_GRACE_PERIOD_RATIO_JITTER: f64 =
+    mesh_core::config::DEFAULT_SECRET_GRACE_PERIOD_RATIO_JITTER;
 
 /// Fetches the workload certificate from the CA and keeps it fresh in a [`CertStore`].
 #[derive(Debug)]

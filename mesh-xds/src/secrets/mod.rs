@@ -13,6 +13,7 @@
 //! [`mesh_core::WorkloadCertificate`].
 
 pub mod file;
+pub mod output;
 pub mod pem;
 pub mod sds;
 pub mod source;
@@ -20,6 +21,7 @@ pub mod source;
 pub mod testing;
 
 pub use file::FileCertificateWatcher;
+pub use output::{run_output_certs, write_output_certs};
 pub use pem::workload_certificate_from_pem;
 pub use sds::SdsClient;
 pub use source::{CertificateSource, SourceSignals, select_certificate_source};

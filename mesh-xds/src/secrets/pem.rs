@@ -21,6 +21,58 @@ fn invalid(what: &'static str, reason: impl Into<String>) -> SecretError {
     }
 }
 
+/// The standard base64 alphabet (RFC 4648 §4), as PEM uses it.
+pub(crate) const BASE64: &[u8; 64] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Base64 of `data` in `alphabet`, `=`-padded when `pad`.
+pub(crate) fn base64_encode(data: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..chunk.len() + 1 {
+            out.push(alphabet[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+        if pad {
+            out.extend(std::iter::repeat_n('=', 3 - chunk.len()));
+        }
+    }
+    out
+}
+
+/// One PEM block (`-----BEGIN <label>-----`, 64-column base64).
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    let b64 = base64_encode(der, BASE64, true);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// A workload certificate as the three PEM files istio-agent writes: `cert-chain.pem`
+/// (leaf first), `key.pem` (PKCS#8) and `root-cert.pem`.
+pub fn workload_certificate_to_pem(cert: &WorkloadCertificate) -> (String, String, String) {
+    let chain = cert
+        .chain
+        .iter()
+        .map(|c| pem_encode("CERTIFICATE", c))
+        .collect();
+    let roots = cert
+        .roots
+        .iter()
+        .map(|c| pem_encode("CERTIFICATE", c))
+        .collect();
+    (chain, pem_encode("PRIVATE KEY", &cert.private_key), roots)
+}
+
 /// Every certificate in a PEM bundle, as DER.
 pub fn certificates_from_pem(pem: &[u8], what: &'static str) -> Result<Vec<Vec<u8>>, SecretError> {
     let mut out = Vec::new();

@@ -84,6 +84,17 @@ pub struct RuleSpec {
     pub request_principals: Vec<String>,
     /// `when: [{key: request.auth.claims[<claim>], values: [...]}]`.
     pub claims: Vec<(String, Vec<String>)>,
+    /// `from.source.ipBlocks` (`1.2.3.4` or `1.2.3.0/24`): the peer address, rendered as
+    /// `direct_remote_ip` principals.
+    pub ip_blocks: Vec<String>,
+    /// `from.source.notIpBlocks`.
+    pub not_ip_blocks: Vec<String>,
+    /// `from.source.remoteIpBlocks`: the client address the HCM derives (the last
+    /// `x-forwarded-for` entry on the sidecar's inbound HCM, else the peer), rendered as
+    /// `remote_ip` principals.
+    pub remote_ip_blocks: Vec<String>,
+    /// `from.source.notRemoteIpBlocks`.
+    pub not_remote_ip_blocks: Vec<String>,
 }
 
 impl RuleSpec {
@@ -129,6 +140,27 @@ impl RuleSpec {
             claim.into(),
             values.iter().map(|v| (*v).to_owned()).collect(),
         ));
+        self
+    }
+
+    /// Adds an `ipBlocks` entry.
+    pub fn ip_block(mut self, cidr: &str) -> Self {
+        self.ip_blocks.push(cidr.into());
+        self
+    }
+    /// Adds a `notIpBlocks` entry.
+    pub fn not_ip_block(mut self, cidr: &str) -> Self {
+        self.not_ip_blocks.push(cidr.into());
+        self
+    }
+    /// Adds a `remoteIpBlocks` entry.
+    pub fn remote_ip_block(mut self, cidr: &str) -> Self {
+        self.remote_ip_blocks.push(cidr.into());
+        self
+    }
+    /// Adds a `notRemoteIpBlocks` entry.
+    pub fn not_remote_ip_block(mut self, cidr: &str) -> Self {
+        self.not_remote_ip_blocks.push(cidr.into());
         self
     }
 
@@ -260,6 +292,28 @@ fn peer_principal(m: StringMatcher) -> rbac::Principal {
                 matcher: Some(filter_state_matcher::Matcher::StringMatch(m)),
             },
         )),
+    }
+}
+
+/// istiod's IP principal: `direct_remote_ip` (`ipBlocks`) or `remote_ip` (`remoteIpBlocks`)
+/// with the block as a CIDR range (a bare address is `/32` or `/128`).
+fn ip_principal(block: &str, remote: bool) -> rbac::Principal {
+    use envoy_types::pb::envoy::config::core::v3::CidrRange;
+    use envoy_types::pb::google::protobuf::UInt32Value;
+    let (addr, len) = match block.split_once('/') {
+        Some((a, l)) => (a, l.parse().unwrap_or(0)),
+        None => (block, if block.contains(':') { 128 } else { 32 }),
+    };
+    let range = CidrRange {
+        address_prefix: addr.into(),
+        prefix_len: Some(UInt32Value { value: len }),
+    };
+    rbac::Principal {
+        identifier: Some(if remote {
+            rbac::principal::Identifier::RemoteIp(range)
+        } else {
+            rbac::principal::Identifier::DirectRemoteIp(range)
+        }),
     }
 }
 
@@ -437,6 +491,25 @@ fn rule_policy(r: &RuleSpec, http: bool) -> rbac::Policy {
                 })
                 .collect(),
         ));
+    }
+    let blocks = [
+        (&r.ip_blocks, false, false),
+        (&r.not_ip_blocks, false, true),
+        (&r.remote_ip_blocks, true, false),
+        (&r.not_remote_ip_blocks, true, true),
+    ];
+    for (cidrs, remote, not) in blocks {
+        if cidrs.is_empty() {
+            continue;
+        }
+        let any_of = or_ids(cidrs.iter().map(|c| ip_principal(c, remote)).collect());
+        ids.push(if not {
+            rbac::Principal {
+                identifier: Some(rbac::principal::Identifier::NotId(Box::new(any_of))),
+            }
+        } else {
+            any_of
+        });
     }
     if http && !r.request_principals.is_empty() {
         ids.push(or_ids(
@@ -742,6 +815,7 @@ pub fn virtual_inbound_with_policies(
     jwt_rules: &[JwtRuleSpec],
     http: bool,
 ) -> (String, Any) {
+    let policies = &with_trust_domain_aliases(model, policies);
     let generated = model.generate("default");
     let mut listener = generated
         .get(LISTENER)
@@ -786,18 +860,54 @@ pub fn virtual_inbound_with_policies(
                 let v = c
                     .default_validation_context
                     .get_or_insert_with(Default::default);
-                v.match_subject_alt_names = vec![StringMatcher {
-                    match_pattern: Some(string_matcher::MatchPattern::Prefix(format!(
-                        "spiffe://{}/",
-                        model.trust_domain
-                    ))),
-                    ignore_case: false,
-                }];
+                v.match_subject_alt_names = model.inbound_peer_san_matchers();
             }
             *any = to_any(&ctx);
         }
     }
     (listener.name.clone(), to_any(&listener))
+}
+
+/// `policies` with their source principals and not-principals rewritten for the model's
+/// trust-domain bundle, as istiod's `MigrateTrustDomain` does before rendering.
+fn with_trust_domain_aliases(
+    model: &MeshModel,
+    policies: &[AuthorizationPolicySpec],
+) -> Vec<AuthorizationPolicySpec> {
+    let bundle = model.trust_domains();
+    let mut out = policies.to_vec();
+    for rule in out.iter_mut().flat_map(|p| p.rules.iter_mut()) {
+        rule.principals = replace_trust_domain_aliases(&bundle, &rule.principals);
+        rule.not_principals = replace_trust_domain_aliases(&bundle, &rule.not_principals);
+    }
+    out
+}
+
+/// istiod's `trustdomain.Bundle.ReplaceTrustDomainAliases`: a principal
+/// `<td>/ns/<ns>/sa/<sa>` whose trust domain is in `bundle` (the trust domain, then its
+/// aliases) or is `cluster.local` (which stands for the local trust domain) becomes one
+/// principal per trust domain of the bundle; `*`, principals with a `*` trust domain or
+/// another shape, and foreign trust domains are kept as written.
+pub fn replace_trust_domain_aliases(bundle: &[String], principals: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in principals {
+        let parts: Vec<&str> = p.split('/').collect();
+        let enforced = parts.len() == 5 && !parts[0].contains('*');
+        if !enforced || !(bundle.iter().any(|td| td == parts[0]) || parts[0] == "cluster.local") {
+            out.push(p.clone());
+            continue;
+        }
+        let rest = &p[parts[0].len()..];
+        let mut variants: Vec<String> = Vec::new();
+        for td in bundle {
+            let replaced = format!("{td}{rest}");
+            if !variants.contains(&replaced) {
+                variants.push(replaced);
+            }
+        }
+        out.append(&mut variants);
+    }
+    out
 }
 
 /// One RequestAuthentication `jwtRules[]` entry.
@@ -1121,5 +1231,115 @@ impl ExtAuthzProvider {
 impl Drop for ExtAuthzProvider {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::cluster::SanMatcher;
+    use mesh_core::listener::ListenerKind;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn principals_get_one_variant_per_trust_domain_of_the_bundle() {
+        let bundle = strings(&["cluster.local", "alias.domain"]);
+        let out = replace_trust_domain_aliases(
+            &bundle,
+            &strings(&[
+                "cluster.local/ns/x/sa/y",
+                "alias.domain/ns/x/sa/z",
+                "foreign.org/ns/x/sa/y",
+                "*",
+                "*/ns/x/sa/y",
+                "cluster.local/ns/x/*",
+            ]),
+        );
+        assert_eq!(
+            out,
+            strings(&[
+                "cluster.local/ns/x/sa/y",
+                "alias.domain/ns/x/sa/y",
+                "cluster.local/ns/x/sa/z",
+                "alias.domain/ns/x/sa/z",
+                "foreign.org/ns/x/sa/y",
+                "*",
+                "*/ns/x/sa/y",
+                "cluster.local/ns/x/*",
+            ])
+        );
+        // `cluster.local` stands for the local trust domain when the mesh uses another one.
+        let out = replace_trust_domain_aliases(
+            &strings(&["td2", "td1"]),
+            &strings(&["cluster.local/ns/x/sa/y"]),
+        );
+        assert_eq!(out, strings(&["td2/ns/x/sa/y", "td1/ns/x/sa/y"]));
+    }
+
+    #[test]
+    fn ip_blocks_render_as_direct_remote_ip_and_remote_ip_blocks_as_remote_ip() {
+        let r = RuleSpec::default()
+            .ip_block("10.0.0.0/8")
+            .remote_ip_block("1.2.3.4")
+            .not_remote_ip_block("2001:db8::1");
+        let policy = rule_policy(&r, true);
+        let Some(rbac::principal::Identifier::AndIds(and)) = &policy.principals[0].identifier
+        else {
+            panic!("and_ids expected: {policy:?}");
+        };
+        let one = |p: &rbac::Principal| match &p.identifier {
+            Some(rbac::principal::Identifier::OrIds(or)) => or.ids[0].clone(),
+            Some(rbac::principal::Identifier::NotId(inner)) => match &inner.identifier {
+                Some(rbac::principal::Identifier::OrIds(or)) => or.ids[0].clone(),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        };
+        let cidr = |p: rbac::Principal| match p.identifier {
+            Some(rbac::principal::Identifier::DirectRemoteIp(c)) => {
+                ("direct", c.address_prefix, c.prefix_len.unwrap().value)
+            }
+            Some(rbac::principal::Identifier::RemoteIp(c)) => {
+                ("remote", c.address_prefix, c.prefix_len.unwrap().value)
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(cidr(one(&and.ids[0])), ("direct", "10.0.0.0".into(), 8));
+        assert_eq!(cidr(one(&and.ids[1])), ("remote", "1.2.3.4".into(), 32));
+        assert!(matches!(
+            and.ids[2].identifier,
+            Some(rbac::principal::Identifier::NotId(_))
+        ));
+        assert_eq!(
+            cidr(one(&and.ids[2])),
+            ("remote", "2001:db8::1".into(), 128)
+        );
+    }
+
+    #[test]
+    fn inbound_chains_accept_the_trust_domain_and_its_aliases() {
+        let model = MeshModel::default()
+            .trust_domain_alias("alias.domain")
+            .trust_domain_alias("cluster.local");
+        for listener in [
+            virtual_inbound_with_authz(&model, &[], true).1,
+            model.generate("default")[LISTENER]["virtualInbound"].clone(),
+        ] {
+            let pb = Listener::decode(listener.value.as_slice()).unwrap();
+            let translated = crate::translate::translate_listener(&pb).unwrap();
+            let ListenerKind::Inbound(policy) = translated.listener.kind else {
+                panic!("inbound policy expected");
+            };
+            assert_eq!(
+                policy.default_peer_sans,
+                vec![
+                    SanMatcher::Prefix("spiffe://cluster.local/".into()),
+                    SanMatcher::Prefix("spiffe://alias.domain/".into()),
+                ]
+            );
+        }
     }
 }

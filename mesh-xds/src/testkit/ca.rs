@@ -466,6 +466,19 @@ fn csr_uri_sans(csr: &CertificateSigningRequestParams) -> Vec<String> {
         .collect()
 }
 
+/// The SPIFFE ID in the URI SAN of the verified TLS client certificate, if the caller
+/// presented one (istiod's `ClientCertAuthenticator`).
+fn client_certificate_identity<T>(request: &tonic::Request<T>) -> Option<SpiffeId> {
+    let certs = request.peer_certs()?;
+    let leaf = certs.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(uri) => uri.parse::<SpiffeId>().ok(),
+        _ => None,
+    })
+}
+
 impl CertificateAuthority for TestCa {
     fn create_certificate(
         &self,
@@ -476,11 +489,14 @@ impl CertificateAuthority for TestCa {
             .get("clusterid")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let identity = md
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| self.authenticate(t.trim()));
+        // istiod's authenticator order: the TLS client certificate (verified against the
+        // root by the server) first, then the bearer token.
+        let identity = client_certificate_identity(&request).map(Ok).or_else(|| {
+            md.get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|t| self.authenticate(t.trim()))
+        });
         let message = request.get_ref();
         let cert_signer = message
             .metadata
@@ -572,20 +588,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 fn base64url_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let chars = chunk.len() + 1;
-        for i in 0..chars {
-            out.push(B64URL[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
+    crate::secrets::pem::base64_encode(data, B64URL, false)
 }
 
 fn base64url_decode(s: &str) -> Option<Vec<u8>> {

@@ -222,6 +222,10 @@ pub struct MeshModel {
     pub inbound_ports: BTreeMap<u16, Protocol>,
     /// Trust domain (SPIFFE IDs in SAN matchers).
     pub trust_domain: String,
+    /// meshConfig `trustDomainAliases`: istiod accepts peers of these trust domains on inbound
+    /// mTLS chains (`match_subject_alt_names` prefixes), expands the outbound clusters' SAN
+    /// lists and AuthorizationPolicy principals with them.
+    pub trust_domain_aliases: Vec<String>,
     /// Cluster DNS domain (`cluster.local`).
     pub cluster_domain: String,
 }
@@ -235,6 +239,7 @@ impl Default for MeshModel {
             port_peer_authentication: BTreeMap::new(),
             inbound_ports: BTreeMap::new(),
             trust_domain: "cluster.local".into(),
+            trust_domain_aliases: Vec::new(),
             cluster_domain: "cluster.local".into(),
         }
     }
@@ -245,6 +250,38 @@ impl MeshModel {
     pub fn service(mut self, s: ServiceSpec) -> Self {
         self.services.push(s);
         self
+    }
+
+    /// Adds a meshConfig `trustDomainAliases` entry.
+    pub fn trust_domain_alias(mut self, alias: &str) -> Self {
+        self.trust_domain_aliases.push(alias.into());
+        self
+    }
+
+    /// The trust domain then its aliases, without duplicates (istiod's trust-domain bundle
+    /// and `TrustDomainsForValidation`).
+    pub fn trust_domains(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for td in std::iter::once(&self.trust_domain).chain(&self.trust_domain_aliases) {
+            if !out.contains(td) {
+                out.push(td.clone());
+            }
+        }
+        out
+    }
+
+    /// The inbound mTLS chains' `match_subject_alt_names`: one `prefix: spiffe://<td>/` per
+    /// trust domain in [`MeshModel::trust_domains`], as istiod renders them.
+    pub fn inbound_peer_san_matchers(&self) -> Vec<StringMatcher> {
+        self.trust_domains()
+            .iter()
+            .map(|td| StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::Prefix(format!(
+                    "spiffe://{td}/"
+                ))),
+                ignore_case: false,
+            })
+            .collect()
     }
 
     /// Declares the protocol of one of the workload's own inbound ports.
@@ -374,14 +411,18 @@ impl MeshModel {
                     alt_hosts: Vec::new(),
                 },
             );
+            // istiod's `spiffe.ExpandWithTrustDomains`: each service account's identity in the
+            // trust domain and in every alias.
             let sans: BTreeSet<String> = svc
                 .endpoints
                 .iter()
-                .map(|e| {
-                    format!(
-                        "spiffe://{}/ns/{}/sa/{}",
-                        self.trust_domain, svc.namespace, e.service_account
-                    )
+                .flat_map(|e| {
+                    self.trust_domains().into_iter().map(move |td| {
+                        format!(
+                            "spiffe://{td}/ns/{}/sa/{}",
+                            svc.namespace, e.service_account
+                        )
+                    })
                 })
                 .collect();
             for &(port, proto) in &svc.ports {
@@ -740,7 +781,14 @@ impl MeshModel {
                         validation_context_type: Some(
                             common_tls_context::ValidationContextType::CombinedValidationContext(
                                 common_tls_context::CombinedCertificateValidationContext {
-                                    default_validation_context: Some(Default::default()),
+                                    #[allow(deprecated)]
+                                    default_validation_context: Some(
+                                        CertificateValidationContext {
+                                            match_subject_alt_names: self
+                                                .inbound_peer_san_matchers(),
+                                            ..Default::default()
+                                        },
+                                    ),
                                     validation_context_sds_secret_config: Some(sds("ROOTCA")),
                                     ..Default::default()
                                 },

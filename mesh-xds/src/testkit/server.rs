@@ -588,9 +588,15 @@ pub(crate) async fn serve(
     let mut builder = tonic::transport::Server::builder();
     if let Some((chain, key)) = tls {
         let identity = tonic::transport::Identity::from_pem(chain, key);
-        builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .map_err(std::io::Error::other)?;
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        // Like istiod's :15012: a client certificate from the mesh's root is optional and,
+        // when present, authenticates the caller to the CA (PROV_CERT on VMs).
+        if let Some(ca) = &shared.ca {
+            config = config
+                .client_ca_root(tonic::transport::Certificate::from_pem(ca.root_pem()))
+                .client_auth_optional(true);
+        }
+        builder = builder.tls_config(config).map_err(std::io::Error::other)?;
     }
     let ca = shared.ca.as_ref().map(|c| c.service());
     let router = builder
