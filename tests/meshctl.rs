@@ -276,6 +276,7 @@ fn route_explains_every_action_of_a_hand_made_rds_dump() {
     assert_eq!(api["upstream_path"], "/v2/items?x=1");
     assert_eq!(api["upstream_authority"], "backend.internal");
     assert_eq!(api["timeout_ms"], 2500);
+    assert_eq!(api["idle_timeout_ms"], 30_000);
     assert_eq!(api["retry"]["num_retries"], 3);
     assert_eq!(api["retry"]["per_try_timeout_ms"], 1000);
     assert_eq!(
@@ -319,6 +320,7 @@ fn route_explains_every_action_of_a_hand_made_rds_dump() {
         "outbound|8080|v2|shop.default.svc.cluster.local"
     );
     assert!(canary["timeout_ms"].is_null());
+    assert!(canary["idle_timeout_ms"].is_null());
 
     // No virtual host, and a virtual host without a matching route: 404 NR.
     for l in &lines[5..7] {

@@ -25,7 +25,8 @@
 //! printed per request: `route_config`, `virtual_host`, `route`, `action` (`cluster` |
 //! `weighted_clusters` | `redirect` | `direct_response` | `no_route`), `cluster` or
 //! `weighted_clusters` (`[{"name","weight"}]`), `status` (for local answers), `location`,
-//! `body`, `upstream_path` and `upstream_authority` (after rewrites), `timeout_ms`, `retry`.
+//! `body`, `upstream_path` and `upstream_authority` (after rewrites), `timeout_ms`,
+//! `idle_timeout_ms` (the route's stream idle timeout), `retry`.
 //! It exits 2 on a usage or load error (an unknown route configuration included).
 
 use std::io::Write;
@@ -394,6 +395,7 @@ fn explain(snapshot: &Snapshot, rc: &str, r: &RouteRequest) -> Result<serde_json
         "upstream_path": Value::Null,
         "upstream_authority": Value::Null,
         "timeout_ms": Value::Null,
+        "idle_timeout_ms": Value::Null,
         "retry": Value::Null,
     });
     if let Some(m) = e.matched {
@@ -419,6 +421,7 @@ fn explain(snapshot: &Snapshot, rc: &str, r: &RouteRequest) -> Result<serde_json
         RouteDecision::Forward {
             cluster,
             timeout,
+            idle_timeout,
             retry,
             forwarding,
             rewritten_path,
@@ -434,6 +437,7 @@ fn explain(snapshot: &Snapshot, rc: &str, r: &RouteRequest) -> Result<serde_json
             };
             out["upstream_authority"] = json!(authority);
             out["timeout_ms"] = json!(timeout.map(|t| t.as_millis() as u64));
+            out["idle_timeout_ms"] = json!(idle_timeout.map(|t| t.as_millis() as u64));
             // As the request path: a policy whose retriable_request_headers the request
             // does not match does not retry it.
             if let Some(p) = retry.as_deref().filter(|p| p.enabled_for(&req)) {

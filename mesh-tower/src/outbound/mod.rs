@@ -25,6 +25,7 @@
 
 mod access;
 mod body;
+mod idle;
 mod pool;
 mod replay;
 mod telemetry;
@@ -65,6 +66,7 @@ use tokio::sync::watch;
 
 pub use body::OutboundBody;
 use body::{CounterGuard, InFlight};
+pub use idle::{STREAM_TIMEOUT, StreamIdleTimeout};
 pub use pool::BoxError;
 
 use pool::{ConnectError, ConnectParams, HostPool, Proto, ReqBody, SendError, TlsTarget};
@@ -306,6 +308,7 @@ impl Outbound {
                 cluster,
                 endpoints,
                 timeout,
+                idle_timeout,
                 retry,
                 retry_buffer_limit,
                 attempt_count_upstream,
@@ -316,6 +319,7 @@ impl Outbound {
                 fault,
                 ..
             } => Forward {
+                idle: idle_timeout.map(idle::StreamIdle::new),
                 route,
                 shadow: false,
                 fault,
@@ -368,7 +372,14 @@ impl Outbound {
             if let Some(d) = delay {
                 // Cold paths are boxed: the request future stays small (it is moved, i.e.
                 // memcpy'd, several times per request).
-                Box::pin(tokio::time::sleep(d)).await;
+                let sleep = Box::pin(tokio::time::sleep(d));
+                if idle::or_idle(fwd.idle.as_ref(), sleep).await.is_none() {
+                    return stream_idle_reply(
+                        fwd.idle.as_ref(),
+                        ResponseFlag::DelayInjected,
+                        no_host,
+                    );
+                }
                 delayed = true;
             }
             if let Some(a) = abort {
@@ -399,6 +410,10 @@ impl Outbound {
             }
         }
         let deadline = fwd.timeout.map(|t| tokio::time::Instant::now() + t);
+        let body = match &fwd.idle {
+            Some(i) => i.watch_request(body),
+            None => body,
+        };
         let attempts = self.attempts(
             parts,
             body,
@@ -410,21 +425,32 @@ impl Outbound {
             request_bytes,
             info,
         );
-        let mut resp = match deadline {
-            None => attempts.await,
-            Some(d) => match tokio::time::timeout_at(d, attempts).await {
-                Ok(r) => r,
-                Err(_) => {
-                    // The route timeout covers every attempt and back-off.
-                    telemetry::route_timeout(&fwd.cluster.name);
-                    no_host((
-                        504,
-                        Some(Bytes::from_static(UPSTREAM_REQUEST_TIMEOUT.as_bytes())),
-                        ResponseFlag::UpstreamRequestTimeout,
-                        None,
-                    ))
+        let bounded = async {
+            match deadline {
+                None => Ok(attempts.await),
+                Some(d) => tokio::time::timeout_at(d, attempts).await,
+            }
+        };
+        let mut resp = match idle::or_idle(fwd.idle.as_ref(), bounded).await {
+            None => stream_idle_reply(fwd.idle.as_ref(), ResponseFlag::None, no_host),
+            Some(Ok(mut r)) => {
+                if let Some(i) = &fwd.idle {
+                    // The response headers reach the application: activity.
+                    i.touch();
+                    r.body_mut().set_idle(i.clone().response_watch());
                 }
-            },
+                r
+            }
+            Some(Err(_)) => {
+                // The route timeout covers every attempt and back-off.
+                telemetry::route_timeout(&fwd.cluster.name);
+                no_host((
+                    504,
+                    Some(Bytes::from_static(UPSTREAM_REQUEST_TIMEOUT.as_bytes())),
+                    ResponseFlag::UpstreamRequestTimeout,
+                    None,
+                ))
+            }
         };
         if delayed {
             let flags = resp.extensions().get::<ResponseFlag>().copied();
@@ -1006,6 +1032,7 @@ impl Outbound {
             cluster,
             endpoints,
             timeout: None,
+            idle: None,
             per_try_timeout: None,
             retry: None,
             retry_buffer_limit: 0,
@@ -1342,6 +1369,8 @@ struct Forward {
     cluster: Arc<Cluster>,
     endpoints: Option<Arc<EndpointSet>>,
     timeout: Option<std::time::Duration>,
+    /// The route's stream idle timer (`idle_timeout`).
+    idle: Option<idle::StreamIdle>,
     per_try_timeout: Option<std::time::Duration>,
     retry: Option<Arc<RetryPolicy>>,
     retry_buffer_limit: u32,
@@ -1587,6 +1616,22 @@ fn local_reply(
     }
     resp.extensions_mut().insert(flag);
     resp
+}
+
+/// Envoy's local reply when the stream idle timer fires before the response headers: 504
+/// `stream timeout` (408 while the request body was still arriving), flag `SI` after `earlier`.
+fn stream_idle_reply(
+    idle: Option<&idle::StreamIdle>,
+    earlier: ResponseFlag,
+    reply: impl FnOnce((u16, Option<Bytes>, ResponseFlag, Option<String>)) -> Response<OutboundBody>,
+) -> Response<OutboundBody> {
+    tracing::debug!("stream idle timeout");
+    reply((
+        idle.map_or(504, idle::StreamIdle::status),
+        Some(Bytes::from_static(STREAM_TIMEOUT.as_bytes())),
+        earlier | ResponseFlag::StreamIdleTimeout,
+        None,
+    ))
 }
 
 /// The upstream's verified SPIFFE URI SAN, in the response extensions of every response that
