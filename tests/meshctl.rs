@@ -248,6 +248,7 @@ fn route_explains_every_action_of_a_hand_made_rds_dump() {
             r#"{"authority":"elsewhere.example","path":"/"}"#,
             r#"{"authority":"shop","path":"/nothing-matches"}"#,
             r#"{"authority":"shop","path":"/ghost"}"#,
+            r#"{"authority":"shop","path":"/auto/x"}"#,
         ]
         .join("\n"),
     )
@@ -260,7 +261,7 @@ fn route_explains_every_action_of_a_hand_made_rds_dump() {
         "--requests",
         requests.to_str().unwrap(),
     ]);
-    assert_eq!(lines.len(), 8);
+    assert_eq!(lines.len(), 9);
     let vh = "shop.default.svc.cluster.local:8080";
 
     // Cluster with prefix and host rewrites, timeout and retry policy.
@@ -340,6 +341,16 @@ fn route_explains_every_action_of_a_hand_made_rds_dump() {
     );
     assert_eq!(ghost["status"], 503);
     assert_eq!(ghost["response_flag"], "NC");
+
+    // auto_host_rewrite: the Host depends on the endpoint chosen, and the dump has none.
+    let auto = &lines[8];
+    assert_eq!(auto["route"], "auto");
+    assert!(auto["upstream_authority"].is_null(), "{auto}");
+    let note = auto["upstream_authority_note"].as_str().unwrap();
+    assert!(
+        note.contains("auto_host_rewrite") && note.contains("no endpoints known"),
+        "{note}"
+    );
 
     // The single-request form gives the same answer as the file form.
     let single = route_lines(&[

@@ -2472,3 +2472,73 @@ fn stream_idle_timeout_matches_envoy() {
         ]
     );
 }
+
+// ---------- auto_host_rewrite ----------
+
+/// `auto_host_rewrite` puts the chosen endpoint's `hostname` in `Host`, and leaves `Host` alone
+/// for an endpoint without one (static endpoints here, which mesh serves as EDS): what the
+/// upstream sees through Envoy 1.40 and through mesh.
+#[test]
+fn auto_host_rewrite_matches_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    let up = ScriptedUpstream::start();
+    let cluster = |name: &str, hostname: Option<&str>| {
+        let mut ep =
+            json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": up.port}}});
+        if let Some(h) = hostname {
+            ep["hostname"] = json!(h);
+        }
+        json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": ep}]}]}})
+    };
+    let clusters = vec![
+        cluster("named", Some("named.example")),
+        cluster("plain", None),
+    ];
+    let route = |prefix: &str, cluster: &str| json!({"match": {"prefix": prefix}, "route": {"cluster": cluster, "auto_host_rewrite": true}});
+    let route_config = json!({"name": "auto", "virtual_hosts": [{"name": "auto", "domains": ["*"],
+        "routes": [route("/named", "named"), route("/plain", "plain"),
+            {"match": {"prefix": "/off"}, "route": {"cluster": "named", "auto_host_rewrite": false}}]}]});
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("mesh-auto-oracle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
+    let paths = ["/named", "/plain", "/off"];
+    let envoy: Vec<Vec<Seen>> = paths
+        .iter()
+        .map(|p| {
+            let (status, _) = envoy_forward(port, "orig.example", p, &[]);
+            assert_eq!(status, 200, "envoy {p}");
+            up.take(1)
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mesh = mesh_outbound(&rt, &route_config, &clusters);
+    let mesh_runs: Vec<Vec<Seen>> = paths
+        .iter()
+        .map(|p| {
+            let r = rt
+                .block_on(mesh.get(format!("http://orig.example{p}")))
+                .unwrap();
+            assert_eq!(r.status(), 200, "mesh {p}");
+            up.take(1)
+        })
+        .collect();
+    let hosts = |runs: &[Vec<Seen>]| {
+        runs.iter()
+            .map(|v| v.iter().map(|s| s.host.clone()).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    };
+    eprintln!("envoy {:?}\nmesh  {:?}", hosts(&envoy), hosts(&mesh_runs));
+    assert_eq!(
+        hosts(&envoy),
+        [["named.example"], ["orig.example"], ["orig.example"]]
+    );
+    assert_eq!(envoy, mesh_runs);
+}

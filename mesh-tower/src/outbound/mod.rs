@@ -600,6 +600,11 @@ impl Outbound {
                 self.mirror(m, &parts, r, authority, port, grpc);
             }
         }
+        let auto_host = fwd
+            .forwarding
+            .as_deref()
+            .is_some_and(|f| f.host_rewrite == Some(HostRewrite::Auto));
+        let mut auto_authority: Option<AuthorityBuf> = None;
         let mut parts = Some(parts);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
@@ -621,7 +626,7 @@ impl Outbound {
                 (ClusterDiscovery::OriginalDestination, _) => {
                     Box::pin(self.original_destination(host, port))
                         .await
-                        .map(|addr| (addr, EndpointTlsMode::Disabled, None))
+                        .map(|addr| (addr, EndpointTlsMode::Disabled, None, None))
                 }
                 (_, Some(set)) => {
                     let entry = self.inner.balancer(&state, set);
@@ -643,12 +648,17 @@ impl Outbound {
                         if state.outlier.is_some() {
                             live = Some((entry.clone(), hs.clone()));
                         }
-                        (ep.address, ep.tls_mode, Some((ep.workload.as_ref(), set)))
+                        (
+                            ep.address,
+                            ep.tls_mode,
+                            Some((ep.workload.as_ref(), set)),
+                            ep.hostname.as_ref(),
+                        )
                     })
                 }
                 (_, None) => None,
             };
-            let Some((addr, tls_mode, ep_info)) = picked else {
+            let Some((addr, tls_mode, ep_info, hostname)) = picked else {
                 let record = self.record_unless(
                     fwd.shadow,
                     &self.inner.no_host,
@@ -696,6 +706,16 @@ impl Outbound {
                 p.headers
                     .insert(X_ENVOY_ATTEMPT_COUNT, HeaderValue::from(attempt));
             }
+            // `auto_host_rewrite`: the chosen host's hostname, when it has one. Envoy rewrites
+            // the request it keeps for retries, so a later host without a hostname sends the
+            // earlier host's.
+            if auto_host && let Some(v) = hostname.and_then(|h| HeaderValue::from_str(h).ok()) {
+                auto_authority = Some(AuthorityBuf::Header(v));
+            }
+            if let Some(AuthorityBuf::Header(v)) = &auto_authority {
+                p.headers.insert(header::HOST, v.clone());
+            }
+            let authority = auto_authority.as_ref().unwrap_or(authority);
             telemetry::PeerHeaders::propagate(
                 self.inner.peer_headers.as_ref(),
                 tls_mode,
