@@ -1157,6 +1157,17 @@ fn envoy_forward(
     (status, xs)
 }
 
+/// The `x-*` headers of a mesh response but Envoy's own `x-envoy-*`, sorted.
+fn x_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    let mut xs: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+        .filter(|(k, _)| k.starts_with("x-") && !k.starts_with("x-envoy"))
+        .collect();
+    xs.sort();
+    xs
+}
+
 #[test]
 fn retries_and_rewrites_match_envoy() {
     if envoy_binary().is_none() {
@@ -1309,13 +1320,7 @@ fn retries_and_rewrites_match_envoy() {
                 )
                 .await;
             let status = resp.status().as_u16();
-            let mut xs: Vec<(String, String)> = resp
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
-                .filter(|(k, _)| k.starts_with("x-") && !k.starts_with("x-envoy"))
-                .collect();
-            xs.sort();
+            let xs = x_headers(resp.headers());
             drop(resp);
             let seen = tokio::task::block_in_place(|| up.take(*n));
             runs.push(((status, xs), seen));
@@ -2541,4 +2546,148 @@ fn auto_host_rewrite_matches_envoy() {
         [["named.example"], ["orig.example"], ["orig.example"]]
     );
     assert_eq!(envoy, mesh_runs);
+}
+
+// ---------- %…% header formatters ----------
+
+/// `request_headers_to_add` / `response_headers_to_add` with the formatters users put in
+/// VirtualService headers, where the value is deterministic: what the upstream and the client
+/// see through Envoy 1.40 and through mesh. Every command mesh accepts is accepted by Envoy, and
+/// the ones Envoy refuses are refused by mesh too.
+#[test]
+fn header_formatters_match_envoy() {
+    let Some(bin) = envoy_binary() else {
+        return;
+    };
+    let validate = |headers: Vec<Value>| -> bool {
+        let route_config = json!({"name": "v", "virtual_hosts": [{"name": "v", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200},
+                "request_headers_to_add": headers}]}]});
+        let dir = std::env::temp_dir().join(format!("mesh-fmt-oracle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("formatters.json");
+        std::fs::write(&file, bootstrap(free_port(), route_config)).unwrap();
+        let out = std::process::Command::new(&bin)
+            .args(["--mode", "validate", "-c"])
+            .arg(&file)
+            .output()
+            .expect("run envoy --mode validate");
+        if !out.status.success() {
+            let text = String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout);
+            eprintln!(
+                "envoy refused: {}",
+                text.lines()
+                    .filter(|l| l.contains("critical"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        out.status.success()
+    };
+    let add = |k: &str, v: &str| json!({"header": {"key": k, "value": v}});
+    // Every command mesh knows, with an argument Envoy takes where one is needed.
+    let all: Vec<Value> = mesh_core::headers::known_commands()
+        .enumerate()
+        .map(|(i, (c, with_arg))| {
+            let v = match (c, with_arg) {
+                (_, false) => format!("%{c}%"),
+                ("METADATA", _) => "%METADATA(ROUTE:ns:key)%".into(),
+                ("COMMON_DURATION", _) => "%COMMON_DURATION(FS_START:LS_END:ms)%".into(),
+                ("CEL", _) => "%CEL(request.path)%".into(),
+                (c, _) if c.ends_with("METADATA") => format!("%{c}(ns:key)%"),
+                (c, _) => format!("%{c}(x-a)%"),
+            };
+            assert!(
+                mesh_core::headers::HeaderFormat::parse(&v).is_ok(),
+                "mesh refuses {v}"
+            );
+            add(&format!("x-c-{i}"), &v)
+        })
+        .collect();
+    assert!(validate(all), "envoy refuses a command mesh accepts");
+    for refused in ["%REQUEST_ID%", "%UPSTREAM_HOST:3%", "%REQ(x-a):x%", "%REQ%"] {
+        assert!(
+            !validate(vec![add("x-a", refused)]),
+            "envoy accepts {refused}"
+        );
+        assert!(
+            mesh_core::headers::HeaderFormat::parse(refused).is_err(),
+            "mesh accepts {refused}"
+        );
+    }
+
+    let up = ScriptedUpstream::start();
+    let clusters = vec![
+        json!({"name": "up", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "up", "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": up.port}}}}]}]}}),
+    ];
+    let request_headers = vec![
+        add("x-f-host", "%HOSTNAME%"),
+        add("x-f-cut", "%REQ(x-user):3%"),
+        add("x-f-alt", "%REQ(x-missing?x-user)%"),
+        add("x-f-stream", "%STREAM_ID%"),
+        add("x-f-upstream", "%UPSTREAM_HOST%"),
+        add("x-f-up-port", "[%UPSTREAM_REMOTE_PORT%]"),
+        add("x-f-code", "%RESPONSE_CODE%"),
+        add("x-f-resp", "[%RESP(x-upstream)%]"),
+        add("x-f-route", "%ROUTE_NAME%"),
+        add("x-f-cluster", "%UPSTREAM_CLUSTER% %PROTOCOL%"),
+        add("x-f-year", "%START_TIME(%Y)%"),
+        add("x-f-tls", "%UPSTREAM_TLS_VERSION%"),
+        add("x-f-env", "%ENVIRONMENT(MESH_ORACLE_UNSET_VARIABLE)%"),
+    ];
+    let response_headers = vec![
+        add("x-r-upstream", "%UPSTREAM_REMOTE_ADDRESS%"),
+        add("x-r-up-ip", "%UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"),
+        add("x-r-resp", "%RESP(x-upstream)%/%RESP(x-none?x-upstream):1%"),
+        add("x-r-code", "%RESPONSE_CODE%"),
+        add("x-r-user", "%REQ(x-user)%"),
+        add("x-r-stream", "%STREAM_ID%"),
+    ];
+    let route_config = json!({"name": "fmt", "virtual_hosts": [{"name": "fmt", "domains": ["*"],
+        "routes": [{"name": "formatted", "match": {"prefix": "/"}, "route": {"cluster": "up"},
+            "request_headers_to_add": request_headers,
+            "response_headers_to_add": response_headers}]}]});
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("mesh-fmt-oracle-{}", std::process::id()));
+    let log = dir.join("access.log");
+    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
+    let headers = [("x-user", "alice"), ("x-request-id", "rid-1")];
+    let envoy = (envoy_forward(port, "fmt", "/a", &headers), up.take(1));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mesh = mesh_outbound(&rt, &route_config, &clusters);
+    let mesh_run = rt.block_on(async {
+        let mut b = http::Request::get("http://fmt/a");
+        for (k, v) in headers {
+            b = b.header(k, v);
+        }
+        let resp = mesh
+            .request(
+                b.body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap(),
+            )
+            .await;
+        (resp.status().as_u16(), x_headers(resp.headers()))
+    });
+    let mesh_run = (mesh_run, up.take(1));
+    eprintln!("envoy {envoy:?}\nmesh  {mesh_run:?}");
+    assert_eq!(envoy, mesh_run);
+    // The values were really there (not all empty on both sides).
+    let seen = &envoy.1[0].headers;
+    let get = |k: &str| seen.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    assert_eq!(get("x-f-cut"), Some("ali"));
+    assert_eq!(get("x-f-code"), Some("0"));
+    assert_eq!(get("x-f-upstream"), None);
+    let answer = &envoy.0.1;
+    let up_addr = format!("127.0.0.1:{}", up.port);
+    assert!(
+        answer.contains(&("x-r-upstream".to_owned(), up_addr)),
+        "{answer:?}"
+    );
 }

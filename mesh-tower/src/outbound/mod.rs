@@ -125,6 +125,8 @@ struct Inner {
     no_host: Arc<LabelBase>,
     /// Peer metadata headers for Istio peers, encoded once.
     peer_headers: Option<telemetry::PeerHeaders>,
+    /// The pod's IP (`%DOWNSTREAM_REMOTE_ADDRESS%`).
+    instance_ip: IpAddr,
 }
 
 /// Per-cluster state that outlives snapshots while the cluster is unchanged: host pools and
@@ -187,6 +189,7 @@ impl Outbound {
                     None,
                 )),
                 peer_headers: telemetry::PeerHeaders::for_node(&node),
+                instance_ip: node.instance_ip,
                 source,
                 clusters: ArcSwap::from_pointee(HashMap::default()),
                 clusters_write: Mutex::new(()),
@@ -578,14 +581,8 @@ impl Outbound {
             if !f.request_headers.is_empty() {
                 let (request, rest) = (std::mem::take(&mut parts.headers), &parts);
                 let mut headers = request.clone();
-                f.request_headers.apply(
-                    &mut headers,
-                    &FormatContext {
-                        request: &request,
-                        protocol: protocol_name(rest.version),
-                        cluster: &cluster.name,
-                    },
-                );
+                let ctx = self.format_context(&request, rest.version, fwd, port, start);
+                f.request_headers.apply(&mut headers, &ctx);
                 parts.headers = headers;
             }
         }
@@ -979,15 +976,37 @@ impl Outbound {
             {
                 let empty = HeaderMap::new();
                 let request = parts.as_ref().map_or(&empty, |p| &p.headers);
-                let ctx = FormatContext {
-                    request,
-                    protocol: protocol_name(parts.as_ref().map_or(Version::HTTP_11, |p| p.version)),
-                    cluster: &cluster.name,
-                };
+                let version = parts.as_ref().map_or(Version::HTTP_11, |p| p.version);
+                let response = resp.headers().clone();
+                let mut ctx = self.format_context(request, version, fwd, port, start);
+                ctx.response = Some((&response, resp.status().as_u16()));
+                ctx.upstream_host = Some(addr);
                 f.response_headers.apply(resp.headers_mut(), &ctx);
             }
             break resp;
         }
+    }
+
+    /// What `%…%` header formatters read for this request. mesh has no downstream
+    /// connection: the downstream remote address is the pod's `INSTANCE_IP` with port 0 and
+    /// the local one the outbound listener's `0.0.0.0:<port>`.
+    fn format_context<'a>(
+        &'a self,
+        request: &'a HeaderMap,
+        version: Version,
+        fwd: &'a Forward,
+        port: u16,
+        start: Instant,
+    ) -> FormatContext<'a> {
+        let mut ctx = FormatContext::new(request, protocol_name(version), &fwd.cluster.name);
+        ctx.route_name = &fwd.route;
+        ctx.downstream_remote = Some(SocketAddr::new(self.inner.instance_ip, 0));
+        ctx.downstream_local = Some(SocketAddr::from(([0, 0, 0, 0], port)));
+        ctx.start_time = std::time::SystemTime::now()
+            .checked_sub(start.elapsed())
+            .unwrap_or_else(std::time::SystemTime::now);
+        ctx.hostname = hostname();
+        ctx
     }
 
     fn record_unless(
@@ -1402,6 +1421,20 @@ struct Forward {
     fault: Option<Arc<mesh_core::fault::Fault>>,
     /// A mirror copy: no telemetry, no further mirroring.
     shadow: bool,
+}
+
+/// The machine's host name, as Envoy's `%HOSTNAME%` gives it (`gethostname`; in Kubernetes
+/// the pod's name), read once.
+fn hostname() -> &'static str {
+    static NAME: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_default()
+    });
+    &NAME
 }
 
 /// Envoy's `%PROTOCOL%`.

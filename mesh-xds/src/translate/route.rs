@@ -507,7 +507,7 @@ fn header_level(
         };
         level.add.push(HeaderToAdd {
             name: name(&h.key, &format!("{field}.header.key"))?,
-            value: HeaderFormat::parse(&value),
+            value: HeaderFormat::parse(&value).map_err(|e| format!("{field}.header.value: {e}"))?,
             action,
             keep_empty_value: o.keep_empty_value,
         });
@@ -1056,6 +1056,16 @@ mod forwarding_tests {
             AppendAction::OverwriteIfExistsOrAdd
         );
         assert_eq!(f.response_headers.levels.len(), 1);
+
+        // A formatter Envoy does not know: the route configuration is refused, as Envoy does.
+        let mut bad = rc.clone();
+        bad.request_headers_to_add = vec![hvo("x-id", "%REQUEST_ID%", 0)];
+        let e = translate_route(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("request_headers_to_add")
+                && e.contains("Not supported field in StreamInfo: REQUEST_ID"),
+            "{e}"
+        );
 
         // Istio's VirtualService fault, as a per-route filter config.
         {
