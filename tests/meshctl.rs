@@ -248,6 +248,7 @@ fn route_explains_every_action_of_a_hand_made_rds_dump() {
             r#"{"authority":"elsewhere.example","path":"/"}"#,
             r#"{"authority":"shop","path":"/nothing-matches"}"#,
             r#"{"authority":"shop","path":"/ghost"}"#,
+            r#"{"authority":"shop","path":"/auto/x"}"#,
         ]
         .join("\n"),
     )
@@ -260,7 +261,7 @@ fn route_explains_every_action_of_a_hand_made_rds_dump() {
         "--requests",
         requests.to_str().unwrap(),
     ]);
-    assert_eq!(lines.len(), 8);
+    assert_eq!(lines.len(), 9);
     let vh = "shop.default.svc.cluster.local:8080";
 
     // Cluster with prefix and host rewrites, timeout and retry policy.
@@ -276,6 +277,7 @@ fn route_explains_every_action_of_a_hand_made_rds_dump() {
     assert_eq!(api["upstream_path"], "/v2/items?x=1");
     assert_eq!(api["upstream_authority"], "backend.internal");
     assert_eq!(api["timeout_ms"], 2500);
+    assert_eq!(api["idle_timeout_ms"], 30_000);
     assert_eq!(api["retry"]["num_retries"], 3);
     assert_eq!(api["retry"]["per_try_timeout_ms"], 1000);
     assert_eq!(
@@ -319,6 +321,7 @@ fn route_explains_every_action_of_a_hand_made_rds_dump() {
         "outbound|8080|v2|shop.default.svc.cluster.local"
     );
     assert!(canary["timeout_ms"].is_null());
+    assert!(canary["idle_timeout_ms"].is_null());
 
     // No virtual host, and a virtual host without a matching route: 404 NR.
     for l in &lines[5..7] {
@@ -338,6 +341,16 @@ fn route_explains_every_action_of_a_hand_made_rds_dump() {
     );
     assert_eq!(ghost["status"], 503);
     assert_eq!(ghost["response_flag"], "NC");
+
+    // auto_host_rewrite: the Host depends on the endpoint chosen, and the dump has none.
+    let auto = &lines[8];
+    assert_eq!(auto["route"], "auto");
+    assert!(auto["upstream_authority"].is_null(), "{auto}");
+    let note = auto["upstream_authority_note"].as_str().unwrap();
+    assert!(
+        note.contains("auto_host_rewrite") && note.contains("no endpoints known"),
+        "{note}"
+    );
 
     // The single-request form gives the same answer as the file form.
     let single = route_lines(&[

@@ -1160,6 +1160,17 @@ fn envoy_forward(
     (status, xs)
 }
 
+/// The `x-*` headers of a mesh response but Envoy's own `x-envoy-*`, sorted.
+fn x_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    let mut xs: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+        .filter(|(k, _)| k.starts_with("x-") && !k.starts_with("x-envoy"))
+        .collect();
+    xs.sort();
+    xs
+}
+
 #[test]
 fn retries_and_rewrites_match_envoy() {
     if envoy_binary().is_none() {
@@ -1312,13 +1323,7 @@ fn retries_and_rewrites_match_envoy() {
                 )
                 .await;
             let status = resp.status().as_u16();
-            let mut xs: Vec<(String, String)> = resp
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
-                .filter(|(k, _)| k.starts_with("x-") && !k.starts_with("x-envoy"))
-                .collect();
-            xs.sort();
+            let xs = x_headers(resp.headers());
             drop(resp);
             let seen = tokio::task::block_in_place(|| up.take(*n));
             runs.push(((status, xs), seen));
@@ -2260,4 +2265,432 @@ fn max_requests_per_connection_matches_envoy() {
         "Envoy opens one connection per two requests"
     );
     assert_eq!(mesh_cx, envoy);
+}
+
+// ---------- the route's stream idle timeout ----------
+
+/// A raw HTTP/1.1 upstream for stream idle timeouts, one request per connection: `/partial`
+/// sends its headers and 3 of its 10 body bytes, `/trickle` its 10 body bytes one per 100 ms,
+/// anything else never answers; each then waits (bounded) for the peer to close.
+fn idle_upstream() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let path = String::from_utf8_lossy(&head)
+                    .split(' ')
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_owned();
+                let ok = "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n";
+                if path.starts_with("/partial") {
+                    let _ = s.write_all(format!("{ok}abc").as_bytes());
+                } else if path.starts_with("/trickle") {
+                    let _ = s.write_all(ok.as_bytes());
+                    for _ in 0..10 {
+                        std::thread::sleep(Duration::from_millis(100));
+                        let _ = s.write_all(b"x");
+                    }
+                }
+                // Wait for the peer to close (or the read timeout).
+                while matches!(s.read(&mut chunk), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    port
+}
+
+/// Sends `request` to Envoy on a fresh connection and reads until Envoy closes it: the status
+/// and the body bytes that arrived.
+fn envoy_raw(port: u16, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to envoy");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
+}
+
+/// A request body that sends 5 of its 10 bytes and then never more.
+struct HalfBody(bool);
+
+impl http_body::Body for HalfBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.0 {
+            return std::task::Poll::Pending;
+        }
+        self.0 = true;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+            b"abcde",
+        )))))
+    }
+}
+
+/// Route `idle_timeout`: an upstream that never answers gets 504 `stream timeout` `SI`; one
+/// that stalls in its body has the stream reset (Envoy logs `200 SI`); one that keeps sending
+/// is never cut; a request body that stalls gets 408 `SI`. Envoy 1.40 and mesh alike.
+#[test]
+fn stream_idle_timeout_matches_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    let up = idle_upstream();
+    let clusters = vec![
+        json!({"name": "up", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "up", "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": up}}}}]}]}}),
+    ];
+    let route_config = json!({"name": "idle", "virtual_hosts": [{"name": "idle", "domains": ["*"],
+        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "up", "idle_timeout": "1s"}}]}]});
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("mesh-idle-oracle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
+    let mut boot: Value =
+        serde_json::from_str(&lb_bootstrap(port, &route_config, &clusters, &log)).unwrap();
+    let hcm = &mut boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    // As istiod configures the connection manager: only the route's timer runs.
+    hcm["stream_idle_timeout"] = json!("0s");
+    hcm["access_log"][0]["typed_config"]["log_format"]["text_format_source"]["inline_string"] =
+        json!("%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%\n");
+    let _envoy = EnvoyProcess::start(&boot.to_string());
+
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: idle\r\nconnection: close\r\n\r\n");
+    let half_post = "POST /hold-body HTTP/1.1\r\nHost: idle\r\ncontent-length: 10\r\n\r\nabcde";
+    let answers: Vec<(u16, String)> = [
+        get("/hold"),
+        get("/partial"),
+        get("/trickle"),
+        half_post.to_owned(),
+    ]
+    .iter()
+    .map(|req| envoy_raw(port, req))
+    .collect();
+    // Envoy flushes its access log on its own time: read the lines once all are answered.
+    let envoy: Vec<(u16, String, String)> = answers
+        .into_iter()
+        .enumerate()
+        .map(|(i, (status, body))| (status, body, envoy_log_line(&log, i)))
+        .collect();
+    eprintln!("envoy: {envoy:?}");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mesh = mesh_outbound(&rt, &route_config, &clusters);
+    let mesh_runs: Vec<(u16, String, String)> = rt.block_on(async {
+        use http_body_util::BodyExt;
+        let flags = |r: &http::Response<mesh_tower::outbound::OutboundBody>| {
+            r.extensions()
+                .get::<mesh_core::flags::ResponseFlags>()
+                .copied()
+                .unwrap_or_default()
+                .to_string()
+        };
+        let mut runs = Vec::new();
+        for path in ["/hold", "/partial", "/trickle"] {
+            let req = http::Request::get(format!("http://idle{path}"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = tokio::time::timeout(Duration::from_secs(10), mesh.request(req))
+                .await
+                .expect("mesh answers");
+            let (status, mut f) = (resp.status().as_u16(), flags(&resp));
+            let mut body = resp.into_body();
+            let mut text = String::new();
+            // The body frame by frame: what arrived before an idle reset counts.
+            while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                .await
+                .expect("the body ends")
+            {
+                match frame {
+                    Ok(fr) => {
+                        if let Some(d) = fr.data_ref() {
+                            text.push_str(&String::from_utf8_lossy(d));
+                        }
+                    }
+                    Err(e) => {
+                        assert!(
+                            e.is::<mesh_tower::outbound::StreamIdleTimeout>(),
+                            "{path}: {e}"
+                        );
+                        f = "SI".into();
+                        break;
+                    }
+                }
+            }
+            runs.push((status, text, f));
+        }
+        let req = http::Request::post("http://idle/hold-body")
+            .header("content-length", "10")
+            .body(HalfBody(false))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), mesh.request(req))
+            .await
+            .expect("mesh answers");
+        let (status, f) = (resp.status().as_u16(), flags(&resp));
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        runs.push((status, String::from_utf8_lossy(&body).into_owned(), f));
+        runs
+    });
+    eprintln!("mesh:  {mesh_runs:?}");
+    // Envoy's log line is `code flags details`; mesh's flags come from the response (or, after
+    // the headers, from the body's idle error).
+    let envoy_cmp: Vec<(u16, String, String)> = envoy
+        .iter()
+        .map(|(s, b, line)| {
+            let flags = line.split(' ').nth(1).unwrap_or("").to_owned();
+            (*s, b.clone(), flags)
+        })
+        .collect();
+    assert_eq!(envoy_cmp, mesh_runs);
+    assert_eq!(
+        envoy.iter().map(|e| e.2.as_str()).collect::<Vec<_>>(),
+        [
+            "504 SI stream_idle_timeout",
+            "200 SI stream_idle_timeout",
+            "200 - via_upstream",
+            "408 SI stream_idle_timeout",
+        ]
+    );
+}
+
+// ---------- auto_host_rewrite ----------
+
+/// `auto_host_rewrite` puts the chosen endpoint's `hostname` in `Host`, and leaves `Host` alone
+/// for an endpoint without one (static endpoints here, which mesh serves as EDS): what the
+/// upstream sees through Envoy 1.40 and through mesh.
+#[test]
+fn auto_host_rewrite_matches_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    let up = ScriptedUpstream::start();
+    let cluster = |name: &str, hostname: Option<&str>| {
+        let mut ep =
+            json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": up.port}}});
+        if let Some(h) = hostname {
+            ep["hostname"] = json!(h);
+        }
+        json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": ep}]}]}})
+    };
+    let clusters = vec![
+        cluster("named", Some("named.example")),
+        cluster("plain", None),
+    ];
+    let route = |prefix: &str, cluster: &str| json!({"match": {"prefix": prefix}, "route": {"cluster": cluster, "auto_host_rewrite": true}});
+    let route_config = json!({"name": "auto", "virtual_hosts": [{"name": "auto", "domains": ["*"],
+        "routes": [route("/named", "named"), route("/plain", "plain"),
+            {"match": {"prefix": "/off"}, "route": {"cluster": "named", "auto_host_rewrite": false}}]}]});
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("mesh-auto-oracle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
+    let paths = ["/named", "/plain", "/off"];
+    let envoy: Vec<Vec<Seen>> = paths
+        .iter()
+        .map(|p| {
+            let (status, _) = envoy_forward(port, "orig.example", p, &[]);
+            assert_eq!(status, 200, "envoy {p}");
+            up.take(1)
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mesh = mesh_outbound(&rt, &route_config, &clusters);
+    let mesh_runs: Vec<Vec<Seen>> = paths
+        .iter()
+        .map(|p| {
+            let r = rt
+                .block_on(mesh.get(format!("http://orig.example{p}")))
+                .unwrap();
+            assert_eq!(r.status(), 200, "mesh {p}");
+            up.take(1)
+        })
+        .collect();
+    let hosts = |runs: &[Vec<Seen>]| {
+        runs.iter()
+            .map(|v| v.iter().map(|s| s.host.clone()).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    };
+    eprintln!("envoy {:?}\nmesh  {:?}", hosts(&envoy), hosts(&mesh_runs));
+    assert_eq!(
+        hosts(&envoy),
+        [["named.example"], ["orig.example"], ["orig.example"]]
+    );
+    assert_eq!(envoy, mesh_runs);
+}
+
+// ---------- %…% header formatters ----------
+
+/// `request_headers_to_add` / `response_headers_to_add` with the formatters users put in
+/// VirtualService headers, where the value is deterministic: what the upstream and the client
+/// see through Envoy 1.40 and through mesh. Every command mesh accepts is accepted by Envoy, and
+/// the ones Envoy refuses are refused by mesh too.
+#[test]
+fn header_formatters_match_envoy() {
+    let Some(bin) = envoy_binary() else {
+        return;
+    };
+    let validate = |headers: Vec<Value>| -> bool {
+        let route_config = json!({"name": "v", "virtual_hosts": [{"name": "v", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200},
+                "request_headers_to_add": headers}]}]});
+        let dir = std::env::temp_dir().join(format!("mesh-fmt-oracle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("formatters.json");
+        std::fs::write(&file, bootstrap(free_port(), route_config)).unwrap();
+        let out = std::process::Command::new(&bin)
+            .args(["--mode", "validate", "-c"])
+            .arg(&file)
+            .output()
+            .expect("run envoy --mode validate");
+        if !out.status.success() {
+            let text = String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout);
+            eprintln!(
+                "envoy refused: {}",
+                text.lines()
+                    .filter(|l| l.contains("critical"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        out.status.success()
+    };
+    let add = |k: &str, v: &str| json!({"header": {"key": k, "value": v}});
+    // Every command mesh knows, with an argument Envoy takes where one is needed.
+    let all: Vec<Value> = mesh_core::headers::known_commands()
+        .enumerate()
+        .map(|(i, (c, with_arg))| {
+            let v = match (c, with_arg) {
+                (_, false) => format!("%{c}%"),
+                ("METADATA", _) => "%METADATA(ROUTE:ns:key)%".into(),
+                ("COMMON_DURATION", _) => "%COMMON_DURATION(FS_START:LS_END:ms)%".into(),
+                ("CEL", _) => "%CEL(request.path)%".into(),
+                (c, _) if c.ends_with("METADATA") => format!("%{c}(ns:key)%"),
+                (c, _) => format!("%{c}(x-a)%"),
+            };
+            assert!(
+                mesh_core::headers::HeaderFormat::parse(&v).is_ok(),
+                "mesh refuses {v}"
+            );
+            add(&format!("x-c-{i}"), &v)
+        })
+        .collect();
+    assert!(validate(all), "envoy refuses a command mesh accepts");
+    for refused in ["%REQUEST_ID%", "%UPSTREAM_HOST:3%", "%REQ(x-a):x%", "%REQ%"] {
+        assert!(
+            !validate(vec![add("x-a", refused)]),
+            "envoy accepts {refused}"
+        );
+        assert!(
+            mesh_core::headers::HeaderFormat::parse(refused).is_err(),
+            "mesh accepts {refused}"
+        );
+    }
+
+    let up = ScriptedUpstream::start();
+    let clusters = vec![
+        json!({"name": "up", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "up", "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": up.port}}}}]}]}}),
+    ];
+    let request_headers = vec![
+        add("x-f-host", "%HOSTNAME%"),
+        add("x-f-cut", "%REQ(x-user):3%"),
+        add("x-f-alt", "%REQ(x-missing?x-user)%"),
+        add("x-f-stream", "%STREAM_ID%"),
+        add("x-f-upstream", "%UPSTREAM_HOST%"),
+        add("x-f-up-port", "[%UPSTREAM_REMOTE_PORT%]"),
+        add("x-f-code", "%RESPONSE_CODE%"),
+        add("x-f-resp", "[%RESP(x-upstream)%]"),
+        add("x-f-route", "%ROUTE_NAME%"),
+        add("x-f-cluster", "%UPSTREAM_CLUSTER% %PROTOCOL%"),
+        add("x-f-year", "%START_TIME(%Y)%"),
+        add("x-f-tls", "%UPSTREAM_TLS_VERSION%"),
+        add("x-f-env", "%ENVIRONMENT(MESH_ORACLE_UNSET_VARIABLE)%"),
+    ];
+    let response_headers = vec![
+        add("x-r-upstream", "%UPSTREAM_REMOTE_ADDRESS%"),
+        add("x-r-up-ip", "%UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"),
+        add("x-r-resp", "%RESP(x-upstream)%/%RESP(x-none?x-upstream):1%"),
+        add("x-r-code", "%RESPONSE_CODE%"),
+        add("x-r-user", "%REQ(x-user)%"),
+        add("x-r-stream", "%STREAM_ID%"),
+    ];
+    let route_config = json!({"name": "fmt", "virtual_hosts": [{"name": "fmt", "domains": ["*"],
+        "routes": [{"name": "formatted", "match": {"prefix": "/"}, "route": {"cluster": "up"},
+            "request_headers_to_add": request_headers,
+            "response_headers_to_add": response_headers}]}]});
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("mesh-fmt-oracle-{}", std::process::id()));
+    let log = dir.join("access.log");
+    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
+    let headers = [("x-user", "alice"), ("x-request-id", "rid-1")];
+    let envoy = (envoy_forward(port, "fmt", "/a", &headers), up.take(1));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mesh = mesh_outbound(&rt, &route_config, &clusters);
+    let mesh_run = rt.block_on(async {
+        let mut b = http::Request::get("http://fmt/a");
+        for (k, v) in headers {
+            b = b.header(k, v);
+        }
+        let resp = mesh
+            .request(
+                b.body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap(),
+            )
+            .await;
+        (resp.status().as_u16(), x_headers(resp.headers()))
+    });
+    let mesh_run = (mesh_run, up.take(1));
+    eprintln!("envoy {envoy:?}\nmesh  {mesh_run:?}");
+    assert_eq!(envoy, mesh_run);
+    // The values were really there (not all empty on both sides).
+    let seen = &envoy.1[0].headers;
+    let get = |k: &str| seen.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    assert_eq!(get("x-f-cut"), Some("ali"));
+    assert_eq!(get("x-f-code"), Some("0"));
+    assert_eq!(get("x-f-upstream"), None);
+    let answer = &envoy.0.1;
+    let up_addr = format!("127.0.0.1:{}", up.port);
+    assert!(
+        answer.contains(&("x-r-upstream".to_owned(), up_addr)),
+        "{answer:?}"
+    );
 }

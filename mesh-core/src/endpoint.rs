@@ -105,6 +105,10 @@ pub struct Endpoint {
     pub locality_weight: Option<u32>,
     /// `istio.workload` metadata, when present.
     pub workload: Option<WorkloadMetadata>,
+    /// The host's hostname, what a route's `auto_host_rewrite` puts in `Host`: the EDS
+    /// endpoint's `hostname`, or for `STRICT_DNS`/`LOGICAL_DNS` clusters the address as
+    /// configured (Envoy 1.40 ignores `hostname` there). `None`: `Host` stays as it is.
+    pub hostname: Option<std::sync::Arc<str>>,
 }
 
 impl Endpoint {
@@ -119,6 +123,7 @@ impl Endpoint {
             priority: 0,
             locality_weight: None,
             workload: None,
+            hostname: None,
         }
     }
 }

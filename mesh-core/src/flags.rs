@@ -21,9 +21,10 @@ pub type ResponseFlag = ResponseFlags;
 /// request path that order is fixed: fault injection (`DI`, `FI`) and authorization before the
 /// router; then the retry verdict (`URX`, or `UO` when the retry breaker is full) before the
 /// cause of the failure (`UH`, `UT`, `UF`, `UC`, …). A real Envoy 1.40 logs `URX,UF` for a
-/// connection failure after exhausted retries (tests/routing_oracle.rs checks it).
-const ORDER: [&str; 14] = [
-    "DI", "FI", "UAEX", "RBAC", "URX", "UO", "UH", "UT", "UF", "UC", "NR", "NC", "DC", "DPE",
+/// connection failure after exhausted retries (tests/routing_oracle.rs checks it). The
+/// connection manager's stream idle timer (`SI`) fires after whatever the router had set.
+const ORDER: [&str; 15] = [
+    "DI", "FI", "UAEX", "RBAC", "URX", "UO", "UH", "UT", "UF", "UC", "SI", "NR", "NC", "DC", "DPE",
 ];
 
 #[allow(non_upper_case_globals)]
@@ -41,7 +42,7 @@ impl ResponseFlags {
     /// `UO`: upstream overflow, circuit breaker open (503).
     pub const UpstreamOverflow: ResponseFlags = ResponseFlags(1 << 5);
     /// `NR`: no route configured for the request (404).
-    pub const NoRouteFound: ResponseFlags = ResponseFlags(1 << 10);
+    pub const NoRouteFound: ResponseFlags = ResponseFlags(1 << 11);
     /// `DI`: request delayed by fault injection.
     pub const DelayInjected: ResponseFlags = ResponseFlags(1 << 0);
     /// `FI`: request aborted by fault injection.
@@ -49,13 +50,16 @@ impl ResponseFlags {
     /// `UAEX`: denied by external authorization.
     pub const UnauthorizedExternalService: ResponseFlags = ResponseFlags(1 << 2);
     /// `DC`: downstream connection terminated.
-    pub const DownstreamConnectionTermination: ResponseFlags = ResponseFlags(1 << 12);
+    pub const DownstreamConnectionTermination: ResponseFlags = ResponseFlags(1 << 13);
     /// `URX`: upstream retry limit exceeded.
     pub const UpstreamRetryLimitExceeded: ResponseFlags = ResponseFlags(1 << 4);
     /// `DPE`: downstream protocol error.
-    pub const DownstreamProtocolError: ResponseFlags = ResponseFlags(1 << 13);
+    pub const DownstreamProtocolError: ResponseFlags = ResponseFlags(1 << 14);
     /// `NC`: the route's cluster does not exist (503).
-    pub const NoClusterFound: ResponseFlags = ResponseFlags(1 << 11);
+    pub const NoClusterFound: ResponseFlags = ResponseFlags(1 << 12);
+    /// `SI`: the stream idle timeout fired (504 `stream timeout`, or 408 while the request
+    /// was still arriving).
+    pub const StreamIdleTimeout: ResponseFlags = ResponseFlags(1 << 10);
     /// `RBAC`: denied by the RBAC filter (403 `RBAC: access denied`).
     pub const RbacAccessDenied: ResponseFlags = ResponseFlags(1 << 3);
 
@@ -114,7 +118,9 @@ impl ResponseFlags {
         use http::StatusCode as S;
         if self.contains(ResponseFlags::NoRouteFound) {
             S::NOT_FOUND
-        } else if self.contains(ResponseFlags::UpstreamRequestTimeout) {
+        } else if self.contains(ResponseFlags::UpstreamRequestTimeout)
+            || self.contains(ResponseFlags::StreamIdleTimeout)
+        {
             S::GATEWAY_TIMEOUT
         } else if self.contains(ResponseFlags::RbacAccessDenied)
             || self.contains(ResponseFlags::UnauthorizedExternalService)
@@ -235,5 +241,34 @@ mod tests {
         assert_eq!(F::None.status(), 200);
         assert_eq!(F::RbacAccessDenied.status(), 403);
         assert_eq!(F::UpstreamOverflow.status(), 503);
+        assert_eq!(F::StreamIdleTimeout.status(), 504);
+    }
+
+    #[test]
+    fn every_flag_has_its_own_bit_and_name() {
+        let all = [
+            (F::DelayInjected, "DI"),
+            (F::FaultInjected, "FI"),
+            (F::UnauthorizedExternalService, "UAEX"),
+            (F::RbacAccessDenied, "RBAC"),
+            (F::UpstreamRetryLimitExceeded, "URX"),
+            (F::UpstreamOverflow, "UO"),
+            (F::NoHealthyUpstream, "UH"),
+            (F::UpstreamRequestTimeout, "UT"),
+            (F::UpstreamConnectionFailure, "UF"),
+            (F::UpstreamConnectionTermination, "UC"),
+            (F::StreamIdleTimeout, "SI"),
+            (F::NoRouteFound, "NR"),
+            (F::NoClusterFound, "NC"),
+            (F::DownstreamConnectionTermination, "DC"),
+            (F::DownstreamProtocolError, "DPE"),
+        ];
+        for (f, name) in all {
+            assert_eq!(f.as_str(), name);
+        }
+        assert_eq!(
+            (F::StreamIdleTimeout | F::UpstreamRetryLimitExceeded | F::DelayInjected).as_str(),
+            "DI,URX,SI"
+        );
     }
 }

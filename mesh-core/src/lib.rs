@@ -39,6 +39,7 @@ pub mod retry;
 pub mod route;
 pub mod snapshot;
 pub mod telemetry;
+pub mod time;
 
 pub use cert::{CertStore, WorkloadCertificate};
 pub use identity::{NodeIdentity, SpiffeId};

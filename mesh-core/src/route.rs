@@ -690,6 +690,10 @@ pub struct Route {
     pub action: RouteAction,
     /// Route timeout; `None` or zero = no timeout (istiod's default `0s`).
     pub timeout: Option<Duration>,
+    /// `idle_timeout`: the stream idle timeout for this route (no activity in either
+    /// direction for this long ends the stream, Envoy's `SI`); `None` or zero = none (istiod
+    /// turns the connection manager's `stream_idle_timeout` off).
+    pub idle_timeout: Option<Duration>,
     /// Retry policy (the route's, else the virtual host's).
     pub retry: Option<Arc<RetryPolicy>>,
     /// `per_request_buffer_limit_bytes` (route, else virtual host): how much request body is
@@ -718,6 +722,7 @@ impl Route {
             matcher,
             action,
             timeout: None,
+            idle_timeout: None,
             retry: None,
             per_request_buffer_limit_bytes: None,
             include_request_attempt_count: false,

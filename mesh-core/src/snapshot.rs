@@ -82,6 +82,8 @@ pub enum RouteDecision {
         endpoints: Option<Arc<EndpointSet>>,
         /// Route timeout (`None`: none).
         timeout: Option<std::time::Duration>,
+        /// The route's stream idle timeout (`None`: none).
+        idle_timeout: Option<std::time::Duration>,
         /// Retry policy, if the route (or its virtual host) has one.
         retry: Option<Arc<RetryPolicy>>,
         /// How much request body may be buffered for retries.
@@ -296,6 +298,7 @@ impl Snapshot {
             cluster,
             endpoints,
             timeout: route.and_then(|r| r.timeout).filter(|t| !t.is_zero()),
+            idle_timeout: route.and_then(|r| r.idle_timeout).filter(|t| !t.is_zero()),
             retry: route.and_then(|r| r.retry.clone()),
             retry_buffer_limit: route
                 .and_then(|r| r.per_request_buffer_limit_bytes)

@@ -246,6 +246,61 @@ async fn no_route_is_logged_as_nr_without_an_upstream() {
     .await;
 }
 
+/// A route `idle_timeout` that fires while the upstream's body stalls: the body ends with
+/// `StreamIdleTimeout` and the request is logged `200 SI stream_idle_timeout` with the bytes
+/// that did arrive, as Envoy 1.40 logs it (observed; tests/routing_oracle.rs compares the rest).
+#[tokio::test]
+async fn an_idle_response_body_is_logged_with_si() {
+    bounded(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (events, _guard) = capture();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _up = support_outbound::AbortOnDrop(tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+                .await;
+            // Stall until mesh gives up and closes.
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        }));
+        let mut route = Route::new(
+            "idle",
+            RouteMatch::path(PathMatch::Prefix("/".into())),
+            RouteAction::Cluster(C.into()),
+        );
+        route.idle_timeout = Some(std::time::Duration::from_millis(300));
+        let vh = VirtualHost {
+            name: "svc:9080".into(),
+            domains: vec!["svc".into(), "svc:9080".into()],
+            routes: vec![route],
+        };
+        let out = one_cluster_outbound(vh, C, vec![addr]);
+        let resp = out.request(get("/stall")).await;
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"abc");
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<mesh_tower::outbound::StreamIdleTimeout>(), "{err}");
+        let logged = std::mem::take(&mut *events.lock().unwrap());
+        assert_eq!(logged.len(), 1, "{logged:?}");
+        assert_fields(
+            &logged[0],
+            &[
+                ("response_code", "200"),
+                ("response_flags", "SI"),
+                ("response_code_details", "stream_idle_timeout"),
+                ("bytes_sent", "3"),
+                ("route_name", "idle"),
+            ],
+        );
+    })
+    .await;
+}
+
 /// The inbound event: the connection's addresses, the peer's identity, the app as upstream.
 #[tokio::test]
 async fn an_inbound_request_is_logged_with_the_connection_fields() {

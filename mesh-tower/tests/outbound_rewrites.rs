@@ -25,7 +25,7 @@ const C: &str = "outbound|9080||svc.default.svc.cluster.local";
 fn add(name: &'static str, v: &str, action: AppendAction) -> HeaderToAdd {
     HeaderToAdd {
         name: HeaderName::from_static(name),
-        value: HeaderFormat::parse(v),
+        value: HeaderFormat::parse(v).unwrap(),
         action,
         keep_empty_value: false,
     }

@@ -25,7 +25,9 @@
 //! printed per request: `route_config`, `virtual_host`, `route`, `action` (`cluster` |
 //! `weighted_clusters` | `redirect` | `direct_response` | `no_route`), `cluster` or
 //! `weighted_clusters` (`[{"name","weight"}]`), `status` (for local answers), `location`,
-//! `body`, `upstream_path` and `upstream_authority` (after rewrites), `timeout_ms`, `retry`.
+//! `body`, `upstream_path` and `upstream_authority` (after rewrites; under `auto_host_rewrite`
+//! the endpoints' common hostname, or `null` and `upstream_authority_note`), `timeout_ms`,
+//! `idle_timeout_ms` (the route's stream idle timeout), `retry`.
 //! It exits 2 on a usage or load error (an unknown route configuration included).
 
 use std::io::Write;
@@ -342,6 +344,39 @@ fn route(args: &[String]) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `upstream_authority` under `auto_host_rewrite`, which depends on the endpoint the request
+/// lands on: that hostname when every endpoint has the same one, the request's authority when
+/// none has one; otherwise `null` with `upstream_authority_note` saying what it depends on.
+fn auto_host_authority(
+    out: &mut serde_json::Value,
+    authority: &str,
+    endpoints: Option<&mesh_core::endpoint::EndpointSet>,
+) {
+    let eps = endpoints.map_or(&[][..], |s| &s.endpoints[..]);
+    let mut names: Vec<&str> = eps.iter().filter_map(|e| e.hostname.as_deref()).collect();
+    let without = eps.len() - names.len();
+    names.sort_unstable();
+    names.dedup();
+    match (names.as_slice(), without) {
+        ([one], 0) => out["upstream_authority"] = serde_json::json!(one),
+        ([], _) if !eps.is_empty() => out["upstream_authority"] = serde_json::json!(authority),
+        _ => {
+            out["upstream_authority"] = serde_json::Value::Null;
+            let mut note = String::from(
+                "auto_host_rewrite: the chosen endpoint's hostname (the request's authority for an endpoint without one)",
+            );
+            if eps.is_empty() {
+                note.push_str("; no endpoints known");
+            } else {
+                note.push_str(&format!(
+                    "; hostnames {names:?}, {without} endpoint(s) without one"
+                ));
+            }
+            out["upstream_authority_note"] = serde_json::json!(note);
+        }
+    }
+}
+
 /// The retry conditions a policy retries on, by Envoy name.
 fn retry_on_names(on: RetryOn) -> Vec<&'static str> {
     [
@@ -394,6 +429,7 @@ fn explain(snapshot: &Snapshot, rc: &str, r: &RouteRequest) -> Result<serde_json
         "upstream_path": Value::Null,
         "upstream_authority": Value::Null,
         "timeout_ms": Value::Null,
+        "idle_timeout_ms": Value::Null,
         "retry": Value::Null,
     });
     if let Some(m) = e.matched {
@@ -418,7 +454,9 @@ fn explain(snapshot: &Snapshot, rc: &str, r: &RouteRequest) -> Result<serde_json
     match &e.decision {
         RouteDecision::Forward {
             cluster,
+            endpoints,
             timeout,
+            idle_timeout,
             retry,
             forwarding,
             rewritten_path,
@@ -428,12 +466,15 @@ fn explain(snapshot: &Snapshot, rc: &str, r: &RouteRequest) -> Result<serde_json
                 out["cluster"] = json!(cluster.name);
             }
             out["upstream_path"] = json!(rewritten_path.as_deref().unwrap_or(&r.path));
-            let authority = match forwarding.as_deref().and_then(|f| f.host_rewrite.as_ref()) {
-                Some(HostRewrite::Literal(h)) => h.as_str(),
-                _ => r.authority.as_str(),
-            };
-            out["upstream_authority"] = json!(authority);
+            match forwarding.as_deref().and_then(|f| f.host_rewrite.as_ref()) {
+                Some(HostRewrite::Literal(h)) => out["upstream_authority"] = json!(h),
+                Some(HostRewrite::Auto) => {
+                    auto_host_authority(&mut out, &r.authority, endpoints.as_deref());
+                }
+                None => out["upstream_authority"] = json!(r.authority),
+            }
             out["timeout_ms"] = json!(timeout.map(|t| t.as_millis() as u64));
+            out["idle_timeout_ms"] = json!(idle_timeout.map(|t| t.as_millis() as u64));
             // As the request path: a policy whose retriable_request_headers the request
             // does not match does not retry it.
             if let Some(p) = retry.as_deref().filter(|p| p.enabled_for(&req)) {

@@ -95,7 +95,10 @@ fn details(flags: ResponseFlag, u: &UpstreamInfo) -> Option<String> {
         d.push('}');
         Some(d)
     };
-    if flags.contains(ResponseFlag::NoRouteFound) {
+    if flags.contains(ResponseFlag::StreamIdleTimeout) {
+        // Also when it fired after the upstream's headers (Envoy 1.40, observed).
+        Some("stream_idle_timeout".into())
+    } else if flags.contains(ResponseFlag::NoRouteFound) {
         Some("route_not_found".into())
     } else if flags.contains(ResponseFlag::FaultInjected) {
         Some("fault_filter_abort".into())
@@ -166,6 +169,11 @@ impl Pending {
             .extensions()
             .get::<super::UpstreamPrincipal>()
             .map(|p| p.0.clone());
+    }
+
+    /// Adds flags learnt after the response head (`SI` while the body streamed).
+    pub(crate) fn add_flags(&mut self, flags: ResponseFlag) {
+        self.flags |= flags;
     }
 
     /// Emits the event once `bytes_sent` body bytes went to the application.

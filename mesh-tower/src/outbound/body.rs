@@ -21,6 +21,8 @@ pub struct OutboundBody {
     guards: Option<InFlight>,
     /// The access log line, when a subscriber wants it.
     access: Option<Box<super::access::Pending>>,
+    /// The route's stream idle timer, while the upstream's body streams.
+    idle: Option<super::idle::ResponseWatch>,
 }
 
 /// What a response holds while its body streams: the host's active-request count (least
@@ -88,6 +90,7 @@ impl OutboundBody {
             response_bytes: 0,
             guards: None,
             access: None,
+            idle: None,
         }
     }
 
@@ -105,6 +108,7 @@ impl OutboundBody {
             response_bytes: 0,
             guards: Some(guards),
             access: None,
+            idle: None,
         };
         if Body::is_end_stream(&b) {
             b.finish();
@@ -126,8 +130,17 @@ impl OutboundBody {
         }
     }
 
+    /// Bounds the upstream's body by the route's stream idle timer (a local reply's body is
+    /// complete already).
+    pub(crate) fn set_idle(&mut self, idle: super::idle::ResponseWatch) {
+        if matches!(self.kind, Kind::Incoming(_)) && !Body::is_end_stream(self) {
+            self.idle = Some(idle);
+        }
+    }
+
     fn finish(&mut self) {
         self.guards = None;
+        self.idle = None;
         if let Some(c) = self.checkin.take() {
             c.release();
         }
@@ -158,8 +171,30 @@ impl Body for OutboundBody {
                 this.finish();
                 Poll::Ready(out.map(|b| Ok(Frame::data(b))))
             }
-            Kind::Incoming(inc) => match ready!(Pin::new(&mut *inc).poll_frame(cx)) {
-                Some(Ok(frame)) => {
+            Kind::Incoming(inc) => match Pin::new(&mut *inc).poll_frame(cx) {
+                Poll::Pending => {
+                    let Some(idle) = this.idle.as_mut() else {
+                        return Poll::Pending;
+                    };
+                    ready!(idle.poll_expired(cx));
+                    // Envoy resets the stream: the connection is not reusable, and the
+                    // request is logged with `SI`.
+                    tracing::debug!("stream idle timeout while the response body streamed");
+                    this.checkin = None;
+                    if let Some(r) = this.record.as_mut() {
+                        r.flag |= mesh_core::flags::ResponseFlags::StreamIdleTimeout;
+                    }
+                    if let Some(a) = this.access.as_mut() {
+                        a.add_flags(mesh_core::flags::ResponseFlags::StreamIdleTimeout);
+                    }
+                    this.kind = Kind::Full(None);
+                    this.finish();
+                    Poll::Ready(Some(Err(Box::new(super::idle::StreamIdleTimeout))))
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(idle) = &this.idle {
+                        idle.touch();
+                    }
                     if let Some(d) = frame.data_ref() {
                         this.response_bytes += d.len() as u64;
                         if let Some(r) = this.record.as_mut().filter(|r| r.grpc) {
@@ -176,13 +211,13 @@ impl Body for OutboundBody {
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Some(Err(e)) => {
+                Poll::Ready(Some(Err(e))) => {
                     // The connection is not reusable after a body error.
                     this.checkin = None;
                     this.finish();
                     Poll::Ready(Some(Err(e.into())))
                 }
-                None => {
+                Poll::Ready(None) => {
                     this.finish();
                     Poll::Ready(None)
                 }

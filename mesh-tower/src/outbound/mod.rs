@@ -25,6 +25,7 @@
 
 mod access;
 mod body;
+mod idle;
 mod pool;
 mod replay;
 mod telemetry;
@@ -65,6 +66,7 @@ use tokio::sync::watch;
 
 pub use body::OutboundBody;
 use body::{CounterGuard, InFlight};
+pub use idle::{STREAM_TIMEOUT, StreamIdleTimeout};
 pub use pool::BoxError;
 
 use pool::{ConnectError, ConnectParams, HostPool, Proto, ReqBody, SendError, TlsTarget};
@@ -123,6 +125,8 @@ struct Inner {
     no_host: Arc<LabelBase>,
     /// Peer metadata headers for Istio peers, encoded once.
     peer_headers: Option<telemetry::PeerHeaders>,
+    /// The pod's IP (`%DOWNSTREAM_REMOTE_ADDRESS%`).
+    instance_ip: IpAddr,
 }
 
 /// Per-cluster state that outlives snapshots while the cluster is unchanged: host pools and
@@ -185,6 +189,7 @@ impl Outbound {
                     None,
                 )),
                 peer_headers: telemetry::PeerHeaders::for_node(&node),
+                instance_ip: node.instance_ip,
                 source,
                 clusters: ArcSwap::from_pointee(HashMap::default()),
                 clusters_write: Mutex::new(()),
@@ -306,6 +311,7 @@ impl Outbound {
                 cluster,
                 endpoints,
                 timeout,
+                idle_timeout,
                 retry,
                 retry_buffer_limit,
                 attempt_count_upstream,
@@ -316,6 +322,7 @@ impl Outbound {
                 fault,
                 ..
             } => Forward {
+                idle: idle_timeout.map(idle::StreamIdle::new),
                 route,
                 shadow: false,
                 fault,
@@ -368,7 +375,14 @@ impl Outbound {
             if let Some(d) = delay {
                 // Cold paths are boxed: the request future stays small (it is moved, i.e.
                 // memcpy'd, several times per request).
-                Box::pin(tokio::time::sleep(d)).await;
+                let sleep = Box::pin(tokio::time::sleep(d));
+                if idle::or_idle(fwd.idle.as_ref(), sleep).await.is_none() {
+                    return stream_idle_reply(
+                        fwd.idle.as_ref(),
+                        ResponseFlag::DelayInjected,
+                        no_host,
+                    );
+                }
                 delayed = true;
             }
             if let Some(a) = abort {
@@ -399,6 +413,10 @@ impl Outbound {
             }
         }
         let deadline = fwd.timeout.map(|t| tokio::time::Instant::now() + t);
+        let body = match &fwd.idle {
+            Some(i) => i.watch_request(body),
+            None => body,
+        };
         let attempts = self.attempts(
             parts,
             body,
@@ -410,21 +428,32 @@ impl Outbound {
             request_bytes,
             info,
         );
-        let mut resp = match deadline {
-            None => attempts.await,
-            Some(d) => match tokio::time::timeout_at(d, attempts).await {
-                Ok(r) => r,
-                Err(_) => {
-                    // The route timeout covers every attempt and back-off.
-                    telemetry::route_timeout(&fwd.cluster.name);
-                    no_host((
-                        504,
-                        Some(Bytes::from_static(UPSTREAM_REQUEST_TIMEOUT.as_bytes())),
-                        ResponseFlag::UpstreamRequestTimeout,
-                        None,
-                    ))
+        let bounded = async {
+            match deadline {
+                None => Ok(attempts.await),
+                Some(d) => tokio::time::timeout_at(d, attempts).await,
+            }
+        };
+        let mut resp = match idle::or_idle(fwd.idle.as_ref(), bounded).await {
+            None => stream_idle_reply(fwd.idle.as_ref(), ResponseFlag::None, no_host),
+            Some(Ok(mut r)) => {
+                if let Some(i) = &fwd.idle {
+                    // The response headers reach the application: activity.
+                    i.touch();
+                    r.body_mut().set_idle(i.clone().response_watch());
                 }
-            },
+                r
+            }
+            Some(Err(_)) => {
+                // The route timeout covers every attempt and back-off.
+                telemetry::route_timeout(&fwd.cluster.name);
+                no_host((
+                    504,
+                    Some(Bytes::from_static(UPSTREAM_REQUEST_TIMEOUT.as_bytes())),
+                    ResponseFlag::UpstreamRequestTimeout,
+                    None,
+                ))
+            }
         };
         if delayed {
             let flags = resp.extensions().get::<ResponseFlag>().copied();
@@ -552,14 +581,8 @@ impl Outbound {
             if !f.request_headers.is_empty() {
                 let (request, rest) = (std::mem::take(&mut parts.headers), &parts);
                 let mut headers = request.clone();
-                f.request_headers.apply(
-                    &mut headers,
-                    &FormatContext {
-                        request: &request,
-                        protocol: protocol_name(rest.version),
-                        cluster: &cluster.name,
-                    },
-                );
+                let ctx = self.format_context(&request, rest.version, fwd, port, start);
+                f.request_headers.apply(&mut headers, &ctx);
                 parts.headers = headers;
             }
         }
@@ -574,6 +597,11 @@ impl Outbound {
                 self.mirror(m, &parts, r, authority, port, grpc);
             }
         }
+        let auto_host = fwd
+            .forwarding
+            .as_deref()
+            .is_some_and(|f| f.host_rewrite == Some(HostRewrite::Auto));
+        let mut auto_authority: Option<AuthorityBuf> = None;
         let mut parts = Some(parts);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
@@ -595,7 +623,7 @@ impl Outbound {
                 (ClusterDiscovery::OriginalDestination, _) => {
                     Box::pin(self.original_destination(host, port))
                         .await
-                        .map(|addr| (addr, EndpointTlsMode::Disabled, None))
+                        .map(|addr| (addr, EndpointTlsMode::Disabled, None, None))
                 }
                 (_, Some(set)) => {
                     let entry = self.inner.balancer(&state, set);
@@ -617,12 +645,17 @@ impl Outbound {
                         if state.outlier.is_some() {
                             live = Some((entry.clone(), hs.clone()));
                         }
-                        (ep.address, ep.tls_mode, Some((ep.workload.as_ref(), set)))
+                        (
+                            ep.address,
+                            ep.tls_mode,
+                            Some((ep.workload.as_ref(), set)),
+                            ep.hostname.as_ref(),
+                        )
                     })
                 }
                 (_, None) => None,
             };
-            let Some((addr, tls_mode, ep_info)) = picked else {
+            let Some((addr, tls_mode, ep_info, hostname)) = picked else {
                 let record = self.record_unless(
                     fwd.shadow,
                     &self.inner.no_host,
@@ -670,6 +703,16 @@ impl Outbound {
                 p.headers
                     .insert(X_ENVOY_ATTEMPT_COUNT, HeaderValue::from(attempt));
             }
+            // `auto_host_rewrite`: the chosen host's hostname, when it has one. Envoy rewrites
+            // the request it keeps for retries, so a later host without a hostname sends the
+            // earlier host's.
+            if auto_host && let Some(v) = hostname.and_then(|h| HeaderValue::from_str(h).ok()) {
+                auto_authority = Some(AuthorityBuf::Header(v));
+            }
+            if let Some(AuthorityBuf::Header(v)) = &auto_authority {
+                p.headers.insert(header::HOST, v.clone());
+            }
+            let authority = auto_authority.as_ref().unwrap_or(authority);
             telemetry::PeerHeaders::propagate(
                 self.inner.peer_headers.as_ref(),
                 tls_mode,
@@ -933,15 +976,37 @@ impl Outbound {
             {
                 let empty = HeaderMap::new();
                 let request = parts.as_ref().map_or(&empty, |p| &p.headers);
-                let ctx = FormatContext {
-                    request,
-                    protocol: protocol_name(parts.as_ref().map_or(Version::HTTP_11, |p| p.version)),
-                    cluster: &cluster.name,
-                };
+                let version = parts.as_ref().map_or(Version::HTTP_11, |p| p.version);
+                let response = resp.headers().clone();
+                let mut ctx = self.format_context(request, version, fwd, port, start);
+                ctx.response = Some((&response, resp.status().as_u16()));
+                ctx.upstream_host = Some(addr);
                 f.response_headers.apply(resp.headers_mut(), &ctx);
             }
             break resp;
         }
+    }
+
+    /// What `%…%` header formatters read for this request. mesh has no downstream
+    /// connection: the downstream remote address is the pod's `INSTANCE_IP` with port 0 and
+    /// the local one the outbound listener's `0.0.0.0:<port>`.
+    fn format_context<'a>(
+        &'a self,
+        request: &'a HeaderMap,
+        version: Version,
+        fwd: &'a Forward,
+        port: u16,
+        start: Instant,
+    ) -> FormatContext<'a> {
+        let mut ctx = FormatContext::new(request, protocol_name(version), &fwd.cluster.name);
+        ctx.route_name = &fwd.route;
+        ctx.downstream_remote = Some(SocketAddr::new(self.inner.instance_ip, 0));
+        ctx.downstream_local = Some(SocketAddr::from(([0, 0, 0, 0], port)));
+        ctx.start_time = std::time::SystemTime::now()
+            .checked_sub(start.elapsed())
+            .unwrap_or_else(std::time::SystemTime::now);
+        ctx.hostname = hostname();
+        ctx
     }
 
     fn record_unless(
@@ -1006,6 +1071,7 @@ impl Outbound {
             cluster,
             endpoints,
             timeout: None,
+            idle: None,
             per_try_timeout: None,
             retry: None,
             retry_buffer_limit: 0,
@@ -1342,6 +1408,8 @@ struct Forward {
     cluster: Arc<Cluster>,
     endpoints: Option<Arc<EndpointSet>>,
     timeout: Option<std::time::Duration>,
+    /// The route's stream idle timer (`idle_timeout`).
+    idle: Option<idle::StreamIdle>,
     per_try_timeout: Option<std::time::Duration>,
     retry: Option<Arc<RetryPolicy>>,
     retry_buffer_limit: u32,
@@ -1353,6 +1421,20 @@ struct Forward {
     fault: Option<Arc<mesh_core::fault::Fault>>,
     /// A mirror copy: no telemetry, no further mirroring.
     shadow: bool,
+}
+
+/// The machine's host name, as Envoy's `%HOSTNAME%` gives it (`gethostname`; in Kubernetes
+/// the pod's name), read once.
+fn hostname() -> &'static str {
+    static NAME: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_default()
+    });
+    &NAME
 }
 
 /// Envoy's `%PROTOCOL%`.
@@ -1587,6 +1669,22 @@ fn local_reply(
     }
     resp.extensions_mut().insert(flag);
     resp
+}
+
+/// Envoy's local reply when the stream idle timer fires before the response headers: 504
+/// `stream timeout` (408 while the request body was still arriving), flag `SI` after `earlier`.
+fn stream_idle_reply(
+    idle: Option<&idle::StreamIdle>,
+    earlier: ResponseFlag,
+    reply: impl FnOnce((u16, Option<Bytes>, ResponseFlag, Option<String>)) -> Response<OutboundBody>,
+) -> Response<OutboundBody> {
+    tracing::debug!("stream idle timeout");
+    reply((
+        idle.map_or(504, idle::StreamIdle::status),
+        Some(Bytes::from_static(STREAM_TIMEOUT.as_bytes())),
+        earlier | ResponseFlag::StreamIdleTimeout,
+        None,
+    ))
 }
 
 /// The upstream's verified SPIFFE URI SAN, in the response extensions of every response that

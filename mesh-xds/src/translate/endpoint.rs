@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use envoy_types::pb::envoy::config::core::v3::{
     Address, HealthStatus as PbHealth, Metadata, address, socket_address,
 };
-use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as PbEndpoint, lb_endpoint,
+};
 use mesh_core::endpoint::{
     Endpoint, EndpointSet, EndpointTlsMode, HealthStatus, Locality, WorkloadMetadata,
 };
@@ -15,8 +17,8 @@ use super::{TranslateError, struct_string};
 const KIND: &str = "ClusterLoadAssignment";
 
 /// Translates one CLA: every `lb_endpoint` with its socket address, health, weight, priority,
-/// locality, auto-mTLS mode (`envoy.transport_socket_match.tlsMode == "istio"`) and
-/// `istio.workload` metadata.
+/// locality, auto-mTLS mode (`envoy.transport_socket_match.tlsMode == "istio"`),
+/// `istio.workload` metadata and `hostname` (for `auto_host_rewrite`).
 pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, TranslateError> {
     let name = &cla.cluster_name;
     if name.is_empty() {
@@ -122,6 +124,7 @@ pub(crate) fn compile(
                 priority: group.priority,
                 locality_weight: group.load_balancing_weight.as_ref().map(|w| w.value),
                 workload,
+                hostname: endpoint_hostname(ep, false),
             });
         }
     }
@@ -132,6 +135,23 @@ pub(crate) fn compile(
         .and_then(|p| p.overprovisioning_factor.as_ref())
         .map_or(mesh_core::lb::DEFAULT_OVERPROVISIONING_FACTOR, |f| f.value);
     Ok(EndpointSet::new(name, out).with_overprovisioning_factor(overprovisioning))
+}
+
+/// The hostname Envoy 1.40 gives an endpoint's host, which `auto_host_rewrite` puts in `Host`:
+/// for an EDS or `STATIC` cluster the endpoint's `hostname` (none when empty: `Host` is left
+/// alone); for a `STRICT_DNS` or `LOGICAL_DNS` cluster (`dns_cluster`) the socket address as
+/// configured, DNS name or IP literal, whatever `hostname` says (observed against the real
+/// Envoy).
+pub fn endpoint_hostname(ep: &PbEndpoint, dns_cluster: bool) -> Option<std::sync::Arc<str>> {
+    let name = if dns_cluster {
+        match ep.address.as_ref().and_then(|a| a.address.as_ref()) {
+            Some(address::Address::SocketAddress(sa)) => sa.address.as_str(),
+            _ => "",
+        }
+    } else {
+        ep.hostname.as_str()
+    };
+    (!name.is_empty()).then(|| name.into())
 }
 
 /// A socket address with an IP literal and a numeric port.
@@ -182,4 +202,57 @@ fn endpoint_metadata(md: Option<&Metadata>) -> (EndpointTlsMode, Option<Workload
         .and_then(|s| struct_string(s, "workload"))
         .and_then(WorkloadMetadata::parse);
     (tls, workload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::SocketAddress;
+    use envoy_types::pb::envoy::config::endpoint::v3::{LbEndpoint, LocalityLbEndpoints};
+
+    fn ep(address: &str, hostname: &str) -> PbEndpoint {
+        PbEndpoint {
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: address.into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(8080)),
+                    ..Default::default()
+                })),
+            }),
+            hostname: hostname.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hostnames_come_from_the_endpoint_or_the_dns_address() {
+        let cla = ClusterLoadAssignment {
+            cluster_name: "c".into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: [ep("10.0.0.1", "named.example"), ep("10.0.0.2", "")]
+                    .into_iter()
+                    .map(|e| LbEndpoint {
+                        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(e)),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let set = translate_endpoint(&cla).unwrap();
+        let names: Vec<_> = set
+            .endpoints
+            .iter()
+            .map(|e| e.hostname.as_deref())
+            .collect();
+        assert_eq!(names, [Some("named.example"), None]);
+        // STRICT_DNS / LOGICAL_DNS: the configured address, never `hostname`.
+        let dns = |e: &PbEndpoint| endpoint_hostname(e, true);
+        assert_eq!(
+            dns(&ep("localhost", "override.example")).as_deref(),
+            Some("localhost")
+        );
+        assert_eq!(dns(&ep("127.0.0.1", "")).as_deref(), Some("127.0.0.1"));
+    }
 }

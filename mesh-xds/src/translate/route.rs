@@ -65,6 +65,7 @@ fn translate_one(
     let mut path_rewrite = None;
     let mut host_rewrite = None;
     let mut mirrors = Vec::new();
+    let mut idle_timeout = None;
     let (action, timeout, retry) = match &r.action {
         Some(route::Action::Route(ra)) => {
             let action = match &ra.cluster_specifier {
@@ -110,6 +111,10 @@ fn translate_one(
             };
             let timeout = match &ra.timeout {
                 Some(d) => Some(duration(d).map_err(|e| format!("route.timeout: {e}"))?),
+                None => None,
+            };
+            idle_timeout = match &ra.idle_timeout {
+                Some(d) => Some(duration(d).map_err(|e| format!("route.idle_timeout: {e}"))?),
                 None => None,
             };
             let retry = match ra.retry_policy.as_ref().or(vh_retry) {
@@ -280,6 +285,7 @@ fn translate_one(
         matcher,
         action,
         timeout,
+        idle_timeout,
         retry: retry.map(std::sync::Arc::new),
         per_request_buffer_limit_bytes: buffer_limit(r, vh),
         include_request_attempt_count: vh.include_request_attempt_count,
@@ -506,7 +512,7 @@ fn header_level(
         };
         level.add.push(HeaderToAdd {
             name: name(&h.key, &format!("{field}.header.key"))?,
-            value: HeaderFormat::parse(&value),
+            value: HeaderFormat::parse(&value).map_err(|e| format!("{field}.header.value: {e}"))?,
             action,
             keep_empty_value: o.keep_empty_value,
         });
@@ -964,6 +970,32 @@ mod tests {
         let e = translate_route(&rc(None, Some(vh))).unwrap_err();
         assert!(e.to_string().contains("max_interval"), "{e}");
     }
+
+    #[test]
+    fn route_idle_timeout_is_read() {
+        let with = |d: Option<PbDuration>| {
+            let mut config = rc(None, None);
+            if let Some(route::Action::Route(ra)) = &mut config.virtual_hosts[0].routes[0].action {
+                ra.idle_timeout = d;
+            }
+            translate_route(&config).map(|c| c.virtual_hosts[0].routes[0].idle_timeout)
+        };
+        assert_eq!(with(None).unwrap(), None);
+        assert_eq!(
+            with(Some(PbDuration {
+                seconds: 0,
+                nanos: 250_000_000,
+            }))
+            .unwrap(),
+            Some(std::time::Duration::from_millis(250))
+        );
+        let e = with(Some(PbDuration {
+            seconds: -1,
+            nanos: 0,
+        }))
+        .unwrap_err();
+        assert!(e.to_string().contains("route.idle_timeout"), "{e}");
+    }
 }
 
 #[cfg(test)]
@@ -1029,6 +1061,16 @@ mod forwarding_tests {
             AppendAction::OverwriteIfExistsOrAdd
         );
         assert_eq!(f.response_headers.levels.len(), 1);
+
+        // A formatter Envoy does not know: the route configuration is refused, as Envoy does.
+        let mut bad = rc.clone();
+        bad.request_headers_to_add = vec![hvo("x-id", "%REQUEST_ID%", 0)];
+        let e = translate_route(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("request_headers_to_add")
+                && e.contains("Not supported field in StreamInfo: REQUEST_ID"),
+            "{e}"
+        );
 
         // Istio's VirtualService fault, as a per-route filter config.
         {
