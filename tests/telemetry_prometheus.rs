@@ -7,7 +7,8 @@
 //!   the client coming from the server's peer metadata;
 //! * a real Prometheus server scraping 15020 answers
 //!   `sum by (source_workload, destination_workload, response_code) (istio_requests_total)`;
-//! * peer metadata with a real Envoy 1.40 sidecar, and every `envoy_*` family mesh emits on
+//! * peer metadata with a real Envoy 1.40 sidecar both ways (mesh client → Envoy server, and an
+//!   Envoy client sending a real Istio sidecar's headers → mesh server), and every `envoy_*` family mesh emits on
 //!   15090 exists in the `/stats/prometheus` of an Envoy 1.40 configured with Istio's bootstrap
 //!   stats (`stats_tags`, `alt_stat_name`), with the same label names;
 //! * those families' label sets match a real Istio sidecar's output
@@ -26,7 +27,7 @@ use mesh::parts::core::peer_metadata::{PeerMetadata, PeerMetadataHeaders};
 use mesh::parts::tower::status::StatusPort;
 use mesh::parts::xds::testkit::ca::TestCa;
 use mesh::parts::xds::testkit::{EndpointSpec, MeshModel, Protocol, ServiceSpec};
-use mesh::{Mesh, NodeIdentity};
+use mesh::{Mesh, NodeIdentity, SpiffeId};
 use support::envoy::{
     EnvoyProcess, InboundMode, SidecarBootstrap, SidecarCerts, envoy_binary, free_port,
 };
@@ -314,18 +315,7 @@ async fn serve_header_echo() -> SocketAddr {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     |req: http::Request<hyper::body::Incoming>| async move {
-                        let h = |n: &str| {
-                            req.headers()
-                                .get(n)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_owned()
-                        };
-                        let body = format!(
-                            "id={}\nmetadata={}\n",
-                            h("x-envoy-peer-metadata-id"),
-                            h("x-envoy-peer-metadata")
-                        );
+                        let body = peer_headers_body(req.headers());
                         Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
                             bytes::Bytes::from(body),
                         )))
@@ -340,26 +330,29 @@ async fn serve_header_echo() -> SocketAddr {
     addr
 }
 
-/// Adds, to every route of the Envoy sidecar's inbound listener, the response headers Istio's
-/// inbound `istio.metadata_exchange` filter adds (`downstream_propagation`): upstream Envoy
-/// 1.40 has no Istio filters, so the values are the ones that filter would compute for
-/// `server_node`, set statically.
-fn with_inbound_peer_metadata(
+/// Adds the peer metadata headers Istio's `istio.metadata_exchange` filter adds to the route
+/// configs of the Envoy sidecar's `direction` (`INBOUND`/`OUTBOUND`) listeners, as `field`:
+/// `response_headers_to_add` on inbound (`downstream_propagation`), `request_headers_to_add`
+/// on outbound (`upstream_propagation`). Upstream Envoy 1.40 has no Istio filters, so the
+/// values that filter would compute are set statically.
+fn with_peer_metadata(
     mut bootstrap: serde_json::Value,
-    server: &PeerMetadataHeaders,
+    direction: &str,
+    field: &str,
+    headers: &PeerMetadataHeaders,
 ) -> serde_json::Value {
     let listeners = bootstrap["static_resources"]["listeners"]
         .as_array_mut()
         .expect("listeners");
     for l in listeners
         .iter_mut()
-        .filter(|l| l["name"] == "virtualInbound")
+        .filter(|l| l["traffic_direction"] == direction)
     {
         for chain in l["filter_chains"].as_array_mut().expect("chains") {
             let rc = &mut chain["filters"][0]["typed_config"]["route_config"];
-            rc["response_headers_to_add"] = serde_json::json!([
-                {"header": {"key": "x-envoy-peer-metadata-id", "value": server.id}},
-                {"header": {"key": "x-envoy-peer-metadata", "value": server.metadata}},
+            rc[field] = serde_json::json!([
+                {"header": {"key": "x-envoy-peer-metadata-id", "value": headers.id}},
+                {"header": {"key": "x-envoy-peer-metadata", "value": headers.metadata}},
             ]);
         }
     }
@@ -389,7 +382,12 @@ async fn peer_metadata_with_an_envoy_sidecar() {
     let bootstrap = SidecarBootstrap::new("details-v2-0", NS, envoy_certs(&ca, "envoy-server"))
         .inbound(inbound_port, app_addr.port(), InboundMode::Strict)
         .to_json();
-    let bootstrap = with_inbound_peer_metadata(bootstrap, &server_headers);
+    let bootstrap = with_peer_metadata(
+        bootstrap,
+        "INBOUND",
+        "response_headers_to_add",
+        &server_headers,
+    );
     let envoy = EnvoyProcess::start(&serde_json::to_string_pretty(&bootstrap).expect("json"));
 
     let model = MeshModel::default().service(
@@ -475,6 +473,291 @@ async fn peer_metadata_with_an_envoy_sidecar() {
             1
         ) >= 1
     );
+}
+
+/// The `x-envoy-peer-metadata-id` and `x-envoy-peer-metadata` a real Istio 1.24 sidecar sent
+/// (testdata/istio/peer-metadata-istio1.24.txt): pod `demo-a-prodcatapi-57868f9d7c-67fsc` of
+/// workload `demo-a-prodcatapi` in namespace `components`, cluster `Kubernetes`.
+const REAL_SIDECAR_HEADERS: &str = include_str!("../testdata/istio/peer-metadata-istio1.24.txt");
+
+/// A plain HTTP/1.1 GET to `addr` with `headers`: (status, response headers, body).
+async fn get_with_headers(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, http::HeaderMap, String) {
+    use http_body_util::{BodyExt, Empty};
+    timeout(WAIT, async {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let mut req = http::Request::get(path).header("host", host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = send
+            .send_request(req.body(Empty::<bytes::Bytes>::new()).expect("request"))
+            .await
+            .expect("response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        (
+            parts.status.as_u16(),
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    })
+    .await
+    .expect("bounded")
+}
+
+/// The peer metadata headers of a request, one per line (`id=`, `metadata=`), as the app
+/// behind the sidecar (or behind mesh) answers them.
+fn peer_headers_body(headers: &http::HeaderMap) -> String {
+    let h = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    format!(
+        "id={}\nmetadata={}\n",
+        h("x-envoy-peer-metadata-id"),
+        h("x-envoy-peer-metadata")
+    )
+}
+
+/// `x-envoy-peer-metadata` decoded as protobuf's own `google.protobuf.Struct` (prost, as
+/// generated for Envoy's API), not mesh's hand-written reader: string fields as strings,
+/// struct fields (`LABELS`) as `{k=v,...}`.
+fn decode_with_protobuf(header: &str) -> BTreeMap<String, String> {
+    use base64::Engine as _;
+    use envoy_types::pb::google::protobuf::{Struct, value::Kind};
+    use prost::Message as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(header)
+        .expect("standard base64");
+    let s = Struct::decode(bytes.as_slice()).expect("a protobuf Struct");
+    let text = |v: &envoy_types::pb::google::protobuf::Value| match &v.kind {
+        Some(Kind::StringValue(s)) => s.clone(),
+        other => format!("{other:?}"),
+    };
+    s.fields
+        .iter()
+        .map(|(k, v)| {
+            let v = match &v.kind {
+                Some(Kind::StructValue(inner)) => {
+                    let inner: BTreeMap<_, _> =
+                        inner.fields.iter().map(|(k, v)| (k, text(v))).collect();
+                    let pairs: Vec<String> =
+                        inner.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    format!("{{{}}}", pairs.join(","))
+                }
+                _ => text(v),
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// The `istio_requests_total{reporter="destination"}` samples from workload `source` with
+/// `connection_security_policy` `policy`.
+async fn destination_samples(
+    tools: &PromTools,
+    server: &Mesh,
+    source: &str,
+    policy: &str,
+) -> Vec<Sample> {
+    eventually(
+        "the destination series of the sidecar's request",
+        || async {
+            let (_, text) = status_get(server, StatusPort::Prometheus, "/stats/prometheus").await;
+            let found: Vec<Sample> =
+                requests_total(&tools.python_parse(&text), "destination", source)
+                    .into_iter()
+                    .filter(|s| s.label("connection_security_policy") == Some(policy))
+                    .cloned()
+                    .collect();
+            (!found.is_empty()).then_some(found)
+        },
+    )
+    .await
+}
+
+/// Envoy-sidecar client → mesh server. A real Envoy 1.40 outbound sidecar (Istio-shaped
+/// listener and cluster, Istio mTLS with the `istio-http/1.1` ALPN) adds the peer metadata
+/// headers a real Istio 1.24 sidecar sent (Envoy 1.40 has no `istio.metadata_exchange`, so
+/// they are added by the route config) and calls a mesh-served app. mesh's
+/// `istio_requests_total{reporter="destination"}` carries the `source_*` labels Istio's stats
+/// filter derives from that metadata (the principal and namespace from the certificate), the
+/// app never sees the two headers, and mesh answers with its own pair, which protobuf's own
+/// `Struct` decoder reads as mesh's node metadata. A plaintext peer (PERMISSIVE) sending the
+/// same headers is believed for the labels as the sidecar believes it (istiod puts the same
+/// `istio.metadata_exchange` filter on the plaintext inbound chain, see
+/// testdata/istio/deathstarbench-geo-istio1.18_config_dump.json), with no principal and
+/// `connection_security_policy="none"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_metadata_from_an_envoy_sidecar_client() {
+    let Some(tools) = tools() else { return };
+    let Some(_) = envoy_binary() else { return };
+    let real = PeerMetadataHeaders {
+        id: support::mesh::field(REAL_SIDECAR_HEADERS, "id").to_owned(),
+        metadata: support::mesh::field(REAL_SIDECAR_HEADERS, "metadata").to_owned(),
+    };
+    // The model names the server's address before it starts, so its first snapshot already
+    // holds the service (`destination_service` on the inbound side comes from it).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let server_addr = listener.local_addr().expect("addr");
+    let ca = TestCa::new("cluster.local");
+    let model = MeshModel::default().service(
+        ServiceSpec::new("server", NS, "10.96.0.62".parse().unwrap())
+            .port(9080, Protocol::Http)
+            .endpoint(EndpointSpec::new(server_addr).service_account("mx-server")),
+    );
+    let plane = Plane::start_with_ca(model, ca.clone()).await;
+    let server_node = istio_node(
+        "mx-server",
+        "ratings-v2",
+        "ratings",
+        "ratings",
+        "server-cluster",
+    );
+    let server = start(&plane, server_node.clone()).await;
+    let app = tower::service_fn(|req: http::Request<mesh::Body>| async move {
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+            bytes::Bytes::from(peer_headers_body(req.headers())),
+        )))
+    });
+    let m = server.clone();
+    let _serving = tokio::spawn(async move { m.serve_on(listener, app).await });
+
+    // The sidecar of pod demo-a-prodcatapi-57868f9d7c-67fsc, its certificate for
+    // `components/default` as istiod would issue it.
+    let sidecar_id = SpiffeId::new("cluster.local", "components", "default");
+    let issued = ca.issue(&sidecar_id, Duration::from_secs(3600));
+    let certs = SidecarCerts {
+        cert_chain_pem: issued.leaf_pem,
+        key_pem: issued.key_pem,
+        root_pem: ca.root_pem(),
+    };
+    let outbound_port = free_port();
+    let fqdn = "server.default.svc.cluster.local";
+    let bootstrap =
+        SidecarBootstrap::new("demo-a-prodcatapi-57868f9d7c-67fsc", "components", certs)
+            .outbound(
+                outbound_port,
+                9080,
+                fqdn,
+                server_addr,
+                &spiffe("mx-server").to_string(),
+            )
+            .to_json();
+    let bootstrap = with_peer_metadata(bootstrap, "OUTBOUND", "request_headers_to_add", &real);
+    let envoy = EnvoyProcess::start(&serde_json::to_string_pretty(&bootstrap).expect("json"));
+    let envoy_addr: SocketAddr = ([127, 0, 0, 1], outbound_port).into();
+
+    let host = format!("{fqdn}:9080");
+    let (status, headers, body) = get_with_headers(envoy_addr, &host, "/mx", &[]).await;
+    assert_eq!(status, 200, "{body}\n--- envoy ---\n{}", envoy.logs());
+    // The app saw neither header: mesh read and removed them.
+    assert_eq!(body, "id=\nmetadata=\n");
+    // mesh answered with its own pair (the request carried them), through Envoy.
+    let header = |h: &http::HeaderMap, n: &str| {
+        h.get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("{n} missing: {h:?}"))
+            .to_owned()
+    };
+    assert_eq!(
+        header(&headers, "x-envoy-peer-metadata-id"),
+        server_node.node_id()
+    );
+    let expected_struct = BTreeMap::from(
+        [
+            ("CLUSTER_ID", "server-cluster"),
+            (
+                "LABELS",
+                "{app=ratings,service.istio.io/canonical-name=ratings,\
+                 service.istio.io/canonical-revision=version-1,version=v1}",
+            ),
+            ("NAME", "ratings-v2-0"),
+            ("NAMESPACE", "default"),
+            ("WORKLOAD_NAME", "ratings-v2"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    assert_eq!(
+        decode_with_protobuf(&header(&headers, "x-envoy-peer-metadata")),
+        expected_struct
+    );
+
+    // The destination series as Istio's stats filter labels it: the source from the real
+    // sidecar's metadata, principal and namespace from its certificate.
+    let sidecar_principal = sidecar_id.to_string();
+    let server_principal = spiffe("mx-server").to_string();
+    let source_labels = [
+        ("source_workload", "demo-a-prodcatapi"),
+        (
+            "source_canonical_service",
+            "demo-a-productcatalogmanagement",
+        ),
+        ("source_canonical_revision", "productcatalogapi-0.23"),
+        ("source_workload_namespace", "components"),
+        ("source_app", "demo-a-productcatalogmanagement"),
+        ("source_version", "productcatalogapi-0.23"),
+        ("source_cluster", "Kubernetes"),
+        ("destination_workload", "ratings-v2"),
+    ];
+    let mtls = destination_samples(&tools, &server, "demo-a-prodcatapi", "mutual_tls").await;
+    assert_eq!(mtls.len(), 1, "{mtls:?}");
+    let mut overrides = source_labels.to_vec();
+    overrides.push(("source_principal", sidecar_principal.as_str()));
+    overrides.push(("destination_principal", server_principal.as_str()));
+    overrides.push(("connection_security_policy", "mutual_tls"));
+    assert_matches_template(
+        &mtls[0],
+        "istio-proxy-metric_server_request_total.yaml.tmpl",
+        &overrides,
+    );
+    assert_eq!(mtls[0].value, 1.0);
+
+    // A plaintext peer with the same headers: labelled by them; no certificate on either
+    // side, so both principals are `unknown` (Istio reads them from the connection).
+    let (status, headers, body) = get_with_headers(
+        server_addr,
+        &host,
+        "/plain",
+        &[
+            ("x-envoy-peer-metadata-id", &real.id),
+            ("x-envoy-peer-metadata", &real.metadata),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "id=\nmetadata=\n");
+    assert_eq!(
+        header(&headers, "x-envoy-peer-metadata-id"),
+        server_node.node_id()
+    );
+    let plain = destination_samples(&tools, &server, "demo-a-prodcatapi", "none").await;
+    assert_eq!(plain.len(), 1, "{plain:?}");
+    let mut overrides = source_labels.to_vec();
+    overrides.push(("source_principal", "unknown"));
+    overrides.push(("destination_principal", "unknown"));
+    overrides.push(("connection_security_policy", "none"));
+    assert_matches_template(
+        &plain[0],
+        "istio-proxy-metric_server_request_total.yaml.tmpl",
+        &overrides,
+    );
+    assert_eq!(plain[0].value, 1.0);
 }
 
 /// `(sample name, label names)` of every `envoy_*` sample, read from the exposition text as

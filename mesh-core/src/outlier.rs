@@ -196,6 +196,73 @@ pub enum EjectionType {
     FailurePercentage,
 }
 
+impl EjectionType {
+    /// Every type, in the order of [`OutlierCounts`]' per-type arrays.
+    pub const ALL: [EjectionType; 5] = [
+        EjectionType::Consecutive5xx,
+        EjectionType::ConsecutiveGatewayFailure,
+        EjectionType::ConsecutiveLocalOriginFailure,
+        EjectionType::SuccessRate,
+        EjectionType::FailurePercentage,
+    ];
+
+    /// Envoy's stat suffix for the type (`ejections_detected_<suffix>`,
+    /// `ejections_enforced_<suffix>`).
+    pub fn stat_suffix(self) -> &'static str {
+        match self {
+            EjectionType::Consecutive5xx => "consecutive_5xx",
+            EjectionType::ConsecutiveGatewayFailure => "consecutive_gateway_failure",
+            EjectionType::ConsecutiveLocalOriginFailure => "consecutive_local_origin_failure",
+            EjectionType::SuccessRate => "success_rate",
+            EjectionType::FailurePercentage => "failure_percentage",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What a detector decided since the counts were last taken, as Envoy's
+/// `outlier_detection.*` counters count it (`DetectorImpl::ejectHost`,
+/// `updateDetectedEjectionStats`, `updateEnforcedEjectionStats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutlierCounts {
+    /// `ejections_detected_<type>`: a threshold reached by a host not already ejected,
+    /// whether or not the ejection was then allowed and enforced.
+    pub detected: [u64; 5],
+    /// `ejections_enforced_<type>`: hosts actually ejected.
+    pub enforced: [u64; 5],
+    /// `ejections_overflow`: detections refused by `max_ejection_percent`.
+    pub overflow: u64,
+    /// The deprecated `ejections_total`: consecutive-5xx and success-rate detections that
+    /// `max_ejection_percent` allowed (enforced or not).
+    pub total: u64,
+}
+
+/// The detector's counters, taken (read and reset) by whoever records them as metrics.
+#[derive(Debug, Default)]
+pub struct OutlierStats {
+    detected: [AtomicU64; 5],
+    enforced: [AtomicU64; 5],
+    overflow: AtomicU64,
+    total: AtomicU64,
+}
+
+impl OutlierStats {
+    /// The counts since the last call, resetting them to zero (several recorders of one
+    /// cluster then never count an event twice).
+    pub fn take(&self) -> OutlierCounts {
+        let take = |a: &AtomicU64| a.swap(0, Ordering::Relaxed);
+        OutlierCounts {
+            detected: std::array::from_fn(|i| take(&self.detected[i])),
+            enforced: std::array::from_fn(|i| take(&self.enforced[i])),
+            overflow: take(&self.overflow),
+            total: take(&self.total),
+        }
+    }
+}
+
 /// The detector's clock: ms since the first use in this process (tokio time, so paused-time
 /// tests move it).
 pub fn now_ms() -> u64 {
@@ -212,6 +279,7 @@ pub fn now_ms() -> u64 {
 pub struct OutlierDetector {
     config: OutlierDetection,
     next_sweep: AtomicU64,
+    stats: Arc<OutlierStats>,
 }
 
 impl OutlierDetector {
@@ -226,12 +294,18 @@ impl OutlierDetector {
         OutlierDetector {
             config,
             next_sweep: AtomicU64::new(next),
+            stats: Arc::default(),
         }
     }
 
     /// The configuration.
     pub fn config(&self) -> &OutlierDetection {
         &self.config
+    }
+
+    /// The detector's detection and ejection counters.
+    pub fn stats(&self) -> Arc<OutlierStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Records how a request to `host` ended; may eject it. `hosts` is every host of the
@@ -327,6 +401,9 @@ impl OutlierDetector {
         None
     }
 
+    /// A host reached the `kind` threshold: as Envoy's `ejectHost`, counted as detected
+    /// (unless already ejected), refused as an overflow when it would take the ejected share
+    /// above `max_ejection_percent`, then enforced with probability `enforcing` %.
     fn try_eject<R: Rng + ?Sized>(
         &self,
         now: u64,
@@ -336,17 +413,30 @@ impl OutlierDetector {
         enforcing: u32,
         rng: &mut R,
     ) -> Option<EjectionType> {
-        if host.is_ejected() || enforcing == 0 || rng.random_range(0..100) >= enforcing {
+        if host.is_ejected() {
             return None;
         }
+        let stats = &self.stats;
+        stats.detected[kind.index()].fetch_add(1, Ordering::Relaxed);
         let ejected = hosts.iter().filter(|h| h.is_ejected()).count();
         let total = hosts.len().max(1);
         let percent = 100.0 * (ejected + 1) as f64 / total as f64;
         let allowed = percent <= f64::from(self.config.max_ejection_percent.min(100))
             || (self.config.always_eject_one_host && ejected == 0);
         if !allowed {
+            stats.overflow.fetch_add(1, Ordering::Relaxed);
             return None;
         }
+        if matches!(
+            kind,
+            EjectionType::Consecutive5xx | EjectionType::SuccessRate
+        ) {
+            stats.total.fetch_add(1, Ordering::Relaxed);
+        }
+        if enforcing == 0 || rng.random_range(0..100) >= enforcing {
+            return None;
+        }
+        stats.enforced[kind.index()].fetch_add(1, Ordering::Relaxed);
         host.outlier.ejections.fetch_add(1, Ordering::Relaxed);
         host.outlier.ejected_at.store(now, Ordering::Relaxed);
         host.set_ejected(true);
@@ -618,6 +708,81 @@ mod tests {
     }
 
     #[test]
+    fn detections_overflows_and_enforcements_are_counted_as_envoy_does() {
+        T::set(0);
+        let mut rng = rand::rng();
+        let c5xx = EjectionType::Consecutive5xx.index();
+        // 4 hosts, at most half ejected: every host reaches the threshold once; two are
+        // ejected, the other two detections overflow.
+        let hs = hosts(4);
+        let d = OutlierDetector::new_at(
+            0,
+            OutlierDetection {
+                max_ejection_percent: 50,
+                ..cfg()
+            },
+        );
+        for h in &hs {
+            for _ in 0..3 {
+                d.report_at(T::get(), h, &hs, OutlierResult::Http(503), &mut rng);
+            }
+        }
+        // More failures of an ejected host detect nothing.
+        for _ in 0..3 {
+            d.report_at(T::get(), &hs[0], &hs, OutlierResult::Http(503), &mut rng);
+        }
+        let counts = d.stats().take();
+        assert_eq!(counts.detected[c5xx], 4);
+        assert_eq!(counts.enforced[c5xx], 2);
+        assert_eq!(counts.overflow, 2);
+        assert_eq!(counts.total, 2);
+        assert_eq!(counts.detected.iter().sum::<u64>(), 4);
+        // Taken: the next read starts from zero.
+        assert_eq!(d.stats().take(), OutlierCounts::default());
+
+        // enforcing_consecutive_5xx: 0 → detected (and in the deprecated total), never ejected.
+        let hs = hosts(2);
+        let d = OutlierDetector::new_at(
+            0,
+            OutlierDetection {
+                enforcing_consecutive_5xx: 0,
+                ..cfg()
+            },
+        );
+        for _ in 0..6 {
+            assert_eq!(
+                d.report_at(T::get(), &hs[0], &hs, OutlierResult::Http(500), &mut rng),
+                None
+            );
+        }
+        assert!(!hs[0].is_ejected());
+        let counts = d.stats().take();
+        assert_eq!(counts.detected[c5xx], 2);
+        assert_eq!(counts.enforced, [0; 5]);
+        assert_eq!((counts.overflow, counts.total), (0, 2));
+
+        // Gateway failures (not enforced by default) are detected under their own type and
+        // are not in the deprecated total.
+        let d = OutlierDetector::new_at(
+            0,
+            OutlierDetection {
+                consecutive_5xx: 100,
+                consecutive_gateway_failure: 2,
+                ..cfg()
+            },
+        );
+        for _ in 0..4 {
+            d.report_at(T::get(), &hs[1], &hs, OutlierResult::Http(502), &mut rng);
+        }
+        let counts = d.stats().take();
+        assert_eq!(
+            counts.detected[EjectionType::ConsecutiveGatewayFailure.index()],
+            2
+        );
+        assert_eq!((counts.enforced, counts.total), ([0; 5], 0));
+    }
+
+    #[test]
     fn local_origin_failures_split_out() {
         T::set(0);
         let hs = hosts(2);
@@ -678,6 +843,14 @@ mod tests {
         d.sweep_at(T::get(), &hs, &mut rng);
         assert!(hs[4].is_ejected());
         assert_eq!(hs.iter().filter(|h| h.is_ejected()).count(), 1);
+        // Detected and enforced as success-rate ejections (in the deprecated total too).
+        let counts = d.stats().take();
+        let (sr, fp) = (
+            EjectionType::SuccessRate.index(),
+            EjectionType::FailurePercentage.index(),
+        );
+        assert_eq!((counts.detected[sr], counts.enforced[sr]), (1, 1));
+        assert_eq!((counts.detected[fp], counts.total), (0, 1));
 
         let hs = hosts(5);
         let d = OutlierDetector::new_at(
@@ -708,6 +881,9 @@ mod tests {
         d.sweep_at(T::get(), &hs, &mut rng);
         assert!(hs[2].is_ejected());
         assert_eq!(hs.iter().filter(|h| h.is_ejected()).count(), 1);
+        let counts = d.stats().take();
+        assert_eq!((counts.detected[fp], counts.enforced[fp]), (1, 1));
+        assert_eq!((counts.detected[sr], counts.total), (0, 0));
     }
 
     #[test]

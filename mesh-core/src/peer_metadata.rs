@@ -487,8 +487,17 @@ mod tests {
     use super::*;
 
     /// A real header sent by an Istio 1.24 sidecar (Envoy 1.32.2), copied from a public bug
-    /// report together with that proxy's `server_info` node metadata.
-    const ISTIO_1_24: &str = "ChoKCkNMVVNURVJfSUQSDBoKS3ViZXJuZXRlcwrkAQoGTEFCRUxTEtkBKtYBCigKA2FwcBIhGh9kZW1vLWEtcHJvZHVjdGNhdGFsb2dtYW5hZ2VtZW50CkQKH3NlcnZpY2UuaXN0aW8uaW8vY2Fub25pY2FsLW5hbWUSIRofZGVtby1hLXByb2R1Y3RjYXRhbG9nbWFuYWdlbWVudAo/CiNzZXJ2aWNlLmlzdGlvLmlvL2Nhbm9uaWNhbC1yZXZpc2lvbhIYGhZwcm9kdWN0Y2F0YWxvZ2FwaS0wLjIzCiMKB3ZlcnNpb24SGBoWcHJvZHVjdGNhdGFsb2dhcGktMC4yMwosCgROQU1FEiQaImRlbW8tYS1wcm9kY2F0YXBpLTU3ODY4ZjlkN2MtNjdmc2MKGQoJTkFNRVNQQUNFEgwaCmNvbXBvbmVudHMKWAoFT1dORVISTxpNa3ViZXJuZXRlczovL2FwaXMvYXBwcy92MS9uYW1lc3BhY2VzL2NvbXBvbmVudHMvZGVwbG95bWVudHMvZGVtby1hLXByb2RjYXRhcGkKJAoNV09SS0xPQURfTkFNRRITGhFkZW1vLWEtcHJvZGNhdGFwaQ==";
+    /// report together with that proxy's `server_info` node metadata; the same file feeds the
+    /// root crate's test of an Envoy sidecar calling mesh (tests/telemetry_prometheus.rs).
+    const ISTIO_1_24_FILE: &str = include_str!("../../testdata/istio/peer-metadata-istio1.24.txt");
+
+    /// `id` or `metadata` of [`ISTIO_1_24_FILE`].
+    fn istio_1_24(key: &str) -> &'static str {
+        ISTIO_1_24_FILE
+            .lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+            .expect("field in testdata")
+    }
 
     fn istio_1_24_node() -> NodeIdentity {
         let mut node = NodeIdentity::new(
@@ -518,7 +527,7 @@ mod tests {
 
     #[test]
     fn decodes_a_real_istio_sidecar_header() {
-        let m = PeerMetadata::decode_header(ISTIO_1_24.as_bytes()).unwrap();
+        let m = PeerMetadata::decode_header(istio_1_24("metadata").as_bytes()).unwrap();
         assert_eq!(m.name, "demo-a-prodcatapi-57868f9d7c-67fsc");
         assert_eq!(m.namespace, "components");
         assert_eq!(m.workload_name, "demo-a-prodcatapi");
@@ -537,11 +546,8 @@ mod tests {
     #[test]
     fn encodes_byte_for_byte_what_the_istio_sidecar_sent() {
         let headers = PeerMetadataHeaders::for_node(&istio_1_24_node());
-        assert_eq!(headers.metadata, ISTIO_1_24);
-        assert_eq!(
-            headers.id,
-            "sidecar~10.88.3.242~demo-a-prodcatapi-57868f9d7c-67fsc.components~components.svc.cluster.local"
-        );
+        assert_eq!(headers.metadata, istio_1_24("metadata"));
+        assert_eq!(headers.id, istio_1_24("id"));
     }
 
     #[test]
@@ -608,7 +614,7 @@ mod tests {
             Err(PeerMetadataError::TooLarge(_))
         ));
         // Every prefix of a real value either decodes or errors.
-        let bytes = DECODER.decode(ISTIO_1_24).unwrap();
+        let bytes = DECODER.decode(istio_1_24("metadata")).unwrap();
         for n in 0..bytes.len() {
             let _ = PeerMetadata::from_struct_bytes(&bytes[..n]);
         }

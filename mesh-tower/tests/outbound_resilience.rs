@@ -178,6 +178,113 @@ async fn consecutive_5xx_ejects_a_failing_host() {
     .await;
 }
 
+/// The value of sample `name{cluster_name="<cluster>"}` in mesh's recorder, once it is
+/// `want` or after a bounded wait (the attempt's stats are recorded when it ends).
+async fn outlier_stat(cluster: &str, name: &str, want: &str) -> Option<String> {
+    let handle = mesh_tower::telemetry::prometheus_handle().expect("mesh's recorder");
+    let sample = format!("{name}{{cluster_name=\"{cluster}\"}} ");
+    let read = || {
+        handle
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(sample.as_str()).map(str::to_owned))
+    };
+    for _ in 0..50 {
+        if read().as_deref() == Some(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    read()
+}
+
+/// Envoy's `ejections_detected_*` counts a reached threshold whether or not it is enforced,
+/// and `ejections_overflow` an ejection `max_ejection_percent` refused (Envoy's
+/// `DetectorImpl::ejectHost`); the deprecated `ejections_consecutive_5xx` counts detections
+/// and `ejections_total` those not refused.
+#[tokio::test]
+async fn outlier_detections_are_counted_whether_enforced_or_refused() {
+    mesh_tower::telemetry::prometheus_handle().expect("mesh's recorder");
+    bounded(async {
+        let bad = scripted("bad", &[Act::Status(500); 100]).await;
+        let run = |cluster: &'static str, od: OutlierDetection| {
+            let bad = bad.addr;
+            async move {
+                let cell = SnapshotCell::new();
+                let route = Route::new(
+                    "default",
+                    RouteMatch::any(),
+                    RouteAction::Cluster(cluster.into()),
+                );
+                let c = Cluster {
+                    outlier_detection: Some(od),
+                    ..Cluster::eds(cluster)
+                };
+                publish(&cell, 1, route, c, &[bad]);
+                let out = Outbound::new(cell, CertStore::new(), node());
+                for _ in 0..4 {
+                    assert_eq!(get(&out, "/", &[]).await.status(), 500);
+                }
+            }
+        };
+        // enforcing_consecutive_5xx: 0 → two detections, no ejection: all 4 reach the host.
+        let detect = "outbound|9080||detect.default.svc.cluster.local";
+        run(
+            detect,
+            OutlierDetection {
+                consecutive_5xx: 2,
+                enforcing_consecutive_5xx: 0,
+                max_ejection_percent: 100,
+                ..OutlierDetection::default()
+            },
+        )
+        .await;
+        assert_eq!(bad.seen().len(), 4);
+        let p = "envoy_cluster_outlier_detection_ejections_";
+        for (stat, want) in [
+            ("detected_consecutive_5xx", "2"),
+            ("consecutive_5xx", "2"),
+            ("total", "2"),
+            ("enforced_consecutive_5xx", "0"),
+            ("enforced_total", "0"),
+            ("overflow", "0"),
+            ("detected_consecutive_gateway_failure", "0"),
+        ] {
+            let got = outlier_stat(detect, &format!("{p}{stat}"), want).await;
+            assert_eq!(got.as_deref(), Some(want), "{stat}");
+        }
+        assert_eq!(
+            outlier_stat(detect, &format!("{p}active"), "0")
+                .await
+                .as_deref(),
+            Some("0")
+        );
+        // One host, max_ejection_percent 10 (ejecting it would be 100 %): both detections
+        // overflow, nothing is ejected.
+        let overflow = "outbound|9080||overflow.default.svc.cluster.local";
+        run(
+            overflow,
+            OutlierDetection {
+                consecutive_5xx: 2,
+                max_ejection_percent: 10,
+                ..OutlierDetection::default()
+            },
+        )
+        .await;
+        assert_eq!(bad.seen().len(), 8);
+        for (stat, want) in [
+            ("detected_consecutive_5xx", "2"),
+            ("overflow", "2"),
+            ("total", "0"),
+            ("enforced_total", "0"),
+        ] {
+            let got = outlier_stat(overflow, &format!("{p}{stat}"), want).await;
+            assert_eq!(got.as_deref(), Some(want), "{stat}");
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn ejection_survives_an_endpoint_update() {
     bounded(async {

@@ -330,6 +330,12 @@ async fn every_envoy_family_mesh_emits_exists_in_real_envoy_with_the_same_labels
         "envoy_cluster_outlier_detection_ejections_enforced_total",
         "envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx",
         "envoy_cluster_outlier_detection_ejections_consecutive_5xx",
+        "envoy_cluster_outlier_detection_ejections_overflow",
+        "envoy_cluster_outlier_detection_ejections_detected_consecutive_5xx",
+        "envoy_cluster_outlier_detection_ejections_detected_consecutive_gateway_failure",
+        "envoy_cluster_outlier_detection_ejections_detected_consecutive_local_origin_failure",
+        "envoy_cluster_outlier_detection_ejections_detected_success_rate",
+        "envoy_cluster_outlier_detection_ejections_detected_failure_percentage",
     ] {
         assert!(mesh_families.contains_key(family), "{family} not emitted");
     }

@@ -812,11 +812,10 @@ impl Outbound {
                     // A local overflow says nothing about the host.
                     AttemptOutcome::Overflow => None,
                 };
-                if let Some(r) = r
-                    && let Some(cause) = d.report(h, entry.lb.hosts(), r, &mut rand::rng())
-                    && let Some(a) = &attempt_stats
-                {
-                    a.ejected(cause);
+                // Its detections and ejections reach the cluster's stats through the detector's
+                // counters (`ClusterLive::outlier`).
+                if let Some(r) = r {
+                    d.report(h, entry.lb.hosts(), r, &mut rand::rng());
                 }
             }
             let retriable = retry.is_some_and(|p| p.would_retry(&outcome));
@@ -1294,6 +1293,7 @@ impl Inner {
                     rq_active: state.rq_active.clone(),
                     max_requests: state.cluster.circuit_breakers.max_requests,
                     ejected: state.outlier.is_some().then(|| state.ejected.clone()),
+                    outlier: state.outlier.as_ref().map(|d| d.stats()),
                 },
             ),
         );

@@ -14,6 +14,7 @@ use http::{HeaderMap, HeaderValue};
 use mesh_core::endpoint::{EndpointTlsMode, WorkloadMetadata};
 use mesh_core::flags::ResponseFlag;
 use mesh_core::identity::NodeIdentity;
+use mesh_core::outlier::{EjectionType, OutlierCounts, OutlierStats};
 use mesh_core::peer_metadata::{PeerMetadata, PeerMetadataHeaders};
 use mesh_core::telemetry::{
     DestinationService, Reporter, RequestOutcome, UNKNOWN, WorkloadLabels, request_labels,
@@ -104,6 +105,8 @@ pub(crate) struct ClusterLive {
     /// Ejected hosts of the cluster, when it has outlier detection (Envoy has no
     /// `outlier_detection.*` stats otherwise).
     pub ejected: Option<Arc<AtomicUsize>>,
+    /// The cluster's outlier detector's counters (with `ejected`).
+    pub outlier: Option<Arc<OutlierStats>>,
 }
 
 /// Envoy's response-code stats under one prefix, as Istio's stats tags name them:
@@ -226,36 +229,32 @@ pub(crate) struct ClusterStats {
     live: ClusterLive,
 }
 
-/// Envoy's enforced-ejection counters (`outlier_detection.ejections_enforced_total`,
-/// `_enforced_<cause>`, and the older `ejections_total`, `ejections_consecutive_5xx`,
-/// `ejections_success_rate`, which Envoy 1.40 still has for those two causes only), charged
-/// when the detector ejects a host.
+/// Envoy's outlier detection counters under Istio's stats naming (no tag is extracted from
+/// them): `ejections_detected_<type>` (threshold reached, enforced or not),
+/// `ejections_enforced_<type>` and `ejections_enforced_total`, `ejections_overflow` (refused
+/// by `max_ejection_percent`), and the deprecated `ejections_total`,
+/// `ejections_consecutive_5xx` and `ejections_success_rate` (detections; Envoy 1.40 still has
+/// them for those two types only). Fed from the detector's [`OutlierStats`].
 struct Ejections {
+    detector: Arc<OutlierStats>,
     total: Counter,
     enforced_total: Counter,
-    /// `enforced` and the older name (when Envoy has one) per cause, in [`ejection_cause`]'s
-    /// order.
-    by_cause: [(Counter, Option<Counter>); 5],
-}
-
-/// The stat suffix of an ejection cause (Envoy's `ejections_enforced_<suffix>`).
-fn ejection_cause(t: mesh_core::outlier::EjectionType) -> usize {
-    use mesh_core::outlier::EjectionType as E;
-    match t {
-        E::Consecutive5xx => 0,
-        E::ConsecutiveGatewayFailure => 1,
-        E::ConsecutiveLocalOriginFailure => 2,
-        E::SuccessRate => 3,
-        E::FailurePercentage => 4,
-    }
+    overflow: Counter,
+    /// `detected`, `enforced` and the deprecated name (when Envoy has one) per type, in
+    /// [`EjectionType::ALL`]'s order.
+    by_type: [(Counter, Counter, Option<Counter>); 5],
 }
 
 impl Ejections {
-    fn register(l: &[Label; 1]) -> Self {
+    fn register(l: &[Label; 1], detector: Arc<OutlierStats>) -> Self {
         let c = |name: String| metrics::counter!(name, l.iter());
-        let cause = |suffix: &str| {
-            let older = matches!(suffix, "consecutive_5xx" | "success_rate");
+        let by_type = EjectionType::ALL.map(|t| {
+            let suffix = t.stat_suffix();
+            let older = matches!(t, EjectionType::Consecutive5xx | EjectionType::SuccessRate);
             (
+                c(format!(
+                    "envoy_cluster_outlier_detection_ejections_detected_{suffix}"
+                )),
                 c(format!(
                     "envoy_cluster_outlier_detection_ejections_enforced_{suffix}"
                 )),
@@ -265,17 +264,31 @@ impl Ejections {
                     ))
                 }),
             )
-        };
+        });
         Ejections {
+            detector,
             total: c("envoy_cluster_outlier_detection_ejections_total".into()),
             enforced_total: c("envoy_cluster_outlier_detection_ejections_enforced_total".into()),
-            by_cause: [
-                cause("consecutive_5xx"),
-                cause("consecutive_gateway_failure"),
-                cause("consecutive_local_origin_failure"),
-                cause("success_rate"),
-                cause("failure_percentage"),
-            ],
+            overflow: c("envoy_cluster_outlier_detection_ejections_overflow".into()),
+            by_type,
+        }
+    }
+
+    /// Adds what the detector counted since the last call.
+    fn record(&self) {
+        let n = self.detector.take();
+        if n == OutlierCounts::default() {
+            return;
+        }
+        self.total.increment(n.total);
+        self.overflow.increment(n.overflow);
+        self.enforced_total.increment(n.enforced.iter().sum());
+        for (i, (detected, enforced, older)) in self.by_type.iter().enumerate() {
+            detected.increment(n.detected[i]);
+            enforced.increment(n.enforced[i]);
+            if let Some(c) = older {
+                c.increment(n.detected[i]);
+            }
         }
     }
 }
@@ -325,7 +338,10 @@ impl ClusterStats {
             ejections_active: live.ejected.as_ref().map(|_| {
                 metrics::gauge!("envoy_cluster_outlier_detection_ejections_active", l.iter())
             }),
-            ejections: live.ejected.as_ref().map(|_| Ejections::register(&l)),
+            ejections: live
+                .outlier
+                .clone()
+                .map(|stats| Ejections::register(&l, stats)),
             cx_connect_fail: counter("envoy_cluster_upstream_cx_connect_fail"),
             cx_connect_timeout: counter("envoy_cluster_upstream_cx_connect_timeout"),
             rq_pending_overflow: counter("envoy_cluster_upstream_rq_pending_overflow"),
@@ -344,6 +360,9 @@ impl ClusterStats {
         });
         if let (Some(g), Some(e)) = (&self.ejections_active, &self.live.ejected) {
             g.set(e.load(Ordering::Relaxed) as f64);
+        }
+        if let Some(e) = &self.ejections {
+            e.record();
         }
     }
 }
@@ -400,19 +419,6 @@ impl Attempt {
     /// The attempt hit its per-try timeout.
     pub(crate) fn per_try_timeout(&self) {
         self.stats.rq_per_try_timeout.increment(1);
-    }
-
-    /// Outlier detection ejected the attempt's host for `cause`.
-    pub(crate) fn ejected(&self, cause: mesh_core::outlier::EjectionType) {
-        if let Some(e) = &self.stats.ejections {
-            e.total.increment(1);
-            e.enforced_total.increment(1);
-            let (enforced, older) = &e.by_cause[ejection_cause(cause)];
-            enforced.increment(1);
-            if let Some(c) = older {
-                c.increment(1);
-            }
-        }
     }
 
     /// The attempt is retried: its response's code (if it had one) goes to
@@ -848,6 +854,7 @@ mod tests {
                 rq_active: Arc::new(AtomicU32::new(2)),
                 max_requests: 2,
                 ejected: Some(Arc::new(AtomicUsize::new(1))),
+                outlier: Some(Arc::default()),
             };
             let base = Arc::new(
                 LabelBase::new(
@@ -944,6 +951,7 @@ mod tests {
                         rq_active: Arc::new(AtomicU32::new(0)),
                         max_requests: 10,
                         ejected: None,
+                        outlier: None,
                     },
                 )
             };
