@@ -6,6 +6,7 @@
 
 mod support;
 
+mod ads_differential;
 mod authz_adversarial;
 mod authz_certificate_files;
 mod authz_envoy;

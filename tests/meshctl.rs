@@ -211,6 +211,179 @@ async fn control_plane_replays_a_dump_over_delta_and_sotw_with_a_ca() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `meshctl control-plane --bind-loopback --strip-istio-proxy-extensions` replaying the
+/// DeathStarBench dump to a real Envoy 1.40 (an upstream build: istio-proxy's own extensions
+/// dropped), over delta and over SotW ADS, with `sds-grpc` pointed at meshctl too. Envoy holds
+/// every cluster (active: EDS and SDS arrived), every route configuration and every listener
+/// but `virtualInbound`, which it refuses for the reason the dump's own Envoy recorded (a Lua
+/// filter without source code); meshctl saw ACKs for CDS, EDS, RDS and SDS and no other NACK.
+#[test]
+fn control_plane_replays_a_dump_to_a_real_envoy_over_delta_and_sotw() {
+    use std::collections::BTreeSet;
+    use std::sync::mpsc;
+
+    use crate::support::envoy::{AdsBootstrap, EnvoyProcess, config_dump_names, envoy_binary};
+    use mesh_xds::ads::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+    use mesh_xds::dump::{ConfigDump, SECRET};
+
+    let Some(p) = data("deathstarbench-geo-istio1.18_config_dump.json") else {
+        return;
+    };
+    let Some(bin) = envoy_binary() else { return };
+    let set = ConfigDump::load(&p).unwrap().xds_resources();
+    let names = |t: &str| -> BTreeSet<String> {
+        set.get(t)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let (clusters, routes) = (names(CLUSTER), names(ROUTE));
+    let mut listeners = names(LISTENER);
+    assert!(listeners.remove("virtualInbound"));
+    assert_eq!(
+        (clusters.len(), routes.len(), listeners.len()),
+        (138, 90, 140)
+    );
+
+    let mut child = meshctl()
+        .args([
+            "control-plane",
+            "--listen",
+            "127.0.0.1:0",
+            "--bind-loopback",
+            "--strip-istio-proxy-extensions",
+            "--config-dump",
+        ])
+        .arg(&p)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _cp = Running(child);
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first = rx.recv_timeout(WAIT).expect("meshctl printed nothing");
+    let addr: std::net::SocketAddr = first
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .parse()
+        .unwrap();
+
+    for delta in [true, false] {
+        while rx.try_recv().is_ok() {}
+        let envoy = EnvoyProcess::start_with(
+            &bin,
+            &AdsBootstrap::sidecar("geo-5c54dcd5bd-z5ghf", "hr2", addr)
+                .delta(delta)
+                .to_yaml(),
+        );
+        let held = |e: &EnvoyProcess| {
+            let d = e.config_dump(false);
+            let set = |s, l, f| -> BTreeSet<String> {
+                config_dump_names(&d, s, l, f).into_iter().collect()
+            };
+            (
+                set("ClustersConfigDump", "dynamic_active_clusters", "cluster"),
+                set("RoutesConfigDump", "dynamic_route_configs", "route_config"),
+                set("ListenersConfigDump", "dynamic_listeners", "active_state"),
+                d,
+            )
+        };
+        let complete = envoy.wait_until(Duration::from_secs(90), |e| {
+            let (c, r, _, _) = held(e);
+            c.is_superset(&clusters) && r == routes
+        });
+        let (c, r, _, d) = held(&envoy);
+        assert!(
+            complete,
+            "delta={delta}: Envoy never held the dump: clusters missing {:?}, routes missing {:?}\n{}",
+            clusters.difference(&c).take(5).collect::<Vec<_>>(),
+            routes.difference(&r).take(5).collect::<Vec<_>>(),
+            envoy
+                .logs()
+                .lines()
+                .filter(|l| !l.contains("Deprecated"))
+                .take(40)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        // Listeners: every one but virtualInbound active (the name of an active listener is in
+        // its `active_state.listener`).
+        let active: BTreeSet<String> = d["configs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["@type"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(".ListenersConfigDump")
+            })
+            .flat_map(|s| {
+                s["dynamic_listeners"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|l| {
+                l["active_state"]["listener"]["name"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(active, listeners, "delta={delta}: active listeners");
+        let refused = d.to_string();
+        assert!(
+            refused.contains("LuaValidationError.DefaultSourceCode"),
+            "delta={delta}: virtualInbound's error_state names the Lua filter"
+        );
+        // Binding listeners are on loopback only.
+        let vo = envoy
+            .listener_address("virtualOutbound")
+            .expect("virtualOutbound bound");
+        assert!(vo.ip().is_loopback() && vo.port() != 0, "{vo}");
+
+        // What meshctl saw: ACKs of every type, the only NACK the dump's own one.
+        let (mut acked, mut nacks) = (BTreeSet::new(), Vec::new());
+        let want: BTreeSet<&str> = [CLUSTER, ENDPOINT, ROUTE, SECRET].into();
+        let deadline = std::time::Instant::now() + WAIT;
+        while !want.iter().all(|t| acked.contains(*t)) && std::time::Instant::now() < deadline {
+            let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+                continue;
+            };
+            if let Some(rest) = line.strip_prefix("ack ") {
+                acked.insert(rest.split(' ').next().unwrap().to_owned());
+            } else if let Some(rest) = line.strip_prefix("nack ") {
+                nacks.push(rest.to_owned());
+            }
+        }
+        while let Ok(line) = rx.try_recv() {
+            if let Some(rest) = line.strip_prefix("nack ") {
+                nacks.push(rest.to_owned());
+            }
+        }
+        for t in &want {
+            assert!(
+                acked.contains(*t),
+                "delta={delta}: no ACK of {t} (acked {acked:?}, nacks {nacks:?})"
+            );
+        }
+        assert!(
+            !nacks.is_empty()
+                && nacks.iter().all(|n| n.starts_with(LISTENER)
+                    && n.contains("virtualInbound")
+                    && n.contains("LuaValidationError")),
+            "delta={delta}: unexpected NACKs {nacks:?}"
+        );
+    }
+}
+
 fn route_lines(args: &[&str]) -> Vec<serde_json::Value> {
     let out = meshctl().arg("route").args(args).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -4,6 +4,7 @@
 //! meshctl check-config FILE [--json]
 //! meshctl control-plane --config-dump FILE [--listen ADDR] [--trust-domain TD]
 //!                       [--root-cert-out FILE] [--token-out FILE]
+//!                       [--bind-loopback] [--strip-istio-proxy-extensions]
 //! meshctl route --config-dump FILE --route-config NAME --requests REQUESTS.jsonl
 //! meshctl route --config-dump FILE --route-config NAME --authority A --path P
 //!               [--method M] [--header 'k: v']...
@@ -16,7 +17,16 @@
 //!
 //! `control-plane` serves the dump's dynamic resources over ADS (delta and SotW) together with
 //! an Istio CA on one plaintext gRPC port, so a real sidecar's configuration can be replayed to
-//! mesh or to Envoy. It prints `listening on ADDR` and runs until interrupted.
+//! mesh or to Envoy. The same port serves istio-agent's SDS secrets `default` (a certificate
+//! for the dump's workload) and `ROOTCA` over ADS and over `SecretDiscoveryService`, so an
+//! Envoy whose bootstrap points `sds-grpc` there warms the dump's mTLS clusters. For a real
+//! Envoy on a developer machine, `--bind-loopback` serves every listener that binds on
+//! 127.0.0.1 port 0 (an ephemeral port; `bind_to_port: false` listeners bind nothing and stay
+//! as they are), and `--strip-istio-proxy-extensions` drops the filters only istio-proxy's
+//! Envoy build implements (`istio.stats`, `istio.metadata_exchange`, `istio.alpn`,
+//! `istio_authn`, null-VM Wasm), which an upstream Envoy refuses. It prints
+//! `listening on ADDR`, then a line per ACK (`ack TYPE_URL nonce=N`) and NACK
+//! (`nack TYPE_URL nonce=N: MESSAGE`) its clients send, and runs until interrupted.
 //!
 //! `route` explains where requests go: the dump is translated into the snapshot mesh's ADS
 //! client would publish, and each request (`{"authority","path","method","headers":[[k,v]]}`
@@ -36,6 +46,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+use mesh_core::SpiffeId;
 use mesh_core::retry::RetryOn;
 use mesh_core::route::{HostRewrite, RequestView, RouteAction};
 use mesh_core::snapshot::{RouteDecision, Snapshot};
@@ -46,7 +57,7 @@ use mesh_xds::testkit::ca::TestCa;
 
 const USAGE: &str = "usage:
   meshctl check-config FILE [--json]
-  meshctl control-plane --config-dump FILE [--listen ADDR] [--trust-domain TD] [--root-cert-out FILE] [--token-out FILE]
+  meshctl control-plane --config-dump FILE [--listen ADDR] [--trust-domain TD] [--root-cert-out FILE] [--token-out FILE] [--bind-loopback] [--strip-istio-proxy-extensions]
   meshctl route --config-dump FILE --route-config NAME --requests REQUESTS.jsonl
   meshctl route --config-dump FILE --route-config NAME --authority A --path P [--method M] [--header 'k: v']...";
 
@@ -140,7 +151,7 @@ fn check_config(args: &[String]) -> Result<ExitCode, String> {
 fn control_plane(args: &[String]) -> Result<ExitCode, String> {
     let a = parse(
         args,
-        &[],
+        &["--bind-loopback", "--strip-istio-proxy-extensions"],
         &[
             "--config-dump",
             "--listen",
@@ -171,25 +182,31 @@ fn control_plane(args: &[String]) -> Result<ExitCode, String> {
         );
     }
     let set = dump.xds_resources();
-    let ca = TestCa::new(a.value("--trust-domain").unwrap_or("cluster.local"));
+    let trust_domain = a.value("--trust-domain").unwrap_or("cluster.local");
+    let ca = TestCa::new(trust_domain);
+    // The dump's own workload: namespace from its node id, service account `default`.
+    let ns = dump
+        .node_id
+        .as_deref()
+        .and_then(|id| id.split('~').nth(2))
+        .and_then(|p| p.split('.').nth(1))
+        .unwrap_or("default");
     if let Some(p) = a.value("--root-cert-out") {
         std::fs::write(p, ca.root_pem()).map_err(|e| format!("writing {p}: {e}"))?;
     }
     if let Some(p) = a.value("--token-out") {
-        // A token the CA accepts, for the dump's own workload (namespace from its node id).
-        let ns = dump
-            .node_id
-            .as_deref()
-            .and_then(|id| id.split('~').nth(2))
-            .and_then(|p| p.split('.').nth(1))
-            .unwrap_or("default");
+        // A token the CA accepts, for the dump's own workload.
         std::fs::write(p, ca.token_for(ns, "default")).map_err(|e| format!("writing {p}: {e}"))?;
     }
+    let identity = SpiffeId::new(trust_domain, ns, "default");
     let rt = tokio::runtime::Runtime::new().map_err(|e| format!("tokio runtime: {e}"))?;
     rt.block_on(async move {
         let cp = ControlPlane::builder()
             .ca(ca)
             .resources(set.clone())
+            .sds_secrets(identity)
+            .bind_loopback(a.flag("--bind-loopback"))
+            .strip_istio_proxy_extensions(a.flag("--strip-istio-proxy-extensions"))
             .listen(listen)
             .start()
             .await
@@ -204,10 +221,39 @@ fn control_plane(args: &[String]) -> Result<ExitCode, String> {
         let _ = writeln!(out, "listening on {}", cp.addr());
         let _ = writeln!(
             out,
-            "serving {} (ADS delta + SotW, Istio CA)",
+            "serving {} (ADS delta + SotW, SDS default + ROOTCA, Istio CA)",
             counts.join(" ")
         );
         let _ = out.flush();
+        // One line per ACK and NACK a client sends, from a thread of its own: a full stdout
+        // pipe must not stall the server.
+        let mut events = cp.events();
+        std::thread::spawn(move || {
+            use mesh_xds::testkit::XdsEvent;
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let line = match events.blocking_recv() {
+                    Ok(XdsEvent::Ack {
+                        type_url, nonce, ..
+                    }) => {
+                        format!("ack {type_url} nonce={nonce}")
+                    }
+                    Ok(XdsEvent::Nack {
+                        type_url,
+                        nonce,
+                        message,
+                    }) => format!(
+                        "nack {type_url} nonce={nonce}: {}",
+                        message.replace('\n', " ")
+                    ),
+                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return,
+                };
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+        });
         tokio::signal::ctrl_c()
             .await
             .map_err(|e| format!("waiting for ctrl-c: {e}"))?;

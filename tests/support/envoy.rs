@@ -804,3 +804,195 @@ fn service_domains(fqdn: &str, port: u16) -> Vec<String> {
         .flat_map(|n| [n.clone(), format!("{n}:{port}")])
         .collect()
 }
+
+// ------------------------------------------------------------------------------------------
+// Envoy as an ADS client
+// ------------------------------------------------------------------------------------------
+
+/// A bootstrap that makes Envoy an xDS client the way istio-agent bootstraps a sidecar: node
+/// id `sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local` with Istio's node metadata, ADS (delta
+/// or SotW) to `xds-grpc`, CDS and LDS over ADS, and istio-agent's `sds-grpc` cluster — both
+/// plaintext HTTP/2 to one control-plane address on 127.0.0.1 (the testkit control plane and
+/// `meshctl control-plane` serve ADS and SDS on one port).
+#[derive(Debug, Clone)]
+pub struct AdsBootstrap {
+    pod: String,
+    namespace: String,
+    service_account: String,
+    control_plane: SocketAddr,
+    delta: bool,
+}
+
+impl AdsBootstrap {
+    /// A sidecar for pod `pod` in `namespace` (service account `default`), delta ADS to
+    /// `control_plane`.
+    pub fn sidecar(pod: &str, namespace: &str, control_plane: SocketAddr) -> Self {
+        AdsBootstrap {
+            pod: pod.into(),
+            namespace: namespace.into(),
+            service_account: "default".into(),
+            control_plane,
+            delta: true,
+        }
+    }
+
+    /// Delta ADS (`DELTA_GRPC`, istiod's default) or state of the world (`GRPC`).
+    pub fn delta(mut self, delta: bool) -> Self {
+        self.delta = delta;
+        self
+    }
+
+    /// The pod's service account.
+    pub fn service_account(mut self, sa: &str) -> Self {
+        self.service_account = sa.into();
+        self
+    }
+
+    /// The node id istio-agent gives the sidecar.
+    pub fn node_id(&self) -> String {
+        format!(
+            "sidecar~127.0.0.1~{}.{}~{}.svc.cluster.local",
+            self.pod, self.namespace, self.namespace
+        )
+    }
+
+    /// The bootstrap as text for [`EnvoyProcess::start`] (no admin section: one is added).
+    pub fn to_yaml(&self) -> String {
+        self.to_json().to_string()
+    }
+
+    /// The bootstrap as a JSON value.
+    pub fn to_json(&self) -> Value {
+        let workload = self
+            .pod
+            .rsplitn(3, '-')
+            .last()
+            .unwrap_or(&self.pod)
+            .to_string();
+        let ads = json!({"ads": {}, "resource_api_version": "V3"});
+        let h2_cluster = |name: &str| {
+            json!({
+                "name": name,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}},
+                    },
+                },
+                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{
+                    "endpoint": {"address": {"socket_address": {
+                        "address": self.control_plane.ip().to_string(),
+                        "port_value": self.control_plane.port(),
+                    }}},
+                }]}]},
+            })
+        };
+        json!({
+            "node": {
+                "id": self.node_id(),
+                "cluster": format!("{workload}.{}", self.namespace),
+                "metadata": {
+                    "NAMESPACE": self.namespace,
+                    "NAME": self.pod,
+                    "WORKLOAD_NAME": workload,
+                    "SERVICE_ACCOUNT": self.service_account,
+                    "CLUSTER_ID": "Kubernetes",
+                    "MESH_ID": "cluster.local",
+                    "ISTIO_VERSION": "1.18.2",
+                    "INTERCEPTION_MODE": "REDIRECT",
+                    "INSTANCE_IPS": "127.0.0.1",
+                    "LABELS": {
+                        "app": workload,
+                        "service.istio.io/canonical-name": workload,
+                        "service.istio.io/canonical-revision": "latest",
+                        "security.istio.io/tlsMode": "istio",
+                    },
+                    "PILOT_SAN": ["istiod.istio-system.svc"],
+                },
+            },
+            "dynamic_resources": {
+                "ads_config": {
+                    "api_type": if self.delta { "DELTA_GRPC" } else { "GRPC" },
+                    "transport_api_version": "V3",
+                    "set_node_on_first_message_only": true,
+                    "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
+                },
+                "cds_config": ads,
+                "lds_config": ads,
+            },
+            "static_resources": {"clusters": [h2_cluster("xds-grpc"), h2_cluster("sds-grpc")]},
+        })
+    }
+}
+
+/// Names of the resources in one section of an admin `/config_dump`: `section` is the
+/// config's short type (`ClustersConfigDump`), `list` the array (`dynamic_active_clusters`),
+/// `field` the resource inside each entry (`cluster`); entries without it (an
+/// `error_state`-only listener) are skipped.
+pub fn config_dump_names(dump: &Value, section: &str, list: &str, field: &str) -> Vec<String> {
+    let suffix = format!(".{section}");
+    dump["configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["@type"].as_str().is_some_and(|t| t.ends_with(&suffix)))
+        .flat_map(|c| c[list].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e[field]["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+impl EnvoyProcess {
+    /// The admin `/config_dump` (with EDS when `include_eds`), parsed; panics if it does not
+    /// answer 200 with JSON.
+    pub fn config_dump(&self, include_eds: bool) -> Value {
+        let path = if include_eds {
+            "/config_dump?include_eds"
+        } else {
+            "/config_dump"
+        };
+        let (status, body) = self
+            .admin_get(path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path} is not JSON: {e}"))
+    }
+
+    /// Where listener `name` is bound, from the admin `/listeners?format=json`.
+    pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
+        let (status, body) = self.admin_get("/listeners?format=json").ok()?;
+        if status != 200 {
+            return None;
+        }
+        let v: Value = serde_json::from_str(&body).ok()?;
+        v["listener_statuses"]
+            .as_array()?
+            .iter()
+            .find(|l| l["name"] == name)
+            .and_then(|l| {
+                let sa = &l["local_address"]["socket_address"];
+                let ip: std::net::IpAddr = sa["address"].as_str()?.parse().ok()?;
+                let port = u16::try_from(sa["port_value"].as_u64()?).ok()?;
+                Some(SocketAddr::new(ip, port))
+            })
+    }
+
+    /// Polls `done` on this Envoy every 50 ms for at most `within`; returns whether it held.
+    pub fn wait_until(
+        &self,
+        within: Duration,
+        mut done: impl FnMut(&EnvoyProcess) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if done(self) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -728,6 +728,18 @@ pub fn inbound_http_connection_manager(policies: &[AuthorizationPolicySpec]) -> 
     inbound_http_connection_manager_with_jwt(policies, &[])
 }
 
+/// `envoy.filters.http.router`, the last HTTP filter of every connection manager istiod
+/// renders.
+pub(crate) fn router_http_filter() -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(to_any(
+            &Router::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
 /// [`inbound_http_connection_manager`] with the `jwt_authn` filter istiod renders for
 /// `jwt_rules` first (none when empty).
 pub fn inbound_http_connection_manager_with_jwt(
@@ -736,13 +748,7 @@ pub fn inbound_http_connection_manager_with_jwt(
 ) -> Filter {
     let mut http_filters: Vec<HttpFilter> = jwt_authn_filter(jwt_rules).into_iter().collect();
     http_filters.extend(http_rbac_filters(policies));
-    http_filters.push(HttpFilter {
-        name: "envoy.filters.http.router".into(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(to_any(
-            &Router::default(),
-        ))),
-        ..Default::default()
-    });
+    http_filters.push(router_http_filter());
     let hcm = HttpConnectionManager {
         stat_prefix: "inbound_0.0.0.0_80".into(),
         route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(

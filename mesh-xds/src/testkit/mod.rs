@@ -18,6 +18,7 @@
 
 pub mod authz;
 pub mod ca;
+pub mod envoy;
 mod model;
 mod server;
 
@@ -43,6 +44,9 @@ pub enum ControlPlaneError {
     /// TLS was asked for without a CA to issue the server certificate.
     #[error("testkit control plane: TLS needs a TestCa (builder.ca(...))")]
     TlsWithoutCa,
+    /// SDS secrets were asked for without a CA to issue them.
+    #[error("testkit control plane: SDS secrets need a TestCa (builder.ca(...))")]
+    SecretsWithoutCa,
 }
 
 /// Builds a [`ControlPlane`].
@@ -54,6 +58,9 @@ pub struct ControlPlaneBuilder {
     model: MeshModel,
     fixed: Option<ResourceSet>,
     listen: Option<SocketAddr>,
+    bind_loopback: bool,
+    strip_istio_proxy_extensions: bool,
+    sds_identity: Option<mesh_core::SpiffeId>,
 }
 
 impl ControlPlaneBuilder {
@@ -94,6 +101,31 @@ impl ControlPlaneBuilder {
         self
     }
 
+    /// Serve every Listener that binds on 127.0.0.1 port 0 instead of its own address
+    /// ([`envoy::bind_loopback`]), so a real Envoy pointed at this control plane binds only
+    /// ephemeral loopback ports (its admin `/listeners` tells which). Names, route
+    /// configuration names and filter chains stay as rendered.
+    pub fn bind_loopback(mut self, on: bool) -> Self {
+        self.bind_loopback = on;
+        self
+    }
+
+    /// Serve resources without the extensions only istio-proxy's Envoy build has
+    /// ([`envoy::strip_istio_proxy_extensions`]), so an upstream Envoy accepts them.
+    pub fn strip_istio_proxy_extensions(mut self, on: bool) -> Self {
+        self.strip_istio_proxy_extensions = on;
+        self
+    }
+
+    /// Serve istio-agent's SDS secrets `default` (a certificate for `identity` from the CA)
+    /// and `ROOTCA` (the CA's root) with every resource set, over ADS and over the
+    /// `SecretDiscoveryService` on the same port (where istiod's sidecar bootstrap points
+    /// `sds-grpc`). Needs [`ControlPlaneBuilder::ca`].
+    pub fn sds_secrets(mut self, identity: mesh_core::SpiffeId) -> Self {
+        self.sds_identity = Some(identity);
+        self
+    }
+
     /// Binds (127.0.0.1:0 unless [`ControlPlaneBuilder::listen`] says otherwise) and starts
     /// serving.
     pub async fn start(self) -> Result<ControlPlane, ControlPlaneError> {
@@ -102,6 +134,11 @@ impl ControlPlaneBuilder {
             Some(ca.server_identity(&["istiod.istio-system.svc"]))
         } else {
             None
+        };
+        let secrets = match (&self.sds_identity, &self.ca) {
+            (Some(id), Some(ca)) => envoy::sds_secrets(ca, id),
+            (Some(_), None) => return Err(ControlPlaneError::SecretsWithoutCa),
+            (None, _) => BTreeMap::new(),
         };
         let (events, _) = broadcast::channel(1024);
         let (inject, _) = broadcast::channel(16 * 1024);
@@ -118,6 +155,11 @@ impl ControlPlaneBuilder {
             cut_after_push: AtomicBool::new(false),
             ca: self.ca,
             require_token: self.require_token,
+            serve: server::ServeOptions {
+                bind_loopback: self.bind_loopback,
+                strip_istio_proxy_extensions: self.strip_istio_proxy_extensions,
+                secrets,
+            },
         });
         let listen = self
             .listen

@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
-    Filter, FilterChain, FilterChainMatch, Listener, filter,
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
@@ -347,6 +347,31 @@ fn network_filter(name: &str, any: Any) -> Filter {
     }
 }
 
+/// `envoy.filters.listener.tls_inspector` and `envoy.filters.listener.http_inspector`, as
+/// istiod puts them on an outbound HTTP listener.
+fn outbound_listener_filters() -> Vec<ListenerFilter> {
+    use envoy_types::pb::envoy::config::listener::v3::listener_filter;
+    use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
+    use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+    [
+        (
+            "envoy.filters.listener.tls_inspector",
+            to_any(&TlsInspector::default()),
+        ),
+        (
+            "envoy.filters.listener.http_inspector",
+            to_any(&HttpInspector::default()),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, any)| ListenerFilter {
+        name: name.into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(any)),
+        ..Default::default()
+    })
+    .collect()
+}
+
 fn tcp_proxy_filter(cluster: &str) -> Filter {
     network_filter(
         "envoy.filters.network.tcp_proxy",
@@ -488,11 +513,20 @@ impl MeshModel {
                     config_source: Some(ads()),
                     route_config_name: port.to_string(),
                 })),
+                http_filters: vec![super::authz::router_http_filter()],
                 ..Default::default()
             };
             let l = Listener {
                 name: name.clone(),
                 address: Some(sock(IpAddr::from([0, 0, 0, 0]), port)),
+                // As istiod renders it: the inspectors that set the transport and application
+                // protocol the filter chain matches on.
+                listener_filters: outbound_listener_filters(),
+                listener_filters_timeout: Some(Duration {
+                    seconds: 0,
+                    nanos: 0,
+                }),
+                continue_on_listener_filters_timeout: true,
                 filter_chains: vec![FilterChain {
                     filter_chain_match: Some(FilterChainMatch {
                         transport_protocol: "raw_buffer".into(),

@@ -12,6 +12,9 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
 use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -103,6 +106,16 @@ pub(crate) struct Shared {
     pub cut_after_push: AtomicBool,
     pub ca: Option<TestCa>,
     pub require_token: bool,
+    pub serve: ServeOptions,
+}
+
+/// What the served resource sets get done to them for a real Envoy client.
+#[derive(Default)]
+pub(crate) struct ServeOptions {
+    pub bind_loopback: bool,
+    pub strip_istio_proxy_extensions: bool,
+    /// SDS secrets added to every set (empty: none).
+    pub secrets: BTreeMap<String, Any>,
 }
 
 impl Shared {
@@ -136,6 +149,17 @@ impl Shared {
                     items.retain(|n, _| !names.contains(n));
                 }
             }
+        }
+        if self.serve.bind_loopback {
+            super::envoy::bind_loopback(&mut set);
+        }
+        if self.serve.strip_istio_proxy_extensions {
+            super::envoy::strip_istio_proxy_extensions(&mut set);
+        }
+        if !self.serve.secrets.is_empty() {
+            set.entry(crate::dump::SECRET)
+                .or_default()
+                .extend(self.serve.secrets.clone());
         }
         set
     }
@@ -245,6 +269,37 @@ impl AggregatedDiscoveryService for Ads {
             shared.emit(XdsEvent::StreamClosed);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// istio-agent's SDS on the same port: the same SotW and delta engines as ADS, over the
+/// resources' `Secret` type (a client asks for names, as over ADS).
+#[tonic::async_trait]
+impl SecretDiscoveryService for Ads {
+    type DeltaSecretsStream = RespStream<DeltaDiscoveryResponse>;
+    type StreamSecretsStream = RespStream<DiscoveryResponse>;
+
+    async fn delta_secrets(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        AggregatedDiscoveryService::delta_aggregated_resources(self, req).await
+    }
+
+    async fn stream_secrets(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        AggregatedDiscoveryService::stream_aggregated_resources(self, req).await
+    }
+
+    async fn fetch_secrets(
+        &self,
+        _req: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        Err(Status::unimplemented(
+            "FetchSecrets: use StreamSecrets or DeltaSecrets",
+        ))
     }
 }
 
@@ -601,9 +656,10 @@ pub(crate) async fn serve(
     let ca = shared.ca.as_ref().map(|c| c.service());
     let router = builder
         .add_service(
-            AggregatedDiscoveryServiceServer::new(Ads(shared))
+            AggregatedDiscoveryServiceServer::new(Ads(shared.clone()))
                 .max_decoding_message_size(256 * 1024 * 1024),
         )
+        .add_service(SecretDiscoveryServiceServer::new(Ads(shared)))
         .add_optional_service(ca);
     tokio::spawn(async move {
         let r = router
