@@ -44,6 +44,7 @@ pub struct MeshBuilder {
     pub(crate) app_port: u16,
     pub(crate) inbound_mode: Option<InboundTlsMode>,
     pub(crate) handle_signals: bool,
+    pub(crate) dns_servers: Option<Vec<std::net::SocketAddr>>,
 }
 
 /// The port `mesh::serve` binds when nothing names one (`ISTIO_META_POD_PORTS` or
@@ -61,6 +62,7 @@ impl MeshBuilder {
             app_port: DEFAULT_APP_PORT,
             inbound_mode: None,
             handle_signals: false,
+            dns_servers: None,
         }
     }
 
@@ -75,6 +77,7 @@ impl MeshBuilder {
             app_port,
             inbound_mode: None,
             handle_signals: false,
+            dns_servers: None,
         })
     }
 
@@ -211,6 +214,13 @@ impl MeshBuilder {
     /// The port [`Mesh::serve`] binds for the application (`0`: a free port).
     pub fn app_port(mut self, port: u16) -> Self {
         self.app_port = port;
+        self
+    }
+
+    /// The DNS servers names outside the NDS table go to (PassthroughCluster hosts, the hosts
+    /// of `STRICT_DNS` / `LOGICAL_DNS` clusters), instead of `/etc/resolv.conf`'s.
+    pub fn dns_servers(mut self, servers: Vec<std::net::SocketAddr>) -> Self {
+        self.dns_servers = Some(servers);
         self
     }
 

@@ -208,23 +208,28 @@ impl Mesh {
             }));
         }
 
-        // PassthroughCluster hosts resolve through the NDS table first, then the pod's DNS,
-        // as pilot-agent's DNS proxy answers them.
+        // PassthroughCluster hosts and the hosts of DNS clusters resolve through the NDS table
+        // first, then the pod's DNS, as pilot-agent's DNS proxy answers them.
         let resolver = mesh_dns::MeshResolver::new(
             cell.clone(),
             config.node.namespace.clone(),
             config.node.cluster_domain.clone(),
         );
-        let resolver = match resolver.clone().with_system_upstream() {
+        let upstream = match &builder.dns_servers {
+            Some(servers) => resolver.clone().with_upstream_servers(servers),
+            None => resolver.clone().with_system_upstream(),
+        };
+        let resolver = match upstream {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, "no upstream DNS from /etc/resolv.conf; only the NDS table resolves");
+                tracing::warn!(error = %e, "no upstream DNS; only the NDS table resolves");
                 resolver
             }
         };
         tasks.push(resolver.spawn_refresh());
         let outbound = Outbound::new(cell.clone(), certs.clone(), config.node.clone())
             .with_resolver(Arc::new(resolver));
+        tasks.push(outbound.spawn_dns_refresh());
         let mesh = Mesh {
             inner: Arc::new(Inner {
                 builder,

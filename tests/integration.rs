@@ -11,6 +11,7 @@ mod authz_adversarial;
 mod authz_certificate_files;
 mod authz_envoy;
 mod authz_inbound;
+mod dns_clusters;
 mod envoy_harness;
 mod envoy_interop;
 mod ext_authz;

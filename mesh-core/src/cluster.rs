@@ -11,15 +11,72 @@ pub enum ClusterDiscovery {
         /// The `ClusterLoadAssignment` name to subscribe to.
         service_name: String,
     },
-    /// Endpoints listed inline in the cluster's `load_assignment` (STATIC, and the IP-literal
-    /// endpoints of STRICT_DNS / LOGICAL_DNS clusters; hostnames are not resolved here).
+    /// Endpoints listed inline in the cluster's `load_assignment` (STATIC).
     Static {
         /// The inline `load_assignment`, compiled (named after the cluster); empty when the
         /// cluster has none.
         load_assignment: std::sync::Arc<crate::endpoint::EndpointSet>,
     },
+    /// `STRICT_DNS` / `LOGICAL_DNS`: the inline `load_assignment`'s addresses are names that
+    /// DNS resolves, again and again; the hosts are what the last answers said.
+    Dns(std::sync::Arc<DnsDiscovery>),
     /// `ORIGINAL_DST`: connect where the application asked (PassthroughCluster).
     OriginalDestination,
+}
+
+/// Envoy's default `dns_refresh_rate`: 5 s.
+pub const DEFAULT_DNS_REFRESH_RATE: Duration = Duration::from_secs(5);
+
+/// `STRICT_DNS` or `LOGICAL_DNS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsMode {
+    /// `STRICT_DNS`: every address of every target is a host.
+    Strict,
+    /// `LOGICAL_DNS`: one host, at the first address of the single target's latest answer;
+    /// new connections go to that address.
+    Logical,
+}
+
+/// One `lb_endpoint` of a DNS cluster: the name (or IP literal) and port to resolve, and the
+/// endpoint every address it resolves to becomes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsTarget {
+    /// The socket address's `address` as configured (a host name, or an IP literal, which
+    /// resolves to itself).
+    pub host: String,
+    /// The socket address's `port_value`.
+    pub port: u16,
+    /// Weight, health, locality, priority, TLS mode and workload metadata of the
+    /// `lb_endpoint`; its `address` is replaced by each resolved address (with `port`).
+    pub endpoint: crate::endpoint::Endpoint,
+}
+
+/// How a DNS cluster finds its hosts: its targets and Envoy's DNS settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsDiscovery {
+    /// Strict or logical.
+    pub mode: DnsMode,
+    /// The inline `load_assignment`'s endpoints, in order (a LOGICAL_DNS cluster has one).
+    pub targets: Vec<DnsTarget>,
+    /// `dns_lookup_family`.
+    pub lookup_family: crate::resolve::LookupFamily,
+    /// `dns_refresh_rate` (Envoy's default 5 s).
+    pub refresh_rate: Duration,
+    /// `respect_dns_ttl`: refresh when the answer's TTL runs out instead (the refresh rate
+    /// when the answer carries none).
+    pub respect_dns_ttl: bool,
+    /// The inline CLA's `policy.overprovisioning_factor` (percent).
+    pub overprovisioning_factor: u32,
+}
+
+impl DnsDiscovery {
+    /// When to ask again after an answer with `ttl` (see [`respect_dns_ttl`](Self::respect_dns_ttl)).
+    pub fn next_refresh(&self, ttl: Option<Duration>) -> Duration {
+        match ttl {
+            Some(t) if self.respect_dns_ttl && !t.is_zero() => t,
+            _ => self.refresh_rate,
+        }
+    }
 }
 
 /// `lb_policy`.
@@ -216,10 +273,18 @@ impl Cluster {
         }
     }
 
-    /// The endpoints listed inline in the cluster (`load_assignment` of a non-EDS cluster).
+    /// The endpoints listed inline in the cluster (`load_assignment` of a STATIC cluster).
     pub fn inline_endpoints(&self) -> Option<&std::sync::Arc<crate::endpoint::EndpointSet>> {
         match &self.discovery {
             ClusterDiscovery::Static { load_assignment } => Some(load_assignment),
+            _ => None,
+        }
+    }
+
+    /// How a `STRICT_DNS` / `LOGICAL_DNS` cluster resolves its hosts.
+    pub fn dns(&self) -> Option<&std::sync::Arc<DnsDiscovery>> {
+        match &self.discovery {
+            ClusterDiscovery::Dns(d) => Some(d),
             _ => None,
         }
     }

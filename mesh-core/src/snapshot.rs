@@ -193,7 +193,8 @@ impl Snapshot {
     }
 
     /// A cluster's endpoints: its EDS `ClusterLoadAssignment`, or the `load_assignment` listed
-    /// inline in it (STATIC, STRICT_DNS / LOGICAL_DNS IP literals).
+    /// inline in it (STATIC). A DNS cluster's hosts are not configuration: the outbound path
+    /// resolves them (`None` here).
     pub fn endpoints_of<'a>(&'a self, cluster: &'a Cluster) -> Option<&'a Arc<EndpointSet>> {
         match cluster.eds_service_name() {
             Some(s) => self.endpoints.get(s),

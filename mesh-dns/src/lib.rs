@@ -7,6 +7,9 @@
 //! [`MeshResolver`] implements [`mesh_core::resolve::Resolve`] and reads the name table from
 //! the snapshot the xDS client publishes into the [`SnapshotCell`](mesh_core::SnapshotCell):
 //!
+//! With the `testkit` feature, [`testkit::DnsServer`] is a real DNS server on 127.0.0.1 whose
+//! answers a test changes.
+//!
 //! ```no_run
 //! use mesh_core::SnapshotCell;
 //! use mesh_core::resolve::Resolve;
@@ -21,6 +24,8 @@
 
 pub mod resolver;
 pub mod table;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use resolver::{DnsError, MeshResolver};
 pub use table::NdsLookupTable;

@@ -6,9 +6,12 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use hickory_resolver::TokioResolver;
+use hickory_resolver::proto::rr::{RData, RecordType};
 use mesh_core::SnapshotCell;
 use mesh_core::name_table::NameTable;
-use mesh_core::resolve::{Resolve, ResolveError, ResolveFuture};
+use mesh_core::resolve::{
+    LookupFamily, LookupFuture, Resolve, ResolveError, ResolveFuture, Resolved,
+};
 use tokio::task::JoinHandle;
 
 use crate::table::NdsLookupTable;
@@ -108,6 +111,29 @@ impl MeshResolver {
             .map_err(DnsError::SystemConfig)?
             .build()
             .map_err(DnsError::Upstream)?;
+        Ok(self.with_upstream(upstream))
+    }
+
+    /// Uses the DNS servers `servers` (UDP and TCP, hickory's default options) for names not
+    /// in the NDS table.
+    pub fn with_upstream_servers(self, servers: &[std::net::SocketAddr]) -> Result<Self, DnsError> {
+        use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+        let name_servers = servers
+            .iter()
+            .map(|s| {
+                let mut ns = NameServerConfig::udp_and_tcp(s.ip());
+                for c in &mut ns.connections {
+                    c.port = s.port();
+                }
+                ns
+            })
+            .collect();
+        let upstream = TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(name_servers),
+            hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+        )
+        .build()
+        .map_err(DnsError::Upstream)?;
         Ok(self.with_upstream(upstream))
     }
 
@@ -220,6 +246,80 @@ impl MeshResolver {
     }
 }
 
+impl MeshResolver {
+    /// One upstream query for `host`'s `A` or `AAAA` records: `Ok` with the addresses and the
+    /// answer's TTL, empty for NXDOMAIN / NODATA; `Err` for a failed resolution.
+    async fn upstream_query(
+        &self,
+        upstream: &TokioResolver,
+        host: &str,
+        record_type: RecordType,
+    ) -> Result<Resolved, ResolveError> {
+        match upstream.lookup(host, record_type).await {
+            Ok(lookup) => {
+                let addrs = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::A(a) if record_type == RecordType::A => Some(IpAddr::V4(a.0)),
+                        RData::AAAA(a) if record_type == RecordType::AAAA => Some(IpAddr::V6(a.0)),
+                        _ => None,
+                    })
+                    .collect();
+                // The records' smallest TTL, as the answer carried it.
+                let ttl = lookup
+                    .answers()
+                    .iter()
+                    .filter(|r| r.record_type() == record_type)
+                    .map(|r| r.ttl)
+                    .min()
+                    .map(|s| std::time::Duration::from_secs(s.into()));
+                Ok(Resolved { addrs, ttl })
+            }
+            Err(e) if e.is_no_records_found() => Ok(Resolved::default()),
+            Err(e) => Err(ResolveError {
+                host: host.to_owned(),
+                reason: format!("not in the mesh name table; upstream DNS ({record_type}): {e}"),
+            }),
+        }
+    }
+
+    /// [`Resolve::lookup`] through upstream DNS: the queries `family` asks for, the second
+    /// only when the preferred family has no address (`AUTO`, `V4_PREFERRED`).
+    async fn upstream_family(
+        &self,
+        host: &str,
+        family: LookupFamily,
+    ) -> Result<Resolved, ResolveError> {
+        let Some(upstream) = &self.inner.upstream else {
+            return Err(ResolveError {
+                host: host.to_owned(),
+                reason: "not in the mesh name table and no upstream DNS is configured".into(),
+            });
+        };
+        let (first, second) = match family {
+            LookupFamily::V4Only => (RecordType::A, None),
+            LookupFamily::V6Only => (RecordType::AAAA, None),
+            LookupFamily::Auto => (RecordType::AAAA, Some(RecordType::A)),
+            LookupFamily::V4Preferred | LookupFamily::All => {
+                (RecordType::A, Some(RecordType::AAAA))
+            }
+        };
+        let mut answer = self.upstream_query(upstream, host, first).await?;
+        if let Some(second) = second
+            && (family == LookupFamily::All || answer.addrs.is_empty())
+        {
+            let more = self.upstream_query(upstream, host, second).await?;
+            answer.addrs.extend(more.addrs);
+            answer.ttl = match (answer.ttl, more.ttl) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(answer)
+    }
+}
+
 /// `10.0.0.1`, `fd00::1` or `[fd00::1]`.
 fn ip_literal(host: &str) -> Option<IpAddr> {
     let h = host
@@ -239,6 +339,26 @@ impl Resolve for MeshResolver {
                 return Ok(ips);
             }
             self.upstream_lookup(host).await
+        })
+    }
+
+    /// IP literals as they are, the NDS table's addresses of `family` (no TTL), then upstream
+    /// DNS with `A` / `AAAA` queries as `family` says.
+    fn lookup<'a>(&'a self, host: &'a str, family: LookupFamily) -> LookupFuture<'a> {
+        Box::pin(async move {
+            if let Some(ip) = ip_literal(host) {
+                return Ok(Resolved {
+                    addrs: vec![ip],
+                    ttl: None,
+                });
+            }
+            if let Some(ips) = self.table().lookup(host) {
+                return Ok(Resolved {
+                    addrs: family.select(ips),
+                    ttl: None,
+                });
+            }
+            self.upstream_family(host, family).await
         })
     }
 }

@@ -2,22 +2,16 @@
 //! against a real UDP DNS server on 127.0.0.1 queried by a real hickory resolver.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::{RData, Record, RecordType, rdata};
-use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use mesh_core::name_table::{NameInfo, NameTable};
-use mesh_core::resolve::Resolve;
+use mesh_core::resolve::{LookupFamily, Resolve};
 use mesh_core::snapshot::OutboundTrafficPolicy;
 use mesh_core::{Snapshot, SnapshotCell};
 use mesh_dns::MeshResolver;
-use tokio::net::UdpSocket;
+use mesh_dns::testkit::DnsServer;
 use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -56,102 +50,6 @@ fn publish(cell: &SnapshotCell, version: u64, entries: Vec<(&str, NameInfo)>) {
         ),
         true,
     );
-}
-
-/// A minimal authoritative DNS server: answers A/AAAA from `records`, NXDOMAIN otherwise.
-struct DnsServer {
-    addr: SocketAddr,
-    queries: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for DnsServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn dns_server(records: Vec<(&str, &str)>) -> DnsServer {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = socket.local_addr().unwrap();
-    let records: Vec<(String, IpAddr)> = records
-        .into_iter()
-        .map(|(n, ip)| {
-            (
-                n.trim_end_matches('.').to_ascii_lowercase(),
-                ip.parse().unwrap(),
-            )
-        })
-        .collect();
-    let queries = Arc::new(AtomicUsize::new(0));
-    let count = queries.clone();
-    let task = tokio::spawn(async move {
-        let mut buf = vec![0u8; 4096];
-        loop {
-            let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
-                return;
-            };
-            let Ok(request) = Message::from_vec(&buf[..n]) else {
-                continue;
-            };
-            count.fetch_add(1, Ordering::SeqCst);
-            let mut response = Message::response(request.metadata.id, request.metadata.op_code);
-            response.metadata.message_type = MessageType::Response;
-            response.metadata.recursion_desired = request.metadata.recursion_desired;
-            response.metadata.recursion_available = true;
-            response.metadata.authoritative = true;
-            let mut known = false;
-            for q in &request.queries {
-                response.add_query(q.clone());
-                let name = q
-                    .name()
-                    .to_ascii()
-                    .trim_end_matches('.')
-                    .to_ascii_lowercase();
-                for (n, ip) in &records {
-                    if *n != name {
-                        continue;
-                    }
-                    known = true;
-                    let data = match (ip, q.query_type()) {
-                        (IpAddr::V4(v4), RecordType::A) => RData::A(rdata::A(*v4)),
-                        (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(rdata::AAAA(*v6)),
-                        _ => continue,
-                    };
-                    response.add_answer(Record::from_rdata(q.name().clone(), 30, data));
-                }
-            }
-            if !known {
-                response.metadata.response_code = ResponseCode::NXDomain;
-            }
-            if let Ok(bytes) = response.to_vec() {
-                let _ = socket.send_to(&bytes, peer).await;
-            }
-        }
-    });
-    DnsServer {
-        addr,
-        queries,
-        task,
-    }
-}
-
-fn upstream_for(server: &DnsServer) -> TokioResolver {
-    let mut ns = NameServerConfig::udp(server.addr.ip());
-    for c in &mut ns.connections {
-        c.port = server.addr.port();
-    }
-    let mut opts = ResolverOpts::default();
-    opts.timeout = Duration::from_secs(2);
-    opts.attempts = 1;
-    opts.cache_size = 0;
-    TokioResolver::builder_with_config(
-        ResolverConfig::from_name_servers(vec![ns]),
-        TokioRuntimeProvider::default(),
-    )
-    .with_options(opts)
-    .build()
-    .unwrap()
 }
 
 fn sorted(mut v: Vec<IpAddr>) -> Vec<IpAddr> {
@@ -276,13 +174,14 @@ async fn the_refresh_task_compiles_published_tables_ahead_of_lookups() {
 
 #[tokio::test]
 async fn names_outside_the_table_go_to_upstream_dns() {
-    let server = dns_server(vec![
+    let server = DnsServer::start(&[
         ("api.upstream.test", "198.51.100.7"),
         ("api.upstream.test", "2001:db8::7"),
         // The table must win over upstream for names it knows.
         ("reviews.default.svc.cluster.local", "203.0.113.99"),
     ])
-    .await;
+    .await
+    .unwrap();
     let cell = SnapshotCell::new();
     publish(
         &cell,
@@ -292,24 +191,23 @@ async fn names_outside_the_table_go_to_upstream_dns() {
             kube("reviews", "default", &["10.0.0.1"]),
         )],
     );
-    let r =
-        MeshResolver::new(cell, "default", "cluster.local").with_upstream(upstream_for(&server));
+    let r = MeshResolver::new(cell, "default", "cluster.local").with_upstream(server.resolver());
 
     let got = timeout(WAIT, r.resolve("api.upstream.test"))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(sorted(got), sorted(ips(&["198.51.100.7", "2001:db8::7"])));
-    assert!(server.queries.load(Ordering::SeqCst) > 0);
+    assert!(server.queries() > 0);
 
-    let before = server.queries.load(Ordering::SeqCst);
+    let before = server.queries();
     let got = timeout(WAIT, r.resolve("reviews.default.svc.cluster.local"))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(got, ips(&["10.0.0.1"]));
     assert_eq!(
-        server.queries.load(Ordering::SeqCst),
+        server.queries(),
         before,
         "table hits must not query upstream"
     );
@@ -321,4 +219,103 @@ async fn names_outside_the_table_go_to_upstream_dns() {
     assert_eq!(err.host, "missing.upstream.test");
     assert!(err.to_string().contains("missing.upstream.test"), "{err}");
     assert!(err.reason.contains("upstream DNS"), "{err}");
+}
+
+fn upstream_resolver(server: &DnsServer) -> MeshResolver {
+    let cell = SnapshotCell::new();
+    publish(
+        &cell,
+        1,
+        vec![(
+            "web.default.svc.cluster.local",
+            kube("web", "default", &["10.0.0.1", "fd00::1"]),
+        )],
+    );
+    MeshResolver::new(cell, "default", "cluster.local").with_upstream(server.resolver())
+}
+
+#[tokio::test]
+async fn dns_cluster_lookups_ask_the_families_envoy_asks() {
+    let server = DnsServer::start(&[
+        ("dual.upstream.test", "2001:db8::1"),
+        ("dual.upstream.test", "198.51.100.1"),
+        ("dual.upstream.test", "198.51.100.2"),
+        ("v4.upstream.test", "198.51.100.4"),
+        ("v6.upstream.test", "2001:db8::6"),
+    ])
+    .await
+    .unwrap();
+    server.set_ttl(7);
+    let r = upstream_resolver(&server);
+    let lookup = |host: &'static str, family| {
+        let r = r.clone();
+        async move {
+            timeout(WAIT, r.lookup(host, family))
+                .await
+                .expect("lookup bounded")
+        }
+    };
+    use LookupFamily::*;
+    let cases: &[(&str, LookupFamily, &[&str])] = &[
+        (
+            "dual.upstream.test",
+            V4Only,
+            &["198.51.100.1", "198.51.100.2"],
+        ),
+        ("dual.upstream.test", V6Only, &["2001:db8::1"]),
+        ("dual.upstream.test", Auto, &["2001:db8::1"]),
+        ("v4.upstream.test", Auto, &["198.51.100.4"]),
+        (
+            "dual.upstream.test",
+            V4Preferred,
+            &["198.51.100.1", "198.51.100.2"],
+        ),
+        ("v6.upstream.test", V4Preferred, &["2001:db8::6"]),
+        (
+            "dual.upstream.test",
+            All,
+            &["198.51.100.1", "198.51.100.2", "2001:db8::1"],
+        ),
+        ("v4.upstream.test", V6Only, &[]),
+    ];
+    for (host, family, want) in cases {
+        let got = lookup(host, *family).await.unwrap();
+        assert_eq!(got.addrs, ips(want), "{host} {family:?}");
+        if !want.is_empty() {
+            assert_eq!(got.ttl, Some(Duration::from_secs(7)), "{host} {family:?}");
+        }
+    }
+    // The table answers with the family's addresses and no TTL; so do IP literals.
+    let got = lookup("web", V4Only).await.unwrap();
+    assert_eq!((got.addrs, got.ttl), (ips(&["10.0.0.1"]), None));
+    let got = lookup("10.9.9.9", V4Only).await.unwrap();
+    assert_eq!((got.addrs, got.ttl), (ips(&["10.9.9.9"]), None));
+}
+
+#[tokio::test]
+async fn nxdomain_is_an_empty_answer_and_servfail_a_failure() {
+    let server = DnsServer::start(&[("api.upstream.test", "198.51.100.7")])
+        .await
+        .unwrap();
+    let r = upstream_resolver(&server);
+    let got = timeout(WAIT, r.lookup("gone.upstream.test", LookupFamily::V4Only))
+        .await
+        .unwrap()
+        .expect("NXDOMAIN is an answer");
+    assert!(got.addrs.is_empty());
+
+    server.set_failing(true);
+    let err = timeout(WAIT, r.lookup("api.upstream.test", LookupFamily::V4Only))
+        .await
+        .unwrap()
+        .expect_err("SERVFAIL is a failure");
+    assert_eq!(err.host, "api.upstream.test");
+
+    server.set_failing(false);
+    server.set("api.upstream.test", &["198.51.100.8"]);
+    let got = timeout(WAIT, r.lookup("api.upstream.test", LookupFamily::V4Only))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.addrs, ips(&["198.51.100.8"]));
 }

@@ -598,8 +598,8 @@ fn backend_inline(
 }
 
 /// A STATIC cluster from CDS is used with the endpoints of its inline `load_assignment` (no EDS
-/// to wait for); a STRICT_DNS cluster keeps its IP literals and is ACKed with a hostname
-/// endpoint, which is left to DNS.
+/// to wait for); a STRICT_DNS cluster is ACKed with a hostname endpoint next to an IP literal,
+/// both left to DNS (its targets, in order).
 async fn inline_load_assignment_is_used(delta: bool) {
     use envoy_types::pb::envoy::config::cluster::v3::cluster::DiscoveryType;
     let (cp, cell, task) = synced_client(delta).await;
@@ -622,7 +622,7 @@ async fn inline_load_assignment_is_used(delta: bool) {
         ),
         other => panic!("not forwarded: {other:?}"),
     }
-    // STRICT_DNS: a hostname endpoint next to an IP one; ACKed, the IP one is used.
+    // STRICT_DNS: a hostname endpoint next to an IP one; ACKed, both are DNS targets.
     let mut inline = cla(BACKEND, "127.0.0.1:7002");
     let mut host = inline.endpoints[0].lb_endpoints[0].clone();
     if let Some(
@@ -638,10 +638,18 @@ async fn inline_load_assignment_is_used(delta: bool) {
     cp.push_raw(CLUSTER, vec![(BACKEND.into(), to_any(&c))]);
     // ACKed (a NACK of that response never satisfies this wait).
     acked_carrying(&mut events, CLUSTER, BACKEND).await;
-    wait_until(&cell, "the STRICT_DNS cluster's IP endpoint", |s| {
-        endpoints_of(s, BACKEND) == Some(vec![addr("127.0.0.1:7002")])
+    wait_until(&cell, "the STRICT_DNS cluster's targets", |s| {
+        s.cluster(BACKEND)
+            .and_then(|(c, _)| c.dns().cloned())
+            .is_some_and(|d| {
+                d.targets
+                    .iter()
+                    .map(|t| (t.host.as_str(), t.port))
+                    .eq([("backend.example.com", 7002), ("127.0.0.1", 7002)])
+            })
     })
     .await;
+    assert_eq!(endpoints_of(&cell.load(), BACKEND), None);
     task.abort();
 }
 

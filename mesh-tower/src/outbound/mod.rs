@@ -25,6 +25,7 @@
 
 mod access;
 mod body;
+mod dns;
 mod idle;
 mod pool;
 mod replay;
@@ -144,6 +145,8 @@ struct ClusterState {
     ejected: Arc<AtomicUsize>,
     /// The balancer over the current endpoint set.
     balancer: ArcSwapOption<BalancerEntry>,
+    /// A DNS cluster's resolved hosts (started on first use).
+    dns: std::sync::OnceLock<Arc<dns::DnsHosts>>,
     balancer_write: Mutex<()>,
     outlier: Option<OutlierDetector>,
     /// Requests in flight (circuit breaker `max_requests`).
@@ -198,11 +201,74 @@ impl Outbound {
         }
     }
 
-    /// Resolves hosts of `PassthroughCluster` requests with `resolver` (e.g. mesh-dns) instead
-    /// of the system resolver.
+    /// Resolves hosts of `PassthroughCluster` requests and of `STRICT_DNS` / `LOGICAL_DNS`
+    /// clusters with `resolver` (e.g. mesh-dns) instead of the system resolver.
     pub fn with_resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
         self.resolver = Some(resolver);
         self
+    }
+
+    /// Starts resolving the hosts of every `STRICT_DNS` / `LOGICAL_DNS` cluster of each
+    /// snapshot published to the cell as it arrives (as Envoy does when a cluster is added),
+    /// rather than on the cluster's first request, and stops resolving clusters the snapshot
+    /// no longer has. The task ends when this `Outbound` and its clones are gone and the cell
+    /// is dropped; abort the handle to stop it earlier. Must be called inside a Tokio runtime.
+    pub fn spawn_dns_refresh(&self) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(&self.inner);
+        let resolver = self.resolver.clone();
+        let mut changes = self.inner.cell.subscribe();
+        tokio::spawn(async move {
+            loop {
+                {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let this = Outbound {
+                        inner,
+                        resolver: resolver.clone(),
+                    };
+                    this.start_dns_clusters();
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Starts the resolution of the current snapshot's DNS clusters; forgets the state of
+    /// clusters it no longer has.
+    fn start_dns_clusters(&self) {
+        let snapshot = self.inner.cell.load();
+        {
+            let _w = lock(&self.inner.clusters_write);
+            let current = self.inner.clusters.load();
+            if current
+                .keys()
+                .any(|name| !snapshot.clusters.contains_key(name.as_str()))
+            {
+                let kept: HashMap<String, Arc<ClusterState>> = current
+                    .iter()
+                    .filter(|(name, _)| snapshot.clusters.contains_key(name.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                self.inner.clusters.store(Arc::new(kept));
+            }
+        }
+        for cluster in snapshot.clusters.values().filter(|c| c.dns().is_some()) {
+            let state = self.inner.cluster_state(cluster);
+            self.dns_hosts(&state);
+        }
+    }
+
+    /// The resolved hosts of a DNS cluster (resolution started on first use).
+    fn dns_hosts<'s>(&self, state: &'s ClusterState) -> Option<&'s Arc<dns::DnsHosts>> {
+        let d = state.cluster.dns()?;
+        Some(state.dns.get_or_init(|| {
+            let resolver = self
+                .resolver
+                .clone()
+                .unwrap_or_else(|| Arc::new(dns::SystemResolver));
+            dns::DnsHosts::start(&state.cluster, d, resolver)
+        }))
     }
 
     /// `GET uri`, with the whole response body collected.
@@ -602,6 +668,13 @@ impl Outbound {
             .as_deref()
             .is_some_and(|f| f.host_rewrite == Some(HostRewrite::Auto));
         let mut auto_authority: Option<AuthorityBuf> = None;
+        // A DNS cluster's hosts are its latest answers; before the first, a request waits for
+        // them, within the connect timeout.
+        let dns_endpoints = match self.dns_hosts(&state) {
+            Some(d) => Box::pin(d.endpoints(cluster.connect_timeout)).await,
+            None => None,
+        };
+        let endpoints = dns_endpoints.as_ref().or(fwd.endpoints.as_ref());
         let mut parts = Some(parts);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
@@ -619,7 +692,7 @@ impl Outbound {
             // the host to report on.
             let mut active: Option<ActiveRequest> = None;
             let mut live: Option<(Arc<BalancerEntry>, Arc<HostState>)> = None;
-            let picked = match (&cluster.discovery, &fwd.endpoints) {
+            let picked = match (&cluster.discovery, endpoints) {
                 (ClusterDiscovery::OriginalDestination, _) => {
                     Box::pin(self.original_destination(host, port))
                         .await
@@ -1190,6 +1263,7 @@ impl Inner {
             host_states,
             ejected,
             balancer: ArcSwapOption::empty(),
+            dns: std::sync::OnceLock::new(),
             balancer_write: Mutex::new(()),
             outlier: cluster.outlier_detection.clone().map(OutlierDetector::new),
             rq_active: Arc::default(),

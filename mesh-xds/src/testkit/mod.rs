@@ -31,7 +31,8 @@ use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::{broadcast, oneshot, watch};
 
 pub use model::{
-    EndpointSpec, MeshModel, Protocol, ResourceSet, ServiceSpec, SubsetSpec, WeightedRouteSpec,
+    DnsResolution, EndpointSpec, MeshModel, Protocol, ResourceSet, ServiceEntrySpec, ServiceSpec,
+    SubsetSpec, WeightedRouteSpec,
 };
 pub use server::XdsEvent;
 

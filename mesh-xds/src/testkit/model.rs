@@ -204,11 +204,83 @@ impl ServiceSpec {
     }
 }
 
+/// A ServiceEntry's `resolution`, for the DNS kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsResolution {
+    /// `resolution: DNS`: a `STRICT_DNS` cluster.
+    Dns,
+    /// `resolution: DNS_ROUND_ROBIN`: a `LOGICAL_DNS` cluster.
+    DnsRoundRobin,
+}
+
+/// A `ServiceEntry` with DNS resolution (`location: MESH_EXTERNAL`), rendered as istiod
+/// renders one for an IPv4 proxy: per port a `STRICT_DNS` / `LOGICAL_DNS` cluster
+/// `outbound|<port>||<host>` whose inline endpoints are the entry's endpoint addresses (or the
+/// host itself when it lists none), `dns_lookup_family: V4_ONLY`, `dns_refresh_rate` from
+/// mesh config (60 s by default), `respect_dns_ttl: true`, plaintext; and an HTTP port's
+/// virtual host for `<host>` and `<host>:<port>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEntrySpec {
+    /// `hosts[0]`, e.g. `api.external.test`.
+    pub host: String,
+    /// The ServiceEntry's namespace.
+    pub namespace: String,
+    /// `ports`.
+    pub ports: Vec<(u16, Protocol)>,
+    /// `resolution`.
+    pub resolution: DnsResolution,
+    /// `endpoints[].address` (names or IPs) with an optional target port; empty: the host.
+    pub endpoints: Vec<(String, Option<u16>)>,
+    /// Mesh config `dnsRefreshRate` (istiod's default 60 s).
+    pub dns_refresh_rate: std::time::Duration,
+}
+
+impl ServiceEntrySpec {
+    /// A `resolution: DNS` entry for `host` in `namespace`, without ports or endpoints.
+    pub fn dns(host: &str, namespace: &str) -> Self {
+        ServiceEntrySpec {
+            host: host.into(),
+            namespace: namespace.into(),
+            ports: Vec::new(),
+            resolution: DnsResolution::Dns,
+            endpoints: Vec::new(),
+            dns_refresh_rate: std::time::Duration::from_secs(60),
+        }
+    }
+
+    /// Sets the resolution.
+    pub fn resolution(mut self, r: DnsResolution) -> Self {
+        self.resolution = r;
+        self
+    }
+
+    /// Adds a port.
+    pub fn port(mut self, port: u16, protocol: Protocol) -> Self {
+        self.ports.push((port, protocol));
+        self
+    }
+
+    /// Adds an endpoint address (a name DNS resolves, or an IP), reached on `target_port`
+    /// (the service port when `None`).
+    pub fn endpoint(mut self, address: &str, target_port: Option<u16>) -> Self {
+        self.endpoints.push((address.into(), target_port));
+        self
+    }
+
+    /// Sets mesh config's `dnsRefreshRate`.
+    pub fn dns_refresh_rate(mut self, d: std::time::Duration) -> Self {
+        self.dns_refresh_rate = d;
+        self
+    }
+}
+
 /// The whole mesh as the testkit control plane sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshModel {
     /// Services.
     pub services: Vec<ServiceSpec>,
+    /// ServiceEntries with DNS resolution.
+    pub service_entries: Vec<ServiceEntrySpec>,
     /// `outboundTrafficPolicy`.
     pub outbound_traffic_policy: OutboundTrafficPolicy,
     /// Mesh-wide PeerAuthentication mode (rendered into `virtualInbound`).
@@ -234,6 +306,7 @@ impl Default for MeshModel {
     fn default() -> Self {
         MeshModel {
             services: Vec::new(),
+            service_entries: Vec::new(),
             outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
             peer_authentication: InboundTlsMode::Permissive,
             port_peer_authentication: BTreeMap::new(),
@@ -282,6 +355,12 @@ impl MeshModel {
                 ignore_case: false,
             })
             .collect()
+    }
+
+    /// Adds a ServiceEntry with DNS resolution.
+    pub fn service_entry(mut self, e: ServiceEntrySpec) -> Self {
+        self.service_entries.push(e);
+        self
     }
 
     /// Declares the protocol of one of the workload's own inbound ports.
@@ -492,6 +571,78 @@ impl MeshModel {
                         ..Default::default()
                     };
                     out.entry(LISTENER).or_default().insert(name, to_any(&l));
+                }
+            }
+        }
+        for se in &self.service_entries {
+            // The cluster and virtual host of a service named after the host, made DNS.
+            let svc = ServiceSpec::new(&se.host, &se.namespace, IpAddr::from([0, 0, 0, 0]));
+            for &(port, proto) in &se.ports {
+                let name = cluster_name(port, "", &se.host);
+                let mut c = self.cluster(&name, port, "", &se.host, proto, &BTreeSet::new(), &svc);
+                c.transport_socket_matches.clear();
+                c.eds_cluster_config = None;
+                let t = match se.resolution {
+                    DnsResolution::Dns => cluster::DiscoveryType::StrictDns,
+                    DnsResolution::DnsRoundRobin => cluster::DiscoveryType::LogicalDns,
+                };
+                c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(t as i32));
+                c.dns_lookup_family = cluster::DnsLookupFamily::V4Only as i32;
+                #[allow(deprecated)]
+                {
+                    c.dns_refresh_rate = Some(Duration {
+                        seconds: se.dns_refresh_rate.as_secs() as i64,
+                        nanos: se.dns_refresh_rate.subsec_nanos() as i32,
+                    });
+                    c.respect_dns_ttl = true;
+                }
+                let targets: Vec<(String, u16)> = if se.endpoints.is_empty() {
+                    vec![(se.host.clone(), port)]
+                } else {
+                    se.endpoints
+                        .iter()
+                        .map(|(a, p)| (a.clone(), p.unwrap_or(port)))
+                        .collect()
+                };
+                c.load_assignment = Some(ClusterLoadAssignment {
+                    cluster_name: name.clone(),
+                    endpoints: vec![LocalityLbEndpoints {
+                        lb_endpoints: targets
+                            .into_iter()
+                            .map(|(address, port)| LbEndpoint {
+                                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(
+                                    Endpoint {
+                                        address: Some(Address {
+                                            address: Some(address::Address::SocketAddress(
+                                                SocketAddress {
+                                                    address,
+                                                    port_specifier: Some(
+                                                        socket_address::PortSpecifier::PortValue(
+                                                            port.into(),
+                                                        ),
+                                                    ),
+                                                    ..Default::default()
+                                                },
+                                            )),
+                                        }),
+                                        ..Default::default()
+                                    },
+                                )),
+                                load_balancing_weight: Some(UInt32Value { value: 1 }),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                });
+                out.entry(CLUSTER)
+                    .or_default()
+                    .insert(name.clone(), to_any(&c));
+                if proto.is_http() {
+                    let mut vh = virtual_host(&svc, port, &se.host, client_namespace);
+                    vh.domains = vec![se.host.clone(), format!("{}:{port}", se.host)];
+                    http_ports.entry(port).or_default().push(vh);
                 }
             }
         }

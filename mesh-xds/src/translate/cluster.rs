@@ -12,9 +12,10 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use mesh_core::cluster::{
-    Cluster, ClusterDiscovery, ConnectionPool, LbPolicy, SanMatcher, ServiceMetadata, TcpKeepalive,
-    UpstreamProtocol, UpstreamTls,
+    Cluster, ClusterDiscovery, ConnectionPool, DEFAULT_DNS_REFRESH_RATE, DnsDiscovery, DnsMode,
+    DnsTarget, LbPolicy, SanMatcher, ServiceMetadata, TcpKeepalive, UpstreamProtocol, UpstreamTls,
 };
+use mesh_core::resolve::LookupFamily;
 
 use super::{TranslateError, duration, from_any, struct_list, struct_string};
 
@@ -219,22 +220,34 @@ fn tcp_keepalive(c: &PbCluster) -> Option<TcpKeepalive> {
 
 /// A non-EDS cluster's inline `load_assignment` (STATIC, STRICT_DNS, LOGICAL_DNS), compiled
 /// as Envoy reads it: the set is named after the cluster whatever the CLA's `cluster_name`;
-/// STATIC endpoints must be IP literals; the hostnames of DNS clusters are left to DNS
-/// (skipped here, never an error) while their IP literals are used as they are; a LOGICAL_DNS
-/// cluster must list exactly one endpoint.
+/// STATIC endpoints must be IP literals; every address of a DNS cluster is a name to resolve
+/// (an IP literal resolves to itself), with the cluster's DNS settings; a LOGICAL_DNS cluster
+/// must list exactly one endpoint.
+// istiod renders `dns_refresh_rate` and `respect_dns_ttl` as these (deprecated) cluster fields.
+#[allow(deprecated)]
 fn inline(c: &PbCluster, t: cluster::DiscoveryType) -> Result<ClusterDiscovery, String> {
-    use super::endpoint::{Hostnames, compile};
-    let hostnames = match t {
-        cluster::DiscoveryType::StrictDns | cluster::DiscoveryType::LogicalDns => Hostnames::Skip,
-        _ => Hostnames::Reject,
+    use super::endpoint::{Hostnames, compile, compile_endpoints, overprovisioning_factor};
+    let mode = match t {
+        cluster::DiscoveryType::StrictDns => DnsMode::Strict,
+        cluster::DiscoveryType::LogicalDns => DnsMode::Logical,
+        _ => {
+            let set = match &c.load_assignment {
+                None => mesh_core::endpoint::EndpointSet::new(c.name.clone(), Vec::new()),
+                Some(cla) => compile(cla, &c.name, Hostnames::Reject)
+                    .map_err(|r| format!("load_assignment.{r}"))?,
+            };
+            return Ok(ClusterDiscovery::Static {
+                load_assignment: std::sync::Arc::new(set),
+            });
+        }
     };
-    let set = match &c.load_assignment {
-        None if t == cluster::DiscoveryType::LogicalDns => {
+    let (targets, overprovisioning_factor) = match &c.load_assignment {
+        None if mode == DnsMode::Logical => {
             return Err("LOGICAL_DNS clusters must have a single host".into());
         }
-        None => mesh_core::endpoint::EndpointSet::new(c.name.clone(), Vec::new()),
+        None => (Vec::new(), mesh_core::lb::DEFAULT_OVERPROVISIONING_FACTOR),
         Some(cla) => {
-            if t == cluster::DiscoveryType::LogicalDns
+            if mode == DnsMode::Logical
                 && (cla.endpoints.len() != 1 || cla.endpoints[0].lb_endpoints.len() != 1)
             {
                 return Err(
@@ -243,12 +256,51 @@ fn inline(c: &PbCluster, t: cluster::DiscoveryType) -> Result<ClusterDiscovery, 
                         .into(),
                 );
             }
-            compile(cla, &c.name, hostnames).map_err(|r| format!("load_assignment.{r}"))?
+            let (endpoints, hosts) = compile_endpoints(cla, &c.name, Hostnames::Resolve)
+                .map_err(|r| format!("load_assignment.{r}"))?;
+            let targets = endpoints
+                .into_iter()
+                .zip(hosts)
+                .map(|(endpoint, host)| DnsTarget {
+                    port: endpoint.address.port(),
+                    host,
+                    endpoint,
+                })
+                .collect();
+            (targets, overprovisioning_factor(cla))
         }
     };
-    Ok(ClusterDiscovery::Static {
-        load_assignment: std::sync::Arc::new(set),
-    })
+    let refresh_rate = match &c.dns_refresh_rate {
+        Some(d) => {
+            let d = duration(d).map_err(|r| format!("dns_refresh_rate: {r}"))?;
+            if d < Duration::from_millis(1) {
+                return Err("dns_refresh_rate: must be at least 1ms".into());
+            }
+            d
+        }
+        None => DEFAULT_DNS_REFRESH_RATE,
+    };
+    let lookup_family = match cluster::DnsLookupFamily::try_from(c.dns_lookup_family) {
+        Ok(cluster::DnsLookupFamily::Auto) => LookupFamily::Auto,
+        Ok(cluster::DnsLookupFamily::V4Only) => LookupFamily::V4Only,
+        Ok(cluster::DnsLookupFamily::V6Only) => LookupFamily::V6Only,
+        Ok(cluster::DnsLookupFamily::V4Preferred) => LookupFamily::V4Preferred,
+        Ok(cluster::DnsLookupFamily::All) => LookupFamily::All,
+        Err(_) => {
+            return Err(format!(
+                "dns_lookup_family: unknown value {}",
+                c.dns_lookup_family
+            ));
+        }
+    };
+    Ok(ClusterDiscovery::Dns(std::sync::Arc::new(DnsDiscovery {
+        mode,
+        targets,
+        lookup_family,
+        refresh_rate,
+        respect_dns_ttl: c.respect_dns_ttl,
+        overprovisioning_factor,
+    })))
 }
 
 /// `lb_config` (least request, ring hash, Maglev), `common_lb_config.healthy_panic_threshold`
@@ -860,20 +912,65 @@ mod load_assignment_tests {
         );
     }
 
+    fn targets(c: &Cluster) -> Vec<(String, u16, u32, u32)> {
+        c.dns()
+            .expect("a DNS cluster")
+            .targets
+            .iter()
+            .map(|t| {
+                (
+                    t.host.clone(),
+                    t.port,
+                    t.endpoint.weight,
+                    t.endpoint.priority,
+                )
+            })
+            .collect()
+    }
+
     #[test]
-    fn dns_clusters_use_ip_literals_and_skip_hostnames_without_a_nack() {
+    fn dns_clusters_resolve_every_address_with_its_endpoint_settings() {
         let c = translate_cluster(&cluster_of(
             cluster::DiscoveryType::StrictDns,
-            vec![lb("db.example.com", 5432, None), lb("10.0.0.7", 5432, None)],
+            vec![
+                lb("db.example.com", 5432, Some(3)),
+                lb("10.0.0.7", 5433, None),
+            ],
         ))
         .unwrap();
-        assert_eq!(addrs(&c), vec![("10.0.0.7:5432".to_owned(), 1, 1)]);
+        assert!(c.inline_endpoints().is_none());
+        assert_eq!(
+            targets(&c),
+            vec![
+                ("db.example.com".to_owned(), 5432, 3, 1),
+                ("10.0.0.7".to_owned(), 5433, 1, 1)
+            ]
+        );
+        let dns = c.dns().unwrap();
+        assert_eq!(dns.mode, DnsMode::Strict);
+        // auto_host_rewrite's Host for a DNS host is its configured address (Envoy 1.40).
+        let hostnames: Vec<_> = dns
+            .targets
+            .iter()
+            .map(|t| t.endpoint.hostname.as_deref())
+            .collect();
+        assert_eq!(hostnames, vec![Some("db.example.com"), Some("10.0.0.7")]);
+        // Envoy's defaults: AUTO, 5 s, TTL not respected.
+        assert_eq!(dns.lookup_family, LookupFamily::Auto);
+        assert_eq!(dns.refresh_rate, Duration::from_secs(5));
+        assert!(!dns.respect_dns_ttl);
+        assert_eq!(
+            dns.next_refresh(Some(Duration::from_secs(30))),
+            Duration::from_secs(5)
+        );
+
         let c = translate_cluster(&cluster_of(
             cluster::DiscoveryType::LogicalDns,
             vec![lb("api.example.com", 443, None)],
         ))
         .unwrap();
-        assert!(addrs(&c).is_empty());
+        assert_eq!(c.dns().unwrap().mode, DnsMode::Logical);
+        assert_eq!(targets(&c), vec![("api.example.com".to_owned(), 443, 1, 1)]);
         let e = translate_cluster(&cluster_of(
             cluster::DiscoveryType::LogicalDns,
             vec![
@@ -887,6 +984,61 @@ mod load_assignment_tests {
         pb.load_assignment = None;
         let e = translate_cluster(&pb).unwrap_err();
         assert!(e.reason.contains("single host"), "{e}");
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn dns_settings_as_istiod_renders_them() {
+        // istiod: dns_lookup_family by the proxy's IP families, dns_refresh_rate from mesh
+        // config, respect_dns_ttl on (the zipkin cluster of the deathstarbench dump: 30s, V4_ONLY).
+        let mut pb = cluster_of(
+            cluster::DiscoveryType::StrictDns,
+            vec![lb("zipkin.istio-system", 9411, None)],
+        );
+        pb.dns_refresh_rate = Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: 30,
+            nanos: 0,
+        });
+        pb.dns_lookup_family = cluster::DnsLookupFamily::V4Only as i32;
+        pb.respect_dns_ttl = true;
+        let c = translate_cluster(&pb).unwrap();
+        let dns = c.dns().unwrap();
+        assert_eq!(dns.lookup_family, LookupFamily::V4Only);
+        assert_eq!(dns.refresh_rate, Duration::from_secs(30));
+        assert!(dns.respect_dns_ttl);
+        assert_eq!(
+            dns.next_refresh(Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            dns.next_refresh(Some(Duration::ZERO)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(dns.next_refresh(None), Duration::from_secs(30));
+        for (family, want) in [
+            (cluster::DnsLookupFamily::V6Only, LookupFamily::V6Only),
+            (
+                cluster::DnsLookupFamily::V4Preferred,
+                LookupFamily::V4Preferred,
+            ),
+            (cluster::DnsLookupFamily::All, LookupFamily::All),
+        ] {
+            pb.dns_lookup_family = family as i32;
+            assert_eq!(
+                translate_cluster(&pb).unwrap().dns().unwrap().lookup_family,
+                want
+            );
+        }
+        pb.dns_lookup_family = 99;
+        let e = translate_cluster(&pb).unwrap_err();
+        assert!(e.reason.starts_with("dns_lookup_family"), "{e}");
+        pb.dns_lookup_family = 0;
+        pb.dns_refresh_rate = Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: 0,
+            nanos: 1000,
+        });
+        let e = translate_cluster(&pb).unwrap_err();
+        assert!(e.reason.starts_with("dns_refresh_rate"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, HealthStatus as PbHealth, Metadata, address, socket_address,
+    Address, HealthStatus as PbHealth, Metadata, SocketAddress, address, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as PbEndpoint, lb_endpoint,
@@ -33,8 +33,9 @@ pub fn translate_endpoint(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Tr
 pub(crate) enum Hostnames {
     /// An address must be an IP literal (EDS, STATIC clusters): anything else is an error.
     Reject,
-    /// A hostname is for DNS to resolve (STRICT_DNS / LOGICAL_DNS clusters): skipped here.
-    Skip,
+    /// Every address is for DNS to resolve (STRICT_DNS / LOGICAL_DNS clusters): a hostname
+    /// or an IP literal, kept as written with its port.
+    Resolve,
 }
 
 /// A CLA's endpoints as the set named `name`; `Err` is `field: reason`.
@@ -43,9 +44,30 @@ pub(crate) fn compile(
     name: &str,
     hostnames: Hostnames,
 ) -> Result<EndpointSet, String> {
+    let (out, _) = compile_endpoints(cla, name, hostnames)?;
+    // `policy.overprovisioning_factor` is a percentage of 100 (Envoy's default 140).
+    Ok(EndpointSet::new(name, out).with_overprovisioning_factor(overprovisioning_factor(cla)))
+}
+
+/// The CLA's `policy.overprovisioning_factor` in percent (Envoy's default 140).
+pub(crate) fn overprovisioning_factor(cla: &ClusterLoadAssignment) -> u32 {
+    cla.policy
+        .as_ref()
+        .and_then(|p| p.overprovisioning_factor.as_ref())
+        .map_or(mesh_core::lb::DEFAULT_OVERPROVISIONING_FACTOR, |f| f.value)
+}
+
+/// A CLA's endpoints, and with [`Hostnames::Resolve`] the host each one's address names
+/// (parallel to the endpoints; their `address` is then the unspecified IP with the port).
+pub(crate) fn compile_endpoints(
+    cla: &ClusterLoadAssignment,
+    name: &str,
+    hostnames: Hostnames,
+) -> Result<(Vec<Endpoint>, Vec<String>), String> {
     // Exactly sized: a snapshot holds every endpoint of every cluster (istiod's 3-endpoint
     // services would otherwise keep a fourth, empty slot each).
     let mut out = Vec::with_capacity(cla.endpoints.iter().map(|g| g.lb_endpoints.len()).sum());
+    let mut hosts = Vec::new();
     for (li, group) in cla.endpoints.iter().enumerate() {
         let locality = group
             .locality
@@ -79,16 +101,22 @@ pub(crate) fn compile(
                 tracing::debug!(cluster = %name, endpoint = %field(), "skipping a pipe/internal endpoint mesh cannot dial");
                 continue;
             }
-            if hostnames == Hostnames::Skip
-                && let Some(address::Address::SocketAddress(sa)) =
-                    ep.address.as_ref().and_then(|a| a.address.as_ref())
-                && sa.address.parse::<std::net::IpAddr>().is_err()
-            {
-                tracing::debug!(cluster = %name, endpoint = %field(), host = %sa.address, "skipping a hostname endpoint (resolved by DNS, not here)");
-                continue;
-            }
-            let address = socket_addr(ep.address.as_ref())
-                .map_err(|r| format!("{}.endpoint.address: {r}", field()))?;
+            let address = match (
+                hostnames,
+                ep.address.as_ref().and_then(|a| a.address.as_ref()),
+            ) {
+                (Hostnames::Resolve, Some(address::Address::SocketAddress(sa))) => {
+                    let port =
+                        port(sa).map_err(|r| format!("{}.endpoint.address: {r}", field()))?;
+                    if sa.address.is_empty() {
+                        return Err(format!("{}.endpoint.address: address is empty", field()));
+                    }
+                    hosts.push(sa.address.clone());
+                    SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port)
+                }
+                _ => socket_addr(ep.address.as_ref())
+                    .map_err(|r| format!("{}.endpoint.address: {r}", field()))?,
+            };
             let health = match PbHealth::try_from(lb.health_status) {
                 Ok(PbHealth::Unknown) => HealthStatus::Unknown,
                 Ok(PbHealth::Healthy) => HealthStatus::Healthy,
@@ -124,17 +152,11 @@ pub(crate) fn compile(
                 priority: group.priority,
                 locality_weight: group.load_balancing_weight.as_ref().map(|w| w.value),
                 workload,
-                hostname: endpoint_hostname(ep, false),
+                hostname: endpoint_hostname(ep, hostnames == Hostnames::Resolve),
             });
         }
     }
-    // `policy.overprovisioning_factor` is a percentage of 100 (Envoy's default 140).
-    let overprovisioning = cla
-        .policy
-        .as_ref()
-        .and_then(|p| p.overprovisioning_factor.as_ref())
-        .map_or(mesh_core::lb::DEFAULT_OVERPROVISIONING_FACTOR, |f| f.value);
-    Ok(EndpointSet::new(name, out).with_overprovisioning_factor(overprovisioning))
+    Ok((out, hosts))
 }
 
 /// The hostname Envoy 1.40 gives an endpoint's host, which `auto_host_rewrite` puts in `Host`:
@@ -168,16 +190,20 @@ pub(crate) fn socket_addr(addr: Option<&Address>) -> Result<SocketAddr, String> 
         .address
         .parse()
         .map_err(|_| format!("{:?} is not an IP address", sa.address))?;
-    let port = match &sa.port_specifier {
+    Ok(SocketAddr::new(ip, port(sa)?))
+}
+
+/// A socket address's numeric port (0 when unset).
+fn port(sa: &SocketAddress) -> Result<u16, String> {
+    match &sa.port_specifier {
         Some(socket_address::PortSpecifier::PortValue(p)) => {
-            u16::try_from(*p).map_err(|_| format!("port_value {p} out of range"))?
+            u16::try_from(*p).map_err(|_| format!("port_value {p} out of range"))
         }
         Some(socket_address::PortSpecifier::NamedPort(n)) => {
-            return Err(format!("named_port {n:?} is not supported"));
+            Err(format!("named_port {n:?} is not supported"))
         }
-        None => 0,
-    };
-    Ok(SocketAddr::new(ip, port))
+        None => Ok(0),
+    }
 }
 
 fn endpoint_metadata(md: Option<&Metadata>) -> (EndpointTlsMode, Option<WorkloadMetadata>) {
