@@ -801,10 +801,14 @@ fn build_table(
                 next: u64,
                 host: usize,
             }
-            let mut entries: Vec<E> = hosts
-                .iter()
-                .zip(&keys)
-                .map(|(&i, k)| E {
+            // Envoy fills the table in the order of the hosts' hash keys (sorted), so the table
+            // does not depend on the order endpoints arrive in.
+            let mut by_key: Vec<(&String, usize)> =
+                keys.iter().zip(hosts.iter().copied()).collect();
+            by_key.sort();
+            let mut entries: Vec<E> = by_key
+                .into_iter()
+                .map(|(k, i)| E {
                     offset: xx_hash64(k.as_bytes(), 0) % m,
                     skip: xx_hash64(k.as_bytes(), 1) % (m - 1) + 1,
                     weight: u64::from(weights[i]),
@@ -1025,6 +1029,30 @@ mod tests {
         );
         let c = counts(&b, 4000, |k| Some(xx_hash64(&(k as u64).to_le_bytes(), 0)));
         assert!((2700..3300).contains(&c[0]), "{c:?}");
+    }
+
+    #[test]
+    fn maglev_placement_does_not_depend_on_endpoint_order() {
+        // Envoy fills the table in hash-key order: the same hosts in another order must place
+        // every key on the same address.
+        let hosts: Vec<Endpoint> = [9080, 40001, 5000, 61234, 123]
+            .into_iter()
+            .map(|p| ep(p, 1, 0, HealthStatus::Healthy))
+            .collect();
+        let mut reversed = hosts.clone();
+        reversed.reverse();
+        let forward = balancer(LbPolicy::Maglev, hosts);
+        let backward = balancer(LbPolicy::Maglev, reversed);
+        let mut rng = StdRng::seed_from_u64(7);
+        for k in 0..2000u64 {
+            let ctx = PickContext {
+                hash: Some(xx_hash64(&k.to_le_bytes(), 0)),
+                ..PickContext::default()
+            };
+            let a = forward.endpoints[forward.pick(&ctx, &mut rng).unwrap()];
+            let b = backward.endpoints[backward.pick(&ctx, &mut rng).unwrap()];
+            assert_eq!(a, b, "key {k}");
+        }
     }
 
     #[test]
