@@ -200,8 +200,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The system resolver (`getaddrinfo`), for DNS clusters of an [`Outbound`](super::Outbound)
-/// given no resolver.
+/// The system resolver (`getaddrinfo`), for DNS clusters and passthrough destinations of an
+/// [`Outbound`](super::Outbound) given no resolver.
 #[derive(Debug)]
 pub(super) struct SystemResolver;
 

@@ -59,7 +59,7 @@ use mesh_core::outlier::{OutlierDetector, OutlierResult};
 use mesh_core::resolve::Resolve;
 use mesh_core::retry::{AttemptOutcome, RetryPolicy};
 use mesh_core::route::{Forwarding, HostRewrite};
-use mesh_core::snapshot::RouteDecision;
+use mesh_core::snapshot::{RouteDecision, Snapshot};
 use mesh_core::telemetry::{DestinationService, WorkloadLabels};
 use mesh_core::{CertStore, NodeIdentity, SnapshotCell};
 use rustls_pki_types::ServerName;
@@ -245,12 +245,9 @@ impl Outbound {
                 .keys()
                 .any(|name| !snapshot.clusters.contains_key(name.as_str()))
             {
-                let kept: HashMap<String, Arc<ClusterState>> = current
-                    .iter()
-                    .filter(|(name, _)| snapshot.clusters.contains_key(name.as_str()))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                self.inner.clusters.store(Arc::new(kept));
+                self.inner
+                    .clusters
+                    .store(Arc::new(states_in_snapshot(&current, &snapshot)));
             }
         }
         for cluster in snapshot.clusters.values().filter(|c| c.dns().is_some()) {
@@ -1221,21 +1218,16 @@ impl Outbound {
         if let Ok(ip) = name.parse::<IpAddr>() {
             return Some(SocketAddr::new(ip, port));
         }
-        match &self.resolver {
-            Some(r) => match r.resolve(name).await {
-                Ok(ips) => ips.first().map(|ip| SocketAddr::new(*ip, port)),
-                Err(e) => {
-                    tracing::debug!(error = %e, "passthrough destination not resolvable");
-                    None
-                }
-            },
-            None => match tokio::net::lookup_host((name, port)).await {
-                Ok(mut addrs) => addrs.next(),
-                Err(e) => {
-                    tracing::debug!(host = name, error = %e, "passthrough destination not resolvable");
-                    None
-                }
-            },
+        let resolver: &dyn Resolve = match &self.resolver {
+            Some(r) => r.as_ref(),
+            None => &dns::SystemResolver,
+        };
+        match resolver.resolve(name).await {
+            Ok(ips) => ips.first().map(|ip| SocketAddr::new(*ip, port)),
+            Err(e) => {
+                tracing::debug!(error = %e, "passthrough destination not resolvable");
+                None
+            }
         }
     }
 }
@@ -1281,11 +1273,7 @@ impl Inner {
         });
         // Drop the state of clusters the current snapshot no longer has.
         let snapshot = self.cell.load();
-        let mut next: HashMap<String, Arc<ClusterState>> = current
-            .iter()
-            .filter(|(name, _)| snapshot.clusters.contains_key(name.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let mut next = states_in_snapshot(&current, &snapshot);
         next.insert(cluster.name.clone(), state.clone());
         self.clusters.store(Arc::new(next));
         state
@@ -1765,6 +1753,18 @@ fn stream_idle_reply(
 /// came over Istio mTLS: who actually answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamPrincipal(pub Arc<str>);
+
+/// The cluster states of `current` whose cluster `snapshot` still has.
+fn states_in_snapshot(
+    current: &HashMap<String, Arc<ClusterState>>,
+    snapshot: &Snapshot,
+) -> HashMap<String, Arc<ClusterState>> {
+    current
+        .iter()
+        .filter(|(name, _)| snapshot.clusters.contains_key(name.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
 
 #[cfg(test)]
 mod tests {
