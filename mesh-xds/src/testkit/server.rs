@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -245,7 +246,7 @@ impl AggregatedDiscoveryService for Ads {
         let (tx, rx) = mpsc::channel(64);
         let shared = self.0.clone();
         tokio::spawn(async move {
-            let r = sotw_stream(shared.clone(), req.into_inner(), tx.clone(), auth).await;
+            let r = run_stream::<Sotw>(shared.clone(), req.into_inner(), tx.clone(), auth).await;
             if let Err(s) = r {
                 let _ = tx.send(Err(s)).await;
             }
@@ -262,7 +263,7 @@ impl AggregatedDiscoveryService for Ads {
         let (tx, rx) = mpsc::channel(64);
         let shared = self.0.clone();
         tokio::spawn(async move {
-            let r = delta_stream(shared.clone(), req.into_inner(), tx.clone(), auth).await;
+            let r = run_stream::<Delta>(shared.clone(), req.into_inner(), tx.clone(), auth).await;
             if let Err(s) = r {
                 let _ = tx.send(Err(s)).await;
             }
@@ -303,17 +304,41 @@ impl SecretDiscoveryService for Ads {
     }
 }
 
-#[derive(Default)]
-struct DeltaType {
-    wildcard: bool,
-    names: BTreeSet<String>,
-    sent: HashMap<String, String>,
+/// What differs between the state-of-the-world and the incremental (delta) protocol;
+/// [`run_stream`] is everything they share.
+trait XdsVariant: Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    /// What the stream remembers per type URL.
+    type State: Default + Send;
+    const DELTA: bool;
+    fn node(req: &Self::Request) -> Option<&Node>;
+    /// Records one request (ACK, NACK, subscription change) and answers it when it needs an
+    /// answer now.
+    fn on_request(
+        shared: &Shared,
+        ns: &str,
+        types: &mut BTreeMap<String, Self::State>,
+        req: Self::Request,
+    ) -> Option<Self::Response>;
+    /// The response that brings one type up to `set`, if it changed (or always with `force`).
+    fn respond(
+        shared: &Shared,
+        t: &str,
+        st: &mut Self::State,
+        set: &ResourceSet,
+        force: bool,
+    ) -> Option<Self::Response>;
+    /// A test-injected response, sent as it is.
+    fn injected(i: Injected) -> Self::Response;
 }
 
-async fn delta_stream(
+/// One ADS/SDS stream: opens it with the first request's node, answers requests, pushes
+/// every new generation, sends injected responses and obeys the test's cuts.
+async fn run_stream<V: XdsVariant>(
     shared: Arc<Shared>,
-    mut inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    mut inbound: Streaming<V::Request>,
+    tx: mpsc::Sender<Result<V::Response, Status>>,
     authorization: Option<String>,
 ) -> Result<(), Status> {
     let mut gen_rx = shared.generation.subscribe();
@@ -322,55 +347,16 @@ async fn delta_stream(
     let Some(first) = inbound.message().await? else {
         return Ok(());
     };
-    let ns = open_stream(&shared, first.node.as_ref(), true, authorization)?;
-    let mut types: BTreeMap<String, DeltaType> = BTreeMap::new();
+    let ns = open_stream(&shared, V::node(&first), V::DELTA, authorization)?;
+    let mut types: BTreeMap<String, V::State> = BTreeMap::new();
     let mut next = Some(first);
     loop {
-        if let Some(req) = next.take() {
-            let t = req.type_url.clone();
-            shared.emit_request(&t, &req.response_nonce, req.error_detail.is_some());
-            if let Some(e) = &req.error_detail {
-                shared.emit(XdsEvent::Nack {
-                    type_url: t.clone(),
-                    nonce: req.response_nonce.clone(),
-                    message: e.message.clone(),
-                });
-            } else if !req.response_nonce.is_empty() {
-                shared.emit(XdsEvent::Ack {
-                    type_url: t.clone(),
-                    version: String::new(),
-                    nonce: req.response_nonce.clone(),
-                });
-            }
-            let initial = !types.contains_key(&t);
-            let st = types.entry(t.clone()).or_default();
-            if initial {
-                st.wildcard = is_wildcard(&t) && req.resource_names_subscribe.is_empty();
-                st.sent = req.initial_resource_versions.clone();
-                shared.emit(XdsEvent::Subscribed {
-                    type_url: t.clone(),
-                    initial_resource_versions: req
-                        .initial_resource_versions
-                        .clone()
-                        .into_iter()
-                        .collect(),
-                });
-            }
-            let subscribing = !req.resource_names_subscribe.is_empty();
-            st.names
-                .extend(req.resource_names_subscribe.iter().cloned());
-            for n in &req.resource_names_unsubscribe {
-                st.names.remove(n);
-                st.sent.remove(n);
-            }
-            if initial || subscribing {
-                let set = shared.resources(&ns);
-                if let Some(r) = delta_response(&shared, &t, st, &set, initial) {
-                    tx.send(Ok(r))
-                        .await
-                        .map_err(|_| Status::cancelled("client gone"))?;
-                }
-            }
+        if let Some(req) = next.take()
+            && let Some(r) = V::on_request(&shared, &ns, &mut types, req)
+        {
+            tx.send(Ok(r))
+                .await
+                .map_err(|_| Status::cancelled("client gone"))?;
         }
         tokio::select! {
             m = inbound.message() => match m? {
@@ -382,7 +368,7 @@ async fn delta_stream(
                 let set = shared.resources(&ns);
                 let mut pushed = false;
                 for (t, st) in types.iter_mut() {
-                    if let Some(r) = delta_response(&shared, t, st, &set, false) {
+                    if let Some(r) = V::respond(&shared, t, st, &set, false) {
                         tx.send(Ok(r)).await.map_err(|_| Status::cancelled("client gone"))?;
                         pushed = true;
                     }
@@ -394,19 +380,7 @@ async fn delta_stream(
             i = inj_rx.recv() => {
                 if let Ok(i) = i {
                     shared.emit_sent(&i.type_url, &i.nonce, i.resources.iter().map(|(n, _)| n.clone()).collect());
-                    let r = DeltaDiscoveryResponse {
-                        system_version_info: "injected".into(),
-                        resources: i.resources.into_iter().map(|(name, any)| Resource {
-                            version: version_of(&any),
-                            name,
-                            resource: Some(any),
-                            ..Default::default()
-                        }).collect(),
-                        type_url: i.type_url,
-                        nonce: i.nonce,
-                        ..Default::default()
-                    };
-                    tx.send(Ok(r)).await.map_err(|_| Status::cancelled("client gone"))?;
+                    tx.send(Ok(V::injected(i))).await.map_err(|_| Status::cancelled("client gone"))?;
                 }
             }
             _ = cut_rx.changed() => return Err(Status::unavailable("stream cut by the test control plane")),
@@ -414,63 +388,154 @@ async fn delta_stream(
     }
 }
 
-fn delta_response(
-    shared: &Shared,
-    t: &str,
-    st: &mut DeltaType,
-    set: &ResourceSet,
-    force: bool,
-) -> Option<DeltaDiscoveryResponse> {
-    let empty = BTreeMap::new();
-    let all = set
-        .iter()
-        .find(|(k, _)| **k == t)
-        .map(|(_, v)| v)
-        .unwrap_or(&empty);
-    let mut resources = Vec::new();
-    let mut current = BTreeSet::new();
-    for (name, any) in all {
-        if !(st.wildcard || st.names.contains(name)) {
-            continue;
-        }
-        current.insert(name.clone());
-        let v = version_of(any);
-        if st.sent.get(name) != Some(&v) {
-            st.sent.insert(name.clone(), v.clone());
-            resources.push(Resource {
-                name: name.clone(),
-                version: v,
-                resource: Some(any.clone()),
-                ..Default::default()
+/// The incremental protocol (`DeltaAggregatedResources`, `DeltaSecrets`).
+struct Delta;
+
+#[derive(Default)]
+struct DeltaType {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    sent: HashMap<String, String>,
+}
+
+impl XdsVariant for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    type State = DeltaType;
+    const DELTA: bool = true;
+
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    fn on_request(
+        shared: &Shared,
+        ns: &str,
+        types: &mut BTreeMap<String, DeltaType>,
+        req: DeltaDiscoveryRequest,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let t = req.type_url.clone();
+        shared.emit_request(&t, &req.response_nonce, req.error_detail.is_some());
+        if let Some(e) = &req.error_detail {
+            shared.emit(XdsEvent::Nack {
+                type_url: t.clone(),
+                nonce: req.response_nonce.clone(),
+                message: e.message.clone(),
+            });
+        } else if !req.response_nonce.is_empty() {
+            shared.emit(XdsEvent::Ack {
+                type_url: t.clone(),
+                version: String::new(),
+                nonce: req.response_nonce.clone(),
             });
         }
+        let initial = !types.contains_key(&t);
+        let st = types.entry(t.clone()).or_default();
+        if initial {
+            st.wildcard = is_wildcard(&t) && req.resource_names_subscribe.is_empty();
+            st.sent = req.initial_resource_versions.clone();
+            shared.emit(XdsEvent::Subscribed {
+                type_url: t.clone(),
+                initial_resource_versions: req
+                    .initial_resource_versions
+                    .clone()
+                    .into_iter()
+                    .collect(),
+            });
+        }
+        let subscribing = !req.resource_names_subscribe.is_empty();
+        st.names
+            .extend(req.resource_names_subscribe.iter().cloned());
+        for n in &req.resource_names_unsubscribe {
+            st.names.remove(n);
+            st.sent.remove(n);
+        }
+        if initial || subscribing {
+            let set = shared.resources(ns);
+            return Self::respond(shared, &t, st, &set, initial);
+        }
+        None
     }
-    let removed: Vec<String> = st
-        .sent
-        .keys()
-        .filter(|n| !current.contains(*n))
-        .cloned()
-        .collect();
-    for n in &removed {
-        st.sent.remove(n);
+
+    fn respond(
+        shared: &Shared,
+        t: &str,
+        st: &mut DeltaType,
+        set: &ResourceSet,
+        force: bool,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let mut resources = Vec::new();
+        let mut current = BTreeSet::new();
+        for (name, any) in resources_of(set, t) {
+            if !(st.wildcard || st.names.contains(name)) {
+                continue;
+            }
+            current.insert(name.clone());
+            let v = version_of(any);
+            if st.sent.get(name) != Some(&v) {
+                st.sent.insert(name.clone(), v.clone());
+                resources.push(Resource {
+                    name: name.clone(),
+                    version: v,
+                    resource: Some(any.clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        let removed: Vec<String> = st
+            .sent
+            .keys()
+            .filter(|n| !current.contains(*n))
+            .cloned()
+            .collect();
+        for n in &removed {
+            st.sent.remove(n);
+        }
+        if resources.is_empty() && removed.is_empty() && !force {
+            return None;
+        }
+        let nonce = shared.nonce();
+        shared.emit_sent(
+            t,
+            &nonce,
+            resources.iter().map(|r| r.name.clone()).collect(),
+        );
+        Some(DeltaDiscoveryResponse {
+            system_version_info: shared.generation.borrow().to_string(),
+            resources,
+            type_url: t.to_owned(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        })
     }
-    if resources.is_empty() && removed.is_empty() && !force {
-        return None;
+
+    fn injected(i: Injected) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            system_version_info: "injected".into(),
+            resources: i
+                .resources
+                .into_iter()
+                .map(|(name, any)| Resource {
+                    version: version_of(&any),
+                    name,
+                    resource: Some(any),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: i.type_url,
+            nonce: i.nonce,
+            ..Default::default()
+        }
     }
-    let nonce = shared.nonce();
-    shared.emit_sent(
-        t,
-        &nonce,
-        resources.iter().map(|r| r.name.clone()).collect(),
-    );
-    Some(DeltaDiscoveryResponse {
-        system_version_info: shared.generation.borrow().to_string(),
-        resources,
-        type_url: t.to_owned(),
-        removed_resources: removed,
-        nonce,
-        ..Default::default()
-    })
+}
+
+/// The resources of type `t` in `set` (none when the set has no such type).
+fn resources_of<'a>(set: &'a ResourceSet, t: &str) -> impl Iterator<Item = (&'a String, &'a Any)> {
+    set.iter()
+        .find(|(k, _)| **k == t)
+        .into_iter()
+        .flat_map(|(_, v)| v.iter())
 }
 
 /// The first request of a stream must carry the node (istiod answers `InvalidArgument
@@ -478,7 +543,7 @@ fn delta_response(
 /// namespace, which selects what is generated for it.
 fn open_stream(
     shared: &Shared,
-    node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+    node: Option<&Node>,
     delta: bool,
     authorization: Option<String>,
 ) -> Result<String, Status> {
@@ -493,6 +558,9 @@ fn open_stream(
     Ok(namespace_of(node))
 }
 
+/// The state-of-the-world protocol (`StreamAggregatedResources`, `StreamSecrets`).
+struct Sotw;
+
 #[derive(Default)]
 struct SotwType {
     names: Vec<String>,
@@ -500,135 +568,98 @@ struct SotwType {
     last_sent: Option<Vec<(String, String)>>,
 }
 
-async fn sotw_stream(
-    shared: Arc<Shared>,
-    mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    authorization: Option<String>,
-) -> Result<(), Status> {
-    let mut gen_rx = shared.generation.subscribe();
-    let mut cut_rx = shared.cut.subscribe();
-    let mut inj_rx = shared.inject.subscribe();
-    let Some(first) = inbound.message().await? else {
-        return Ok(());
-    };
-    let ns = open_stream(&shared, first.node.as_ref(), false, authorization)?;
-    let mut types: BTreeMap<String, SotwType> = BTreeMap::new();
-    let mut next = Some(first);
-    loop {
-        if let Some(req) = next.take() {
-            let t = req.type_url.clone();
-            shared.emit_request(&t, &req.response_nonce, req.error_detail.is_some());
-            let initial = !types.contains_key(&t);
-            let st = types.entry(t.clone()).or_default();
-            if let Some(e) = &req.error_detail {
-                shared.emit(XdsEvent::Nack {
-                    type_url: t.clone(),
-                    nonce: req.response_nonce.clone(),
-                    message: e.message.clone(),
-                });
-            } else if !req.response_nonce.is_empty() && req.response_nonce == st.last_nonce {
-                shared.emit(XdsEvent::Ack {
-                    type_url: t.clone(),
-                    version: req.version_info.clone(),
-                    nonce: req.response_nonce.clone(),
-                });
-            }
-            if initial {
-                shared.emit(XdsEvent::Subscribed {
-                    type_url: t.clone(),
-                    initial_resource_versions: BTreeMap::new(),
-                });
-            }
-            let names_changed = st.names != req.resource_names;
-            st.names = req.resource_names.clone();
-            if req.error_detail.is_none()
-                && (initial || req.response_nonce.is_empty() || names_changed)
-            {
-                let set = shared.resources(&ns);
-                if let Some(r) = sotw_response(&shared, &t, st, &set, true) {
-                    tx.send(Ok(r))
-                        .await
-                        .map_err(|_| Status::cancelled("client gone"))?;
-                }
-            }
-        }
-        tokio::select! {
-            m = inbound.message() => match m? {
-                Some(r) => next = Some(r),
-                None => return Ok(()),
-            },
-            c = gen_rx.changed() => {
-                if c.is_err() { return Ok(()) }
-                let set = shared.resources(&ns);
-                let mut pushed = false;
-                for (t, st) in types.iter_mut() {
-                    if let Some(r) = sotw_response(&shared, t, st, &set, false) {
-                        tx.send(Ok(r)).await.map_err(|_| Status::cancelled("client gone"))?;
-                        pushed = true;
-                    }
-                }
-                if pushed && shared.cut_after_push.swap(false, Ordering::SeqCst) {
-                    return Err(Status::unavailable("stream cut by the test control plane after a push"));
-                }
-            }
-            i = inj_rx.recv() => {
-                if let Ok(i) = i {
-                    shared.emit_sent(&i.type_url, &i.nonce, i.resources.iter().map(|(n, _)| n.clone()).collect());
-                    let r = DiscoveryResponse {
-                        version_info: "injected".into(),
-                        resources: i.resources.into_iter().map(|(_, a)| a).collect(),
-                        type_url: i.type_url,
-                        nonce: i.nonce,
-                        ..Default::default()
-                    };
-                    tx.send(Ok(r)).await.map_err(|_| Status::cancelled("client gone"))?;
-                }
-            }
-            _ = cut_rx.changed() => return Err(Status::unavailable("stream cut by the test control plane")),
-        }
-    }
-}
+impl XdsVariant for Sotw {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    type State = SotwType;
+    const DELTA: bool = false;
 
-fn sotw_response(
-    shared: &Shared,
-    t: &str,
-    st: &mut SotwType,
-    set: &ResourceSet,
-    force: bool,
-) -> Option<DiscoveryResponse> {
-    let empty = BTreeMap::new();
-    let all = set
-        .iter()
-        .find(|(k, _)| **k == t)
-        .map(|(_, v)| v)
-        .unwrap_or(&empty);
-    let wildcard = is_wildcard(t);
-    let chosen: Vec<(&String, &Any)> = all
-        .iter()
-        .filter(|(n, _)| wildcard || st.names.contains(n))
-        .collect();
-    let fingerprint: Vec<(String, String)> = chosen
-        .iter()
-        .map(|(n, a)| ((*n).clone(), version_of(a)))
-        .collect();
-    if !force && st.last_sent.as_ref() == Some(&fingerprint) {
-        return None;
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
     }
-    st.last_nonce = shared.nonce();
-    shared.emit_sent(
-        t,
-        &st.last_nonce,
-        fingerprint.iter().map(|(n, _)| n.clone()).collect(),
-    );
-    st.last_sent = Some(fingerprint);
-    Some(DiscoveryResponse {
-        version_info: shared.generation.borrow().to_string(),
-        resources: chosen.into_iter().map(|(_, a)| a.clone()).collect(),
-        type_url: t.to_owned(),
-        nonce: st.last_nonce.clone(),
-        ..Default::default()
-    })
+
+    fn on_request(
+        shared: &Shared,
+        ns: &str,
+        types: &mut BTreeMap<String, SotwType>,
+        req: DiscoveryRequest,
+    ) -> Option<DiscoveryResponse> {
+        let t = req.type_url.clone();
+        shared.emit_request(&t, &req.response_nonce, req.error_detail.is_some());
+        let initial = !types.contains_key(&t);
+        let st = types.entry(t.clone()).or_default();
+        if let Some(e) = &req.error_detail {
+            shared.emit(XdsEvent::Nack {
+                type_url: t.clone(),
+                nonce: req.response_nonce.clone(),
+                message: e.message.clone(),
+            });
+        } else if !req.response_nonce.is_empty() && req.response_nonce == st.last_nonce {
+            shared.emit(XdsEvent::Ack {
+                type_url: t.clone(),
+                version: req.version_info.clone(),
+                nonce: req.response_nonce.clone(),
+            });
+        }
+        if initial {
+            shared.emit(XdsEvent::Subscribed {
+                type_url: t.clone(),
+                initial_resource_versions: BTreeMap::new(),
+            });
+        }
+        let names_changed = st.names != req.resource_names;
+        st.names = req.resource_names.clone();
+        if req.error_detail.is_none() && (initial || req.response_nonce.is_empty() || names_changed)
+        {
+            let set = shared.resources(ns);
+            return Self::respond(shared, &t, st, &set, true);
+        }
+        None
+    }
+
+    fn respond(
+        shared: &Shared,
+        t: &str,
+        st: &mut SotwType,
+        set: &ResourceSet,
+        force: bool,
+    ) -> Option<DiscoveryResponse> {
+        let wildcard = is_wildcard(t);
+        let chosen: Vec<(&String, &Any)> = resources_of(set, t)
+            .filter(|(n, _)| wildcard || st.names.contains(n))
+            .collect();
+        let fingerprint: Vec<(String, String)> = chosen
+            .iter()
+            .map(|(n, a)| ((*n).clone(), version_of(a)))
+            .collect();
+        if !force && st.last_sent.as_ref() == Some(&fingerprint) {
+            return None;
+        }
+        st.last_nonce = shared.nonce();
+        shared.emit_sent(
+            t,
+            &st.last_nonce,
+            fingerprint.iter().map(|(n, _)| n.clone()).collect(),
+        );
+        st.last_sent = Some(fingerprint);
+        Some(DiscoveryResponse {
+            version_info: shared.generation.borrow().to_string(),
+            resources: chosen.into_iter().map(|(_, a)| a.clone()).collect(),
+            type_url: t.to_owned(),
+            nonce: st.last_nonce.clone(),
+            ..Default::default()
+        })
+    }
+
+    fn injected(i: Injected) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: "injected".into(),
+            resources: i.resources.into_iter().map(|(_, a)| a).collect(),
+            type_url: i.type_url,
+            nonce: i.nonce,
+            ..Default::default()
+        }
+    }
 }
 
 /// Starts serving on `listen`; returns the address and a shutdown handle.
