@@ -49,7 +49,6 @@ use mesh::parts::xds::ads::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use mesh::parts::xds::testkit::ca::TestCa;
 use mesh::parts::xds::testkit::{ControlPlane, ResourceSet, XdsEvent};
 use scale::Shape;
-use serde_json::json;
 
 const ROLE_ENV: &str = "MESH_XDS_SCALE_ROLE";
 const PUSH_TIMEOUT: Duration = Duration::from_secs(300);
@@ -256,55 +255,11 @@ impl Client {
     }
 
     fn start_envoy(bin: &std::path::Path, cp: &ControlPlane) -> Client {
-        let ads = json!({"ads": {}, "resource_api_version": "V3"});
-        let bootstrap = json!({
-            "node": {
-                "id": "sidecar~127.0.0.1~envoy-0.default~default.svc.cluster.local",
-                "cluster": "envoy.default",
-                "metadata": {"NAMESPACE": "default", "CLUSTER_ID": "Kubernetes"},
-            },
-            "dynamic_resources": {
-                "ads_config": {
-                    "api_type": "DELTA_GRPC",
-                    "transport_api_version": "V3",
-                    "set_node_on_first_message_only": true,
-                    "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
-                },
-                "cds_config": ads,
-                "lds_config": ads,
-            },
-            "static_resources": {"clusters": [{
-                "name": "xds-grpc",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}},
-                    },
-                },
-                "load_assignment": {"cluster_name": "xds-grpc", "endpoints": [{"lb_endpoints": [{
-                    "endpoint": {"address": {"socket_address": {
-                        "address": "127.0.0.1", "port_value": cp.addr().port(),
-                    }}},
-                }]}]},
-            }]},
-            // Istio's default proxy stats inclusion list (pilot/pkg/bootstrap): per-cluster and
-            // per-listener stats are not kept, as in a real sidecar.
-            "stats_config": {
-                "use_all_default_tags": false,
-                "stats_matcher": {"inclusion_list": {"patterns": [
-                    {"prefix": "reporter="}, {"prefix": "cluster_manager"},
-                    {"prefix": "listener_manager"}, {"prefix": "server"},
-                    {"prefix": "cluster.xds-grpc"}, {"prefix": "wasm"},
-                    {"prefix": "component"}, {"prefix": "istio"},
-                    {"suffix": "rbac.allowed"}, {"suffix": "rbac.denied"},
-                    {"suffix": "shadow_allowed"}, {"suffix": "shadow_denied"},
-                    {"suffix": "downstream_cx_active"},
-                    {"safe_regex": {"regex": "vhost\\..*\\.route\\..*"}},
-                ]}},
-            },
-        });
+        // An Istio sidecar's bootstrap, with Istio's default stats inclusion list
+        // (pilot/pkg/bootstrap): per-cluster and per-listener stats are not kept, as in a
+        // real sidecar.
+        let mut bootstrap = envoy::AdsBootstrap::sidecar("envoy-0", "default", cp.addr()).to_json();
+        bootstrap["stats_config"] = envoy::istio_golden_stats_config();
         Client::Envoy(envoy::EnvoyProcess::start_with(bin, &bootstrap.to_string()))
     }
 

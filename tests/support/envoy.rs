@@ -696,21 +696,28 @@ impl SidecarBootstrap {
 /// as istio-agent renders it (testdata/istio/bootstrap_default_golden.json), without the
 /// `stats_matcher` inclusion list, so every Envoy stat stays visible.
 pub fn istio_stats_config() -> Value {
+    let mut config = istio_golden_stats_config();
+    if let Some(o) = config.as_object_mut() {
+        o.remove("stats_matcher");
+    }
+    config
+}
+
+/// Istio's bootstrap `stats_config` whole, with the `stats_matcher` inclusion list that keeps
+/// a real sidecar from holding per-cluster and per-listener stats.
+pub fn istio_golden_stats_config() -> Value {
     let path = repo_root().join("testdata/istio/bootstrap_default_golden.json");
     let text =
         fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let golden: Value = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
-    let mut config = golden["stats_config"].clone();
+    let config = golden["stats_config"].clone();
     assert_eq!(
         config["use_all_default_tags"],
         json!(false),
         "{}: stats_config changed shape",
         path.display()
     );
-    if let Some(o) = config.as_object_mut() {
-        o.remove("stats_matcher");
-    }
     config
 }
 
