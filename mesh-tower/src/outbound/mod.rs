@@ -29,6 +29,7 @@ mod dns;
 mod idle;
 mod pool;
 mod replay;
+mod tcp;
 mod telemetry;
 
 /// The request path's internal maps: keys come from configuration (cluster names, endpoint
@@ -69,6 +70,7 @@ pub use body::OutboundBody;
 use body::{CounterGuard, InFlight};
 pub use idle::{STREAM_TIMEOUT, StreamIdleTimeout};
 pub use pool::BoxError;
+pub use tcp::{OutboundTcpStream, TcpConnectError};
 
 use pool::{ConnectError, ConnectParams, HostPool, Proto, ReqBody, SendError, TlsTarget};
 use telemetry::{LabelBase, Record};

@@ -126,6 +126,16 @@ pub(crate) enum Io {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+impl Io {
+    /// The local address of the connection (`%UPSTREAM_LOCAL_ADDRESS%`).
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Io::Plain(t) => t.local_addr().ok(),
+            Io::Tls(t) => t.get_ref().0.local_addr().ok(),
+        }
+    }
+}
+
 impl AsyncRead for Io {
     fn poll_read(
         self: Pin<&mut Self>,
