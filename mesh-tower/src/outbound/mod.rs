@@ -837,7 +837,8 @@ impl Outbound {
             if let Some(u) = info.as_deref_mut() {
                 match &result {
                     None => u.per_try_timeout = true,
-                    Some(Ok(_)) => {
+                    Some(Ok((_, ends, _))) => {
+                        u.local_address = ends.local;
                         u.from_upstream = true;
                         u.service_time = Some(start.elapsed());
                     }
@@ -990,7 +991,8 @@ impl Outbound {
                         record,
                     )
                 }
-                Some(Ok((resp, peer, checkin))) => {
+                Some(Ok((resp, ends, checkin))) => {
+                    let peer = ends.peer;
                     let flag = verdict;
                     let (mut parts, incoming) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
