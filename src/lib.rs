@@ -30,7 +30,7 @@ pub use runtime::{Mesh, serve};
 
 pub use mesh_core::identity::{NodeIdentity, PeerIdentity, SpiffeId};
 pub use mesh_core::listener::InboundTlsMode;
-pub use mesh_tower::outbound::Outbound;
+pub use mesh_tower::outbound::{Outbound, OutboundTcpStream, TcpConnectError};
 
 /// The request body the application receives: hyper's `Incoming`, read through mesh so the
 /// inbound side counts a gRPC request's messages (`istio_request_messages_total`) as Envoy

@@ -8,7 +8,7 @@ use std::time::Duration;
 use mesh_core::readiness::Readiness;
 use mesh_core::{CertStore, Snapshot, SnapshotCell};
 use mesh_tower::inbound::InboundConfig;
-use mesh_tower::outbound::Outbound;
+use mesh_tower::outbound::{Outbound, OutboundTcpStream, TcpConnectError};
 use mesh_tower::status::StatusPort;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -283,6 +283,15 @@ impl Mesh {
     /// outbound listener.
     pub fn http_client(&self) -> Outbound {
         self.inner.outbound.clone()
+    }
+
+    /// Opens a TCP connection to `authority` (`host:port`) as the sidecar's outbound TCP proxy
+    /// listener would carry it: the service VIP's TCP listener picks the cluster (else
+    /// `PassthroughCluster`, or refusal under `REGISTRY_ONLY`), Istio mTLS to meshed
+    /// endpoints, plaintext otherwise; the connection reports `istio_tcp_*` with
+    /// `reporter="source"`.
+    pub async fn tcp_connect(&self, authority: &str) -> Result<OutboundTcpStream, TcpConnectError> {
+        self.inner.outbound.connect_tcp(authority).await
     }
 
     /// The current configuration snapshot.

@@ -11,6 +11,7 @@ use mesh::parts::tower::status::StatusPort;
 use mesh::parts::xds::testkit::{EndpointSpec, MeshModel, Protocol, ServiceSpec};
 use support::mesh::{Echo, NS, Plane, WAIT, eventually, node, ready, spiffe, status_get};
 use tokio::net::TcpListener;
+use tokio::time::timeout;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_waits_for_the_certificate() {
@@ -351,4 +352,88 @@ fn non_loopback_ip() -> Option<std::net::IpAddr> {
     s.connect("10.255.255.255:9").ok()?;
     let ip = s.local_addr().ok()?.ip();
     (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// The admin listener's stats: `/stats/prometheus` and `/stats?format=prometheus` (Envoy's
+/// admin serves both) pass real `promtool check metrics`, and `/stats` lists the same samples
+/// as `name: value` lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_stats_pass_promtool() {
+    let app = Echo::new("details");
+    let upstream = app.serve_plain().await;
+    let model = MeshModel::default().service(
+        ServiceSpec::new("details", NS, "10.96.0.41".parse().unwrap())
+            .port(9080, Protocol::Http)
+            .endpoint(EndpointSpec::new(upstream).plaintext()),
+    );
+    let plane = Plane::start(model).await;
+    let mesh = plane
+        .builder(node("admin-stats-0", "admin-stats"))
+        .admin_port(Some(0))
+        .start()
+        .await
+        .unwrap();
+    ready(&mesh).await;
+    // Traffic, so the cluster, HTTP and Istio families have samples.
+    let http = mesh.http_client();
+    let r = timeout(
+        WAIT,
+        http.get("http://details.default.svc.cluster.local:9080/"),
+    )
+    .await
+    .expect("bounded")
+    .expect("response");
+    assert_eq!(r.status(), 200);
+
+    let (status, prometheus) = status_get(&mesh, StatusPort::Admin, "/stats/prometheus").await;
+    assert_eq!(status, 200);
+    for family in [
+        "# TYPE istio_requests_total counter",
+        "# TYPE envoy_cluster_upstream_rq_total counter",
+        "# TYPE envoy_server_live gauge",
+    ] {
+        assert!(
+            prometheus.contains(family),
+            "no {family:?} in /stats/prometheus"
+        );
+    }
+    let (status, by_format) =
+        status_get(&mesh, StatusPort::Admin, "/stats?format=prometheus").await;
+    assert_eq!(status, 200);
+    assert!(by_format.contains("# TYPE istio_requests_total counter"));
+    let (status, stats) = status_get(&mesh, StatusPort::Admin, "/stats").await;
+    assert_eq!(status, 200);
+    // Every `/stats` line is a sample line of the exposition, as `name: value`.
+    let sample_lines: std::collections::HashSet<&str> = prometheus
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    let mut lines = 0;
+    for line in stats.lines() {
+        let (name, value) = line.rsplit_once(": ").expect("`name: value`");
+        value.parse::<f64>().expect("a number");
+        // Counters and gauges move between the two scrapes: compare the names.
+        assert!(
+            sample_lines
+                .iter()
+                .any(|s| s.rsplit_once(' ').map(|(n, _)| n) == Some(name)),
+            "{name} not in /stats/prometheus"
+        );
+        lines += 1;
+    }
+    assert!(lines >= sample_lines.len() / 2, "{lines} lines in /stats");
+
+    let Some(tools) = support::prometheus::tools() else {
+        return;
+    };
+    tools.check_clean("15000 /stats/prometheus", &prometheus);
+    tools.check_clean("15000 /stats?format=prometheus", &by_format);
+    // Every sample reads back through `prometheus_client`'s parser too.
+    let parsed = tools.python_parse(&prometheus);
+    assert!(
+        parsed
+            .iter()
+            .any(|s| s.name == "istio_requests_total" && s.label("reporter") == Some("source")),
+        "prometheus_client found no istio_requests_total"
+    );
 }

@@ -58,40 +58,6 @@ async fn start(plane: &Plane, node: NodeIdentity) -> Mesh {
     m
 }
 
-/// Lint remarks promtool also makes about Envoy's and Istio's own names (counters without
-/// `_total`, `_milliseconds`/`_bytes` units Prometheus prefers as base units, histogram
-/// buckets as Envoy spells them). Anything else is a finding.
-fn accepted_lint(problem: &str) -> bool {
-    [
-        "counter metrics should have \"_total\" suffix",
-        "use base unit",
-        "metric names should be written in 'snake_case' not 'camelCase'",
-        "non-histogram and non-summary metrics should not have",
-        "non-counter metrics should not have \"_total\" suffix",
-        "no help text",
-    ]
-    .iter()
-    .any(|a| problem.contains(a))
-}
-
-fn check_with_promtool(tools: &PromTools, what: &str, text: &str) {
-    let report = tools.check_metrics(text);
-    assert!(
-        report.parse_error.is_none(),
-        "promtool could not parse {what}: {}\n{text}",
-        report.output
-    );
-    let findings: Vec<_> = report
-        .problems
-        .iter()
-        .filter(|(_, p)| !accepted_lint(p))
-        .collect();
-    assert!(
-        findings.is_empty(),
-        "promtool findings on {what}: {findings:?}"
-    );
-}
-
 fn requests_total<'a>(samples: &'a [Sample], reporter: &str, workload: &str) -> Vec<&'a Sample> {
     samples
         .iter()
@@ -200,10 +166,10 @@ async fn istio_metrics_pass_prometheus_tooling_and_match_istio_templates() {
     .await;
 
     // 15090 and 15020 parse with promtool and the Python parser.
-    check_with_promtool(&tools, "15090", &text);
+    tools.check_clean("15090", &text);
     let (status, agent) = status_get(&client, StatusPort::Agent, "/stats/prometheus").await;
     assert_eq!(status, 200);
-    check_with_promtool(&tools, "15020", &agent);
+    tools.check_clean("15020", &agent);
     let agent_samples = tools.python_parse(&agent);
     assert!(
         agent_samples

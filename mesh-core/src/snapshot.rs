@@ -230,6 +230,29 @@ impl Snapshot {
         self.decide(rc, rc.route_request(req), req)
     }
 
+    /// Decides where an outbound TCP connection to `destination` (the service VIP or IP the
+    /// application connects to) goes, as Envoy's outbound listeners would take it: the
+    /// `<vip>_<port>` listener of a TCP service port, else a `0.0.0.0_<port>` TCP listener,
+    /// each forwarding to its `tcp_proxy` cluster; anything else is a destination the
+    /// sidecar's `virtualOutbound` listener handles (`PassthroughCluster` under `ALLOW_ANY`,
+    /// `BlackHoleCluster`, i.e. [`RouteDecision::Respond`] with `NC`, under `REGISTRY_ONLY`).
+    /// HTTP listeners are not used: raw TCP bytes do not go through an HTTP connection manager.
+    pub fn route_outbound_tcp(&self, destination: std::net::SocketAddr) -> RouteDecision {
+        let port = destination.port();
+        let by_name = |ip: std::net::IpAddr| {
+            let l = self.listeners.get(&format!("{ip}_{port}"))?;
+            match &l.kind {
+                ListenerKind::Outbound(OutboundProtocol::Tcp { cluster }) => Some(cluster),
+                _ => None,
+            }
+        };
+        let wildcard = std::net::IpAddr::from([0, 0, 0, 0]);
+        match by_name(destination.ip()).or_else(|| by_name(wildcard)) {
+            Some(cluster) => self.forward_to(cluster, &no_name(), None),
+            None => self.unknown_destination(),
+        }
+    }
+
     /// The decision of [`route_outbound_request`](Self::route_outbound_request) for a request
     /// looked up in the route configuration named `route_config` (rather than the one the
     /// listener on a port names), with the virtual host and route that matched: what
@@ -615,6 +638,52 @@ mod tests {
                 flag: ResponseFlag::NoClusterFound,
                 ..
             }
+        ));
+    }
+
+    #[test]
+    fn tcp_connections_take_the_vip_listener_else_the_outbound_policy() {
+        let with_tcp = |policy| {
+            let s = snapshot(policy);
+            let c = "outbound|9080||reviews.default.svc.cluster.local";
+            let tcp = Listener {
+                name: "10.96.0.9_5432".into(),
+                address: "10.96.0.9:5432".parse().unwrap(),
+                kind: ListenerKind::Outbound(OutboundProtocol::Tcp { cluster: c.into() }),
+            };
+            let mut listeners = s.listeners.clone();
+            listeners.insert(tcp.name.clone(), Arc::new(tcp));
+            Snapshot::new(
+                2,
+                listeners,
+                s.route_configs.clone(),
+                s.clusters.clone(),
+                s.endpoints.clone(),
+                Arc::default(),
+                policy,
+                BTreeMap::new(),
+            )
+        };
+        let s = with_tcp(OutboundTrafficPolicy::AllowAny);
+        let cluster = |d: RouteDecision| match d {
+            RouteDecision::Forward { cluster, .. } => cluster.name.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            cluster(s.route_outbound_tcp("10.96.0.9:5432".parse().unwrap())),
+            "outbound|9080||reviews.default.svc.cluster.local"
+        );
+        // Another VIP on the same port, and the HTTP port: the original destination.
+        for d in ["10.96.0.10:5432", "10.96.0.9:9080"] {
+            assert_eq!(
+                cluster(s.route_outbound_tcp(d.parse().unwrap())),
+                PASSTHROUGH_CLUSTER
+            );
+        }
+        let s = with_tcp(OutboundTrafficPolicy::RegistryOnly);
+        assert!(matches!(
+            s.route_outbound_tcp("10.96.0.10:5432".parse().unwrap()),
+            RouteDecision::Respond { .. }
         ));
     }
 

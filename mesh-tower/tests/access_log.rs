@@ -145,6 +145,14 @@ async fn a_success_is_logged_with_the_request_and_upstream_fields() {
                 ("upstream_peer_uri_san", "-"),
             ],
         );
+        // The upstream connection's own end: a loopback address, not the upstream's.
+        let local: std::net::SocketAddr = e["upstream_local_address"]
+            .parse()
+            .unwrap_or_else(|_| panic!("upstream_local_address in {e:#?}"));
+        assert!(
+            local.ip().is_loopback() && local.port() != 0 && local != up.addr,
+            "{local}"
+        );
         // Envoy's HCM generated the request id the upstream saw.
         let id = &e["request_id"];
         assert_eq!(id.len(), 36, "a UUID: {id}");
@@ -212,6 +220,8 @@ async fn exhausted_retries_are_logged_with_urx() {
                 ),
                 ("upstream_service_time", "-"),
                 ("upstream_host", &dead.to_string()),
+                // No connection was made.
+                ("upstream_local_address", "-"),
             ],
         );
     })

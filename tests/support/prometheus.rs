@@ -78,6 +78,22 @@ fn install() -> Result<PromTools, String> {
     })
 }
 
+/// Lint remarks promtool also makes about Envoy's and Istio's own names (counters without
+/// `_total`, `_milliseconds`/`_bytes` units Prometheus prefers as base units, histogram
+/// buckets as Envoy spells them). Anything else is a finding.
+pub fn accepted_lint(problem: &str) -> bool {
+    [
+        "counter metrics should have \"_total\" suffix",
+        "use base unit",
+        "metric names should be written in 'snake_case' not 'camelCase'",
+        "non-histogram and non-summary metrics should not have",
+        "non-counter metrics should not have \"_total\" suffix",
+        "no help text",
+    ]
+    .iter()
+    .any(|a| problem.contains(a))
+}
+
 /// What `promtool check metrics` said about an exposition.
 #[derive(Debug)]
 pub struct PromtoolReport {
@@ -92,6 +108,27 @@ pub struct PromtoolReport {
 }
 
 impl PromTools {
+    /// `promtool check metrics` on `text` (`what` names it in failures): no parse error and
+    /// no lint finding beyond those promtool also makes about Envoy's and Istio's own names
+    /// ([`accepted_lint`]).
+    pub fn check_clean(&self, what: &str, text: &str) {
+        let report = self.check_metrics(text);
+        assert!(
+            report.parse_error.is_none(),
+            "promtool could not parse {what}: {}\n{text}",
+            report.output
+        );
+        let findings: Vec<_> = report
+            .problems
+            .iter()
+            .filter(|(_, p)| !accepted_lint(p))
+            .collect();
+        assert!(
+            findings.is_empty(),
+            "promtool findings on {what}: {findings:?}"
+        );
+    }
+
     /// Runs `promtool check metrics` on `text`.
     pub fn check_metrics(&self, text: &str) -> PromtoolReport {
         let mut child = Command::new(&self.promtool)

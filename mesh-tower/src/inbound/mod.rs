@@ -30,7 +30,7 @@ pub mod codec;
 pub mod jwt;
 mod service;
 mod stats;
-mod tcp_stats;
+pub(crate) mod tcp_stats;
 pub mod tracing_headers;
 pub mod xfcc;
 

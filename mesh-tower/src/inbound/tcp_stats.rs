@@ -70,7 +70,7 @@ impl TcpConnection {
     }
 
     /// Adds the bytes since the last report to the counters.
-    fn report(&mut self) {
+    pub(crate) fn report(&mut self) {
         let received = self.counts.received.load(Ordering::Relaxed);
         let sent = self.counts.sent.load(Ordering::Relaxed);
         self.received

@@ -26,6 +26,9 @@ pub(crate) struct UpstreamInfo {
     pub route: Option<Arc<str>>,
     /// `%UPSTREAM_HOST%`: the last attempt's host.
     pub host: Option<SocketAddr>,
+    /// `%UPSTREAM_LOCAL_ADDRESS%`: the local address of the connection that carried the
+    /// last attempt.
+    pub local_address: Option<SocketAddr>,
     /// The last attempt's response came from the upstream.
     pub from_upstream: bool,
     /// The last attempt hit its per-try timeout.
@@ -190,6 +193,7 @@ impl Pending {
             duration: self.started.elapsed(),
             upstream_service_time: u.service_time,
             upstream_host: u.host,
+            upstream_local_address: u.local_address,
             upstream_cluster: u.cluster.as_deref(),
             route_name: u.route.as_deref().filter(|r| !r.is_empty()),
             upstream_peer_uri_san: self.upstream_peer.as_deref(),

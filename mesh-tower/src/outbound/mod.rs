@@ -29,6 +29,7 @@ mod dns;
 mod idle;
 mod pool;
 mod replay;
+mod tcp;
 mod telemetry;
 
 /// The request path's internal maps: keys come from configuration (cluster names, endpoint
@@ -69,6 +70,7 @@ pub use body::OutboundBody;
 use body::{CounterGuard, InFlight};
 pub use idle::{STREAM_TIMEOUT, StreamIdleTimeout};
 pub use pool::BoxError;
+pub use tcp::{OutboundTcpStream, TcpConnectError};
 
 use pool::{ConnectError, ConnectParams, HostPool, Proto, ReqBody, SendError, TlsTarget};
 use telemetry::{LabelBase, Record};
@@ -835,7 +837,8 @@ impl Outbound {
             if let Some(u) = info.as_deref_mut() {
                 match &result {
                     None => u.per_try_timeout = true,
-                    Some(Ok(_)) => {
+                    Some(Ok((_, ends, _))) => {
+                        u.local_address = ends.local;
                         u.from_upstream = true;
                         u.service_time = Some(start.elapsed());
                     }
@@ -988,7 +991,8 @@ impl Outbound {
                         record,
                     )
                 }
-                Some(Ok((resp, peer, checkin))) => {
+                Some(Ok((resp, ends, checkin))) => {
+                    let peer = ends.peer;
                     let flag = verdict;
                     let (mut parts, incoming) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);

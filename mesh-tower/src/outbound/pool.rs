@@ -126,6 +126,16 @@ pub(crate) enum Io {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+impl Io {
+    /// The local address of the connection (`%UPSTREAM_LOCAL_ADDRESS%`).
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Io::Plain(t) => t.local_addr().ok(),
+            Io::Tls(t) => t.get_ref().0.local_addr().ok(),
+        }
+    }
+}
+
 impl AsyncRead for Io {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -382,17 +392,26 @@ where
     }
 }
 
+/// Who is on the other end of an upstream connection, and this end's address.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ConnEnds {
+    /// The peer's principal (mTLS).
+    pub peer: Option<Arc<str>>,
+    /// `%UPSTREAM_LOCAL_ADDRESS%`.
+    pub local: Option<SocketAddr>,
+}
+
 /// An HTTP/1.1 connection and who is on the other end.
 pub(crate) struct H1Conn {
     sender: http1::SendRequest<ReqBody>,
-    pub peer: Option<Arc<str>>,
+    ends: ConnEnds,
     usage: Arc<ConnUse>,
 }
 
 #[derive(Clone)]
 struct H2Conn {
     sender: http2::SendRequest<ReqBody>,
-    peer: Option<Arc<str>>,
+    ends: ConnEnds,
     usage: Arc<ConnUse>,
 }
 
@@ -642,6 +661,10 @@ impl HostPool {
         slot: ConnSlot,
     ) -> Result<H1Conn, ConnectError> {
         let (io, peer) = p.open(self.addr).await?;
+        let ends = ConnEnds {
+            peer,
+            local: io.local_addr(),
+        };
         let cx = self.labels.connection_opened();
         let (sender, conn) =
             http1::handshake(TokioIo::new(io))
@@ -661,7 +684,7 @@ impl HostPool {
         });
         Ok(H1Conn {
             sender,
-            peer,
+            ends,
             usage,
         })
     }
@@ -697,6 +720,10 @@ impl HostPool {
         self.open.fetch_add(1, Ordering::AcqRel);
         p.limits.cx_active.fetch_add(1, Ordering::AcqRel);
         let (io, peer) = p.open(self.addr).await?;
+        let ends = ConnEnds {
+            peer,
+            local: io.local_addr(),
+        };
         let cx = self.labels.connection_opened();
         let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
@@ -715,7 +742,7 @@ impl HostPool {
         });
         let c = H2Conn {
             sender,
-            peer,
+            ends,
             usage,
         };
         if c.usage.reusable() {
@@ -757,7 +784,7 @@ impl HostPool {
         mut req: http::Request<ReqBody>,
         proto: Proto,
         p: &ConnectParams<'_>,
-    ) -> Result<(http::Response<Incoming>, Option<Arc<str>>, Option<Checkin>), SendError> {
+    ) -> Result<(http::Response<Incoming>, ConnEnds, Option<Checkin>), SendError> {
         match proto {
             Proto::Http1 => loop {
                 let (conn, reused) = match self.take_idle() {
@@ -780,8 +807,8 @@ impl HostPool {
                 }
                 match conn.sender.try_send_request(req).await {
                     Ok(resp) => {
-                        let peer = conn.peer.clone();
-                        return Ok((resp, peer, Some(checkin)));
+                        let ends = conn.ends.clone();
+                        return Ok((resp, ends, Some(checkin)));
                     }
                     Err(mut e) => match e.take_message() {
                         // A pooled connection closed under us before the request went out:
@@ -817,7 +844,7 @@ impl HostPool {
                         }
                     };
                     match result {
-                        Ok(resp) => return Ok((resp, conn.peer, Some(stream))),
+                        Ok(resp) => return Ok((resp, conn.ends, Some(stream))),
                         Err(mut e) => match e.take_message() {
                             Some(r) if reused && !retried => {
                                 retried = true;

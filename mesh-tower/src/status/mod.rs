@@ -280,6 +280,8 @@ async fn respond<B>(
                     .unwrap_or_default(),
             ),
             "/stats/prometheus" => proxy_metrics(ctx),
+            // Envoy's admin gives the Prometheus exposition for `/stats?format=prometheus` too.
+            "/stats" if query_has(req.uri().query(), "format", "prometheus") => proxy_metrics(ctx),
             "/stats" => text(envoy_stats_text(&render(ctx)[1])),
             "/ready" => {
                 let live = !ctx.readiness.is_draining();
@@ -361,6 +363,14 @@ fn text(body: String) -> Reply {
 
 /// Envoy's `/stats` text form (`name: value`) of the proxy's counters and gauges (histograms
 /// and labelled series are shown with their labels inline).
+/// Whether the query string has `key=value`.
+fn query_has(query: Option<&str>, key: &str, value: &str) -> bool {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .any(|kv| kv.split_once('=') == Some((key, value)))
+}
+
 fn envoy_stats_text(prometheus: &str) -> String {
     let mut out = String::new();
     for line in prometheus.lines().filter(|l| !l.starts_with('#')) {
