@@ -1,13 +1,23 @@
-//! Differential harness over ADS: one testkit MeshModel (plus one raw RouteConfiguration
-//! overlay for the matchers the model cannot express) is served to mesh and, by a second
-//! testkit control plane with the same model, to a real Envoy 1.40 as an Istio sidecar over
-//! delta ADS (listeners bound on 127.0.0.1 ephemeral ports, SDS secrets from the testkit CA).
-//! The same requests go through both to plaintext echo upstreams on 127.0.0.1 that report
-//! which endpoint served them and which route sent them (`x-route`, added by each route); the
-//! outcomes must be identical, and so must the number of upstream attempts when upstreams
-//! answer 503 or 500.
+//! Differential harness over ADS: the same testkit MeshModel, plus raw overlays for what the
+//! model cannot express, is served to mesh and, by a second testkit control plane, to a real
+//! Envoy 1.40 as an Istio sidecar over delta ADS (listeners bound on 127.0.0.1 ephemeral
+//! ports, SDS secrets from the testkit CA). The same requests go through both, mesh through
+//! its whole outbound stack (`Mesh::http_client()`), to plaintext echo upstreams on 127.0.0.1
+//! that report which endpoint served them and which route sent them (`x-route`, added by each
+//! route); the outcomes must be identical.
+//!
+//! - `mesh_and_envoy_over_ads_route_and_retry_alike`: Istio's generated routes with header
+//!   and path routes added, and the number of upstream attempts when upstreams answer 503 or
+//!   500.
+//! - `oracle_table_and_distributions_over_ads_match_envoy`: tests/routing_oracle.rs' route
+//!   table and request table (tests/support/routes.rs) as one port's route configuration,
+//!   and chi-square tests of weighted clusters and of each LB policy against the configured
+//!   weights.
 
 use crate::support;
+use crate::support::routes::{
+    CHI2_999, Req, any_via_dump, chi_square, chi_square_fit, config_json, requests, vhosts,
+};
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -17,11 +27,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use envoy_types::pb::google::protobuf::Any;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
-use mesh::parts::xds::ads::ROUTE;
-use mesh::parts::xds::dump::{ConfigDump, resource_json};
+use mesh::parts::xds::ads::{CLUSTER, ENDPOINT, ROUTE};
+use mesh::parts::xds::dump::resource_json;
 use mesh::parts::xds::testkit::{ControlPlane, EndpointSpec, MeshModel, Protocol, ServiceSpec};
 use mesh_core::snapshot::OutboundTrafficPolicy;
 use serde_json::{Value, json};
@@ -98,49 +109,97 @@ fn outcome(status: u16, body: &str) -> Outcome {
     }
 }
 
-/// One request through Envoy's outbound listener at `addr`.
+/// A keep-alive HTTP/1.1 client to one of Envoy's outbound listeners.
+struct EnvoyClient {
+    addr: SocketAddr,
+    send: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>,
+}
+
+impl EnvoyClient {
+    fn new(addr: SocketAddr) -> Self {
+        EnvoyClient { addr, send: None }
+    }
+
+    /// One request over the kept connection (a new one when Envoy closed it).
+    async fn request(
+        &mut self,
+        method: &str,
+        authority: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Outcome {
+        let r = timeout(WAIT, async {
+            let mut kept = self.send.take();
+            if let Some(s) = kept.as_mut()
+                && s.ready().await.is_err()
+            {
+                kept = None;
+            }
+            let mut send = match kept {
+                Some(s) => s,
+                None => {
+                    let stream = TcpStream::connect(self.addr).await.expect("connect envoy");
+                    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .expect("handshake");
+                    tokio::spawn(conn);
+                    send
+                }
+            };
+            let mut req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", authority);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let resp = send
+                .send_request(req.body(Empty::<Bytes>::new()).expect("request"))
+                .await
+                .expect("envoy answers");
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            self.send = Some(send);
+            outcome(status, &String::from_utf8_lossy(&body))
+        })
+        .await;
+        r.expect("envoy answered in time")
+    }
+}
+
+/// One GET through Envoy's outbound listener at `addr`, on a connection of its own.
 async fn via_envoy(
     addr: SocketAddr,
     authority: &str,
     path: &str,
     headers: &[(&str, &str)],
 ) -> Outcome {
-    let r = timeout(WAIT, async {
-        let stream = TcpStream::connect(addr).await.expect("connect envoy");
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
-        let mut req = Request::get(path).header("host", authority);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let resp = send
-            .send_request(req.body(Empty::<Bytes>::new()).expect("request"))
-            .await
-            .expect("envoy answers");
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.expect("body").to_bytes();
-        outcome(status, &String::from_utf8_lossy(&body))
-    })
-    .await;
-    r.expect("envoy answered in time")
+    EnvoyClient::new(addr)
+        .request("GET", authority, path, headers)
+        .await
 }
 
-/// The same request through mesh's outbound client.
+/// The same request through mesh's outbound client, as an application calling
+/// `http://<host>:<port>` with `Host: authority` would send it (the listener is the URI's
+/// port, as a sidecar's is the port the application connects to; the virtual host comes from
+/// `Host`).
 async fn via_mesh(
     m: &mesh::Mesh,
+    port: u16,
+    method: &str,
     authority: &str,
     path: &str,
     headers: &[(&str, &str)],
 ) -> Outcome {
-    // The port comes from the Host when it has one, else from the URI: 9080 either way.
-    let uri = if authority.contains(':') {
-        format!("http://{authority}{path}")
-    } else {
-        format!("http://{authority}:{PORT}{path}")
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    let target = match http::uri::Authority::try_from(format!("{host}:{port}")) {
+        Ok(a) => a.to_string(),
+        Err(_) => format!("127.0.0.1:{port}"),
     };
-    let mut req = Request::get(uri).header("host", authority);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{target}{path}"))
+        .header("host", authority);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -171,9 +230,7 @@ fn cluster(svc: &str, subset: &str) -> String {
 /// The model's route configuration `9080` with what the model cannot express: header-match
 /// routes ahead of the reviews split, an `x-route` header on every route, and a `shop.example`
 /// virtual host of path matchers (first match wins; anything else there is 404 NR).
-fn overlay(
-    generated: &mesh::parts::xds::testkit::ResourceSet,
-) -> (String, envoy_types::pb::google::protobuf::Any) {
+fn overlay(generated: &mesh::parts::xds::testkit::ResourceSet) -> (String, Any) {
     let mut rc = resource_json(&generated[ROUTE][&PORT.to_string()]).expect("route config renders");
     let tag = |name: &str| json!([{"header": {"key": "x-route", "value": name}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]);
     let to = |name: &str, m: Value, c: String| json!({"name": name, "match": m, "route": {"cluster": c, "timeout": "0s"}, "request_headers_to_add": tag(name)});
@@ -205,15 +262,100 @@ fn overlay(
     });
     let last = vhosts.len() - 1; // block_all stays last
     vhosts.insert(last, shop);
-    let dump = json!({"configs": [{
-        "@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
-        "dynamic_route_configs": [{"route_config": rc}],
-    }]});
-    let set = ConfigDump::from_value(dump)
-        .expect("overlay loads")
-        .xds_resources();
-    let (name, any) = set[ROUTE].iter().next().expect("one route config");
-    (name.clone(), any.clone())
+    let name = rc["name"].as_str().expect("name").to_owned();
+    (name, any_of(ROUTE, &rc))
+}
+
+/// The `Any` of a route configuration, cluster or load assignment from its JSON form.
+fn any_of(type_url: &str, v: &Value) -> Any {
+    let (section, list, entry) = match type_url {
+        ROUTE => ("RoutesConfigDump", "dynamic_route_configs", "route_config"),
+        CLUSTER => ("ClustersConfigDump", "dynamic_active_clusters", "cluster"),
+        _ => (
+            "EndpointsConfigDump",
+            "dynamic_endpoint_configs",
+            "endpoint_config",
+        ),
+    };
+    any_via_dump(type_url, section, list, entry, v)
+}
+
+/// mesh and Envoy fed the same model and raw overlays, each by its own testkit control
+/// plane.
+struct Pair {
+    client: mesh::Mesh,
+    envoy: EnvoyProcess,
+    _plane: Plane,
+    _cp: ControlPlane,
+}
+
+impl Pair {
+    /// Starts both with `model` plus `raw` (type URL, resources) pushed before either
+    /// connects; waits (bounded) until mesh's snapshot satisfies `mesh_holds` and Envoy serves
+    /// a listener for each of `ports` and has every name of `envoy_holds` in its config dump.
+    async fn start(
+        model: &MeshModel,
+        raw: &[(&str, Vec<(String, Any)>)],
+        ports: &[u16],
+        mesh_holds: impl Fn(&mesh_core::Snapshot) -> bool,
+        envoy_holds: &[&str],
+    ) -> Pair {
+        let plane = Plane::start(model.clone()).await;
+        for (t, res) in raw {
+            plane.cp.push_raw(t, res.clone());
+        }
+        let client = plane.ready_mesh("client").await;
+        eventually("mesh holds the overlays", || {
+            let has = mesh_holds(&client.snapshot());
+            async move { has.then_some(()) }
+        })
+        .await;
+        let cp = ControlPlane::builder()
+            .ca(plane.ca.clone())
+            .model(model.clone())
+            .bind_loopback(true)
+            .strip_istio_proxy_extensions(true)
+            .sds_secrets(spiffe("client"))
+            .start()
+            .await
+            .expect("control plane for envoy");
+        for (t, res) in raw {
+            cp.push_raw(t, res.clone());
+        }
+        let boot = AdsBootstrap::sidecar("client-0", NS, cp.addr()).service_account("client");
+        let envoy = tokio::task::block_in_place(|| EnvoyProcess::start(&boot.to_yaml()));
+        tokio::task::block_in_place(|| {
+            let ok = envoy.wait_until(Duration::from_secs(60), |e| {
+                ports
+                    .iter()
+                    .all(|p| e.listener_address(&format!("0.0.0.0_{p}")).is_some())
+                    && {
+                        let dump = e.config_dump(true).to_string();
+                        envoy_holds.iter().all(|n| dump.contains(n))
+                    }
+            });
+            assert!(
+                ok,
+                "Envoy never served {ports:?} with {envoy_holds:?}:\n{}",
+                envoy.logs()
+            );
+        });
+        Pair {
+            client,
+            envoy,
+            _plane: plane,
+            _cp: cp,
+        }
+    }
+
+    /// Where Envoy's outbound listener for `port` is bound (127.0.0.1).
+    fn envoy_addr(&self, port: u16) -> SocketAddr {
+        let addr =
+            tokio::task::block_in_place(|| self.envoy.listener_address(&format!("0.0.0.0_{port}")))
+                .expect("listener");
+        assert!(addr.ip().is_loopback(), "{addr}");
+        addr
+    }
 }
 
 /// (authority, path, headers, expected status, expected route, endpoints it may land on).
@@ -359,62 +501,26 @@ async fn mesh_and_envoy_over_ads_route_and_retry_alike() {
     model.outbound_traffic_policy = OutboundTrafficPolicy::RegistryOnly;
     let (rc_name, rc) = overlay(&model.generate(NS));
 
-    // mesh, through its own testkit control plane.
-    let plane = Plane::start(model.clone()).await;
-    plane
-        .cp
-        .push_raw(ROUTE, vec![(rc_name.clone(), rc.clone())]);
-    let client = plane.ready_mesh("client").await;
-    eventually("mesh holds the overlay", || {
-        let has = client
-            .snapshot()
-            .route_configs
-            .get(&rc_name)
-            .is_some_and(|r| {
+    let pair = Pair::start(
+        &model,
+        &[(ROUTE, vec![(rc_name.clone(), rc)])],
+        &[PORT],
+        |snap| {
+            snap.route_configs.get(&rc_name).is_some_and(|r| {
                 r.virtual_hosts
                     .iter()
                     .any(|v| &*v.name == "shop.example:9080")
-            });
-        async move { has.then_some(()) }
-    })
+            })
+        },
+        &["shop.example:9080"],
+    )
     .await;
-
-    // Envoy, through a second control plane serving the same model and overlay.
-    let cp = ControlPlane::builder()
-        .ca(plane.ca.clone())
-        .model(model.clone())
-        .bind_loopback(true)
-        .strip_istio_proxy_extensions(true)
-        .sds_secrets(spiffe("client"))
-        .start()
-        .await
-        .expect("control plane for envoy");
-    cp.push_raw(ROUTE, vec![(rc_name.clone(), rc.clone())]);
-    let boot = AdsBootstrap::sidecar("client-0", NS, cp.addr()).service_account("client");
-    let envoy = tokio::task::block_in_place(|| EnvoyProcess::start(&boot.to_yaml()));
-    let listener = format!("0.0.0.0_{PORT}");
-    let addr = tokio::task::block_in_place(|| {
-        let mut addr = None;
-        let ok = envoy.wait_until(Duration::from_secs(60), |e| {
-            addr = e.listener_address(&listener);
-            addr.is_some()
-                && e.config_dump(false)
-                    .to_string()
-                    .contains("shop.example:9080")
-        });
-        assert!(
-            ok,
-            "Envoy never served {listener} with the overlay:\n{}",
-            envoy.logs()
-        );
-        addr.expect("address")
-    });
-    assert!(addr.ip().is_loopback(), "{addr}");
+    let (client, addr) = (&pair.client, pair.envoy_addr(PORT));
 
     // Routing: the same outcome for every request, and the one the table expects.
     let mut mismatches = Vec::new();
     for (authority, path, headers, status, route, endpoints) in CASES {
-        let m = via_mesh(&client, authority, path, headers).await;
+        let m = via_mesh(client, PORT, "GET", authority, path, headers).await;
         let e = via_envoy(addr, authority, path, headers).await;
         let expected_ok = e.status == *status
             && (route.is_empty() || e.route == *route)
@@ -440,7 +546,7 @@ async fn mesh_and_envoy_over_ads_route_and_retry_alike() {
         let mut seen = BTreeSet::new();
         for _ in 0..40 {
             let o = if via == "mesh" {
-                via_mesh(&client, "reviews", "/", &[]).await
+                via_mesh(client, PORT, "GET", "reviews", "/", &[]).await
             } else {
                 via_envoy(addr, "reviews", "/", &[]).await
             };
@@ -463,7 +569,7 @@ async fn mesh_and_envoy_over_ads_route_and_retry_alike() {
         for via in ["mesh", "envoy"] {
             let before = u.hits.load(Ordering::SeqCst);
             let o = if via == "mesh" {
-                via_mesh(&client, svc, "/", &[]).await
+                via_mesh(client, PORT, "GET", svc, "/", &[]).await
             } else {
                 via_envoy(addr, svc, "/", &[]).await
             };
@@ -474,5 +580,247 @@ async fn mesh_and_envoy_over_ads_route_and_retry_alike() {
             assert_eq!(hits, attempts, "{via} {svc}: upstream attempts");
         }
     }
-    drop(envoy);
+}
+
+/// The port whose route configuration is routing_oracle's table.
+const ORACLE_PORT: u16 = 8080;
+
+/// Envoy's own weights for the LB clusters' three endpoints (load_balancing_weight).
+const EP_WEIGHTS: [u32; 3] = [1, 2, 3];
+
+/// routing_oracle's route table as route configuration `8080`: each route forwards to
+/// subset `v1`..`v3` of `echo` (route `i` to `v<i % 3 + 1>`) with its name in `x-route`.
+/// Returns it and, per route name, the endpoint that must serve it.
+fn oracle_routes() -> (Value, Vec<(String, String)>) {
+    let mut rc = config_json(&vhosts());
+    rc["name"] = json!(ORACLE_PORT.to_string());
+    let mut served = Vec::new();
+    let mut i = 0;
+    for vh in rc["virtual_hosts"].as_array_mut().expect("virtual hosts") {
+        for r in vh["routes"].as_array_mut().expect("routes") {
+            let name = r["name"].as_str().expect("name").to_owned();
+            let o = r.as_object_mut().expect("route");
+            o.remove("direct_response");
+            o.remove("response_headers_to_add");
+            let v = i % 3 + 1;
+            i += 1;
+            o.insert(
+                "route".into(),
+                json!({"cluster": format!("outbound|{ORACLE_PORT}|v{v}|{}", fqdn("echo")), "timeout": "0s"}),
+            );
+            o.insert(
+                "request_headers_to_add".into(),
+                json!([{"header": {"key": "x-route", "value": name}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]),
+            );
+            served.push((name, format!("e{v}")));
+        }
+    }
+    (rc, served)
+}
+
+/// Counts, per endpoint name of `names`, which served each of `outcomes`; any other answer
+/// fails.
+fn tally(via: &str, svc: &str, names: &[&str], outcomes: &[Outcome]) -> Vec<usize> {
+    let mut counts = vec![0; names.len()];
+    for o in outcomes {
+        assert_eq!(o.status, 200, "{via} {svc}: {o:?}");
+        let i = names
+            .iter()
+            .position(|e| *e == o.endpoint)
+            .unwrap_or_else(|| panic!("{via} {svc}: {o:?}"));
+        counts[i] += 1;
+    }
+    counts
+}
+
+/// routing_oracle's whole request table (every matcher, near-misses, case variants, missing
+/// and repeated headers, ports in hosts) through mesh's outbound stack and a real Envoy, both
+/// fed over ADS; then the distribution of a 70/20/10 `weighted_clusters` split and of
+/// ROUND_ROBIN, LEAST_REQUEST and RANDOM over endpoints weighted 1:2:3, each side checked
+/// against the configured weights and against the other with chi-square at p = 0.001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oracle_table_and_distributions_over_ads_match_envoy() {
+    let Some(_) = envoy_binary() else { return };
+    let e1 = upstream("e1", 200).await;
+    let e2 = upstream("e2", 200).await;
+    let e3 = upstream("e3", 200).await;
+    let eps = [&e1, &e2, &e3];
+    let ep = |u: &Upstream, v: &str| EndpointSpec::new(u.addr).label("version", v).plaintext();
+    let mut echo = ServiceSpec::new("echo", NS, "10.96.1.1".parse().unwrap())
+        .port(ORACLE_PORT, Protocol::Http)
+        .port(PORT, Protocol::Http)
+        .weighted(PORT, &[("v1", 70), ("v2", 20), ("v3", 10)]);
+    for (i, u) in eps.iter().enumerate() {
+        let v = format!("v{}", i + 1);
+        echo = echo.endpoint(ep(u, &v)).subset(&v, "version", &v);
+    }
+    let policies = [
+        ("rr", "ROUND_ROBIN"),
+        ("lr", "LEAST_REQUEST"),
+        ("rnd", "RANDOM"),
+    ];
+    let mut model = MeshModel::default().service(echo);
+    for (i, (svc, _)) in policies.iter().enumerate() {
+        let mut s = ServiceSpec::new(svc, NS, format!("10.96.1.{}", i + 2).parse().unwrap())
+            .port(PORT, Protocol::Http);
+        for u in eps {
+            s = s.endpoint(ep(u, "v1"));
+        }
+        model = model.service(s);
+    }
+    model.outbound_traffic_policy = OutboundTrafficPolicy::RegistryOnly;
+
+    // Raw overlays: the oracle table; each LB service's cluster with its policy and its
+    // endpoints weighted 1:2:3.
+    let generated = model.generate(NS);
+    let (rc, served) = oracle_routes();
+    let mut clusters = Vec::new();
+    let mut cla = Vec::new();
+    for (svc, policy) in policies {
+        let name = format!("outbound|{PORT}||{}", fqdn(svc));
+        let mut c = resource_json(&generated[CLUSTER][&name]).expect("cluster renders");
+        c["lb_policy"] = json!(policy);
+        clusters.push((name.clone(), any_of(CLUSTER, &c)));
+        let mut l = resource_json(&generated[ENDPOINT][&name]).expect("endpoints render");
+        for group in l["endpoints"].as_array_mut().expect("localities") {
+            for e in group["lb_endpoints"].as_array_mut().expect("endpoints") {
+                let port = e["endpoint"]["address"]["socket_address"]["port_value"]
+                    .as_u64()
+                    .expect("port");
+                let i = eps
+                    .iter()
+                    .position(|u| u64::from(u.addr.port()) == port)
+                    .expect("one of ours");
+                e["load_balancing_weight"] = json!(EP_WEIGHTS[i]);
+            }
+        }
+        cla.push((name, any_of(ENDPOINT, &l)));
+    }
+    let rc_name = ORACLE_PORT.to_string();
+    let pair = Pair::start(
+        &model,
+        &[
+            (ROUTE, vec![(rc_name.clone(), any_of(ROUTE, &rc))]),
+            (CLUSTER, clusters),
+            (ENDPOINT, cla),
+        ],
+        &[ORACLE_PORT, PORT],
+        |snap| {
+            let routes = snap
+                .route_configs
+                .get(&rc_name)
+                .is_some_and(|r| r.virtual_hosts.iter().any(|v| &*v.name == "main"));
+            let lb = policies.iter().all(|(svc, _)| {
+                let name = format!("outbound|{PORT}||{}", fqdn(svc));
+                snap.clusters.contains_key(&name) && snap.endpoints.contains_key(&name)
+            });
+            routes && lb
+        },
+        &["api.example.com:8080", "RANDOM", "LEAST_REQUEST"],
+    )
+    .await;
+    let client = &pair.client;
+
+    // 1. The table: same status, route and endpoint through both, for every request.
+    let reqs: Vec<Req> = requests();
+    assert!(reqs.len() >= 300, "only {} requests", reqs.len());
+    let mut envoy = EnvoyClient::new(pair.envoy_addr(ORACLE_PORT));
+    let mut mismatches = Vec::new();
+    let mut routed = BTreeSet::new();
+    for req in &reqs {
+        let e = envoy
+            .request(req.method, &req.host, &req.path, &req.headers)
+            .await;
+        let m = via_mesh(
+            client,
+            ORACLE_PORT,
+            req.method,
+            &req.host,
+            &req.path,
+            &req.headers,
+        )
+        .await;
+        // Envoy's answer is one the table allows: a route's own endpoint, or 404 NR.
+        let consistent = match e.status {
+            200 => served
+                .iter()
+                .any(|(r, ep)| *r == e.route && *ep == e.endpoint),
+            404 => e.route.is_empty(),
+            _ => false,
+        };
+        routed.insert(if e.status == 404 {
+            "<404>".to_owned()
+        } else {
+            e.route.clone()
+        });
+        if m != e || !consistent {
+            mismatches.push(format!("{req:?}: mesh {m:?}, envoy {e:?}"));
+        }
+    }
+    eprintln!(
+        "oracle table over ADS: {} requests, {} routes reached, {} differ",
+        reqs.len(),
+        routed.len(),
+        mismatches.len()
+    );
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} differ:\n{}",
+        mismatches.len(),
+        reqs.len(),
+        mismatches.join("\n")
+    );
+    let missed: Vec<&str> = served
+        .iter()
+        .map(|(r, _)| r.as_str())
+        .chain(["<404>"])
+        .filter(|r| !routed.contains(*r))
+        .collect();
+    assert!(missed.is_empty(), "routes no request reached: {missed:?}");
+
+    // 2. Distributions: the weighted split and each LB policy, N requests through each side.
+    const N: usize = 600;
+    let names = ["e1", "e2", "e3"];
+    let mut envoy = EnvoyClient::new(pair.envoy_addr(PORT));
+    let mut failures = Vec::new();
+    let uniform = [1, 1, 1];
+    let cases: [(&str, &[u32]); 4] = [
+        ("echo", &[70, 20, 10]),
+        ("rr", &EP_WEIGHTS),
+        ("lr", &EP_WEIGHTS),
+        // Envoy's random LB picks uniformly whatever the endpoint weights.
+        ("rnd", &uniform),
+    ];
+    for (svc, weights) in cases {
+        let mut outcomes = Vec::with_capacity(N);
+        for _ in 0..N {
+            outcomes.push(envoy.request("GET", svc, "/", &[]).await);
+        }
+        let e = tally("envoy", svc, &names, &outcomes);
+        outcomes.clear();
+        for _ in 0..N {
+            outcomes.push(via_mesh(client, PORT, "GET", svc, "/", &[]).await);
+        }
+        let m = tally("mesh", svc, &names, &outcomes);
+        let (fe, dfe) = chi_square_fit(&e, weights);
+        let (fm, dfm) = chi_square_fit(&m, weights);
+        let (two, df) = chi_square(&e, &m);
+        eprintln!(
+            "{svc}: weights {weights:?} envoy {e:?} (chi2 {fe:.2}) mesh {m:?} (chi2 {fm:.2}), envoy vs mesh chi2 {two:.2} df {df}"
+        );
+        if fe > CHI2_999[dfe.min(8)] {
+            failures.push(format!(
+                "{svc}: envoy {e:?} is not {weights:?} (chi2 {fe:.1})"
+            ));
+        }
+        if fm > CHI2_999[dfm.min(8)] {
+            failures.push(format!(
+                "{svc}: mesh {m:?} is not {weights:?} (chi2 {fm:.1})"
+            ));
+        }
+        if two > CHI2_999[df.min(8)] {
+            failures.push(format!("{svc}: envoy {e:?} vs mesh {m:?} (chi2 {two:.1})"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
