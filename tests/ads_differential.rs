@@ -818,6 +818,19 @@ async fn oracle_table_and_distributions_over_ads_match_envoy() {
                 "{svc}: mesh {m:?} is not {weights:?} (chi2 {fm:.1})"
             ));
         }
+        // With no request in flight, ROUND_ROBIN and LEAST_REQUEST over unequal weights are
+        // Envoy's earliest-deadline-first schedule: N a multiple of the weight sum is served
+        // exactly by weight. Where Envoy is exact, mesh must be too.
+        let total: u32 = weights.iter().sum();
+        let exact: Vec<usize> = weights
+            .iter()
+            .map(|w| N * *w as usize / total as usize)
+            .collect();
+        if e == exact && m != exact {
+            failures.push(format!(
+                "{svc}: envoy serves exactly {e:?} (a schedule), mesh {m:?}"
+            ));
+        }
         if two > CHI2_999[df.min(8)] {
             failures.push(format!("{svc}: envoy {e:?} vs mesh {m:?} (chi2 {two:.1})"));
         }
