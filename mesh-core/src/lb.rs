@@ -296,6 +296,8 @@ struct Level {
     localities: Vec<LocalityGroup>,
     /// Running sums of the localities' effective weights (all hosts as EDS reports them).
     locality_cumulative: Vec<f64>,
+    /// The level's round-robin position (its own, as Envoy keeps one per host list).
+    rr: AtomicU64,
 }
 
 /// The hosts of one locality inside a priority level.
@@ -313,6 +315,8 @@ struct LocalityGroup {
     wrr_healthy: Vec<u32>,
     /// Whether every host of the locality has the same weight.
     equal_weights: bool,
+    /// The locality's round-robin position.
+    rr: AtomicU64,
 }
 
 /// Envoy's effective locality weight: the configured weight scaled by the locality's
@@ -387,10 +391,17 @@ pub struct Balancer {
     panic: Vec<bool>,
     cluster_ejected: Arc<AtomicUsize>,
     overprovisioning: u32,
-    rr: AtomicU64,
     /// Least request over unequal weights: Envoy's earliest-deadline-first schedules, one per
     /// host list picked from (level, locality, with ejected hosts left out).
     lr_schedules: Mutex<Vec<EdfSchedule>>,
+}
+
+/// Round robin over one host list: its weighted order (empty when weights are equal) and its
+/// own position, so that each locality and level turns on its own as in Envoy.
+#[derive(Debug, Clone, Copy)]
+struct RoundRobin<'a> {
+    order: &'a [u32],
+    next: &'a AtomicU64,
 }
 
 /// How many host lists keep a least-request schedule (ejections change the list; older
@@ -525,6 +536,7 @@ impl Balancer {
                     table_all: table(&all),
                     all,
                     healthy,
+                    rr: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -548,7 +560,6 @@ impl Balancer {
             panic,
             cluster_ejected,
             overprovisioning: set.overprovisioning_factor,
-            rr: AtomicU64::new(0),
             lr_schedules: Mutex::new(Vec::new()),
         }
     }
@@ -591,7 +602,11 @@ impl Balancer {
         // weight left falls back to the whole level.
         if !panic && let Some(g) = draw_cumulative(&level.locality_cumulative, rng) {
             let g = &level.localities[g];
-            return self.pick_in(&g.healthy, &g.wrr_healthy, None, g.equal_weights, ctx, rng);
+            let rr = RoundRobin {
+                order: &g.wrr_healthy,
+                next: &g.rr,
+            };
+            return self.pick_in(&g.healthy, rr, None, g.equal_weights, ctx, rng);
         }
         let hosts = if panic { &level.all } else { &level.healthy };
         if hosts.is_empty() {
@@ -602,12 +617,15 @@ impl Balancer {
         } else {
             level.table_healthy.as_ref()
         };
-        let wrr = if panic {
-            &[][..]
-        } else {
-            &level.wrr_healthy[..]
+        let rr = RoundRobin {
+            order: if panic {
+                &[][..]
+            } else {
+                &level.wrr_healthy[..]
+            },
+            next: &level.rr,
         };
-        self.pick_in(hosts, wrr, table, level.equal_weights, ctx, rng)
+        self.pick_in(hosts, rr, table, level.equal_weights, ctx, rng)
     }
 
     /// The slow path while outlier detection has hosts ejected: ejected hosts count as
@@ -655,7 +673,11 @@ impl Balancer {
             }));
             if let Some(k) = draw_cumulative(&cumulative, rng) {
                 let g = &level.localities[k];
-                return self.pick_in(&groups[k], &[], None, g.equal_weights, ctx, rng);
+                let rr = RoundRobin {
+                    order: &[],
+                    next: &g.rr,
+                };
+                return self.pick_in(&groups[k], rr, None, g.equal_weights, ctx, rng);
             }
         }
         let hosts = if panic[li] { &level.all } else { &healthy[li] };
@@ -667,7 +689,11 @@ impl Balancer {
         } else {
             level.table_healthy.as_ref()
         };
-        let picked = self.pick_in(hosts, &[], None, level.equal_weights, ctx, rng)?;
+        let rr = RoundRobin {
+            order: &[],
+            next: &level.rr,
+        };
+        let picked = self.pick_in(hosts, rr, None, level.equal_weights, ctx, rng)?;
         // Hash policies keep their table; an ejected pick moves to a random healthy host.
         match (table, ctx.hash) {
             (Some(t), Some(h)) => match t.lookup(h) {
@@ -698,7 +724,7 @@ impl Balancer {
     fn pick_in<R: Rng + ?Sized>(
         &self,
         hosts: &[usize],
-        wrr: &[u32],
+        rr: RoundRobin<'_>,
         table: Option<&HashTable>,
         equal_weights: bool,
         ctx: &PickContext<'_>,
@@ -706,11 +732,11 @@ impl Balancer {
     ) -> Option<usize> {
         match self.policy {
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
-                let n = self.rr.fetch_add(1, Ordering::Relaxed);
-                if wrr.is_empty() {
+                let n = rr.next.fetch_add(1, Ordering::Relaxed);
+                if rr.order.is_empty() {
                     Some(hosts[(n % hosts.len() as u64) as usize])
                 } else {
-                    Some(wrr[(n % wrr.len() as u64) as usize] as usize)
+                    Some(rr.order[(n % rr.order.len() as u64) as usize] as usize)
                 }
             }
             LbPolicy::Random => Some(hosts[rng.random_range(0..hosts.len())]),
@@ -803,6 +829,7 @@ fn locality_groups(all: &[usize], endpoints: &[Endpoint], weights: &[u32]) -> Ve
                         healthy: Vec::new(),
                         wrr_healthy: Vec::new(),
                         equal_weights: true,
+                        rr: AtomicU64::new(0),
                     },
                 ));
                 groups.len() - 1
@@ -1246,6 +1273,29 @@ mod tests {
             ],
         );
         assert_eq!(counts(&b, 300, |_| None), vec![100, 100, 100]);
+    }
+
+    #[test]
+    fn round_robin_turns_within_each_locality() {
+        // Each locality keeps its own position (as Envoy does): zone b's two hosts alternate
+        // whatever zone a takes in between.
+        let b = locality_balancer(
+            LbPolicy::RoundRobin,
+            vec![
+                in_zone("a", Some(3), 1, HealthStatus::Healthy),
+                in_zone("a", Some(3), 4, HealthStatus::Healthy),
+                in_zone("a", Some(3), 5, HealthStatus::Healthy),
+                in_zone("b", Some(1), 2, HealthStatus::Healthy),
+                in_zone("b", Some(1), 3, HealthStatus::Healthy),
+            ],
+        );
+        let c = counts(&b, 4000, |_| None);
+        assert!(c[3].abs_diff(c[4]) <= 1, "{c:?}");
+        let a = [c[0], c[1], c[2]];
+        assert!(
+            a.iter().max().unwrap() - a.iter().min().unwrap() <= 1,
+            "{c:?}"
+        );
     }
 
     #[test]
