@@ -633,11 +633,24 @@ fn tally(via: &str, svc: &str, names: &[&str], outcomes: &[Outcome]) -> Vec<usiz
     counts
 }
 
+/// Beyond following the configured weights, how a distribution case must agree with Envoy.
+#[derive(Clone, Copy)]
+enum Agree {
+    /// Random draws: in distribution only.
+    InDistribution,
+    /// A deterministic schedule: exact counts where Envoy's are exact.
+    Schedule,
+    /// Hash policies: the same key on the same endpoint for at least this many requests.
+    PerKey(usize),
+}
+
 /// routing_oracle's whole request table (every matcher, near-misses, case variants, missing
 /// and repeated headers, ports in hosts) through mesh's outbound stack and a real Envoy, both
 /// fed over ADS; then the distribution of a 70/20/10 `weighted_clusters` split and of
-/// ROUND_ROBIN, LEAST_REQUEST and RANDOM over endpoints weighted 1:2:3, each side checked
-/// against the configured weights and against the other with chi-square at p = 0.001.
+/// ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH and MAGLEV (header hash policy) over endpoints
+/// weighted 1:2:3, each side checked against the configured weights and against the other with
+/// chi-square at p = 0.001; schedules must be exact where Envoy's are, hashed keys must land on
+/// the same endpoints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oracle_table_and_distributions_over_ads_match_envoy() {
     let Some(_) = envoy_binary() else { return };
@@ -658,6 +671,8 @@ async fn oracle_table_and_distributions_over_ads_match_envoy() {
         ("rr", "ROUND_ROBIN"),
         ("lr", "LEAST_REQUEST"),
         ("rnd", "RANDOM"),
+        ("rh", "RING_HASH"),
+        ("mg", "MAGLEV"),
     ];
     let mut model = MeshModel::default().service(echo);
     for (i, (svc, _)) in policies.iter().enumerate() {
@@ -696,11 +711,34 @@ async fn oracle_table_and_distributions_over_ads_match_envoy() {
         }
         cla.push((name, any_of(ENDPOINT, &l)));
     }
+    // The hash policies hash the `x-key` header.
+    let mut lb_routes = resource_json(&generated[ROUTE][&PORT.to_string()]).expect("routes");
+    for vh in lb_routes["virtual_hosts"]
+        .as_array_mut()
+        .expect("virtual hosts")
+    {
+        let hashed = ["rh", "mg"].iter().any(|svc| {
+            vh["domains"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d == *svc))
+        });
+        for r in vh["routes"].as_array_mut().into_iter().flatten() {
+            if hashed && r.get("route").is_some() {
+                r["route"]["hash_policy"] = json!([{"header": {"header_name": "x-key"}}]);
+            }
+        }
+    }
     let rc_name = ORACLE_PORT.to_string();
     let pair = Pair::start(
         &model,
         &[
-            (ROUTE, vec![(rc_name.clone(), any_of(ROUTE, &rc))]),
+            (
+                ROUTE,
+                vec![
+                    (rc_name.clone(), any_of(ROUTE, &rc)),
+                    (PORT.to_string(), any_of(ROUTE, &lb_routes)),
+                ],
+            ),
             (CLUSTER, clusters),
             (ENDPOINT, cla),
         ],
@@ -716,7 +754,13 @@ async fn oracle_table_and_distributions_over_ads_match_envoy() {
             });
             routes && lb
         },
-        &["api.example.com:8080", "RANDOM", "LEAST_REQUEST"],
+        &[
+            "api.example.com:8080",
+            "RANDOM",
+            "LEAST_REQUEST",
+            "MAGLEV",
+            "x-key",
+        ],
     )
     .await;
     let client = &pair.client;
@@ -784,29 +828,41 @@ async fn oracle_table_and_distributions_over_ads_match_envoy() {
     let mut envoy = EnvoyClient::new(pair.envoy_addr(PORT));
     let mut failures = Vec::new();
     let uniform = [1, 1, 1];
-    let cases: [(&str, &[u32]); 4] = [
-        ("echo", &[70, 20, 10]),
-        ("rr", &EP_WEIGHTS),
-        ("lr", &EP_WEIGHTS),
+    // (service, weights the picks must follow, how mesh and Envoy must agree beyond that).
+    let cases: [(&str, &[u32], Agree); 6] = [
+        ("echo", &[70, 20, 10], Agree::InDistribution),
+        ("rr", &EP_WEIGHTS, Agree::Schedule),
+        ("lr", &EP_WEIGHTS, Agree::Schedule),
         // Envoy's random LB picks uniformly whatever the endpoint weights.
-        ("rnd", &uniform),
+        ("rnd", &uniform, Agree::InDistribution),
+        ("rh", &EP_WEIGHTS, Agree::PerKey(N)),
+        // A few keys land elsewhere in mesh's Maglev table (README).
+        ("mg", &EP_WEIGHTS, Agree::PerKey(N * 98 / 100)),
     ];
-    for (svc, weights) in cases {
+    for (svc, weights, agree) in cases {
+        let key = |i: usize| format!("key-{i}");
         let mut outcomes = Vec::with_capacity(N);
-        for _ in 0..N {
-            outcomes.push(envoy.request("GET", svc, "/", &[]).await);
+        for i in 0..N {
+            let k = key(i);
+            outcomes.push(envoy.request("GET", svc, "/", &[("x-key", &k)]).await);
         }
         let e = tally("envoy", svc, &names, &outcomes);
-        outcomes.clear();
-        for _ in 0..N {
-            outcomes.push(via_mesh(client, PORT, "GET", svc, "/", &[]).await);
+        let mut mesh_outcomes = Vec::with_capacity(N);
+        for i in 0..N {
+            let k = key(i);
+            mesh_outcomes.push(via_mesh(client, PORT, "GET", svc, "/", &[("x-key", &k)]).await);
         }
-        let m = tally("mesh", svc, &names, &outcomes);
+        let m = tally("mesh", svc, &names, &mesh_outcomes);
         let (fe, dfe) = chi_square_fit(&e, weights);
         let (fm, dfm) = chi_square_fit(&m, weights);
         let (two, df) = chi_square(&e, &m);
+        let same_key = outcomes
+            .iter()
+            .zip(&mesh_outcomes)
+            .filter(|(e, m)| e.endpoint == m.endpoint)
+            .count();
         eprintln!(
-            "{svc}: weights {weights:?} envoy {e:?} (chi2 {fe:.2}) mesh {m:?} (chi2 {fm:.2}), envoy vs mesh chi2 {two:.2} df {df}"
+            "{svc}: weights {weights:?} envoy {e:?} (chi2 {fe:.2}) mesh {m:?} (chi2 {fm:.2}), envoy vs mesh chi2 {two:.2} df {df}, same endpoint for {same_key} of {N} requests"
         );
         if fe > CHI2_999[dfe.min(8)] {
             failures.push(format!(
@@ -818,21 +874,34 @@ async fn oracle_table_and_distributions_over_ads_match_envoy() {
                 "{svc}: mesh {m:?} is not {weights:?} (chi2 {fm:.1})"
             ));
         }
-        // With no request in flight, ROUND_ROBIN and LEAST_REQUEST over unequal weights are
-        // Envoy's earliest-deadline-first schedule: N a multiple of the weight sum is served
-        // exactly by weight. Where Envoy is exact, mesh must be too.
-        let total: u32 = weights.iter().sum();
-        let exact: Vec<usize> = weights
-            .iter()
-            .map(|w| N * *w as usize / total as usize)
-            .collect();
-        if e == exact && m != exact {
-            failures.push(format!(
-                "{svc}: envoy serves exactly {e:?} (a schedule), mesh {m:?}"
-            ));
-        }
         if two > CHI2_999[df.min(8)] {
             failures.push(format!("{svc}: envoy {e:?} vs mesh {m:?} (chi2 {two:.1})"));
+        }
+        match agree {
+            Agree::InDistribution => {}
+            // With no request in flight, ROUND_ROBIN and LEAST_REQUEST over unequal weights
+            // are Envoy's earliest-deadline-first schedule: N a multiple of the weight sum is
+            // served exactly by weight. Where Envoy is exact (an upstream request still
+            // counted active can shift one pick), mesh must be too.
+            Agree::Schedule => {
+                let total: u32 = weights.iter().sum();
+                let exact: Vec<usize> = weights
+                    .iter()
+                    .map(|w| N * *w as usize / total as usize)
+                    .collect();
+                if e == exact && m != exact {
+                    failures.push(format!(
+                        "{svc}: envoy serves exactly {e:?} (a schedule), mesh {m:?}"
+                    ));
+                }
+            }
+            Agree::PerKey(at_least) => {
+                if same_key < at_least {
+                    failures.push(format!(
+                        "{svc}: the same key reached the same endpoint for {same_key} of {N} requests (at least {at_least})"
+                    ));
+                }
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
