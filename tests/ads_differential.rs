@@ -43,7 +43,8 @@ use tokio::time::timeout;
 
 const PORT: u16 = 9080;
 
-/// A plaintext upstream: answers `status` with `endpoint=<name>\nroute=<x-route>\n`.
+/// A plaintext upstream: answers `status` with `endpoint=<name>`, `route=<x-route>` and the
+/// path, `Host`, `x-added` and `x-remove` it received, one `key=value` a line.
 #[derive(Clone)]
 struct Upstream {
     name: &'static str,
@@ -66,15 +67,22 @@ async fn upstream(name: &'static str, status: u16) -> Upstream {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     h.fetch_add(1, Ordering::SeqCst);
-                    let route = req
-                        .headers()
-                        .get("x-route")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-")
-                        .to_owned();
-                    let mut resp = Response::new(Full::new(Bytes::from(format!(
-                        "endpoint={name}\nroute={route}\n"
-                    ))));
+                    let header = |k: &str| {
+                        req.headers()
+                            .get(k)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned()
+                    };
+                    let pq = req.uri().path_and_query().map_or("", |p| p.as_str());
+                    let body = format!(
+                        "endpoint={name}\nroute={}\npath={pq}\nauthority={}\nadded={}\nremoved={}\n",
+                        header("x-route"),
+                        header("host"),
+                        header("x-added"),
+                        header("x-remove"),
+                    );
+                    let mut resp = Response::new(Full::new(Bytes::from(body)));
                     *resp.status_mut() = http::StatusCode::from_u16(status).expect("status");
                     async move { Ok::<_, Infallible>(resp) }
                 });
@@ -92,20 +100,47 @@ async fn upstream(name: &'static str, status: u16) -> Upstream {
     }
 }
 
-/// What a request came to: status, and for upstream answers the route and endpoint.
+/// What a request came to: status, for upstream answers the route and endpoint and what the
+/// upstream received, for local answers the body; `location` and `x-resp` response headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Outcome {
     status: u16,
     route: String,
     endpoint: String,
+    path: String,
+    authority: String,
+    added: String,
+    removed: String,
+    text: String,
+    location: String,
+    x_resp: String,
 }
 
-fn outcome(status: u16, body: &str) -> Outcome {
+fn outcome(status: u16, headers: &http::HeaderMap, body: &str) -> Outcome {
     let field = |k: &str| support::mesh::field(body, k).to_owned();
+    let header = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let endpoint = field("endpoint");
     Outcome {
         status,
         route: field("route"),
-        endpoint: field("endpoint"),
+        path: field("path"),
+        authority: field("authority"),
+        added: field("added"),
+        removed: field("removed"),
+        text: if endpoint.is_empty() {
+            body.to_owned()
+        } else {
+            String::new()
+        },
+        endpoint,
+        location: header("location"),
+        x_resp: header("x-resp"),
     }
 }
 
@@ -158,9 +193,10 @@ impl EnvoyClient {
                 .await
                 .expect("envoy answers");
             let status = resp.status().as_u16();
+            let head = resp.headers().clone();
             let body = resp.into_body().collect().await.expect("body").to_bytes();
             self.send = Some(send);
-            outcome(status, &String::from_utf8_lossy(&body))
+            outcome(status, &head, &String::from_utf8_lossy(&body))
         })
         .await;
         r.expect("envoy answered in time")
@@ -211,12 +247,13 @@ async fn via_mesh(
     .await
     .expect("mesh answered in time");
     let status = resp.status().as_u16();
+    let head = resp.headers().clone();
     let body = timeout(WAIT, resp.into_body().collect())
         .await
         .expect("body in time")
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    outcome(status, &String::from_utf8_lossy(&body))
+    outcome(status, &head, &String::from_utf8_lossy(&body))
 }
 
 fn fqdn(svc: &str) -> String {
@@ -615,7 +652,176 @@ fn oracle_routes() -> (Value, Vec<(String, String)>) {
             served.push((name, format!("e{v}")));
         }
     }
+    // Route actions, in their own virtual host ahead of `*`.
+    let sub = |v: u32| format!("outbound|{ORACLE_PORT}|v{v}|{}", fqdn("echo"));
+    let tag = |name: &str| json!({"header": {"key": "x-route", "value": name}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"});
+    let fwd = |name: &str, prefix: &str, v: u32, extra: Value| {
+        let mut route = json!({"cluster": sub(v), "timeout": "0s"});
+        for (k, x) in extra.as_object().into_iter().flatten() {
+            route[k] = x.clone();
+        }
+        json!({"name": name, "match": {"prefix": prefix}, "route": route,
+               "request_headers_to_add": [tag(name)]})
+    };
+    let mut hdrs = fwd("hdrs", "/hdr", 1, json!({}));
+    hdrs["request_headers_to_add"] =
+        json!([tag("hdrs"), {"header": {"key": "x-added", "value": "a"}}]);
+    hdrs["request_headers_to_remove"] = json!(["x-remove"]);
+    hdrs["response_headers_to_add"] = json!([{"header": {"key": "x-resp", "value": "r"}}]);
+    let mut add_if_absent = fwd("add_if_absent", "/append", 2, json!({}));
+    add_if_absent["request_headers_to_add"] = json!([tag("add_if_absent"),
+        {"header": {"key": "x-added", "value": "b"}, "append_action": "ADD_IF_ABSENT"}]);
+    let mut cluster_header = fwd("cluster_header", "/ch", 1, json!({}));
+    cluster_header["route"] = json!({"cluster_header": "x-cluster", "timeout": "0s"});
+    let mut weighted = fwd("weighted", "/wt", 1, json!({}));
+    weighted["route"] = json!({"weighted_clusters": {"clusters": [
+        {"name": sub(2), "weight": 1}, {"name": sub(3), "weight": 0}]}, "timeout": "0s"});
+    let local = |name: &str, prefix: &str, action: &str, v: Value| json!({"name": name, "match": {"prefix": prefix}, action: v});
+    let routes = vec![
+        fwd(
+            "rw_prefix",
+            "/pre/",
+            1,
+            json!({"prefix_rewrite": "/rewritten/"}),
+        ),
+        fwd(
+            "rw_prefix_root",
+            "/strip",
+            2,
+            json!({"prefix_rewrite": "/"}),
+        ),
+        fwd(
+            "rw_regex",
+            "/rx/",
+            3,
+            json!({"regex_rewrite": {
+            "pattern": {"regex": "^/rx/([0-9]+)$"}, "substitution": "/num/\\1"}}),
+        ),
+        fwd(
+            "rw_host",
+            "/host",
+            1,
+            json!({"host_rewrite_literal": "rewritten.example"}),
+        ),
+        hdrs,
+        add_if_absent,
+        cluster_header,
+        weighted,
+        local(
+            "redir_host",
+            "/redirect",
+            "redirect",
+            json!({"host_redirect": "new.example",
+            "path_redirect": "/moved", "response_code": "PERMANENT_REDIRECT"}),
+        ),
+        local(
+            "redir_https",
+            "/secure",
+            "redirect",
+            json!({"https_redirect": true, "strip_query": true}),
+        ),
+        local(
+            "redir_prefix",
+            "/old/",
+            "redirect",
+            json!({"prefix_rewrite": "/new/"}),
+        ),
+        local(
+            "redir_port",
+            "/port",
+            "redirect",
+            json!({"port_redirect": 8443, "response_code": "TEMPORARY_REDIRECT"}),
+        ),
+        local(
+            "direct",
+            "/direct",
+            "direct_response",
+            json!({"status": 503, "body": {"inline_string": "nope"}}),
+        ),
+        local(
+            "direct_empty",
+            "/teapot",
+            "direct_response",
+            json!({"status": 418}),
+        ),
+    ];
+    for (name, v) in [
+        ("rw_prefix", 1),
+        ("rw_prefix_root", 2),
+        ("rw_regex", 3),
+        ("rw_host", 1),
+        ("hdrs", 1),
+        ("add_if_absent", 2),
+        ("cluster_header", 3),
+        ("weighted", 2),
+    ] {
+        served.push((name.to_owned(), format!("e{v}")));
+    }
+    let vhosts = rc["virtual_hosts"].as_array_mut().expect("virtual hosts");
+    let last = vhosts.len() - 1; // `*` stays last
+    vhosts.insert(
+        last,
+        json!({"name": "actions", "domains": ["actions.example", "actions.example:8080"], "routes": routes}),
+    );
     (rc, served)
+}
+
+/// Requests for the route actions of [`oracle_routes`]: rewrites, header changes, redirects,
+/// direct responses, `cluster_header` and `weighted_clusters`, near-misses, hosts with port
+/// and in other case.
+fn action_requests() -> Vec<Req> {
+    const CH: &str = "outbound|8080|v3|echo.default.svc.cluster.local";
+    let get = |host: &str, path: &str, headers: Vec<(&'static str, &'static str)>| Req {
+        host: host.into(),
+        method: "GET",
+        path: path.into(),
+        headers,
+    };
+    let mut out = Vec::new();
+    for host in ["actions.example", "actions.example:8080", "Actions.Example"] {
+        for path in [
+            "/pre/a",
+            "/pre/a/b?x=1",
+            "/pre",
+            "/pre/",
+            "/strip/x",
+            "/strip",
+            "/stripx?y=2",
+            "/rx/12",
+            "/rx/12?q=1",
+            "/rx/12/x",
+            "/rx/x",
+            "/host",
+            "/host/x?y",
+            "/redirect",
+            "/redirect/x?a=b",
+            "/secure/x?a=b",
+            "/secure",
+            "/old/x?q=1",
+            "/old",
+            "/port/x",
+            "/direct",
+            "/teapot",
+            "/wt",
+            "/ch",
+            "/nothing",
+        ] {
+            out.push(get(host, path, vec![]));
+        }
+    }
+    out.push(get("actions.example", "/hdr", vec![]));
+    out.push(get("actions.example", "/hdr", vec![("x-remove", "gone")]));
+    out.push(get("actions.example", "/hdr", vec![("x-added", "client")]));
+    out.push(get(
+        "actions.example",
+        "/append",
+        vec![("x-added", "client")],
+    ));
+    out.push(get("actions.example", "/append", vec![]));
+    out.push(get("actions.example", "/ch", vec![("x-cluster", CH)]));
+    out.push(get("actions.example", "/ch", vec![("x-cluster", "nope")]));
+    out.push(get("actions.example", "/ch", vec![("x-cluster", "")]));
+    out
 }
 
 /// Counts, per endpoint name of `names`, which served each of `outcomes`; any other answer
@@ -766,11 +972,13 @@ async fn oracle_table_and_distributions_over_ads_match_envoy() {
     let client = &pair.client;
 
     // 1. The table: same status, route and endpoint through both, for every request.
-    let reqs: Vec<Req> = requests();
+    let mut reqs: Vec<Req> = requests();
+    reqs.extend(action_requests());
     assert!(reqs.len() >= 300, "only {} requests", reqs.len());
     let mut envoy = EnvoyClient::new(pair.envoy_addr(ORACLE_PORT));
     let mut mismatches = Vec::new();
     let mut routed = BTreeSet::new();
+    let mut seen = Vec::new();
     for req in &reqs {
         let e = envoy
             .request(req.method, &req.host, &req.path, &req.headers)
@@ -789,8 +997,7 @@ async fn oracle_table_and_distributions_over_ads_match_envoy() {
             200 => served
                 .iter()
                 .any(|(r, ep)| *r == e.route && *ep == e.endpoint),
-            404 => e.route.is_empty(),
-            _ => false,
+            _ => e.route.is_empty(),
         };
         routed.insert(if e.status == 404 {
             "<404>".to_owned()
@@ -800,7 +1007,25 @@ async fn oracle_table_and_distributions_over_ads_match_envoy() {
         if m != e || !consistent {
             mismatches.push(format!("{req:?}: mesh {m:?}, envoy {e:?}"));
         }
+        if req.host == "actions.example" && req.headers.is_empty() {
+            seen.push((req.path.clone(), e));
+        }
     }
+    // The actions took effect (what Envoy did, and mesh did the same).
+    let at = |path: &str| {
+        seen.iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, o)| o.clone())
+            .expect("asked")
+    };
+    assert_eq!(at("/pre/a/b?x=1").path, "/rewritten/a/b?x=1");
+    assert_eq!(at("/rx/12").path, "/num/12");
+    assert_eq!(at("/host").authority, "rewritten.example");
+    assert_eq!(at("/hdr").added, "a");
+    assert_eq!(at("/hdr").x_resp, "r");
+    assert_eq!(at("/redirect").location, "http://new.example/moved");
+    assert_eq!(at("/direct").text, "nope");
+    assert_eq!(at("/wt").endpoint, "e2");
     eprintln!(
         "oracle table over ADS: {} requests, {} routes reached, {} differ",
         reqs.len(),
