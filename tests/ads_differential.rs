@@ -3,16 +3,20 @@
 //! Envoy 1.40 as an Istio sidecar over delta ADS (listeners bound on 127.0.0.1 ephemeral
 //! ports, SDS secrets from the testkit CA). The same requests go through both, mesh through
 //! its whole outbound stack (`Mesh::http_client()`), to plaintext echo upstreams on 127.0.0.1
-//! that report which endpoint served them and which route sent them (`x-route`, added by each
-//! route); the outcomes must be identical.
+//! that report which endpoint served them, which route sent them (`x-route`, added by each
+//! route) and the path, `Host` and headers they received; the outcomes (with `Location`,
+//! response headers and local-reply bodies) must be identical.
 //!
 //! - `mesh_and_envoy_over_ads_route_and_retry_alike`: Istio's generated routes with header
 //!   and path routes added, and the number of upstream attempts when upstreams answer 503 or
 //!   500.
 //! - `oracle_table_and_distributions_over_ads_match_envoy`: tests/routing_oracle.rs' route
-//!   table and request table (tests/support/routes.rs) as one port's route configuration,
-//!   and chi-square tests of weighted clusters and of each LB policy against the configured
-//!   weights.
+//!   table and request table (tests/support/routes.rs, every matcher) plus a virtual host of
+//!   route actions (rewrites, header changes, redirects, direct responses, `cluster_header`,
+//!   `weighted_clusters`) as one port's route configuration, 399 requests; then chi-square
+//!   tests of a weighted split and of each LB policy (ROUND_ROBIN, LEAST_REQUEST, RANDOM,
+//!   RING_HASH, MAGLEV) against the configured weights and between the two, 600 requests a
+//!   side each.
 
 use crate::support;
 use crate::support::routes::{
