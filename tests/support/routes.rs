@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 // ---------- one description, rendered both ways ----------
 
+/// A route's path matcher: `prefix`, `path`, `safe_regex`, `path_separated_prefix`.
 #[derive(Clone, Copy)]
 pub enum PathM {
     Prefix(&'static str),
@@ -22,6 +23,7 @@ pub enum PathM {
     Sep(&'static str),
 }
 
+/// A header or query value matcher.
 #[derive(Clone, Copy)]
 pub enum Val {
     Exact(&'static str),
@@ -33,6 +35,7 @@ pub enum Val {
     Range(i64, i64),
 }
 
+/// A header matcher with its modifiers.
 #[derive(Clone, Copy)]
 pub struct Hm {
     pub name: &'static str,
@@ -42,6 +45,7 @@ pub struct Hm {
     pub missing_empty: bool,
 }
 
+/// A plain header matcher on `name`.
 pub fn h(name: &'static str, val: Val) -> Hm {
     Hm {
         name,
@@ -52,6 +56,7 @@ pub fn h(name: &'static str, val: Val) -> Hm {
     }
 }
 
+/// One route: its name (sent back in `x-route`) and match.
 #[derive(Clone)]
 pub struct R {
     pub name: &'static str,
@@ -63,6 +68,7 @@ pub struct R {
     pub grpc: bool,
 }
 
+/// A route matching `path` only.
 pub fn r(name: &'static str, path: PathM) -> R {
     R {
         name,
@@ -74,12 +80,14 @@ pub fn r(name: &'static str, path: PathM) -> R {
     }
 }
 
+/// A virtual host.
 pub struct Vh {
     pub name: &'static str,
     pub domains: Vec<&'static str>,
     pub routes: Vec<R>,
 }
 
+/// A `StringMatcher` as Envoy's JSON.
 pub fn string_json(v: Val, ignore_case: bool) -> Value {
     let mut m = match v {
         Val::Exact(s) => json!({"exact": s}),
@@ -95,6 +103,7 @@ pub fn string_json(v: Val, ignore_case: bool) -> Value {
     m
 }
 
+/// A `StringMatcher` as the proto.
 pub fn string_pb(v: Val, ignore_case: bool) -> StringMatcher {
     use string_matcher::MatchPattern as P;
     let p = match v {
@@ -114,6 +123,7 @@ pub fn string_pb(v: Val, ignore_case: bool) -> StringMatcher {
     }
 }
 
+/// A route as Envoy's JSON: a `direct_response` 200 with `x-route` in the response.
 pub fn route_json(r: &R) -> Value {
     let mut m = match r.path {
         PathM::Prefix(p) => json!({"prefix": p}),
@@ -168,6 +178,7 @@ pub fn route_json(r: &R) -> Value {
     })
 }
 
+/// The same route as the proto.
 pub fn route_pb(r: &R) -> pb::Route {
     use pb::route_match::PathSpecifier as Ps;
     let path = match r.path {
@@ -241,6 +252,7 @@ pub fn route_pb(r: &R) -> pb::Route {
     }
 }
 
+/// The route configuration `oracle` as Envoy's JSON.
 pub fn config_json(vhs: &[Vh]) -> Value {
     json!({
         "name": "oracle",
@@ -252,6 +264,7 @@ pub fn config_json(vhs: &[Vh]) -> Value {
     })
 }
 
+/// The same route configuration as the proto.
 pub fn config_pb(vhs: &[Vh]) -> pb::RouteConfiguration {
     pb::RouteConfiguration {
         name: "oracle".into(),
@@ -270,6 +283,7 @@ pub fn config_pb(vhs: &[Vh]) -> pb::RouteConfiguration {
 
 // ---------- requests ----------
 
+/// One request of the table.
 #[derive(Clone, Debug)]
 pub struct Req {
     pub host: String,
@@ -278,6 +292,7 @@ pub struct Req {
     pub headers: Vec<(&'static str, &'static str)>,
 }
 
+/// The route table: every path, header, query and gRPC matcher, and domain precedence.
 pub fn vhosts() -> Vec<Vh> {
     let hdr = |name, hm: Hm| {
         let mut x = r(name, PathM::Prefix("/h/"));
@@ -393,6 +408,7 @@ pub fn vhosts() -> Vec<Vh> {
     ]
 }
 
+/// The request table (over 300): hosts, paths, methods and headers, near-misses included.
 pub fn requests() -> Vec<Req> {
     let mut out = Vec::new();
     let hosts = [
