@@ -1,7 +1,8 @@
 //! Load balancing with Envoy's semantics: priority levels with the overprovisioning factor and
 //! the panic threshold, then the cluster's policy inside the chosen level — weighted round
 //! robin (earliest-deadline-first order), least request (power of `choice_count` choices, or
-//! weights scaled by `1 / (active + 1)^active_request_bias` when weights differ), random,
+//! an earliest-deadline-first schedule over weights scaled by
+//! `1 / (active + 1)^active_request_bias` when weights differ), random,
 //! ring hash and Maglev (xxHash64 as Envoy uses it, so keys land on the same hosts).
 //!
 //! A [`Balancer`] is compiled once per endpoint set. Per-host live state ([`HostState`]:
@@ -9,8 +10,8 @@
 //! from one endpoint set to the next, so counters survive snapshots.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rand::Rng;
 
@@ -295,6 +296,8 @@ struct Level {
     localities: Vec<LocalityGroup>,
     /// Running sums of the localities' effective weights (all hosts as EDS reports them).
     locality_cumulative: Vec<f64>,
+    /// The level's round-robin position (its own, as Envoy keeps one per host list).
+    rr: AtomicU64,
 }
 
 /// The hosts of one locality inside a priority level.
@@ -312,6 +315,8 @@ struct LocalityGroup {
     wrr_healthy: Vec<u32>,
     /// Whether every host of the locality has the same weight.
     equal_weights: bool,
+    /// The locality's round-robin position.
+    rr: AtomicU64,
 }
 
 /// Envoy's effective locality weight: the configured weight scaled by the locality's
@@ -386,7 +391,95 @@ pub struct Balancer {
     panic: Vec<bool>,
     cluster_ejected: Arc<AtomicUsize>,
     overprovisioning: u32,
-    rr: AtomicU64,
+    /// Least request over unequal weights: Envoy's earliest-deadline-first schedules, one per
+    /// host list picked from (level, locality, with ejected hosts left out).
+    lr_schedules: Mutex<Vec<EdfSchedule>>,
+}
+
+/// Round robin over one host list: its weighted order (empty when weights are equal) and its
+/// own position, so that each locality and level turns on its own as in Envoy.
+#[derive(Debug, Clone, Copy)]
+struct RoundRobin<'a> {
+    order: &'a [u32],
+    next: &'a AtomicU64,
+}
+
+/// How many host lists keep a least-request schedule (ejections change the list; older
+/// schedules are dropped first).
+const LR_SCHEDULES: usize = 8;
+
+/// One entry of an [`EdfSchedule`]: a host and its deadline; ties go to the earlier added.
+#[derive(Debug, Clone, Copy)]
+struct EdfEntry {
+    deadline: f64,
+    order: u64,
+    host: usize,
+}
+
+impl PartialEq for EdfEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for EdfEntry {}
+
+impl PartialOrd for EdfEntry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for EdfEntry {
+    /// Reversed, so that `BinaryHeap` pops the earliest deadline (then the earliest added).
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .deadline
+            .total_cmp(&self.deadline)
+            .then(other.order.cmp(&self.order))
+    }
+}
+
+/// Envoy's `EdfScheduler` as its least-request balancer uses it over unequal weights: each
+/// host is due at `now + 1 / weight`; a pick takes the host due first, moves `now` to its
+/// deadline and adds it back with its weight as of the pick.
+#[derive(Debug)]
+struct EdfSchedule {
+    hosts: Vec<usize>,
+    queue: std::collections::BinaryHeap<EdfEntry>,
+    now: f64,
+    order: u64,
+}
+
+impl EdfSchedule {
+    fn new(hosts: &[usize], weight: impl Fn(usize) -> f64) -> Self {
+        let mut s = EdfSchedule {
+            hosts: hosts.to_vec(),
+            queue: std::collections::BinaryHeap::with_capacity(hosts.len()),
+            now: 0.0,
+            order: 0,
+        };
+        for &h in hosts {
+            s.add(h, weight(h));
+        }
+        s
+    }
+
+    fn add(&mut self, host: usize, weight: f64) {
+        self.queue.push(EdfEntry {
+            deadline: self.now + 1.0 / weight.max(f64::MIN_POSITIVE),
+            order: self.order,
+            host,
+        });
+        self.order += 1;
+    }
+
+    fn pick_and_add(&mut self, weight: impl Fn(usize) -> f64) -> Option<usize> {
+        let e = self.queue.pop()?;
+        self.now = e.deadline;
+        self.add(e.host, weight(e.host));
+        Some(e.host)
+    }
 }
 
 impl Balancer {
@@ -443,6 +536,7 @@ impl Balancer {
                     table_all: table(&all),
                     all,
                     healthy,
+                    rr: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -466,7 +560,7 @@ impl Balancer {
             panic,
             cluster_ejected,
             overprovisioning: set.overprovisioning_factor,
-            rr: AtomicU64::new(0),
+            lr_schedules: Mutex::new(Vec::new()),
         }
     }
 
@@ -508,7 +602,11 @@ impl Balancer {
         // weight left falls back to the whole level.
         if !panic && let Some(g) = draw_cumulative(&level.locality_cumulative, rng) {
             let g = &level.localities[g];
-            return self.pick_in(&g.healthy, &g.wrr_healthy, None, g.equal_weights, ctx, rng);
+            let rr = RoundRobin {
+                order: &g.wrr_healthy,
+                next: &g.rr,
+            };
+            return self.pick_in(&g.healthy, rr, None, g.equal_weights, ctx, rng);
         }
         let hosts = if panic { &level.all } else { &level.healthy };
         if hosts.is_empty() {
@@ -519,12 +617,15 @@ impl Balancer {
         } else {
             level.table_healthy.as_ref()
         };
-        let wrr = if panic {
-            &[][..]
-        } else {
-            &level.wrr_healthy[..]
+        let rr = RoundRobin {
+            order: if panic {
+                &[][..]
+            } else {
+                &level.wrr_healthy[..]
+            },
+            next: &level.rr,
         };
-        self.pick_in(hosts, wrr, table, level.equal_weights, ctx, rng)
+        self.pick_in(hosts, rr, table, level.equal_weights, ctx, rng)
     }
 
     /// The slow path while outlier detection has hosts ejected: ejected hosts count as
@@ -572,7 +673,11 @@ impl Balancer {
             }));
             if let Some(k) = draw_cumulative(&cumulative, rng) {
                 let g = &level.localities[k];
-                return self.pick_in(&groups[k], &[], None, g.equal_weights, ctx, rng);
+                let rr = RoundRobin {
+                    order: &[],
+                    next: &g.rr,
+                };
+                return self.pick_in(&groups[k], rr, None, g.equal_weights, ctx, rng);
             }
         }
         let hosts = if panic[li] { &level.all } else { &healthy[li] };
@@ -584,7 +689,11 @@ impl Balancer {
         } else {
             level.table_healthy.as_ref()
         };
-        let picked = self.pick_in(hosts, &[], None, level.equal_weights, ctx, rng)?;
+        let rr = RoundRobin {
+            order: &[],
+            next: &level.rr,
+        };
+        let picked = self.pick_in(hosts, rr, None, level.equal_weights, ctx, rng)?;
         // Hash policies keep their table; an ejected pick moves to a random healthy host.
         match (table, ctx.hash) {
             (Some(t), Some(h)) => match t.lookup(h) {
@@ -615,7 +724,7 @@ impl Balancer {
     fn pick_in<R: Rng + ?Sized>(
         &self,
         hosts: &[usize],
-        wrr: &[u32],
+        rr: RoundRobin<'_>,
         table: Option<&HashTable>,
         equal_weights: bool,
         ctx: &PickContext<'_>,
@@ -623,11 +732,11 @@ impl Balancer {
     ) -> Option<usize> {
         match self.policy {
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
-                let n = self.rr.fetch_add(1, Ordering::Relaxed);
-                if wrr.is_empty() {
+                let n = rr.next.fetch_add(1, Ordering::Relaxed);
+                if rr.order.is_empty() {
                     Some(hosts[(n % hosts.len() as u64) as usize])
                 } else {
-                    Some(wrr[(n % wrr.len() as u64) as usize] as usize)
+                    Some(rr.order[(n % rr.order.len() as u64) as usize] as usize)
                 }
             }
             LbPolicy::Random => Some(hosts[rng.random_range(0..hosts.len())]),
@@ -656,28 +765,39 @@ impl Balancer {
             }
             return best;
         }
-        // Weights differ: weight / (active + 1)^bias, then a weighted draw.
+        // Weights differ: Envoy's EDF schedule over weight / (active + 1)^bias, the weight
+        // taken when a host is added back after its pick (and for all when the schedule is
+        // made, starting at a random point of it as Envoy does).
         let bias = self.config.active_request_bias.0;
-        let eff: Vec<f64> = hosts
-            .iter()
-            .map(|&i| {
-                let w = f64::from(self.weights[i]);
-                if bias == 0.0 {
-                    w
-                } else {
-                    w / (f64::from(self.hosts[i].active_requests()) + 1.0).powf(bias)
-                }
-            })
-            .collect();
-        let total: f64 = eff.iter().sum();
-        let mut r = rng.random::<f64>() * total;
-        for (k, w) in eff.iter().enumerate() {
-            if r < *w {
-                return hosts[k];
+        let weight = |i: usize| {
+            let w = f64::from(self.weights[i]);
+            if bias == 0.0 {
+                w
+            } else {
+                w / (f64::from(self.hosts[i].active_requests()) + 1.0).powf(bias)
             }
-            r -= w;
-        }
-        hosts[hosts.len() - 1]
+        };
+        let mut schedules = self
+            .lr_schedules
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let k = match schedules.iter().position(|s| s.hosts == hosts) {
+            Some(k) => k,
+            None => {
+                if schedules.len() >= LR_SCHEDULES {
+                    schedules.remove(0);
+                }
+                let mut s = EdfSchedule::new(hosts, weight);
+                for _ in 0..rng.random_range(0..hosts.len()) {
+                    s.pick_and_add(weight);
+                }
+                schedules.push(s);
+                schedules.len() - 1
+            }
+        };
+        schedules[k]
+            .pick_and_add(weight)
+            .unwrap_or(hosts[hosts.len() - 1])
     }
 }
 
@@ -709,6 +829,7 @@ fn locality_groups(all: &[usize], endpoints: &[Endpoint], weights: &[u32]) -> Ve
                         healthy: Vec::new(),
                         wrr_healthy: Vec::new(),
                         equal_weights: true,
+                        rr: AtomicU64::new(0),
                     },
                 ));
                 groups.len() - 1
@@ -959,8 +1080,9 @@ mod tests {
                 ep(2, 1, 0, HealthStatus::Healthy),
             ],
         );
+        // No request active: Envoy's EDF order, exactly 2 : 1.
         let c = counts(&b, 3000, |_| None);
-        assert!((1800..2200).contains(&c[0]), "{c:?}");
+        assert_eq!(c[..2], [2000, 1000], "{c:?}");
         // Three active on host 0: weight 2/4 against 1/1.
         let _busy: Vec<_> = (0..3).map(|_| b.host(0).start_request()).collect();
         let c = counts(&b, 3000, |_| None);
@@ -1151,6 +1273,29 @@ mod tests {
             ],
         );
         assert_eq!(counts(&b, 300, |_| None), vec![100, 100, 100]);
+    }
+
+    #[test]
+    fn round_robin_turns_within_each_locality() {
+        // Each locality keeps its own position (as Envoy does): zone b's two hosts alternate
+        // whatever zone a takes in between.
+        let b = locality_balancer(
+            LbPolicy::RoundRobin,
+            vec![
+                in_zone("a", Some(3), 1, HealthStatus::Healthy),
+                in_zone("a", Some(3), 4, HealthStatus::Healthy),
+                in_zone("a", Some(3), 5, HealthStatus::Healthy),
+                in_zone("b", Some(1), 2, HealthStatus::Healthy),
+                in_zone("b", Some(1), 3, HealthStatus::Healthy),
+            ],
+        );
+        let c = counts(&b, 4000, |_| None);
+        assert!(c[3].abs_diff(c[4]) <= 1, "{c:?}");
+        let a = [c[0], c[1], c[2]];
+        assert!(
+            a.iter().max().unwrap() - a.iter().min().unwrap() <= 1,
+            "{c:?}"
+        );
     }
 
     #[test]

@@ -3,3 +3,4 @@
 pub mod envoy;
 pub mod mesh;
 pub mod prometheus;
+pub mod routes;

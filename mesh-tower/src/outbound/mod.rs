@@ -330,14 +330,7 @@ impl Outbound {
         let start = Instant::now();
         let authority = AuthorityBuf::of(&parts);
         let host = authority.as_str();
-        let port = authority_port(host)
-            .or_else(|| {
-                parts
-                    .uri
-                    .authority()
-                    .and_then(|a| authority_port(a.as_str()))
-            })
-            .unwrap_or(80);
+        let port = destination_port(&parts.uri, host);
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
         let grpc = is_grpc(&parts.headers);
         let request_bytes =
@@ -544,6 +537,9 @@ impl Outbound {
         mut info: Option<&mut access::UpstreamInfo>,
     ) -> Response<OutboundBody> {
         let host = authority.as_str();
+        // Where the application asked to go (`PassthroughCluster`'s original destination): the
+        // URI's authority, else the `Host` header.
+        let destination = parts.uri.authority().cloned();
         let cluster = &fwd.cluster;
         let state = self.inner.cluster_state(cluster);
         // gRPC: the request's messages, counted as its body streams (Envoy's grpc_stats).
@@ -693,7 +689,8 @@ impl Outbound {
             let mut live: Option<(Arc<BalancerEntry>, Arc<HostState>)> = None;
             let picked = match (&cluster.discovery, endpoints) {
                 (ClusterDiscovery::OriginalDestination, _) => {
-                    Box::pin(self.original_destination(host, port))
+                    let to = destination.as_ref().map_or(host, Authority::as_str);
+                    Box::pin(self.original_destination(to, port))
                         .await
                         .map(|addr| (addr, EndpointTlsMode::Disabled, None, None))
                 }
@@ -1593,6 +1590,24 @@ impl AuthorityBuf {
     }
 }
 
+/// The outbound listener's port: the port the application asked to connect to, as a
+/// sidecar's listener is the original destination port of the connection. That is the URI's
+/// (`http://reviews:9080/`, `http://reviews/` = 80, `https` = 443) whatever the `Host` header
+/// says (Envoy matches `Host: a:9090` against port 9080's route configuration when the
+/// connection went to 9080); only an origin-form URI falls back to the `Host` header's port.
+fn destination_port(uri: &Uri, host: &str) -> u16 {
+    match uri.authority() {
+        Some(a) => a
+            .port_u16()
+            .unwrap_or(if uri.scheme() == Some(&Scheme::HTTPS) {
+                443
+            } else {
+                80
+            }),
+        None => authority_port(host).unwrap_or(80),
+    }
+}
+
 /// The port in `host:port`, if any.
 fn authority_port(authority: &str) -> Option<u16> {
     let (h, p) = authority.rsplit_once(':')?;
@@ -1780,6 +1795,18 @@ mod tests {
         assert_eq!(authority_port("a"), None);
         assert_eq!(authority_port("[::1]:80"), Some(80));
         assert_eq!(authority_port("[::1]"), None);
+    }
+
+    #[test]
+    fn listener_port_is_the_uri_port_whatever_the_host_says() {
+        let port = |uri: &str, host: &str| destination_port(&uri.parse().unwrap(), host);
+        assert_eq!(port("http://a:9080/", "a:9090"), 9080);
+        assert_eq!(port("http://a:9080/", "b"), 9080);
+        assert_eq!(port("http://a/", "a:9080"), 80);
+        assert_eq!(port("https://a/", "a"), 443);
+        assert_eq!(port("/x", "a:9080"), 9080);
+        assert_eq!(port("/x", "a"), 80);
+        assert_eq!(port("/x", "[::1]:81"), 81);
     }
 
     #[test]
