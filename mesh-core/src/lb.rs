@@ -792,43 +792,57 @@ fn build_table(
     match policy {
         LbPolicy::Maglev => {
             let m = config.maglev_table_size.max(2);
-            let max_w = hosts.iter().map(|&i| weights[i]).max().unwrap_or(1);
+            // Envoy's normalized weights (`weight / sum` over the table's hosts) and its
+            // floating-point pacing: a host takes a turn when `iteration * weight` is not below
+            // its `target_weight`, which grows by the largest normalized weight per turn. The
+            // sums are rounded as Envoy rounds them, so the turns (and the few table cells
+            // where rounding skips one) come out as in Envoy; exact integer pacing differs in
+            // about a dozen of the 65537 cells.
+            let normalized: Vec<f64> = hosts
+                .iter()
+                .map(|&i| f64::from(weights[i]) * 1.0 / total)
+                .collect();
+            let max_normalized = normalized.iter().copied().fold(0.0, f64::max);
             struct E {
                 offset: u64,
                 skip: u64,
-                weight: u64,
-                target: u64,
+                weight: f64,
+                target: f64,
                 next: u64,
                 host: usize,
             }
             // Envoy fills the table in the order of the hosts' hash keys (sorted), so the table
             // does not depend on the order endpoints arrive in.
-            let mut by_key: Vec<(&String, usize)> =
-                keys.iter().zip(hosts.iter().copied()).collect();
-            by_key.sort();
+            let mut by_key: Vec<(&String, usize, f64)> = keys
+                .iter()
+                .zip(hosts.iter().copied())
+                .zip(normalized)
+                .map(|((k, i), w)| (k, i, w))
+                .collect();
+            by_key.sort_by(|a, b| a.0.cmp(b.0).then(a.1.cmp(&b.1)));
             let mut entries: Vec<E> = by_key
                 .into_iter()
-                .map(|(k, i)| E {
+                .map(|(k, i, weight)| E {
                     offset: xx_hash64(k.as_bytes(), 0) % m,
                     skip: xx_hash64(k.as_bytes(), 1) % (m - 1) + 1,
-                    weight: u64::from(weights[i]),
-                    target: 0,
+                    weight,
+                    target: 0.0,
                     next: 0,
                     host: i,
                 })
                 .collect();
             let mut table = vec![usize::MAX; m as usize];
             let mut filled = 0u64;
-            let mut iteration = 1u64;
+            let mut iteration = 1u32;
             while filled < m {
                 for e in entries.iter_mut() {
                     if filled >= m {
                         break;
                     }
-                    if iteration * e.weight < e.target {
+                    if f64::from(iteration) * e.weight < e.target {
                         continue;
                     }
-                    e.target += u64::from(max_w);
+                    e.target += max_normalized;
                     let mut c = (e.offset + e.skip * e.next) % m;
                     while table[c as usize] != usize::MAX {
                         e.next += 1;
@@ -1053,6 +1067,33 @@ mod tests {
             let b = backward.endpoints[backward.pick(&ctx, &mut rng).unwrap()];
             assert_eq!(a, b, "key {k}");
         }
+    }
+
+    #[test]
+    fn maglev_weights_pace_the_fill_in_floating_point_as_envoy_does() {
+        // Weights 1, 2, 1, 2: Envoy paces the fill with normalized weights (1/6, 1/3) in
+        // double precision, and rounding skips a few turns exact arithmetic would give. Envoy
+        // 1.40 put `user-84` on :22832 for this set (tests/routing_oracle.rs,
+        // maglev_tables_match_envoy_for_many_host_sets); integer pacing put it on :37912.
+        let local = |port: u16, weight: u32| Endpoint {
+            weight,
+            ..Endpoint::new(SocketAddr::from(([127, 0, 0, 1], port)))
+        };
+        let b = balancer(
+            LbPolicy::Maglev,
+            vec![
+                local(22832, 1),
+                local(37912, 2),
+                local(38276, 1),
+                local(32818, 2),
+            ],
+        );
+        let ctx = PickContext {
+            hash: Some(xx_hash64(b"user-84", 0)),
+            ..PickContext::default()
+        };
+        let i = b.pick(&ctx, &mut StdRng::seed_from_u64(1)).unwrap();
+        assert_eq!(b.endpoints[i].port(), 22832);
     }
 
     #[test]
