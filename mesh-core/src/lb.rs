@@ -1,16 +1,19 @@
 //! Load balancing with Envoy's semantics: priority levels with the overprovisioning factor and
 //! the panic threshold, then the cluster's policy inside the chosen level — weighted round
 //! robin (earliest-deadline-first order), least request (power of `choice_count` choices, or
-//! weights scaled by `1 / (active + 1)^active_request_bias` when weights differ), random,
-//! ring hash and Maglev (xxHash64 as Envoy uses it, so keys land on the same hosts).
+//! weights scaled by `1 / (active + 1)^active_request_bias` through an earliest-deadline-first
+//! scheduler when weights differ), random, ring hash and Maglev (xxHash64 as Envoy uses it, so
+//! keys land on the same hosts).
 //!
 //! A [`Balancer`] is compiled once per endpoint set. Per-host live state ([`HostState`]:
 //! active requests, outlier ejection) is handed in by the caller, which keeps it by address
 //! from one endpoint set to the next, so counters survive snapshots.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rand::Rng;
 
@@ -288,6 +291,9 @@ struct Level {
     wrr_healthy: Vec<u32>,
     /// Whether every host of the level has the same weight.
     equal_weights: bool,
+    /// Least request with differing weights: schedulers over `healthy` / `all`.
+    edf_healthy: Option<Edf>,
+    edf_all: Option<Edf>,
     /// Ring or Maglev table over `healthy` / `all`, for hash policies.
     table_healthy: Option<HashTable>,
     table_all: Option<HashTable>,
@@ -312,6 +318,74 @@ struct LocalityGroup {
     wrr_healthy: Vec<u32>,
     /// Whether every host of the locality has the same weight.
     equal_weights: bool,
+    /// Least request with differing weights: the scheduler over `healthy`.
+    edf_healthy: Option<Edf>,
+}
+
+/// Envoy's earliest-deadline-first scheduler as weighted least request uses it: each pick
+/// takes the host with the earliest deadline and puts it back at `now + 1 / weight`, its
+/// weight being `weight / (active + 1)^active_request_bias` at that moment. O(log n) a pick.
+#[derive(Debug)]
+struct Edf(Mutex<EdfState>);
+
+#[derive(Debug)]
+struct EdfState {
+    now: f64,
+    seq: u64,
+    /// `(deadline, insertion order, endpoint index)`; ties go to the earlier insertion.
+    heap: BinaryHeap<Reverse<(DeadlineKey, u64, usize)>>,
+}
+
+/// A deadline ordered by `f64::total_cmp`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct DeadlineKey(f64);
+impl Eq for DeadlineKey {}
+impl PartialOrd for DeadlineKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for DeadlineKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+impl Edf {
+    /// A scheduler over `hosts` when least request needs one (weights differ), else `None`.
+    fn for_least_request(
+        policy: LbPolicy,
+        hosts: &[usize],
+        weights: &[u32],
+        equal: bool,
+    ) -> Option<Edf> {
+        if policy != LbPolicy::LeastRequest || equal || hosts.is_empty() {
+            return None;
+        }
+        let heap = hosts
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| Reverse((DeadlineKey(1.0 / f64::from(weights[i])), k as u64, i)))
+            .collect();
+        Some(Edf(Mutex::new(EdfState {
+            now: 0.0,
+            seq: hosts.len() as u64,
+            heap,
+        })))
+    }
+
+    /// The next host; `weight` gives its current effective weight to schedule it again.
+    fn pick(&self, weight: impl Fn(usize) -> f64) -> Option<usize> {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Reverse((deadline, _, host)) = s.heap.pop()?;
+        s.now = deadline.0;
+        let w = weight(host).max(f64::MIN_POSITIVE);
+        let next = DeadlineKey(s.now + 1.0 / w);
+        let seq = s.seq;
+        s.seq += 1;
+        s.heap.push(Reverse((next, seq, host)));
+        Some(host)
+    }
 }
 
 /// Envoy's effective locality weight: the configured weight scaled by the locality's
@@ -421,7 +495,7 @@ impl Balancer {
                 // Locality weights apply to the pick-a-host policies (ring hash and Maglev
                 // keep one table per level: see the README's differences).
                 let localities = if config.locality_weighted && !hashing {
-                    locality_groups(&all, &set.endpoints, &weights)
+                    locality_groups(policy, &all, &set.endpoints, &weights)
                 } else {
                     Vec::new()
                 };
@@ -433,11 +507,14 @@ impl Balancer {
                         set.overprovisioning_factor,
                     )
                 }));
+                let equal_weights = all.iter().all(|&i| weights[i] == weights[all[0]]);
                 Level {
                     counted: counted(&all, &set.endpoints),
+                    edf_healthy: Edf::for_least_request(policy, &healthy, &weights, equal_weights),
+                    edf_all: Edf::for_least_request(policy, &all, &weights, equal_weights),
                     localities,
                     locality_cumulative,
-                    equal_weights: all.iter().all(|&i| weights[i] == weights[all[0]]),
+                    equal_weights,
                     wrr_healthy: wrr_order(&healthy, &weights),
                     table_healthy: table(&healthy),
                     table_all: table(&all),
@@ -508,7 +585,12 @@ impl Balancer {
         // weight left falls back to the whole level.
         if !panic && let Some(g) = draw_cumulative(&level.locality_cumulative, rng) {
             let g = &level.localities[g];
-            return self.pick_in(&g.healthy, &g.wrr_healthy, None, g.equal_weights, ctx, rng);
+            let order = Order {
+                wrr: &g.wrr_healthy,
+                edf: g.edf_healthy.as_ref(),
+                equal_weights: g.equal_weights,
+            };
+            return self.pick_in(&g.healthy, order, None, ctx, rng);
         }
         let hosts = if panic { &level.all } else { &level.healthy };
         if hosts.is_empty() {
@@ -519,12 +601,16 @@ impl Balancer {
         } else {
             level.table_healthy.as_ref()
         };
-        let wrr = if panic {
-            &[][..]
-        } else {
-            &level.wrr_healthy[..]
+        let order = Order {
+            wrr: if panic { &[] } else { &level.wrr_healthy },
+            edf: if panic {
+                level.edf_all.as_ref()
+            } else {
+                level.edf_healthy.as_ref()
+            },
+            equal_weights: level.equal_weights,
         };
-        self.pick_in(hosts, wrr, table, level.equal_weights, ctx, rng)
+        self.pick_in(hosts, order, table, ctx, rng)
     }
 
     /// The slow path while outlier detection has hosts ejected: ejected hosts count as
@@ -572,7 +658,7 @@ impl Balancer {
             }));
             if let Some(k) = draw_cumulative(&cumulative, rng) {
                 let g = &level.localities[k];
-                return self.pick_in(&groups[k], &[], None, g.equal_weights, ctx, rng);
+                return self.pick_in(&groups[k], Order::plain(g.equal_weights), None, ctx, rng);
             }
         }
         let hosts = if panic[li] { &level.all } else { &healthy[li] };
@@ -584,7 +670,7 @@ impl Balancer {
         } else {
             level.table_healthy.as_ref()
         };
-        let picked = self.pick_in(hosts, &[], None, level.equal_weights, ctx, rng)?;
+        let picked = self.pick_in(hosts, Order::plain(level.equal_weights), None, ctx, rng)?;
         // Hash policies keep their table; an ejected pick moves to a random healthy host.
         match (table, ctx.hash) {
             (Some(t), Some(h)) => match t.lookup(h) {
@@ -615,23 +701,22 @@ impl Balancer {
     fn pick_in<R: Rng + ?Sized>(
         &self,
         hosts: &[usize],
-        wrr: &[u32],
+        order: Order<'_>,
         table: Option<&HashTable>,
-        equal_weights: bool,
         ctx: &PickContext<'_>,
         rng: &mut R,
     ) -> Option<usize> {
         match self.policy {
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
                 let n = self.rr.fetch_add(1, Ordering::Relaxed);
-                if wrr.is_empty() {
+                if order.wrr.is_empty() {
                     Some(hosts[(n % hosts.len() as u64) as usize])
                 } else {
-                    Some(wrr[(n % wrr.len() as u64) as usize] as usize)
+                    Some(order.wrr[(n % order.wrr.len() as u64) as usize] as usize)
                 }
             }
             LbPolicy::Random => Some(hosts[rng.random_range(0..hosts.len())]),
-            LbPolicy::LeastRequest => Some(self.least_request(hosts, equal_weights, rng)),
+            LbPolicy::LeastRequest => Some(self.least_request(hosts, order, rng)),
             LbPolicy::RingHash | LbPolicy::Maglev => {
                 let hash = ctx.hash.unwrap_or_else(|| rng.random::<u64>());
                 table
@@ -641,11 +726,16 @@ impl Balancer {
         }
     }
 
-    fn least_request<R: Rng + ?Sized>(&self, hosts: &[usize], equal: bool, rng: &mut R) -> usize {
+    fn least_request<R: Rng + ?Sized>(
+        &self,
+        hosts: &[usize],
+        order: Order<'_>,
+        rng: &mut R,
+    ) -> usize {
         if hosts.len() == 1 {
             return hosts[0];
         }
-        if equal {
+        if order.equal_weights {
             // Power of `choice_count` choices; the first of equals wins.
             let mut best = hosts[rng.random_range(0..hosts.len())];
             for _ in 1..self.config.choice_count.max(1) {
@@ -656,28 +746,56 @@ impl Balancer {
             }
             return best;
         }
-        // Weights differ: weight / (active + 1)^bias, then a weighted draw.
-        let bias = self.config.active_request_bias.0;
-        let eff: Vec<f64> = hosts
-            .iter()
-            .map(|&i| {
-                let w = f64::from(self.weights[i]);
-                if bias == 0.0 {
-                    w
-                } else {
-                    w / (f64::from(self.hosts[i].active_requests()) + 1.0).powf(bias)
-                }
-            })
-            .collect();
-        let total: f64 = eff.iter().sum();
+        // Weights differ: weight / (active + 1)^bias, through the scheduler as Envoy does.
+        if let Some(edf) = order.edf
+            && let Some(i) = edf.pick(|i| self.effective_weight(i))
+        {
+            return i;
+        }
+        // No scheduler for this host list (hosts ejected): a weighted draw over it.
+        let total: f64 = hosts.iter().map(|&i| self.effective_weight(i)).sum();
         let mut r = rng.random::<f64>() * total;
-        for (k, w) in eff.iter().enumerate() {
-            if r < *w {
-                return hosts[k];
+        for &i in hosts {
+            let w = self.effective_weight(i);
+            if r < w {
+                return i;
             }
             r -= w;
         }
         hosts[hosts.len() - 1]
+    }
+
+    /// Least request's weight for endpoint `i`: `weight / (active + 1)^active_request_bias`.
+    fn effective_weight(&self, i: usize) -> f64 {
+        let w = f64::from(self.weights[i]);
+        let bias = self.config.active_request_bias.0;
+        if bias == 0.0 {
+            w
+        } else if bias == 1.0 {
+            w / (f64::from(self.hosts[i].active_requests()) + 1.0)
+        } else {
+            w / (f64::from(self.hosts[i].active_requests()) + 1.0).powf(bias)
+        }
+    }
+}
+
+/// How a policy walks a host list: the weighted round-robin order, the least-request
+/// scheduler, and whether the weights are all equal.
+#[derive(Clone, Copy)]
+struct Order<'a> {
+    wrr: &'a [u32],
+    edf: Option<&'a Edf>,
+    equal_weights: bool,
+}
+
+impl Order<'_> {
+    /// No precomputed order (the slow path while hosts are ejected).
+    fn plain(equal_weights: bool) -> Self {
+        Order {
+            wrr: &[],
+            edf: None,
+            equal_weights,
+        }
     }
 }
 
@@ -690,7 +808,12 @@ fn counted(hosts: &[usize], endpoints: &[Endpoint]) -> usize {
 }
 
 /// The localities of one level's hosts (`all`), in first-seen order.
-fn locality_groups(all: &[usize], endpoints: &[Endpoint], weights: &[u32]) -> Vec<LocalityGroup> {
+fn locality_groups(
+    policy: LbPolicy,
+    all: &[usize],
+    endpoints: &[Endpoint],
+    weights: &[u32],
+) -> Vec<LocalityGroup> {
     let mut groups: Vec<(usize, LocalityGroup)> = Vec::new();
     for &i in all {
         let ep = &endpoints[i];
@@ -709,6 +832,7 @@ fn locality_groups(all: &[usize], endpoints: &[Endpoint], weights: &[u32]) -> Ve
                         healthy: Vec::new(),
                         wrr_healthy: Vec::new(),
                         equal_weights: true,
+                        edf_healthy: None,
                     },
                 ));
                 groups.len() - 1
@@ -726,6 +850,7 @@ fn locality_groups(all: &[usize], endpoints: &[Endpoint], weights: &[u32]) -> Ve
             g.equal_weights = g.all.iter().all(|&i| weights[i] == weights[g.all[0]]);
             g.counted = counted(&g.all, endpoints);
             g.wrr_healthy = wrr_order(&g.healthy, weights);
+            g.edf_healthy = Edf::for_least_request(policy, &g.healthy, weights, g.equal_weights);
             g
         })
         .collect()
