@@ -1,14 +1,16 @@
 //! Load balancing with Envoy's semantics: priority levels with the overprovisioning factor and
 //! the panic threshold, then the cluster's policy inside the chosen level — weighted round
 //! robin (earliest-deadline-first order), least request (power of `choice_count` choices, or
-//! an earliest-deadline-first schedule over weights scaled by
-//! `1 / (active + 1)^active_request_bias` when weights differ), random,
-//! ring hash and Maglev (xxHash64 as Envoy uses it, so keys land on the same hosts).
+//! weights scaled by `1 / (active + 1)^active_request_bias` through an earliest-deadline-first
+//! scheduler when weights differ), random, ring hash and Maglev (xxHash64 as Envoy uses it, so
+//! keys land on the same hosts).
 //!
 //! A [`Balancer`] is compiled once per endpoint set. Per-host live state ([`HostState`]:
 //! active requests, outlier ejection) is handed in by the caller, which keeps it by address
 //! from one endpoint set to the next, so counters survive snapshots.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -289,6 +291,11 @@ struct Level {
     wrr_healthy: Vec<u32>,
     /// Whether every host of the level has the same weight.
     equal_weights: bool,
+    /// Least request with differing weights: schedulers over `healthy` / `all`.
+    edf_healthy: Option<Edf>,
+    edf_all: Option<Edf>,
+    /// The level's round-robin position (its own, as Envoy keeps one per host list).
+    rr: AtomicU64,
     /// Ring or Maglev table over `healthy` / `all`, for hash policies.
     table_healthy: Option<HashTable>,
     table_all: Option<HashTable>,
@@ -296,8 +303,6 @@ struct Level {
     localities: Vec<LocalityGroup>,
     /// Running sums of the localities' effective weights (all hosts as EDS reports them).
     locality_cumulative: Vec<f64>,
-    /// The level's round-robin position (its own, as Envoy keeps one per host list).
-    rr: AtomicU64,
 }
 
 /// The hosts of one locality inside a priority level.
@@ -315,8 +320,76 @@ struct LocalityGroup {
     wrr_healthy: Vec<u32>,
     /// Whether every host of the locality has the same weight.
     equal_weights: bool,
+    /// Least request with differing weights: the scheduler over `healthy`.
+    edf_healthy: Option<Edf>,
     /// The locality's round-robin position.
     rr: AtomicU64,
+}
+
+/// Envoy's earliest-deadline-first scheduler as weighted least request uses it: each pick
+/// takes the host with the earliest deadline and puts it back at `now + 1 / weight`, its
+/// weight being `weight / (active + 1)^active_request_bias` at that moment. O(log n) a pick.
+#[derive(Debug)]
+struct Edf(Mutex<EdfState>);
+
+#[derive(Debug)]
+struct EdfState {
+    now: f64,
+    seq: u64,
+    /// `(deadline, insertion order, endpoint index)`; ties go to the earlier insertion.
+    heap: BinaryHeap<Reverse<(DeadlineKey, u64, usize)>>,
+}
+
+/// A deadline ordered by `f64::total_cmp`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct DeadlineKey(f64);
+impl Eq for DeadlineKey {}
+impl PartialOrd for DeadlineKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for DeadlineKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+impl Edf {
+    /// A scheduler over `hosts` when least request needs one (weights differ), else `None`.
+    fn for_least_request(
+        policy: LbPolicy,
+        hosts: &[usize],
+        weights: &[u32],
+        equal: bool,
+    ) -> Option<Edf> {
+        if policy != LbPolicy::LeastRequest || equal || hosts.is_empty() {
+            return None;
+        }
+        let heap = hosts
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| Reverse((DeadlineKey(1.0 / f64::from(weights[i])), k as u64, i)))
+            .collect();
+        Some(Edf(Mutex::new(EdfState {
+            now: 0.0,
+            seq: hosts.len() as u64,
+            heap,
+        })))
+    }
+
+    /// The next host; `weight` gives its current effective weight to schedule it again.
+    fn pick(&self, weight: impl Fn(usize) -> f64) -> Option<usize> {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Reverse((deadline, _, host)) = s.heap.pop()?;
+        s.now = deadline.0;
+        let w = weight(host).max(f64::MIN_POSITIVE);
+        let next = DeadlineKey(s.now + 1.0 / w);
+        let seq = s.seq;
+        s.seq += 1;
+        s.heap.push(Reverse((next, seq, host)));
+        Some(host)
+    }
 }
 
 /// Envoy's effective locality weight: the configured weight scaled by the locality's
@@ -391,95 +464,6 @@ pub struct Balancer {
     panic: Vec<bool>,
     cluster_ejected: Arc<AtomicUsize>,
     overprovisioning: u32,
-    /// Least request over unequal weights: Envoy's earliest-deadline-first schedules, one per
-    /// host list picked from (level, locality, with ejected hosts left out).
-    lr_schedules: Mutex<Vec<EdfSchedule>>,
-}
-
-/// Round robin over one host list: its weighted order (empty when weights are equal) and its
-/// own position, so that each locality and level turns on its own as in Envoy.
-#[derive(Debug, Clone, Copy)]
-struct RoundRobin<'a> {
-    order: &'a [u32],
-    next: &'a AtomicU64,
-}
-
-/// How many host lists keep a least-request schedule (ejections change the list; older
-/// schedules are dropped first).
-const LR_SCHEDULES: usize = 8;
-
-/// One entry of an [`EdfSchedule`]: a host and its deadline; ties go to the earlier added.
-#[derive(Debug, Clone, Copy)]
-struct EdfEntry {
-    deadline: f64,
-    order: u64,
-    host: usize,
-}
-
-impl PartialEq for EdfEntry {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == std::cmp::Ordering::Equal
-    }
-}
-
-impl Eq for EdfEntry {}
-
-impl PartialOrd for EdfEntry {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for EdfEntry {
-    /// Reversed, so that `BinaryHeap` pops the earliest deadline (then the earliest added).
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        other
-            .deadline
-            .total_cmp(&self.deadline)
-            .then(other.order.cmp(&self.order))
-    }
-}
-
-/// Envoy's `EdfScheduler` as its least-request balancer uses it over unequal weights: each
-/// host is due at `now + 1 / weight`; a pick takes the host due first, moves `now` to its
-/// deadline and adds it back with its weight as of the pick.
-#[derive(Debug)]
-struct EdfSchedule {
-    hosts: Vec<usize>,
-    queue: std::collections::BinaryHeap<EdfEntry>,
-    now: f64,
-    order: u64,
-}
-
-impl EdfSchedule {
-    fn new(hosts: &[usize], weight: impl Fn(usize) -> f64) -> Self {
-        let mut s = EdfSchedule {
-            hosts: hosts.to_vec(),
-            queue: std::collections::BinaryHeap::with_capacity(hosts.len()),
-            now: 0.0,
-            order: 0,
-        };
-        for &h in hosts {
-            s.add(h, weight(h));
-        }
-        s
-    }
-
-    fn add(&mut self, host: usize, weight: f64) {
-        self.queue.push(EdfEntry {
-            deadline: self.now + 1.0 / weight.max(f64::MIN_POSITIVE),
-            order: self.order,
-            host,
-        });
-        self.order += 1;
-    }
-
-    fn pick_and_add(&mut self, weight: impl Fn(usize) -> f64) -> Option<usize> {
-        let e = self.queue.pop()?;
-        self.now = e.deadline;
-        self.add(e.host, weight(e.host));
-        Some(e.host)
-    }
 }
 
 impl Balancer {
@@ -514,7 +498,7 @@ impl Balancer {
                 // Locality weights apply to the pick-a-host policies (ring hash and Maglev
                 // keep one table per level: see the README's differences).
                 let localities = if config.locality_weighted && !hashing {
-                    locality_groups(&all, &set.endpoints, &weights)
+                    locality_groups(policy, &all, &set.endpoints, &weights)
                 } else {
                     Vec::new()
                 };
@@ -526,17 +510,20 @@ impl Balancer {
                         set.overprovisioning_factor,
                     )
                 }));
+                let equal_weights = all.iter().all(|&i| weights[i] == weights[all[0]]);
                 Level {
                     counted: counted(&all, &set.endpoints),
+                    edf_healthy: Edf::for_least_request(policy, &healthy, &weights, equal_weights),
+                    edf_all: Edf::for_least_request(policy, &all, &weights, equal_weights),
+                    rr: AtomicU64::new(0),
                     localities,
                     locality_cumulative,
-                    equal_weights: all.iter().all(|&i| weights[i] == weights[all[0]]),
+                    equal_weights,
                     wrr_healthy: wrr_order(&healthy, &weights),
                     table_healthy: table(&healthy),
                     table_all: table(&all),
                     all,
                     healthy,
-                    rr: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -560,7 +547,6 @@ impl Balancer {
             panic,
             cluster_ejected,
             overprovisioning: set.overprovisioning_factor,
-            lr_schedules: Mutex::new(Vec::new()),
         }
     }
 
@@ -602,11 +588,13 @@ impl Balancer {
         // weight left falls back to the whole level.
         if !panic && let Some(g) = draw_cumulative(&level.locality_cumulative, rng) {
             let g = &level.localities[g];
-            let rr = RoundRobin {
-                order: &g.wrr_healthy,
-                next: &g.rr,
+            let order = Order {
+                wrr: &g.wrr_healthy,
+                rr: &g.rr,
+                edf: g.edf_healthy.as_ref(),
+                equal_weights: g.equal_weights,
             };
-            return self.pick_in(&g.healthy, rr, None, g.equal_weights, ctx, rng);
+            return self.pick_in(&g.healthy, order, None, ctx, rng);
         }
         let hosts = if panic { &level.all } else { &level.healthy };
         if hosts.is_empty() {
@@ -617,15 +605,17 @@ impl Balancer {
         } else {
             level.table_healthy.as_ref()
         };
-        let rr = RoundRobin {
-            order: if panic {
-                &[][..]
+        let order = Order {
+            wrr: if panic { &[] } else { &level.wrr_healthy },
+            rr: &level.rr,
+            edf: if panic {
+                level.edf_all.as_ref()
             } else {
-                &level.wrr_healthy[..]
+                level.edf_healthy.as_ref()
             },
-            next: &level.rr,
+            equal_weights: level.equal_weights,
         };
-        self.pick_in(hosts, rr, table, level.equal_weights, ctx, rng)
+        self.pick_in(hosts, order, table, ctx, rng)
     }
 
     /// The slow path while outlier detection has hosts ejected: ejected hosts count as
@@ -673,11 +663,13 @@ impl Balancer {
             }));
             if let Some(k) = draw_cumulative(&cumulative, rng) {
                 let g = &level.localities[k];
-                let rr = RoundRobin {
-                    order: &[],
-                    next: &g.rr,
-                };
-                return self.pick_in(&groups[k], rr, None, g.equal_weights, ctx, rng);
+                return self.pick_in(
+                    &groups[k],
+                    Order::plain(g.equal_weights, &g.rr),
+                    None,
+                    ctx,
+                    rng,
+                );
             }
         }
         let hosts = if panic[li] { &level.all } else { &healthy[li] };
@@ -689,11 +681,13 @@ impl Balancer {
         } else {
             level.table_healthy.as_ref()
         };
-        let rr = RoundRobin {
-            order: &[],
-            next: &level.rr,
-        };
-        let picked = self.pick_in(hosts, rr, None, level.equal_weights, ctx, rng)?;
+        let picked = self.pick_in(
+            hosts,
+            Order::plain(level.equal_weights, &level.rr),
+            None,
+            ctx,
+            rng,
+        )?;
         // Hash policies keep their table; an ejected pick moves to a random healthy host.
         match (table, ctx.hash) {
             (Some(t), Some(h)) => match t.lookup(h) {
@@ -724,23 +718,22 @@ impl Balancer {
     fn pick_in<R: Rng + ?Sized>(
         &self,
         hosts: &[usize],
-        rr: RoundRobin<'_>,
+        order: Order<'_>,
         table: Option<&HashTable>,
-        equal_weights: bool,
         ctx: &PickContext<'_>,
         rng: &mut R,
     ) -> Option<usize> {
         match self.policy {
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
-                let n = rr.next.fetch_add(1, Ordering::Relaxed);
-                if rr.order.is_empty() {
+                let n = order.rr.fetch_add(1, Ordering::Relaxed);
+                if order.wrr.is_empty() {
                     Some(hosts[(n % hosts.len() as u64) as usize])
                 } else {
-                    Some(rr.order[(n % rr.order.len() as u64) as usize] as usize)
+                    Some(order.wrr[(n % order.wrr.len() as u64) as usize] as usize)
                 }
             }
             LbPolicy::Random => Some(hosts[rng.random_range(0..hosts.len())]),
-            LbPolicy::LeastRequest => Some(self.least_request(hosts, equal_weights, rng)),
+            LbPolicy::LeastRequest => Some(self.least_request(hosts, order, rng)),
             LbPolicy::RingHash | LbPolicy::Maglev => {
                 let hash = ctx.hash.unwrap_or_else(|| rng.random::<u64>());
                 table
@@ -750,11 +743,16 @@ impl Balancer {
         }
     }
 
-    fn least_request<R: Rng + ?Sized>(&self, hosts: &[usize], equal: bool, rng: &mut R) -> usize {
+    fn least_request<R: Rng + ?Sized>(
+        &self,
+        hosts: &[usize],
+        order: Order<'_>,
+        rng: &mut R,
+    ) -> usize {
         if hosts.len() == 1 {
             return hosts[0];
         }
-        if equal {
+        if order.equal_weights {
             // Power of `choice_count` choices; the first of equals wins.
             let mut best = hosts[rng.random_range(0..hosts.len())];
             for _ in 1..self.config.choice_count.max(1) {
@@ -765,39 +763,59 @@ impl Balancer {
             }
             return best;
         }
-        // Weights differ: Envoy's EDF schedule over weight / (active + 1)^bias, the weight
-        // taken when a host is added back after its pick (and for all when the schedule is
-        // made, starting at a random point of it as Envoy does).
+        // Weights differ: weight / (active + 1)^bias, through the scheduler as Envoy does.
+        if let Some(edf) = order.edf
+            && let Some(i) = edf.pick(|i| self.effective_weight(i))
+        {
+            return i;
+        }
+        // No scheduler for this host list (hosts ejected): a weighted draw over it.
+        let total: f64 = hosts.iter().map(|&i| self.effective_weight(i)).sum();
+        let mut r = rng.random::<f64>() * total;
+        for &i in hosts {
+            let w = self.effective_weight(i);
+            if r < w {
+                return i;
+            }
+            r -= w;
+        }
+        hosts[hosts.len() - 1]
+    }
+
+    /// Least request's weight for endpoint `i`: `weight / (active + 1)^active_request_bias`.
+    fn effective_weight(&self, i: usize) -> f64 {
+        let w = f64::from(self.weights[i]);
         let bias = self.config.active_request_bias.0;
-        let weight = |i: usize| {
-            let w = f64::from(self.weights[i]);
-            if bias == 0.0 {
-                w
-            } else {
-                w / (f64::from(self.hosts[i].active_requests()) + 1.0).powf(bias)
-            }
-        };
-        let mut schedules = self
-            .lr_schedules
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let k = match schedules.iter().position(|s| s.hosts == hosts) {
-            Some(k) => k,
-            None => {
-                if schedules.len() >= LR_SCHEDULES {
-                    schedules.remove(0);
-                }
-                let mut s = EdfSchedule::new(hosts, weight);
-                for _ in 0..rng.random_range(0..hosts.len()) {
-                    s.pick_and_add(weight);
-                }
-                schedules.push(s);
-                schedules.len() - 1
-            }
-        };
-        schedules[k]
-            .pick_and_add(weight)
-            .unwrap_or(hosts[hosts.len() - 1])
+        if bias == 0.0 {
+            w
+        } else if bias == 1.0 {
+            w / (f64::from(self.hosts[i].active_requests()) + 1.0)
+        } else {
+            w / (f64::from(self.hosts[i].active_requests()) + 1.0).powf(bias)
+        }
+    }
+}
+
+/// How a policy walks a host list: the weighted round-robin order and the list's own
+/// round-robin position (each locality and level turns on its own, as in Envoy), the
+/// least-request scheduler, and whether the weights are all equal.
+#[derive(Clone, Copy)]
+struct Order<'a> {
+    wrr: &'a [u32],
+    rr: &'a AtomicU64,
+    edf: Option<&'a Edf>,
+    equal_weights: bool,
+}
+
+impl<'a> Order<'a> {
+    /// No precomputed order (the slow path while hosts are ejected).
+    fn plain(equal_weights: bool, rr: &'a AtomicU64) -> Self {
+        Order {
+            wrr: &[],
+            rr,
+            edf: None,
+            equal_weights,
+        }
     }
 }
 
@@ -810,7 +828,12 @@ fn counted(hosts: &[usize], endpoints: &[Endpoint]) -> usize {
 }
 
 /// The localities of one level's hosts (`all`), in first-seen order.
-fn locality_groups(all: &[usize], endpoints: &[Endpoint], weights: &[u32]) -> Vec<LocalityGroup> {
+fn locality_groups(
+    policy: LbPolicy,
+    all: &[usize],
+    endpoints: &[Endpoint],
+    weights: &[u32],
+) -> Vec<LocalityGroup> {
     let mut groups: Vec<(usize, LocalityGroup)> = Vec::new();
     for &i in all {
         let ep = &endpoints[i];
@@ -829,6 +852,7 @@ fn locality_groups(all: &[usize], endpoints: &[Endpoint], weights: &[u32]) -> Ve
                         healthy: Vec::new(),
                         wrr_healthy: Vec::new(),
                         equal_weights: true,
+                        edf_healthy: None,
                         rr: AtomicU64::new(0),
                     },
                 ));
@@ -847,6 +871,7 @@ fn locality_groups(all: &[usize], endpoints: &[Endpoint], weights: &[u32]) -> Ve
             g.equal_weights = g.all.iter().all(|&i| weights[i] == weights[g.all[0]]);
             g.counted = counted(&g.all, endpoints);
             g.wrr_healthy = wrr_order(&g.healthy, weights);
+            g.edf_healthy = Edf::for_least_request(policy, &g.healthy, weights, g.equal_weights);
             g
         })
         .collect()
@@ -913,43 +938,57 @@ fn build_table(
     match policy {
         LbPolicy::Maglev => {
             let m = config.maglev_table_size.max(2);
-            let max_w = hosts.iter().map(|&i| weights[i]).max().unwrap_or(1);
+            // Envoy's normalized weights (`weight / sum` over the table's hosts) and its
+            // floating-point pacing: a host takes a turn when `iteration * weight` is not below
+            // its `target_weight`, which grows by the largest normalized weight per turn. The
+            // sums are rounded as Envoy rounds them, so the turns (and the few table cells
+            // where rounding skips one) come out as in Envoy; exact integer pacing differs in
+            // about a dozen of the 65537 cells.
+            let normalized: Vec<f64> = hosts
+                .iter()
+                .map(|&i| f64::from(weights[i]) * 1.0 / total)
+                .collect();
+            let max_normalized = normalized.iter().copied().fold(0.0, f64::max);
             struct E {
                 offset: u64,
                 skip: u64,
-                weight: u64,
-                target: u64,
+                weight: f64,
+                target: f64,
                 next: u64,
                 host: usize,
             }
             // Envoy fills the table in the order of the hosts' hash keys (sorted), so the table
             // does not depend on the order endpoints arrive in.
-            let mut by_key: Vec<(&String, usize)> =
-                keys.iter().zip(hosts.iter().copied()).collect();
-            by_key.sort();
+            let mut by_key: Vec<(&String, usize, f64)> = keys
+                .iter()
+                .zip(hosts.iter().copied())
+                .zip(normalized)
+                .map(|((k, i), w)| (k, i, w))
+                .collect();
+            by_key.sort_by(|a, b| a.0.cmp(b.0).then(a.1.cmp(&b.1)));
             let mut entries: Vec<E> = by_key
                 .into_iter()
-                .map(|(k, i)| E {
+                .map(|(k, i, weight)| E {
                     offset: xx_hash64(k.as_bytes(), 0) % m,
                     skip: xx_hash64(k.as_bytes(), 1) % (m - 1) + 1,
-                    weight: u64::from(weights[i]),
-                    target: 0,
+                    weight,
+                    target: 0.0,
                     next: 0,
                     host: i,
                 })
                 .collect();
             let mut table = vec![usize::MAX; m as usize];
             let mut filled = 0u64;
-            let mut iteration = 1u64;
+            let mut iteration = 1u32;
             while filled < m {
                 for e in entries.iter_mut() {
                     if filled >= m {
                         break;
                     }
-                    if iteration * e.weight < e.target {
+                    if f64::from(iteration) * e.weight < e.target {
                         continue;
                     }
-                    e.target += u64::from(max_w);
+                    e.target += max_normalized;
                     let mut c = (e.offset + e.skip * e.next) % m;
                     while table[c as usize] != usize::MAX {
                         e.next += 1;
@@ -1175,6 +1214,33 @@ mod tests {
             let b = backward.endpoints[backward.pick(&ctx, &mut rng).unwrap()];
             assert_eq!(a, b, "key {k}");
         }
+    }
+
+    #[test]
+    fn maglev_weights_pace_the_fill_in_floating_point_as_envoy_does() {
+        // Weights 1, 2, 1, 2: Envoy paces the fill with normalized weights (1/6, 1/3) in
+        // double precision, and rounding skips a few turns exact arithmetic would give. Envoy
+        // 1.40 put `user-84` on :22832 for this set (tests/routing_oracle.rs,
+        // maglev_tables_match_envoy_for_many_host_sets); integer pacing put it on :37912.
+        let local = |port: u16, weight: u32| Endpoint {
+            weight,
+            ..Endpoint::new(SocketAddr::from(([127, 0, 0, 1], port)))
+        };
+        let b = balancer(
+            LbPolicy::Maglev,
+            vec![
+                local(22832, 1),
+                local(37912, 2),
+                local(38276, 1),
+                local(32818, 2),
+            ],
+        );
+        let ctx = PickContext {
+            hash: Some(xx_hash64(b"user-84", 0)),
+            ..PickContext::default()
+        };
+        let i = b.pick(&ctx, &mut StdRng::seed_from_u64(1)).unwrap();
+        assert_eq!(b.endpoints[i].port(), 22832);
     }
 
     #[test]

@@ -633,17 +633,21 @@ pub fn request_hash(
     for p in policies {
         let new = match &p.kind {
             HashPolicyKind::Header(name) => {
-                let mut values: Vec<&[u8]> = req
-                    .headers
-                    .get_all(name)
-                    .iter()
-                    .map(|v| v.as_bytes())
-                    .collect();
-                if values.is_empty() {
-                    None
-                } else {
-                    values.sort_unstable();
-                    Some(values.iter().fold(0u64, |seed, v| xx_hash64(v, seed)))
+                let mut values = req.headers.get_all(name).iter();
+                match (values.next(), values.next()) {
+                    (None, _) => None,
+                    // One value (the usual case): no sorting, no allocation.
+                    (Some(v), None) => Some(xx_hash64(v.as_bytes(), 0)),
+                    _ => {
+                        let mut values: Vec<&[u8]> = req
+                            .headers
+                            .get_all(name)
+                            .iter()
+                            .map(|v| v.as_bytes())
+                            .collect();
+                        values.sort_unstable();
+                        Some(values.iter().fold(0u64, |seed, v| xx_hash64(v, seed)))
+                    }
                 }
             }
             HashPolicyKind::Cookie(name) => req
