@@ -1655,7 +1655,8 @@ fn maglev_tables_match_envoy_for_many_host_sets() {
         let hosts = 2 + next(5) as usize;
         sets.push(
             (0..hosts)
-                .map(|_| (20_000 + next(40_000) as u16, 1 + next(4) as u32))
+                // Below Linux's ephemeral range (32768–60999), where other tests' servers bind.
+                .map(|_| (20_000 + next(12_000) as u16, 1 + next(4) as u32))
                 .collect(),
         );
     }
@@ -1692,13 +1693,13 @@ fn maglev_tables_match_envoy_for_many_host_sets() {
     let mut client = KeepAlive::connect(port);
     for n in 0..sets.len() {
         for k in 0..KEYS {
-            // No upstream listens: Envoy answers 503 (UF) after picking the host.
-            let (status, _) = client.get(
+            // Nothing should listen there (Envoy answers 503 UF after picking the host), but
+            // another test on the machine may: the pick is logged whatever the answer is.
+            client.get(
                 &format!("maglev{n}"),
                 "/",
                 &[("x-key", &format!("user-{k}"))],
             );
-            assert_eq!(status, 503);
         }
     }
     let total = sets.len() * KEYS;
