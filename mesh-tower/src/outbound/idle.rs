@@ -115,17 +115,65 @@ impl StreamIdle {
     }
 }
 
-/// Runs `f` unless the stream goes idle first (`None`).
-pub(crate) async fn or_idle<F: Future>(idle: Option<&StreamIdle>, f: F) -> Option<F::Output> {
-    match idle {
-        None => Some(f.await),
-        Some(i) => {
-            let (f, expired) = (std::pin::pin!(f), std::pin::pin!(i.expired()));
-            match futures_util::future::select(f, expired).await {
-                futures_util::future::Either::Left((out, _)) => Some(out),
-                futures_util::future::Either::Right(((), _)) => None,
-            }
+/// How a [`Bounded`] future ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Ended<T> {
+    /// The future completed first.
+    Done(T),
+    /// The deadline passed first.
+    Deadline,
+    /// The stream went idle first.
+    Idle,
+}
+
+/// `inner` raced against an optional deadline and an optional stream idle timer (checked in
+/// that order, after `inner`, at every poll), in one future that holds `inner` once. The
+/// `async` form (`match deadline { None => f.await, Some(d) => timeout_at(d, f).await }`)
+/// keeps the argument and the awaited copy side by side, so each such layer doubled the
+/// request future, which is moved (memcpy'd) several times per request.
+#[pin_project::pin_project]
+pub(crate) struct Bounded<'a, F> {
+    #[pin]
+    inner: F,
+    /// Polled with an unconstrained budget, as `tokio::time::Timeout` polls its delay, so a
+    /// busy `inner` cannot keep the deadline from firing.
+    deadline: Option<Pin<Box<tokio::task::Unconstrained<Sleep>>>>,
+    idle: Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
+}
+
+/// Runs `inner` until `deadline` (if any) or until the stream `idle` timer (if any) fires.
+pub(crate) fn bounded<'a, F: Future>(
+    inner: F,
+    deadline: Option<Instant>,
+    idle: Option<&'a StreamIdle>,
+) -> Bounded<'a, F> {
+    Bounded {
+        inner,
+        deadline: deadline
+            .map(|d| Box::pin(tokio::task::unconstrained(tokio::time::sleep_until(d)))),
+        idle: idle.map(|i| Box::pin(i.expired()) as Pin<Box<dyn Future<Output = ()> + Send>>),
+    }
+}
+
+impl<F: Future> Future for Bounded<'_, F> {
+    type Output = Ended<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.inner.poll(cx) {
+            return Poll::Ready(Ended::Done(out));
         }
+        if let Some(d) = this.deadline
+            && d.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Ended::Deadline);
+        }
+        if let Some(i) = this.idle
+            && i.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Ended::Idle);
+        }
+        Poll::Pending
     }
 }
 
@@ -213,11 +261,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn or_idle_gives_up_on_a_stalled_future() {
+    async fn bounded_gives_up_on_a_stalled_future() {
         let idle = StreamIdle::new(Duration::from_millis(50));
-        assert_eq!(or_idle(Some(&idle), async { 7 }).await, Some(7));
-        let stalled = or_idle(Some(&idle), std::future::pending::<()>()).await;
-        assert_eq!(stalled, None);
-        assert_eq!(or_idle(None, async { 1 }).await, Some(1));
+        assert_eq!(
+            bounded(async { 7 }, None, Some(&idle)).await,
+            Ended::Done(7)
+        );
+        let stalled = bounded(std::future::pending::<()>(), None, Some(&idle)).await;
+        assert_eq!(stalled, Ended::Idle);
+        assert_eq!(bounded(async { 1 }, None, None).await, Ended::Done(1));
+        let soon = Instant::now() + Duration::from_millis(10);
+        let late = bounded(std::future::pending::<()>(), Some(soon), None).await;
+        assert_eq!(late, Ended::Deadline);
+        let past = Instant::now();
+        assert_eq!(bounded(async { 2 }, Some(past), None).await, Ended::Done(2));
     }
 }

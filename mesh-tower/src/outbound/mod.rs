@@ -68,6 +68,7 @@ use tokio::sync::watch;
 
 pub use body::OutboundBody;
 use body::{CounterGuard, InFlight};
+use idle::Ended;
 pub use idle::{STREAM_TIMEOUT, StreamIdleTimeout};
 pub use pool::BoxError;
 pub use tcp::{OutboundTcpStream, TcpConnectError};
@@ -434,7 +435,7 @@ impl Outbound {
                 // Cold paths are boxed: the request future stays small (it is moved, i.e.
                 // memcpy'd, several times per request).
                 let sleep = Box::pin(tokio::time::sleep(d));
-                if idle::or_idle(fwd.idle.as_ref(), sleep).await.is_none() {
+                if idle::bounded(sleep, None, fwd.idle.as_ref()).await == Ended::Idle {
                     return stream_idle_reply(
                         fwd.idle.as_ref(),
                         ResponseFlag::DelayInjected,
@@ -470,7 +471,9 @@ impl Outbound {
                 };
             }
         }
-        let deadline = fwd.timeout.map(|t| tokio::time::Instant::now() + t);
+        let deadline = fwd
+            .timeout
+            .and_then(|t| tokio::time::Instant::now().checked_add(t));
         let body = match &fwd.idle {
             Some(i) => i.watch_request(body),
             None => body,
@@ -486,15 +489,10 @@ impl Outbound {
             request_bytes,
             info,
         );
-        let bounded = async {
-            match deadline {
-                None => Ok(attempts.await),
-                Some(d) => tokio::time::timeout_at(d, attempts).await,
-            }
-        };
-        let mut resp = match idle::or_idle(fwd.idle.as_ref(), bounded).await {
-            None => stream_idle_reply(fwd.idle.as_ref(), ResponseFlag::None, no_host),
-            Some(Ok(mut r)) => {
+        // One future holds `attempts` once (see `idle::Bounded`).
+        let mut resp = match idle::bounded(attempts, deadline, fwd.idle.as_ref()).await {
+            Ended::Idle => stream_idle_reply(fwd.idle.as_ref(), ResponseFlag::None, no_host),
+            Ended::Done(mut r) => {
                 if let Some(i) = &fwd.idle {
                     // The response headers reach the application: activity.
                     i.touch();
@@ -502,7 +500,7 @@ impl Outbound {
                 }
                 r
             }
-            Some(Err(_)) => {
+            Ended::Deadline => {
                 // The route timeout covers every attempt and back-off.
                 telemetry::route_timeout(&fwd.cluster.name);
                 no_host((
@@ -826,9 +824,12 @@ impl Outbound {
             // Envoy's cluster stats count every attempt (telemetry::Attempt).
             let mut attempt_stats = host_pool.labels.attempt_started();
             let send = host_pool.send(req, proto, &params);
-            let result = match fwd.per_try_timeout {
-                Some(t) => tokio::time::timeout(t, send).await.ok(),
-                None => Some(send.await),
+            let per_try_deadline = fwd
+                .per_try_timeout
+                .and_then(|t| tokio::time::Instant::now().checked_add(t));
+            let result = match idle::bounded(send, per_try_deadline, None).await {
+                Ended::Done(r) => Some(r),
+                Ended::Deadline | Ended::Idle => None,
             };
 
             if let Some(u) = info.as_deref_mut() {
@@ -1825,5 +1826,25 @@ mod tests {
         assert!(h.get(header::CONNECTION).is_none());
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert_eq!(h.get("x-app").unwrap(), "kept");
+    }
+}
+
+#[cfg(test)]
+mod future_sizes {
+    use super::*;
+
+    /// The request future is moved (memcpy'd) several times per request: each
+    /// `match timeout { None => f.await, Some(t) => timeout(t, f).await }` layer used to
+    /// double it (13 KB in a debug build; `idle::Bounded` holds `f` once).
+    #[test]
+    fn request_future_stays_small() {
+        let node = NodeIdentity::new("a-0", "default", "127.0.0.1".parse().unwrap(), "a");
+        let out = Outbound::new(SnapshotCell::new(), CertStore::new(), node);
+        let req = Request::get("http://x/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let f = out.request(req);
+        let size = std::mem::size_of_val(&f);
+        assert!(size < 8 * 1024, "Outbound::request future is {size} bytes");
     }
 }
