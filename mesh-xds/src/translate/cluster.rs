@@ -492,6 +492,16 @@ fn outlier_detection(
         &o.failure_percentage_request_volume,
         &mut out.failure_percentage_request_volume,
     );
+    pct(
+        &o.enforcing_local_origin_success_rate,
+        &mut out.enforcing_local_origin_success_rate,
+        "enforcing_local_origin_success_rate",
+    )?;
+    pct(
+        &o.enforcing_failure_percentage_local_origin,
+        &mut out.enforcing_failure_percentage_local_origin,
+        "enforcing_failure_percentage_local_origin",
+    )?;
     out.split_external_local_origin_errors = o.split_external_local_origin_errors;
     out.always_eject_one_host = o.always_eject_one_host.as_ref().is_some_and(|b| b.value);
     Ok(Some(out))
@@ -661,6 +671,9 @@ mod resilience_tests {
             }),
             max_ejection_percent: Some(UInt32Value { value: 100 }),
             enforcing_success_rate: Some(UInt32Value { value: 0 }),
+            // A DestinationRule's splitExternalLocalOriginErrors.
+            split_external_local_origin_errors: true,
+            enforcing_failure_percentage_local_origin: Some(UInt32Value { value: 30 }),
             ..Default::default()
         });
         // istiod's default thresholds.
@@ -685,6 +698,9 @@ mod resilience_tests {
         assert_eq!(o.max_ejection_percent, 100);
         assert_eq!(o.enforcing_success_rate, 0);
         assert_eq!(o.consecutive_gateway_failure, 5);
+        assert!(o.split_external_local_origin_errors);
+        assert_eq!(o.enforcing_failure_percentage_local_origin, 30);
+        assert_eq!(o.enforcing_local_origin_success_rate, 100);
         assert_eq!(c.circuit_breakers.max_retries, u32::MAX);
         assert_eq!(c.circuit_breakers.max_requests, u32::MAX);
         assert_eq!(c.circuit_breakers.retry_budget, None);
