@@ -508,7 +508,17 @@ impl OutlierDetector {
         enforcing: u32,
         rng: &mut R,
     ) -> Option<EjectionType> {
-        if host.is_ejected() {
+        // A consecutive-error threshold reached by an ejected host is dropped; a sweep's
+        // success-rate or failure-percentage outlier is counted even when an earlier check of
+        // the same sweep ejected it (Envoy picks a sweep's candidates before ejecting any).
+        let rate = matches!(
+            kind,
+            EjectionType::SuccessRate
+                | EjectionType::FailurePercentage
+                | EjectionType::SuccessRateLocalOrigin
+                | EjectionType::FailurePercentageLocalOrigin
+        );
+        if host.is_ejected() && !rate {
             return None;
         }
         let stats = &self.stats;
@@ -529,6 +539,10 @@ impl OutlierDetector {
             stats.total.fetch_add(1, Ordering::Relaxed);
         }
         if enforcing == 0 || rng.random_range(0..100) >= enforcing {
+            return None;
+        }
+        if host.is_ejected() {
+            // Envoy would eject it a second time (README: knowingly differs).
             return None;
         }
         stats.enforced[kind.index()].fetch_add(1, Ordering::Relaxed);
@@ -1197,6 +1211,30 @@ mod tests {
         assert!(!hs[1].is_ejected());
         let c = d.stats().take();
         assert_eq!((c.detected[fpl], c.enforced[fpl]), (1, 0));
+
+        // A host the sweep's success-rate check ejected is still a failure-percentage outlier
+        // of the same sweep: detected (as Envoy counts it), not ejected twice.
+        let hs = hosts(5);
+        let d = OutlierDetector::new_at(
+            0,
+            OutlierDetection {
+                enforcing_failure_percentage_local_origin: 100,
+                ..split()
+            },
+        );
+        feed(&d, &hs, 10, |i, _| {
+            if i == 1 {
+                OutlierResult::ConnectFailed
+            } else {
+                OutlierResult::Http(200)
+            }
+        });
+        next_interval(&d, &hs);
+        assert!(hs[1].is_ejected());
+        let c = d.stats().take();
+        assert_eq!((c.detected[srl], c.enforced[srl]), (1, 1));
+        assert_eq!((c.detected[fpl], c.enforced[fpl]), (1, 0));
+        assert_eq!(hs[1].outlier.ejections.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -349,7 +349,6 @@ async fn local_origin_success_rate_ejects_a_refusing_host() {
             ("detected_local_origin_success_rate", "1"),
             ("success_rate", "1"),
             ("enforced_success_rate", "0"),
-            ("detected_local_origin_failure_percentage", "0"),
             ("enforced_total", "1"),
             ("total", "0"),
             ("active", "1"),
