@@ -4,7 +4,11 @@
 //! endpoint is ejected, that it serves nothing while ejected, that `max_ejection_percent`
 //! refuses a second ejection, that the host comes back after its time, and the
 //! `outlier_detection.ejections_*` counters (Envoy's admin `/stats` and `/clusters` against
-//! [`mesh_tower::outbound::Outbound::outlier_detection`]). Envoy ejects on its main thread a
+//! [`mesh_tower::outbound::Outbound::outlier_detection`]). Cases: consecutive 5xx (and the
+//! return), consecutive gateway failure, the `max_ejection_percent` cap, a refused connection
+//! as a 503 without the split, and with `split_external_local_origin_errors` consecutive
+//! local-origin failure, local-origin success rate and local-origin failure percentage;
+//! external success rate. Envoy ejects on its main thread a
 //! moment after the failing response, so every wait for an ejection is a bounded poll, and no
 //! assertion depends on how long anything took.
 
@@ -160,14 +164,19 @@ const COUNTERS: [&str; 8] = [
     "ejections_active",
 ];
 
-const LOCAL_COUNTERS: [&str; 7] = [
+const SWEEP_COUNTERS: [&str; 12] = [
     "ejections_enforced_total",
     "ejections_total",
     "ejections_detected_local_origin_success_rate",
     "ejections_enforced_local_origin_success_rate",
     "ejections_detected_local_origin_failure_percentage",
     "ejections_enforced_local_origin_failure_percentage",
+    "ejections_detected_success_rate",
     "ejections_enforced_success_rate",
+    "ejections_detected_consecutive_local_origin_failure",
+    "ejections_enforced_consecutive_local_origin_failure",
+    "ejections_detected_consecutive_5xx",
+    "ejections_enforced_consecutive_5xx",
 ];
 
 fn index_of(ports: &[u16], ejected: &[u16]) -> Vec<usize> {
@@ -265,11 +274,11 @@ fn ejection_cap(side: &mut Side, up: &PortUpstreams, cluster: &str) -> Outcome {
     }
 }
 
-/// With `split_external_local_origin_errors`, five endpoints of which the last refuses
-/// connections: traffic until a sweep ejects it on its local-origin counts.
-fn local_origin(side: &mut Side, up: &PortUpstreams, cluster: &str, dead: u16) -> Outcome {
+/// Five endpoints of which the last (`fifth`) fails, by refusing connections or by its
+/// answers: traffic until it is ejected (by a threshold or a sweep, as the cluster says).
+fn fifth_fails(side: &mut Side, up: &PortUpstreams, cluster: &str, fifth: u16) -> Outcome {
     let mut ports = up.ports[..4].to_vec();
-    ports.push(dead);
+    ports.push(fifth);
     let mut seen = false;
     for _ in 0..600 {
         side.get(cluster);
@@ -287,7 +296,7 @@ fn local_origin(side: &mut Side, up: &PortUpstreams, cluster: &str, dead: u16) -
     Outcome {
         ejected: index_of(&ports, &side.ejected(cluster)),
         returned: None,
-        counters: side.stats(cluster, &LOCAL_COUNTERS),
+        counters: side.stats(cluster, &SWEEP_COUNTERS),
     }
 }
 
@@ -306,11 +315,15 @@ fn outlier_ejections_match_envoy() {
     if envoy_binary().is_none() {
         return;
     }
-    let up = PortUpstreams::start(4);
+    let up = PortUpstreams::start(5);
     let four = &up.ports[..4];
+    // The fifth endpoint: a closed port, or the fifth upstream answering 500.
     let dead = free_port();
     let mut five = four.to_vec();
     five.push(dead);
+    let erring = up.ports[4];
+    let mut five_erring = four.to_vec();
+    five_erring.push(erring);
     let base = json!({"interval": "1s", "base_ejection_time": "30s", "max_ejection_percent": 50,
         "enforcing_success_rate": 0});
     let with = |extra: Value| {
@@ -354,6 +367,28 @@ fn outlier_ejections_match_envoy() {
                 v
             }),
         ),
+        // Without the split a refused connection is a 503 to consecutive_5xx.
+        cluster(
+            "refused_5xx",
+            &five,
+            with(json!({"consecutive_5xx": 3, "max_ejection_percent": 100})),
+        ),
+        cluster(
+            "local_consecutive",
+            &five,
+            with(json!({"split_external_local_origin_errors": true,
+                "consecutive_local_origin_failure": 3, "consecutive_5xx": 3,
+                "max_ejection_percent": 100})),
+        ),
+        // External success rate: the fifth answers 500 to everything.
+        cluster(
+            "external_sr",
+            &five_erring,
+            with(
+                json!({"consecutive_5xx": 1000, "enforcing_success_rate": 100,
+                "success_rate_request_volume": 3, "max_ejection_percent": 100}),
+            ),
+        ),
     ];
     let vhosts: Vec<Value> = clusters
         .iter()
@@ -379,8 +414,12 @@ fn outlier_ejections_match_envoy() {
         up.script.reset();
         v.push(ejection_cap(side, &up, "cap"));
         up.script.reset();
-        v.push(local_origin(side, &up, "local_sr", dead));
-        v.push(local_origin(side, &up, "local_fp", dead));
+        v.push(fifth_fails(side, &up, "local_sr", dead));
+        v.push(fifth_fails(side, &up, "local_fp", dead));
+        v.push(fifth_fails(side, &up, "refused_5xx", dead));
+        v.push(fifth_fails(side, &up, "local_consecutive", dead));
+        up.script.set_status(erring, 500);
+        v.push(fifth_fails(side, &up, "external_sr", erring));
         eprintln!("{}: {v:?}", side.name());
         results.push((side.name(), v));
     }
@@ -415,6 +454,14 @@ fn outlier_ejections_match_envoy() {
         ),
         1
     );
+    for (i, stat) in [
+        (5, "ejections_enforced_consecutive_5xx"),
+        (6, "ejections_enforced_consecutive_local_origin_failure"),
+        (7, "ejections_enforced_success_rate"),
+    ] {
+        assert_eq!(envoy[i].ejected, [4], "{stat}");
+        assert_eq!(counter(&envoy[i], stat), 1, "{stat}");
+    }
     // …and mesh's are the same.
     assert_eq!(envoy, mesh);
 }
