@@ -6,7 +6,8 @@
 //! sweep. An ejection lasts `base_ejection_time × backoff` (capped at `max_ejection_time`):
 //! each ejection raises the host's backoff by one while `backoff × base_ejection_time` is below
 //! `max_ejection_time + base_ejection_time`, and each sweep that finds the host back for at
-//! least an interval lowers it by one. A returning host starts its consecutive-error counts
+//! least an interval lowers it by one; each ejection also lasts a random extra of up to
+//! `max_ejection_time_jitter`. A returning host starts its consecutive-error counts
 //! from zero. No ejection may take the ejected share of hosts above `max_ejection_percent`
 //! (unless `always_eject_one_host` and none is ejected). Each ejection type is enforced with
 //! its `enforcing_*` probability.
@@ -47,8 +48,10 @@ pub struct OutlierDetection {
     pub interval: Duration,
     /// `base_ejection_time` (30 s).
     pub base_ejection_time: Duration,
-    /// `max_ejection_time` (300 s).
+    /// `max_ejection_time` (300 s; never below `base_ejection_time` when unset).
     pub max_ejection_time: Duration,
+    /// `max_ejection_time_jitter` (0): each ejection lasts a random 0..=jitter longer.
+    pub max_ejection_time_jitter: Duration,
     /// `max_ejection_percent` (10).
     pub max_ejection_percent: u32,
     /// `enforcing_consecutive_5xx` (100).
@@ -92,6 +95,7 @@ impl Default for OutlierDetection {
             interval: Duration::from_secs(10),
             base_ejection_time: Duration::from_secs(30),
             max_ejection_time: Duration::from_secs(300),
+            max_ejection_time_jitter: Duration::ZERO,
             max_ejection_percent: 10,
             enforcing_consecutive_5xx: 100,
             enforcing_consecutive_gateway_failure: 0,
@@ -189,6 +193,8 @@ pub(crate) struct HostCounters {
     ejections: AtomicU32,
     /// When the current ejection started (ms since the process clock epoch).
     ejected_at: AtomicU64,
+    /// The current ejection's jitter (ms).
+    jitter: AtomicU64,
     /// When the host last returned (0: never ejected).
     unejected_at: AtomicU64,
 }
@@ -554,6 +560,9 @@ impl OutlierDetector {
             c.ejections.fetch_add(1, Ordering::Relaxed);
         }
         c.ejected_at.store(now, Ordering::Relaxed);
+        let max_jitter = self.config.max_ejection_time_jitter.as_millis() as u64;
+        c.jitter
+            .store(rng.random_range(0..=max_jitter), Ordering::Relaxed);
         host.set_ejected(true);
         tracing::debug!(host = %host.address, ?kind, "outlier detection ejected host");
         Some(kind)
@@ -599,7 +608,8 @@ impl OutlierDetector {
         for h in hosts {
             let c = &h.outlier;
             if h.is_ejected() {
-                let time = (base * u64::from(c.ejections.load(Ordering::Relaxed))).min(max);
+                let time = (base * u64::from(c.ejections.load(Ordering::Relaxed))).min(max)
+                    + c.jitter.load(Ordering::Relaxed);
                 let k = first_at(c.ejected_at.load(Ordering::Relaxed) + time);
                 if k < sweeps {
                     h.set_ejected(false);
@@ -1291,6 +1301,35 @@ mod tests {
         d.report_at(T::get(), &hs[0], &hs, OutlierResult::Http(503), &mut rng);
         d.report_at(T::get(), &hs[0], &hs, OutlierResult::Http(503), &mut rng);
         assert!(!hs[0].is_ejected());
+    }
+
+    #[test]
+    fn jitter_lengthens_an_ejection_by_at_most_max_ejection_time_jitter() {
+        let mut rng = rand::rng();
+        let mut lasted = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            T::set(0);
+            let hs = hosts(2);
+            let d = OutlierDetector::new_at(
+                0,
+                OutlierDetection {
+                    max_ejection_time_jitter: Duration::from_secs(5),
+                    ..cfg()
+                },
+            );
+            feed(&d, &hs[..1], 3, |_, _| OutlierResult::Http(503));
+            assert!(hs[0].is_ejected());
+            let mut secs = 0;
+            while hs[0].is_ejected() && secs < 100 {
+                T::set(T::get() + 1_000);
+                d.sweep_at(T::get(), &hs, &mut rng);
+                secs += 1;
+            }
+            lasted.insert(secs);
+        }
+        // base 10 s plus 0..=5 s, seen on the 1 s sweeps.
+        assert!(lasted.iter().all(|s| (10..=15).contains(s)), "{lasted:?}");
+        assert!(lasted.len() > 1, "the jitter varies: {lasted:?}");
     }
 
     #[test]

@@ -437,6 +437,19 @@ fn outlier_detection(
         &mut out.max_ejection_time,
         "max_ejection_time",
     )?;
+    // Envoy's `DetectorImpl::create` refuses the cluster (unset, the maximum is
+    // max(300 s, base_ejection_time)).
+    if o.max_ejection_time.is_some() && out.max_ejection_time < out.base_ejection_time {
+        return Err(
+            "outlier_detection: outlier detector's max_ejection_time cannot be smaller than base_ejection_time"
+                .into(),
+        );
+    }
+    dur(
+        &o.max_ejection_time_jitter,
+        &mut out.max_ejection_time_jitter,
+        "max_ejection_time_jitter",
+    )?;
     pct(
         &o.max_ejection_percent,
         &mut out.max_ejection_percent,
@@ -755,6 +768,30 @@ mod resilience_tests {
         });
         let e = translate_cluster(&bad).unwrap_err();
         assert!(e.to_string().contains("max_ejection_percent"), "{e}");
+        // As Envoy 1.40 refuses it (`envoy --mode validate`: "outlier detector's
+        // max_ejection_time cannot be smaller than base_ejection_time").
+        let secs = |seconds| Some(PbDuration { seconds, nanos: 0 });
+        let mut bad = base();
+        bad.outlier_detection = Some(PbOutlierDetection {
+            base_ejection_time: secs(10),
+            max_ejection_time: secs(5),
+            ..Default::default()
+        });
+        let e = translate_cluster(&bad).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("max_ejection_time cannot be smaller"),
+            "{e}"
+        );
+        // Unset, the maximum follows a long base time; the jitter is read.
+        let mut ok = base();
+        ok.outlier_detection = Some(PbOutlierDetection {
+            base_ejection_time: secs(600),
+            max_ejection_time_jitter: secs(2),
+            ..Default::default()
+        });
+        let o = translate_cluster(&ok).unwrap().outlier_detection.unwrap();
+        assert_eq!(o.max_ejection_time_jitter, Duration::from_secs(2));
     }
 
     /// What istiod renders for a DestinationRule `connectionPool` with
