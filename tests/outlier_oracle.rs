@@ -6,11 +6,11 @@
 //! `outlier_detection.ejections_*` counters (Envoy's admin `/stats` and `/clusters` against
 //! [`mesh_tower::outbound::Outbound::outlier_detection`]). Cases: consecutive 5xx (and the
 //! return), consecutive gateway failure, the `max_ejection_percent` cap, a refused connection
-//! as a 503 without the split, and with `split_external_local_origin_errors` consecutive
-//! local-origin failure, local-origin success rate and local-origin failure percentage;
-//! external success rate. Envoy ejects on its main thread a
-//! moment after the failing response, so every wait for an ejection is a bounded poll, and no
-//! assertion depends on how long anything took.
+//! as a 503 without the split, ejections down to the panic threshold, and with
+//! `split_external_local_origin_errors` consecutive local-origin failure, local-origin success
+//! rate and local-origin failure percentage; external success rate. Envoy ejects on its main
+//! thread a moment after the failing response, so every wait for an ejection is a bounded
+//! poll, and no assertion depends on how long anything took.
 
 use crate::routing_oracle::{KeepAlive, PortUpstreams, envoy_and_mesh};
 use crate::support::envoy::{EnvoyProcess, envoy_binary, free_port};
@@ -118,6 +118,14 @@ impl Side {
         done(self)
     }
 
+    /// Polls (bounded: 0.5 s) until `done` holds; whether it did.
+    fn wait_briefly(&self, done: impl Fn(&Side) -> bool) -> bool {
+        (0..10).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            done(self)
+        })
+    }
+
     /// Sends requests to `cluster` until `port` has served `more` more (bounded).
     fn drive_until_served(&mut self, up: &PortUpstreams, cluster: &str, port: u16, more: usize) {
         let n = up.script.served(port) + more;
@@ -180,10 +188,12 @@ const SWEEP_COUNTERS: [&str; 12] = [
 ];
 
 fn index_of(ports: &[u16], ejected: &[u16]) -> Vec<usize> {
-    ejected
+    let mut v: Vec<usize> = ejected
         .iter()
         .map(|p| ports.iter().position(|x| x == p).expect("a cluster port"))
-        .collect()
+        .collect();
+    v.sort();
+    v
 }
 
 /// Endpoint 0 answers `status` until it is ejected by a consecutive-error threshold of 3; it
@@ -270,6 +280,68 @@ fn ejection_cap(side: &mut Side, up: &PortUpstreams, cluster: &str) -> Outcome {
     Outcome {
         ejected,
         returned: None,
+        counters: side.stats(cluster, &COUNTERS),
+    }
+}
+
+/// Three of four endpoints answer 503 until all three are ejected (`max_ejection_percent`
+/// 100): one healthy host of four is under the panic threshold (25 % × 1.4 < 50 %), so the
+/// balancer spreads requests over every host again, ejected or not, as Envoy does.
+fn ejections_to_panic(side: &mut Side, up: &PortUpstreams, cluster: &str) -> Outcome {
+    let ports = &up.ports[..4];
+    for p in &ports[..3] {
+        up.script.set_status(*p, 503);
+    }
+    let three = |s: &Side| s.ejected(cluster).len() == 3;
+    let mut seen = false;
+    for _ in 0..300 {
+        side.get(cluster);
+        if three(side) || side.wait_briefly(three) {
+            seen = true;
+            break;
+        }
+    }
+    assert!(
+        seen,
+        "{}: {cluster}: {:?} ejected",
+        side.name(),
+        side.ejected(cluster)
+    );
+    let ejected = index_of(ports, &side.ejected(cluster));
+    for p in &ports[..3] {
+        up.script.set_status(*p, 200);
+    }
+    // Until every host has served (bounded: Envoy's workers see the third ejection a moment
+    // after its main thread).
+    let before: Vec<usize> = ports.iter().map(|p| up.script.served(*p)).collect();
+    let counts = |up: &PortUpstreams| -> Vec<usize> {
+        ports
+            .iter()
+            .zip(&before)
+            .map(|(p, b)| up.script.served(*p) - b)
+            .collect()
+    };
+    for _ in 0..200 {
+        if counts(up).iter().all(|n| *n > 0) {
+            break;
+        }
+        assert_eq!(side.get(cluster), 200, "{}: {cluster}", side.name());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "{}: {cluster}: served in panic {:?}",
+        side.name(),
+        counts(up)
+    );
+    let served = counts(up).iter().all(|n| *n > 0);
+    assert!(
+        three(side),
+        "{}: {cluster}: three stay ejected",
+        side.name()
+    );
+    Outcome {
+        ejected,
+        returned: Some(served),
         counters: side.stats(cluster, &COUNTERS),
     }
 }
@@ -367,6 +439,11 @@ fn outlier_ejections_match_envoy() {
                 v
             }),
         ),
+        cluster(
+            "panic",
+            four,
+            with(json!({"consecutive_5xx": 3, "max_ejection_percent": 100})),
+        ),
         // Without the split a refused connection is a 503 to consecutive_5xx.
         cluster(
             "refused_5xx",
@@ -414,6 +491,8 @@ fn outlier_ejections_match_envoy() {
         up.script.reset();
         v.push(ejection_cap(side, &up, "cap"));
         up.script.reset();
+        v.push(ejections_to_panic(side, &up, "panic"));
+        up.script.reset();
         v.push(fifth_fails(side, &up, "local_sr", dead));
         v.push(fifth_fails(side, &up, "local_fp", dead));
         v.push(fifth_fails(side, &up, "refused_5xx", dead));
@@ -441,23 +520,16 @@ fn outlier_ejections_match_envoy() {
     );
     assert_eq!(envoy[2].ejected, [0]);
     assert_eq!(counter(&envoy[2], "ejections_overflow"), 1);
-    assert_eq!(envoy[3].ejected, [4]);
-    assert_eq!(
-        counter(&envoy[3], "ejections_enforced_local_origin_success_rate"),
-        1
-    );
-    assert_eq!(envoy[4].ejected, [4]);
-    assert_eq!(
-        counter(
-            &envoy[4],
-            "ejections_enforced_local_origin_failure_percentage"
-        ),
-        1
-    );
+    // Panic: all four serve again though three stay ejected.
+    assert_eq!(envoy[3].ejected, [0, 1, 2]);
+    assert_eq!(envoy[3].returned, Some(true));
+    assert_eq!(counter(&envoy[3], "ejections_enforced_total"), 3);
     for (i, stat) in [
-        (5, "ejections_enforced_consecutive_5xx"),
-        (6, "ejections_enforced_consecutive_local_origin_failure"),
-        (7, "ejections_enforced_success_rate"),
+        (4, "ejections_enforced_local_origin_success_rate"),
+        (5, "ejections_enforced_local_origin_failure_percentage"),
+        (6, "ejections_enforced_consecutive_5xx"),
+        (7, "ejections_enforced_consecutive_local_origin_failure"),
+        (8, "ejections_enforced_success_rate"),
     ] {
         assert_eq!(envoy[i].ejected, [4], "{stat}");
         assert_eq!(counter(&envoy[i], stat), 1, "{stat}");
