@@ -346,6 +346,29 @@ fn ejections_to_panic(side: &mut Side, up: &PortUpstreams, cluster: &str) -> Out
     }
 }
 
+/// With `split_external_local_origin_errors` and `consecutive_local_origin_failure` 2,
+/// endpoint 0 closes every connection without answering: each attempt got a connection first
+/// (a local-origin success) before its reset (a failure), so the run never reaches 2 and
+/// nothing is ejected, in Envoy as in mesh.
+fn resets_after_connecting(side: &mut Side, up: &PortUpstreams, cluster: &str) -> Outcome {
+    let ports = &up.ports[..4];
+    up.script.set_status(ports[0], 0);
+    let mut resets = 0;
+    for _ in 0..24 {
+        if side.get(cluster) == 503 {
+            resets += 1;
+        }
+    }
+    assert!(resets >= 4, "{}: {cluster}: {resets} resets", side.name());
+    // Envoy ejects on its main thread: give it the time to (not) do it.
+    side.wait_briefly(|s| !s.ejected(cluster).is_empty());
+    Outcome {
+        ejected: index_of(ports, &side.ejected(cluster)),
+        returned: None,
+        counters: side.stats(cluster, &SWEEP_COUNTERS),
+    }
+}
+
 /// Five endpoints of which the last (`fifth`) fails, by refusing connections or by its
 /// answers: traffic until it is ejected (by a threshold or a sweep, as the cluster says).
 fn fifth_fails(side: &mut Side, up: &PortUpstreams, cluster: &str, fifth: u16) -> Outcome {
@@ -444,6 +467,13 @@ fn outlier_ejections_match_envoy() {
             four,
             with(json!({"consecutive_5xx": 3, "max_ejection_percent": 100})),
         ),
+        cluster(
+            "resets",
+            four,
+            with(json!({"split_external_local_origin_errors": true,
+                "consecutive_local_origin_failure": 2, "consecutive_5xx": 1000,
+                "max_ejection_percent": 100})),
+        ),
         // Without the split a refused connection is a 503 to consecutive_5xx.
         cluster(
             "refused_5xx",
@@ -493,6 +523,8 @@ fn outlier_ejections_match_envoy() {
         up.script.reset();
         v.push(ejections_to_panic(side, &up, "panic"));
         up.script.reset();
+        v.push(resets_after_connecting(side, &up, "resets"));
+        up.script.reset();
         v.push(fifth_fails(side, &up, "local_sr", dead));
         v.push(fifth_fails(side, &up, "local_fp", dead));
         v.push(fifth_fails(side, &up, "refused_5xx", dead));
@@ -524,12 +556,13 @@ fn outlier_ejections_match_envoy() {
     assert_eq!(envoy[3].ejected, [0, 1, 2]);
     assert_eq!(envoy[3].returned, Some(true));
     assert_eq!(counter(&envoy[3], "ejections_enforced_total"), 3);
+    assert_eq!(envoy[4].ejected, Vec::<usize>::new());
     for (i, stat) in [
-        (4, "ejections_enforced_local_origin_success_rate"),
-        (5, "ejections_enforced_local_origin_failure_percentage"),
-        (6, "ejections_enforced_consecutive_5xx"),
-        (7, "ejections_enforced_consecutive_local_origin_failure"),
-        (8, "ejections_enforced_success_rate"),
+        (5, "ejections_enforced_local_origin_success_rate"),
+        (6, "ejections_enforced_local_origin_failure_percentage"),
+        (7, "ejections_enforced_consecutive_5xx"),
+        (8, "ejections_enforced_consecutive_local_origin_failure"),
+        (9, "ejections_enforced_success_rate"),
     ] {
         assert_eq!(envoy[i].ejected, [4], "{stat}");
         assert_eq!(counter(&envoy[i], stat), 1, "{stat}");

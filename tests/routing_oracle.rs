@@ -1367,7 +1367,7 @@ pub(crate) struct PortScript {
 }
 
 impl PortScript {
-    /// `port` answers `status` from now on.
+    /// `port` answers `status` from now on (0: closes the connection instead).
     pub(crate) fn set_status(&self, port: u16, status: u16) {
         self.status.lock().unwrap().insert(port, status);
     }
@@ -1495,6 +1495,10 @@ fn serve_port(mut stream: TcpStream, port: u16, gate: &Gate, script: &PortScript
             gate.hold();
         }
         let status = script.serve(port);
+        if status == 0 {
+            // Closes the connection without an answer.
+            return;
+        }
         let body = port.to_string();
         let resp = format!(
             "HTTP/1.1 {status} {}\r\ncontent-length: {}\r\n\r\n{body}",
