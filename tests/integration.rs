@@ -23,5 +23,6 @@ mod mesh_pod_ports;
 mod mesh_xds;
 #[cfg(feature = "testkit")]
 mod meshctl;
+mod outlier_oracle;
 mod routing_oracle;
 mod telemetry_tcp;

@@ -789,13 +789,52 @@ fn retries_and_rewrites_match_envoy() {
 
 // ---------- load balancing and local replies: which endpoints serve, Envoy vs mesh ----------
 
-/// Upstreams that answer every request `200` with their own port as the body (keep-alive);
-/// requests to paths under `/hold` wait until [`Gate::open`] (bounded: 10 s).
-struct PortUpstreams {
-    ports: Vec<u16>,
+/// Upstreams that answer every request with their own port as the body (keep-alive), `200`
+/// unless [`PortScript::set_status`] says otherwise; requests to paths under `/hold` wait until
+/// [`Gate::open`] (bounded: 10 s).
+pub(crate) struct PortUpstreams {
+    pub(crate) ports: Vec<u16>,
     gate: std::sync::Arc<Gate>,
+    /// Each port's status and requests served.
+    pub(crate) script: std::sync::Arc<PortScript>,
     /// Connections accepted on all ports.
     accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The status each port answers (200 unless set) and the requests each has served.
+#[derive(Default)]
+pub(crate) struct PortScript {
+    status: std::sync::Mutex<std::collections::HashMap<u16, u16>>,
+    served: std::sync::Mutex<std::collections::HashMap<u16, usize>>,
+}
+
+impl PortScript {
+    /// `port` answers `status` from now on (0: closes the connection instead).
+    pub(crate) fn set_status(&self, port: u16, status: u16) {
+        self.status.lock().unwrap().insert(port, status);
+    }
+
+    /// Requests `port` has served.
+    pub(crate) fn served(&self, port: u16) -> usize {
+        self.served.lock().unwrap().get(&port).copied().unwrap_or(0)
+    }
+
+    /// Every port back to 200 and no request served.
+    pub(crate) fn reset(&self) {
+        self.status.lock().unwrap().clear();
+        self.served.lock().unwrap().clear();
+    }
+
+    /// Counts a request to `port`; the status it answers.
+    fn serve(&self, port: u16) -> u16 {
+        *self.served.lock().unwrap().entry(port).or_default() += 1;
+        self.status
+            .lock()
+            .unwrap()
+            .get(&port)
+            .copied()
+            .unwrap_or(200)
+    }
 }
 
 /// Holds `/hold` requests; counts the requests that are waiting.
@@ -847,20 +886,21 @@ impl Gate {
 }
 
 impl PortUpstreams {
-    fn start(n: usize) -> PortUpstreams {
+    pub(crate) fn start(n: usize) -> PortUpstreams {
         let gate = std::sync::Arc::new(Gate::default());
+        let script = std::sync::Arc::new(PortScript::default());
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let ports = (0..n)
             .map(|_| {
                 let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 let port = listener.local_addr().unwrap().port();
-                let (gate, accepted) = (gate.clone(), accepted.clone());
+                let (gate, script, accepted) = (gate.clone(), script.clone(), accepted.clone());
                 std::thread::spawn(move || {
                     for stream in listener.incoming() {
                         let Ok(stream) = stream else { return };
                         accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        let gate = gate.clone();
-                        std::thread::spawn(move || serve_port(stream, port, &gate));
+                        let (gate, script) = (gate.clone(), script.clone());
+                        std::thread::spawn(move || serve_port(stream, port, &gate, &script));
                     }
                 });
                 port
@@ -869,12 +909,13 @@ impl PortUpstreams {
         PortUpstreams {
             ports,
             gate,
+            script,
             accepted,
         }
     }
 }
 
-fn serve_port(mut stream: TcpStream, port: u16, gate: &Gate) {
+fn serve_port(mut stream: TcpStream, port: u16, gate: &Gate, script: &PortScript) {
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -895,9 +936,18 @@ fn serve_port(mut stream: TcpStream, port: u16, gate: &Gate) {
         {
             gate.hold();
         }
+        let status = script.serve(port);
+        if status == 0 {
+            // Closes the connection without an answer.
+            return;
+        }
         let body = port.to_string();
         let resp = format!(
-            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            "HTTP/1.1 {status} {}\r\ncontent-length: {}\r\n\r\n{body}",
+            http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("Status"),
             body.len()
         );
         if stream.write_all(resp.as_bytes()).is_err() {
@@ -907,20 +957,20 @@ fn serve_port(mut stream: TcpStream, port: u16, gate: &Gate) {
 }
 
 /// A keep-alive HTTP/1.1 client connection to Envoy.
-struct KeepAlive {
+pub(crate) struct KeepAlive {
     s: TcpStream,
     buf: Vec<u8>,
 }
 
 impl KeepAlive {
-    fn connect(port: u16) -> KeepAlive {
+    pub(crate) fn connect(port: u16) -> KeepAlive {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to envoy");
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         KeepAlive { s, buf: Vec::new() }
     }
 
     /// (status, body, the value of header `x-envoy-…` named `header`, if asked).
-    fn get(&mut self, host: &str, path: &str, extra: &[(&str, &str)]) -> (u16, String) {
+    pub(crate) fn get(&mut self, host: &str, path: &str, extra: &[(&str, &str)]) -> (u16, String) {
         let mut text = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
         for (k, v) in extra {
             text.push_str(&format!("{k}: {v}\r\n"));
@@ -1036,7 +1086,7 @@ fn mesh_static_cluster(
 
 /// Starts mesh's outbound path over `route_config` and the given clusters (JSON, static
 /// clusters whose `load_assignment` becomes the endpoint set) on a multi-thread runtime.
-fn mesh_outbound(
+pub(crate) fn mesh_outbound(
     rt: &tokio::runtime::Runtime,
     route_config: &Value,
     clusters: &[Value],
@@ -1093,7 +1143,7 @@ fn mesh_outbound(
 
 /// An Envoy bootstrap: one listener with `route_config`, an access log of
 /// `<authority> <code> <flags>` lines in `log`, and `clusters`.
-fn lb_bootstrap(
+pub(crate) fn lb_bootstrap(
     port: u16,
     route_config: &Value,
     clusters: &[Value],
@@ -1119,6 +1169,31 @@ fn fresh_access_log(tag: &str) -> std::path::PathBuf {
     let log = dir.join("access.log");
     let _ = std::fs::remove_file(&log);
     log
+}
+
+/// An Envoy with [`lb_bootstrap`] (its access log a fresh file in a temp directory named after
+/// `what`) and mesh's outbound path ([`mesh_outbound`]) over the same routes and clusters:
+/// (Envoy, its listener port, its access log, the runtime mesh runs on, mesh).
+pub(crate) fn envoy_and_mesh(
+    what: &str,
+    route_config: &Value,
+    clusters: &[Value],
+) -> (
+    EnvoyProcess,
+    u16,
+    std::path::PathBuf,
+    tokio::runtime::Runtime,
+    mesh_tower::outbound::Outbound,
+) {
+    let port = free_port();
+    let log = fresh_access_log(what);
+    let envoy = EnvoyProcess::start(&lb_bootstrap(port, route_config, clusters, &log));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mesh = mesh_outbound(&rt, route_config, clusters);
+    (envoy, port, log, rt, mesh)
 }
 
 /// Envoy's access-log line for the `n`th logged request (bounded wait for the flush).
@@ -1328,15 +1403,7 @@ fn load_balancing_and_failure_flags_match_envoy() {
     vhosts.push(json!({"name": "nr", "domains": ["nr"], "routes": [{"match": {"prefix": "/only"}, "route": {"cluster": "empty"}}]}));
     let route_config = json!({"name": "lb", "virtual_hosts": vhosts});
 
-    let port = free_port();
-    let log = fresh_access_log("lb");
-    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mesh = mesh_outbound(&rt, &route_config, &clusters);
+    let (_envoy, port, log, rt, mesh) = envoy_and_mesh("lb", &route_config, &clusters);
 
     let mut client = KeepAlive::connect(port);
     let mut disagreements = Vec::new();
@@ -1457,14 +1524,7 @@ fn connection_breakers_match_envoy() {
         .map(|c| json!({"name": c, "domains": [c], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": c}}]}))
         .collect();
     let route_config = json!({"name": "cb", "virtual_hosts": vhosts});
-    let port = free_port();
-    let log = fresh_access_log("cb");
-    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mesh = mesh_outbound(&rt, &route_config, &clusters);
+    let (_envoy, port, log, rt, mesh) = envoy_and_mesh("cb", &route_config, &clusters);
 
     // Each side: nopend; then request A holds onecx's only connection, B and C race for the
     // one pending place: the loser must answer at once (503 UO) while A is still held; then
@@ -1584,14 +1644,7 @@ fn hash_policies_place_keys_like_envoy() {
         );
     }
     let route_config = json!({"name": "hash", "virtual_hosts": vhosts});
-    let port = free_port();
-    let log = fresh_access_log("hash");
-    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mesh = mesh_outbound(&rt, &route_config, &clusters);
+    let (_envoy, port, _, rt, mesh) = envoy_and_mesh("hash", &route_config, &clusters);
     let mut client = KeepAlive::connect(port);
     let mut disagreements = Vec::new();
     for host in ["ring_hash", "maglev"] {
@@ -1768,9 +1821,7 @@ fn max_requests_per_connection_matches_envoy() {
     let route_config = json!({"name": "mrpc", "virtual_hosts": [{"name": "mrpc", "domains": ["mrpc"],
         "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "mrpc"}}]}]});
     let clusters = vec![cluster];
-    let port = free_port();
-    let log = fresh_access_log("mrpc");
-    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
+    let (_envoy, port, _, rt, mesh) = envoy_and_mesh("mrpc", &route_config, &clusters);
     const N: usize = 7;
     let mut client = KeepAlive::connect(port);
     for _ in 0..N {
@@ -1778,11 +1829,6 @@ fn max_requests_per_connection_matches_envoy() {
     }
     let envoy = up.accepted.swap(0, Ordering::SeqCst);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mesh = mesh_outbound(&rt, &route_config, &clusters);
     rt.block_on(async {
         for _ in 0..N {
             assert_eq!(mesh.get("http://mrpc/").await.unwrap().status(), 200);
@@ -2037,9 +2083,7 @@ fn auto_host_rewrite_matches_envoy() {
     let route_config = json!({"name": "auto", "virtual_hosts": [{"name": "auto", "domains": ["*"],
         "routes": [route("/named", "named"), route("/plain", "plain"),
             {"match": {"prefix": "/off"}, "route": {"cluster": "named", "auto_host_rewrite": false}}]}]});
-    let port = free_port();
-    let log = fresh_access_log("auto");
-    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
+    let (_envoy, port, _, rt, mesh) = envoy_and_mesh("auto", &route_config, &clusters);
     let paths = ["/named", "/plain", "/off"];
     let envoy: Vec<Vec<Seen>> = paths
         .iter()
@@ -2049,11 +2093,6 @@ fn auto_host_rewrite_matches_envoy() {
             up.take(1)
         })
         .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mesh = mesh_outbound(&rt, &route_config, &clusters);
     let mesh_runs: Vec<Vec<Seen>> = paths
         .iter()
         .map(|p| {
@@ -2179,18 +2218,10 @@ fn header_formatters_match_envoy() {
         "routes": [{"name": "formatted", "match": {"prefix": "/"}, "route": {"cluster": "up"},
             "request_headers_to_add": request_headers,
             "response_headers_to_add": response_headers}]}]});
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("mesh-fmt-oracle-{}", std::process::id()));
-    let log = dir.join("access.log");
-    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
+    let (_envoy, port, _, rt, mesh) = envoy_and_mesh("fmt", &route_config, &clusters);
     let headers = [("x-user", "alice"), ("x-request-id", "rid-1")];
     let envoy = (envoy_forward(port, "fmt", "/a", &headers), up.take(1));
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mesh = mesh_outbound(&rt, &route_config, &clusters);
     let mesh_run = rt.block_on(async {
         let mut b = http::Request::get("http://fmt/a");
         for (k, v) in headers {

@@ -285,6 +285,81 @@ async fn outlier_detections_are_counted_whether_enforced_or_refused() {
     .await;
 }
 
+/// With `split_external_local_origin_errors`, a host refusing connections is a local-origin
+/// success-rate outlier (Envoy's `SUCCESS_RATE_LOCAL_ORIGIN`): ejected under that type, counted
+/// in its own stats and in the deprecated `ejections_success_rate`, not in `ejections_total`.
+#[tokio::test]
+async fn local_origin_success_rate_ejects_a_refusing_host() {
+    mesh_tower::telemetry::prometheus_handle().expect("mesh's recorder");
+    bounded(async {
+        let mut addrs = Vec::new();
+        let mut good = Vec::new();
+        for name in ["a", "b", "c", "d"] {
+            let u = scripted(name, &[]).await;
+            addrs.push(u.addr);
+            good.push(u);
+        }
+        let dead = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        addrs.push(dead);
+        let c = "outbound|9080||local-sr.default.svc.cluster.local";
+        let cell = SnapshotCell::new();
+        let cluster = Cluster {
+            outlier_detection: Some(OutlierDetection {
+                split_external_local_origin_errors: true,
+                consecutive_local_origin_failure: 1000,
+                consecutive_5xx: 1000,
+                interval: Duration::from_millis(200),
+                success_rate_request_volume: 3,
+                max_ejection_percent: 100,
+                ..OutlierDetection::default()
+            }),
+            ..Cluster::eds(c)
+        };
+        let r = Route::new("default", RouteMatch::any(), RouteAction::Cluster(c.into()));
+        publish(&cell, 1, r, cluster, &addrs);
+        let out = Outbound::new(cell, CertStore::new(), node());
+        let mut refused = 0;
+        for _ in 0..2000 {
+            let resp = get(&out, "/", &[]).await;
+            if resp.status() == 503 {
+                assert_eq!(flag(&resp), ResponseFlag::UpstreamConnectionFailure);
+                refused += 1;
+            }
+            let state = out.outlier_detection(c).expect("detector");
+            if !state.ejected.is_empty() {
+                assert_eq!(state.ejected, vec![dead]);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(refused >= 3, "the dead host was tried: {refused}");
+        // Ejected for base_ejection_time (30 s): every request is answered now.
+        for _ in 0..20 {
+            assert_eq!(get(&out, "/", &[]).await.status(), 200);
+        }
+        let counts = out.outlier_detection(c).unwrap().counts;
+        let t = mesh_core::outlier::EjectionType::SuccessRateLocalOrigin.index();
+        assert_eq!((counts.detected[t], counts.enforced[t]), (1, 1));
+        let p = "envoy_cluster_outlier_detection_ejections_";
+        for (stat, want) in [
+            ("enforced_local_origin_success_rate", "1"),
+            ("detected_local_origin_success_rate", "1"),
+            ("success_rate", "1"),
+            ("enforced_success_rate", "0"),
+            ("enforced_total", "1"),
+            ("total", "0"),
+            ("active", "1"),
+        ] {
+            let got = outlier_stat(c, &format!("{p}{stat}"), want).await;
+            assert_eq!(got.as_deref(), Some(want), "{stat}");
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn ejection_survives_an_endpoint_update() {
     bounded(async {

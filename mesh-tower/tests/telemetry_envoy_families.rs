@@ -336,6 +336,10 @@ async fn every_envoy_family_mesh_emits_exists_in_real_envoy_with_the_same_labels
         "envoy_cluster_outlier_detection_ejections_detected_consecutive_local_origin_failure",
         "envoy_cluster_outlier_detection_ejections_detected_success_rate",
         "envoy_cluster_outlier_detection_ejections_detected_failure_percentage",
+        "envoy_cluster_outlier_detection_ejections_detected_local_origin_success_rate",
+        "envoy_cluster_outlier_detection_ejections_enforced_local_origin_success_rate",
+        "envoy_cluster_outlier_detection_ejections_detected_local_origin_failure_percentage",
+        "envoy_cluster_outlier_detection_ejections_enforced_local_origin_failure_percentage",
     ] {
         assert!(mesh_families.contains_key(family), "{family} not emitted");
     }

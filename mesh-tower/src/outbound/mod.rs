@@ -161,6 +161,15 @@ struct ClusterState {
     conn_limits: Arc<pool::ConnLimits>,
 }
 
+/// A cluster's outlier detection state ([`Outbound::outlier_detection`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutlierDetectionState {
+    /// The detector's counts (Envoy's `outlier_detection.ejections_*` counters).
+    pub counts: mesh_core::outlier::OutlierCounts,
+    /// The ejected hosts (`ejections_active` is their number).
+    pub ejected: Vec<SocketAddr>,
+}
+
 /// A balancer and the endpoint set it was built from.
 struct BalancerEntry {
     set: Arc<EndpointSet>,
@@ -269,6 +278,26 @@ impl Outbound {
                 .unwrap_or_else(|| Arc::new(dns::SystemResolver));
             dns::DnsHosts::start(&state.cluster, d, resolver)
         }))
+    }
+
+    /// Cluster `cluster`'s outlier detection as Envoy's admin shows it: the detector's
+    /// `outlier_detection.*` counts since the cluster's current configuration arrived, and the
+    /// hosts ejected now (as of the last sweep: returns happen on the next pick or result).
+    /// `None` when the cluster has no outlier detection or has served no request yet.
+    pub fn outlier_detection(&self, cluster: &str) -> Option<OutlierDetectionState> {
+        let clusters = self.inner.clusters.load();
+        let state = clusters.get(cluster)?;
+        let detector = state.outlier.as_ref()?;
+        let mut ejected: Vec<SocketAddr> = lock(&state.host_states)
+            .values()
+            .filter(|h| h.is_ejected())
+            .map(|h| h.address)
+            .collect();
+        ejected.sort();
+        Some(OutlierDetectionState {
+            counts: detector.stats().counts(),
+            ejected,
+        })
     }
 
     /// `GET uri`, with the whole response body collected.

@@ -14,7 +14,7 @@ use http::{HeaderMap, HeaderValue};
 use mesh_core::endpoint::{EndpointTlsMode, WorkloadMetadata};
 use mesh_core::flags::ResponseFlag;
 use mesh_core::identity::NodeIdentity;
-use mesh_core::outlier::{EjectionType, OutlierCounts, OutlierStats};
+use mesh_core::outlier::{EJECTION_TYPES, EjectionType, OutlierCounts, OutlierStats};
 use mesh_core::peer_metadata::{PeerMetadata, PeerMetadataHeaders};
 use mesh_core::telemetry::{
     DestinationService, Reporter, RequestOutcome, UNKNOWN, WorkloadLabels, request_labels,
@@ -242,7 +242,7 @@ struct Ejections {
     overflow: Counter,
     /// `detected`, `enforced` and the deprecated name (when Envoy has one) per type, in
     /// [`EjectionType::ALL`]'s order.
-    by_type: [(Counter, Counter, Option<Counter>); 5],
+    by_type: [(Counter, Counter, Option<Counter>); EJECTION_TYPES],
 }
 
 impl Ejections {
@@ -282,12 +282,20 @@ impl Ejections {
         }
         self.total.increment(n.total);
         self.overflow.increment(n.overflow);
-        self.enforced_total.increment(n.enforced.iter().sum());
+        self.enforced_total.increment(n.enforced_total());
         for (i, (detected, enforced, older)) in self.by_type.iter().enumerate() {
             detected.increment(n.detected[i]);
             enforced.increment(n.enforced[i]);
             if let Some(c) = older {
-                c.increment(n.detected[i]);
+                // Envoy's deprecated `ejections_success_rate` counts local-origin
+                // success-rate detections too.
+                let also = match EjectionType::ALL[i] {
+                    EjectionType::SuccessRate => {
+                        n.detected[EjectionType::SuccessRateLocalOrigin.index()]
+                    }
+                    _ => 0,
+                };
+                c.increment(n.detected[i] + also);
             }
         }
     }

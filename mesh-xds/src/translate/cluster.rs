@@ -437,6 +437,19 @@ fn outlier_detection(
         &mut out.max_ejection_time,
         "max_ejection_time",
     )?;
+    // Envoy's `DetectorImpl::create` refuses the cluster (unset, the maximum is
+    // max(300 s, base_ejection_time)).
+    if o.max_ejection_time.is_some() && out.max_ejection_time < out.base_ejection_time {
+        return Err(
+            "outlier_detection: outlier detector's max_ejection_time cannot be smaller than base_ejection_time"
+                .into(),
+        );
+    }
+    dur(
+        &o.max_ejection_time_jitter,
+        &mut out.max_ejection_time_jitter,
+        "max_ejection_time_jitter",
+    )?;
     pct(
         &o.max_ejection_percent,
         &mut out.max_ejection_percent,
@@ -492,6 +505,16 @@ fn outlier_detection(
         &o.failure_percentage_request_volume,
         &mut out.failure_percentage_request_volume,
     );
+    pct(
+        &o.enforcing_local_origin_success_rate,
+        &mut out.enforcing_local_origin_success_rate,
+        "enforcing_local_origin_success_rate",
+    )?;
+    pct(
+        &o.enforcing_failure_percentage_local_origin,
+        &mut out.enforcing_failure_percentage_local_origin,
+        "enforcing_failure_percentage_local_origin",
+    )?;
     out.split_external_local_origin_errors = o.split_external_local_origin_errors;
     out.always_eject_one_host = o.always_eject_one_host.as_ref().is_some_and(|b| b.value);
     Ok(Some(out))
@@ -661,6 +684,9 @@ mod resilience_tests {
             }),
             max_ejection_percent: Some(UInt32Value { value: 100 }),
             enforcing_success_rate: Some(UInt32Value { value: 0 }),
+            // A DestinationRule's splitExternalLocalOriginErrors.
+            split_external_local_origin_errors: true,
+            enforcing_failure_percentage_local_origin: Some(UInt32Value { value: 30 }),
             ..Default::default()
         });
         // istiod's default thresholds.
@@ -685,6 +711,9 @@ mod resilience_tests {
         assert_eq!(o.max_ejection_percent, 100);
         assert_eq!(o.enforcing_success_rate, 0);
         assert_eq!(o.consecutive_gateway_failure, 5);
+        assert!(o.split_external_local_origin_errors);
+        assert_eq!(o.enforcing_failure_percentage_local_origin, 30);
+        assert_eq!(o.enforcing_local_origin_success_rate, 100);
         assert_eq!(c.circuit_breakers.max_retries, u32::MAX);
         assert_eq!(c.circuit_breakers.max_requests, u32::MAX);
         assert_eq!(c.circuit_breakers.retry_budget, None);
@@ -739,6 +768,30 @@ mod resilience_tests {
         });
         let e = translate_cluster(&bad).unwrap_err();
         assert!(e.to_string().contains("max_ejection_percent"), "{e}");
+        // As Envoy 1.40 refuses it (`envoy --mode validate`: "outlier detector's
+        // max_ejection_time cannot be smaller than base_ejection_time").
+        let secs = |seconds| Some(PbDuration { seconds, nanos: 0 });
+        let mut bad = base();
+        bad.outlier_detection = Some(PbOutlierDetection {
+            base_ejection_time: secs(10),
+            max_ejection_time: secs(5),
+            ..Default::default()
+        });
+        let e = translate_cluster(&bad).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("max_ejection_time cannot be smaller"),
+            "{e}"
+        );
+        // Unset, the maximum follows a long base time; the jitter is read.
+        let mut ok = base();
+        ok.outlier_detection = Some(PbOutlierDetection {
+            base_ejection_time: secs(600),
+            max_ejection_time_jitter: secs(2),
+            ..Default::default()
+        });
+        let o = translate_cluster(&ok).unwrap().outlier_detection.unwrap();
+        assert_eq!(o.max_ejection_time_jitter, Duration::from_secs(2));
     }
 
     /// What istiod renders for a DestinationRule `connectionPool` with
