@@ -1349,8 +1349,8 @@ fn retries_and_rewrites_match_envoy() {
 
 /// Upstreams that answer every request `200` with their own port as the body (keep-alive);
 /// requests to paths under `/hold` wait until [`Gate::open`] (bounded: 10 s).
-struct PortUpstreams {
-    ports: Vec<u16>,
+pub(crate) struct PortUpstreams {
+    pub(crate) ports: Vec<u16>,
     gate: std::sync::Arc<Gate>,
     /// Connections accepted on all ports.
     accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -1405,7 +1405,7 @@ impl Gate {
 }
 
 impl PortUpstreams {
-    fn start(n: usize) -> PortUpstreams {
+    pub(crate) fn start(n: usize) -> PortUpstreams {
         let gate = std::sync::Arc::new(Gate::default());
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let ports = (0..n)
@@ -1465,20 +1465,32 @@ fn serve_port(mut stream: TcpStream, port: u16, gate: &Gate) {
 }
 
 /// A keep-alive HTTP/1.1 client connection to Envoy.
-struct KeepAlive {
+pub(crate) struct KeepAlive {
     s: TcpStream,
     buf: Vec<u8>,
 }
 
 impl KeepAlive {
-    fn connect(port: u16) -> KeepAlive {
+    pub(crate) fn connect(port: u16) -> KeepAlive {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to envoy");
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         KeepAlive { s, buf: Vec::new() }
     }
 
-    /// (status, body, the value of header `x-envoy-…` named `header`, if asked).
+    /// GET `path` from `host`: (status, body).
     fn get(&mut self, host: &str, path: &str, extra: &[(&str, &str)]) -> (u16, String) {
+        let (status, _, body) = self.send(host, path, extra);
+        (status, body)
+    }
+
+    /// GET `path` from `host` with `extra` headers: (status, response headers with lowercase
+    /// names, body).
+    pub(crate) fn send(
+        &mut self,
+        host: &str,
+        path: &str,
+        extra: &[(&str, &str)],
+    ) -> (u16, Vec<(String, String)>, String) {
         let mut text = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
         for (k, v) in extra {
             text.push_str(&format!("{k}: {v}\r\n"));
@@ -1489,13 +1501,18 @@ impl KeepAlive {
         loop {
             if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-                let len: usize = head
+                let headers: Vec<(String, String)> = head
                     .lines()
-                    .find_map(|l| {
+                    .skip(1)
+                    .filter_map(|l| {
                         let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())?
+                        Some((k.trim().to_ascii_lowercase(), v.trim().to_owned()))
                     })
+                    .collect();
+                let len: usize = headers
+                    .iter()
+                    .find(|(k, _)| k == "content-length")
+                    .and_then(|(_, v)| v.parse().ok())
                     .unwrap_or(0);
                 if self.buf.len() >= end + 4 + len {
                     let body =
@@ -1506,7 +1523,7 @@ impl KeepAlive {
                         .nth(1)
                         .and_then(|s| s.parse().ok())
                         .unwrap_or(0);
-                    return (status, body);
+                    return (status, headers, body);
                 }
             }
             let n = self.s.read(&mut chunk).expect("read envoy response");
@@ -1592,7 +1609,7 @@ fn any_via_dump(
 
 /// Two-sample chi-square statistic over per-endpoint counts (endpoints nobody chose left out)
 /// and its degrees of freedom.
-fn chi_square(a: &[usize], b: &[usize]) -> (f64, usize) {
+pub(crate) fn chi_square(a: &[usize], b: &[usize]) -> (f64, usize) {
     let (na, nb) = (
         a.iter().sum::<usize>() as f64,
         b.iter().sum::<usize>() as f64,
@@ -1613,14 +1630,25 @@ fn chi_square(a: &[usize], b: &[usize]) -> (f64, usize) {
 }
 
 /// Chi-square critical values at p = 0.001 for 0..=8 degrees of freedom.
-const CHI2_999: [f64; 9] = [0.0, 10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12];
+pub(crate) const CHI2_999: [f64; 9] = [0.0, 10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12];
 
 /// Starts mesh's outbound path over `route_config` and the given clusters (JSON, static
 /// clusters whose `load_assignment` becomes the endpoint set) on a multi-thread runtime.
-fn mesh_outbound(
+pub(crate) fn mesh_outbound(
     rt: &tokio::runtime::Runtime,
     route_config: &Value,
     clusters: &[Value],
+) -> mesh_tower::outbound::Outbound {
+    mesh_outbound_with_dns(rt, route_config, clusters, None)
+}
+
+/// [`mesh_outbound`], where `STRICT_DNS` / `LOGICAL_DNS` clusters stay DNS clusters resolved
+/// through mesh-dns asking the DNS server `dns` (the names in their `load_assignment`).
+pub(crate) fn mesh_outbound_with_dns(
+    rt: &tokio::runtime::Runtime,
+    route_config: &Value,
+    clusters: &[Value],
+    dns: Option<std::net::SocketAddr>,
 ) -> mesh_tower::outbound::Outbound {
     use std::collections::{BTreeMap, HashMap};
     use std::sync::Arc;
@@ -1647,6 +1675,15 @@ fn mesh_outbound(
             .expect("cluster proto");
         let mut cluster =
             mesh_xds::translate::translate_cluster(&c_pb).expect("mesh accepts the cluster");
+        if dns.is_some()
+            && matches!(
+                cluster.discovery,
+                mesh_core::cluster::ClusterDiscovery::Dns(_)
+            )
+        {
+            cmap.insert(cluster.name.clone(), Arc::new(cluster));
+            continue;
+        }
         // Inline endpoints: served to mesh as the cluster's EDS resource.
         cluster.discovery = mesh_core::cluster::ClusterDiscovery::Eds {
             service_name: cluster.name.clone(),
@@ -1680,12 +1717,20 @@ fn mesh_outbound(
     cell.publish(snap, true);
     let node = mesh_core::NodeIdentity::new("t", "default", "127.0.0.1".parse().unwrap(), "sa");
     let _guard = rt.enter();
-    mesh_tower::outbound::Outbound::new(cell, mesh_core::CertStore::new(), node)
+    let outbound =
+        mesh_tower::outbound::Outbound::new(cell.clone(), mesh_core::CertStore::new(), node);
+    let Some(dns) = dns else { return outbound };
+    let resolver = mesh::parts::dns::MeshResolver::new(cell, "default", "cluster.local")
+        .with_upstream_servers(&[dns])
+        .expect("a resolver for the test DNS server");
+    let outbound = outbound.with_resolver(Arc::new(resolver));
+    outbound.spawn_dns_refresh();
+    outbound
 }
 
 /// An Envoy bootstrap: one listener with `route_config`, an access log of
 /// `<authority> <code> <flags>` lines in `log`, and `clusters`.
-fn lb_bootstrap(
+pub(crate) fn lb_bootstrap(
     port: u16,
     route_config: &Value,
     clusters: &[Value],
@@ -1704,8 +1749,54 @@ fn lb_bootstrap(
     boot.to_string()
 }
 
+/// A real Envoy and mesh's outbound path over the same routes and clusters (see
+/// [`oracles`]).
+pub(crate) struct Oracles {
+    /// Envoy's listener port.
+    pub(crate) port: u16,
+    /// Envoy's access log ([`lb_bootstrap`]'s format).
+    pub(crate) log: std::path::PathBuf,
+    /// The runtime mesh runs on.
+    pub(crate) rt: tokio::runtime::Runtime,
+    /// mesh.
+    pub(crate) mesh: mesh_tower::outbound::Outbound,
+    _envoy: EnvoyProcess,
+}
+
+/// Starts Envoy on [`lb_bootstrap`] (changed by `edit`) with a fresh access log under a
+/// directory named after `name`, and mesh over the same config ([`mesh_outbound_with_dns`]).
+pub(crate) fn oracles(
+    name: &str,
+    route_config: &Value,
+    clusters: &[Value],
+    edit: impl FnOnce(&mut Value),
+    dns: Option<std::net::SocketAddr>,
+) -> Oracles {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("mesh-{name}-oracle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
+    let mut boot: Value =
+        serde_json::from_str(&lb_bootstrap(port, route_config, clusters, &log)).unwrap();
+    edit(&mut boot);
+    let envoy = EnvoyProcess::start(&boot.to_string());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mesh = mesh_outbound_with_dns(&rt, route_config, clusters, dns);
+    Oracles {
+        port,
+        log,
+        rt,
+        mesh,
+        _envoy: envoy,
+    }
+}
+
 /// Envoy's access-log line for the `n`th logged request (bounded wait for the flush).
-fn envoy_log_line(log: &std::path::Path, n: usize) -> String {
+pub(crate) fn envoy_log_line(log: &std::path::Path, n: usize) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -1910,19 +2001,14 @@ fn load_balancing_and_failure_flags_match_envoy() {
     vhosts.push(json!({"name": "empty", "domains": ["empty"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "empty"}}]}));
     vhosts.push(json!({"name": "nr", "domains": ["nr"], "routes": [{"match": {"prefix": "/only"}, "route": {"cluster": "empty"}}]}));
     let route_config = json!({"name": "lb", "virtual_hosts": vhosts});
-
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("mesh-lb-oracle-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("access.log");
-    let _ = std::fs::remove_file(&log);
-    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mesh = mesh_outbound(&rt, &route_config, &clusters);
+    let Oracles {
+        port,
+        log,
+        rt,
+        mesh,
+        ..
+    } = &oracles("lb", &route_config, &clusters, |_| {}, None);
+    let port = *port;
 
     let mut client = KeepAlive::connect(port);
     let mut disagreements = Vec::new();
@@ -1995,7 +2081,7 @@ fn load_balancing_and_failure_flags_match_envoy() {
     ];
     for (i, (host, path)) in failures.iter().enumerate() {
         let (status, _) = client.get(host, path, &[]);
-        let line = envoy_log_line(&log, (cases.len() + 1) * N + i);
+        let line = envoy_log_line(log, (cases.len() + 1) * N + i);
         let envoy_flags = line.rsplit(' ').next().unwrap_or("").to_owned();
         let (m_status, m_flags) = rt.block_on(async {
             let r = mesh.get(format!("http://{host}{path}")).await.unwrap();
@@ -2173,17 +2259,8 @@ fn hash_policies_place_keys_like_envoy() {
         );
     }
     let route_config = json!({"name": "hash", "virtual_hosts": vhosts});
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("mesh-hash-oracle-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("access.log");
-    let _envoy = EnvoyProcess::start(&lb_bootstrap(port, &route_config, &clusters, &log));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mesh = mesh_outbound(&rt, &route_config, &clusters);
-    let mut client = KeepAlive::connect(port);
+    let Oracles { port, rt, mesh, .. } = &oracles("hash", &route_config, &clusters, |_| {}, None);
+    let mut client = KeepAlive::connect(*port);
     let mut disagreements = Vec::new();
     for host in ["ring_hash", "maglev"] {
         let mut agree = 0;

@@ -454,13 +454,15 @@ impl Outbound {
                     .as_ref()
                     .and_then(|a| a.body.clone())
                     .unwrap_or_else(|| mesh_core::fault::FAULT_ABORT_BODY.to_owned());
-                let flag = ResponseFlag::FaultInjected;
-                return match a {
-                    mesh_core::fault::Abort::Http(status) => {
-                        no_host((status, Some(Bytes::from(text)), flag, None))
-                    }
-                    mesh_core::fault::Abort::Grpc(code) => {
-                        let mut r = no_host((200, None, flag, None));
+                let flag = match delayed {
+                    true => ResponseFlag::DelayInjected | ResponseFlag::FaultInjected,
+                    false => ResponseFlag::FaultInjected,
+                };
+                return match a.reply(grpc) {
+                    (status, None) => no_host((status, Some(Bytes::from(text)), flag, None)),
+                    (status, Some(code)) => {
+                        // Envoy's local reply to a gRPC request: trailers-only.
+                        let mut r = no_host((status, None, flag, None));
                         let h = r.headers_mut();
                         h.insert(
                             header::CONTENT_TYPE,
