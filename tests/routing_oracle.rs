@@ -2305,6 +2305,155 @@ fn hash_policies_place_keys_like_envoy() {
     }
 }
 
+/// `hash_policy.cookie` with a `ttl` (Istio's `consistentHash.httpCookie`): a request without
+/// the cookie gets a generated value, hashed, and set on the response. The `Set-Cookie` form is
+/// Envoy's, a request carrying the value (quoted or not) lands where the generating request
+/// did, and mesh places Envoy's values on the same endpoints as Envoy.
+#[test]
+fn generated_hash_cookies_match_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    let up = PortUpstreams::start(4);
+    let eps: Vec<Value> = up
+        .ports
+        .iter()
+        .map(|p| json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}))
+        .collect();
+    let clusters = vec![
+        json!({"name": "sticky", "type": "STATIC", "connect_timeout": "1s",
+        "lb_policy": "RING_HASH", "load_assignment": {"cluster_name": "sticky", "endpoints": [{"lb_endpoints": eps}]}}),
+    ];
+    let cookies = [
+        (
+            "full",
+            json!({"name": "session", "ttl": "3600s", "path": "/app",
+                "attributes": [{"name": "SameSite", "value": "Lax"}, {"name": "Secure"}]}),
+        ),
+        ("bare", json!({"name": "sid", "ttl": "0s"})),
+    ];
+    let vhosts: Vec<Value> = cookies
+        .iter()
+        .map(|(host, c)| {
+            json!({"name": host, "domains": [host], "routes": [{"match": {"prefix": "/"},
+            "route": {"cluster": "sticky", "hash_policy": [{"cookie": c}]}}]})
+        })
+        .collect();
+    let route_config = json!({"name": "cookies", "virtual_hosts": vhosts});
+    let Oracles { port, rt, mesh, .. } = &oracles("cookie", &route_config, &clusters, |_| {}, None);
+    let port = *port;
+    let mesh_get = |host: &str, cookie: Option<&str>| -> (String, Vec<String>) {
+        rt.block_on(async {
+            let mut req = http::Request::get(format!("http://{host}/"));
+            if let Some(c) = cookie {
+                req = req.header("cookie", c);
+            }
+            let r = mesh
+                .request(
+                    req.body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap(),
+                )
+                .await;
+            assert_eq!(r.status(), 200);
+            let set: Vec<String> = r
+                .headers()
+                .get_all("set-cookie")
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect();
+            use http_body_util::BodyExt;
+            let b = r.into_body().collect().await.unwrap().to_bytes();
+            (String::from_utf8_lossy(&b).into_owned(), set)
+        })
+    };
+    // `name="<16 hex digits>"…`: the value and the form with the value blanked.
+    let split = |set: &str, name: &str| -> (String, String) {
+        let rest = set
+            .strip_prefix(&format!("{name}=\""))
+            .unwrap_or_else(|| panic!("set-cookie {set:?}"));
+        let (value, tail) = rest.split_once('"').expect("closing quote");
+        assert!(
+            value.len() == 16
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+            "value {value:?}"
+        );
+        (value.to_owned(), format!("{name}=\"<v>\"{tail}"))
+    };
+    let mut client = KeepAlive::connect(port);
+    let local = client.s.local_addr().unwrap().to_string();
+    for ((host, c), want_form) in cookies.iter().zip([
+        "session=\"<v>\"; Max-Age=3600; Path=/app; SameSite=Lax; Secure; HttpOnly",
+        "sid=\"<v>\"; HttpOnly",
+    ]) {
+        let name = c["name"].as_str().unwrap();
+        let (status, headers, envoy_port) = client.send(host, "/", &[]);
+        assert_eq!(status, 200);
+        let sets: Vec<&String> = headers
+            .iter()
+            .filter(|(k, _)| k == "set-cookie")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(sets.len(), 1, "{host}: envoy {headers:?}");
+        let (value, form) = split(sets[0], name);
+        eprintln!("{host}: envoy set-cookie {} on {envoy_port}", sets[0]);
+        assert_eq!(form, want_form, "{host}: Envoy's form");
+        // Envoy's value: xxHash64 of the downstream remote and local addresses, in hex.
+        let conn = format!("{local}127.0.0.1:{port}");
+        assert_eq!(
+            value,
+            format!("{:016x}", mesh_core::lb::xx_hash64(conn.as_bytes(), 0)),
+            "{host}: envoy's value from {conn}"
+        );
+        // Envoy: the cookie, quoted or not, lands where the generating request did, and
+        // no new cookie is set.
+        for cookie in [
+            format!("{name}=\"{value}\""),
+            format!("other=1; {name}={value}"),
+        ] {
+            let (status, headers, p) = client.send(host, "/", &[("cookie", &cookie)]);
+            assert_eq!(
+                (status, &p),
+                (200, &envoy_port),
+                "{host}: envoy with {cookie}"
+            );
+            assert!(!headers.iter().any(|(k, _)| k == "set-cookie"));
+            // mesh places Envoy's value on the same endpoint.
+            let (m, set) = mesh_get(host, Some(&cookie));
+            assert_eq!(m, envoy_port, "{host}: mesh with {cookie}");
+            assert!(set.is_empty(), "{host}: mesh set {set:?}");
+        }
+        // mesh generates: the same form, and its own value is sticky.
+        let mut used = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let (m, set) = mesh_get(host, None);
+            assert_eq!(set.len(), 1, "{host}: mesh {set:?}");
+            let (value, form) = split(&set[0], name);
+            assert_eq!(form, want_form, "{host}: mesh's form");
+            for cookie in [format!("{name}=\"{value}\""), format!("{name}={value}")] {
+                assert_eq!(
+                    mesh_get(host, Some(&cookie)).0,
+                    m,
+                    "{host}: mesh with {cookie}"
+                );
+                let (status, _, p) = client.send(host, "/", &[("cookie", &cookie)]);
+                assert_eq!(
+                    (status, &p),
+                    (200, &m),
+                    "{host}: envoy with mesh's {cookie}"
+                );
+            }
+            used.insert(m);
+        }
+        // Each request without the cookie draws its own value: they spread.
+        assert!(
+            used.len() > 1,
+            "{host}: mesh's generated cookies all on {used:?}"
+        );
+    }
+}
+
 /// `max_requests_per_connection` from istiod's `HttpProtocolOptions`: the same requests open
 /// as many upstream connections through Envoy as through mesh.
 #[test]

@@ -383,12 +383,14 @@ impl Outbound {
                 forwarding,
                 rewritten_path,
                 fault,
+                set_cookies,
                 ..
             } => Forward {
                 idle: idle_timeout.map(idle::StreamIdle::new),
                 route,
                 shadow: false,
                 fault,
+                set_cookies,
                 hash,
                 forwarding,
                 rewritten_path,
@@ -1007,6 +1009,12 @@ impl Outbound {
                         }
                     }
                     parts.extensions.insert(flag);
+                    // Envoy's router adds the generated cookies to the upstream's response.
+                    for c in &fwd.set_cookies {
+                        if let Ok(v) = HeaderValue::from_str(c) {
+                            parts.headers.append(header::SET_COOKIE, v);
+                        }
+                    }
                     let body = OutboundBody::upstream(incoming, checkin, record, guards);
                     Response::from_parts(parts, body)
                 }
@@ -1152,6 +1160,7 @@ impl Outbound {
             forwarding: None,
             rewritten_path: None,
             fault: None,
+            set_cookies: Vec::new(),
             shadow: true,
         };
         let this = self.clone();
@@ -1483,6 +1492,8 @@ struct Forward {
     forwarding: Option<Arc<Forwarding>>,
     rewritten_path: Option<String>,
     fault: Option<Arc<mesh_core::fault::Fault>>,
+    /// `Set-Cookie` values of generated hash-policy cookies, for the upstream's response.
+    set_cookies: Vec<String>,
     /// A mirror copy: no telemetry, no further mirroring.
     shadow: bool,
 }
