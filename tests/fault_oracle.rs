@@ -271,11 +271,13 @@ fn fault_injection_matches_envoy() {
         results.push((format!("{host} {headers:?}"), line, e, m));
     }
 
-    // A fixed delay: both wait at least the delay before the upstream answers.
+    // A fixed delay: both wait (about) the delay before the upstream answers.
     let (e, line, took_e) = o.envoy("delay", &[]);
     let (m, took_m) = o.mesh("delay", &[]);
     eprintln!("delay: envoy took {took_e:?}, mesh {took_m:?}");
-    assert!(took_e >= DELAY, "envoy answered after {took_e:?}");
+    // Envoy arms its timer from the event loop's cached clock, so it can fire a few
+    // milliseconds early as the client measures (297 ms for 300 ms seen): 90% for Envoy.
+    assert!(took_e >= DELAY * 9 / 10, "envoy answered after {took_e:?}");
     assert!(took_m >= DELAY, "mesh answered after {took_m:?}");
     results.push(("delay".into(), line, e, m));
 
