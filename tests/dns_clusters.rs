@@ -200,3 +200,129 @@ async fn a_dns_cluster_without_an_answer_has_no_healthy_upstream() {
     dns.set_failing(false);
     until(&mesh, port, (200, A), "the first answer").await;
 }
+
+/// The same `STRICT_DNS` and `LOGICAL_DNS` clusters in a real Envoy 1.40 (c-ares asking the
+/// test DNS server through `typed_dns_resolver_config`) and in mesh (mesh-dns asking the same
+/// server): both send traffic to the same addresses, and both follow the new record set once
+/// the 1 s TTL has run out.
+#[test]
+fn dns_clusters_match_envoy() {
+    use crate::routing_oracle::{KeepAlive, oracles};
+    use crate::support::envoy::envoy_binary;
+    use serde_json::json;
+    use std::collections::BTreeMap;
+
+    if envoy_binary().is_none() {
+        return;
+    }
+    const STRICT: &str = "strict.external.test";
+    const LOGICAL: &str = "logical.external.test";
+    // The upstreams and the DNS server run on their own runtime.
+    let setup = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (port, _up) = setup.block_on(upstreams());
+    let dns = setup
+        .block_on(DnsServer::start(&[
+            (STRICT, A),
+            (STRICT, B),
+            (LOGICAL, B),
+            (LOGICAL, A),
+        ]))
+        .expect("DNS server");
+    dns.set_ttl(1);
+    let cluster = |name: &str, kind: &str, host: &str| {
+        json!({"name": name, "type": kind, "connect_timeout": "1s",
+            "dns_lookup_family": "V4_ONLY", "dns_refresh_rate": "1s", "respect_dns_ttl": true,
+            "typed_dns_resolver_config": {"name": "envoy.network.dns_resolver.cares", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+                "resolvers": [{"socket_address": {"address": "127.0.0.1", "port_value": dns.addr().port()}}],
+                "dns_resolver_options": {"use_tcp_for_dns_lookups": false, "no_default_search_domain": true}}},
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": host, "port_value": port}}}}]}]}})
+    };
+    let clusters = vec![
+        cluster("strict", "STRICT_DNS", STRICT),
+        cluster("logical", "LOGICAL_DNS", LOGICAL),
+    ];
+    let vhosts: Vec<_> = ["strict", "logical"]
+        .iter()
+        .map(|c| json!({"name": c, "domains": [c], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": c}}]}))
+        .collect();
+    let route_config = json!({"name": "dns", "virtual_hosts": vhosts});
+    let o = oracles("dns", &route_config, &clusters, |_| {}, Some(dns.addr()));
+    let (rt, mesh) = (&o.rt, &o.mesh);
+    let mut envoy = KeepAlive::connect(o.port);
+
+    // Which address served each of `n` requests to `host`, counted.
+    let mut envoy_counts = |host: &str, n: usize| {
+        let mut c = BTreeMap::<String, usize>::new();
+        for _ in 0..n {
+            let (status, _, body) = envoy.send(host, "/", &[]);
+            *c.entry(format!("{status} {body}")).or_default() += 1;
+        }
+        c
+    };
+    let mesh_counts = |host: &str, n: usize| {
+        let mut c = BTreeMap::<String, usize>::new();
+        for _ in 0..n {
+            let r = rt
+                .block_on(async { timeout(WAIT, mesh.get(format!("http://{host}/"))).await })
+                .expect("bounded")
+                .expect("a response");
+            let body = String::from_utf8_lossy(r.body()).into_owned();
+            *c.entry(format!("{} {body}", r.status().as_u16()))
+                .or_default() += 1;
+        }
+        c
+    };
+    let only = |addr: &str, n: usize| BTreeMap::from([(format!("200 {addr}"), n)]);
+    // Waits (bounded) until 10 requests in a row to `host` all get `want`.
+    let settle = |what: &str,
+                  ask: &mut dyn FnMut(&str, usize) -> BTreeMap<String, usize>,
+                  host: &str,
+                  want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = ask(host, 10);
+            if got == only(want, 10) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {host} still answers {got:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let mut mesh_ask = |h: &str, n: usize| mesh_counts(h, n);
+    let mut envoy_ask = |h: &str, n: usize| envoy_counts(h, n);
+
+    // First answers: STRICT_DNS spreads over both addresses, LOGICAL_DNS uses the first.
+    settle("first answer", &mut envoy_ask, "logical", B);
+    settle("first answer", &mut mesh_ask, "logical", B);
+    let e = envoy_ask("strict", 40);
+    let m = mesh_ask("strict", 40);
+    eprintln!("strict: envoy {e:?} mesh {m:?}");
+    assert_eq!(
+        e.keys().collect::<Vec<_>>(),
+        m.keys().collect::<Vec<_>>(),
+        "strict: envoy {e:?} mesh {m:?}"
+    );
+    assert_eq!(e.len(), 2, "strict uses both addresses: {e:?}");
+    assert_eq!(envoy_ask("logical", 20), only(B, 20));
+    assert_eq!(mesh_ask("logical", 20), only(B, 20));
+
+    // The record sets change: both follow once the TTL has run out.
+    dns.set(STRICT, &[B]);
+    dns.set(LOGICAL, &[A, B]);
+    settle("new answer", &mut envoy_ask, "strict", B);
+    settle("new answer", &mut mesh_ask, "strict", B);
+    settle("new answer", &mut envoy_ask, "logical", A);
+    settle("new answer", &mut mesh_ask, "logical", A);
+    assert_eq!(envoy_ask("strict", 20), only(B, 20));
+    assert_eq!(mesh_ask("strict", 20), only(B, 20));
+    assert_eq!(envoy_ask("logical", 20), only(A, 20));
+    assert_eq!(mesh_ask("logical", 20), only(A, 20));
+}

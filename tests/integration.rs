@@ -15,6 +15,7 @@ mod dns_clusters;
 mod envoy_harness;
 mod envoy_interop;
 mod ext_authz;
+mod fault_oracle;
 mod jwt_inbound;
 mod mesh_certificates;
 mod mesh_drain;

@@ -969,8 +969,20 @@ impl KeepAlive {
         KeepAlive { s, buf: Vec::new() }
     }
 
-    /// (status, body, the value of header `x-envoy-…` named `header`, if asked).
+    /// GET `path` from `host`: (status, body).
     pub(crate) fn get(&mut self, host: &str, path: &str, extra: &[(&str, &str)]) -> (u16, String) {
+        let (status, _, body) = self.send(host, path, extra);
+        (status, body)
+    }
+
+    /// GET `path` from `host` with `extra` headers: (status, response headers with lowercase
+    /// names, body).
+    pub(crate) fn send(
+        &mut self,
+        host: &str,
+        path: &str,
+        extra: &[(&str, &str)],
+    ) -> (u16, Vec<(String, String)>, String) {
         let mut text = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
         for (k, v) in extra {
             text.push_str(&format!("{k}: {v}\r\n"));
@@ -981,13 +993,18 @@ impl KeepAlive {
         loop {
             if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-                let len: usize = head
+                let headers: Vec<(String, String)> = head
                     .lines()
-                    .find_map(|l| {
+                    .skip(1)
+                    .filter_map(|l| {
                         let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())?
+                        Some((k.trim().to_ascii_lowercase(), v.trim().to_owned()))
                     })
+                    .collect();
+                let len: usize = headers
+                    .iter()
+                    .find(|(k, _)| k == "content-length")
+                    .and_then(|(_, v)| v.parse().ok())
                     .unwrap_or(0);
                 if self.buf.len() >= end + 4 + len {
                     let body =
@@ -998,7 +1015,7 @@ impl KeepAlive {
                         .nth(1)
                         .and_then(|s| s.parse().ok())
                         .unwrap_or(0);
-                    return (status, body);
+                    return (status, headers, body);
                 }
             }
             let n = self.s.read(&mut chunk).expect("read envoy response");
@@ -1091,6 +1108,17 @@ pub(crate) fn mesh_outbound(
     route_config: &Value,
     clusters: &[Value],
 ) -> mesh_tower::outbound::Outbound {
+    mesh_outbound_with_dns(rt, route_config, clusters, None)
+}
+
+/// [`mesh_outbound`], where `STRICT_DNS` / `LOGICAL_DNS` clusters stay DNS clusters resolved
+/// through mesh-dns asking the DNS server `dns` (the names in their `load_assignment`).
+pub(crate) fn mesh_outbound_with_dns(
+    rt: &tokio::runtime::Runtime,
+    route_config: &Value,
+    clusters: &[Value],
+    dns: Option<std::net::SocketAddr>,
+) -> mesh_tower::outbound::Outbound {
     use std::collections::{BTreeMap, HashMap};
     use std::sync::Arc;
     let rc_pb: pb::RouteConfiguration = mesh_xds::translate::from_any(&any_via_dump(
@@ -1106,6 +1134,15 @@ pub(crate) fn mesh_outbound(
     let mut emap = HashMap::new();
     for c in clusters {
         let (mut cluster, set) = mesh_static_cluster(c);
+        if dns.is_some()
+            && matches!(
+                cluster.discovery,
+                mesh_core::cluster::ClusterDiscovery::Dns(_)
+            )
+        {
+            cmap.insert(cluster.name.clone(), Arc::new(cluster));
+            continue;
+        }
         // Inline endpoints: served to mesh as the cluster's EDS resource.
         cluster.discovery = mesh_core::cluster::ClusterDiscovery::Eds {
             service_name: cluster.name.clone(),
@@ -1138,7 +1175,15 @@ pub(crate) fn mesh_outbound(
     cell.publish(snap, true);
     let node = mesh_core::NodeIdentity::new("t", "default", "127.0.0.1".parse().unwrap(), "sa");
     let _guard = rt.enter();
-    mesh_tower::outbound::Outbound::new(cell, mesh_core::CertStore::new(), node)
+    let outbound =
+        mesh_tower::outbound::Outbound::new(cell.clone(), mesh_core::CertStore::new(), node);
+    let Some(dns) = dns else { return outbound };
+    let resolver = mesh::parts::dns::MeshResolver::new(cell, "default", "cluster.local")
+        .with_upstream_servers(&[dns])
+        .expect("a resolver for the test DNS server");
+    let outbound = outbound.with_resolver(Arc::new(resolver));
+    outbound.spawn_dns_refresh();
+    outbound
 }
 
 /// An Envoy bootstrap: one listener with `route_config`, an access log of
@@ -1171,9 +1216,52 @@ fn fresh_access_log(tag: &str) -> std::path::PathBuf {
     log
 }
 
-/// An Envoy with [`lb_bootstrap`] (its access log a fresh file in a temp directory named after
-/// `what`) and mesh's outbound path ([`mesh_outbound`]) over the same routes and clusters:
-/// (Envoy, its listener port, its access log, the runtime mesh runs on, mesh).
+/// A real Envoy and mesh's outbound path over the same routes and clusters (see
+/// [`oracles`]).
+pub(crate) struct Oracles {
+    /// Envoy's listener port.
+    pub(crate) port: u16,
+    /// Envoy's access log ([`lb_bootstrap`]'s format).
+    pub(crate) log: std::path::PathBuf,
+    /// The runtime mesh runs on.
+    pub(crate) rt: tokio::runtime::Runtime,
+    /// mesh.
+    pub(crate) mesh: mesh_tower::outbound::Outbound,
+    /// Envoy (stopped when dropped).
+    pub(crate) envoy: EnvoyProcess,
+}
+
+/// Starts Envoy on [`lb_bootstrap`] (changed by `edit`) with a fresh access log under a
+/// directory named after `name`, and mesh over the same config ([`mesh_outbound_with_dns`]).
+pub(crate) fn oracles(
+    name: &str,
+    route_config: &Value,
+    clusters: &[Value],
+    edit: impl FnOnce(&mut Value),
+    dns: Option<std::net::SocketAddr>,
+) -> Oracles {
+    let port = free_port();
+    let log = fresh_access_log(name);
+    let mut boot: Value =
+        serde_json::from_str(&lb_bootstrap(port, route_config, clusters, &log)).unwrap();
+    edit(&mut boot);
+    let envoy = EnvoyProcess::start(&boot.to_string());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mesh = mesh_outbound_with_dns(&rt, route_config, clusters, dns);
+    Oracles {
+        port,
+        log,
+        rt,
+        mesh,
+        envoy,
+    }
+}
+
+/// [`oracles`] over [`lb_bootstrap`] as it is, without DNS: (Envoy, its listener port, its
+/// access log, the runtime mesh runs on, mesh).
 pub(crate) fn envoy_and_mesh(
     what: &str,
     route_config: &Value,
@@ -1185,19 +1273,12 @@ pub(crate) fn envoy_and_mesh(
     tokio::runtime::Runtime,
     mesh_tower::outbound::Outbound,
 ) {
-    let port = free_port();
-    let log = fresh_access_log(what);
-    let envoy = EnvoyProcess::start(&lb_bootstrap(port, route_config, clusters, &log));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mesh = mesh_outbound(&rt, route_config, clusters);
-    (envoy, port, log, rt, mesh)
+    let o = oracles(what, route_config, clusters, |_| {}, None);
+    (o.envoy, o.port, o.log, o.rt, o.mesh)
 }
 
 /// Envoy's access-log line for the `n`th logged request (bounded wait for the flush).
-fn envoy_log_line(log: &std::path::Path, n: usize) -> String {
+pub(crate) fn envoy_log_line(log: &std::path::Path, n: usize) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -1800,6 +1881,155 @@ fn maglev_tables_match_envoy_for_many_host_sets() {
         assert_eq!(used.len(), sets[n].len(), "set {n}: every host takes keys");
     }
     assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+}
+
+/// `hash_policy.cookie` with a `ttl` (Istio's `consistentHash.httpCookie`): a request without
+/// the cookie gets a generated value, hashed, and set on the response. The `Set-Cookie` form is
+/// Envoy's, a request carrying the value (quoted or not) lands where the generating request
+/// did, and mesh places Envoy's values on the same endpoints as Envoy.
+#[test]
+fn generated_hash_cookies_match_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    let up = PortUpstreams::start(4);
+    let eps: Vec<Value> = up
+        .ports
+        .iter()
+        .map(|p| json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}))
+        .collect();
+    let clusters = vec![
+        json!({"name": "sticky", "type": "STATIC", "connect_timeout": "1s",
+        "lb_policy": "RING_HASH", "load_assignment": {"cluster_name": "sticky", "endpoints": [{"lb_endpoints": eps}]}}),
+    ];
+    let cookies = [
+        (
+            "full",
+            json!({"name": "session", "ttl": "3600s", "path": "/app",
+                "attributes": [{"name": "SameSite", "value": "Lax"}, {"name": "Secure"}]}),
+        ),
+        ("bare", json!({"name": "sid", "ttl": "0s"})),
+    ];
+    let vhosts: Vec<Value> = cookies
+        .iter()
+        .map(|(host, c)| {
+            json!({"name": host, "domains": [host], "routes": [{"match": {"prefix": "/"},
+            "route": {"cluster": "sticky", "hash_policy": [{"cookie": c}]}}]})
+        })
+        .collect();
+    let route_config = json!({"name": "cookies", "virtual_hosts": vhosts});
+    let Oracles { port, rt, mesh, .. } = &oracles("cookie", &route_config, &clusters, |_| {}, None);
+    let port = *port;
+    let mesh_get = |host: &str, cookie: Option<&str>| -> (String, Vec<String>) {
+        rt.block_on(async {
+            let mut req = http::Request::get(format!("http://{host}/"));
+            if let Some(c) = cookie {
+                req = req.header("cookie", c);
+            }
+            let r = mesh
+                .request(
+                    req.body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap(),
+                )
+                .await;
+            assert_eq!(r.status(), 200);
+            let set: Vec<String> = r
+                .headers()
+                .get_all("set-cookie")
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect();
+            use http_body_util::BodyExt;
+            let b = r.into_body().collect().await.unwrap().to_bytes();
+            (String::from_utf8_lossy(&b).into_owned(), set)
+        })
+    };
+    // `name="<16 hex digits>"…`: the value and the form with the value blanked.
+    let split = |set: &str, name: &str| -> (String, String) {
+        let rest = set
+            .strip_prefix(&format!("{name}=\""))
+            .unwrap_or_else(|| panic!("set-cookie {set:?}"));
+        let (value, tail) = rest.split_once('"').expect("closing quote");
+        assert!(
+            value.len() == 16
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+            "value {value:?}"
+        );
+        (value.to_owned(), format!("{name}=\"<v>\"{tail}"))
+    };
+    let mut client = KeepAlive::connect(port);
+    let local = client.s.local_addr().unwrap().to_string();
+    for ((host, c), want_form) in cookies.iter().zip([
+        "session=\"<v>\"; Max-Age=3600; Path=/app; SameSite=Lax; Secure; HttpOnly",
+        "sid=\"<v>\"; HttpOnly",
+    ]) {
+        let name = c["name"].as_str().unwrap();
+        let (status, headers, envoy_port) = client.send(host, "/", &[]);
+        assert_eq!(status, 200);
+        let sets: Vec<&String> = headers
+            .iter()
+            .filter(|(k, _)| k == "set-cookie")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(sets.len(), 1, "{host}: envoy {headers:?}");
+        let (value, form) = split(sets[0], name);
+        eprintln!("{host}: envoy set-cookie {} on {envoy_port}", sets[0]);
+        assert_eq!(form, want_form, "{host}: Envoy's form");
+        // Envoy's value: xxHash64 of the downstream remote and local addresses, in hex.
+        let conn = format!("{local}127.0.0.1:{port}");
+        assert_eq!(
+            value,
+            format!("{:016x}", mesh_core::lb::xx_hash64(conn.as_bytes(), 0)),
+            "{host}: envoy's value from {conn}"
+        );
+        // Envoy: the cookie, quoted or not, lands where the generating request did, and
+        // no new cookie is set.
+        for cookie in [
+            format!("{name}=\"{value}\""),
+            format!("other=1; {name}={value}"),
+        ] {
+            let (status, headers, p) = client.send(host, "/", &[("cookie", &cookie)]);
+            assert_eq!(
+                (status, &p),
+                (200, &envoy_port),
+                "{host}: envoy with {cookie}"
+            );
+            assert!(!headers.iter().any(|(k, _)| k == "set-cookie"));
+            // mesh places Envoy's value on the same endpoint.
+            let (m, set) = mesh_get(host, Some(&cookie));
+            assert_eq!(m, envoy_port, "{host}: mesh with {cookie}");
+            assert!(set.is_empty(), "{host}: mesh set {set:?}");
+        }
+        // mesh generates: the same form, and its own value is sticky.
+        let mut used = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let (m, set) = mesh_get(host, None);
+            assert_eq!(set.len(), 1, "{host}: mesh {set:?}");
+            let (value, form) = split(&set[0], name);
+            assert_eq!(form, want_form, "{host}: mesh's form");
+            for cookie in [format!("{name}=\"{value}\""), format!("{name}={value}")] {
+                assert_eq!(
+                    mesh_get(host, Some(&cookie)).0,
+                    m,
+                    "{host}: mesh with {cookie}"
+                );
+                let (status, _, p) = client.send(host, "/", &[("cookie", &cookie)]);
+                assert_eq!(
+                    (status, &p),
+                    (200, &m),
+                    "{host}: envoy with mesh's {cookie}"
+                );
+            }
+            used.insert(m);
+        }
+        // Each request without the cookie draws its own value: they spread.
+        assert!(
+            used.len() > 1,
+            "{host}: mesh's generated cookies all on {used:?}"
+        );
+    }
 }
 
 /// `max_requests_per_connection` from istiod's `HttpProtocolOptions`: the same requests open

@@ -48,12 +48,39 @@ pub struct FaultAbort {
 }
 
 /// The abort to answer with.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Abort {
     /// An HTTP status.
     Http(u16),
     /// HTTP 200 with this gRPC status.
     Grpc(u32),
+}
+
+impl Abort {
+    /// How Envoy answers the abort: (HTTP status, gRPC status). A gRPC request gets HTTP 200
+    /// and a `grpc-status` (the configured one, else mapped from the HTTP status); any other
+    /// request gets the HTTP status (200 for a `grpc_status` abort) and no gRPC status.
+    pub fn reply(&self, grpc_request: bool) -> (u16, Option<u32>) {
+        match (*self, grpc_request) {
+            (Abort::Http(s), false) => (s, None),
+            (Abort::Http(s), true) => (200, Some(http_to_grpc_status(s))),
+            (Abort::Grpc(_), false) => (200, None),
+            (Abort::Grpc(c), true) => (200, Some(c)),
+        }
+    }
+}
+
+/// The gRPC status Envoy's local reply to a gRPC request carries for an HTTP status
+/// (`Grpc::Utility::httpToGrpcStatus`, the gRPC HTTP-to-gRPC mapping).
+pub fn http_to_grpc_status(status: u16) -> u32 {
+    match status {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
 }
 
 /// A route's fault injection.
@@ -141,6 +168,16 @@ impl Fault {
 mod tests {
     use super::*;
     use http::HeaderMap;
+
+    #[test]
+    fn aborts_answer_grpc_requests_in_grpc() {
+        // As Envoy 1.40 answers them (tests/fault_oracle.rs).
+        assert_eq!(Abort::Http(503).reply(false), (503, None));
+        assert_eq!(Abort::Http(503).reply(true), (200, Some(14)));
+        assert_eq!(Abort::Http(418).reply(true), (200, Some(2)));
+        assert_eq!(Abort::Grpc(14).reply(true), (200, Some(14)));
+        assert_eq!(Abort::Grpc(14).reply(false), (200, None));
+    }
 
     fn all() -> Fraction {
         Fraction {

@@ -604,12 +604,77 @@ impl Forwarding {
 pub enum HashPolicyKind {
     /// `header`: the header's values (sorted, chained through xxHash64 as Envoy does).
     Header(HeaderName),
-    /// `cookie`: the named cookie's value (generated cookies are not supported).
+    /// `cookie` without a `ttl`: the named cookie's value.
     Cookie(String),
+    /// `cookie` with a `ttl`: the named cookie's value; a request without the cookie gets a
+    /// generated value (hashed as if the request carried it), which the response sets.
+    GeneratedCookie(Arc<GeneratedCookie>),
     /// `connection_properties.source_ip`.
     SourceIp,
     /// `query_parameter`: the first value of the parameter.
     QueryParameter(String),
+}
+
+/// A `hash_policy.cookie` with a `ttl`: what the `Set-Cookie` of a generated value says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GeneratedCookie {
+    /// `name`.
+    pub name: String,
+    /// `ttl` (zero: a session cookie, no `Max-Age`).
+    pub ttl: Duration,
+    /// `path` (empty: no `Path`).
+    pub path: String,
+    /// `attributes`: (name, value), an empty value rendering the bare name.
+    pub attributes: Vec<(String, String)>,
+}
+
+impl GeneratedCookie {
+    /// The value Envoy generates from a 64-bit number: 16 lowercase hex digits.
+    pub fn value(n: u64) -> String {
+        format!("{n:016x}")
+    }
+
+    /// The `Set-Cookie` header value for `value`, as Envoy renders it:
+    /// `name="value"; Max-Age=<ttl>; Path=<path>; <attributes>; HttpOnly`.
+    pub fn set_cookie(&self, value: &str) -> String {
+        use std::fmt::Write;
+        let mut out = format!("{}=\"{value}\"", self.name);
+        if !self.ttl.is_zero() {
+            let _ = write!(out, "; Max-Age={}", self.ttl.as_secs());
+        }
+        if !self.path.is_empty() {
+            let _ = write!(out, "; Path={}", self.path);
+        }
+        for (k, v) in &self.attributes {
+            match v.is_empty() {
+                true => {
+                    let _ = write!(out, "; {k}");
+                }
+                false => {
+                    let _ = write!(out, "; {k}={v}");
+                }
+            }
+        }
+        out.push_str("; HttpOnly");
+        out
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers, without the double quotes
+/// that may wrap it (as Envoy's `parseCookieValue` reads it).
+fn cookie_value<'a>(req: &RequestView<'a>, name: &str) -> Option<&'a str> {
+    req.headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| {
+            v.strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(v)
+        })
 }
 
 /// One `hash_policy` entry of a route.
@@ -622,11 +687,24 @@ pub struct HashPolicy {
 }
 
 /// Envoy's request hash for ring hash / Maglev: each policy that yields a value is combined as
-/// `rotl(hash, 1) ^ new`, stopping after a terminal one that yielded.
+/// `rotl(hash, 1) ^ new`, stopping after a terminal one that yielded. A generated cookie
+/// missing from the request yields nothing here; see [`request_hash_with`].
 pub fn request_hash(
     policies: &[HashPolicy],
     req: &RequestView<'_>,
     source_ip: Option<std::net::IpAddr>,
+) -> Option<u64> {
+    request_hash_with(policies, req, source_ip, &mut |_| None)
+}
+
+/// [`request_hash`], asking `add_cookie` for the value of each generated cookie the request
+/// lacks (Envoy's router callback: it remembers the `Set-Cookie` and returns the value, which
+/// is then hashed as a cookie value is).
+pub fn request_hash_with(
+    policies: &[HashPolicy],
+    req: &RequestView<'_>,
+    source_ip: Option<std::net::IpAddr>,
+    add_cookie: &mut dyn FnMut(&GeneratedCookie) -> Option<String>,
 ) -> Option<u64> {
     use crate::lb::xx_hash64;
     let mut hash: Option<u64> = None;
@@ -650,15 +728,13 @@ pub fn request_hash(
                     }
                 }
             }
-            HashPolicyKind::Cookie(name) => req
-                .headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .filter_map(|kv| kv.trim().split_once('='))
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| xx_hash64(v.as_bytes(), 0)),
+            HashPolicyKind::Cookie(name) => {
+                cookie_value(req, name).map(|v| xx_hash64(v.as_bytes(), 0))
+            }
+            HashPolicyKind::GeneratedCookie(c) => match cookie_value(req, &c.name) {
+                Some(v) if !v.is_empty() => Some(xx_hash64(v.as_bytes(), 0)),
+                _ => add_cookie(c).map(|v| xx_hash64(v.as_bytes(), 0)),
+            },
             HashPolicyKind::SourceIp => source_ip.map(|ip| xx_hash64(ip.to_string().as_bytes(), 0)),
             HashPolicyKind::QueryParameter(name) => req.query().and_then(|q| {
                 q.split('&')
@@ -1271,6 +1347,62 @@ mod tests {
             denominator: 100,
         });
         assert!(f.matches("/", &h));
+    }
+
+    #[test]
+    fn generated_cookies_render_and_hash_like_envoy() {
+        use crate::lb::xx_hash64;
+        let c = Arc::new(GeneratedCookie {
+            name: "session".into(),
+            ttl: Duration::from_secs(3600),
+            path: "/app".into(),
+            attributes: vec![
+                ("SameSite".into(), "Lax".into()),
+                ("Secure".into(), "".into()),
+            ],
+        });
+        let v = GeneratedCookie::value(0xab);
+        assert_eq!(v, "00000000000000ab");
+        assert_eq!(
+            c.set_cookie(&v),
+            "session=\"00000000000000ab\"; Max-Age=3600; Path=/app; SameSite=Lax; Secure; HttpOnly"
+        );
+        let bare = GeneratedCookie {
+            name: "sid".into(),
+            ttl: Duration::ZERO,
+            path: String::new(),
+            attributes: vec![],
+        };
+        assert_eq!(bare.set_cookie("x"), "sid=\"x\"; HttpOnly");
+        let policy = [HashPolicy {
+            kind: HashPolicyKind::GeneratedCookie(c),
+            terminal: false,
+        }];
+        // Without the cookie: the callback's value is hashed.
+        let h = HeaderMap::new();
+        let mut asked = 0;
+        let got = request_hash_with(&policy, &RequestView::new("h", "/", &h), None, &mut |_| {
+            asked += 1;
+            Some(v.clone())
+        });
+        assert_eq!((got, asked), (Some(xx_hash64(v.as_bytes(), 0)), 1));
+        assert_eq!(
+            request_hash(&policy, &RequestView::new("h", "/", &h), None),
+            None
+        );
+        // With it, quoted or not: the value is hashed, nothing generated.
+        for cookie in [
+            "session=\"00000000000000ab\"",
+            "a=1; session=00000000000000ab",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::COOKIE, cookie.parse().unwrap());
+            let got =
+                request_hash_with(&policy, &RequestView::new("h", "/", &h), None, &mut |_| {
+                    panic!("generated although the request has the cookie")
+                });
+            assert_eq!(got, Some(xx_hash64(v.as_bytes(), 0)), "{cookie}");
+        }
     }
 
     #[test]

@@ -100,6 +100,9 @@ pub enum RouteDecision {
         rewritten_path: Option<String>,
         /// The route's fault injection.
         fault: Option<Arc<crate::fault::Fault>>,
+        /// `Set-Cookie` values for the response: the hash-policy cookies generated for this
+        /// request (added to the upstream's response, as Envoy's router does).
+        set_cookies: Vec<String>,
     },
     /// Answer locally.
     Respond {
@@ -333,6 +336,7 @@ impl Snapshot {
             forwarding: None,
             rewritten_path: None,
             fault: None,
+            set_cookies: Vec::new(),
         }
     }
 
@@ -363,12 +367,25 @@ impl RouteDecision {
             forwarding,
             rewritten_path,
             fault,
+            set_cookies,
             ..
         } = &mut self
         {
             fault.clone_from(&route.fault);
             if !route.hash_policy.is_empty() {
-                *hash = crate::route::request_hash(&route.hash_policy, req, None);
+                // Envoy derives a generated value from the downstream connection's addresses;
+                // mesh has no connection, so each request without the cookie draws one. The
+                // same value serves every generated cookie of the request, as in Envoy.
+                let mut value: Option<String> = None;
+                *hash = crate::route::request_hash_with(&route.hash_policy, req, None, &mut |c| {
+                    let v = value
+                        .get_or_insert_with(|| {
+                            crate::route::GeneratedCookie::value(rand::random::<u64>())
+                        })
+                        .clone();
+                    set_cookies.push(c.set_cookie(&v));
+                    Some(v)
+                });
             }
             if let Some(f) = &route.forwarding {
                 *rewritten_path = f.rewrite_path(&route.matcher, req);

@@ -222,10 +222,23 @@ async fn fault_injection_aborts_and_delays_before_the_upstream() {
             r.extensions().get::<ResponseFlag>(),
             Some(&ResponseFlag::FaultInjected)
         );
-        let r = out.get("http://svc:9080/grpc").await.unwrap();
+        // A gRPC request gets the gRPC status; any other request a 200 with the text, as
+        // Envoy 1.40 answers (tests/fault_oracle.rs in the root crate).
+        let r = out
+            .request(
+                http::Request::get("http://svc:9080/grpc")
+                    .header("content-type", "application/grpc")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap(),
+            )
+            .await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["grpc-status"], "14");
         assert_eq!(r.headers()["content-type"], "application/grpc");
+        let r = out.get("http://svc:9080/grpc").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().get("grpc-status").is_none());
+        assert_eq!(r.body(), "fault filter abort");
         assert!(up.seen().is_empty());
         // Header-controlled: no headers, no fault.
         let r = out.get("http://svc:9080/x").await.unwrap();

@@ -408,12 +408,14 @@ impl Outbound {
                 forwarding,
                 rewritten_path,
                 fault,
+                set_cookies,
                 ..
             } => Forward {
                 idle: idle_timeout.map(idle::StreamIdle::new),
                 route,
                 shadow: false,
                 fault,
+                set_cookies,
                 hash,
                 forwarding,
                 rewritten_path,
@@ -479,13 +481,15 @@ impl Outbound {
                     .as_ref()
                     .and_then(|a| a.body.clone())
                     .unwrap_or_else(|| mesh_core::fault::FAULT_ABORT_BODY.to_owned());
-                let flag = ResponseFlag::FaultInjected;
-                return match a {
-                    mesh_core::fault::Abort::Http(status) => {
-                        no_host((status, Some(Bytes::from(text)), flag, None))
-                    }
-                    mesh_core::fault::Abort::Grpc(code) => {
-                        let mut r = no_host((200, None, flag, None));
+                let flag = match delayed {
+                    true => ResponseFlag::DelayInjected | ResponseFlag::FaultInjected,
+                    false => ResponseFlag::FaultInjected,
+                };
+                return match a.reply(grpc) {
+                    (status, None) => no_host((status, Some(Bytes::from(text)), flag, None)),
+                    (status, Some(code)) => {
+                        // Envoy's local reply to a gRPC request: trailers-only.
+                        let mut r = no_host((status, None, flag, None));
                         let h = r.headers_mut();
                         h.insert(
                             header::CONTENT_TYPE,
@@ -1036,6 +1040,12 @@ impl Outbound {
                         }
                     }
                     parts.extensions.insert(flag);
+                    // Envoy's router adds the generated cookies to the upstream's response.
+                    for c in &fwd.set_cookies {
+                        if let Ok(v) = HeaderValue::from_str(c) {
+                            parts.headers.append(header::SET_COOKIE, v);
+                        }
+                    }
                     let body = OutboundBody::upstream(incoming, checkin, record, guards);
                     Response::from_parts(parts, body)
                 }
@@ -1181,6 +1191,7 @@ impl Outbound {
             forwarding: None,
             rewritten_path: None,
             fault: None,
+            set_cookies: Vec::new(),
             shadow: true,
         };
         let this = self.clone();
@@ -1512,6 +1523,8 @@ struct Forward {
     forwarding: Option<Arc<Forwarding>>,
     rewritten_path: Option<String>,
     fault: Option<Arc<mesh_core::fault::Fault>>,
+    /// `Set-Cookie` values of generated hash-policy cookies, for the upstream's response.
+    set_cookies: Vec<String>,
     /// A mirror copy: no telemetry, no further mirroring.
     shadow: bool,
 }

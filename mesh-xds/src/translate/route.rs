@@ -543,15 +543,22 @@ fn hash_policies(list: &[route_action::HashPolicy]) -> Result<Vec<HashPolicy>, S
                         })?,
                 )
             }
-            Some(PolicySpecifier::Cookie(c)) => {
-                if c.ttl.is_some() {
-                    tracing::debug!(
-                        cookie = %c.name,
-                        "route.hash_policy: generated cookies are not supported; requests without the cookie are hashed randomly"
-                    );
-                }
-                HashPolicyKind::Cookie(c.name.clone())
-            }
+            Some(PolicySpecifier::Cookie(c)) => match &c.ttl {
+                None => HashPolicyKind::Cookie(c.name.clone()),
+                Some(ttl) => HashPolicyKind::GeneratedCookie(std::sync::Arc::new(
+                    mesh_core::route::GeneratedCookie {
+                        name: c.name.clone(),
+                        ttl: duration(ttl)
+                            .map_err(|e| format!("route.hash_policy[{i}].cookie.ttl: {e}"))?,
+                        path: c.path.clone(),
+                        attributes: c
+                            .attributes
+                            .iter()
+                            .map(|a| (a.name.clone(), a.value.clone()))
+                            .collect(),
+                    },
+                )),
+            },
             Some(PolicySpecifier::ConnectionProperties(cp)) if cp.source_ip => {
                 HashPolicyKind::SourceIp
             }
