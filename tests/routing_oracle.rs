@@ -1077,7 +1077,7 @@ fn lb_cluster_json(c: &LbCase, ports: &[u16]) -> Value {
 }
 
 /// A static cluster (JSON) as mesh translates it, with its inline `load_assignment` as an
-/// endpoint set.
+/// endpoint set (none for a DNS cluster).
 fn mesh_static_cluster(
     c: &Value,
 ) -> (
@@ -1094,9 +1094,15 @@ fn mesh_static_cluster(
         ))
         .expect("cluster proto");
     let cluster = mesh_xds::translate::translate_cluster(&c_pb).expect("mesh accepts the cluster");
+    // A DNS cluster's load_assignment names hosts to resolve, not endpoints.
+    let dns = matches!(
+        cluster.discovery,
+        mesh_core::cluster::ClusterDiscovery::Dns(_)
+    );
     let set = c_pb
         .load_assignment
         .as_ref()
+        .filter(|_| !dns)
         .map(|cla| mesh_xds::translate::translate_endpoint(cla).expect("mesh accepts the CLA"));
     (cluster, set)
 }
