@@ -627,8 +627,9 @@ fn split_mesh_frame(received: &[u8]) -> (BTreeMap<String, String>, String, Vec<u
 /// `["istio-peer-exchange", "istio"]` to a mesh TCP port negotiates `istio-peer-exchange`;
 /// mesh writes its frame first (decoded with protobuf's own types: its node id and workload
 /// metadata). A client frame built from the facts names the client in the server's
-/// `istio_tcp_*`; a client that sends its application bytes with no frame (wrong magic) is an
-/// unknown peer. In both cases the application's bytes pass through unchanged (the request's
+/// `istio_tcp_*`; a client that sends its application bytes with no frame (wrong magic), or a
+/// header whose body is no protobuf `Any`, is an unknown peer. In every case the application's
+/// bytes pass through unchanged (the request's
 /// path reaches the app, the reply comes back, byte counts are exactly the request's and the
 /// reply's). A client offering Istio's HTTP ALPN gets no frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -651,6 +652,8 @@ async fn a_raw_istio_peer_exchange_client_gets_mesh_frame_and_its_bytes_pass_thr
     )
     .await;
 
+    let kiosk_request =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nhost: kiosk\r\nconnection: close\r\n\r\n");
     let exchange = |sa: &'static str, prefix: Vec<u8>, path: &'static str| {
         let plane = &plane;
         async move {
@@ -661,8 +664,7 @@ async fn a_raw_istio_peer_exchange_client_gets_mesh_frame_and_its_bytes_pass_thr
                 "outbound_.7500_._.kiosk.default.svc.cluster.local",
             )
             .expect("sni");
-            let request =
-                format!("GET {path} HTTP/1.1\r\nhost: kiosk\r\nconnection: close\r\n\r\n");
+            let request = kiosk_request(path);
             let received = eventually("an mTLS connection to the TCP port", || async {
                 let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
                 let mut tls = connector.connect(name.clone(), tcp).await.ok()?;
@@ -738,9 +740,15 @@ async fn a_raw_istio_peer_exchange_client_gets_mesh_frame_and_its_bytes_pass_thr
         ("source_app", "unknown"),
         ("source_workload_namespace", NS),
     ];
+    // 3. The magic and a length, but a body that is no protobuf Any (here: the request itself,
+    //    whose first byte is an invalid protobuf tag): as Envoy's filter, mesh takes the 8-byte
+    //    header and hands the body to the application; the peer is unknown.
+    let mut not_any = 0x3D23_0467u32.to_be_bytes().to_vec();
+    not_any.extend_from_slice(&(kiosk_request("/mx-not-any").len() as u32).to_be_bytes());
     for (sa, prefix, path, want) in [
         ("rawpeer", frame, "/mx-framed", framed),
         ("rawnomagic", Vec::new(), "/mx-no-magic", unknown),
+        ("rawnotany", not_any, "/mx-not-any", unknown),
     ] {
         let (request, received) = exchange(sa, prefix, path).await;
         let reply = check_mesh_frame(&received);
