@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Bounded fuzzing of mesh-xds: decode + translate of every xDS resource type and config-dump
-# JSON loading. No crash allowed: exits non-zero on the first one.
+# JSON loading; and of mesh-core's TCP metadata exchange frame reader. No crash allowed: exits
+# non-zero on the first one.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]     (default 60)
 #
@@ -13,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-60}"
-targets=(decode_cluster decode_endpoint decode_listener decode_route decode_name_table config_dump_json)
+targets=(decode_cluster decode_endpoint decode_listener decode_route decode_name_table config_dump_json peer_exchange_frame)
 
 if cargo fuzz --help >/dev/null 2>&1; then
   if cargo +nightly --version >/dev/null 2>&1; then

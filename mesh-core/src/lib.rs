@@ -15,7 +15,8 @@
 //! * [`name_table`]: the NDS name table. [`resolve`]: the resolver trait mesh-dns implements.
 //! * [`lb`]: load balancers (round robin, least request, random, ring hash, Maglev) with priorities.
 //! * [`retry`]: Envoy's router retry policy and retry decisions.
-//! * [`peer_metadata`]: the `x-envoy-peer-metadata` headers sidecars exchange.
+//! * [`peer_metadata`]: the `x-envoy-peer-metadata` headers sidecars exchange;
+//!   [`metadata_exchange`]: the same metadata framed for TCP (ALPN `istio-peer-exchange`).
 //!
 //! Protobuf types never appear here: mesh-xds translates them into these types.
 
@@ -30,6 +31,7 @@ pub mod headers;
 pub mod identity;
 pub mod lb;
 pub mod listener;
+pub mod metadata_exchange;
 pub mod name_table;
 pub mod outlier;
 pub mod peer_metadata;

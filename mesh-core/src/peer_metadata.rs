@@ -138,12 +138,12 @@ impl PeerMetadata {
         }
     }
 
-    /// The deterministic protobuf `Struct` bytes (keys sorted, empty values left out).
-    pub fn to_struct_bytes(&self) -> Vec<u8> {
-        let mut fields: BTreeMap<&str, StructValue> = BTreeMap::new();
-        let mut put = |k: &'static str, v: &str| {
+    /// The metadata as `Struct` fields (empty values left out).
+    pub fn to_fields(&self) -> BTreeMap<String, StructValue> {
+        let mut fields = BTreeMap::new();
+        let mut put = |k: &str, v: &str| {
             if !v.is_empty() {
-                fields.insert(k, StructValue::String(v.to_owned()));
+                fields.insert(k.to_owned(), StructValue::String(v.to_owned()));
             }
         };
         put("AVAILABILITY_ZONE", &self.zone);
@@ -160,13 +160,14 @@ impl PeerMetadata {
                 .iter()
                 .map(|(k, v)| (k.clone(), StructValue::String(v.clone())))
                 .collect();
-            fields.insert("LABELS", StructValue::Struct(labels));
+            fields.insert("LABELS".to_owned(), StructValue::Struct(labels));
         }
-        let mut out = Vec::with_capacity(256);
-        for (k, v) in &fields {
-            write_entry(&mut out, k, v);
-        }
-        out
+        fields
+    }
+
+    /// The deterministic protobuf `Struct` bytes (keys sorted, empty values left out).
+    pub fn to_struct_bytes(&self) -> Vec<u8> {
+        encode_struct(&self.to_fields())
     }
 
     /// The `x-envoy-peer-metadata` header value.
@@ -281,7 +282,7 @@ fn write_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn write_len_delimited(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
+pub(crate) fn write_len_delimited(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
     out.push(tag);
     write_varint(out, body.len() as u64);
     out.extend_from_slice(body);
@@ -340,12 +341,12 @@ pub fn encode_struct(fields: &BTreeMap<String, StructValue>) -> Vec<u8> {
     out
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
+pub(crate) struct Reader<'a> {
+    pub(crate) buf: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn done(&self) -> bool {
+    pub(crate) fn done(&self) -> bool {
         self.buf.is_empty()
     }
 
@@ -374,19 +375,19 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    fn len_delimited(&mut self) -> Result<&'a [u8], PeerMetadataError> {
+    pub(crate) fn len_delimited(&mut self) -> Result<&'a [u8], PeerMetadataError> {
         let n = usize::try_from(self.varint()?)
             .map_err(|_| PeerMetadataError::Protobuf("length overflows"))?;
         self.bytes(n)
     }
 
     /// Reads a tag: (field number, wire type).
-    fn tag(&mut self) -> Result<(u64, u8), PeerMetadataError> {
+    pub(crate) fn tag(&mut self) -> Result<(u64, u8), PeerMetadataError> {
         let t = self.varint()?;
         Ok((t >> 3, (t & 7) as u8))
     }
 
-    fn skip(&mut self, wire: u8) -> Result<(), PeerMetadataError> {
+    pub(crate) fn skip(&mut self, wire: u8) -> Result<(), PeerMetadataError> {
         match wire {
             0 => self.varint().map(drop),
             1 => self.bytes(8).map(drop),

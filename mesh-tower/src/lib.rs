@@ -10,10 +10,13 @@
 //! * [`status`]: the pod-facing listeners 15020, 15021 and 15090.
 //! * [`telemetry`]: Istio's standard metrics recorded through the `metrics` facade.
 //! * [`grpc_frames`]: gRPC message counting for Istio's `istio_*_messages_total`.
+//! * [`peer_exchange`]: Istio's TCP metadata exchange (ALPN `istio-peer-exchange`) on a
+//!   connection.
 
 pub mod grpc_frames;
 pub mod inbound;
 pub mod outbound;
+pub mod peer_exchange;
 pub mod status;
 pub mod telemetry;
 pub mod tls;

@@ -14,7 +14,9 @@
 //!    `envoy_listener_no_filter_chain_match`).
 //! 3. **Terminate TLS** with [`tls::server_config`]: client certificate required in STRICT,
 //!    requested but optional in PERMISSIVE. The verified peer's [`PeerIdentity`] goes into
-//!    every request's extensions; plaintext requests carry none.
+//!    every request's extensions; plaintext requests carry none. On a TCP port the client may
+//!    negotiate `istio-peer-exchange`; then Istio's TCP metadata exchange runs first
+//!    ([`crate::peer_exchange`]) and the client's frame names the `source_*` of `istio_tcp_*`.
 //! 4. **Serve HTTP/1.1 and h2** (ALPN `h2`/`istio-h2` and prior-knowledge h2c) with hyper.
 //! 5. **Record** `istio_requests_total` & co. with `reporter="destination"` when each response
 //!    ends; on a port istiod renders as TCP proxy chains only, `istio_tcp_*` per connection
@@ -53,8 +55,10 @@ use mesh_core::{CertStore, SnapshotCell};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use crate::peer_exchange::{self, Replay};
 use crate::tls;
 use access_log::ConnectionInfo;
+use mesh_core::metadata_exchange::{ALPN_PEER_EXCHANGE, PeerExchange};
 use mesh_core::peer_metadata::PeerMetadataHeaders;
 pub use service::{InboundBody, InboundData, MeteredBody, RequestBody};
 use service::{InboundService, LocalPeerHeaders};
@@ -177,6 +181,12 @@ struct Shared {
     config: InboundConfig,
     strict_tls: Arc<rustls::ServerConfig>,
     permissive_tls: Arc<rustls::ServerConfig>,
+    /// [`strict_tls`](Self::strict_tls) and [`permissive_tls`](Self::permissive_tls) for a TCP
+    /// port: `istio-peer-exchange` negotiable.
+    strict_tcp_tls: Arc<rustls::ServerConfig>,
+    permissive_tcp_tls: Arc<rustls::ServerConfig>,
+    /// This workload's TCP metadata exchange frame.
+    exchange_frame: Vec<u8>,
     destination_tls: Arc<WorkloadLabels>,
     destination_plain: Arc<WorkloadLabels>,
     builder: auto::Builder<TokioExecutor>,
@@ -223,14 +233,19 @@ impl Shared {
             }
         };
         let peer_sans = peer_san_source(cell.clone(), certs.clone(), &config);
+        let strict_tls = tls::server_config_with_peer_sans(&certs, true, Some(peer_sans.clone()))
+            .map_err(tls_err)?;
+        let permissive_tls =
+            tls::server_config_with_peer_sans(&certs, false, Some(peer_sans)).map_err(tls_err)?;
         Ok(Shared {
             jwks: Arc::new(jwt::JwksCache::new()),
             local_headers,
             stats: Arc::new(ListenerStats::new(config.port)),
-            strict_tls: tls::server_config_with_peer_sans(&certs, true, Some(peer_sans.clone()))
-                .map_err(tls_err)?,
-            permissive_tls: tls::server_config_with_peer_sans(&certs, false, Some(peer_sans))
-                .map_err(tls_err)?,
+            strict_tcp_tls: tls::with_peer_exchange(&strict_tls),
+            permissive_tcp_tls: tls::with_peer_exchange(&permissive_tls),
+            strict_tls,
+            permissive_tls,
+            exchange_frame: mesh_core::metadata_exchange::frame_for_node(&config.node),
             destination_tls: Arc::new(destination_tls),
             destination_plain: Arc::new(destination_plain),
             builder,
@@ -386,10 +401,11 @@ async fn handle_connection<S, B>(
             .await;
         }
         (Detected::Tls, mode) => {
-            let config = if mode == InboundTlsMode::Strict {
-                &shared.strict_tls
-            } else {
-                &shared.permissive_tls
+            let config = match (mode == InboundTlsMode::Strict, tcp_port) {
+                (true, false) => &shared.strict_tls,
+                (false, false) => &shared.permissive_tls,
+                (true, true) => &shared.strict_tcp_tls,
+                (false, true) => &shared.permissive_tcp_tls,
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
             let accepted = tokio::select! {
@@ -444,6 +460,26 @@ async fn handle_connection<S, B>(
             if !tcp_port {
                 active.serving_http();
             }
+            // A TCP port's chain runs Istio's metadata exchange when the client asked for it.
+            let exchange = tcp_port
+                && stream.get_ref().1.alpn_protocol() == Some(ALPN_PEER_EXCHANGE.as_bytes());
+            let (stream, labels) = if exchange {
+                match peer_exchange::exchange(stream, &shared.exchange_frame).await {
+                    Ok((
+                        stream,
+                        Some(PeerExchange {
+                            metadata: Some(m), ..
+                        }),
+                    )) => (stream, labels.with_peer(m.workload_labels())),
+                    Ok((stream, _)) => (stream, labels),
+                    Err(error) => {
+                        tracing::debug!(%remote, %error, "istio-peer-exchange failed");
+                        return;
+                    }
+                }
+            } else {
+                (Replay::new(stream), labels)
+            };
             serve_http(
                 stream,
                 app,

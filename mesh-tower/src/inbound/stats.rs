@@ -257,6 +257,13 @@ impl ConnectionLabels {
         peer
     }
 
+    /// The connection's source as the peer's TCP metadata exchange described it (see
+    /// [`merge_peer`](Self::merge_peer)).
+    pub(crate) fn with_peer(mut self, peer: WorkloadLabels) -> Self {
+        self.source = self.merge_peer(peer);
+        self
+    }
+
     /// Records one finished request. `peer` is the source as the request's peer metadata
     /// described it (see [`merge_peer`](Self::merge_peer)), `None` for the connection's own.
     pub(crate) fn record(&self, finished: &Finished, peer: Option<&Arc<WorkloadLabels>>) {

@@ -131,6 +131,8 @@ struct Inner {
     peer_headers: Option<telemetry::PeerHeaders>,
     /// The pod's IP (`%DOWNSTREAM_REMOTE_ADDRESS%`).
     instance_ip: IpAddr,
+    /// This workload's TCP metadata exchange frame.
+    exchange_frame: Vec<u8>,
 }
 
 /// Per-cluster state that outlives snapshots while the cluster is unchanged: host pools and
@@ -205,6 +207,7 @@ impl Outbound {
                 )),
                 peer_headers: telemetry::PeerHeaders::for_node(&node),
                 instance_ip: node.instance_ip,
+                exchange_frame: mesh_core::metadata_exchange::frame_for_node(&node),
                 source,
                 clusters: ArcSwap::from_pointee(HashMap::default()),
                 clusters_write: Mutex::new(()),

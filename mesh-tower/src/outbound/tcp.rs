@@ -5,8 +5,10 @@
 //! DNS), picks the listener Envoy would take ([`Snapshot::route_outbound_tcp`]: the
 //! `<vip>_<port>` TCP listener's cluster, else `PassthroughCluster` / `BlackHoleCluster` by
 //! the outbound traffic policy), picks an endpoint with the cluster's load balancer and opens
-//! the connection: Istio mTLS (ALPN `istio`, the cluster's SNI, the SPIFFE SAN check) to
-//! endpoints with `tlsMode: istio`, plaintext otherwise. The returned
+//! the connection: Istio mTLS (ALPN `istio-peer-exchange`, `istio`; the cluster's SNI, the
+//! SPIFFE SAN check) to endpoints with `tlsMode: istio`, plaintext otherwise. When the server
+//! negotiates `istio-peer-exchange`, the two sides swap workload metadata first
+//! ([`crate::peer_exchange`]) and the server's names the destination. The returned
 //! [`OutboundTcpStream`] reports Istio's TCP metrics with `reporter="source"` as Envoy's
 //! `istio.stats` network filter does: opened at connect, byte deltas every
 //! [`TCP_REPORTING_DURATION`](mesh_core::telemetry::TCP_REPORTING_DURATION) and at close,
@@ -24,6 +26,7 @@ use mesh_core::cluster::ClusterDiscovery;
 use mesh_core::endpoint::EndpointTlsMode;
 use mesh_core::flags::ResponseFlag;
 use mesh_core::lb::PickContext;
+use mesh_core::metadata_exchange::ALPN_PEER_EXCHANGE;
 use mesh_core::snapshot::{PASSTHROUGH_CLUSTER, RouteDecision};
 use mesh_core::telemetry::{DestinationService, Reporter, UNKNOWN};
 use metrics::Label;
@@ -32,13 +35,14 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::pool::{self, ConnectError, Io, TlsTarget};
-use super::telemetry::{ConnectionGuard, destination_labels, strip_port};
+use super::telemetry::{ConnectionGuard, destination_labels, strip_port, upstream_destination};
 use super::{Outbound, authority_port};
 use crate::inbound::tcp_stats::{CountingStream, TcpConnection};
+use crate::peer_exchange::{self, Replay};
 
-/// ALPN the sidecar's TCP clusters offer over Istio mTLS, without `istio-peer-exchange`
-/// (mesh does not run the TCP metadata exchange).
-const ALPN_ISTIO_TCP: &[&[u8]] = &[b"istio"];
+/// ALPN the sidecar's TCP clusters offer over Istio mTLS (`ALPNInMeshWithMxc`):
+/// `istio-peer-exchange` runs the TCP metadata exchange when the server negotiates it.
+const ALPN_ISTIO_TCP: &[&[u8]] = &[b"istio-peer-exchange", b"istio"];
 
 /// Why [`Outbound::connect_tcp`] opened no connection.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +90,7 @@ impl From<ConnectError> for TcpConnectError {
 #[pin_project]
 pub struct OutboundTcpStream {
     #[pin]
-    io: CountingStream<Io>,
+    io: CountingStream<Replay<Io>>,
     /// Reported closed when the last reference (this stream's) goes.
     _stats: Arc<Mutex<TcpConnection>>,
     _cx: Option<ConnectionGuard>,
@@ -253,12 +257,30 @@ impl Outbound {
         .await?;
         let cx = host_pool.labels.connection_opened();
         let local = io.local_addr();
+        // Istio's metadata exchange, when the server negotiated it: the server's own metadata
+        // names the destination.
+        let exchange = matches!(&io, Io::Tls(t)
+            if t.get_ref().1.alpn_protocol() == Some(ALPN_PEER_EXCHANGE.as_bytes()));
+        let (io, upstream_peer) = if exchange {
+            match peer_exchange::exchange(io, &self.inner.exchange_frame).await {
+                Ok((io, peer)) => (io, peer.and_then(|p| p.metadata)),
+                Err(e) => {
+                    return Err(TcpConnectError::Connect {
+                        message: format!("istio-peer-exchange with {addr}: {e}"),
+                        transport_failure_reason: None,
+                    });
+                }
+            }
+        } else {
+            (Replay::new(io), None)
+        };
 
         // Istio's TCP label set as the client sidecar reports it.
-        let mut destination_labels = destination_labels(workload);
-        if let Some(p) = &principal {
-            destination_labels.principal = p.to_string();
-        }
+        let destination_labels = upstream_destination(
+            upstream_peer.map(|m| m.workload_labels()).as_ref(),
+            &destination_labels(workload),
+            principal.as_deref(),
+        );
         let service = match &state.service {
             Some(s) => s.clone(),
             None if cluster.name == PASSTHROUGH_CLUSTER => DestinationService {

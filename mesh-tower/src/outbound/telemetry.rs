@@ -577,6 +577,27 @@ fn same_peer(a: &Option<Arc<WorkloadLabels>>, b: &Option<Arc<WorkloadLabels>>) -
     }
 }
 
+/// The destination labels of an upstream: its own metadata when it sent some (response
+/// headers, or the TCP metadata exchange), else `fallback` (the endpoint's metadata). The
+/// principal is always the verified certificate's; with the upstream's metadata, so is the
+/// namespace when the certificate's SAN names one.
+pub(crate) fn upstream_destination(
+    peer: Option<&WorkloadLabels>,
+    fallback: &WorkloadLabels,
+    principal: Option<&str>,
+) -> WorkloadLabels {
+    let mut destination = peer.unwrap_or(fallback).clone();
+    if let Some(p) = principal {
+        destination.principal = p.to_owned();
+        if peer.is_some()
+            && let Some(ns) = namespace_from_san(p)
+        {
+            destination.namespace = ns.to_owned();
+        }
+    }
+    destination
+}
+
 /// The `istio.workload` endpoint metadata as destination labels. Like Envoy's fallback for
 /// peers that sent no metadata, app and version come from the canonical name and revision.
 pub(crate) fn destination_labels(w: Option<&WorkloadMetadata>) -> WorkloadLabels {
@@ -733,18 +754,8 @@ impl LabelBase {
         }
         // The upstream's own metadata, when it sent some, names the destination workload;
         // the principal is always the verified certificate's.
-        let mut destination = match &r.peer {
-            Some(p) => WorkloadLabels::clone(p),
-            None => self.destination.clone(),
-        };
-        if let Some(p) = &r.principal {
-            destination.principal = p.to_string();
-            if r.peer.is_some()
-                && let Some(ns) = namespace_from_san(p)
-            {
-                destination.namespace = ns.to_owned();
-            }
-        }
+        let destination =
+            upstream_destination(r.peer.as_deref(), &self.destination, r.principal.as_deref());
         let service = match &self.service {
             Some(s) => s.clone(),
             None => service_from_host(host.unwrap_or("")),

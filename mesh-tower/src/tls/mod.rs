@@ -21,6 +21,7 @@ use std::sync::Arc;
 use mesh_core::CertStore;
 use mesh_core::cluster::{SanMatcher, UpstreamTls};
 use mesh_core::identity::PeerIdentity;
+use mesh_core::metadata_exchange::ALPN_PEER_EXCHANGE;
 use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -101,6 +102,19 @@ pub fn server_config_with_peer_sans(
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
+}
+
+/// `config` for an inbound TCP port: `istio-peer-exchange` preferred, then
+/// [`INBOUND_ALPN`]. Istio's TCP mTLS filter chains negotiate it (`ALPNDownstreamWithMxc`)
+/// so that the TCP metadata exchange runs ([`crate::peer_exchange`]); HTTP ports never offer
+/// it.
+pub fn with_peer_exchange(config: &rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+    let mut config = config.clone();
+    config.alpn_protocols = std::iter::once(ALPN_PEER_EXCHANGE.as_bytes())
+        .chain(INBOUND_ALPN.iter().copied())
+        .map(<[u8]>::to_vec)
+        .collect();
+    Arc::new(config)
 }
 
 /// Client configuration towards an endpoint using `tls` (SNI, ALPN, SPIFFE SAN matchers),
