@@ -2487,3 +2487,127 @@ fn header_formatters_match_envoy() {
         "{answer:?}"
     );
 }
+
+/// `runtime_fraction` (Istio does not emit it, but hand-written routes and EnvoyFilters do):
+/// two back-to-back 50 % routes and a 30 % one ahead of a catch-all, without any runtime
+/// layer (the `default_value` applies). The shares each route gets through Envoy and through
+/// mesh must agree (chi-square at p = 0.001) — which also tells whether Envoy draws one
+/// random value per request for all routes or one per route.
+#[test]
+fn runtime_fractions_match_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    let frac = |name: &str, n: u32| {
+        json!({"name": name, "match": {"prefix": "/", "runtime_fraction": {
+            "default_value": {"numerator": n, "denominator": "HUNDRED"},
+            "runtime_key": format!("routing.{name}")}},
+            "direct_response": {"status": 200},
+            "response_headers_to_add": [{"header": {"key": "x-route", "value": name}}]})
+    };
+    let rest = |name: &str| {
+        json!({"name": name, "match": {"prefix": "/"}, "direct_response": {"status": 200},
+            "response_headers_to_add": [{"header": {"key": "x-route", "value": name}}]})
+    };
+    let config = json!({"name": "rf", "virtual_hosts": [
+        {"name": "two", "domains": ["two"], "routes": [frac("a50", 50), frac("b50", 50), rest("two_rest")]},
+        {"name": "one", "domains": ["one"], "routes": [frac("c30", 30), rest("one_rest")]},
+    ]});
+    let rc_pb: pb::RouteConfiguration = mesh_xds::translate::from_any(&any_via_dump(
+        "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+        "RoutesConfigDump",
+        "dynamic_route_configs",
+        "route_config",
+        &config,
+    ))
+    .expect("route proto");
+    let rc = mesh_xds::translate::translate_route(&rc_pb).expect("mesh accepts the routes");
+    let port = free_port();
+    let _envoy = EnvoyProcess::start(&bootstrap(port, config));
+    const N: usize = 600;
+    let mut disagreements = Vec::new();
+    for (host, routes) in [
+        ("two", &["a50", "b50", "two_rest"][..]),
+        ("one", &["c30", "one_rest"][..]),
+    ] {
+        let req = Req {
+            host: host.into(),
+            method: "GET",
+            path: "/x".into(),
+            headers: vec![],
+        };
+        let count = |ask: &dyn Fn() -> Option<String>| {
+            let mut v = vec![0usize; routes.len()];
+            for _ in 0..N {
+                let name = ask().expect("a route");
+                v[routes.iter().position(|r| *r == name).expect("known route")] += 1;
+            }
+            v
+        };
+        let envoy = count(&|| ask_envoy(port, &req));
+        let mesh = count(&|| ask_mesh(&rc, &req));
+        let (stat, df) = chi_square(&envoy, &mesh);
+        eprintln!("{host}: envoy {envoy:?} mesh {mesh:?} chi2 {stat:.1} df {df}");
+        if stat > CHI2_999[df.min(8)] {
+            disagreements.push(format!(
+                "{host}: envoy {envoy:?} mesh {mesh:?} chi2 {stat:.1}"
+            ));
+        }
+    }
+    assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+}
+
+/// Envoy's route table and its `weighted_clusters` pick read the same random value of a
+/// request: behind a 50 % `runtime_fraction`, a 50/50 split sends everything to its first
+/// cluster. mesh must split alike (through the outbound path, to real upstreams).
+#[test]
+fn runtime_fraction_and_weighted_split_share_one_draw_as_in_envoy() {
+    if envoy_binary().is_none() {
+        return;
+    }
+    let up = PortUpstreams::start(3);
+    let cluster = |i: usize| {
+        let name = format!("p{i}");
+        json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": up.ports[i]}}}}]}]}})
+    };
+    let clusters: Vec<Value> = (0..3).map(cluster).collect();
+    let route_config = json!({"name": "corr", "virtual_hosts": [{"name": "corr", "domains": ["corr"], "routes": [
+        {"match": {"prefix": "/", "runtime_fraction": {"default_value": {"numerator": 50, "denominator": "HUNDRED"},
+            "runtime_key": "routing.corr"}},
+         "route": {"weighted_clusters": {"clusters": [{"name": "p0", "weight": 50}, {"name": "p1", "weight": 50}]}}},
+        {"match": {"prefix": "/"}, "route": {"cluster": "p2"}},
+    ]}]});
+    let (_envoy, port, _, rt, mesh) = envoy_and_mesh("corr", &route_config, &clusters);
+    const N: usize = 400;
+    let slot = |body: &str| {
+        let p: u16 = body.parse().unwrap_or_else(|_| panic!("body {body:?}"));
+        up.ports.iter().position(|x| *x == p).expect("one of ours")
+    };
+    let mut client = KeepAlive::connect(port);
+    let mut envoy = vec![0usize; 3];
+    for _ in 0..N {
+        let (status, body) = client.get("corr", "/", &[]);
+        assert_eq!(status, 200, "envoy {body}");
+        envoy[slot(&body)] += 1;
+    }
+    let mesh_counts = rt.block_on(async {
+        let mut v = vec![0usize; 3];
+        for _ in 0..N {
+            let r = mesh.get("http://corr/".to_owned()).await.unwrap();
+            assert_eq!(r.status(), 200, "mesh {:?}", r.body());
+            v[slot(&String::from_utf8_lossy(r.body()))] += 1;
+        }
+        v
+    });
+    eprintln!("envoy {envoy:?} mesh {mesh_counts:?}");
+    // Envoy: the second cluster of the split is never chosen; mesh the same.
+    assert_eq!(envoy[1], 0, "envoy {envoy:?}");
+    assert_eq!(mesh_counts[1], 0, "mesh {mesh_counts:?}");
+    let (stat, df) = chi_square(&envoy, &mesh_counts);
+    assert!(
+        stat <= CHI2_999[df.min(8)],
+        "envoy {envoy:?} mesh {mesh_counts:?} chi2 {stat:.1}"
+    );
+}

@@ -37,6 +37,11 @@ pub struct RequestView<'a> {
     pub scheme: &'a str,
     /// The other headers.
     pub headers: &'a HeaderMap,
+    /// The request's random value (Envoy's stream id, drawn once per request): every
+    /// `runtime_fraction` of the route table and the `weighted_clusters` pick read this one
+    /// value, as Envoy's do — so two back-to-back 50 % routes give the second none of the
+    /// traffic, and a 50 % route's weighted split is decided by the same draw.
+    pub random: u64,
 }
 
 impl<'a> RequestView<'a> {
@@ -48,7 +53,14 @@ impl<'a> RequestView<'a> {
             method: "GET",
             scheme: "http",
             headers,
+            random: rand::random(),
         }
+    }
+
+    /// The same request with a given random value (for tests and replays).
+    pub fn with_random(mut self, random: u64) -> Self {
+        self.random = random;
+        self
     }
 
     /// The same request with another method.
@@ -394,9 +406,7 @@ impl RouteMatch {
                 self.query_parameters.iter().all(|m| m.matches(q))
             })
             && (!self.grpc || is_grpc(req.headers))
-            && self
-                .runtime_fraction
-                .is_none_or(|f| f.hit(rand::random::<u64>()))
+            && self.runtime_fraction.is_none_or(|f| f.hit(req.random))
     }
 }
 
@@ -1078,14 +1088,8 @@ impl RouteConfig {
         })
     }
 
-    /// Picks a cluster for a weighted action as Envoy does: a random value per request,
-    /// modulo the weight total, walks the clusters' weights (thread-local RNG: no lock, no
-    /// allocation).
-    pub fn pick_weighted<'a>(&self, w: &'a WeightedClusters) -> Option<&'a str> {
-        self.pick_weighted_with(w, &mut rand::rng())
-    }
-
-    /// [`pick_weighted`](Self::pick_weighted) drawing from `rng` (seedable, for tests).
+    /// Picks a cluster for a weighted action drawing from `rng` (seedable, for tests; the
+    /// request path picks with the request's own [`RequestView::random`]).
     pub fn pick_weighted_with<'a, R: rand::Rng + ?Sized>(
         &self,
         w: &'a WeightedClusters,

@@ -230,7 +230,7 @@ impl Snapshot {
         let Some(rc) = self.route_configs.get(rc_name) else {
             return not_found();
         };
-        self.decide(rc, rc.route_request(req), req)
+        self.decide(rc.route_request(req), req)
     }
 
     /// Decides where an outbound TCP connection to `destination` (the service VIP or IP the
@@ -267,7 +267,7 @@ impl Snapshot {
     ) -> Option<RouteExplanation<'a>> {
         let rc = self.route_configs.get(route_config)?;
         let matched = rc.route_request(req);
-        let decision = self.decide(rc, matched, req);
+        let decision = self.decide(matched, req);
         Some(RouteExplanation {
             route_config: rc,
             matched,
@@ -275,10 +275,9 @@ impl Snapshot {
         })
     }
 
-    /// What the request path does once `rc` has (or has not) matched a route.
+    /// What the request path does once the route configuration has (or has not) matched a route.
     fn decide(
         &self,
-        rc: &RouteConfig,
         matched: Option<RouteMatchResult<'_>>,
         req: &RequestView<'_>,
     ) -> RouteDecision {
@@ -288,7 +287,7 @@ impl Snapshot {
         let (vh, r) = (&m.virtual_host.name, Some(m.route));
         match &m.route.action {
             RouteAction::Cluster(c) => self.forward_to(c, vh, r).with_hash(m.route, req),
-            RouteAction::Weighted(w) => match rc.pick_weighted(w) {
+            RouteAction::Weighted(w) => match w.pick(req.random) {
                 Some(c) => self.forward_to(c, vh, r).with_hash(m.route, req),
                 None => respond(503, None, ResponseFlag::NoClusterFound),
             },

@@ -452,13 +452,7 @@ fn retry_on_names(on: RetryOn) -> Vec<&'static str> {
 fn explain(snapshot: &Snapshot, rc: &str, r: &RouteRequest) -> Result<serde_json::Value, String> {
     use serde_json::{Value, json};
     let headers = r.header_map()?;
-    let req = RequestView {
-        authority: &r.authority,
-        path: &r.path,
-        method: &r.method,
-        scheme: "http",
-        headers: &headers,
-    };
+    let req = RequestView::new(&r.authority, &r.path, &headers).with_method(&r.method);
     let e = snapshot
         .route_in_config(rc, &req)
         .ok_or_else(|| format!("no route configuration {rc:?}"))?;

@@ -382,6 +382,7 @@ impl Outbound {
                 method: parts.method.as_str(),
                 scheme: "http",
                 headers: &parts.headers,
+                random: rand::random(),
             };
             let d = snapshot.route_outbound_request(port, &req);
             let enabled = match &d {
@@ -455,6 +456,8 @@ impl Outbound {
                     method: parts.method.as_str(),
                     scheme: "http",
                     headers: &parts.headers,
+                    // Unused: the fault filter draws its own values, as Envoy's does.
+                    random: 0,
                 };
                 if f.applies(&req, &fwd.cluster.name) {
                     (
