@@ -16,6 +16,7 @@
 //! probes.
 
 pub mod debug;
+pub mod envoy_stats;
 pub mod merge;
 pub mod probers;
 
@@ -280,9 +281,7 @@ async fn respond<B>(
                     .unwrap_or_default(),
             ),
             "/stats/prometheus" => proxy_metrics(ctx),
-            // Envoy's admin gives the Prometheus exposition for `/stats?format=prometheus` too.
-            "/stats" if query_has(req.uri().query(), "format", "prometheus") => proxy_metrics(ctx),
-            "/stats" => text(envoy_stats_text(&render(ctx)[1])),
+            "/stats" => envoy_stats(ctx, req.uri().query()),
             "/ready" => {
                 let live = !ctx.readiness.is_draining();
                 let mut r = text(if live {
@@ -361,24 +360,32 @@ fn text(body: String) -> Reply {
     r
 }
 
-/// Envoy's `/stats` text form (`name: value`) of the proxy's counters and gauges (histograms
-/// and labelled series are shown with their labels inline).
-/// Whether the query string has `key=value`.
-fn query_has(query: Option<&str>, key: &str, value: &str) -> bool {
-    query
-        .unwrap_or_default()
-        .split('&')
-        .any(|kv| kv.split_once('=') == Some((key, value)))
-}
-
-fn envoy_stats_text(prometheus: &str) -> String {
-    let mut out = String::new();
-    for line in prometheus.lines().filter(|l| !l.starts_with('#')) {
-        if let Some((name, value)) = line.rsplit_once(' ') {
-            out.push_str(&format!("{name}: {value}\n"));
+/// Envoy's admin `/stats` ([`envoy_stats`]): dotted names, text or JSON; the Prometheus
+/// exposition for `?format=prometheus`; Envoy's 400 answers for queries it refuses.
+fn envoy_stats(ctx: &StatusContext, query: Option<&str>) -> Reply {
+    let q = match envoy_stats::StatsQuery::parse(query) {
+        Ok(q) => q,
+        Err(e) => {
+            let mut r = text(e.to_string());
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            return r;
         }
+    };
+    if q.format == envoy_stats::Format::Prometheus {
+        return proxy_metrics(ctx);
     }
-    out
+    let stats = envoy_stats::EnvoyStats::from_prometheus(&render(ctx)[1]);
+    match q.format {
+        envoy_stats::Format::Json => {
+            let mut r = Response::new(Full::new(Bytes::from(stats.json(&q))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        _ => text(stats.text(&q)),
+    }
 }
 
 /// Sets the server gauges and renders the recorder split into agent / proxy / app parts.
