@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use mesh::parts::core::peer_metadata::{PeerMetadata, PeerMetadataHeaders};
 use mesh::parts::tower::status::StatusPort;
+use mesh::parts::tower::status::envoy_stats::EnvoyStats;
 use mesh::parts::xds::testkit::ca::TestCa;
 use mesh::parts::xds::testkit::{EndpointSpec, MeshModel, Protocol, ServiceSpec};
 use mesh::{Mesh, NodeIdentity, SpiffeId};
@@ -919,8 +920,10 @@ async fn fam_mesh(service: &str) -> FamMesh {
 
 /// Envoy's side of the family tests: an outbound sidecar → inbound sidecar → plain app, with
 /// Istio's bootstrap stats and mTLS from `mesh`'s CA, given the same requests as [`fam_mesh`]
-/// (one 200, one retried after a 503) and waited on until its stats show them.
-async fn fam_envoy(mesh: &FamMesh, service: &str) -> EnvoyProcess {
+/// (one 200, one retried after a 503) and waited on until its stats show them. With
+/// `outlier_detection`, the outbound cluster has Envoy's default `outlier_detection: {}` (its
+/// stats, no ejection from one 503).
+async fn fam_envoy(mesh: &FamMesh, service: &str, outlier_detection: bool) -> EnvoyProcess {
     let host = format!("{service}.default.svc.cluster.local");
     let cluster = format!("outbound|9080||{host}");
     // Envoy: outbound sidecar → inbound sidecar → plain app, the same requests.
@@ -945,6 +948,17 @@ async fn fam_envoy(mesh: &FamMesh, service: &str) -> EnvoyProcess {
         &mut bootstrap,
         &serde_json::json!({"retry_on": "5xx", "num_retries": 1}),
     );
+    if outlier_detection {
+        let clusters = bootstrap
+            .pointer_mut("/static_resources/clusters")
+            .and_then(serde_json::Value::as_array_mut)
+            .expect("static clusters");
+        let c = clusters
+            .iter_mut()
+            .find(|c| c["name"] == cluster.as_str())
+            .expect("the outbound cluster");
+        c["outlier_detection"] = serde_json::json!({});
+    }
     let envoy = EnvoyProcess::start(&serde_json::to_string_pretty(&bootstrap).expect("json"));
     for path in ["/", "/flaky"] {
         let (status, body) =
@@ -979,7 +993,7 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
     let Some(tools) = tools() else { return };
     let Some(_) = envoy_binary() else { return };
     let mesh = fam_mesh("fam").await;
-    let envoy = fam_envoy(&mesh, "fam").await;
+    let envoy = fam_envoy(&mesh, "fam", false).await;
     let (_, mesh_text) =
         status_get(&mesh.client, StatusPort::Prometheus, "/stats/prometheus").await;
     let (status, envoy_text) = envoy.admin_get("/stats/prometheus").expect("envoy stats");
@@ -1288,7 +1302,7 @@ fn json_shape(v: &serde_json::Value) -> serde_json::Value {
 async fn admin_stats_name_stats_as_envoy_does() {
     let Some(_) = envoy_binary() else { return };
     let mesh = fam_mesh("fam-stats").await;
-    let envoy = fam_envoy(&mesh, "fam-stats").await;
+    let envoy = fam_envoy(&mesh, "fam-stats", true).await;
     let cluster = "outbound|9080||fam-stats.default.svc.cluster.local";
     let scope = format!("cluster.{cluster};.");
     let get = |path: String| {
@@ -1397,6 +1411,65 @@ async fn admin_stats_name_stats_as_envoy_does() {
         assert_eq!(value(&our_scalars).as_deref(), Some("1"), "mesh {full}");
         assert_eq!(value(&their_scalars).as_deref(), Some("1"), "Envoy {full}");
     }
+
+    // The inverse mapping on Envoy's own exposition: Envoy's `/stats/prometheus` samples of the
+    // families mesh emits, and of `outlier_detection` (this Envoy cluster has it), read back
+    // through mesh's `/stats` naming, are exactly names Envoy's `/stats` prints.
+    let (_, mesh_prom) = status_get(&mesh.client, StatusPort::Admin, "/stats/prometheus").await;
+    let (_, envoy_prom) = envoy.admin_get("/stats/prometheus").expect("envoy stats");
+    let families: BTreeSet<&str> = mesh_prom
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .filter(|f| f.starts_with("envoy_"))
+        .collect();
+    let wanted = |family: &str| {
+        families.contains(family) || family.starts_with("envoy_cluster_outlier_detection_")
+    };
+    let mut keep = false;
+    let envoy_subset: String = envoy_prom
+        .lines()
+        .filter(|l| {
+            if let Some(t) = l.strip_prefix("# TYPE ") {
+                keep = t.split(' ').next().is_some_and(wanted);
+            }
+            keep
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let read_back = EnvoyStats::from_prometheus(&envoy_subset);
+    let their_names: BTreeSet<&str> = their_scalars.iter().map(|(n, _)| n.as_str()).collect();
+    let their_hist_names: BTreeSet<&str> = their_hists.iter().map(|(n, _)| n.as_str()).collect();
+    let wrong: Vec<&str> = read_back
+        .names()
+        .filter(|n| !their_names.contains(n))
+        .chain(
+            read_back
+                .histogram_names()
+                .filter(|n| !their_hist_names.contains(n)),
+        )
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "names Envoy does not print:\n{}",
+        wrong.join("\n")
+    );
+    for stat in [
+        "ejections_active",
+        "ejections_total",
+        "ejections_enforced_total",
+    ] {
+        let name = format!("{scope}outlier_detection.{stat}");
+        assert!(
+            read_back.names().any(|n| n == name),
+            "{name} not read back from:\n{envoy_subset}"
+        );
+    }
+    assert!(
+        read_back.names().count() >= 20,
+        "{:?}",
+        read_back.names().collect::<Vec<_>>()
+    );
 
     let q = |query: String| format!("/stats?{query}");
     let esc = regex_escape(&scope);
