@@ -1399,6 +1399,22 @@ async fn admin_stats_name_stats_as_envoy_does() {
         "{our_hists:?}"
     );
     assert!(!ours.contains('{'), "Prometheus labels in /stats:\n{ours}");
+    // Initialized and serving, as the probe wants it: `server.state` 0 (LIVE), workers started.
+    for (name, value) in [
+        ("server.state", "0"),
+        ("listener_manager.workers_started", "1"),
+    ] {
+        for (who, lines) in [("mesh", &our_scalars), ("Envoy", &their_scalars)] {
+            assert_eq!(
+                lines
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_str()),
+                Some(value),
+                "{who} {name}"
+            );
+        }
+    }
     // The retried request counts alike.
     for name in ["upstream_rq_retry_success", "retry.upstream_rq_503"] {
         let full = format!("{scope}{name}");
@@ -1506,6 +1522,11 @@ async fn admin_stats_name_stats_as_envoy_does() {
         format!(
             "type=Gauges&filter={}",
             percent_encode(&format!("^{esc}(upstream_rq_total|upstream_cx_active)$"))
+        ),
+        // What pilot-agent's readiness probe reads besides the xDS counters.
+        format!(
+            "usedonly&filter={}",
+            percent_encode("^(server\\.state|listener_manager\\.workers_started)$")
         ),
         // Matched anywhere in the name, case-sensitively, `+` kept as the regex operator.
         "filter=erver%2Eliv+e".to_owned(),
