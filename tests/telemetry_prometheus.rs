@@ -25,11 +25,13 @@ use std::time::Duration;
 
 use mesh::parts::core::peer_metadata::{PeerMetadata, PeerMetadataHeaders};
 use mesh::parts::tower::status::StatusPort;
+use mesh::parts::tower::status::envoy_stats::EnvoyStats;
 use mesh::parts::xds::testkit::ca::TestCa;
 use mesh::parts::xds::testkit::{EndpointSpec, MeshModel, Protocol, ServiceSpec};
 use mesh::{Mesh, NodeIdentity, SpiffeId};
 use support::envoy::{
     EnvoyProcess, InboundMode, SidecarBootstrap, SidecarCerts, envoy_binary, free_port,
+    percent_encode, regex_escape,
 };
 use support::mesh::{Echo, NS, Plane, WAIT, eventually, node, ready, spiffe, status_get, temp_dir};
 use support::prometheus::{PromTools, Sample, istio_template, tools};
@@ -889,11 +891,14 @@ async fn fam_mesh(service: &str) -> FamMesh {
                 .endpoint(EndpointSpec::new(addr).service_account("fam-server")),
         ),
     );
-    let client = start(
-        &plane,
-        istio_node("fam-client", "fam-client", "famc", "famc", "c"),
-    )
-    .await;
+    // The client also serves the admin listener, for `/stats` (`admin_stats_*`).
+    let client = plane
+        .builder(istio_node("fam-client", "fam-client", "famc", "famc", "c"))
+        .admin_port(Some(0))
+        .start()
+        .await
+        .expect("mesh starts");
+    ready(&client).await;
     let http = client.http_client();
     eventually("a 200 through mesh", || async {
         let r = http.get(&format!("http://{host}/")).await.ok()?;
@@ -913,6 +918,68 @@ async fn fam_mesh(service: &str) -> FamMesh {
     }
 }
 
+/// Envoy's side of the family tests: an outbound sidecar → inbound sidecar → plain app, with
+/// Istio's bootstrap stats and mTLS from `mesh`'s CA, given the same requests as [`fam_mesh`]
+/// (one 200, one retried after a 503) and waited on until its stats show them. With
+/// `outlier_detection`, the outbound cluster has Envoy's default `outlier_detection: {}` (its
+/// stats, no ejection from one 503).
+async fn fam_envoy(mesh: &FamMesh, service: &str, outlier_detection: bool) -> EnvoyProcess {
+    let host = format!("{service}.default.svc.cluster.local");
+    let cluster = format!("outbound|9080||{host}");
+    // Envoy: outbound sidecar → inbound sidecar → plain app, the same requests.
+    let plain = Echo::new("fam-plain");
+    let plain_addr = serve_plain_flaky(plain).await;
+    let inbound_port = free_port();
+    let outbound_port = free_port();
+    let certs = envoy_certs(&mesh.plane.ca, "fam-envoy");
+    let mut bootstrap = SidecarBootstrap::new("fam-envoy-0", NS, certs)
+        .inbound(inbound_port, plain_addr.port(), InboundMode::Strict)
+        .outbound(
+            outbound_port,
+            9080,
+            &host,
+            ([127, 0, 0, 1], inbound_port).into(),
+            &spiffe("fam-envoy").to_string(),
+        )
+        .istio_stats()
+        .to_json();
+    // What istiod renders for a VirtualService with `retries.retryOn: 5xx`, `attempts: 1`.
+    add_outbound_retry(
+        &mut bootstrap,
+        &serde_json::json!({"retry_on": "5xx", "num_retries": 1}),
+    );
+    if outlier_detection {
+        let clusters = bootstrap
+            .pointer_mut("/static_resources/clusters")
+            .and_then(serde_json::Value::as_array_mut)
+            .expect("static clusters");
+        let c = clusters
+            .iter_mut()
+            .find(|c| c["name"] == cluster.as_str())
+            .expect("the outbound cluster");
+        c["outlier_detection"] = serde_json::json!({});
+    }
+    let envoy = EnvoyProcess::start(&serde_json::to_string_pretty(&bootstrap).expect("json"));
+    for path in ["/", "/flaky"] {
+        let (status, body) =
+            support::mesh::http_get(([127, 0, 0, 1], outbound_port).into(), &host, path)
+                .await
+                .expect("envoy answers");
+        assert_eq!(status, 200, "{path}: {body}\n{}", envoy.logs());
+    }
+    // Full stat names carry istiod's `;` delimiter after the cluster's alt_stat_name.
+    envoy.wait_for_stat(&format!("cluster.{cluster};.upstream_rq_completed"), 2);
+    let retried = envoy.wait_for_stat(&format!("cluster.{cluster};.upstream_rq_retry_success"), 1);
+    assert_eq!(
+        retried,
+        1,
+        "Envoy did not retry:\n{:?}",
+        envoy.admin_get("/stats?filter=outbound.*(retry|upstream_rq_)")
+    );
+
+    envoy
+}
+
 /// The same traffic through mesh (client and server) and through a real Envoy 1.40 pair of
 /// sidecars configured with Istio's bootstrap stats (`stats_tags`, `use_all_default_tags:
 /// false`, `alt_stat_name: "<cluster>;"`, HCM stat prefixes ending in `;`), including one
@@ -926,53 +993,7 @@ async fn every_envoy_family_mesh_emits_exists_in_envoy_with_the_same_labels() {
     let Some(tools) = tools() else { return };
     let Some(_) = envoy_binary() else { return };
     let mesh = fam_mesh("fam").await;
-
-    // Envoy: outbound sidecar → inbound sidecar → plain app, the same requests.
-    let plain = Echo::new("fam-plain");
-    let plain_addr = serve_plain_flaky(plain).await;
-    let inbound_port = free_port();
-    let outbound_port = free_port();
-    let certs = envoy_certs(&mesh.plane.ca, "fam-envoy");
-    let mut bootstrap = SidecarBootstrap::new("fam-envoy-0", NS, certs)
-        .inbound(inbound_port, plain_addr.port(), InboundMode::Strict)
-        .outbound(
-            outbound_port,
-            9080,
-            "fam.default.svc.cluster.local",
-            ([127, 0, 0, 1], inbound_port).into(),
-            &spiffe("fam-envoy").to_string(),
-        )
-        .istio_stats()
-        .to_json();
-    // What istiod renders for a VirtualService with `retries.retryOn: 5xx`, `attempts: 1`.
-    add_outbound_retry(
-        &mut bootstrap,
-        &serde_json::json!({"retry_on": "5xx", "num_retries": 1}),
-    );
-    let envoy = EnvoyProcess::start(&serde_json::to_string_pretty(&bootstrap).expect("json"));
-    for path in ["/", "/flaky"] {
-        let (status, body) = support::mesh::http_get(
-            ([127, 0, 0, 1], outbound_port).into(),
-            "fam.default.svc.cluster.local",
-            path,
-        )
-        .await
-        .expect("envoy answers");
-        assert_eq!(status, 200, "{path}: {body}\n{}", envoy.logs());
-    }
-    // Full stat names carry istiod's `;` delimiter after the cluster's alt_stat_name.
-    envoy.wait_for_stat(&format!("cluster.{FAM_CLUSTER};.upstream_rq_completed"), 2);
-    let retried = envoy.wait_for_stat(
-        &format!("cluster.{FAM_CLUSTER};.upstream_rq_retry_success"),
-        1,
-    );
-    assert_eq!(
-        retried,
-        1,
-        "Envoy did not retry:\n{:?}",
-        envoy.admin_get("/stats?filter=outbound.*(retry|upstream_rq_)")
-    );
-
+    let envoy = fam_envoy(&mesh, "fam", false).await;
     let (_, mesh_text) =
         status_get(&mesh.client, StatusPort::Prometheus, "/stats/prometheus").await;
     let (status, envoy_text) = envoy.admin_get("/stats/prometheus").expect("envoy stats");
@@ -1187,5 +1208,370 @@ async fn envoy_families_match_real_istio_sidecar_output() {
                 .any(|l| l.contains(tag) && l.contains("cluster_name")),
             "{rq:?}"
         );
+    }
+}
+
+/// A `/stats` body split into its counter/gauge lines and its histogram lines, by name, in
+/// the order written.
+type StatLines = (Vec<(String, String)>, Vec<(String, String)>);
+
+fn stat_lines(body: &str) -> StatLines {
+    let (mut scalars, mut histograms) = (Vec::new(), Vec::new());
+    for line in body.lines() {
+        let (name, value) = line
+            .split_once(": ")
+            .unwrap_or_else(|| panic!("not `name: value`: {line:?}"));
+        let entry = (name.to_owned(), value.to_owned());
+        if value.starts_with("P0(") || value == "No recorded values" {
+            histograms.push(entry);
+        } else {
+            assert!(value.parse::<u64>().is_ok(), "{line:?}");
+            scalars.push(entry);
+        }
+    }
+    (scalars, histograms)
+}
+
+/// A dotted stat name with the tag values Istio's `stats_tags` would extract replaced by
+/// placeholders: the HTTP connection manager prefix, the listener address, the response code
+/// or class (the cluster name is the same in mesh and Envoy here).
+fn stat_form(name: &str) -> String {
+    let mut form =
+        if let Some((_, rest)) = name.strip_prefix("http.").and_then(|r| r.split_once(";.")) {
+            format!("http.<prefix>;.{rest}")
+        } else if let Some(rest) = name.strip_prefix("listener.") {
+            let addr = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+                .unwrap_or(rest.len());
+            match rest[..addr].strip_suffix('.') {
+                Some(a) if !a.is_empty() => format!("listener.<address>.{}", &rest[addr..]),
+                _ => name.to_owned(),
+            }
+        } else {
+            name.to_owned()
+        };
+    if let Some((head, code)) = form.rsplit_once('_')
+        && head.ends_with("_rq")
+        && code.len() == 3
+    {
+        let b = code.as_bytes();
+        let tag = if b.iter().all(u8::is_ascii_digit) {
+            Some("<code>")
+        } else if b[0].is_ascii_digit() && &b[1..] == b"xx" {
+            Some("<class>")
+        } else {
+            None
+        };
+        if let Some(tag) = tag {
+            form = format!("{head}_{tag}");
+        }
+    }
+    form
+}
+
+/// The shape of a JSON value: numbers and nulls alike (Envoy's interval quantiles turn from
+/// `null` to numbers at its stats flush), keys and lengths kept.
+fn json_shape(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Number(_) | Value::Null => Value::from("number"),
+        Value::Array(a) => Value::Array(a.iter().map(json_shape).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| {
+                    let v = if k == "name" {
+                        v.clone()
+                    } else {
+                        json_shape(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// The admin `/stats` against a real Envoy 1.40 sidecar pair with Istio's bootstrap stats and
+/// the same traffic (one 200, one retried 503): every counter, gauge and histogram name mesh
+/// prints for its cluster, HTTP connection manager, listener and server is one Envoy prints
+/// (tag values aside), in Envoy's order (counters and gauges sorted, then histograms sorted);
+/// the retry counters agree; and `?filter=`, `?usedonly`, `?type=`, `?format=json` and
+/// Envoy's 400 answers (bad regex, format, type) behave alike on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_stats_name_stats_as_envoy_does() {
+    let Some(_) = envoy_binary() else { return };
+    let mesh = fam_mesh("fam-stats").await;
+    let envoy = fam_envoy(&mesh, "fam-stats", true).await;
+    let cluster = "outbound|9080||fam-stats.default.svc.cluster.local";
+    let scope = format!("cluster.{cluster};.");
+    let get = |path: String| {
+        let envoy = &envoy;
+        let client = &mesh.client;
+        async move {
+            let ours = status_get(client, StatusPort::Admin, &path).await;
+            let theirs = envoy.admin_get(&path).expect("envoy admin answers");
+            (ours, theirs)
+        }
+    };
+
+    let ((status, ours), (_, theirs)) = get("/stats".into()).await;
+    assert_eq!(status, 200);
+    let (our_scalars, our_hists) = stat_lines(&ours);
+    let (their_scalars, their_hists) = stat_lines(&theirs);
+    // Envoy's order: counters and gauges by name, then histograms by name.
+    for (who, lines) in [
+        ("mesh", &our_scalars),
+        ("mesh", &our_hists),
+        ("Envoy", &their_scalars),
+        ("Envoy", &their_hists),
+    ] {
+        assert!(
+            lines.windows(2).all(|w| w[0].0 < w[1].0),
+            "{who}'s /stats is not sorted"
+        );
+    }
+    let mine = |name: &str| {
+        name.starts_with(&scope)
+            || name.starts_with("http.inbound_")
+            || name.starts_with("listener.0.0.0.0_15006.")
+            || name.starts_with("server.")
+    };
+    for (kind, ours, theirs) in [
+        ("counter/gauge", &our_scalars, &their_scalars),
+        ("histogram", &our_hists, &their_hists),
+    ] {
+        let envoy_forms: BTreeSet<String> = theirs.iter().map(|(n, _)| stat_form(n)).collect();
+        let missing: Vec<&str> = ours
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| mine(n) && !envoy_forms.contains(&stat_form(n)))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "mesh {kind}s Envoy does not name so:\n{}\nEnvoy's:\n{}",
+            missing.join("\n"),
+            envoy_forms.into_iter().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let our_names: BTreeSet<&str> = our_scalars.iter().map(|(n, _)| n.as_str()).collect();
+    for name in [
+        "upstream_rq_total",
+        "upstream_rq_200",
+        "upstream_rq_2xx",
+        "upstream_rq_completed",
+        "upstream_rq_retry",
+        "upstream_rq_retry_success",
+        "retry.upstream_rq_503",
+        "retry.upstream_rq_5xx",
+        "upstream_cx_total",
+        "upstream_cx_active",
+        "circuit_breakers.default.rq_open",
+    ] {
+        let full = format!("{scope}{name}");
+        assert!(our_names.contains(full.as_str()), "mesh has no {full}");
+    }
+    for form in [
+        "http.<prefix>;.downstream_rq_<class>",
+        "http.<prefix>;.downstream_rq_total",
+        "listener.<address>.downstream_cx_total",
+    ] {
+        assert!(
+            our_names.iter().any(|n| stat_form(n) == form),
+            "mesh has no {form}"
+        );
+    }
+    // The xDS and server stats pilot-agent's readiness probe and tools read (a static Envoy
+    // has no xDS to compare them with).
+    for name in [
+        "cluster_manager.cds.update_success",
+        "listener_manager.lds.update_success",
+        "control_plane.connected_state",
+        "server.live",
+        "server.uptime",
+    ] {
+        assert!(our_names.contains(name), "mesh has no {name}");
+    }
+    assert!(
+        our_hists
+            .iter()
+            .any(|(n, _)| *n == format!("{scope}upstream_rq_time")),
+        "{our_hists:?}"
+    );
+    assert!(!ours.contains('{'), "Prometheus labels in /stats:\n{ours}");
+    // Initialized and serving, as the probe wants it: `server.state` 0 (LIVE), workers started.
+    for (name, value) in [
+        ("server.state", "0"),
+        ("listener_manager.workers_started", "1"),
+    ] {
+        for (who, lines) in [("mesh", &our_scalars), ("Envoy", &their_scalars)] {
+            assert_eq!(
+                lines
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_str()),
+                Some(value),
+                "{who} {name}"
+            );
+        }
+    }
+    // The retried request counts alike.
+    for name in ["upstream_rq_retry_success", "retry.upstream_rq_503"] {
+        let full = format!("{scope}{name}");
+        let value = |lines: &Vec<(String, String)>| {
+            lines
+                .iter()
+                .find(|(n, _)| *n == full)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(value(&our_scalars).as_deref(), Some("1"), "mesh {full}");
+        assert_eq!(value(&their_scalars).as_deref(), Some("1"), "Envoy {full}");
+    }
+
+    // The inverse mapping on Envoy's own exposition: Envoy's `/stats/prometheus` samples of the
+    // families mesh emits, and of `outlier_detection` (this Envoy cluster has it), read back
+    // through mesh's `/stats` naming, are exactly names Envoy's `/stats` prints.
+    let (_, mesh_prom) = status_get(&mesh.client, StatusPort::Admin, "/stats/prometheus").await;
+    let (_, envoy_prom) = envoy.admin_get("/stats/prometheus").expect("envoy stats");
+    let families: BTreeSet<&str> = mesh_prom
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .filter(|f| f.starts_with("envoy_"))
+        .collect();
+    let wanted = |family: &str| {
+        families.contains(family) || family.starts_with("envoy_cluster_outlier_detection_")
+    };
+    let mut keep = false;
+    let envoy_subset: String = envoy_prom
+        .lines()
+        .filter(|l| {
+            if let Some(t) = l.strip_prefix("# TYPE ") {
+                keep = t.split(' ').next().is_some_and(wanted);
+            }
+            keep
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let read_back = EnvoyStats::from_prometheus(&envoy_subset);
+    let their_names: BTreeSet<&str> = their_scalars.iter().map(|(n, _)| n.as_str()).collect();
+    let their_hist_names: BTreeSet<&str> = their_hists.iter().map(|(n, _)| n.as_str()).collect();
+    let wrong: Vec<&str> = read_back
+        .names()
+        .filter(|n| !their_names.contains(n))
+        .chain(
+            read_back
+                .histogram_names()
+                .filter(|n| !their_hist_names.contains(n)),
+        )
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "names Envoy does not print:\n{}",
+        wrong.join("\n")
+    );
+    for stat in [
+        "ejections_active",
+        "ejections_total",
+        "ejections_enforced_total",
+    ] {
+        let name = format!("{scope}outlier_detection.{stat}");
+        assert!(
+            read_back.names().any(|n| n == name),
+            "{name} not read back from:\n{envoy_subset}"
+        );
+    }
+    assert!(
+        read_back.names().count() >= 20,
+        "{:?}",
+        read_back.names().collect::<Vec<_>>()
+    );
+
+    let q = |query: String| format!("/stats?{query}");
+    let esc = regex_escape(&scope);
+    let names = |body: &str| -> Vec<String> {
+        let (s, h) = stat_lines(body);
+        s.into_iter().chain(h).map(|(n, _)| n).collect()
+    };
+    // `filter`, `usedonly` and `type`: the same names on both, in the same order.
+    for query in [
+        format!(
+            "filter={}",
+            percent_encode(&format!("^{esc}(upstream_rq_2xx|retry\\.upstream_rq_5xx)$"))
+        ),
+        format!(
+            "filter={}",
+            percent_encode(&format!(
+                "^{esc}upstream_rq_(timeout|total|retry_success|retry_overflow)$"
+            ))
+        ),
+        format!(
+            "usedonly&filter={}",
+            percent_encode(&format!(
+                "^{esc}upstream_rq_(timeout|total|retry_success|retry_overflow)$"
+            ))
+        ),
+        format!(
+            "type=Histograms&filter={}",
+            percent_encode(&format!("^{esc}upstream_rq_time$"))
+        ),
+        format!(
+            "type=Counters&filter={}",
+            percent_encode(&format!("^{esc}(upstream_rq_total|upstream_cx_active)$"))
+        ),
+        format!(
+            "type=Gauges&filter={}",
+            percent_encode(&format!("^{esc}(upstream_rq_total|upstream_cx_active)$"))
+        ),
+        // What pilot-agent's readiness probe reads besides the xDS counters.
+        format!(
+            "usedonly&filter={}",
+            percent_encode("^(server\\.state|listener_manager\\.workers_started)$")
+        ),
+        // Matched anywhere in the name, case-sensitively, `+` kept as the regex operator.
+        "filter=erver%2Eliv+e".to_owned(),
+        "filter=SERVER.LIVE".to_owned(),
+    ] {
+        let ((s1, ours), (s2, theirs)) = get(q(query.clone())).await;
+        assert_eq!((s1, s2), (200, 200), "{query}");
+        assert_eq!(names(&ours), names(&theirs), "?{query}");
+    }
+    let ((_, ours), _) = get(q(format!(
+        "usedonly&filter={}",
+        percent_encode(&format!("^{esc}upstream_rq_(timeout|total)$"))
+    )))
+    .await;
+    assert_eq!(names(&ours), [format!("{scope}upstream_rq_total")]);
+
+    // `format=json`: the same document shape, names and order.
+    for query in [
+        format!(
+            "format=json&filter={}",
+            percent_encode(&format!(
+                "^{esc}(upstream_rq_retry_success|upstream_rq_time)$"
+            ))
+        ),
+        "format=json&filter=nothing-matches-this".to_owned(),
+    ] {
+        let ((s1, ours), (s2, theirs)) = get(q(query.clone())).await;
+        assert_eq!((s1, s2), (200, 200), "{query}");
+        let ours: serde_json::Value = serde_json::from_str(&ours).expect("mesh's JSON");
+        let theirs: serde_json::Value = serde_json::from_str(&theirs).expect("Envoy's JSON");
+        assert_eq!(json_shape(&ours), json_shape(&theirs), "?{query}");
+        assert_eq!(
+            ours["stats"].as_array().map(Vec::len),
+            theirs["stats"].as_array().map(Vec::len)
+        );
+    }
+    // Envoy's 400s.
+    for query in ["format=xml", "type=Foo"] {
+        let ((s1, ours), (s2, theirs)) = get(q(query.to_owned())).await;
+        assert_eq!((s1, s2), (400, 400), "{query}");
+        assert_eq!(ours, theirs, "{query}");
+    }
+    let ((s1, ours), (s2, theirs)) = get(q("filter=(((".into())).await;
+    assert_eq!((s1, s2), (400, 400));
+    for body in [&ours, &theirs] {
+        assert!(body.starts_with("Invalid re2 regex: "), "{body}");
     }
 }

@@ -313,7 +313,8 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
-fn regex_escape(s: &str) -> String {
+/// `s` with the regex metacharacters escaped (for admin `?filter=`).
+pub fn regex_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if "\\.+*?()|[]{}^$".contains(c) {
@@ -324,7 +325,8 @@ fn regex_escape(s: &str) -> String {
     out
 }
 
-fn percent_encode(s: &str) -> String {
+/// `s` percent-encoded for a query string (unreserved characters kept).
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 3);
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

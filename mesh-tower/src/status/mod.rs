@@ -16,6 +16,7 @@
 //! probes.
 
 pub mod debug;
+pub mod envoy_stats;
 pub mod merge;
 pub mod probers;
 
@@ -280,17 +281,11 @@ async fn respond<B>(
                     .unwrap_or_default(),
             ),
             "/stats/prometheus" => proxy_metrics(ctx),
-            // Envoy's admin gives the Prometheus exposition for `/stats?format=prometheus` too.
-            "/stats" if query_has(req.uri().query(), "format", "prometheus") => proxy_metrics(ctx),
-            "/stats" => text(envoy_stats_text(&render(ctx)[1])),
+            "/stats" => envoy_stats(ctx, req.uri().query()),
             "/ready" => {
-                let live = !ctx.readiness.is_draining();
-                let mut r = text(if live {
-                    "LIVE\n".into()
-                } else {
-                    "DRAINING\n".into()
-                });
-                if !live {
+                let state = ServerState::of(&ctx.readiness);
+                let mut r = text(format!("{}\n", state.name()));
+                if state != ServerState::Live {
                     *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
                 }
                 r
@@ -361,29 +356,77 @@ fn text(body: String) -> Reply {
     r
 }
 
-/// Envoy's `/stats` text form (`name: value`) of the proxy's counters and gauges (histograms
-/// and labelled series are shown with their labels inline).
-/// Whether the query string has `key=value`.
-fn query_has(query: Option<&str>, key: &str, value: &str) -> bool {
-    query
-        .unwrap_or_default()
-        .split('&')
-        .any(|kv| kv.split_once('=') == Some((key, value)))
+/// Envoy's admin `/stats` ([`envoy_stats`]): dotted names, text or JSON; the Prometheus
+/// exposition for `?format=prometheus`; Envoy's 400 answers for queries it refuses.
+fn envoy_stats(ctx: &StatusContext, query: Option<&str>) -> Reply {
+    let q = match envoy_stats::StatsQuery::parse(query) {
+        Ok(q) => q,
+        Err(e) => {
+            let mut r = text(e.to_string());
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            return r;
+        }
+    };
+    if q.format == envoy_stats::Format::Prometheus {
+        return proxy_metrics(ctx);
+    }
+    let stats = envoy_stats::EnvoyStats::from_prometheus(&render(ctx)[1]);
+    match q.format {
+        envoy_stats::Format::Json => {
+            let mut r = Response::new(Full::new(Bytes::from(stats.json(&q))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        _ => text(stats.text(&q)),
+    }
 }
 
-fn envoy_stats_text(prometheus: &str) -> String {
-    let mut out = String::new();
-    for line in prometheus.lines().filter(|l| !l.starts_with('#')) {
-        if let Some((name, value)) = line.rsplit_once(' ') {
-            out.push_str(&format!("{name}: {value}\n"));
+/// Envoy's `server.state` (`envoy.admin.v3.ServerInfo.State`): `INITIALIZING` until the
+/// first full configuration (and certificate) is in, as Envoy's init manager waits for its
+/// first CDS/LDS and secrets; then `LIVE`; `DRAINING` once shutdown begins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServerState {
+    Live = 0,
+    Draining = 1,
+    Initializing = 3,
+}
+
+impl ServerState {
+    fn of(readiness: &Readiness) -> Self {
+        if readiness.is_draining() {
+            ServerState::Draining
+        } else if readiness.check().is_ok() {
+            ServerState::Live
+        } else {
+            ServerState::Initializing
         }
     }
-    out
+
+    fn name(self) -> &'static str {
+        match self {
+            ServerState::Live => "LIVE",
+            ServerState::Draining => "DRAINING",
+            ServerState::Initializing => "INITIALIZING",
+        }
+    }
 }
 
 /// Sets the server gauges and renders the recorder split into agent / proxy / app parts.
 fn render(ctx: &StatusContext) -> [String; 3] {
     let live = !ctx.readiness.is_draining();
+    let state = ServerState::of(&ctx.readiness);
+    metrics::gauge!("envoy_server_state").set(state as u8 as f64);
+    // Envoy starts its workers when initialization completes (and keeps them while draining).
+    metrics::gauge!("envoy_listener_manager_workers_started").set(
+        if state == ServerState::Initializing {
+            0.0
+        } else {
+            1.0
+        },
+    );
     metrics::gauge!("envoy_server_live").set(if live { 1.0 } else { 0.0 });
     metrics::gauge!("envoy_server_uptime").set(ctx.started.elapsed().as_secs() as f64);
     if let Some(f) = &ctx.before_render {
@@ -579,5 +622,41 @@ mod tests {
         )
         .await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+
+    /// Envoy's admin `/ready`: `INITIALIZING` (503) before the first configuration, `DRAINING`
+    /// (503) once shutdown begins; `server.state` in `/stats` follows (3, then 1).
+    #[tokio::test]
+    async fn admin_ready_reports_envoys_server_state() {
+        let c = ctx(Arc::new(AtomicUsize::new(0)));
+        let local: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let body = |r: Reply| async move {
+            use http_body_util::BodyExt;
+            let status = r.status();
+            let b = r.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8(b.to_vec()).unwrap())
+        };
+        assert_eq!(
+            body(respond(&c, StatusPort::Admin, &req(Method::GET, "/ready"), local).await).await,
+            (StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING\n".to_owned())
+        );
+        assert_eq!(ServerState::of(&c.readiness) as u8, 3);
+        c.readiness.start_draining();
+        assert_eq!(
+            body(respond(&c, StatusPort::Admin, &req(Method::GET, "/ready"), local).await).await,
+            (StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n".to_owned())
+        );
+        assert_eq!(ServerState::of(&c.readiness) as u8, 1);
+        let (status, _) = body(
+            respond(
+                &c,
+                StatusPort::Admin,
+                &req(Method::GET, "/stats?filter=((("),
+                local,
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
     }
 }
