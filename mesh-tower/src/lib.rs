@@ -12,6 +12,7 @@
 //! * [`grpc_frames`]: gRPC message counting for Istio's `istio_*_messages_total`.
 
 pub mod grpc_frames;
+mod grpc_reply;
 pub mod inbound;
 pub mod outbound;
 pub mod status;
