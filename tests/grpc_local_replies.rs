@@ -38,8 +38,8 @@ fn vhost(name: &str, prefix: &str, action: Value) -> Value {
     json!({"name": name, "domains": [name], "routes": [route]})
 }
 
-/// A request: (host, path, headers).
-type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
+/// A request: (method, host, path, headers).
+type Case<'a> = (&'a str, &'a str, &'a str, Vec<(&'a str, &'a str)>);
 
 /// A port nothing listens on.
 fn closed_port() -> u16 {
@@ -167,7 +167,7 @@ fn grpc_local_replies_match_envoy() {
             } else {
                 "/svc.Echo/Call"
             };
-            (*h, path, g.clone())
+            ("POST", *h, path, g.clone())
         })
         .collect();
     // Which content types make a request gRPC, and a request that is not.
@@ -179,17 +179,19 @@ fn grpc_local_replies_match_envoy() {
         "Application/gRPC",
         "application/json",
     ] {
-        cases.push(("uh", "/svc.Echo/Call", grpc(ct)));
+        cases.push(("POST", "uh", "/svc.Echo/Call", grpc(ct)));
     }
-    cases.push(("direct503", "/", vec![("content-length", "0")]));
+    cases.push(("POST", "direct503", "/", vec![("content-length", "0")]));
+    // HEAD: no `grpc-message`.
+    cases.push(("HEAD", "direct503", "/svc.Echo/Call", g.clone()));
 
     let mut results = Vec::new();
-    for (host, path, headers) in &cases {
-        let (e, line, _) = o.envoy_request("POST", host, path, headers);
+    for (method, host, path, headers) in &cases {
+        let (e, line, _) = o.envoy_request(method, host, path, headers);
         // Envoy drops the keep-alive connection after some local replies.
         o.envoy = KeepAlive::connect(o.pair.port);
-        let (m, _) = o.mesh_request("POST", host, path, headers);
-        results.push((format!("{host} {path} {headers:?}"), line, e, m));
+        let (m, _) = o.mesh_request(method, host, path, headers);
+        results.push((format!("{method} {host} {path} {headers:?}"), line, e, m));
     }
     let mut disagreements = Vec::new();
     for (case, line, mut e, m) in results {

@@ -3,6 +3,7 @@
 //! `content-type: application/grpc`, `grpc-status`, the reply's text as `grpc-message`),
 //! as Envoy 1.40 does (the root crate's `grpc_local_replies` test compares them).
 
+use http::Method;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// `grpc-status`.
@@ -19,20 +20,25 @@ pub(crate) enum Grpc {
     /// `application/grpc;…`): gRPC to telemetry.
     Like,
     /// `application/grpc` or `application/grpc+…` (Envoy's `Grpc::Common::hasGrpcContentType`,
-    /// case-sensitive): Envoy's local replies take their gRPC form.
-    Request,
+    /// case-sensitive): Envoy's local replies take their gRPC form, without `grpc-message` for
+    /// a `HEAD` request.
+    Request {
+        /// The method is `HEAD`.
+        head: bool,
+    },
 }
 
 impl Grpc {
-    /// The request's kind by its `content-type`.
-    pub(crate) fn of(headers: &HeaderMap) -> Grpc {
+    /// The request's kind by its `content-type` (and method).
+    pub(crate) fn of(method: &Method, headers: &HeaderMap) -> Grpc {
+        let head = method == Method::HEAD;
         let Some(ct) = headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes) else {
             return Grpc::No;
         };
         match ct.strip_prefix(b"application/grpc") {
             None => Grpc::No,
-            Some(b"") => Grpc::Request,
-            Some(rest) if rest.starts_with(b"+") => Grpc::Request,
+            Some(b"") => Grpc::Request { head },
+            Some(rest) if rest.starts_with(b"+") => Grpc::Request { head },
             Some(_) => Grpc::Like,
         }
     }
@@ -41,19 +47,24 @@ impl Grpc {
     pub(crate) fn telemetry(self) -> bool {
         self != Grpc::No
     }
+
+    /// Envoy's local replies to the request take their gRPC form.
+    pub(crate) fn replies(self) -> bool {
+        matches!(self, Grpc::Request { .. })
+    }
 }
 
 /// Turns a local reply's headers into Envoy's gRPC form: `content-type: application/grpc`,
 /// `grpc-status`, `grpc-message` (the reply's text, percent-encoded, when there is one), no
 /// `content-length`. The caller answers HTTP 200 without a body.
-pub(crate) fn set_headers(headers: &mut HeaderMap, grpc_status: u32, text: &[u8]) {
+pub(crate) fn set_headers(headers: &mut HeaderMap, grpc: Grpc, grpc_status: u32, text: &[u8]) {
     headers.remove(header::CONTENT_LENGTH);
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
     headers.insert(GRPC_STATUS, HeaderValue::from(grpc_status));
-    if !text.is_empty() {
+    if !text.is_empty() && grpc != (Grpc::Request { head: true }) {
         headers.insert(GRPC_MESSAGE, message(text));
     }
 }
@@ -82,14 +93,15 @@ mod tests {
         let kind = |ct: &'static str| {
             let mut h = HeaderMap::new();
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-            Grpc::of(&h)
+            Grpc::of(&Method::POST, &h)
         };
-        assert_eq!(kind("application/grpc"), Grpc::Request);
-        assert_eq!(kind("application/grpc+proto"), Grpc::Request);
+        let request = Grpc::Request { head: false };
+        assert_eq!(kind("application/grpc"), request);
+        assert_eq!(kind("application/grpc+proto"), request);
         assert_eq!(kind("application/grpc-web"), Grpc::Like);
         assert_eq!(kind("application/grpc;charset=utf-8"), Grpc::Like);
         assert_eq!(kind("Application/gRPC"), Grpc::No);
-        assert_eq!(Grpc::of(&HeaderMap::new()), Grpc::No);
+        assert_eq!(Grpc::of(&Method::POST, &HeaderMap::new()), Grpc::No);
     }
 
     #[test]

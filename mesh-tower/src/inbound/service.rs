@@ -161,7 +161,7 @@ where
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let started = Instant::now();
-        let kind = Grpc::of(req.headers());
+        let kind = Grpc::of(req.method(), req.headers());
         let grpc = kind.telemetry();
         let (mut req, request_messages) = RequestBody::wrap(req, grpc);
         let head = req.method() == Method::HEAD;
@@ -169,7 +169,7 @@ where
         // Envoy's codec refuses these before any filter sees the request.
         let refused = super::codec::check(&req);
         // Envoy's codec refuses before the HCM knows the request is gRPC.
-        let grpc_reply = kind == Grpc::Request && refused.is_none();
+        let grpc_reply = if refused.is_none() { kind } else { Grpc::No };
         let (source, exchanged) = self.discover_peer(req.headers_mut());
         let trace = super::tracing_headers::on_request(req.headers_mut());
         let span = super::tracing_headers::inbound_request_span(
@@ -318,8 +318,8 @@ struct Meter {
     stats: Arc<ListenerStats>,
     access: Option<Box<AccessLog>>,
     grpc: bool,
-    /// Local replies take Envoy's gRPC form.
-    grpc_reply: bool,
+    /// What the request is to Envoy's local replies.
+    grpc_reply: Grpc,
     head: bool,
     started: Instant,
     request_bytes: u64,
@@ -365,21 +365,22 @@ where
 
 /// Envoy's local reply; to a gRPC request (`grpc`), its gRPC form (HTTP 200, trailers-only,
 /// `grpc-status` mapped from the status, the body as `grpc-message`).
-fn local_response<B>(reply: &LocalReply, grpc: bool) -> Response<InboundBody<B>> {
+fn local_response<B>(reply: &LocalReply, grpc: Grpc) -> Response<InboundBody<B>> {
+    let form = grpc.replies();
     let mut response = Response::new(InboundBody::Local {
-        data: (!reply.body.is_empty() && !grpc).then(|| match &reply.body {
+        data: (!reply.body.is_empty() && !form).then(|| match &reply.body {
             std::borrow::Cow::Borrowed(b) => bytes::Bytes::from_static(b.as_bytes()),
             std::borrow::Cow::Owned(b) => bytes::Bytes::from(b.clone()),
         }),
     });
-    *response.status_mut() = match grpc {
+    *response.status_mut() = match form {
         true => StatusCode::OK,
         false => StatusCode::from_u16(reply.status).unwrap_or(StatusCode::FORBIDDEN),
     };
     let h = response.headers_mut();
-    if grpc {
+    if form {
         let code = mesh_core::fault::http_to_grpc_status(reply.status);
-        crate::grpc_reply::set_headers(h, code, reply.body.as_bytes());
+        crate::grpc_reply::set_headers(h, grpc, code, reply.body.as_bytes());
     } else {
         if !reply.body.is_empty() {
             h.insert(
@@ -448,7 +449,7 @@ where
             ),
             StateProj::Local { reply } => match reply.take() {
                 Some(reply) => {
-                    let grpc = this.meter.as_ref().is_some_and(|m| m.grpc_reply);
+                    let grpc = this.meter.as_ref().map_or(Grpc::No, |m| m.grpc_reply);
                     (Ok(local_response(&reply, grpc)), reply.flags)
                 }
                 None => return Poll::Pending,

@@ -380,7 +380,7 @@ impl Outbound {
         let host = authority.as_str();
         let port = destination_port(&parts.uri, host);
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-        let grpc = Grpc::of(&parts.headers);
+        let grpc = Grpc::of(&parts.method, &parts.headers);
         let request_bytes =
             headers_size(&parts.headers) + http_body::Body::size_hint(&body).exact().unwrap_or(0);
         let no_host = |flag_status: (u16, Option<Bytes>, ResponseFlag, Option<String>)| {
@@ -503,9 +503,10 @@ impl Outbound {
                     true => ResponseFlag::DelayInjected | ResponseFlag::FaultInjected,
                     false => ResponseFlag::FaultInjected,
                 };
-                let (status, code) = a.reply(grpc == Grpc::Request);
+                let (status, code) = a.reply(grpc.replies());
                 let record = self.record(&self.inner.no_host, start, host, grpc, request_bytes);
-                return grpc_local_reply(status, Some(Bytes::from(text)), flag, None, record, code);
+                let text = Some(Bytes::from(text));
+                return grpc_local_reply(status, text, flag, None, record, code, grpc);
             }
         }
         let deadline = fwd
@@ -1774,14 +1775,16 @@ fn local_reply(
     record: Option<Record>,
     grpc: Grpc,
 ) -> Response<OutboundBody> {
-    let code = (grpc == Grpc::Request).then(|| mesh_core::fault::http_to_grpc_status(status));
-    grpc_local_reply(status, body, flag, location, record, code)
+    let code = grpc
+        .replies()
+        .then(|| mesh_core::fault::http_to_grpc_status(status));
+    grpc_local_reply(status, body, flag, location, record, code, grpc)
 }
 
 /// [`local_reply`] with the gRPC status given: with one, Envoy's gRPC form (as Envoy 1.40
 /// answers, see the root crate's `grpc_local_replies` test): HTTP 200, trailers-only (no
 /// body, no `content-length`), `content-type: application/grpc`, `grpc-status`, and the
-/// body percent-encoded as `grpc-message`; `location` kept.
+/// body percent-encoded as `grpc-message` (none for `HEAD`); `location` kept.
 fn grpc_local_reply(
     status: u16,
     body: Option<Bytes>,
@@ -1789,6 +1792,7 @@ fn grpc_local_reply(
     location: Option<String>,
     mut record: Option<Record>,
     grpc_status: Option<u32>,
+    grpc: Grpc,
 ) -> Response<OutboundBody> {
     let status = match grpc_status {
         Some(_) => StatusCode::OK,
@@ -1808,7 +1812,7 @@ fn grpc_local_reply(
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     match (grpc_status, message) {
-        (Some(code), Some(m)) => grpc_reply::set_headers(h, code, &m),
+        (Some(code), Some(m)) => grpc_reply::set_headers(h, grpc, code, &m),
         _ => {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
             if !body.is_empty() {
