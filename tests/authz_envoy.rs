@@ -108,6 +108,23 @@ pub(crate) fn client_config(ca: &TestCa, sa: &str) -> Result<rustls::ClientConfi
         .map_err(|e| e.to_string())
 }
 
+/// A gRPC-shaped request's headers (no body).
+const GRPC_REQUEST: &[(&str, &str)] = &[
+    ("content-type", "application/grpc"),
+    ("te", "trailers"),
+    ("content-length", "0"),
+];
+
+/// Envoy's RBAC denial of a gRPC request (status, `content-type`, `grpc-status`,
+/// `grpc-message`): trailers-only, PERMISSION_DENIED.
+type GrpcDenial<'a> = (u16, Option<&'a str>, Option<&'a str>, Option<&'a str>);
+const GRPC_RBAC_DENIED: GrpcDenial<'static> = (
+    200,
+    Some("application/grpc"),
+    Some("7"),
+    Some("RBAC: access denied"),
+);
+
 /// The SNI a sidecar sends to the server's port 8080.
 pub(crate) const SERVER_SNI: &str = "outbound_.8080_._.server.default.svc.cluster.local";
 
@@ -277,6 +294,29 @@ async fn envoy_sidecar_client_against_mesh_server_policy() {
         );
     }
     assert_eq!(app.hits(), before + 1, "a denied request reached the app");
+    // A gRPC request: mesh's denial in Envoy's gRPC form, as Envoy's own (see
+    // `mesh_client_against_envoy_sidecar_rbac`), through the Envoy client.
+    let denied = tokio::task::spawn_blocking(move || {
+        crate::routing_oracle::KeepAlive::connect(outbound_port).request(
+            "POST",
+            SERVER_FQDN,
+            "/admin",
+            GRPC_REQUEST,
+        )
+    })
+    .await
+    .unwrap();
+    let pick = |k: &str| denied.1.iter().find(|h| h.0 == k).map(|h| h.1.as_str());
+    assert_eq!(
+        (
+            denied.0,
+            pick("content-type"),
+            pick("grpc-status"),
+            pick("grpc-message")
+        ),
+        GRPC_RBAC_DENIED,
+        "{denied:?}"
+    );
     // Another identity than the Envoy client's: denied by the ALLOW policy.
     let (status, body) = mtls(&plane.ca, addr, "stranger", "GET", "/hello", "")
         .await
@@ -320,6 +360,28 @@ async fn mesh_client_against_envoy_sidecar_rbac() {
     assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
     let (status, body) = get(&other, url("/hello")).await;
     assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    // Envoy's denial of a gRPC request: its gRPC form, passed through mesh's outbound.
+    let mut req = http::Request::post(url("/admin/x"));
+    for (k, v) in GRPC_REQUEST {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let r = timeout(WAIT, client.http_client().request(req))
+        .await
+        .expect("bounded");
+    let pick = |k: &str| r.headers().get(k).and_then(|v| v.to_str().ok());
+    assert_eq!(
+        (
+            r.status().as_u16(),
+            pick("content-type"),
+            pick("grpc-status"),
+            pick("grpc-message")
+        ),
+        GRPC_RBAC_DENIED,
+        "{r:?}"
+    );
     assert_eq!(
         app.hits(),
         1,

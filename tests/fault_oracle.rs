@@ -50,20 +50,23 @@ fn with_fault_filter(boot: &mut Value) {
 /// What a response says, as compared: status, the gRPC headers, the body (the upstream's port
 /// is "upstream"), the response flags.
 #[derive(Debug, PartialEq, Eq)]
-struct Outcome {
-    status: u16,
-    grpc: Vec<(String, String)>,
-    body: String,
-    flags: String,
+pub(crate) struct Outcome {
+    pub(crate) status: u16,
+    pub(crate) grpc: Vec<(String, String)>,
+    pub(crate) body: String,
+    pub(crate) flags: String,
 }
 
-/// The headers that tell a gRPC abort (and the content type of every local reply).
+/// The headers that tell a gRPC local reply (and the content type and `location` of every
+/// local reply).
 fn grpc_headers<'a>(
     headers: impl Iterator<Item = (&'a str, &'a str)>,
     upstream: bool,
 ) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = headers
-        .filter(|(k, _)| k.starts_with("grpc-") || (!upstream && *k == "content-type"))
+        .filter(|(k, _)| {
+            k.starts_with("grpc-") || (!upstream && matches!(*k, "content-type" | "location"))
+        })
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     v.sort();
@@ -77,19 +80,32 @@ fn body_class(body: String, up: &[u16]) -> String {
     }
 }
 
-struct Oracle {
-    envoy: KeepAlive,
-    logged: usize,
-    pair: Oracles,
-    up: Vec<u16>,
+/// Envoy (over one keep-alive connection) and mesh side by side, counting Envoy's access-log
+/// lines; upstream answers (the port of one of `up`) read "upstream".
+pub(crate) struct Oracle {
+    pub(crate) envoy: KeepAlive,
+    pub(crate) logged: usize,
+    pub(crate) pair: Oracles,
+    pub(crate) up: Vec<u16>,
 }
 
 impl Oracle {
     /// (Envoy's outcome without its flags, its access-log line number, how long Envoy took).
     /// The flags come from [`flags`](Self::flags) once Envoy has flushed its log.
     fn envoy(&mut self, host: &str, headers: &[(&str, &str)]) -> (Outcome, usize, Duration) {
+        self.envoy_request("GET", host, "/", headers)
+    }
+
+    /// [`envoy`](Self::envoy) with any method and path.
+    pub(crate) fn envoy_request(
+        &mut self,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (Outcome, usize, Duration) {
         let start = Instant::now();
-        let (status, h, body) = self.envoy.send(host, "/", headers);
+        let (status, h, body) = self.envoy.request(method, host, path, headers);
         let took = start.elapsed();
         let line = self.logged;
         self.logged += 1;
@@ -104,16 +120,29 @@ impl Oracle {
     }
 
     /// Envoy's response flags for access-log line `line` (bounded wait for the flush).
-    fn flags(&self, line: usize) -> String {
+    pub(crate) fn flags(&self, line: usize) -> String {
         let l = envoy_log_line(&self.pair.log, line);
         l.rsplit(' ').next().unwrap_or("").to_owned()
     }
 
     /// (mesh's outcome, how long mesh took).
     fn mesh(&self, host: &str, headers: &[(&str, &str)]) -> (Outcome, Duration) {
+        self.mesh_request("GET", host, "/", headers)
+    }
+
+    /// [`mesh`](Self::mesh) with any method and path.
+    pub(crate) fn mesh_request(
+        &self,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (Outcome, Duration) {
         use http_body_util::BodyExt;
         self.pair.rt.block_on(async {
-            let mut req = http::Request::get(format!("http://{host}/"));
+            let mut req = http::Request::builder()
+                .method(method)
+                .uri(format!("http://{host}{path}"));
             for (k, v) in headers {
                 req = req.header(*k, *v);
             }

@@ -983,7 +983,19 @@ impl KeepAlive {
         path: &str,
         extra: &[(&str, &str)],
     ) -> (u16, Vec<(String, String)>, String) {
-        let mut text = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
+        self.request("GET", host, path, extra)
+    }
+
+    /// [`send`](Self::send) with `method` (no request body: say `content-length: 0` in
+    /// `extra` for a POST).
+    pub(crate) fn request(
+        &mut self,
+        method: &str,
+        host: &str,
+        path: &str,
+        extra: &[(&str, &str)],
+    ) -> (u16, Vec<(String, String)>, String) {
+        let mut text = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
         for (k, v) in extra {
             text.push_str(&format!("{k}: {v}\r\n"));
         }

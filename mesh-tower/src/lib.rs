@@ -14,6 +14,7 @@
 //!   connection.
 
 pub mod grpc_frames;
+mod grpc_reply;
 pub mod inbound;
 pub mod outbound;
 pub mod peer_exchange;

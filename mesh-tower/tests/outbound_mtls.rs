@@ -226,7 +226,7 @@ async fn san_mismatch_is_503_uf_with_envoys_tls_reason() {
         let body = std::str::from_utf8(r.body()).unwrap();
         assert!(
             body.starts_with(
-                "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: TLS_error:"
+                "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: TLS_error:"
             ),
             "{body}"
         );

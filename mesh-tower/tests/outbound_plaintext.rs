@@ -305,7 +305,7 @@ async fn connection_refused_is_503_uf() {
         assert_eq!(r.status(), 503);
         assert_eq!(
             r.body(),
-            "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+            "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
         );
         assert_eq!(flag(&r), ResponseFlag::UpstreamConnectionFailure);
     })

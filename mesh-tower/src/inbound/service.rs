@@ -20,6 +20,7 @@ use pin_project::pin_project;
 use tower::ServiceExt;
 
 use crate::grpc_frames::{CountedBody, MessageCount};
+use crate::grpc_reply::{GRPC_STATUS, Grpc};
 use tower::util::Oneshot;
 
 use super::access_log::AccessLog;
@@ -160,12 +161,15 @@ where
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let started = Instant::now();
-        let grpc = is_grpc(req.headers());
+        let kind = Grpc::of(req.method(), req.headers());
+        let grpc = kind.telemetry();
         let (mut req, request_messages) = RequestBody::wrap(req, grpc);
         let head = req.method() == Method::HEAD;
         let request_bytes = req.body().size_hint().exact().unwrap_or(0);
         // Envoy's codec refuses these before any filter sees the request.
         let refused = super::codec::check(&req);
+        // Envoy's codec refuses before the HCM knows the request is gRPC.
+        let grpc_reply = if refused.is_none() { kind } else { Grpc::No };
         let (source, exchanged) = self.discover_peer(req.headers_mut());
         let trace = super::tracing_headers::on_request(req.headers_mut());
         let span = super::tracing_headers::inbound_request_span(
@@ -197,6 +201,7 @@ where
             stats: Arc::clone(&self.stats),
             access,
             grpc,
+            grpc_reply,
             head,
             started,
             request_bytes,
@@ -295,15 +300,6 @@ impl std::fmt::Debug for Prepare {
     }
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// `grpc-status`, parsed once.
-const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-
 fn grpc_status(headers: &HeaderMap) -> Option<u16> {
     std::str::from_utf8(headers.get(GRPC_STATUS)?.as_bytes())
         .ok()?
@@ -322,6 +318,8 @@ struct Meter {
     stats: Arc<ListenerStats>,
     access: Option<Box<AccessLog>>,
     grpc: bool,
+    /// What the request is to Envoy's local replies.
+    grpc_reply: Grpc,
     head: bool,
     started: Instant,
     request_bytes: u64,
@@ -365,25 +363,36 @@ where
     },
 }
 
-fn local_response<B>(reply: &LocalReply) -> Response<InboundBody<B>> {
+/// Envoy's local reply; to a gRPC request (`grpc`), its gRPC form (HTTP 200, trailers-only,
+/// `grpc-status` mapped from the status, the body as `grpc-message`).
+fn local_response<B>(reply: &LocalReply, grpc: Grpc) -> Response<InboundBody<B>> {
+    let form = grpc.replies();
     let mut response = Response::new(InboundBody::Local {
-        data: (!reply.body.is_empty()).then(|| match &reply.body {
+        data: (!reply.body.is_empty() && !form).then(|| match &reply.body {
             std::borrow::Cow::Borrowed(b) => bytes::Bytes::from_static(b.as_bytes()),
             std::borrow::Cow::Owned(b) => bytes::Bytes::from(b.clone()),
         }),
     });
-    *response.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::FORBIDDEN);
+    *response.status_mut() = match form {
+        true => StatusCode::OK,
+        false => StatusCode::from_u16(reply.status).unwrap_or(StatusCode::FORBIDDEN),
+    };
     let h = response.headers_mut();
-    if !reply.body.is_empty() {
+    if form {
+        let code = mesh_core::fault::http_to_grpc_status(reply.status);
+        crate::grpc_reply::set_headers(h, grpc, code, reply.body.as_bytes());
+    } else {
+        if !reply.body.is_empty() {
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain"),
+            );
+        }
         h.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain"),
+            http::header::CONTENT_LENGTH,
+            HeaderValue::from(reply.body.len()),
         );
     }
-    h.insert(
-        http::header::CONTENT_LENGTH,
-        HeaderValue::from(reply.body.len()),
-    );
     if let Some(location) = reply
         .location
         .as_deref()
@@ -439,7 +448,10 @@ where
                 "-",
             ),
             StateProj::Local { reply } => match reply.take() {
-                Some(reply) => (Ok(local_response(&reply)), reply.flags),
+                Some(reply) => {
+                    let grpc = this.meter.as_ref().map_or(Grpc::No, |m| m.grpc_reply);
+                    (Ok(local_response(&reply, grpc)), reply.flags)
+                }
                 None => return Poll::Pending,
             },
             StateProj::Prepare { .. } => return Poll::Pending,

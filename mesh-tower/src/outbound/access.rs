@@ -56,20 +56,16 @@ impl UpstreamInfo {
     /// The attempt could not connect (Envoy: `remote_connection_failure` with the transport
     /// failure reason, or `connection_timeout`).
     pub(crate) fn connect_failed(&mut self, e: &ConnectError) {
-        let (reset, reason) = match e {
-            ConnectError::Timeout { .. } => ("connection_timeout", None),
+        let reason = match e {
+            ConnectError::Timeout { .. } => None,
             // Envoy 1.40 reports a refused TCP connect as
             // `delayed_connect_error: Connection refused` (observed).
-            ConnectError::Tcp { source, .. } => (
-                "remote_connection_failure",
-                Some(format!("delayed_connect_error: {}", os_error_text(source))),
-            ),
-            other => (
-                "remote_connection_failure",
-                other.transport_failure_reason(),
-            ),
+            ConnectError::Tcp { source, .. } => {
+                Some(format!("delayed_connect_error: {}", os_error_text(source)))
+            }
+            other => other.transport_failure_reason(),
         };
-        self.reset = Some(reset);
+        self.reset = Some(e.reset_reason());
         self.transport_failure_reason = reason.map(|r| r.replace(' ', "_"));
     }
 }

@@ -66,6 +66,7 @@ use mesh_core::{CertStore, NodeIdentity, SnapshotCell};
 use rustls_pki_types::ServerName;
 use tokio::sync::watch;
 
+use crate::grpc_reply::{self, GRPC_STATUS, Grpc};
 pub use body::OutboundBody;
 use body::{CounterGuard, InFlight};
 use idle::Ended;
@@ -82,9 +83,26 @@ use crate::inbound::tracing_headers;
 pub const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
 /// Envoy's local reply body for `UT`.
 pub const UPSTREAM_REQUEST_TIMEOUT: &str = "upstream request timeout";
-/// Envoy's local reply body prefix for `UF` / `UC`.
+/// Envoy's local reply body prefix for `UF` / `UC` / `UO`.
 pub const UPSTREAM_RESET_PREFIX: &str =
-    "upstream connect error or disconnect/reset before headers. reset reason: ";
+    "upstream connect error or disconnect/reset before headers. ";
+
+/// Envoy's local reply body for an upstream reset before the response headers: `reason` (a
+/// `StreamResetReason` in its access-log spelling, `_` for spaces), after a retry "retried and
+/// the latest reset reason", and the transport failure reason when there is one.
+fn upstream_reset_body(retried: bool, reason: &str, transport: Option<&str>) -> Bytes {
+    let mut text = String::from(UPSTREAM_RESET_PREFIX);
+    if retried {
+        text.push_str("retried and the latest ");
+    }
+    text.push_str("reset reason: ");
+    text.push_str(&reason.replace('_', " "));
+    if let Some(t) = transport {
+        text.push_str(", transport failure reason: ");
+        text.push_str(t);
+    }
+    Bytes::from(text)
+}
 
 /// ALPN Envoy's `istio.alpn` filter offers for HTTP/1.1 over Istio mTLS.
 const ALPN_ISTIO_HTTP11: &[&[u8]] = &[b"istio-http/1.1", b"istio", b"http/1.1"];
@@ -365,13 +383,13 @@ impl Outbound {
         let host = authority.as_str();
         let port = destination_port(&parts.uri, host);
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-        let grpc = is_grpc(&parts.headers);
+        let grpc = Grpc::of(&parts.method, &parts.headers);
         let request_bytes =
             headers_size(&parts.headers) + http_body::Body::size_hint(&body).exact().unwrap_or(0);
         let no_host = |flag_status: (u16, Option<Bytes>, ResponseFlag, Option<String>)| {
             let record = self.record(&self.inner.no_host, start, host, grpc, request_bytes);
             let (status, text, flag, location) = flag_status;
-            local_reply(status, text, flag, location, record)
+            local_reply(status, text, flag, location, record, grpc)
         };
 
         let (decision, retry_enabled) = {
@@ -491,23 +509,10 @@ impl Outbound {
                     true => ResponseFlag::DelayInjected | ResponseFlag::FaultInjected,
                     false => ResponseFlag::FaultInjected,
                 };
-                return match a.reply(grpc) {
-                    (status, None) => no_host((status, Some(Bytes::from(text)), flag, None)),
-                    (status, Some(code)) => {
-                        // Envoy's local reply to a gRPC request: trailers-only.
-                        let mut r = no_host((status, None, flag, None));
-                        let h = r.headers_mut();
-                        h.insert(
-                            header::CONTENT_TYPE,
-                            HeaderValue::from_static("application/grpc"),
-                        );
-                        h.insert(GRPC_STATUS, HeaderValue::from(code));
-                        if let Ok(v) = HeaderValue::from_str(&text) {
-                            h.insert(GRPC_MESSAGE, v);
-                        }
-                        r
-                    }
-                };
+                let (status, code) = a.reply(grpc.replies());
+                let record = self.record(&self.inner.no_host, start, host, grpc, request_bytes);
+                let text = Some(Bytes::from(text));
+                return grpc_local_reply(status, text, flag, None, record, code, grpc);
             }
         }
         let deadline = fwd
@@ -569,7 +574,7 @@ impl Outbound {
         port: u16,
         fwd: &Forward,
         start: Instant,
-        grpc: bool,
+        grpc: Grpc,
         request_bytes: u64,
         mut info: Option<&mut access::UpstreamInfo>,
     ) -> Response<OutboundBody> {
@@ -580,7 +585,7 @@ impl Outbound {
         let cluster = &fwd.cluster;
         let state = self.inner.cluster_state(cluster);
         // gRPC: the request's messages, counted as its body streams (Envoy's grpc_stats).
-        let (body, mut request_messages) = if grpc && !fwd.shadow {
+        let (body, mut request_messages) = if grpc.telemetry() && !fwd.shadow {
             let (b, n) = crate::grpc_frames::CountedBody::new(body);
             (b.boxed_unsync(), Some(n))
         } else {
@@ -633,6 +638,7 @@ impl Outbound {
                         ResponseFlag::DownstreamProtocolError,
                         None,
                         record,
+                        grpc,
                     );
                 }
             }
@@ -655,10 +661,11 @@ impl Outbound {
             );
             return local_reply(
                 503,
-                Some(Bytes::from(format!("{UPSTREAM_RESET_PREFIX}overflow"))),
+                Some(upstream_reset_body(false, "overflow", None)),
                 ResponseFlag::UpstreamOverflow,
                 None,
                 record,
+                grpc,
             );
         };
         let mut rq_guard = Some(rq_guard);
@@ -776,6 +783,7 @@ impl Outbound {
                     ResponseFlag::NoHealthyUpstream,
                     None,
                     record,
+                    grpc,
                 );
             };
             if let Some(u) = info.as_deref_mut() {
@@ -834,7 +842,7 @@ impl Outbound {
                     grpc,
                     request_bytes,
                 );
-                return local_reply(404, None, ResponseFlag::NoRouteFound, None, record);
+                return local_reply(404, None, ResponseFlag::NoRouteFound, None, record, grpc);
             }
             let b = match (once_body.take(), &replay) {
                 (Some(b), _) => b,
@@ -987,6 +995,8 @@ impl Outbound {
                 ResponseFlag::None
             };
             drop(retry_guard.take());
+            // Envoy's local reply says so once a retry was sent.
+            let retried = attempt > 1;
             if let Some(a) = attempt_stats.as_mut() {
                 let (code, upstream) = match &result {
                     None => (504, false),
@@ -1026,6 +1036,7 @@ impl Outbound {
                         flag,
                         None,
                         record,
+                        grpc,
                     )
                 }
                 Some(Ok((resp, ends, checkin))) => {
@@ -1057,30 +1068,27 @@ impl Outbound {
                 }
                 Some(Err(SendError::Connect(e))) => {
                     tracing::debug!(cluster = %cluster.name, error = %e, "upstream connection failure");
-                    let mut text = String::from(UPSTREAM_RESET_PREFIX);
-                    text.push_str("connection failure");
-                    if let Some(reason) = e.transport_failure_reason() {
-                        text.push_str(", transport failure reason: ");
-                        text.push_str(&reason);
-                    }
+                    let transport = e.transport_failure_reason();
+                    let text = upstream_reset_body(retried, e.reset_reason(), transport.as_deref());
                     let flag = verdict | ResponseFlag::UpstreamConnectionFailure;
-                    local_reply(503, Some(Bytes::from(text)), flag, None, record)
+                    local_reply(503, Some(text), flag, None, record, grpc)
                 }
                 Some(Err(SendError::Overflow)) => {
                     tracing::debug!(cluster = %cluster.name, "circuit breaker open: max_pending_requests");
                     local_reply(
                         503,
-                        Some(Bytes::from(format!("{UPSTREAM_RESET_PREFIX}overflow"))),
+                        Some(upstream_reset_body(retried, "overflow", None)),
                         verdict | ResponseFlag::UpstreamOverflow,
                         None,
                         record,
+                        grpc,
                     )
                 }
                 Some(Err(SendError::Reset(e))) => {
                     tracing::debug!(cluster = %cluster.name, error = %e, "upstream reset before response headers");
-                    let text = format!("{UPSTREAM_RESET_PREFIX}connection termination");
+                    let text = upstream_reset_body(retried, "connection_termination", None);
                     let flag = verdict | ResponseFlag::UpstreamConnectionTermination;
-                    local_reply(503, Some(Bytes::from(text)), flag, None, record)
+                    local_reply(503, Some(text), flag, None, record, grpc)
                 }
             };
             if fwd.attempt_count_downstream {
@@ -1131,7 +1139,7 @@ impl Outbound {
         labels: &Arc<LabelBase>,
         start: Instant,
         host: &str,
-        grpc: bool,
+        grpc: Grpc,
         request_bytes: u64,
     ) -> Option<Record> {
         if shadow {
@@ -1150,7 +1158,7 @@ impl Outbound {
         body: &replay::Replay,
         authority: &AuthorityBuf,
         port: u16,
-        grpc: bool,
+        grpc: Grpc,
     ) {
         if m.fraction.is_some_and(|f| !f.hit(rand::random::<u64>())) {
             return;
@@ -1229,11 +1237,11 @@ impl Outbound {
         &self,
         start: Instant,
         host: &str,
-        grpc: bool,
+        grpc: Grpc,
         request_bytes: u64,
     ) -> Response<OutboundBody> {
         let record = self.record(&self.inner.no_host, start, host, grpc, request_bytes);
-        local_reply(500, None, ResponseFlag::None, None, record)
+        local_reply(500, None, ResponseFlag::None, None, record, grpc)
     }
 
     fn record(
@@ -1241,7 +1249,7 @@ impl Outbound {
         labels: &Arc<LabelBase>,
         start: Instant,
         host: &str,
-        grpc: bool,
+        grpc: Grpc,
         request_bytes: u64,
     ) -> Option<Record> {
         Some(Record {
@@ -1251,7 +1259,7 @@ impl Outbound {
             principal: None,
             code: 0,
             flag: ResponseFlag::None,
-            grpc,
+            grpc: grpc.telemetry(),
             grpc_status: None,
             request_bytes,
             peer: None,
@@ -1579,11 +1587,6 @@ fn rewrite_path(parts: &mut http::request::Parts, path_and_query: &str) {
     }
 }
 
-/// `grpc-status`.
-const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
-/// `grpc-message`.
-const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
-
 /// `x-envoy-attempt-count`.
 const X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 
@@ -1664,12 +1667,6 @@ fn authority_port(authority: &str) -> Option<u16> {
         return None;
     }
     p.parse().ok()
-}
-
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u32> {
@@ -1773,26 +1770,61 @@ fn prepare(
     Ok(())
 }
 
-/// Envoy's local reply: status, optional `text/plain` body, the flag in the extensions.
+/// Envoy's local reply: status, optional `text/plain` body, the flag in the extensions; to a
+/// gRPC request, its gRPC form (see [`grpc_local_reply`]) with the `grpc-status` Envoy maps
+/// the HTTP status to.
 fn local_reply(
     status: u16,
     body: Option<Bytes>,
     flag: ResponseFlag,
     location: Option<String>,
-    mut record: Option<Record>,
+    record: Option<Record>,
+    grpc: Grpc,
 ) -> Response<OutboundBody> {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let code = grpc
+        .replies()
+        .then(|| mesh_core::fault::http_to_grpc_status(status));
+    grpc_local_reply(status, body, flag, location, record, code, grpc)
+}
+
+/// [`local_reply`] with the gRPC status given: with one, Envoy's gRPC form (as Envoy 1.40
+/// answers, see the root crate's `grpc_local_replies` test): HTTP 200, trailers-only (no
+/// body, no `content-length`), `content-type: application/grpc`, `grpc-status`, and the
+/// body percent-encoded as `grpc-message` (none for `HEAD`); `location` kept.
+fn grpc_local_reply(
+    status: u16,
+    body: Option<Bytes>,
+    flag: ResponseFlag,
+    location: Option<String>,
+    mut record: Option<Record>,
+    grpc_status: Option<u32>,
+    grpc: Grpc,
+) -> Response<OutboundBody> {
+    let status = match grpc_status {
+        Some(_) => StatusCode::OK,
+        None => StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    };
     if let Some(r) = record.as_mut() {
         r.code = status.as_u16();
         r.flag = flag;
+        r.grpc_status = grpc_status.filter(|_| r.grpc);
     }
     let body = body.unwrap_or_default();
+    let (body, message) = match grpc_status {
+        Some(_) => (Bytes::new(), Some(body)),
+        None => (body, None),
+    };
     let mut resp = Response::new(OutboundBody::full(body.clone(), record));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    if !body.is_empty() {
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    match (grpc_status, message) {
+        (Some(code), Some(m)) => grpc_reply::set_headers(h, grpc, code, &m),
+        _ => {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            if !body.is_empty() {
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+        }
     }
     if let Some(l) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
         h.insert(header::LOCATION, l);

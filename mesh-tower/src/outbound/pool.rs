@@ -99,6 +99,15 @@ pub(crate) enum ConnectError {
 }
 
 impl ConnectError {
+    /// Envoy's `StreamResetReason` for the failed connect, in its access-log spelling:
+    /// `connection_timeout`, else `remote_connection_failure`.
+    pub(crate) fn reset_reason(&self) -> &'static str {
+        match self {
+            ConnectError::Timeout { .. } => "connection_timeout",
+            _ => "remote_connection_failure",
+        }
+    }
+
     /// Envoy's transport failure reason for the local reply body, if it gives one.
     pub(crate) fn transport_failure_reason(&self) -> Option<String> {
         match self {
