@@ -16,6 +16,7 @@ mod envoy_harness;
 mod envoy_interop;
 mod ext_authz;
 mod fault_oracle;
+mod hash_retry_oracle;
 mod jwt_inbound;
 mod mesh_certificates;
 mod mesh_drain;
