@@ -17,6 +17,7 @@ mod envoy_interop;
 mod ext_authz;
 mod fault_oracle;
 mod grpc_local_replies;
+mod hash_retry_oracle;
 mod jwt_inbound;
 mod mesh_certificates;
 mod mesh_drain;

@@ -272,9 +272,9 @@ pub struct PickContext<'a> {
     pub hash: Option<u64>,
     /// Hosts to avoid (`previous_hosts` retry predicate).
     pub avoid: &'a [SocketAddr],
-    /// How many picks to make while the pick is to be avoided
-    /// (`host_selection_retry_max_attempts`).
-    pub max_picks: u32,
+    /// How many more picks to make while the pick is one to avoid: Envoy's
+    /// `hostSelectionRetryCount`, the route's `host_selection_retry_max_attempts` on a retry.
+    pub host_selection_retry_count: u32,
 }
 
 /// One priority level, compiled.
@@ -437,16 +437,24 @@ enum HashTable {
 }
 
 impl HashTable {
-    fn lookup(&self, hash: u64) -> Option<usize> {
+    /// The endpoint for `hash` on host selection attempt `attempt` (0: the first pick).
+    fn lookup(&self, hash: u64, attempt: u32) -> Option<usize> {
         match self {
             HashTable::Ring(points) => {
                 if points.is_empty() {
                     return None;
                 }
                 let i = points.partition_point(|p| p.0 < hash);
-                Some(points[if i == points.len() { 0 } else { i }].1)
+                let i = if i == points.len() { 0 } else { i };
+                // A host selection retry takes the point `attempt` places further round the
+                // ring (which may belong to the same host), as Envoy does.
+                Some(points[(i + attempt as usize) % points.len()].1)
             }
-            HashTable::Maglev(t) => (!t.is_empty()).then(|| t[(hash % t.len() as u64) as usize]),
+            HashTable::Maglev(t) => {
+                // A host selection retry looks up `hash ^ (2^64 - attempt)`, as Envoy does.
+                let hash = hash ^ 0u64.wrapping_sub(u64::from(attempt));
+                (!t.is_empty()).then(|| t[(hash % t.len() as u64) as usize])
+            }
         }
     }
 }
@@ -561,27 +569,36 @@ impl Balancer {
     }
 
     /// Picks an endpoint index; `None` when the set has no host traffic may go to (`UH`).
+    ///
+    /// Ring hash and Maglev work as Envoy's thread-aware balancers: one hash (the request's, or a
+    /// random one without a hash policy) picks the priority level and the host, and each host
+    /// selection retry looks the same hash up with its attempt number, so a retry that avoids
+    /// the previous host always lands on the same alternate host. The other policies draw
+    /// afresh for each host selection retry.
     pub fn pick<R: Rng + ?Sized>(&self, ctx: &PickContext<'_>, rng: &mut R) -> Option<usize> {
-        let mut picked = self.pick_once(ctx, rng)?;
-        for _ in 1..ctx.max_picks.max(1) {
+        let hash = matches!(self.policy, LbPolicy::RingHash | LbPolicy::Maglev)
+            .then(|| ctx.hash.unwrap_or_else(|| rng.random::<u64>()));
+        let mut picked = self.pick_once(hash, 0, rng)?;
+        for attempt in 1..=ctx.host_selection_retry_count {
             if !ctx.avoid.contains(&self.endpoints[picked]) {
                 break;
             }
-            // Another draw: rehash away from the previous host for hash policies.
-            let ctx2 = PickContext {
-                hash: ctx.hash.map(|h| h.wrapping_add(rng.random::<u64>())),
-                ..*ctx
-            };
-            picked = self.pick_once(&ctx2, rng)?;
+            picked = self.pick_once(hash, attempt, rng)?;
         }
         Some(picked)
     }
 
-    fn pick_once<R: Rng + ?Sized>(&self, ctx: &PickContext<'_>, rng: &mut R) -> Option<usize> {
+    /// One host selection: `hash` (hash policies only) on selection attempt `attempt`.
+    fn pick_once<R: Rng + ?Sized>(
+        &self,
+        hash: Option<u64>,
+        attempt: u32,
+        rng: &mut R,
+    ) -> Option<usize> {
         if self.cluster_ejected.load(Ordering::Relaxed) > 0 {
-            return self.pick_with_ejections(ctx, rng);
+            return self.pick_with_ejections(hash, attempt, rng);
         }
-        let li = self.choose_level(&self.loads, rng)?;
+        let li = self.choose_level(&self.loads, hash, rng)?;
         let level = &self.levels[li];
         let panic = self.panic[li];
         // Locality-weighted: a locality first (not in panic, as in Envoy); no locality with
@@ -594,7 +611,7 @@ impl Balancer {
                 edf: g.edf_healthy.as_ref(),
                 equal_weights: g.equal_weights,
             };
-            return self.pick_in(&g.healthy, order, None, ctx, rng);
+            return self.pick_in(&g.healthy, order, None, (hash, attempt), rng);
         }
         let hosts = if panic { &level.all } else { &level.healthy };
         if hosts.is_empty() {
@@ -615,14 +632,15 @@ impl Balancer {
             },
             equal_weights: level.equal_weights,
         };
-        self.pick_in(hosts, order, table, ctx, rng)
+        self.pick_in(hosts, order, table, (hash, attempt), rng)
     }
 
     /// The slow path while outlier detection has hosts ejected: ejected hosts count as
     /// unhealthy for priority loads and panic, as in Envoy.
     fn pick_with_ejections<R: Rng + ?Sized>(
         &self,
-        ctx: &PickContext<'_>,
+        hash: Option<u64>,
+        attempt: u32,
         rng: &mut R,
     ) -> Option<usize> {
         let healthy: Vec<Vec<usize>> = self
@@ -647,7 +665,7 @@ impl Balancer {
             self.overprovisioning,
             self.config.healthy_panic_threshold.0,
         );
-        let li = self.choose_level(&loads, rng)?;
+        let li = self.choose_level(&loads, hash, rng)?;
         let level = &self.levels[li];
         if !panic[li] && !level.localities.is_empty() {
             let available = |g: &LocalityGroup| -> Vec<usize> {
@@ -667,7 +685,7 @@ impl Balancer {
                     &groups[k],
                     Order::plain(g.equal_weights, &g.rr),
                     None,
-                    ctx,
+                    (hash, attempt),
                     rng,
                 );
             }
@@ -685,12 +703,12 @@ impl Balancer {
             hosts,
             Order::plain(level.equal_weights, &level.rr),
             None,
-            ctx,
+            (hash, attempt),
             rng,
         )?;
         // Hash policies keep their table; an ejected pick moves to a random healthy host.
-        match (table, ctx.hash) {
-            (Some(t), Some(h)) => match t.lookup(h) {
+        match (table, hash) {
+            (Some(t), Some(h)) => match t.lookup(h, attempt) {
                 Some(i) if panic[li] || !self.hosts[i].is_ejected() => Some(i),
                 _ => Some(picked),
             },
@@ -698,12 +716,22 @@ impl Balancer {
         }
     }
 
-    fn choose_level<R: Rng + ?Sized>(&self, loads: &[u32], rng: &mut R) -> Option<usize> {
+    /// The priority level for a pick: from `hash` when a hash policy picks (Envoy's
+    /// `choosePriority(hash % 100 + 1, …)`), else from a random draw.
+    fn choose_level<R: Rng + ?Sized>(
+        &self,
+        loads: &[u32],
+        hash: Option<u64>,
+        rng: &mut R,
+    ) -> Option<usize> {
         match loads.len() {
             0 => None,
             1 => Some(0),
             _ => {
-                let mut r = rng.random_range(0..100u32);
+                let mut r = match hash {
+                    Some(h) => (h % 100) as u32,
+                    None => rng.random_range(0..100u32),
+                };
                 for (i, l) in loads.iter().enumerate() {
                     if r < *l {
                         return Some(i);
@@ -720,7 +748,7 @@ impl Balancer {
         hosts: &[usize],
         order: Order<'_>,
         table: Option<&HashTable>,
-        ctx: &PickContext<'_>,
+        (hash, attempt): (Option<u64>, u32),
         rng: &mut R,
     ) -> Option<usize> {
         match self.policy {
@@ -735,9 +763,9 @@ impl Balancer {
             LbPolicy::Random => Some(hosts[rng.random_range(0..hosts.len())]),
             LbPolicy::LeastRequest => Some(self.least_request(hosts, order, rng)),
             LbPolicy::RingHash | LbPolicy::Maglev => {
-                let hash = ctx.hash.unwrap_or_else(|| rng.random::<u64>());
+                let hash = hash.unwrap_or_else(|| rng.random::<u64>());
                 table
-                    .and_then(|t| t.lookup(hash))
+                    .and_then(|t| t.lookup(hash, attempt))
                     .or_else(|| Some(hosts[rng.random_range(0..hosts.len())]))
             }
         }
@@ -1173,9 +1201,77 @@ mod tests {
             let ctx = PickContext {
                 hash: Some(42),
                 avoid: &avoid,
-                max_picks: 5,
+                host_selection_retry_count: 5,
             };
-            assert_ne!(b.pick(&ctx, &mut rng), Some(first), "{policy:?}");
+            let second = b.pick(&ctx, &mut rng).unwrap();
+            assert_ne!(second, first, "{policy:?}");
+            // The alternate comes from the hash, not a draw: always the same one.
+            assert!((0..20).all(|_| b.pick(&ctx, &mut rng) == Some(second)));
+        }
+    }
+
+    #[test]
+    fn hash_retries_follow_envoys_attempt_lookups() {
+        let eps: Vec<Endpoint> = (1..=5)
+            .map(|p| ep(p, 1, 0, HealthStatus::Healthy))
+            .collect();
+        let mut rng = StdRng::seed_from_u64(3);
+        for policy in [LbPolicy::RingHash, LbPolicy::Maglev] {
+            let b = balancer(policy, eps.clone());
+            let table = b.levels[0].table_healthy.as_ref().unwrap();
+            for key in 0..100u64 {
+                let h = xx_hash64(&key.to_le_bytes(), 0);
+                let first = table.lookup(h, 0).unwrap();
+                // Avoiding the first pick: attempts 1, 2, … until a host not to avoid.
+                let avoid = [b.endpoints[first]];
+                let ctx = PickContext {
+                    hash: Some(h),
+                    avoid: &avoid,
+                    host_selection_retry_count: 3,
+                };
+                let expected = (1..=3)
+                    .map(|a| table.lookup(h, a).unwrap())
+                    .find(|&i| i != first)
+                    .unwrap_or_else(|| table.lookup(h, 3).unwrap());
+                assert_eq!(b.pick(&ctx, &mut rng), Some(expected), "{policy:?} {key}");
+                match (policy, table) {
+                    (LbPolicy::Maglev, HashTable::Maglev(t)) => {
+                        let n = t.len() as u64;
+                        assert_eq!(
+                            table.lookup(h, 2),
+                            Some(t[((h ^ (u64::MAX - 1)) % n) as usize])
+                        );
+                    }
+                    (LbPolicy::RingHash, HashTable::Ring(points)) => {
+                        let i = points.partition_point(|p| p.0 < h) % points.len();
+                        assert_eq!(table.lookup(h, 1), Some(points[(i + 1) % points.len()].1));
+                    }
+                    _ => unreachable!(),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hash_policies_choose_the_priority_level_from_the_hash() {
+        // Level 0 has 1 of 2 hosts healthy: 70 % of the load (1.4 × 50 %), level 1 the rest.
+        let eps = vec![
+            ep(1, 1, 0, HealthStatus::Healthy),
+            ep(2, 1, 0, HealthStatus::Unhealthy),
+            ep(3, 1, 1, HealthStatus::Healthy),
+        ];
+        let mut rng = StdRng::seed_from_u64(4);
+        for policy in [LbPolicy::RingHash, LbPolicy::Maglev] {
+            let b = balancer(policy, eps.clone());
+            assert_eq!(b.loads, vec![70, 30]);
+            for h in (0..1000u64).map(|k| xx_hash64(&k.to_le_bytes(), 1)) {
+                let ctx = PickContext {
+                    hash: Some(h),
+                    ..PickContext::default()
+                };
+                let want = if h % 100 < 70 { 0 } else { 2 };
+                assert_eq!(b.pick(&ctx, &mut rng), Some(want), "{policy:?} {h}");
+            }
         }
     }
 

@@ -726,7 +726,10 @@ impl Outbound {
                 Some(p) if p.previous_hosts => &tried,
                 _ => &[],
             };
-            let max_picks = retry.map_or(1, |p| p.host_selection_retry_max_attempts.max(1));
+            // Envoy re-picks up to `host_selection_retry_max_attempts` times after the first
+            // pick (only a retry has hosts to avoid).
+            let host_selection_retry_count =
+                retry.map_or(0, |p| p.host_selection_retry_max_attempts);
             // The host's active-request count (least request) and, with outlier detection,
             // the host to report on.
             let mut active: Option<ActiveRequest> = None;
@@ -746,7 +749,7 @@ impl Outbound {
                     let ctx = PickContext {
                         hash: fwd.hash,
                         avoid,
-                        max_picks,
+                        host_selection_retry_count,
                     };
                     let i = entry.lb.pick(&ctx, &mut rand::rng());
                     i.map(|i| {

@@ -209,7 +209,7 @@ impl Outbound {
                 let ctx = PickContext {
                     hash: None,
                     avoid: &[],
-                    max_picks: 1,
+                    host_selection_retry_count: 0,
                 };
                 let i = entry
                     .lb
