@@ -181,7 +181,11 @@ fn uuid_v4(random: u128) -> HeaderValue {
         out[i + 1] = HEX[usize::from(byte & 0xf)];
         i += 2;
     }
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // A shared buffer (one allocation): the outbound retry copy of the request head clones
+    // the value by reference count, where a copied value is re-allocated as shared on its
+    // first clone.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";

@@ -179,6 +179,10 @@ struct ClusterState {
     /// Connections and pending requests (circuit breakers `max_connections`,
     /// `max_pending_requests`).
     conn_limits: Arc<pool::ConnLimits>,
+    /// The `Host` header value made for the first request without one (HTTP/1.1 upstreams):
+    /// callers of a cluster name it the same way, so later requests with that authority clone
+    /// it (a reference count) instead of copying the authority into a new header value.
+    host_header: std::sync::OnceLock<(Box<str>, HeaderValue)>,
 }
 
 /// A cluster's outlier detection state ([`Outbound::outlier_detection`]).
@@ -835,7 +839,7 @@ impl Outbound {
                 tls_mode,
                 &mut p.headers,
             );
-            if let Err(e) = prepare(&mut p, authority, proto) {
+            if let Err(e) = prepare(&mut p, authority, proto, &state.host_header) {
                 tracing::debug!(error = %e, "cannot forward request");
                 let record = self.record_unless(
                     fwd.shadow,
@@ -1315,6 +1319,7 @@ impl Inner {
             ejected,
             balancer: ArcSwapOption::empty(),
             dns: std::sync::OnceLock::new(),
+            host_header: std::sync::OnceLock::new(),
             balancer_write: Mutex::new(()),
             outlier: cluster.outlier_detection.clone().map(OutlierDetector::new),
             rq_active: Arc::default(),
@@ -1737,6 +1742,7 @@ fn prepare(
     parts: &mut http::request::Parts,
     authority: &AuthorityBuf,
     proto: Proto,
+    host_header: &std::sync::OnceLock<(Box<str>, HeaderValue)>,
 ) -> Result<(), http::Error> {
     strip_hop_by_hop(&mut parts.headers);
     let pq = parts
@@ -1748,7 +1754,7 @@ fn prepare(
         Proto::Http1 => {
             parts.version = Version::HTTP_11;
             if !parts.headers.contains_key(header::HOST) {
-                let v = HeaderValue::from_str(authority.as_str()).map_err(http::Error::from)?;
+                let v = host_value(authority.as_str(), host_header)?;
                 parts.headers.insert(header::HOST, v);
             }
             if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
@@ -1771,6 +1777,24 @@ fn prepare(
         }
     }
     Ok(())
+}
+
+/// The `Host` header value for `authority`: the cluster's cached one when it is the same
+/// authority (the first one seen is cached), else a new value.
+fn host_value(
+    authority: &str,
+    cache: &std::sync::OnceLock<(Box<str>, HeaderValue)>,
+) -> Result<HeaderValue, http::Error> {
+    if let Some((a, v)) = cache.get()
+        && **a == *authority
+    {
+        return Ok(v.clone());
+    }
+    let v = HeaderValue::from_str(authority).map_err(http::Error::from)?;
+    if cache.get().is_none() {
+        let _ = cache.set((Box::from(authority), v.clone()));
+    }
+    Ok(v)
 }
 
 /// Envoy's local reply: status, optional `text/plain` body, the flag in the extensions; to a
@@ -1891,6 +1915,19 @@ mod tests {
         assert_eq!(port("/x", "a:9080"), 9080);
         assert_eq!(port("/x", "a"), 80);
         assert_eq!(port("/x", "[::1]:81"), 81);
+    }
+
+    #[test]
+    fn host_header_is_the_authority_whether_cached_or_not() {
+        let cache = std::sync::OnceLock::new();
+        let first = host_value("reviews:9080", &cache).unwrap();
+        assert_eq!(first, "reviews:9080");
+        assert_eq!(cache.get().map(|(a, _)| &**a), Some("reviews:9080"));
+        assert_eq!(host_value("reviews:9080", &cache).unwrap(), "reviews:9080");
+        // Another authority is not served from the cache (nor replaces it).
+        assert_eq!(host_value("ratings", &cache).unwrap(), "ratings");
+        assert_eq!(cache.get().map(|(a, _)| &**a), Some("reviews:9080"));
+        assert!(host_value("bad\nhost", &cache).is_err());
     }
 
     #[test]
