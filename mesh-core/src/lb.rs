@@ -615,7 +615,8 @@ impl Balancer {
                 level.edf_healthy.as_ref()
             },
             equal_weights: level.equal_weights,
-            weighted_draw: false,
+            // In panic every host takes load by its weight (no precomputed order over `all`).
+            weighted_draw: panic && !level.equal_weights,
         };
         self.pick_in(hosts, order, table, ctx, rng)
     }
@@ -1480,5 +1481,21 @@ mod tests {
         // Expected 9000 / 1000 / 1000 (sd about 42 for the 9/11 share).
         assert!((8700..9300).contains(&c[0]), "{c:?}");
         assert!((850..1150).contains(&c[1]), "{c:?}");
+        // In panic (one of three healthy) all hosts take load by weight, ejected or not.
+        for eject in [false, true] {
+            let b = balancer(
+                LbPolicy::RoundRobin,
+                vec![
+                    ep(1, 9, 0, HealthStatus::Healthy),
+                    ep(2, 1, 0, HealthStatus::Unhealthy),
+                    ep(3, 1, 0, HealthStatus::Unhealthy),
+                ],
+            );
+            if eject {
+                b.host(1).set_ejected(true);
+            }
+            let c = counts(&b, 11_000, |_| None);
+            assert!((8700..9300).contains(&c[0]), "ejected {eject}: {c:?}");
+        }
     }
 }
