@@ -610,6 +610,7 @@ impl Balancer {
                 rr: &g.rr,
                 edf: g.edf_healthy.as_ref(),
                 equal_weights: g.equal_weights,
+                weighted_draw: false,
             };
             return self.pick_in(&g.healthy, order, None, (hash, attempt), rng);
         }
@@ -631,6 +632,8 @@ impl Balancer {
                 level.edf_healthy.as_ref()
             },
             equal_weights: level.equal_weights,
+            // In panic every host takes load by its weight (no precomputed order over `all`).
+            weighted_draw: panic && !level.equal_weights,
         };
         self.pick_in(hosts, order, table, (hash, attempt), rng)
     }
@@ -753,6 +756,10 @@ impl Balancer {
     ) -> Option<usize> {
         match self.policy {
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
+                if order.wrr.is_empty() && order.weighted_draw {
+                    // The list has no precomputed order (hosts ejected): keep the weights.
+                    return Some(self.weighted_draw(hosts, |i| f64::from(self.weights[i]), rng));
+                }
                 let n = order.rr.fetch_add(1, Ordering::Relaxed);
                 if order.wrr.is_empty() {
                     Some(hosts[(n % hosts.len() as u64) as usize])
@@ -798,10 +805,20 @@ impl Balancer {
             return i;
         }
         // No scheduler for this host list (hosts ejected): a weighted draw over it.
-        let total: f64 = hosts.iter().map(|&i| self.effective_weight(i)).sum();
+        self.weighted_draw(hosts, |i| self.effective_weight(i), rng)
+    }
+
+    /// One of `hosts` drawn with probability proportional to `weight`.
+    fn weighted_draw<R: Rng + ?Sized>(
+        &self,
+        hosts: &[usize],
+        weight: impl Fn(usize) -> f64,
+        rng: &mut R,
+    ) -> usize {
+        let total: f64 = hosts.iter().map(|&i| weight(i)).sum();
         let mut r = rng.random::<f64>() * total;
         for &i in hosts {
-            let w = self.effective_weight(i);
+            let w = weight(i);
             if r < w {
                 return i;
             }
@@ -833,16 +850,20 @@ struct Order<'a> {
     rr: &'a AtomicU64,
     edf: Option<&'a Edf>,
     equal_weights: bool,
+    /// Round robin without `wrr` over hosts of differing weights: a weighted draw instead
+    /// (the ejected slow path, whose host list has no precomputed order).
+    weighted_draw: bool,
 }
 
 impl<'a> Order<'a> {
-    /// No precomputed order (the slow path while hosts are ejected).
+    /// No precomputed order (the slow path while hosts are ejected): weights still apply.
     fn plain(equal_weights: bool, rr: &'a AtomicU64) -> Self {
         Order {
             wrr: &[],
             rr,
             edf: None,
             equal_weights,
+            weighted_draw: !equal_weights,
         }
     }
 }
@@ -1535,5 +1556,42 @@ mod tests {
             b.host(i).set_ejected(false);
         }
         assert_eq!(b.cluster_ejected.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn weighted_round_robin_keeps_its_weights_while_a_host_is_ejected() {
+        // Weights 9 : 1 : 1 : 1. With host 3 ejected Envoy keeps weighing the other three
+        // (9 : 1 : 1); an unweighted turn over them gave each a third.
+        let b = balancer(
+            LbPolicy::RoundRobin,
+            vec![
+                ep(1, 9, 0, HealthStatus::Healthy),
+                ep(2, 1, 0, HealthStatus::Healthy),
+                ep(3, 1, 0, HealthStatus::Healthy),
+                ep(4, 1, 0, HealthStatus::Healthy),
+            ],
+        );
+        assert!(b.host(3).set_ejected(true));
+        let c = counts(&b, 11_000, |_| None);
+        assert_eq!(c[3], 0, "{c:?}");
+        // Expected 9000 / 1000 / 1000 (sd about 42 for the 9/11 share).
+        assert!((8700..9300).contains(&c[0]), "{c:?}");
+        assert!((850..1150).contains(&c[1]), "{c:?}");
+        // In panic (one of three healthy) all hosts take load by weight, ejected or not.
+        for eject in [false, true] {
+            let b = balancer(
+                LbPolicy::RoundRobin,
+                vec![
+                    ep(1, 9, 0, HealthStatus::Healthy),
+                    ep(2, 1, 0, HealthStatus::Unhealthy),
+                    ep(3, 1, 0, HealthStatus::Unhealthy),
+                ],
+            );
+            if eject {
+                b.host(1).set_ejected(true);
+            }
+            let c = counts(&b, 11_000, |_| None);
+            assert!((8700..9300).contains(&c[0]), "ejected {eject}: {c:?}");
+        }
     }
 }

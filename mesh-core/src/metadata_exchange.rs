@@ -26,8 +26,9 @@ use crate::peer_metadata::{
 /// The ALPN value that turns the exchange on (Istio's `istio-peer-exchange`).
 pub const ALPN_PEER_EXCHANGE: &str = "istio-peer-exchange";
 
-/// What an Istio sidecar's TCP clusters offer to meshed endpoints (`ALPNInMeshWithMxc`).
-pub const ALPN_IN_MESH_WITH_MXC: &[&str] = &[ALPN_PEER_EXCHANGE, "istio"];
+/// What an Istio sidecar's TCP clusters offer to meshed endpoints (`ALPNInMeshWithMxc`), as
+/// the TLS client's ALPN list.
+pub const ALPN_IN_MESH_WITH_MXC: &[&[u8]] = &[ALPN_PEER_EXCHANGE.as_bytes(), b"istio"];
 
 /// The frame's first four bytes (big-endian), `MetadataExchangeInitialHeader::magic_number`.
 pub const MAGIC: u32 = 0x3D23_0467;

@@ -313,15 +313,6 @@ impl OutlierCounts {
     pub fn enforced_total(&self) -> u64 {
         self.enforced.iter().sum()
     }
-
-    fn minus(&self, earlier: &OutlierCounts) -> OutlierCounts {
-        OutlierCounts {
-            detected: std::array::from_fn(|i| self.detected[i] - earlier.detected[i]),
-            enforced: std::array::from_fn(|i| self.enforced[i] - earlier.enforced[i]),
-            overflow: self.overflow - earlier.overflow,
-            total: self.total - earlier.total,
-        }
-    }
 }
 
 /// The detector's counters since it was created; [`take`](Self::take) hands out what was added
@@ -332,8 +323,12 @@ pub struct OutlierStats {
     enforced: [AtomicU64; EJECTION_TYPES],
     overflow: AtomicU64,
     total: AtomicU64,
-    /// The counts at the last [`take`](Self::take).
-    taken: std::sync::Mutex<OutlierCounts>,
+    /// Each counter's value at the last [`take`](Self::take) that saw it highest (no lock:
+    /// `take` runs on the request path).
+    taken_detected: [AtomicU64; EJECTION_TYPES],
+    taken_enforced: [AtomicU64; EJECTION_TYPES],
+    taken_overflow: AtomicU64,
+    taken_total: AtomicU64,
 }
 
 impl OutlierStats {
@@ -351,11 +346,18 @@ impl OutlierStats {
     /// The counts since the last call (several recorders of one cluster then never count an
     /// event twice).
     pub fn take(&self) -> OutlierCounts {
-        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
-        let now = self.counts();
-        let delta = now.minus(&taken);
-        *taken = now;
-        delta
+        // The counters only grow, so raising the taken mark to what this call read hands out
+        // exactly the events no other call has: a concurrent call that read less gets nothing.
+        let take = |count: &AtomicU64, taken: &AtomicU64| {
+            let now = count.load(Ordering::Relaxed);
+            now.saturating_sub(taken.fetch_max(now, Ordering::Relaxed))
+        };
+        OutlierCounts {
+            detected: std::array::from_fn(|i| take(&self.detected[i], &self.taken_detected[i])),
+            enforced: std::array::from_fn(|i| take(&self.enforced[i], &self.taken_enforced[i])),
+            overflow: take(&self.overflow, &self.taken_overflow),
+            total: take(&self.total, &self.taken_total),
+        }
     }
 }
 
@@ -1342,6 +1344,41 @@ mod tests {
         assert_eq!(d.stats().take().enforced[c5], 1);
         assert_eq!(d.stats().take(), OutlierCounts::default());
         assert_eq!(d.stats().counts().enforced[c5], 1);
+    }
+
+    #[test]
+    fn concurrent_takes_hand_out_each_event_exactly_once() {
+        // Takes run on the request path, concurrently and without a lock: together they hand
+        // out every event once, never twice, whatever the interleaving.
+        let stats = Arc::new(OutlierStats::default());
+        let c5 = EjectionType::Consecutive5xx.index();
+        let events = 20_000u64;
+        let takers: Vec<_> = (0..4)
+            .map(|_| {
+                let stats = Arc::clone(&stats);
+                std::thread::spawn(move || {
+                    let mut got = OutlierCounts::default();
+                    for _ in 0..events {
+                        let n = stats.take();
+                        got.enforced[c5] += n.enforced[c5];
+                        got.overflow += n.overflow;
+                    }
+                    got
+                })
+            })
+            .collect();
+        for _ in 0..events {
+            stats.enforced[c5].fetch_add(1, Ordering::Relaxed);
+            stats.overflow.fetch_add(2, Ordering::Relaxed);
+        }
+        let mut sum = stats.take();
+        for t in takers {
+            let got = t.join().unwrap();
+            sum.enforced[c5] += got.enforced[c5];
+            sum.overflow += got.overflow;
+        }
+        assert_eq!((sum.enforced[c5], sum.overflow), (events, 2 * events));
+        assert_eq!(stats.take(), OutlierCounts::default());
     }
 
     #[test]

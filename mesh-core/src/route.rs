@@ -1087,16 +1087,6 @@ impl RouteConfig {
             route,
         })
     }
-
-    /// Picks a cluster for a weighted action drawing from `rng` (seedable, for tests; the
-    /// request path picks with the request's own [`RequestView::random`]).
-    pub fn pick_weighted_with<'a, R: rand::Rng + ?Sized>(
-        &self,
-        w: &'a WeightedClusters,
-        rng: &mut R,
-    ) -> Option<&'a str> {
-        w.pick(rng.random::<u64>())
-    }
 }
 
 /// `host:port` → `host`; `[v6]:port` → `[v6]`; anything else unchanged.
@@ -1451,7 +1441,6 @@ mod tests {
 
     #[test]
     fn weighted_split_follows_weights() {
-        let rc = RouteConfig::new("80", vec![]).unwrap();
         let w = WeightedClusters::new(vec![
             WeightedCluster {
                 name: "v1".into(),
@@ -1469,12 +1458,12 @@ mod tests {
         assert_eq!(w.clusters.len(), 2);
         // A random draw per request (seeded here): the split passes a chi-square test at
         // p = 0.001 (one degree of freedom: 10.83).
-        use rand::SeedableRng;
+        use rand::{Rng, SeedableRng};
         for seed in [1u64, 2, 3] {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let n = 10_000;
             let v1 = (0..n)
-                .filter(|_| rc.pick_weighted_with(&w, &mut rng) == Some("v1"))
+                .filter(|_| w.pick(rng.random()) == Some("v1"))
                 .count() as f64;
             let (e1, e2) = (n as f64 * 0.9, n as f64 * 0.1);
             let chi2 = (v1 - e1).powi(2) / e1 + ((n as f64 - v1) - e2).powi(2) / e2;
@@ -1483,9 +1472,7 @@ mod tests {
         // Draws are independent, not a fixed pattern: two seeds disagree somewhere early.
         let draws = |seed| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            (0..64)
-                .map(|_| rc.pick_weighted_with(&w, &mut rng))
-                .collect::<Vec<_>>()
+            (0..64).map(|_| w.pick(rng.random())).collect::<Vec<_>>()
         };
         assert_ne!(draws(1), draws(2));
         // The value walks the weights in order.

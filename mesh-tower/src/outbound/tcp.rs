@@ -26,7 +26,7 @@ use mesh_core::cluster::ClusterDiscovery;
 use mesh_core::endpoint::EndpointTlsMode;
 use mesh_core::flags::ResponseFlag;
 use mesh_core::lb::PickContext;
-use mesh_core::metadata_exchange::ALPN_PEER_EXCHANGE;
+use mesh_core::metadata_exchange::{ALPN_IN_MESH_WITH_MXC, ALPN_PEER_EXCHANGE};
 use mesh_core::snapshot::{PASSTHROUGH_CLUSTER, RouteDecision};
 use mesh_core::telemetry::{DestinationService, Reporter, UNKNOWN};
 use metrics::Label;
@@ -39,10 +39,6 @@ use super::telemetry::{ConnectionGuard, destination_labels, strip_port, upstream
 use super::{Outbound, authority_port};
 use crate::inbound::tcp_stats::{CountingStream, TcpConnection};
 use crate::peer_exchange::{self, Replay};
-
-/// ALPN the sidecar's TCP clusters offer over Istio mTLS (`ALPNInMeshWithMxc`):
-/// `istio-peer-exchange` runs the TCP metadata exchange when the server negotiates it.
-const ALPN_ISTIO_TCP: &[&[u8]] = &[b"istio-peer-exchange", b"istio"];
 
 /// Why [`Outbound::connect_tcp`] opened no connection.
 #[derive(Debug, thiserror::Error)]
@@ -229,7 +225,7 @@ impl Outbound {
             Some(tls) => {
                 let istio =
                     tls_mode == EndpointTlsMode::Istio || tls.alpn.iter().any(|a| a == "istio");
-                let alpn = istio.then_some(ALPN_ISTIO_TCP);
+                let alpn = istio.then_some(ALPN_IN_MESH_WITH_MXC);
                 let config = crate::tls::client_config(&self.inner.certs, tls, alpn)
                     .map_err(|source| ConnectError::TlsConfig { addr, source })?;
                 let server_name = if tls.sni.is_empty() {

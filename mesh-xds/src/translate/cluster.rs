@@ -21,6 +21,9 @@ use super::{TranslateError, duration, from_any, struct_list, struct_string};
 
 const KIND: &str = "Cluster";
 
+/// `MaglevLbConfig.table_size`'s upper bound in Envoy's proto (`lte: 5000011`).
+const MAGLEV_MAX_TABLE_SIZE: u64 = 5_000_011;
+
 /// The `typed_extension_protocol_options` key of the upstream HTTP options.
 pub const HTTP_PROTOCOL_OPTIONS_KEY: &str =
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -342,6 +345,14 @@ fn lb_config(c: &PbCluster) -> Result<mesh_core::lb::LbConfig, String> {
         }
         Some(cluster::LbConfig::MaglevLbConfig(m)) => {
             if let Some(t) = &m.table_size {
+                // The proto's own bound (`envoy --mode validate` refuses 5000077): the table
+                // is allocated whole, so an unbounded size would exhaust memory.
+                if t.value > MAGLEV_MAX_TABLE_SIZE {
+                    return Err(format!(
+                        "maglev_lb_config.table_size: value must be less than or equal to \
+                         {MAGLEV_MAX_TABLE_SIZE}"
+                    ));
+                }
                 if t.value < 2
                     || (2..t.value)
                         .take_while(|d| d * d <= t.value)
@@ -761,6 +772,25 @@ mod resilience_tests {
         }));
         let e = translate_cluster(&bad).unwrap_err();
         assert!(e.to_string().contains("table_size"), "{e}");
+        // A prime above the proto's bound (Envoy 1.40: "TableSize: value must be less than or
+        // equal to 5000011"); 5000011 itself is accepted.
+        let mut bad = base();
+        bad.lb_config = Some(cluster::LbConfig::MaglevLbConfig(cluster::MaglevLbConfig {
+            table_size: Some(UInt64Value { value: 5_000_077 }),
+        }));
+        let e = translate_cluster(&bad).unwrap_err();
+        assert!(
+            e.to_string().contains("less than or equal to 5000011"),
+            "{e}"
+        );
+        let mut ok = base();
+        ok.lb_config = Some(cluster::LbConfig::MaglevLbConfig(cluster::MaglevLbConfig {
+            table_size: Some(UInt64Value { value: 5_000_011 }),
+        }));
+        assert_eq!(
+            translate_cluster(&ok).unwrap().lb_config.maglev_table_size,
+            5_000_011
+        );
         let mut bad = base();
         bad.outlier_detection = Some(PbOutlierDetection {
             max_ejection_percent: Some(UInt32Value { value: 101 }),
