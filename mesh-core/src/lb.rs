@@ -96,6 +96,21 @@ impl PartialEq for Real {
 }
 impl Eq for Real {}
 
+/// Envoy's default Maglev table size (`maglev_lb_config.table_size`).
+pub const MAGLEV_DEFAULT_TABLE_SIZE: u64 = 65_537;
+
+/// The largest Maglev table size Envoy's proto accepts.
+pub const MAGLEV_MAX_TABLE_SIZE: u64 = 5_000_011;
+
+/// Whether `size` is a Maglev table size Envoy accepts: a prime no larger than
+/// [`MAGLEV_MAX_TABLE_SIZE`].
+pub fn is_maglev_table_size(size: u64) -> bool {
+    (2..=MAGLEV_MAX_TABLE_SIZE).contains(&size)
+        && !(2..size)
+            .take_while(|d| d * d <= size)
+            .any(|d| size % d == 0)
+}
+
 /// The policy-specific parts of a cluster's load-balancing configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LbConfig {
@@ -107,7 +122,7 @@ pub struct LbConfig {
     pub minimum_ring_size: u64,
     /// `ring_hash_lb_config.maximum_ring_size` (default 8M).
     pub maximum_ring_size: u64,
-    /// `maglev_lb_config.table_size` (default 65537, a prime).
+    /// `maglev_lb_config.table_size` (default 65537, a prime; see [`is_maglev_table_size`]).
     pub maglev_table_size: u64,
     /// `common_lb_config.healthy_panic_threshold` in percent (default 50).
     pub healthy_panic_threshold: Real,
@@ -124,7 +139,7 @@ impl Default for LbConfig {
             active_request_bias: Real(1.0),
             minimum_ring_size: 1024,
             maximum_ring_size: 8 * 1024 * 1024,
-            maglev_table_size: 65537,
+            maglev_table_size: MAGLEV_DEFAULT_TABLE_SIZE,
             healthy_panic_threshold: Real(50.0),
             locality_weighted: false,
         }
@@ -986,7 +1001,13 @@ fn build_table(
         .collect();
     match policy {
         LbPolicy::Maglev => {
-            let m = config.maglev_table_size.max(2);
+            // The fill terminates only for a prime size (every skip must reach every cell);
+            // mesh-xds refuses other sizes, and a size set directly falls back to Envoy's default.
+            let m = if is_maglev_table_size(config.maglev_table_size) {
+                config.maglev_table_size
+            } else {
+                MAGLEV_DEFAULT_TABLE_SIZE
+            };
             // Envoy's normalized weights (`weight / sum` over the table's hosts) and its
             // floating-point pacing: a host takes a turn when `iteration * weight` is not below
             // its `target_weight`, which grows by the largest normalized weight per turn. The
@@ -1423,6 +1444,33 @@ mod tests {
         Balancer::new(&set, policy, &config, ejected, move |ep| {
             Arc::new(HostState::new(ep.address, e.clone()))
         })
+    }
+
+    #[test]
+    fn maglev_table_sizes_envoy_refuses_fall_back_to_the_default() {
+        assert!(is_maglev_table_size(65_537) && is_maglev_table_size(5_000_011));
+        assert!(!is_maglev_table_size(65_536) && !is_maglev_table_size(5_000_077));
+        assert!(!is_maglev_table_size(0) && !is_maglev_table_size(1));
+        // A composite size set directly (not through xDS) would never finish the fill; the
+        // table is built at Envoy's default instead and places keys exactly as it does.
+        let eps = vec![
+            ep(1, 1, 0, HealthStatus::Healthy),
+            ep(2, 1, 0, HealthStatus::Healthy),
+            ep(3, 1, 0, HealthStatus::Healthy),
+        ];
+        let set = EndpointSet::new("c", eps.clone());
+        let ejected = Arc::new(AtomicUsize::new(0));
+        let e = ejected.clone();
+        let config = LbConfig {
+            maglev_table_size: 65_536,
+            ..LbConfig::default()
+        };
+        let odd = Balancer::new(&set, LbPolicy::Maglev, &config, ejected, move |ep| {
+            Arc::new(HostState::new(ep.address, e.clone()))
+        });
+        let default = balancer(LbPolicy::Maglev, eps);
+        let hash = |k: usize| Some(xx_hash64(format!("k{k}").as_bytes(), 0));
+        assert_eq!(counts(&odd, 300, hash), counts(&default, 300, hash));
     }
 
     #[test]

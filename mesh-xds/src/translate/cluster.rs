@@ -15,14 +15,12 @@ use mesh_core::cluster::{
     Cluster, ClusterDiscovery, ConnectionPool, DEFAULT_DNS_REFRESH_RATE, DnsDiscovery, DnsMode,
     DnsTarget, LbPolicy, SanMatcher, ServiceMetadata, TcpKeepalive, UpstreamProtocol, UpstreamTls,
 };
+use mesh_core::lb::MAGLEV_MAX_TABLE_SIZE;
 use mesh_core::resolve::LookupFamily;
 
 use super::{TranslateError, duration, from_any, struct_list, struct_string};
 
 const KIND: &str = "Cluster";
-
-/// `MaglevLbConfig.table_size`'s upper bound in Envoy's proto (`lte: 5000011`).
-const MAGLEV_MAX_TABLE_SIZE: u64 = 5_000_011;
 
 /// The `typed_extension_protocol_options` key of the upstream HTTP options.
 pub const HTTP_PROTOCOL_OPTIONS_KEY: &str =
@@ -353,11 +351,7 @@ fn lb_config(c: &PbCluster) -> Result<mesh_core::lb::LbConfig, String> {
                          {MAGLEV_MAX_TABLE_SIZE}"
                     ));
                 }
-                if t.value < 2
-                    || (2..t.value)
-                        .take_while(|d| d * d <= t.value)
-                        .any(|d| t.value % d == 0)
-                {
+                if !mesh_core::lb::is_maglev_table_size(t.value) {
                     return Err(format!(
                         "maglev_lb_config.table_size: {} is not a prime",
                         t.value
