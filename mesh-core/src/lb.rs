@@ -108,7 +108,7 @@ pub fn is_maglev_table_size(size: u64) -> bool {
     (2..=MAGLEV_MAX_TABLE_SIZE).contains(&size)
         && !(2..size)
             .take_while(|d| d * d <= size)
-            .any(|d| size % d == 0)
+            .any(|d| size.is_multiple_of(d))
 }
 
 /// The policy-specific parts of a cluster's load-balancing configuration.
