@@ -142,6 +142,9 @@ impl EnvoyProcess {
                 "--disable-hot-restart",
                 "-l",
                 "warning",
+                // Access-log files are written every 10 s by default; tests read them mid-run.
+                "--file-flush-interval-msec",
+                "100",
             ])
             .arg("--base-id")
             .arg(base_id.to_string())
