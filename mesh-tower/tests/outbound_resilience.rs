@@ -39,6 +39,18 @@ fn publish(cell: &SnapshotCell, version: u64, route: Route, cluster: Cluster, ep
     );
 }
 
+/// Cluster `C` ejecting a host after two consecutive 5xx (any share of hosts).
+fn ejecting_after_two_5xx() -> Cluster {
+    Cluster {
+        outlier_detection: Some(OutlierDetection {
+            consecutive_5xx: 2,
+            max_ejection_percent: 100,
+            ..OutlierDetection::default()
+        }),
+        ..Cluster::eds(C)
+    }
+}
+
 fn route() -> Route {
     Route::new("default", RouteMatch::any(), RouteAction::Cluster(C.into()))
 }
@@ -154,14 +166,7 @@ async fn consecutive_5xx_ejects_a_failing_host() {
         let bad = scripted("bad", &[Act::Status(500); 100]).await;
         let good = scripted("good", &[]).await;
         let cell = SnapshotCell::new();
-        let cluster = Cluster {
-            outlier_detection: Some(OutlierDetection {
-                consecutive_5xx: 2,
-                max_ejection_percent: 100,
-                ..OutlierDetection::default()
-            }),
-            ..Cluster::eds(C)
-        };
+        let cluster = ejecting_after_two_5xx();
         publish(&cell, 1, route(), cluster, &[bad.addr, good.addr]);
         let out = Outbound::new(cell, CertStore::new(), node());
         for _ in 0..4 {
@@ -522,6 +527,90 @@ async fn least_request_counts_survive_snapshots() {
         assert_eq!(busy.seen().len(), before);
         for p in parked {
             p.abort();
+        }
+    })
+    .await;
+}
+
+/// Envoy's tcp_proxy reports each upstream connect to outlier detection (a refused connect is
+/// `LocalOriginConnectFailed`, a 503 without `split_external_local_origin_errors`): a TCP
+/// cluster's endpoint that refuses connections is ejected by `consecutive_5xx`, and later
+/// connections go to the healthy endpoint.
+#[tokio::test]
+async fn tcp_connect_failures_eject_a_refusing_endpoint() {
+    bounded(async {
+        use mesh_core::listener::{Listener, ListenerKind, OutboundProtocol};
+        // A port nothing listens on.
+        let refusing = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let _accept = AbortOnDrop(tokio::spawn(async move {
+            let mut held = Vec::new();
+            for _ in 0..64 {
+                let Ok((s, _)) = good.accept().await else {
+                    return;
+                };
+                held.push(s);
+            }
+        }));
+        let cluster = ejecting_after_two_5xx();
+        let s = snapshot(
+            1,
+            9080,
+            vec![],
+            vec![(
+                cluster,
+                vec![Endpoint::new(refusing), Endpoint::new(good_addr)],
+            )],
+            OutboundTrafficPolicy::RegistryOnly,
+        );
+        let tcp = Listener {
+            name: "10.96.0.9_5432".into(),
+            address: "10.96.0.9:5432".parse().unwrap(),
+            kind: ListenerKind::Outbound(OutboundProtocol::Tcp { cluster: C.into() }),
+        };
+        let mut listeners = s.listeners.clone();
+        listeners.insert(tcp.name.clone(), Arc::new(tcp));
+        let s = mesh_core::Snapshot::new(
+            1,
+            listeners,
+            s.route_configs.clone(),
+            s.clusters.clone(),
+            s.endpoints.clone(),
+            Arc::default(),
+            OutboundTrafficPolicy::RegistryOnly,
+            Default::default(),
+        );
+        let cell = SnapshotCell::new();
+        cell.publish(s, true);
+        let out = Outbound::new(cell, CertStore::new(), node());
+        let mut failures = 0;
+        let mut open = Vec::new();
+        for _ in 0..6 {
+            match out.connect_tcp("10.96.0.9:5432").await {
+                Ok(c) => {
+                    assert_eq!(c.upstream_host(), good_addr);
+                    open.push(c);
+                }
+                Err(e) => {
+                    assert!(
+                        matches!(e, mesh_tower::outbound::TcpConnectError::Connect { .. }),
+                        "{e}"
+                    );
+                    failures += 1;
+                }
+            }
+        }
+        assert_eq!(failures, 2, "two refused connects eject the endpoint");
+        let state = out.outlier_detection(C).expect("detector");
+        assert_eq!(state.ejected, vec![refusing]);
+        // Ejected for base_ejection_time (30 s): every connection goes to the healthy host.
+        for _ in 0..10 {
+            let c = out.connect_tcp("10.96.0.9:5432").await.expect("connect");
+            assert_eq!(c.upstream_host(), good_addr);
         }
     })
     .await;
