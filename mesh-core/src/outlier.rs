@@ -231,6 +231,9 @@ pub enum OutlierResult {
     Http(u16),
     /// Connecting failed (local origin).
     ConnectFailed,
+    /// A connection carrying no protocol mesh sees into (TCP proxy) was established: Envoy's
+    /// `LocalOriginConnectSuccessFinal`, a 200 without the split, a local-origin success with it.
+    ConnectSucceeded,
     /// The request timed out (local origin).
     Timeout,
     /// The connection was reset (local origin).
@@ -437,6 +440,9 @@ impl OutlierDetector {
             if result != OutlierResult::ConnectFailed {
                 c.local_success();
             }
+            if result == OutlierResult::ConnectSucceeded {
+                return None;
+            }
             let OutlierResult::Http(_) = result else {
                 c.local_total.fetch_add(1, Ordering::Relaxed);
                 let n = c.consecutive_local.fetch_add(1, Ordering::Relaxed) + 1;
@@ -459,6 +465,7 @@ impl OutlierDetector {
         // Without the split, local-origin failures count as the 5xx Envoy would answer.
         let status = match result {
             OutlierResult::Http(s) => s,
+            OutlierResult::ConnectSucceeded => 200,
             OutlierResult::ConnectFailed | OutlierResult::Reset => 503,
             OutlierResult::Timeout => 504,
         };
@@ -984,6 +991,44 @@ mod tests {
                 OutlierResult::ConnectFailed,
                 &mut rng
             ),
+            Some(EjectionType::ConsecutiveLocalOriginFailure)
+        );
+    }
+
+    #[test]
+    fn tcp_connect_success_counts_as_envoy_local_origin_connect_success_final() {
+        T::set(0);
+        let hs = hosts(2);
+        let mut rng = rand::rng();
+        // Without the split: a 200, ending a run of connect failures (503s).
+        let d = OutlierDetector::new_at(0, cfg());
+        for r in [
+            OutlierResult::ConnectFailed,
+            OutlierResult::ConnectFailed,
+            OutlierResult::ConnectSucceeded,
+            OutlierResult::ConnectFailed,
+            OutlierResult::ConnectFailed,
+        ] {
+            assert_eq!(d.report_at(T::get(), &hs[0], &hs, r, &mut rng), None);
+        }
+        assert_eq!(hs[0].outlier.interval(Origin::External), (1, 5));
+        // With it: a local-origin success only; the external counts stay untouched.
+        let d = OutlierDetector::new_at(
+            0,
+            OutlierDetection {
+                split_external_local_origin_errors: true,
+                consecutive_local_origin_failure: 2,
+                ..cfg()
+            },
+        );
+        let r = OutlierResult::ConnectSucceeded;
+        assert_eq!(d.report_at(T::get(), &hs[1], &hs, r, &mut rng), None);
+        assert_eq!(hs[1].outlier.interval(Origin::Local), (1, 1));
+        assert_eq!(hs[1].outlier.interval(Origin::External), (0, 0));
+        let r = OutlierResult::ConnectFailed;
+        assert_eq!(d.report_at(T::get(), &hs[1], &hs, r, &mut rng), None);
+        assert_eq!(
+            d.report_at(T::get(), &hs[1], &hs, r, &mut rng),
             Some(EjectionType::ConsecutiveLocalOriginFailure)
         );
     }

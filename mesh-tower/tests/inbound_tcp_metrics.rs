@@ -142,6 +142,15 @@ async fn tls_stream(
     addr: SocketAddr,
     client: WorkloadCertificate,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    tls_stream_offering(addr, client, &[b"istio-http/1.1"]).await
+}
+
+/// An mTLS connection to the server offering the ALPN protocols `alpn`.
+async fn tls_stream_offering(
+    addr: SocketAddr,
+    client: WorkloadCertificate,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let store = CertStore::new();
     store.set(client);
     let up = UpstreamTls {
@@ -149,7 +158,7 @@ async fn tls_stream(
         alpn: vec![],
         san_matchers: vec![SanMatcher::Exact(SERVER_ID.into())],
     };
-    let config = tls::client_config(&store, &up, Some(&[b"istio-http/1.1"])).unwrap();
+    let config = tls::client_config(&store, &up, Some(alpn)).unwrap();
     let tcp = TcpStream::connect(addr).await.unwrap();
     tokio::time::timeout(
         WAIT,
@@ -346,4 +355,57 @@ async fn http_ports_keep_request_metrics_and_report_no_tcp_metrics() {
     ] {
         assert_eq!(lines(family, &[needle]), Vec::<String>::new(), "{family}");
     }
+}
+
+/// A client that negotiates `istio-peer-exchange` on a TCP port and never sends its frame
+/// does not hold up the drain: the server's wait for the frame ends with the shutdown (not
+/// after `PEER_EXCHANGE_TIMEOUT`) and the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_ends_a_peer_exchange_waiting_for_a_silent_client() {
+    use tokio::io::AsyncReadExt;
+    let (ca, certs) = setup();
+    let mut server = start_server(
+        snapshot(),
+        certs,
+        TCP_PORT,
+        node("silentledger-v2-7f99c7d8b5-abcde"),
+    )
+    .await;
+    let mut stream = tls_stream_offering(
+        server.addr,
+        ca.workload("frontend", "teller"),
+        &[b"istio-peer-exchange", b"istio"],
+    )
+    .await;
+    assert_eq!(
+        stream.get_ref().1.alpn_protocol(),
+        Some(&b"istio-peer-exchange"[..])
+    );
+    // The server's frame arrives: it is now waiting for ours, which never comes.
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+        .await
+        .expect("the server's frame in time")
+        .expect("read");
+    assert!(n > 0, "the server sent its frame");
+
+    let _ = server.stop.take().unwrap().send(());
+    // Well under PEER_EXCHANGE_TIMEOUT (10 s): the drain does not wait for the frame.
+    let bound = mesh_tower::peer_exchange::PEER_EXCHANGE_TIMEOUT / 2;
+    tokio::time::timeout(bound, &mut server.done)
+        .await
+        .expect("serve returned after shutdown without waiting for the peer's frame")
+        .unwrap()
+        .unwrap();
+    // The server closed the connection: the client reads to its end (or a reset).
+    let rest = tokio::time::timeout(WAIT, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "the connection was closed");
 }

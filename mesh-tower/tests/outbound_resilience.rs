@@ -39,6 +39,31 @@ fn publish(cell: &SnapshotCell, version: u64, route: Route, cluster: Cluster, ep
     );
 }
 
+/// Cluster `C` ejecting a host after two consecutive 5xx (any share of hosts).
+fn ejecting_after_two_5xx() -> Cluster {
+    Cluster {
+        outlier_detection: Some(OutlierDetection {
+            consecutive_5xx: 2,
+            max_ejection_percent: 100,
+            ..OutlierDetection::default()
+        }),
+        ..Cluster::eds(C)
+    }
+}
+
+/// Cluster `C` balanced by least request over 64 choices: with as many choices as draws,
+/// the idle host is all but always among them.
+fn least_request_of_64() -> Cluster {
+    Cluster {
+        lb_policy: LbPolicy::LeastRequest,
+        lb_config: mesh_core::lb::LbConfig {
+            choice_count: 64,
+            ..Default::default()
+        },
+        ..Cluster::eds(C)
+    }
+}
+
 fn route() -> Route {
     Route::new("default", RouteMatch::any(), RouteAction::Cluster(C.into()))
 }
@@ -154,14 +179,7 @@ async fn consecutive_5xx_ejects_a_failing_host() {
         let bad = scripted("bad", &[Act::Status(500); 100]).await;
         let good = scripted("good", &[]).await;
         let cell = SnapshotCell::new();
-        let cluster = Cluster {
-            outlier_detection: Some(OutlierDetection {
-                consecutive_5xx: 2,
-                max_ejection_percent: 100,
-                ..OutlierDetection::default()
-            }),
-            ..Cluster::eds(C)
-        };
+        let cluster = ejecting_after_two_5xx();
         publish(&cell, 1, route(), cluster, &[bad.addr, good.addr]);
         let out = Outbound::new(cell, CertStore::new(), node());
         for _ in 0..4 {
@@ -496,15 +514,7 @@ async fn least_request_counts_survive_snapshots() {
         let busy = scripted("busy", &[Act::Slow; 8]).await;
         let idle = scripted("idle", &[]).await;
         let cell = SnapshotCell::new();
-        let cluster = Cluster {
-            lb_policy: LbPolicy::LeastRequest,
-            lb_config: mesh_core::lb::LbConfig {
-                // With as many choices as draws, the idle host is all but always among them.
-                choice_count: 64,
-                ..Default::default()
-            },
-            ..Cluster::eds(C)
-        };
+        let cluster = least_request_of_64();
         publish(&cell, 1, route(), cluster.clone(), &[busy.addr, idle.addr]);
         let out = Arc::new(Outbound::new(cell.clone(), CertStore::new(), node()));
         // Park requests on the busy host until it holds some.
@@ -523,6 +533,130 @@ async fn least_request_counts_survive_snapshots() {
         for p in parked {
             p.abort();
         }
+    })
+    .await;
+}
+
+/// Envoy's tcp_proxy reports each upstream connect to outlier detection (a refused connect is
+/// `LocalOriginConnectFailed`, a 503 without `split_external_local_origin_errors`): a TCP
+/// cluster's endpoint that refuses connections is ejected by `consecutive_5xx`, and later
+/// connections go to the healthy endpoint.
+#[tokio::test]
+async fn tcp_connect_failures_eject_a_refusing_endpoint() {
+    bounded(async {
+        // A port nothing listens on.
+        let refusing = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let (good_addr, _good) = tcp_upstream().await;
+        let cell = tcp_service(ejecting_after_two_5xx(), &[refusing, good_addr]);
+        let out = Outbound::new(cell, CertStore::new(), node());
+        let mut failures = 0;
+        let mut open = Vec::new();
+        for _ in 0..6 {
+            match out.connect_tcp("10.96.0.9:5432").await {
+                Ok(c) => {
+                    assert_eq!(c.upstream_host(), good_addr);
+                    open.push(c);
+                }
+                Err(e) => {
+                    assert!(
+                        matches!(e, mesh_tower::outbound::TcpConnectError::Connect { .. }),
+                        "{e}"
+                    );
+                    failures += 1;
+                }
+            }
+        }
+        assert_eq!(failures, 2, "two refused connects eject the endpoint");
+        let state = out.outlier_detection(C).expect("detector");
+        assert_eq!(state.ejected, vec![refusing]);
+        // Ejected for base_ejection_time (30 s): every connection goes to the healthy host.
+        for _ in 0..10 {
+            let c = out.connect_tcp("10.96.0.9:5432").await.expect("connect");
+            assert_eq!(c.upstream_host(), good_addr);
+        }
+    })
+    .await;
+}
+
+/// A snapshot cell with the TCP service `10.96.0.9:5432` (a `10.96.0.9_5432` tcp_proxy
+/// listener) forwarding to `cluster` over `eps`.
+fn tcp_service(cluster: Cluster, eps: &[SocketAddr]) -> SnapshotCell {
+    use mesh_core::listener::{Listener, ListenerKind, OutboundProtocol};
+    let s = snapshot(
+        1,
+        9080,
+        vec![],
+        vec![(cluster, eps.iter().copied().map(Endpoint::new).collect())],
+        OutboundTrafficPolicy::RegistryOnly,
+    );
+    let tcp = Listener {
+        name: "10.96.0.9_5432".into(),
+        address: "10.96.0.9:5432".parse().unwrap(),
+        kind: ListenerKind::Outbound(OutboundProtocol::Tcp { cluster: C.into() }),
+    };
+    let mut listeners = s.listeners.clone();
+    listeners.insert(tcp.name.clone(), Arc::new(tcp));
+    let s = mesh_core::Snapshot::new(
+        1,
+        listeners,
+        s.route_configs.clone(),
+        s.clusters.clone(),
+        s.endpoints.clone(),
+        Arc::default(),
+        OutboundTrafficPolicy::RegistryOnly,
+        Default::default(),
+    );
+    let cell = SnapshotCell::new();
+    cell.publish(s, true);
+    cell
+}
+
+/// A TCP upstream on 127.0.0.1 that accepts (a bounded number of) connections and holds them.
+async fn tcp_upstream() -> (SocketAddr, AbortOnDrop) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for _ in 0..64 {
+            let Ok((s, _)) = l.accept().await else { return };
+            held.push(s);
+        }
+    });
+    (addr, AbortOnDrop(task))
+}
+
+/// As in Envoy, whose TCP pool counts a tcp_proxy connection in the host's active requests
+/// while it is open: least request sends new connections away from a host holding one.
+#[tokio::test]
+async fn tcp_connections_count_as_active_requests_for_least_request() {
+    bounded(async {
+        let (a, _a) = tcp_upstream().await;
+        let (b, _b) = tcp_upstream().await;
+        let cluster = least_request_of_64();
+        let out = Outbound::new(tcp_service(cluster, &[a, b]), CertStore::new(), node());
+        let held = out.connect_tcp("10.96.0.9:5432").await.expect("connect");
+        let busy = held.upstream_host();
+        let other = if busy == a { b } else { a };
+        // Each of these closes before the next: the held connection keeps `busy` busier.
+        for _ in 0..10 {
+            let c = out.connect_tcp("10.96.0.9:5432").await.expect("connect");
+            assert_eq!(c.upstream_host(), other);
+        }
+        drop(held);
+        // Closed, the host is idle again: both hosts are picked.
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..40 {
+            let c = out.connect_tcp("10.96.0.9:5432").await.expect("connect");
+            seen.insert(c.upstream_host());
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "both hosts picked once the connection closed"
+        );
     })
     .await;
 }

@@ -464,7 +464,17 @@ async fn handle_connection<S, B>(
             let exchange = tcp_port
                 && stream.get_ref().1.alpn_protocol() == Some(ALPN_PEER_EXCHANGE.as_bytes());
             let (stream, labels) = if exchange {
-                match peer_exchange::exchange(stream, &shared.exchange_frame).await {
+                // The wait for the client's frame (up to `PEER_EXCHANGE_TIMEOUT`) ends with the
+                // drain, as the TLS handshake's does: a client that never sends its frame does
+                // not hold the drain up.
+                let exchanged = tokio::select! {
+                    r = peer_exchange::exchange(stream, &shared.exchange_frame) => r,
+                    () = drained(&mut drain) => {
+                        tracing::debug!(%remote, "istio-peer-exchange ended by the drain");
+                        return;
+                    }
+                };
+                match exchanged {
                     Ok((
                         stream,
                         Some(PeerExchange {

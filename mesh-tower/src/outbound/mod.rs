@@ -194,6 +194,33 @@ pub struct OutlierDetectionState {
     pub ejected: Vec<SocketAddr>,
 }
 
+/// A host picked by [`Inner::pick_host`].
+struct PickedHost {
+    /// Its index in the endpoint set.
+    index: usize,
+    /// Its active-request count while held (least request only).
+    active: Option<ActiveRequest>,
+    /// With outlier detection, the host to report results on.
+    live: Option<LiveHost>,
+}
+
+/// A picked host of a cluster with outlier detection ([`ClusterState::report_outlier`]).
+struct LiveHost {
+    entry: Arc<BalancerEntry>,
+    host: Arc<HostState>,
+}
+
+impl ClusterState {
+    /// Reports how a request (or a TCP connect) to `live` ended to the cluster's outlier
+    /// detector. Its detections and ejections reach the cluster's stats through the
+    /// detector's counters (`ClusterLive::outlier`).
+    fn report_outlier(&self, live: &LiveHost, result: OutlierResult) {
+        if let Some(d) = &self.outlier {
+            d.report(&live.host, live.entry.lb.hosts(), result, &mut rand::rng());
+        }
+    }
+}
+
 /// A balancer and the endpoint set it was built from.
 struct BalancerEntry {
     set: Arc<EndpointSet>,
@@ -737,7 +764,7 @@ impl Outbound {
             // The host's active-request count (least request) and, with outlier detection,
             // the host to report on.
             let mut active: Option<ActiveRequest> = None;
-            let mut live: Option<(Arc<BalancerEntry>, Arc<HostState>)> = None;
+            let mut live: Option<LiveHost> = None;
             let picked = match (&cluster.discovery, endpoints) {
                 (ClusterDiscovery::OriginalDestination, _) => {
                     let to = destination.as_ref().map_or(host, Authority::as_str);
@@ -746,25 +773,15 @@ impl Outbound {
                         .map(|addr| (addr, EndpointTlsMode::Disabled, None, None))
                 }
                 (_, Some(set)) => {
-                    let entry = self.inner.balancer(&state, set);
-                    if let Some(d) = &state.outlier {
-                        d.sweep_if_due(entry.lb.hosts(), &mut rand::rng());
-                    }
                     let ctx = PickContext {
                         hash: fwd.hash,
                         avoid,
                         host_selection_retry_count,
                     };
-                    let i = entry.lb.pick(&ctx, &mut rand::rng());
-                    i.map(|i| {
-                        let ep = &set.endpoints[i];
-                        let hs = entry.lb.host(i);
-                        if cluster.lb_policy == LbPolicy::LeastRequest {
-                            active = Some(hs.start_request());
-                        }
-                        if state.outlier.is_some() {
-                            live = Some((entry.clone(), hs.clone()));
-                        }
+                    self.inner.pick_host(&state, set, &ctx).map(|p| {
+                        let ep = &set.endpoints[p.index];
+                        active = p.active;
+                        live = p.live;
                         (
                             ep.address,
                             ep.tls_mode,
@@ -928,7 +945,7 @@ impl Outbound {
                     _ => {}
                 }
             }
-            if let (Some(d), Some((entry, h))) = (&state.outlier, &live) {
+            if let Some(live) = &live {
                 let r = match &outcome {
                     AttemptOutcome::Response { status, .. } => Some(OutlierResult::Http(*status)),
                     AttemptOutcome::ConnectFailure => Some(OutlierResult::ConnectFailed),
@@ -937,10 +954,8 @@ impl Outbound {
                     // A local overflow says nothing about the host.
                     AttemptOutcome::Overflow => None,
                 };
-                // Its detections and ejections reach the cluster's stats through the detector's
-                // counters (`ClusterLive::outlier`).
                 if let Some(r) = r {
-                    d.report(h, entry.lb.hosts(), r, &mut rand::rng());
+                    state.report_outlier(live, r);
                 }
             }
             let retriable = retry.is_some_and(|p| p.would_retry(&outcome));
@@ -1341,6 +1356,34 @@ impl Inner {
         next.insert(cluster.name.clone(), state.clone());
         self.clusters.store(Arc::new(next));
         state
+    }
+
+    /// Picks a host of `set` with the cluster's load balancer, after the outlier detector's
+    /// sweep when one is due. Least request counts the request on the host while
+    /// [`PickedHost::active`] is held.
+    fn pick_host(
+        &self,
+        state: &ClusterState,
+        set: &Arc<EndpointSet>,
+        ctx: &PickContext<'_>,
+    ) -> Option<PickedHost> {
+        let entry = self.balancer(state, set);
+        if let Some(d) = &state.outlier {
+            d.sweep_if_due(entry.lb.hosts(), &mut rand::rng());
+        }
+        let index = entry.lb.pick(ctx, &mut rand::rng())?;
+        let hs = entry.lb.host(index);
+        let active =
+            (state.cluster.lb_policy == LbPolicy::LeastRequest).then(|| hs.start_request());
+        let live = state.outlier.is_some().then(|| LiveHost {
+            host: hs.clone(),
+            entry: entry.clone(),
+        });
+        Some(PickedHost {
+            index,
+            active,
+            live,
+        })
     }
 
     /// The balancer for `set`, rebuilt when the endpoint set changed.

@@ -25,8 +25,9 @@ use std::task::{Context, Poll};
 use mesh_core::cluster::ClusterDiscovery;
 use mesh_core::endpoint::EndpointTlsMode;
 use mesh_core::flags::ResponseFlag;
-use mesh_core::lb::PickContext;
+use mesh_core::lb::{ActiveRequest, PickContext};
 use mesh_core::metadata_exchange::{ALPN_IN_MESH_WITH_MXC, ALPN_PEER_EXCHANGE};
+use mesh_core::outlier::OutlierResult;
 use mesh_core::snapshot::{PASSTHROUGH_CLUSTER, RouteDecision};
 use mesh_core::telemetry::{DestinationService, Reporter, UNKNOWN};
 use metrics::Label;
@@ -90,6 +91,8 @@ pub struct OutboundTcpStream {
     /// Reported closed when the last reference (this stream's) goes.
     _stats: Arc<Mutex<TcpConnection>>,
     _cx: Option<ConnectionGuard>,
+    /// The host's active-request count (least request), held while the connection is open.
+    _active: Option<ActiveRequest>,
     cluster: Arc<str>,
     upstream: SocketAddr,
     local: Option<SocketAddr>,
@@ -196,25 +199,36 @@ impl Outbound {
             None => None,
         };
         let endpoints = dns_endpoints.as_ref().or(endpoints.as_ref());
-        let (addr, tls_mode, workload, set) = match (&cluster.discovery, endpoints) {
+        // As Envoy's TCP proxy: the connection counts as an active request on the host while
+        // it is open (least request), and its connect outcome goes to outlier detection.
+        let (addr, tls_mode, workload, set, picked) = match (&cluster.discovery, endpoints) {
             (ClusterDiscovery::OriginalDestination, _) => {
-                (destination, EndpointTlsMode::Disabled, None, None)
+                (destination, EndpointTlsMode::Disabled, None, None, None)
             }
             (_, Some(set)) => {
-                let entry = self.inner.balancer(&state, set);
                 let ctx = PickContext {
                     hash: None,
                     avoid: &[],
                     host_selection_retry_count: 0,
                 };
-                let i = entry
-                    .lb
-                    .pick(&ctx, &mut rand::rng())
+                let p = self
+                    .inner
+                    .pick_host(&state, set, &ctx)
                     .ok_or_else(|| TcpConnectError::NoHealthyUpstream(cluster.name.clone()))?;
-                let ep = &set.endpoints[i];
-                (ep.address, ep.tls_mode, ep.workload.as_ref(), Some(&**set))
+                let ep = &set.endpoints[p.index];
+                (
+                    ep.address,
+                    ep.tls_mode,
+                    ep.workload.as_ref(),
+                    Some(&**set),
+                    Some(p),
+                )
             }
             (_, None) => return Err(TcpConnectError::NoHealthyUpstream(cluster.name.clone())),
+        };
+        let (active, live) = match picked {
+            Some(p) => (p.active, p.live),
+            None => (None, None),
         };
         let tls = match cluster.discovery {
             ClusterDiscovery::OriginalDestination => None,
@@ -244,13 +258,24 @@ impl Outbound {
         let host_pool = self
             .inner
             .host_pool(&state, addr, target.is_some(), workload, set);
-        let (io, principal) = pool::connect(
+        let connected = pool::connect(
             addr,
             target.as_ref(),
             cluster.connect_timeout,
             cluster.connection_pool.tcp_keepalive.as_ref(),
         )
-        .await?;
+        .await;
+        // Envoy's tcp_proxy: `LocalOriginConnectSuccessFinal` once connected (TLS included),
+        // `LocalOriginTimeout` for a connect timeout, `LocalOriginConnectFailed` otherwise.
+        if let Some(live) = &live {
+            let r = match &connected {
+                Ok(_) => OutlierResult::ConnectSucceeded,
+                Err(ConnectError::Timeout { .. }) => OutlierResult::Timeout,
+                Err(_) => OutlierResult::ConnectFailed,
+            };
+            state.report_outlier(live, r);
+        }
+        let (io, principal) = connected?;
         let cx = host_pool.labels.connection_opened();
         let local = io.local_addr();
         // Istio's metadata exchange, when the server negotiated it: the server's own metadata
@@ -310,6 +335,7 @@ impl Outbound {
             io,
             _stats: stats,
             _cx: cx,
+            _active: active,
             cluster: Arc::from(cluster.name.as_str()),
             upstream: addr,
             local,
