@@ -13,7 +13,7 @@
 //! poll, and no assertion depends on how long anything took.
 
 use crate::routing_oracle::{KeepAlive, PortUpstreams, envoy_and_mesh};
-use crate::support::envoy::{EnvoyProcess, envoy_binary, free_port};
+use crate::support::envoy::{EnvoyProcess, closed_port, envoy_binary};
 
 use std::time::Duration;
 
@@ -413,7 +413,7 @@ fn outlier_ejections_match_envoy() {
     let up = PortUpstreams::start(5);
     let four = &up.ports[..4];
     // The fifth endpoint: a closed port, or the fifth upstream answering 500.
-    let dead = free_port();
+    let (_dead_socket, dead) = closed_port();
     let mut five = four.to_vec();
     five.push(dead);
     let erring = up.ports[4];

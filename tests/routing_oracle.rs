@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use envoy::{EnvoyProcess, envoy_binary, free_port};
+use envoy::{EnvoyProcess, closed_port, envoy_binary, free_port};
 use envoy_types::pb::envoy::config::route::v3 as pb;
 use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
 use http::HeaderMap;
@@ -1443,7 +1443,9 @@ fn load_balancing_and_failure_flags_match_envoy() {
     }
     // Failures: a closed port, with and without istiod's connect-failure retries; a cluster
     // without endpoints.
-    let dead_port = free_port();
+    // Refuses connections for the whole test (a released free port could be taken by
+    // another test's server meanwhile, which then holds the requests).
+    let (_dead_socket, dead_port) = closed_port();
     let dead = |name: &str| {
         json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {

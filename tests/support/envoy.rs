@@ -96,6 +96,23 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local_addr").port()
 }
 
+/// A port on 127.0.0.1 that refuses connections for as long as the returned socket lives: the
+/// socket is bound but never listens, so no other test's server can take the port (as it can
+/// a [`free_port`] once released) and a connect gets `ECONNREFUSED`.
+pub fn closed_port() -> (socket2::Socket, u16) {
+    let s =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind 127.0.0.1:0");
+    let port = s
+        .local_addr()
+        .expect("local_addr")
+        .as_socket()
+        .expect("inet")
+        .port();
+    (s, port)
+}
+
 static INSTANCE: AtomicU32 = AtomicU32::new(0);
 
 /// A running Envoy, killed on drop.
