@@ -423,16 +423,17 @@ impl Outbound {
             local_reply(status, text, flag, location, record, grpc)
         };
 
+        // The request as the route table and the fault filter see it.
+        let req = mesh_core::route::RequestView {
+            authority: host,
+            path,
+            method: parts.method.as_str(),
+            scheme: "http",
+            headers: &parts.headers,
+            random: rand::random(),
+        };
         let (decision, retry_enabled) = {
             let snapshot = self.inner.cell.load_guard();
-            let req = mesh_core::route::RequestView {
-                authority: host,
-                path,
-                method: parts.method.as_str(),
-                scheme: "http",
-                headers: &parts.headers,
-                random: rand::random(),
-            };
             let d = snapshot.route_outbound_request(port, &req);
             let enabled = match &d {
                 RouteDecision::Forward { retry: Some(p), .. } => p.enabled_for(&req),
@@ -498,24 +499,14 @@ impl Outbound {
         // an abort.
         let mut delayed = false;
         if let Some(f) = fwd.fault.as_deref() {
-            let (delay, abort) = {
-                let req = mesh_core::route::RequestView {
-                    authority: host,
-                    path,
-                    method: parts.method.as_str(),
-                    scheme: "http",
-                    headers: &parts.headers,
-                    // Unused: the fault filter draws its own values, as Envoy's does.
-                    random: 0,
-                };
-                if f.applies(&req, &fwd.cluster.name) {
-                    (
-                        f.delay_for(&req, rand::random::<u64>()),
-                        f.abort_for(&req, rand::random::<u64>()),
-                    )
-                } else {
-                    (None, None)
-                }
+            // The fault filter draws its own values, as Envoy's does.
+            let (delay, abort) = if f.applies(&req, &fwd.cluster.name) {
+                (
+                    f.delay_for(&req, rand::random::<u64>()),
+                    f.abort_for(&req, rand::random::<u64>()),
+                )
+            } else {
+                (None, None)
             };
             if let Some(d) = delay {
                 // Cold paths are boxed: the request future stays small (it is moved, i.e.
