@@ -34,23 +34,20 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{clk_tck, cpu_ticks, env, hello, median, rss_kib, serve_meshed_hello, status_kib};
+use support::{clk_tck, cpu_ticks, env, median, mesh_for, rss_kib, status_kib};
 
 #[path = "../tests/support/envoy.rs"]
 mod envoy;
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use http::Request;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
 
 const ROLE_ENV: &str = "MESH_BENCH_ROLE";
 const SVC_HOST: &str = "upstream.default.svc.cluster.local";
@@ -61,51 +58,6 @@ const SVC_H2_HOST: &str = "upstream-h2.default.svc.cluster.local";
 // ---------------------------------------------------------------------------------------
 // roles run in child processes
 // ---------------------------------------------------------------------------------------
-
-async fn serve_plain<S>(listener: TcpListener, svc: S)
-where
-    S: hyper::service::Service<
-            Request<Incoming>,
-            Response = Response<Full<Bytes>>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let svc = svc.clone();
-        tokio::spawn(async move {
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
-}
-
-fn mesh_for(role: &str) -> mesh::MeshBuilder {
-    let node = mesh::NodeIdentity::new(
-        &format!("{role}-0"),
-        "default",
-        "127.0.0.1".parse().expect("ip"),
-        role,
-    );
-    let cp = env("MESH_BENCH_CP");
-    mesh::Mesh::builder(node)
-        .discovery_address(cp.clone(), false, None)
-        .ca_address(cp, false, None)
-        .token_path(env("MESH_BENCH_TOKEN"))
-        .bind_address("127.0.0.1".parse().expect("ip"))
-        .status_ports(
-            None,
-            Some(env("MESH_BENCH_READY_PORT").parse().expect("port")),
-            None,
-        )
-}
 
 fn self_cpu_ticks() -> u64 {
     cpu_ticks(std::process::id())
@@ -261,17 +213,9 @@ async fn run_loadgen() {
 }
 
 async fn run_role(role: &str) {
-    if role == "loadgen" {
-        return run_loadgen().await;
-    }
-    let port: u16 = env("MESH_BENCH_PORT").parse().expect("port");
     match role {
-        "upstream" => {
-            let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
-            serve_plain(listener, hyper::service::service_fn(hello)).await
-        }
-        "mesh-server" => serve_meshed_hello(mesh_for("upstream"), port).await,
-        other => panic!("unknown role {other}"),
+        "loadgen" => run_loadgen().await,
+        other => support::run_app_role(other).await,
     }
 }
 
@@ -296,9 +240,35 @@ impl Proc {
     }
 }
 
-fn spawn_role(role: &str, port: u16, extra: &[(&str, String)]) -> Child {
+/// Builds `examples/bench_app.rs` with this bench's profile and returns its path: the app
+/// processes run from a binary of their own, as big as a service built on mesh, not from this
+/// one (which also holds the control plane, the CA and the load generator).
+fn bench_app() -> std::path::PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "build",
+            "--quiet",
+            "--profile",
+            "bench",
+            "--example",
+            "bench_app",
+        ])
+        .status()
+        .expect("cargo build --example bench_app");
+    assert!(status.success(), "cargo build --example bench_app failed");
+    // target/release/deps/sidecar_tax-<hash> → target/release/examples/bench_app
     let exe = std::env::current_exe().expect("current exe");
-    let mut cmd = Command::new(exe);
+    let release = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/release");
+    release.join("examples").join("bench_app")
+}
+
+fn spawn_role(app: &std::path::Path, role: &str, port: u16, extra: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(app);
     cmd.env(ROLE_ENV, role)
         .env("MESH_BENCH_PORT", port.to_string())
         .env("RUST_LOG", "warn")
@@ -477,11 +447,12 @@ async fn orchestrate() {
                     .endpoint(meshed_server()),
             ),
     );
+    let app = bench_app();
     let upstream = Proc {
-        child: spawn_role("upstream", up_port, &[]),
+        child: spawn_role(&app, "upstream", up_port, &[]),
     };
     let mesh_server = Proc {
-        child: spawn_role("mesh-server", ms_port, &mesh_env("upstream")),
+        child: spawn_role(&app, "mesh-server", ms_port, &mesh_env("upstream")),
     };
     let client_env = mesh_env("client");
     wait_http_ok(up_port, Duration::from_secs(20));

@@ -23,7 +23,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{env, free_port, rss_kib, serve_meshed_hello};
+use support::{env, free_port, mesh_builder, rss_kib, serve_meshed_hello};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -47,19 +47,7 @@ const CHURN_EVERY: Duration = Duration::from_millis(100);
 const RSS_EVERY: Duration = Duration::from_secs(2);
 
 fn mesh_for(role: &str, cp: &str, token: &str, ready_port: u16) -> mesh::MeshBuilder {
-    let node = mesh::NodeIdentity::new(
-        &format!("{role}-0"),
-        "default",
-        "127.0.0.1".parse().expect("ip"),
-        role,
-    );
-    mesh::Mesh::builder(node)
-        .discovery_address(cp.to_string(), false, None)
-        .ca_address(cp.to_string(), false, None)
-        .token_path(token)
-        .secret_ttl(SECRET_TTL)
-        .bind_address("127.0.0.1".parse().expect("ip"))
-        .status_ports(None, Some(ready_port), None)
+    mesh_builder(role, cp, token, ready_port).secret_ttl(SECRET_TTL)
 }
 
 /// A replica: a meshed server on `MESH_SOAK_PORT` until SIGTERM drains it.

@@ -118,3 +118,76 @@ pub async fn serve_meshed_hello(builder: mesh::MeshBuilder, port: u16) {
         .await
         .expect("serve");
 }
+
+/// Serves `svc` over plain HTTP/1.1 or h2 on `listener` (the bare upstream app).
+pub async fn serve_plain<S>(listener: tokio::net::TcpListener, svc: S)
+where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<http_body_util::Full<bytes::Bytes>>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+        });
+    }
+}
+
+/// A mesh for workload `<role>-0` (service account `role`) as the process-level benches
+/// configure their meshed processes: the testkit control plane and CA at `cp`, the token file,
+/// readiness on `ready_port`, everything on 127.0.0.1.
+pub fn mesh_builder(role: &str, cp: &str, token: &str, ready_port: u16) -> mesh::MeshBuilder {
+    let node = mesh::NodeIdentity::new(
+        &format!("{role}-0"),
+        "default",
+        "127.0.0.1".parse().expect("ip"),
+        role,
+    );
+    mesh::Mesh::builder(node)
+        .discovery_address(cp.to_string(), false, None)
+        .ca_address(cp.to_string(), false, None)
+        .token_path(token)
+        .bind_address("127.0.0.1".parse().expect("ip"))
+        .status_ports(None, Some(ready_port), None)
+}
+
+/// [`mesh_builder`] from the environment the sidecar_tax harness passes its roles:
+/// `MESH_BENCH_CP`, `MESH_BENCH_TOKEN`, `MESH_BENCH_READY_PORT`.
+pub fn mesh_for(role: &str) -> mesh::MeshBuilder {
+    mesh_builder(
+        role,
+        &env("MESH_BENCH_CP"),
+        &env("MESH_BENCH_TOKEN"),
+        env("MESH_BENCH_READY_PORT").parse().expect("port"),
+    )
+}
+
+/// The server-side roles of the process-level benches, on `127.0.0.1:$MESH_BENCH_PORT`:
+/// `upstream` (the bare app, plain hyper) and `mesh-server` (the same app behind mesh, STRICT
+/// mTLS).
+pub async fn run_app_role(role: &str) {
+    let port: u16 = env("MESH_BENCH_PORT").parse().expect("port");
+    match role {
+        "upstream" => {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .expect("bind");
+            serve_plain(listener, hyper::service::service_fn(hello)).await
+        }
+        "mesh-server" => serve_meshed_hello(mesh_for("upstream"), port).await,
+        other => panic!("unknown role {other}"),
+    }
+}
