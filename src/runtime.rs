@@ -364,6 +364,7 @@ impl Mesh {
             mode: self.inner.builder.inbound_mode,
             node: self.inner.builder.config.node.clone(),
             header_read_timeout: None,
+            idle_timeout: Some(mesh_tower::inbound::DEFAULT_IDLE_TIMEOUT),
             drain: Some(self.inner.readiness.clone()),
             ext_authz: Some(Arc::clone(&self.inner.ext_authz)),
         };

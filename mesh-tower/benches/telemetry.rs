@@ -133,6 +133,7 @@ async fn inbound_client() -> hyper::client::conn::http1::SendRequest<Empty<Bytes
         mode: None,
         node: node(),
         header_read_timeout: None,
+        idle_timeout: Some(mesh_tower::inbound::DEFAULT_IDLE_TIMEOUT),
         drain: None,
         ext_authz: None,
     };

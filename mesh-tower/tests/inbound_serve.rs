@@ -652,6 +652,79 @@ async fn tls_without_client_certificate_is_served_in_permissive_only() {
     );
 }
 
+/// Sends one request on a new plaintext HTTP/1.1 keep-alive connection; returns the status and
+/// a receiver that fires when the server closes the connection.
+async fn one_request_then_watch(
+    addr: SocketAddr,
+    path: &str,
+) -> (StatusCode, oneshot::Receiver<()>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let (closed, on_close) = oneshot::channel();
+    tokio::spawn(async move {
+        let _ = conn.await;
+        let _ = closed.send(());
+    });
+    let req = Request::get(path)
+        .header("host", "reviews")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = timed(send.send_request(req)).await.unwrap();
+    let status = resp.status();
+    timed(resp.into_body().collect()).await.unwrap();
+    // Keep the sender: dropping it would let the client close the connection itself.
+    tokio::spawn(async move {
+        let _keep = send;
+        std::future::pending::<()>().await
+    });
+    (status, on_close)
+}
+
+#[tokio::test]
+async fn idle_connections_close_after_the_idle_timeout_and_active_ones_stay() {
+    let ca = TestCa::new("cluster.local");
+    let certs = CertStore::new();
+    certs.set(ca.workload("default", "reviews"));
+    let mut config = config(None, node("idle-v1"));
+    config.idle_timeout = Some(Duration::from_millis(300));
+    let app = tower::service_fn(|req: Request<RequestBody>| async move {
+        if req.uri().path() == "/slow" {
+            // Active for four and a half idle timeouts.
+            tokio::time::sleep(Duration::from_millis(1350)).await;
+        }
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    let server = Server::start(app, SnapshotCell::new(), certs, config).await;
+
+    // An idle keep-alive connection is closed by the server: not before a whole idle timeout
+    // has passed since its request.
+    let (status, mut closed) = one_request_then_watch(server.addr, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(closed.try_recv().is_err(), "closed before the idle timeout");
+    timed(closed)
+        .await
+        .expect("the server closes an idle connection");
+
+    // A request in progress for longer than the idle timeout keeps its connection: it is
+    // answered, and the connection stays open after it until the next idle check (checks run
+    // every 300 ms from the connection's start: the one at 1 500 ms closes it).
+    let started = std::time::Instant::now();
+    let (status, mut closed) = one_request_then_watch(server.addr, "/slow").await;
+    assert_eq!(status, StatusCode::OK, "the active request was answered");
+    assert!(started.elapsed() >= Duration::from_millis(1350));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(
+        closed.try_recv().is_err(),
+        "the connection was marked idle while its request was active"
+    );
+    timed(closed)
+        .await
+        .expect("then the idle connection closes");
+}
+
 #[tokio::test]
 async fn header_read_timeout_closes_slow_clients() {
     let ca = TestCa::new("cluster.local");
@@ -664,6 +737,7 @@ async fn header_read_timeout_closes_slow_clients() {
         mode: None,
         node: node("slowloris-v1"),
         header_read_timeout: Some(Duration::from_millis(200)),
+        idle_timeout: Some(mesh_tower::inbound::DEFAULT_IDLE_TIMEOUT),
         drain: None,
         ext_authz: None,
     };

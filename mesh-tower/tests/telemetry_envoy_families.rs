@@ -185,6 +185,7 @@ async fn every_envoy_family_mesh_emits_exists_in_real_envoy_with_the_same_labels
         mode: None,
         node,
         header_read_timeout: None,
+        idle_timeout: Some(mesh_tower::inbound::DEFAULT_IDLE_TIMEOUT),
         drain: None,
         ext_authz: None,
     };

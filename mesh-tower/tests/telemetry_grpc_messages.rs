@@ -109,6 +109,7 @@ async fn serve_greeter() -> SocketAddr {
         mode: None,
         node: server,
         header_read_timeout: None,
+        idle_timeout: Some(mesh_tower::inbound::DEFAULT_IDLE_TIMEOUT),
         drain: None,
         ext_authz: None,
     };

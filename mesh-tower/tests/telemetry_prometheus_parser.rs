@@ -281,6 +281,7 @@ async fn status_ports_parse_and_istio_requests_total_matches_istios_templates() 
         mode: None,
         node: server_node(),
         header_read_timeout: None,
+        idle_timeout: Some(mesh_tower::inbound::DEFAULT_IDLE_TIMEOUT),
         drain: None,
         ext_authz: None,
     };

@@ -29,7 +29,9 @@
 pub mod access_log;
 pub mod authz;
 pub mod codec;
+mod idle;
 pub mod jwt;
+pub use idle::DEFAULT_IDLE_TIMEOUT;
 mod service;
 mod stats;
 pub(crate) mod tcp_stats;
@@ -92,8 +94,14 @@ pub struct InboundConfig {
     pub mode: Option<InboundTlsMode>,
     /// This workload (the `destination_*` labels).
     pub node: NodeIdentity,
-    /// HTTP/1.1 header read timeout; `None` keeps hyper's default (30 s).
+    /// HTTP/1.1 header read timeout (Envoy's `request_headers_timeout`); `None`: none, as
+    /// in Envoy by default.
     pub header_read_timeout: Option<Duration>,
+    /// Closes a connection that has had no active request this long (Envoy's
+    /// `common_http_protocol_options.idle_timeout`, 1 hour by default:
+    /// [`DEFAULT_IDLE_TIMEOUT`]); HTTP/2 connections are drained with GOAWAY first. `None`:
+    /// never.
+    pub idle_timeout: Option<Duration>,
     /// The pod's readiness: once it is draining, HTTP/1.1 responses carry
     /// `connection: close` (as Envoy's HTTP connection manager does during a drain), so
     /// callers move their keep-alive connections off this workload before the listener stops,
@@ -213,10 +221,10 @@ impl Shared {
             .http1()
             .timer(TokioTimer::new())
             .max_headers(MAX_HEADERS_COUNT)
-            .max_buf_size(2 * MAX_REQUEST_HEADERS_BYTES);
-        if let Some(timeout) = config.header_read_timeout {
-            builder.http1().header_read_timeout(timeout);
-        }
+            .max_buf_size(2 * MAX_REQUEST_HEADERS_BYTES)
+            // hyper's default (30 s) would also close keep-alive connections idle for 30 s:
+            // idle connections are the idle timeout's, as in Envoy.
+            .header_read_timeout(config.header_read_timeout);
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -608,6 +616,7 @@ async fn serve_http<I, S, B>(
     } else {
         (labels, None)
     };
+    let activity = Arc::new(idle::ConnectionActivity::default());
     let service = InboundService::new(
         app,
         peer,
@@ -616,6 +625,7 @@ async fn serve_http<I, S, B>(
         Arc::clone(&shared.stats),
         info,
     )
+    .with_activity(Arc::clone(&activity))
     .with_authz(authz, tls)
     .with_drain(shared.config.drain.clone())
     .with_xfcc(xfcc)
@@ -627,6 +637,11 @@ async fn serve_http<I, S, B>(
             tokio::select! {
                 result = conn.as_mut() => result,
                 () = drained(&mut drain) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                () = activity.idle_for(shared.config.idle_timeout) => {
+                    tracing::debug!("closing an idle inbound connection");
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }

@@ -25,6 +25,7 @@ use tower::util::Oneshot;
 
 use super::access_log::AccessLog;
 use super::authz::{ConnectionAuthz, LocalReply};
+use super::idle::{ActiveRequest, ConnectionActivity};
 use super::jwt::JwksCache;
 use super::stats::{ConnectionLabels, Finished, ListenerStats};
 use mesh_core::authz::DynamicMetadata;
@@ -61,6 +62,7 @@ pub(crate) struct InboundService<S> {
     xfcc: Option<HeaderValue>,
     jwt: Option<(Arc<JwtAuthn>, Arc<JwksCache>)>,
     drain: Option<Readiness>,
+    activity: Option<Arc<ConnectionActivity>>,
 }
 
 impl<S> InboundService<S> {
@@ -85,7 +87,14 @@ impl<S> InboundService<S> {
             xfcc: None,
             jwt: None,
             drain: None,
+            activity: None,
         }
+    }
+
+    /// Counts this connection's active requests for its idle timeout.
+    pub(crate) fn with_activity(mut self, activity: Arc<ConnectionActivity>) -> Self {
+        self.activity = Some(activity);
+        self
     }
 
     /// Runs the port's `jwt_authn` filter (RequestAuthentication) before authorization.
@@ -207,6 +216,10 @@ where
             request_bytes,
             request_messages,
             span,
+            active: self
+                .activity
+                .as_ref()
+                .map(ConnectionActivity::request_started),
         });
         // Envoy's HCM normalizes the path before any filter; then the JWT filter and the RBAC
         // filters run.
@@ -327,6 +340,8 @@ struct Meter {
     request_messages: Option<MessageCount>,
     /// The request's span (disabled unless a subscriber wants it), entered while polling.
     span: tracing::Span,
+    /// Active on its connection until the response ends.
+    active: Option<ActiveRequest>,
 }
 
 /// The application's response future, wrapping the body in a [`MeteredBody`].
@@ -485,6 +500,7 @@ where
                     source: meter.source,
                     stats: meter.stats,
                     access: meter.access,
+                    _active: meter.active,
                     flags,
                     finished: Finished {
                         grpc: meter.grpc,
@@ -529,6 +545,7 @@ where
                     source: meter.source,
                     stats: meter.stats,
                     access: meter.access,
+                    _active: meter.active,
                     flags,
                     finished: Finished {
                         grpc: meter.grpc,
@@ -558,6 +575,8 @@ struct Pending {
     /// Flags recorded when the response ends normally (`RBAC` for a denial).
     flags: &'static str,
     finished: Finished,
+    /// Active on its connection until recorded.
+    _active: Option<ActiveRequest>,
 }
 
 impl Pending {

@@ -21,6 +21,7 @@ pub fn config(port: u16, mode: Option<InboundTlsMode>, node: NodeIdentity) -> In
         mode,
         node,
         header_read_timeout: None,
+        idle_timeout: Some(mesh_tower::inbound::DEFAULT_IDLE_TIMEOUT),
         drain: None,
         ext_authz: None,
     }
