@@ -116,6 +116,24 @@ where
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// A plaintext prior-knowledge h2 client connection (PERMISSIVE serves plaintext).
+async fn h2c<B>(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    hyper::client::conn::http2::Connection<TokioIo<TcpStream>, B, TokioExecutor>,
+)
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .unwrap()
+}
+
 async fn timed<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, f)
         .await
@@ -348,11 +366,7 @@ async fn shutdown_closes_idle_connections() {
     let server = start_default(&ca, None).await;
     // One connection that never sends a byte, one idle keep-alive h2 connection.
     let silent = TcpStream::connect(server.addr).await.unwrap();
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
+    let (mut send, conn) = h2c(server.addr).await;
     let conn = tokio::spawn(conn);
     let resp = send
         .send_request(
@@ -517,11 +531,7 @@ async fn grpc_status_from_trailers_is_recorded() {
         config(None, node("grpcmetrics-v1")),
     )
     .await;
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
+    let (mut send, conn) = h2c(server.addr).await;
     tokio::spawn(conn);
     let resp = timed(
         send.send_request(
@@ -652,6 +662,24 @@ async fn tls_without_client_certificate_is_served_in_permissive_only() {
     );
 }
 
+/// A PERMISSIVE server for `app` whose connections go idle after 300 ms.
+async fn start_with_idle_timeout<S, B>(app: S, pod: &str) -> Server
+where
+    S: tower::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let ca = TestCa::new("cluster.local");
+    let certs = CertStore::new();
+    certs.set(ca.workload("default", "reviews"));
+    let mut config = config(None, node(pod));
+    config.idle_timeout = Some(Duration::from_millis(300));
+    Server::start(app, SnapshotCell::new(), certs, config).await
+}
+
 /// Sends one request on a new plaintext HTTP/1.1 keep-alive connection; returns the status and
 /// a receiver that fires when the server closes the connection.
 async fn one_request_then_watch(
@@ -684,11 +712,6 @@ async fn one_request_then_watch(
 
 #[tokio::test]
 async fn idle_connections_close_after_the_idle_timeout_and_active_ones_stay() {
-    let ca = TestCa::new("cluster.local");
-    let certs = CertStore::new();
-    certs.set(ca.workload("default", "reviews"));
-    let mut config = config(None, node("idle-v1"));
-    config.idle_timeout = Some(Duration::from_millis(300));
     let app = tower::service_fn(|req: Request<RequestBody>| async move {
         if req.uri().path() == "/slow" {
             // Active for four and a half idle timeouts.
@@ -696,7 +719,7 @@ async fn idle_connections_close_after_the_idle_timeout_and_active_ones_stay() {
         }
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
     });
-    let server = Server::start(app, SnapshotCell::new(), certs, config).await;
+    let server = start_with_idle_timeout(app, "idle-v1").await;
 
     // An idle keep-alive connection is closed by the server: not before a whole idle timeout
     // has passed since its request.
@@ -723,6 +746,41 @@ async fn idle_connections_close_after_the_idle_timeout_and_active_ones_stay() {
     timed(closed)
         .await
         .expect("then the idle connection closes");
+}
+
+#[tokio::test]
+async fn an_idle_h2_connection_is_sent_goaway_and_closed_after_the_idle_timeout() {
+    let server = start_with_idle_timeout(tower::service_fn(app_handler), "idle-h2-v1").await;
+
+    let (mut send, conn) = h2c(server.addr).await;
+    let (closed, mut on_close) = oneshot::channel();
+    tokio::spawn(async move {
+        // A GOAWAY with no stream in flight ends the client connection cleanly.
+        let _ = closed.send(conn.await.is_ok());
+    });
+    let req = Request::get("http://reviews/")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = timed(send.send_request(req)).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = timed(resp.into_body().collect()).await.unwrap().to_bytes();
+    assert!(body.starts_with(b"peer=none version=HTTP/2"), "{body:?}");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        on_close.try_recv().is_err(),
+        "closed before the idle timeout"
+    );
+    let clean = timed(on_close)
+        .await
+        .expect("the server ends an idle h2 connection");
+    assert!(
+        clean,
+        "the connection ended with an error instead of a GOAWAY"
+    );
+    assert!(
+        send.is_closed(),
+        "the client may not open new streams after the GOAWAY"
+    );
 }
 
 #[tokio::test]
