@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use mesh::parts::xds::testkit::ca::TestCa;
 use mesh::parts::xds::testkit::{ControlPlane, EndpointSpec, MeshModel, Protocol, ServiceSpec};
-use mesh::{CertificateSource, InboundTlsMode, Mesh, NodeIdentity};
+use mesh::{CertificateSource, InboundTlsMode, Mesh};
 use tokio::net::{TcpListener, TcpStream};
 use tower::Service;
 
@@ -45,19 +45,10 @@ struct Stats {
 async fn start_bare_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), hyper::service::service_fn(hello))
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(support::serve_plain(
+        listener,
+        hyper::service::service_fn(hello),
+    ));
     addr
 }
 
@@ -177,12 +168,7 @@ async fn meshed_server(
     name: &str,
     mode: InboundTlsMode,
 ) -> (Mesh, SocketAddr) {
-    let node = NodeIdentity::new(
-        &format!("{name}-0"),
-        "default",
-        "127.0.0.1".parse().expect("ip"),
-        name,
-    );
+    let node = support::node(name);
     let cert = ca.workload_certificate(&node.spiffe_id(), Duration::from_secs(3600));
     let mesh = Mesh::builder(node)
         .discovery_address(cp.addr().to_string(), false, None)
@@ -203,12 +189,7 @@ async fn meshed_server(
 }
 
 async fn meshed_client(cp: &ControlPlane, ca: &TestCa) -> Mesh {
-    let node = NodeIdentity::new(
-        "client-0",
-        "default",
-        "127.0.0.1".parse().expect("ip"),
-        "client",
-    );
+    let node = support::node("client");
     let cert = ca.workload_certificate(&node.spiffe_id(), Duration::from_secs(3600));
     let mesh = Mesh::builder(node)
         .discovery_address(cp.addr().to_string(), false, None)

@@ -47,7 +47,7 @@ const CHURN_EVERY: Duration = Duration::from_millis(100);
 const RSS_EVERY: Duration = Duration::from_secs(2);
 
 fn mesh_for(role: &str, cp: &str, token: &str, ready_port: u16) -> mesh::MeshBuilder {
-    mesh_builder(role, cp, token, ready_port).secret_ttl(SECRET_TTL)
+    mesh_builder(role, cp, token, Some(ready_port)).secret_ttl(SECRET_TTL)
 }
 
 /// A replica: a meshed server on `MESH_SOAK_PORT` until SIGTERM drains it.

@@ -32,7 +32,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{clk_tck, cpu_ticks, env, median, rss_kib};
+use support::{clk_tck, cpu_ticks, env, median, mesh_builder, rss_kib};
 
 #[path = "../tests/support/envoy.rs"]
 mod envoy;
@@ -61,19 +61,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Starts mesh against the control plane, says `READY`, then one `SNAPSHOT version clusters
 /// listeners routes endpoint_sets` line per publication.
 async fn run_mesh() {
-    let node = mesh::NodeIdentity::new(
-        "scale-0",
-        "default",
-        "127.0.0.1".parse().expect("ip"),
-        "scale",
-    );
-    let cp = env("XS_CP");
-    let mesh = mesh::Mesh::builder(node)
-        .discovery_address(cp.clone(), false, None)
-        .ca_address(cp, false, None)
-        .token_path(env("XS_TOKEN"))
-        .bind_address("127.0.0.1".parse().expect("ip"))
-        .status_ports(None, None, None)
+    let mesh = mesh_builder("scale", &env("XS_CP"), &env("XS_TOKEN"), None)
         .start()
         .await
         .expect("mesh start");

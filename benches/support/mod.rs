@@ -146,22 +146,31 @@ where
     }
 }
 
-/// A mesh for workload `<role>-0` (service account `role`) as the process-level benches
-/// configure their meshed processes: the testkit control plane and CA at `cp`, the token file,
-/// readiness on `ready_port`, everything on 127.0.0.1.
-pub fn mesh_builder(role: &str, cp: &str, token: &str, ready_port: u16) -> mesh::MeshBuilder {
-    let node = mesh::NodeIdentity::new(
+/// The benches' workload `<role>-0` in namespace `default` on 127.0.0.1, service account `role`.
+pub fn node(role: &str) -> mesh::NodeIdentity {
+    mesh::NodeIdentity::new(
         &format!("{role}-0"),
         "default",
         "127.0.0.1".parse().expect("ip"),
         role,
-    );
-    mesh::Mesh::builder(node)
+    )
+}
+
+/// A mesh for workload `<role>-0` (service account `role`) as the process-level benches
+/// configure their meshed processes: the testkit control plane and CA at `cp`, the token file,
+/// readiness on `ready_port` (none: no status listener), everything on 127.0.0.1.
+pub fn mesh_builder(
+    role: &str,
+    cp: &str,
+    token: &str,
+    ready_port: Option<u16>,
+) -> mesh::MeshBuilder {
+    mesh::Mesh::builder(node(role))
         .discovery_address(cp.to_string(), false, None)
         .ca_address(cp.to_string(), false, None)
         .token_path(token)
         .bind_address("127.0.0.1".parse().expect("ip"))
-        .status_ports(None, Some(ready_port), None)
+        .status_ports(None, ready_port, None)
 }
 
 /// [`mesh_builder`] from the environment the sidecar_tax harness passes its roles:
@@ -171,7 +180,7 @@ pub fn mesh_for(role: &str) -> mesh::MeshBuilder {
         role,
         &env("MESH_BENCH_CP"),
         &env("MESH_BENCH_TOKEN"),
-        env("MESH_BENCH_READY_PORT").parse().expect("port"),
+        Some(env("MESH_BENCH_READY_PORT").parse().expect("port")),
     )
 }
 
