@@ -97,6 +97,11 @@ async fn envoy_sidecar_calls_a_mesh_served_app_over_istio_mtls() {
         envoy.wait_for_stat(&format!("{cluster}.upstream_rq_200"), 1),
         1
     );
+    assert_eq!(
+        envoy.wait_for_stat(&format!("{cluster}.ssl.ciphers.TLS_AES_128_GCM_SHA256"), 1),
+        1,
+        "mesh's server took the Envoy client's cipher preference"
+    );
 
     // A second request on Envoy's pooled connection still carries the identity.
     let (status, body) = http_get(envoy_addr, "server.default:8080", "/again")
@@ -197,6 +202,19 @@ async fn mesh_client_calls_an_app_behind_an_envoy_sidecar_over_istio_mtls() {
             &format!("listener.127.0.0.1_{inbound_port}.ssl.fail_verify_no_cert"),
             0
         ),
+        0
+    );
+    // Envoy's listener negotiated the cipher an Envoy client would have: BoringSSL prefers
+    // AES-128-GCM in TLS 1.3, and so does mesh's client (rustls alone offers AES-256 first).
+    let ciphers = format!("listener.127.0.0.1_{inbound_port}.ssl.ciphers");
+    assert_eq!(
+        envoy.wait_for_stat(&format!("{ciphers}.TLS_AES_128_GCM_SHA256"), 2),
+        2,
+        "--- envoy ---\n{}",
+        envoy.logs()
+    );
+    assert_eq!(
+        envoy.wait_for_stat(&format!("{ciphers}.TLS_AES_256_GCM_SHA384"), 0),
         0
     );
     assert_eq!(app.hits(), 2);

@@ -26,6 +26,7 @@ struct ServerSeen {
     peer: Option<PeerIdentity>,
     sni: Option<String>,
     alpn: Option<Vec<u8>>,
+    cipher: Option<rustls::CipherSuite>,
 }
 
 fn store_with(cert: WorkloadCertificate) -> CertStore {
@@ -75,6 +76,7 @@ async fn spawn_server(
                             peer: conn.peer_certificates().map(tls::peer_identity),
                             sni: conn.server_name().map(str::to_owned),
                             alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+                            cipher: conn.negotiated_cipher_suite().map(|s| s.suite()),
                         };
                         let _ = tx.send(Ok(seen));
                         let mut buf = [0u8; 64];
@@ -173,6 +175,19 @@ async fn mtls_works_and_both_sides_see_the_peer_spiffe_id() {
     // The Istio SNI with underscores went out verbatim.
     assert_eq!(server_view.sni.as_deref(), Some(SNI));
     assert_eq!(server_view.alpn.as_deref(), Some(&b"istio-http/1.1"[..]));
+    // Envoy's (BoringSSL's) TLS 1.3 preference, not rustls's AES-256-first default.
+    assert_eq!(
+        server_view.cipher,
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
+    assert_eq!(
+        stream
+            .get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
 }
 
 #[tokio::test]

@@ -19,11 +19,40 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, TrustA
 /// How many distinct certificates (from different stores, or just rotated) stay parsed.
 const CACHE_ENTRIES: usize = 8;
 
-/// The process-wide rustls crypto provider (ring).
+/// The process-wide rustls crypto provider (ring), with its cipher suites in Envoy's order.
 pub(crate) fn provider() -> &'static Arc<CryptoProvider> {
-    static PROVIDER: LazyLock<Arc<CryptoProvider>> =
-        LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+    static PROVIDER: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
+        let mut provider = rustls::crypto::ring::default_provider();
+        envoy_cipher_order(&mut provider.cipher_suites);
+        Arc::new(provider)
+    });
     &PROVIDER
+}
+
+/// Orders `suites` as an Envoy sidecar offers and prefers them: AES-128-GCM, then
+/// AES-256-GCM, then ChaCha20-Poly1305, within TLS 1.3 (BoringSSL hard-codes that order; it is
+/// not configurable in Envoy) and within TLS 1.2 (Envoy's default cipher list), keeping
+/// rustls's order otherwise (TLS 1.3 first, ECDSA before RSA). rustls alone offers AES-256
+/// first, so a mesh-to-mesh connection would pay 14 AES rounds per block instead of 10, and
+/// `%UPSTREAM_TLS_CIPHER%`-style observations would differ from an Envoy pair's.
+fn envoy_cipher_order(suites: &mut [rustls::SupportedCipherSuite]) {
+    use rustls::CipherSuite::*;
+    suites.sort_by_key(|s| {
+        let version = match s {
+            rustls::SupportedCipherSuite::Tls13(_) => 0,
+            _ => 1,
+        };
+        let bulk = match s.suite() {
+            TLS13_AES_128_GCM_SHA256
+            | TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            | TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 0,
+            TLS13_AES_256_GCM_SHA384
+            | TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+            | TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => 1,
+            _ => 2,
+        };
+        (version, bulk)
+    });
 }
 
 /// One workload certificate, parsed for handshakes.
