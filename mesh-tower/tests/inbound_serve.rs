@@ -19,7 +19,7 @@ use mesh_core::listener::{InboundPolicy, InboundTlsMode};
 use mesh_core::{CertStore, NodeIdentity, Snapshot, SnapshotCell, WorkloadCertificate};
 use mesh_tower::inbound::{self, InboundConfig, RequestBody};
 use mesh_tower::tls;
-use support::certs::{LeafKind, TestCa};
+use support::certs::{LeafKind, TestCa, TrustAnything};
 use support::inbound::InboundServer as Server;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -556,44 +556,6 @@ async fn grpc_status_from_trailers_is_recorded() {
         ],
     );
     assert_eq!(lines.len(), 1, "{lines:?}");
-}
-
-/// Trusts any server: plays a TLS client that has no workload certificate.
-#[derive(Debug)]
-struct TrustAnything;
-
-impl rustls::client::danger::ServerCertVerifier for TrustAnything {
-    fn verify_server_cert(
-        &self,
-        _: &rustls_pki_types::CertificateDer<'_>,
-        _: &[rustls_pki_types::CertificateDer<'_>],
-        _: &rustls_pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls_pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls_pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 async fn tls_without_client_cert(

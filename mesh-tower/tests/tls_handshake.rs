@@ -11,7 +11,7 @@ use mesh_core::identity::PeerIdentity;
 use mesh_core::{CertStore, SpiffeId, WorkloadCertificate};
 use mesh_tower::tls::{self, TlsError};
 use rustls::CertificateError;
-use support::certs::{LeafKind, TestCa};
+use support::certs::{LeafKind, TestCa, TrustAnything};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -285,45 +285,6 @@ async fn san_matchers_accept_a_matching_prefix() {
     .await
     .expect("prefix matcher accepts");
     round_trip(&mut stream, b"ok").await.unwrap();
-}
-
-/// A verifier that trusts anything: lets the tests play a client that presents no or broken
-/// certificates while still completing its half of the handshake.
-#[derive(Debug)]
-struct TrustAnything;
-
-impl rustls::client::danger::ServerCertVerifier for TrustAnything {
-    fn verify_server_cert(
-        &self,
-        _: &rustls_pki_types::CertificateDer<'_>,
-        _: &[rustls_pki_types::CertificateDer<'_>],
-        _: &rustls_pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls_pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls_pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 fn client_without_cert() -> Arc<rustls::ClientConfig> {
