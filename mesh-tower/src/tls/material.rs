@@ -30,11 +30,12 @@ pub(crate) fn provider() -> &'static Arc<CryptoProvider> {
 }
 
 /// Orders `suites` as an Envoy sidecar offers and prefers them: AES-128-GCM, then
-/// AES-256-GCM, then ChaCha20-Poly1305, within TLS 1.3 (BoringSSL hard-codes that order; it is
-/// not configurable in Envoy) and within TLS 1.2 (Envoy's default cipher list), keeping
-/// rustls's order otherwise (TLS 1.3 first, ECDSA before RSA). rustls alone offers AES-256
-/// first, so a mesh-to-mesh connection would pay 14 AES rounds per block instead of 10, and
-/// `%UPSTREAM_TLS_CIPHER%`-style observations would differ from an Envoy pair's.
+/// AES-256-GCM, then ChaCha20-Poly1305 within TLS 1.3 (BoringSSL hard-codes that order; Envoy
+/// cannot configure it), and AES-128-GCM first within TLS 1.2 too, as Envoy's default cipher
+/// list has it; rustls's order stays otherwise (TLS 1.3 first, ECDSA before RSA). rustls alone
+/// offers AES-256 first, so a mesh-to-mesh connection would pay 14 AES rounds per block
+/// instead of 10, and the negotiated cipher (Envoy's `ssl.ciphers.*` stats) would differ from
+/// an Envoy pair's.
 fn envoy_cipher_order(suites: &mut [rustls::SupportedCipherSuite]) {
     use rustls::CipherSuite::*;
     suites.sort_by_key(|s| {
@@ -140,4 +141,38 @@ fn parse(cert: Arc<WorkloadCertificate>) -> Material {
         }
     }
     Material { cert, key, anchors }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::CipherSuite::*;
+
+    #[test]
+    fn suites_are_in_envoys_order() {
+        let order: Vec<_> = super::provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(
+            order[..3],
+            [
+                TLS13_AES_128_GCM_SHA256,
+                TLS13_AES_256_GCM_SHA384,
+                TLS13_CHACHA20_POLY1305_SHA256
+            ]
+        );
+        assert_eq!(
+            order[3..5],
+            [
+                TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+            ]
+        );
+        // Nothing is dropped or added: only the order changes.
+        assert_eq!(
+            order.len(),
+            rustls::crypto::ring::default_provider().cipher_suites.len()
+        );
+    }
 }
